@@ -1,0 +1,47 @@
+"""Alembic environment: async engine, works for Postgres (asyncpg) and SQLite (aiosqlite)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from store.db import is_sqlite, make_engine
+from store.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _configure(connection: Connection | None = None, url: str | None = None) -> None:
+    sqlite = is_sqlite(url or str(connection.engine.url))
+    # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
+    context.configure(connection=connection, url=url, target_metadata=target_metadata,
+                      render_as_batch=sqlite, compare_type=True, literal_binds=connection is None)
+
+
+def run_offline() -> None:
+    _configure(url=config.get_main_option("sqlalchemy.url"))
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def _run_sync(connection: Connection) -> None:
+    _configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_online() -> None:
+    engine = make_engine(config.get_main_option("sqlalchemy.url"))
+    async with engine.connect() as connection:
+        await connection.run_sync(_run_sync)
+        await connection.commit()
+    await engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    asyncio.run(run_online())
