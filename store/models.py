@@ -34,7 +34,6 @@ class Session(Base):
     task_id: Mapped[str | None] = mapped_column(Id, index=True)
     status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
     n_calls: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    agents: Mapped[list | None] = mapped_column(Json)
     first_call_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_call_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,70 @@
+"""The proxy application: OpenAI-compatible routes, rewards, read and admin APIs, health and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+
+from fastapi import FastAPI, Request
+from sqlalchemy import text
+from starlette.responses import JSONResponse
+
+from proxy import errors
+from proxy.state import ProxyState
+from trainwire.settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state = ProxyState(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            # uvicorn calls this after it stopped accepting and in-flight requests finished:
+            # drain the write queue so every acknowledged call is in the database.
+            await state.stop()
+
+    app = FastAPI(title="trainwire", version="0.1.0", lifespan=lifespan)
+    app.state.tw = state
+    errors.install(app)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request):
+        problems = []
+        try:
+            async with state.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            problems.append(f"database: {exc.__class__.__name__}: {exc}")
+        if not await state.pool.any_reachable():
+            problems.append("no upstream reachable: " + ", ".join(u.url for u in state.pool.upstreams))
+        body = {"status": "ok" if not problems else "unavailable", "problems": problems,
+                "write_queue": state.writer.depth}
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    from proxy import metrics, openai_routes
+
+    metrics.install(app, state)
+    for module in _optional_routers():
+        app.include_router(module.router)
+    # Last: its /v1/{path} catch-all must not shadow the routes above.
+    app.include_router(openai_routes.router)
+    return app
+
+
+def _optional_routers():
+    """Routers of the reward, read, admin and UI modules, where present."""
+    import importlib
+
+    for name in ("proxy.reward_routes", "proxy.read_routes", "proxy.admin_routes", "proxy.ui_routes"):
+        try:
+            yield importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise

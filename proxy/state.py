@@ -1,0 +1,93 @@
+"""Everything the proxy holds while it runs, built and torn down by the app's lifespan."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+import aiohttp
+from fastapi import Request
+
+from proxy.policy import PolicyState
+from proxy.upstreams import UpstreamPool
+from store.db import make_engine, make_sessionmaker
+from store.writer import BatchWriter
+from trainwire.settings import Settings
+
+log = logging.getLogger("trainwire.proxy")
+
+_SEQ_SESSIONS = 100_000
+
+
+class ProxyState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self.engine = make_engine(settings.resolved_database_url)
+        self.sessionmaker = make_sessionmaker(self.engine)
+        self.writer = BatchWriter(self.engine, batch_size=settings.write_batch_size,
+                                  interval_ms=settings.write_interval_ms, max_queue=settings.write_queue_size,
+                                  spool_dir=settings.spool_dir)
+        self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
+        self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
+        self.http: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
+        self.frozen = None
+        self._seq: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._base_headers = {"content-type": "application/json"}
+        if settings.upstream_api_key:
+            self._base_headers["authorization"] = f"Bearer {settings.upstream_api_key}"
+
+    async def start(self) -> None:
+        # aiohttp over httpx: measured 6x the pass-through throughput here (see README, bench/).
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                                          auto_decompress=False)
+        self.pool = UpstreamPool(self.settings.upstream, self.http, self._base_headers)
+        await self.writer.start()
+        await self.policy.start()
+        if self.settings.model_route or self.settings.routes_file:
+            from proxy.frozen import FrozenRoutes
+
+            self.frozen = FrozenRoutes.from_settings(self.settings)
+        await self.discover_base_model()
+
+    async def stop(self) -> None:
+        await self.writer.stop()
+        await self.policy.stop()
+        if self.http:
+            await self.http.close()
+        await self.engine.dispose()
+
+    def next_seq(self, session_id: str) -> int:
+        seq = self._seq.pop(session_id, -1) + 1
+        self._seq[session_id] = seq
+        if len(self._seq) > _SEQ_SESSIONS:
+            self._seq.popitem(last=False)
+        return seq
+
+    def upstream_headers(self, request: Request) -> dict[str, str]:
+        headers = dict(self._base_headers)
+        # Without an upstream key of our own, a client key meant for vLLM passes through, unless it is
+        # the proxy's own key, which never leaves the proxy.
+        if "authorization" not in headers and not self.settings.api_key:
+            auth = request.headers.get("authorization")
+            if auth:
+                headers["authorization"] = auth
+        return headers
+
+    async def discover_base_model(self) -> None:
+        """The name vLLM serves the base model under: the model in /v1/models that is not a LoRA adapter."""
+        if self.policy.base_model is not None:
+            return
+        for upstream in self.pool.upstreams:
+            try:
+                models = await self.pool.models(upstream)
+            except Exception as exc:  # upstream not up yet: try again on the next request
+                log.info("base model not discovered from %s yet: %r", upstream.url, exc)
+                continue
+            bases = [m["id"] for m in models if not m.get("parent")]
+            if bases:
+                self.policy.base_model = bases[0]
+                log.info("policy base model is %r (from %s)", bases[0], upstream.url)
+                return

@@ -1,0 +1,237 @@
+"""The batched write path. Recorded calls go into an in-memory queue and are written in batches bounded
+by size and time, so a response never waits for the database.
+
+- Adding a record never blocks and never drops: backpressure is applied earlier, at request admission
+  (`wait_for_room`), so a call that already reached the upstream can always be recorded, even while its
+  client is disconnecting.
+- A batch that fails is retried with backoff (tenacity) until it is written. At shutdown, whatever still
+  cannot be written goes to a JSONL spool file that the next start writes first.
+- `flush_session` lets the reward endpoint wait until a session's calls are in the database, so a reward
+  posted right after the last response never races its own calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import func
+from sqlalchemy.ext.asyncio import AsyncEngine
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from store.models import Call, Session
+
+log = logging.getLogger("trainwire.writer")
+
+
+def _insert_for(engine: AsyncEngine):
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def session_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One upsert row per session touched by a batch of calls."""
+    rows: dict[str, dict[str, Any]] = {}
+    for c in calls:
+        row = rows.get(c["session_id"])
+        if row is None:
+            rows[c["session_id"]] = {"id": c["session_id"], "task_id": c.get("task_id"), "n_calls": 1,
+                                     "first_call_at": c["started_at"], "last_call_at": c["started_at"]}
+        else:
+            row["n_calls"] += 1
+            row["first_call_at"] = min(row["first_call_at"], c["started_at"])
+            row["last_call_at"] = max(row["last_call_at"], c["started_at"])
+            row["task_id"] = row["task_id"] or c.get("task_id")
+    return list(rows.values())
+
+
+async def write_calls(conn, engine: AsyncEngine, calls: list[dict[str, Any]]) -> None:
+    """Insert calls (idempotent on the call id, so a replayed spool cannot double-write) and upsert sessions."""
+    insert = _insert_for(engine)
+    await conn.execute(insert(Call.__table__).on_conflict_do_nothing(index_elements=["id"]), calls)
+    stmt = insert(Session.__table__)
+    greatest = func.greatest if engine.dialect.name == "postgresql" else func.max
+    least = func.least if engine.dialect.name == "postgresql" else func.min
+    stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={
+        "n_calls": Session.__table__.c.n_calls + stmt.excluded.n_calls,
+        "last_call_at": greatest(Session.__table__.c.last_call_at, stmt.excluded.last_call_at),
+        "first_call_at": least(Session.__table__.c.first_call_at, stmt.excluded.first_call_at),
+        "task_id": func.coalesce(Session.__table__.c.task_id, stmt.excluded.task_id),
+    })
+    # Sorted so concurrent writers (several proxy replicas) lock session rows in the same order: no deadlock.
+    await conn.execute(stmt, sorted(session_rows(calls), key=lambda r: r["id"]))
+
+
+class BatchWriter:
+    def __init__(self, engine: AsyncEngine, *, batch_size: int = 256, interval_ms: int = 50,
+                 max_queue: int = 10000, spool_dir: Path | None = None) -> None:
+        self.engine = engine
+        self.batch_size = batch_size
+        self.interval = interval_ms / 1000
+        self.max_queue = max_queue
+        self.spool_dir = spool_dir
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._room = asyncio.Condition()
+        self._written = asyncio.Condition()
+        self._pending: collections.Counter[str] = collections.Counter()   # session -> queued calls
+        self._inflight: collections.Counter[str] = collections.Counter()  # session -> calls being served
+        self._pending_calls: dict[str, str] = {}                          # call id -> session id, while queued
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self.written_total = 0
+        self.failed_batches = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._replay_spool()
+        self._task = asyncio.create_task(self._run(), name="trainwire-writer")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Drain the queue; spool what cannot be written within `timeout`."""
+        self._stopping = True
+        self._wake.set()
+        if self._task:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except asyncio.TimeoutError:
+                self._task.cancel()
+                log.error("database still failing at shutdown; spooling %d calls", len(self._queue))
+        if self._queue:
+            self._spool(list(self._queue))
+            self._queue.clear()
+
+    # --- producer side --------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def wait_for_room(self) -> None:
+        if len(self._queue) < self.max_queue:
+            return
+        async with self._room:
+            await self._room.wait_for(lambda: len(self._queue) < self.max_queue)
+
+    def begin(self, session_id: str) -> None:
+        self._inflight[session_id] += 1
+
+    def submit(self, record: dict[str, Any]) -> None:
+        sid = record["session_id"]
+        if self._inflight[sid] > 0:
+            self._inflight[sid] -= 1
+            if not self._inflight[sid]:
+                del self._inflight[sid]
+        self._pending[sid] += 1
+        self._pending_calls[record["id"]] = sid
+        self._queue.append(record)
+        if len(self._queue) >= self.batch_size:
+            self._wake.set()
+
+    def pending_session_of(self, call_id: str) -> str | None:
+        return self._pending_calls.get(call_id)
+
+    def knows_session(self, session_id: str) -> bool:
+        return self._pending[session_id] > 0 or self._inflight[session_id] > 0
+
+    async def flush_session(self, session_id: str, timeout: float = 10.0) -> bool:
+        """Wait until every call of this session that this process served or is serving is written."""
+        if not self.knows_session(session_id):
+            return True
+        self._wake.set()
+        async with self._written:
+            try:
+                await asyncio.wait_for(self._written.wait_for(lambda: not self.knows_session(session_id)), timeout)
+                return True
+            except asyncio.TimeoutError:
+                return False
+
+    # --- consumer side --------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    continue
+            # Let a batch fill for up to `interval` unless it is already full or we are draining.
+            deadline = time.monotonic() + self.interval
+            while len(self._queue) < self.batch_size and not self._stopping and time.monotonic() < deadline:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+            if not batch:
+                continue
+            await self._write_with_retry(batch)
+            for rec in batch:
+                sid = rec["session_id"]
+                self._pending[sid] -= 1
+                if not self._pending[sid]:
+                    del self._pending[sid]
+                self._pending_calls.pop(rec["id"], None)
+            self.written_total += len(batch)
+            async with self._written:
+                self._written.notify_all()
+            async with self._room:
+                self._room.notify_all()
+
+    async def _write_with_retry(self, batch: list[dict[str, Any]]) -> None:
+        attempt_limit = 8 if self._stopping else 10**9
+        try:
+            async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5),
+                                               stop=stop_after_attempt(attempt_limit),
+                                               retry=retry_if_exception_type(Exception), reraise=True):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self.failed_batches += 1
+                        log.warning("retrying a batch of %d calls (attempt %d)", len(batch),
+                                    attempt.retry_state.attempt_number)
+                    async with self.engine.begin() as conn:
+                        await write_calls(conn, self.engine, batch)
+        except Exception:
+            log.exception("could not write %d calls; spooling them to disk", len(batch))
+            self._spool(batch)
+
+    # --- spool ----------------------------------------------------------------------------------
+    def _spool(self, batch: list[dict[str, Any]]) -> None:
+        if not batch:
+            return
+        if not self.spool_dir:
+            log.error("no spool dir: %d calls lost", len(batch))
+            return
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spool_dir / f"spool-{int(time.time())}-{uuid.uuid4().hex[:8]}.jsonl"
+        with path.open("wb") as f:
+            for rec in batch:
+                f.write(orjson.dumps(rec) + b"\n")
+        log.error("spooled %d calls to %s; they are written at the next start", len(batch), path)
+
+    async def _replay_spool(self) -> None:
+        if not self.spool_dir or not self.spool_dir.exists():
+            return
+        for path in sorted(self.spool_dir.glob("spool-*.jsonl")):
+            rows = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+            for row in rows:
+                for key in ("started_at", "finished_at"):
+                    if isinstance(row.get(key), str):
+                        row[key] = datetime.fromisoformat(row[key])
+            if rows:
+                async with self.engine.begin() as conn:
+                    await write_calls(conn, self.engine, rows)
+            path.unlink()
+            log.info("replayed %d spooled calls from %s", len(rows), path)

@@ -1,0 +1,44 @@
+"""Read the store back in tests (plain SQL through the same engine code the product uses)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sqlalchemy import select
+
+from store.db import make_engine
+from store.models import Call, Reward, Session
+
+
+async def _fetch(url: str, stmt):
+    engine = make_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+    finally:
+        await engine.dispose()
+
+
+def calls(url: str, session_id: str | None = None) -> list[dict]:
+    stmt = select(Call.__table__).order_by(Call.started_at, Call.seq)
+    if session_id:
+        stmt = stmt.where(Call.session_id == session_id)
+    return [dict(r) for r in asyncio.run(_fetch(url, stmt))]
+
+
+def sessions(url: str) -> list[dict]:
+    return [dict(r) for r in asyncio.run(_fetch(url, select(Session.__table__)))]
+
+
+def rewards(url: str) -> list[dict]:
+    return [dict(r) for r in asyncio.run(_fetch(url, select(Reward.__table__).order_by(Reward.id)))]
+
+
+def wait_calls(url: str, n: int, session_id: str | None = None, timeout: float = 10.0) -> list[dict]:
+    deadline = time.time() + timeout
+    while True:
+        rows = calls(url, session_id)
+        if len(rows) >= n or time.time() > deadline:
+            return rows
+        time.sleep(0.05)
