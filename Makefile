@@ -1,0 +1,36 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: venv vllm-venv test test-fast demo bench clean
+
+# Project venv: proxy, store, trainer (torch CPU + verl) and test tools. Re-installs only when pyproject changes.
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(PIP_FLAGS) -e '.[routes,export,train,dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# vLLM (CPU build) lives in its own cached venv: it pins transformers>=5.16, verl pins <5.11.
+vllm-venv:
+	bash scripts/setup_vllm_venv.sh
+
+test: venv vllm-venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything except the real-vLLM end-to-end tests (no vLLM venv needed).
+test-fast: venv
+	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
+
+demo: venv vllm-venv
+	$(BIN)/python -m demo.run $(DEMO_ARGS)
+
+bench: venv
+	$(BIN)/python -m bench.proxy_overhead
+
+clean:
+	rm -rf .demo trainwire.db* trainwire-spool checkpoints
