@@ -40,9 +40,10 @@ Running it
 * **Many GPUs with Ray** (verl's single-controller way): wrap ``TrainingWorker`` in a
   ``verl.single_controller.ray.RayWorkerGroup`` (``RayResourcePool([n_gpus])`` +
   ``RayClassWithInitArgs(ray.remote(TrainingWorker), config=training_worker_config(cfg))``), call
-  ``wg.reset()``, ``wg.set_loss_fn(policy_loss_fn(cfg))`` and send the same TensorDict
-  :meth:`PolicyEngine.build_train_batch` returns to ``wg.train_mini_batch(td)``; its DP dispatch
-  splits the batch across ranks. On CPU-only Ray workers export
+  ``wg.reset()`` and ``wg.set_loss_fn(policy_loss_fn(cfg))``, and send
+  ``to_no_padding(padded_ppo_tensors(samples, pad_id, ...), cfg.temperature, <the non-tensor keys
+  build_train_batch sets>)`` to ``wg.train_mini_batch(td)`` (``.get()`` the result); its DP
+  dispatch splits the batch across ranks (pad it to a multiple of dp * micro_batch_size). On CPU-only Ray workers export
   ``VERL_USE_EXTERNAL_MODULES=rl.cpu_platform VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda`` and make
   the group exist before the worker is built (verl would build the invalid backend string
   ``cpu:gloo,cpu:gloo``). Nothing here hard-codes a world size of 1.
@@ -64,7 +65,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from rl import cpu_platform
 
@@ -137,6 +138,8 @@ class EngineConfig:
     lr_warmup_steps: int = 0
     # Loss: a name from verl's policy-loss registry and one of verl's aggregation modes.
     policy_loss: str = "vanilla"
+    # Extra fields of verl's PolicyLossConfig for the chosen loss (e.g. {"dro_beta": 0.1}).
+    policy_loss_options: dict = field(default_factory=dict)
     loss_agg_mode: str = "token-mean"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -168,6 +171,11 @@ class EngineConfig:
             raise ValueError("lora_rank must be >= 0")
         if self.micro_batch_size < 1:
             raise ValueError("micro_batch_size must be >= 1")
+        if self.mini_batch_size is not None:
+            if self.mini_batch_size < 1:
+                raise ValueError("mini_batch_size must be >= 1")
+            if self.max_tokens_per_micro_batch is None and self.mini_batch_size % self.micro_batch_size:
+                raise ValueError("mini_batch_size must be a multiple of micro_batch_size")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
         from rl.advantages import policy_loss_names
@@ -185,6 +193,160 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+# ---------------------------------------------------------------------- verl configs
+
+
+def _param_dtype(cfg: EngineConfig) -> str:
+    if cfg.param_dtype:
+        return cfg.param_dtype
+    return "bf16" if _on_cuda() else "fp32"
+
+
+def training_worker_config(cfg: EngineConfig, reference: bool = False):
+    """The verl ``TrainingWorkerConfig`` for the policy (or, with ``reference``, for a frozen
+    copy of the base model). Usable for an in-process worker and for a Ray worker group."""
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig, TrainingWorkerConfig
+
+    grad_ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else _on_cuda()
+    is_lora = cfg.lora_rank > 0 and not reference
+    model_config = HFModelConfig(
+        path=cfg.model_path,
+        # verl's default is flash_attention_2, which does not exist on CPU.
+        override_config={"attn_implementation": cfg.attn_implementation},
+        lora_rank=cfg.lora_rank if is_lora else 0,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=cfg.lora_target_modules,
+        enable_gradient_checkpointing=grad_ckpt and not reference,
+        use_remove_padding=cfg.use_remove_padding,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    dynamic = cfg.max_tokens_per_micro_batch is not None
+    engine_config = FSDPEngineConfig(
+        strategy="fsdp2",  # FSDP1 refuses CPU parameters (sync_module_states)
+        # verl's forward-only engines always use FSDP2's CPUOffloadPolicy(pin_memory=True), which
+        # needs an accelerator; on CPU the reference is an ordinary engine that is never stepped
+        # (AdamW allocates its state lazily, so that costs nothing).
+        forward_only=reference and _on_cuda(),
+        model_dtype="fp32",
+        mixed_precision={"param_dtype": _param_dtype(cfg), "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
+        use_dynamic_bsz=dynamic,
+        micro_batch_size_per_gpu=cfg.micro_batch_size,
+        infer_micro_batch_size_per_gpu=cfg.micro_batch_size,
+        max_token_len_per_gpu=cfg.max_tokens_per_micro_batch,
+        infer_max_token_len_per_gpu=cfg.max_tokens_per_micro_batch,
+        seed=cfg.seed,
+        # torch.compile of the entropy kernel needs a C++ toolchain and minutes on CPU.
+        use_torch_compile=_on_cuda(),
+    )
+    optimizer_config = FSDPOptimizerConfig(
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        clip_grad=cfg.grad_clip,
+        lr_warmup_steps=cfg.lr_warmup_steps if cfg.lr_warmup_steps > 0 else -1,
+        lr_scheduler_type="constant",
+    )
+    contents = ["model", "optimizer", "extra"]
+    checkpoint_config = CheckpointConfig(save_contents=contents, load_contents=contents, save_lora_only=is_lora)
+    return TrainingWorkerConfig(
+        model_type="language_model",
+        model_config=model_config,
+        engine_config=engine_config,
+        optimizer_config=optimizer_config,
+        checkpoint_config=checkpoint_config,
+    )
+
+
+def actor_config(cfg: EngineConfig):
+    """verl ``FSDPActorConfig`` carrying the loss settings ``ppo_loss`` reads."""
+    from verl.workers.config import FSDPActorConfig, PolicyLossConfig
+
+    return FSDPActorConfig(
+        strategy="fsdp2",
+        rollout_n=1,
+        ppo_mini_batch_size=1,
+        ppo_micro_batch_size_per_gpu=cfg.micro_batch_size,
+        use_dynamic_bsz=cfg.max_tokens_per_micro_batch is not None,
+        ppo_max_token_len_per_gpu=cfg.max_tokens_per_micro_batch or 16384,
+        clip_ratio=cfg.clip_ratio_low,
+        clip_ratio_low=cfg.clip_ratio_low,
+        clip_ratio_high=cfg.clip_ratio_high,
+        clip_ratio_c=cfg.clip_ratio_c,
+        policy_loss=PolicyLossConfig(loss_mode=cfg.policy_loss, **cfg.policy_loss_options),
+        loss_agg_mode=cfg.loss_agg_mode,
+        entropy_coeff=cfg.entropy_coeff,
+        calculate_entropy=cfg.calculate_entropy,
+        use_kl_loss=cfg.kl_coef > 0,
+        kl_loss_coef=cfg.kl_coef,
+        kl_loss_type=cfg.kl_type,
+        use_torch_compile=_on_cuda(),
+        ppo_epochs=cfg.ppo_epochs,
+    )
+
+
+def policy_loss_fn(cfg: EngineConfig):
+    """The loss the worker runs: verl's ``ppo_loss`` bound to :func:`actor_config`."""
+    from verl.workers.utils.losses import ppo_loss
+
+    return functools.partial(ppo_loss, config=actor_config(cfg))
+
+
+# ---------------------------------------------------------------------- batches
+
+
+def padded_ppo_tensors(samples: Sequence[Sample], pad_token_id: int, with_weights: bool) -> dict[str, torch.Tensor]:
+    """verl's PPO-trainer layout: prompts left-padded, responses right-padded, masks, position
+    ids, behaviour log-probs (zeroed under mask 0), broadcast advantages, optional weights."""
+    from verl.utils.model import compute_position_id_with_mask
+
+    bsz = len(samples)
+    P = max(len(s.prompt_ids) for s in samples)
+    R = max(len(s.response_ids) for s in samples)
+    prompts = torch.full((bsz, P), pad_token_id, dtype=torch.long)
+    responses = torch.full((bsz, R), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((bsz, P + R), dtype=torch.long)
+    response_mask = torch.zeros((bsz, R), dtype=torch.long)
+    old_log_probs = torch.zeros((bsz, R), dtype=torch.float32)
+    advantages = torch.zeros((bsz, R), dtype=torch.float32)
+    weights = torch.zeros((bsz, R), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        prompts[i, P - p :] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        responses[i, :r] = torch.tensor(s.response_ids, dtype=torch.long)
+        attention_mask[i, P - p : P + r] = 1
+        mask = torch.tensor([1 if m else 0 for m in s.response_mask], dtype=torch.long)
+        response_mask[i, :r] = mask
+        lps = torch.tensor([float(lp) if lp is not None else 0.0 for lp in s.old_logprobs], dtype=torch.float32)
+        old_log_probs[i, :r] = torch.where(mask.bool(), lps, torch.zeros_like(lps))
+        advantages[i, :r] = float(s.advantage) * mask
+        weights[i, :r] = float(s.weight)
+    out = {
+        "prompts": prompts,
+        "responses": responses,
+        "input_ids": torch.cat([prompts, responses], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": compute_position_id_with_mask(attention_mask),
+        "response_mask": response_mask,
+        "old_log_probs": old_log_probs,
+        "advantages": advantages,
+    }
+    if with_weights:
+        out["rollout_is_weights"] = weights
+    return out
+
+
+def to_no_padding(tensors: dict[str, torch.Tensor], temperature: float, **non_tensor):
+    """Padded tensors -> the no-padding TensorDict verl's engines consume, plus non-tensor keys.
+    Build a fresh one per worker call: ``train_mini_batch`` pops some of the keys."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    td = tu.get_tensordict(dict(tensors), non_tensor_dict={"temperature": float(temperature)})
+    td = left_right_2_no_padding(td)
+    tu.assign_non_tensor(td, **non_tensor)
+    return td
+
+
 class PolicyEngine:
     """verl ``TrainingWorker`` (FSDP2) + ``ppo_loss`` behind a small sample-level API."""
 
@@ -194,7 +356,7 @@ class PolicyEngine:
         cpu_platform.init_single_process_group()
         torch.manual_seed(cfg.seed)
         self.worker = self._build_worker(reference=False)
-        self.worker.set_loss_fn(self.policy_loss_fn())
+        self.worker.set_loss_fn(policy_loss_fn(cfg))
         self._ref_worker = None  # full fine-tuning + KL: a frozen copy of the base model
         if cfg.kl_coef > 0 and not self.is_lora:
             self._ref_worker = self._build_worker(reference=True)
@@ -205,108 +367,12 @@ class PolicyEngine:
     def is_lora(self) -> bool:
         return self.cfg.lora_rank > 0
 
-    @property
-    def _param_dtype(self) -> str:
-        if self.cfg.param_dtype:
-            return self.cfg.param_dtype
-        return "bf16" if _on_cuda() else "fp32"
-
-    def training_worker_config(self, reference: bool = False):
-        """The ``TrainingWorkerConfig`` this engine builds (also usable for a Ray worker group)."""
-        from verl.trainer.config import CheckpointConfig
-        from verl.workers.config import (
-            FSDPEngineConfig,
-            FSDPOptimizerConfig,
-            HFModelConfig,
-            TrainingWorkerConfig,
-        )
-
-        cfg = self.cfg
-        grad_ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else _on_cuda()
-        model_config = HFModelConfig(
-            path=cfg.model_path,
-            override_config={"attn_implementation": cfg.attn_implementation},
-            lora_rank=0 if reference else cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            target_modules=cfg.lora_target_modules,
-            enable_gradient_checkpointing=grad_ckpt and not reference,
-            use_remove_padding=cfg.use_remove_padding,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-        dynamic = cfg.max_tokens_per_micro_batch is not None
-        engine_config = FSDPEngineConfig(
-            strategy="fsdp2",
-            # verl's forward-only engines always use FSDP2's CPUOffloadPolicy(pin_memory=True),
-            # which needs an accelerator; on CPU the reference is a plain (never stepped) engine.
-            forward_only=reference and _on_cuda(),
-            model_dtype="fp32",
-            mixed_precision={"param_dtype": self._param_dtype, "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
-            use_dynamic_bsz=dynamic,
-            micro_batch_size_per_gpu=cfg.micro_batch_size,
-            infer_micro_batch_size_per_gpu=cfg.micro_batch_size,
-            max_token_len_per_gpu=cfg.max_tokens_per_micro_batch,
-            infer_max_token_len_per_gpu=cfg.max_tokens_per_micro_batch,
-            seed=cfg.seed,
-            # torch.compile of the entropy kernel needs a C++ toolchain and minutes on CPU.
-            use_torch_compile=_on_cuda(),
-        )
-        optimizer_config = FSDPOptimizerConfig(
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            clip_grad=cfg.grad_clip,
-            lr_warmup_steps=cfg.lr_warmup_steps if cfg.lr_warmup_steps > 0 else -1,
-            lr_scheduler_type="constant",
-        )
-        contents = ["model", "optimizer", "extra"]
-        checkpoint_config = CheckpointConfig(
-            save_contents=contents, load_contents=contents, save_lora_only=self.is_lora and not reference
-        )
-        return TrainingWorkerConfig(
-            model_type="language_model",
-            model_config=model_config,
-            engine_config=engine_config,
-            optimizer_config=optimizer_config,
-            checkpoint_config=checkpoint_config,
-        )
-
     def _build_worker(self, reference: bool):
         from verl.workers.engine_workers import TrainingWorker
 
-        worker = TrainingWorker(self.training_worker_config(reference=reference))
+        worker = TrainingWorker(training_worker_config(self.cfg, reference=reference))
         worker.reset()
         return worker
-
-    def actor_config(self):
-        """verl ``FSDPActorConfig`` carrying the loss settings ``ppo_loss`` reads."""
-        from verl.workers.config import FSDPActorConfig, PolicyLossConfig
-
-        cfg = self.cfg
-        return FSDPActorConfig(
-            strategy="fsdp2",
-            rollout_n=1,
-            ppo_mini_batch_size=1,
-            ppo_micro_batch_size_per_gpu=cfg.micro_batch_size,
-            use_dynamic_bsz=cfg.max_tokens_per_micro_batch is not None,
-            ppo_max_token_len_per_gpu=cfg.max_tokens_per_micro_batch or 16384,
-            clip_ratio=cfg.clip_ratio_low,
-            clip_ratio_low=cfg.clip_ratio_low,
-            clip_ratio_high=cfg.clip_ratio_high,
-            clip_ratio_c=cfg.clip_ratio_c,
-            policy_loss=PolicyLossConfig(loss_mode=cfg.policy_loss),
-            loss_agg_mode=cfg.loss_agg_mode,
-            entropy_coeff=cfg.entropy_coeff,
-            calculate_entropy=cfg.calculate_entropy,
-            use_kl_loss=cfg.kl_coef > 0,
-            kl_loss_coef=cfg.kl_coef,
-            kl_loss_type=cfg.kl_type,
-            use_torch_compile=_on_cuda(),
-            ppo_epochs=cfg.ppo_epochs,
-        )
-
-    def policy_loss_fn(self):
-        from verl.workers.utils.losses import ppo_loss
-
-        return functools.partial(ppo_loss, config=self.actor_config())
 
     # ------------------------------------------------------------------ batches
 
@@ -343,60 +409,12 @@ class PolicyEngine:
                        weight=0.0)
         return list(samples) + [dummy] * (target - n), n
 
-    def _padded_tensors(self, samples: Sequence[Sample], with_weights: bool) -> dict[str, torch.Tensor]:
-        pad = self._pad_token()
-        bsz = len(samples)
-        P = max(len(s.prompt_ids) for s in samples)
-        R = max(len(s.response_ids) for s in samples)
-        prompts = torch.full((bsz, P), pad, dtype=torch.long)
-        responses = torch.full((bsz, R), pad, dtype=torch.long)
-        attention_mask = torch.zeros((bsz, P + R), dtype=torch.long)
-        response_mask = torch.zeros((bsz, R), dtype=torch.long)
-        old_log_probs = torch.zeros((bsz, R), dtype=torch.float32)
-        advantages = torch.zeros((bsz, R), dtype=torch.float32)
-        weights = torch.zeros((bsz, R), dtype=torch.float32)
-        for i, s in enumerate(samples):
-            p, r = len(s.prompt_ids), len(s.response_ids)
-            prompts[i, P - p :] = torch.tensor(s.prompt_ids, dtype=torch.long)
-            responses[i, :r] = torch.tensor(s.response_ids, dtype=torch.long)
-            attention_mask[i, P - p : P + r] = 1
-            mask = torch.tensor([1 if m else 0 for m in s.response_mask], dtype=torch.long)
-            response_mask[i, :r] = mask
-            lps = torch.tensor([float(lp) if lp is not None else 0.0 for lp in s.old_logprobs], dtype=torch.float32)
-            old_log_probs[i, :r] = torch.where(mask.bool(), lps, torch.zeros_like(lps))
-            advantages[i, :r] = float(s.advantage) * mask
-            weights[i, :r] = float(s.weight)
-        from verl.utils.model import compute_position_id_with_mask
-
-        out = {
-            "prompts": prompts,
-            "responses": responses,
-            "input_ids": torch.cat([prompts, responses], dim=1),
-            "attention_mask": attention_mask,
-            "position_ids": compute_position_id_with_mask(attention_mask),
-            "response_mask": response_mask,
-            "old_log_probs": old_log_probs,
-            "advantages": advantages,
-        }
-        if with_weights:
-            out["rollout_is_weights"] = weights
-        return out
-
-    def _to_no_padding(self, tensors: dict[str, torch.Tensor], **non_tensor):
-        from verl.utils import tensordict_utils as tu
-        from verl.workers.utils.padding import left_right_2_no_padding
-
-        td = tu.get_tensordict(tensors, non_tensor_dict={"temperature": float(self.cfg.temperature)})
-        td = left_right_2_no_padding(td)
-        tu.assign_non_tensor(td, **non_tensor)
-        return td
-
     def _infer_padded(self, samples: Sequence[Sample], reference: bool) -> torch.Tensor:
         """Log-probs of the response tokens, (bsz, max_response_len), for an already padded batch."""
         from verl.utils import tensordict_utils as tu
         from verl.workers.utils.padding import no_padding_2_padding
 
-        tensors = self._padded_tensors(samples, with_weights=False)
+        tensors = padded_ppo_tensors(samples, self._pad_token(), with_weights=False)
         non_tensor: dict[str, Any] = {"compute_loss": False, "calculate_entropy": False}
         worker = self.worker
         if reference:
@@ -406,7 +424,7 @@ class PolicyEngine:
                 if self._ref_worker is None:
                     self._ref_worker = self._build_worker(reference=True)
                 worker = self._ref_worker
-        td = self._to_no_padding(tensors, **non_tensor)
+        td = to_no_padding(tensors, self.cfg.temperature, **non_tensor)
         out = worker.infer_batch(td)
         return no_padding_2_padding(tu.get(out, "log_probs"), td).float().cpu()
 
@@ -420,10 +438,10 @@ class PolicyEngine:
         for s in samples:
             s.validate()
         padded, n_real = self._padded(samples)
-        with_weights = any(s.weight != 1.0 for s in padded)
+        with_weights = any(s.weight != 1.0 for s in samples)
         if with_weights and self.cfg.policy_loss in _LOSSES_IGNORING_WEIGHTS:
             raise ValueError(f"policy_loss {self.cfg.policy_loss!r} ignores per-sample weights")
-        tensors = self._padded_tensors(padded, with_weights=with_weights)
+        tensors = padded_ppo_tensors(padded, self._pad_token(), with_weights=with_weights)
         if self.cfg.kl_coef > 0:
             tensors["ref_log_prob"] = self._infer_padded(padded, reference=True)
         n_local = len(padded)
@@ -436,10 +454,12 @@ class PolicyEngine:
             if n_local % mini != 0:
                 raise ValueError(f"batch of {n_local} (padded) is not divisible by mini_batch_size {mini}")
             mini_global = mini * dp
-        td = self._to_no_padding(
+        td = to_no_padding(
             tensors,
-            # seq-mean aggregation modes divide by this; dummies are fully masked and excluded.
-            global_batch_size=max(1, n_global_real * mini_global // (n_local * dp)),
+            self.cfg.temperature,
+            # seq-mean aggregation modes divide by the number of sequences in a mini-batch;
+            # the padding dummies are fully masked and do not count.
+            global_batch_size=max(1, n_global_real if mini is None else mini_global),
             mini_batch_size=mini_global,
             epochs=self.cfg.ppo_epochs,
             seed=self.cfg.seed,

@@ -408,3 +408,70 @@ def test_reinforce_plus_plus_and_errors():
     assert {"vanilla", "gspo", "cispo"} <= set(policy_loss_names())
     with pytest.raises(ValueError, match="vanilla"):
         EngineConfig(model_path="x", policy_loss="no_such_loss")
+
+
+# ---------------------------------------------------------------------- data parallel
+
+_DP_SCRIPT = r'''
+import json, os, sys
+import torch
+from rl.engine import EngineConfig, PolicyEngine, Sample
+samples = [Sample(**s) for s in json.loads(os.environ["TW_SAMPLES"])]
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+engine = PolicyEngine(EngineConfig(model_path=os.environ["TW_MODEL"], lr=1e-4, micro_batch_size=2))
+mine = samples[:2] if rank == 0 else samples[2:]  # uneven shards: 2 + 1 samples
+metrics = engine.step(mine)
+state = engine.state_dict()
+if rank == 0:
+    torch.save({"metrics": metrics, "state": state, "world": world}, os.environ["TW_OUT"])
+'''
+
+
+def test_torchrun_two_ranks_match_one_process(model_path, tmp_path):
+    """The many-GPU path (torchrun, FSDP2 sharding, DP batch split) on 2 CPU ranks with gloo:
+    uneven per-rank shards give the same loss, gradient norm and updated weights as one process
+    training on the whole batch."""
+    import os
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    samples = [
+        Sample([1, 40, 41, 42, 43], [50, 51, 52], [1, 1, 1], [-20.0] * 3, 1.0),
+        Sample([1, 60, 61], [70, 71, 72, 73, 74, 75], [1, 1, 0, 0, 1, 1], [-20.0] * 6, -0.7, 0.5),
+        Sample([1, 80], [90, 91], [1, 1], [-20.0] * 2, 0.4, 2.0),
+    ]
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_SCRIPT)
+    out = tmp_path / "rank0.pt"
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), TW_MODEL=str(model_path), TW_OUT=str(out),
+               TW_SAMPLES=json.dumps([asdict(s) for s in samples]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    import signal
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)]
+    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    result = torch.load(out)
+    assert result["world"] == 2
+
+    engine = PolicyEngine(EngineConfig(model_path=str(model_path), lr=1e-4, micro_batch_size=2))
+    metrics = engine.step(samples)
+    assert result["metrics"]["samples"] == 3.0 and result["metrics"]["tokens"] == 9.0
+    assert result["metrics"]["loss"] == pytest.approx(metrics["loss"], abs=1e-6)
+    assert result["metrics"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
+    assert_same_weights(result["state"], weights_of(engine), atol=1e-6)
