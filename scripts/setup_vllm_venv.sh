@@ -53,8 +53,12 @@ import importlib.util
 import sys
 
 name, version = sys.argv[1].split("==")
-if md.version(name) != version:
-    sys.exit(f"{name} is {md.version(name)}, want {version}")
+try:
+    have = md.version(name)
+except md.PackageNotFoundError:
+    sys.exit(f"{name} is not installed")
+if have != version:
+    sys.exit(f"{name} is {have}, want {version}")
 for bad in ("torchvision", "torchaudio", "torchcodec"):
     if importlib.util.find_spec(bad) is not None:
         sys.exit(f"{bad} is installed (breaks transformers import)")
