@@ -158,6 +158,8 @@ class EngineConfig:
     max_tokens_per_micro_batch: Optional[int] = None
     seed: int = 0
     checkpoint_dir: Optional[str] = None
+    # save_checkpoint() without a path keeps this many newest global_step_* folders (0 = all).
+    keep_checkpoints: int = 2
     # Numerics / memory. None = pick per device: fp32 params + no checkpointing on CPU;
     # bf16 compute + gradient checkpointing on GPU.
     param_dtype: Optional[str] = None
@@ -635,9 +637,25 @@ class PolicyEngine:
                 tmp = tracker.with_suffix(".tmp")
                 tmp.write_text(str(self.global_step))
                 os.replace(tmp, tracker)
+                self._prune_checkpoints(keep=path)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         return path
+
+    def _prune_checkpoints(self, keep: Path) -> None:
+        """Delete all but the newest ``cfg.keep_checkpoints`` global_step_* folders (also ones
+        left by earlier processes); never the one just written."""
+        n = self.cfg.keep_checkpoints
+        if not n or n < 1:
+            return
+        steps = []
+        for d in Path(self.cfg.checkpoint_dir).glob("global_step_*"):
+            suffix = d.name[len("global_step_") :]
+            if d.is_dir() and suffix.isdigit():
+                steps.append((int(suffix), d))
+        for _, d in sorted(steps)[:-n]:
+            if d.resolve() != keep.resolve():
+                shutil.rmtree(d, ignore_errors=True)
 
     def load_checkpoint(self, ckpt_dir: Optional[Path] = None) -> Optional[Path]:
         """Restore a checkpoint written by :meth:`save_checkpoint` (default: the latest one under

@@ -346,7 +346,7 @@ def test_checkpoint_restores_model_and_optimizer(full_engine, tmp_path):
 
 def test_checkpoint_dir_tracks_latest(model_path, tmp_path):
     cfg = EngineConfig(model_path=str(model_path), lora_rank=2, lr=1e-3, micro_batch_size=2,
-                       checkpoint_dir=str(tmp_path / "ckpts"))
+                       checkpoint_dir=str(tmp_path / "ckpts"), keep_checkpoints=2)
     engine = PolicyEngine(cfg)
     assert engine.latest_checkpoint() is None and engine.load_checkpoint() is None
     s = make_samples()
@@ -358,10 +358,13 @@ def test_checkpoint_dir_tracks_latest(model_path, tmp_path):
     second = engine.save_checkpoint()
     assert first.name == "global_step_1" and second.name == "global_step_2"
     assert engine.latest_checkpoint() == second
+    engine.step(s)
+    third = engine.save_checkpoint()
+    assert sorted(p.name for p in (tmp_path / "ckpts").glob("global_step_*")) == [second.name, third.name]
     want = weights_of(engine)
     # a restarted process: fresh engine, resume from the latest checkpoint (LoRA-only state)
     fresh = PolicyEngine(cfg)
-    assert fresh.load_checkpoint() == second.resolve() and fresh.global_step == 2
+    assert fresh.load_checkpoint() == third.resolve() and fresh.global_step == 3
     assert_same_weights(weights_of(fresh), want)
 
 
