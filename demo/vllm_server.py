@@ -12,7 +12,7 @@ venv, CI scripts); vLLM itself runs from the cached venv created by
 
 CLI (foreground until Ctrl-C)::
 
-    python -m demo.vllm_server MODEL_DIR --port 8000 [--lora] [--served-model-name tiny]
+    python -m demo.vllm_server MODEL_DIR --port 8000 [--lora] [--served-model-name tiny] [-- EXTRA_VLLM_ARGS]
 
 See docs/vllm-cpu.md for the endpoints and response shapes.
 """
@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -61,12 +62,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_log(port: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"vllm-{port}.log"
+
+
 def _tail(path: Path, n: int = 60) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError as e:
         return f"(could not read {path}: {e})"
     return "\n".join(lines[-n:])
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # the command name (field 2) may contain spaces; fields after ")" are fixed
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (Linux /proc; empty elsewhere)."""
+    if not os.path.isdir("/proc"):
+        return set()
+    children = _children_map()
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except OSError:
+        return False
+
+
+def _signal_all(leader: int, pids: set[int], sig: int) -> None:
+    try:
+        os.killpg(leader, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class VllmProcess:
@@ -132,23 +189,27 @@ class VllmProcess:
         except (urllib.error.URLError, OSError) as e:
             raise VllmStartError(f"vLLM warm-up request failed: {e}; last log lines:\n{self.log_tail()}") from e
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, then SIGKILL it if it has not exited."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate vLLM and every process it started.
+
+        vLLM's engine-core / worker processes do not always stay in the
+        server's process group (the multiprocessing helpers give them their
+        own), so besides the group we signal every descendant found in /proc.
+        SIGTERM first (vLLM shuts its children down itself), SIGKILL after
+        ``timeout``.
+        """
+        tree = _descendants(self.proc.pid)
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _signal_all(self.proc.pid, tree, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 pass
-        # vLLM spawns an engine-core child in the same group; make sure nothing
-        # of the group survives even when the leader is already gone.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        tree |= _descendants(self.proc.pid)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_all(self.proc.pid, {p for p in tree if _alive(p)}, signal.SIGKILL)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -246,9 +307,7 @@ def start_vllm(
         raise VllmStartError(
             f"no vLLM venv at {vllm_venv()}; run scripts/setup_vllm_venv.sh (or set TRAINWIRE_VLLM_VENV)"
         )
-    if log_path is None:
-        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-{port}.log"
-    log_path = Path(log_path)
+    log_path = Path(log_path) if log_path is not None else _default_log(port)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = build_argv(
         model_dir, port, served_model_name=served_model_name, lora=lora, host=host, extra_args=extra_args
@@ -285,23 +344,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--lora", action="store_true", help="enable runtime LoRA adapters")
-    p.add_argument("--log", type=Path, default=None, help="log file (default: /tmp/vllm-PORT.log)")
+    p.add_argument("--log", type=Path, default=None, help="log file (default: $TMPDIR/vllm-PORT.log)")
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="extra vLLM args after --")
-    args = p.parse_args(argv)
-    extra = [a for a in args.extra if a != "--"]
+    # Anything not recognised here (e.g. "-- --max-num-seqs 8") goes to vLLM.
+    args, extra = p.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    log = args.log or _default_log(args.port)
     t0 = time.monotonic()
-    print(f"starting vLLM on {args.host}:{args.port} (log: {args.log or f'/tmp/vllm-{args.port}.log'})", flush=True)
-    vp = start_vllm(
-        args.model_dir,
-        args.port,
-        served_model_name=args.served_model_name,
-        lora=args.lora,
-        log_path=args.log,
-        extra_args=extra,
-        host=args.host,
-        timeout=args.timeout,
-    )
+    print(f"starting vLLM on {args.host}:{args.port} (log: {log})", flush=True)
+    try:
+        vp = start_vllm(
+            args.model_dir,
+            args.port,
+            served_model_name=args.served_model_name,
+            lora=args.lora,
+            log_path=log,
+            extra_args=extra,
+            host=args.host,
+            timeout=args.timeout,
+        )
+    except KeyboardInterrupt:  # start_vllm already stopped what it started
+        print("interrupted during start-up", flush=True)
+        return 130
+    except VllmStartError as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return 1
     print(f"vLLM ready at {vp.url} after {time.monotonic() - t0:.1f} s (pid {vp.pid}); Ctrl-C to stop", flush=True)
     try:
         while vp.alive():
@@ -315,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         vp.stop()
 
 
+def _raise_keyboard_interrupt(*_):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Explicit handlers: a shell starting us in the background ("... &") sets
+    # SIGINT to ignored, and SIGTERM has no Python handler by default.
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     sys.exit(main())
