@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.responses import Response
@@ -22,17 +24,32 @@ def install(app: FastAPI, state) -> None:
     version = Gauge("trainwire_policy_version", "Policy version served, per upstream", ["upstream"],
                     registry=registry)
 
-    @app.middleware("http")
-    async def count(request, call_next):
-        import time
+    # A plain ASGI middleware: BaseHTTPMiddleware would add a task hop per request and wrap streaming bodies.
+    inner = app.build_middleware_stack
 
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "other")
-        requests.labels(path, str(response.status_code)).inc()
-        latency.labels(path).observe(time.perf_counter() - t0)
-        return response
+    def build():
+        downstream = inner()
+
+        async def count(scope, receive, send):
+            if scope["type"] != "http":
+                return await downstream(scope, receive, send)
+            t0 = time.perf_counter()
+            status = [500]
+
+            async def send_wrapper(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                    route = scope.get("route")
+                    path = getattr(route, "path", "other")
+                    requests.labels(path, str(status[0])).inc()
+                    latency.labels(path).observe(time.perf_counter() - t0)
+                await send(message)
+
+            await downstream(scope, receive, send_wrapper)
+
+        return count
+
+    app.build_middleware_stack = build
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
