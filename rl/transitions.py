@@ -1,0 +1,193 @@
+"""Training samples from claimed sessions, built from the token ids the proxy recorded (never re-tokenized).
+
+Modes
+-----
+* ``transition`` (LightningRL's default): one sample per LLM call: prompt = the call's
+  ``prompt_token_ids``, response = its ``completion_token_ids`` (all trained, ``response_mask`` 1),
+  ``old_logprobs`` = the logprobs vLLM recorded. Score = the call's return (:mod:`rl.credit`).
+* ``trajectory``: a call is appended to an earlier sample of the same episode when its prompt starts,
+  token for token, with that sample's whole sequence (prompt + everything appended so far, i.e. the previous
+  call's prompt + completion). The tokens between that sequence and the new call's completion (tool results,
+  the next user turn, the chat template's turn markers) join the response with ``response_mask`` 0 and
+  logprob 0.0 (they are context, not model output); the call's completion follows with mask 1 and its
+  recorded logprobs. A call that extends no earlier sample (the chat template re-rendered history
+  differently, the context was compacted, another agent's call) starts a new sample ("chain break").
+  In a single-agent episode this merges consecutive calls; when several agents interleave, each call
+  extends the sample whose sequence it continues (the longest such). Score = the return of the sample's
+  first call (the discounted sum of everything from there on).
+
+Skipped calls
+-------------
+A call is not trained on when it has no usable token data: non-200 status, no prompt or completion ids,
+no logprobs (``skipped_no_tokens``), or logprobs that do not match the completion one for one or are not
+finite (``skipped_bad_logprobs``). An aborted stream that still produced tokens is kept (a truncated
+sample of the policy, with matching logprobs). Skipped calls still count in the credit assignment
+(their intermediate rewards are part of "what follows").
+
+Staleness
+---------
+A session is dropped (``skipped_stale``, its id in ``skipped_sessions``) when any call it would train
+on was served by a policy version older than ``current_version - max_staleness`` (a missing version
+counts as 0, the base model). ``max_staleness=None`` or negative disables the check.
+
+Episode weighting
+-----------------
+Every sample of an episode gets ``weight = 1 / n`` where ``n`` is that episode's number of samples, so
+each episode carries a total loss weight of 1 whatever its number of calls: a 20-call episode does not
+count 20 times as much as a 1-call one in the policy loss (``Sample.weight`` multiplies a sample's
+policy loss in :mod:`rl.engine`).
+
+Groups
+------
+``group_ids[i]`` is ``"task:<task_id>"`` with ``group_by_task`` (``"session:<id>"`` for a session without
+a task id: a group of its own), else ``"batch"`` for every sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Sequence
+
+from rl.claim import ClaimedCall, ClaimedSession
+from rl.credit import call_returns
+
+if TYPE_CHECKING:
+    from rl.engine import Sample
+
+__all__ = ["BuildResult", "build_samples", "usable_call"]
+
+
+@dataclass
+class BuildResult:
+    samples: list["Sample"] = field(default_factory=list)  # advantage 0.0: set it from the scores
+    scores: list[float] = field(default_factory=list)       # per sample: its return (rl.credit)
+    group_ids: list[str] = field(default_factory=list)      # per sample
+    session_ids: list[str] = field(default_factory=list)    # per sample: its episode
+    call_ids: list[tuple[str, ...]] = field(default_factory=list)  # per sample: the calls it covers
+    skipped_sessions: list[str] = field(default_factory=list)  # claimed sessions with no sample (stale/empty)
+    counters: dict[str, int] = field(default_factory=dict)
+    staleness_mean: float = float("nan")  # mean of current_version - policy_version over the trained calls
+    staleness_max: int = 0
+
+    @property
+    def skipped_stale(self) -> int:
+        return self.counters.get("skipped_stale", 0)
+
+    @property
+    def skipped_no_tokens(self) -> int:
+        return self.counters.get("skipped_no_tokens", 0)
+
+    @property
+    def merged(self) -> int:
+        return self.counters.get("merged", 0)
+
+
+def usable_call(call: ClaimedCall) -> str | None:
+    """None when the call can be trained on, else the counter it is skipped under."""
+    if call.status_code != 200 or not call.prompt_token_ids or not call.completion_token_ids or call.logprobs is None:
+        return "skipped_no_tokens"
+    if len(call.logprobs) != len(call.completion_token_ids) or not all(
+            lp is not None and math.isfinite(lp) for lp in call.logprobs):
+        return "skipped_bad_logprobs"
+    return None
+
+
+class _Chain:
+    __slots__ = ("first", "prompt", "tokens", "response", "mask", "logprobs", "calls")
+
+    def __init__(self, index: int, call: ClaimedCall) -> None:
+        self.first = index
+        self.prompt = list(call.prompt_token_ids)
+        self.response = list(call.completion_token_ids)
+        self.mask = [1] * len(self.response)
+        self.logprobs: list[float] = [float(x) for x in call.logprobs]
+        self.tokens = self.prompt + self.response  # the whole sequence so far
+        self.calls = [call.id]
+
+    def continued_by(self, prompt: list[int]) -> bool:
+        n = len(self.tokens)
+        return len(prompt) >= n and prompt[n - 1] == self.tokens[-1] and prompt[:n] == self.tokens
+
+    def extend(self, call: ClaimedCall) -> None:
+        extra = call.prompt_token_ids[len(self.tokens):]
+        completion = call.completion_token_ids
+        self.response += list(extra) + list(completion)
+        self.mask += [0] * len(extra) + [1] * len(completion)
+        self.logprobs += [0.0] * len(extra) + [float(x) for x in call.logprobs]
+        self.tokens = list(call.prompt_token_ids) + list(completion)
+        self.calls.append(call.id)
+
+
+def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transition", "trajectory"] = "transition",
+                  gamma: float = 1.0, default_reward: float = 0.0, group_by_task: bool = True,
+                  current_version: int = 0, max_staleness: int | None = None) -> BuildResult:
+    """Samples (advantage 0.0, weight 1/n per episode), their scores and group ids. See the module docstring."""
+    from rl.engine import Sample  # torch and verl: imported only when samples are built
+
+    if mode not in ("transition", "trajectory"):
+        raise ValueError(f"mode must be 'transition' or 'trajectory', got {mode!r}")
+    out = BuildResult()
+    counters = dict.fromkeys(("sessions", "calls", "samples", "skipped_stale", "skipped_no_tokens",
+                              "skipped_bad_logprobs", "skipped_empty", "merged", "chain_breaks"), 0)
+    staleness: list[int] = []
+    check_stale = max_staleness is not None and max_staleness >= 0
+
+    for sess in sessions:
+        counters["sessions"] += 1
+        counters["calls"] += len(sess.calls)
+        returns = call_returns([c.reward for c in sess.calls], sess.final_reward, gamma=gamma,
+                               default_reward=default_reward)
+        usable: list[tuple[int, ClaimedCall]] = []
+        for i, call in enumerate(sess.calls):
+            why = usable_call(call)
+            if why:
+                counters[why] += 1
+            else:
+                usable.append((i, call))
+        if not usable:
+            counters["skipped_empty"] += 1
+            out.skipped_sessions.append(sess.id)
+            continue
+        versions = [c.policy_version or 0 for _, c in usable]
+        if check_stale and min(versions) < current_version - max_staleness:
+            counters["skipped_stale"] += 1
+            out.skipped_sessions.append(sess.id)
+            continue
+
+        chains: list[_Chain] = []
+        if mode == "transition":
+            chains = [_Chain(i, c) for i, c in usable]
+        else:
+            for i, call in usable:
+                prompt = call.prompt_token_ids
+                best = None
+                for chain in chains:  # the longest sequence the prompt continues; later wins ties
+                    if chain.continued_by(prompt) and (best is None or len(chain.tokens) >= len(best.tokens)):
+                        best = chain
+                if best is not None:
+                    best.extend(call)
+                    counters["merged"] += 1
+                else:
+                    if chains:
+                        counters["chain_breaks"] += 1
+                    chains.append(_Chain(i, call))
+
+        weight = 1.0 / len(chains)
+        group = ("batch" if not group_by_task
+                 else f"task:{sess.task_id}" if sess.task_id is not None else f"session:{sess.id}")
+        for chain in chains:
+            out.samples.append(Sample(prompt_ids=chain.prompt, response_ids=chain.response, response_mask=chain.mask,
+                                      old_logprobs=chain.logprobs, advantage=0.0, weight=weight))
+            out.scores.append(returns[chain.first])
+            out.group_ids.append(group)
+            out.session_ids.append(sess.id)
+            out.call_ids.append(tuple(chain.calls))
+        staleness.extend(current_version - v for v in versions)
+
+    counters["samples"] = len(out.samples)
+    out.counters = counters
+    if staleness:
+        out.staleness_mean = sum(staleness) / len(staleness)
+        out.staleness_max = max(staleness)
+    return out
