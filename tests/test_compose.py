@@ -477,6 +477,13 @@ def test_vllm_serves_what_the_trainer_needs(stack, env, monkeypatch):
             assert "deploy" not in svc, f"{name}: the CPU server must not reserve a GPU"
 
 
+def test_vllm_image_is_pinned_without_env(env):
+    """The pin holds also for an .env that does not set VLLM_VERSION."""
+    env = {k: v for k, v in env.items() if k != "VLLM_VERSION"}
+    image = load_stack(("compose.yaml",), ("gpu",), env)["vllm"]["image"]
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", image), image
+
+
 @pytest.mark.parametrize("stack", STACKS)
 def test_proxy_and_trainer_agree_on_upstreams(stack, env, monkeypatch):
     """The store keys "which version does this upstream serve" by URL: the trainer records the URLs it
