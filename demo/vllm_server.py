@@ -232,6 +232,7 @@ def build_argv(
     served_model_name: str | None = None,
     lora: bool = False,
     host: str = "127.0.0.1",
+    tool_parser: str | None = "hermes",
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     argv = [
@@ -258,6 +259,12 @@ def build_argv(
         argv += ["--served-model-name", served_model_name]
     if lora:
         argv += ["--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS)]
+    if tool_parser:
+        # Without this, any request that carries "tools" (tool_choice defaults
+        # to "auto") is refused with 400.  The tiny model's chat template
+        # renders calls as <tool_call>{"name":..,"arguments":..}</tool_call>,
+        # which is the hermes format.
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_parser]
     argv += list(extra_args)
     return argv
 
@@ -292,6 +299,7 @@ def start_vllm(
     log_path: Path | str | None = None,
     extra_args: Sequence[str] = (),
     host: str = "127.0.0.1",
+    tool_parser: str | None = "hermes",
     timeout: float = 300.0,
     wait: bool = True,
     warmup: bool = True,
@@ -310,7 +318,13 @@ def start_vllm(
     log_path = Path(log_path) if log_path is not None else _default_log(port)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = build_argv(
-        model_dir, port, served_model_name=served_model_name, lora=lora, host=host, extra_args=extra_args
+        model_dir,
+        port,
+        served_model_name=served_model_name,
+        lora=lora,
+        host=host,
+        tool_parser=tool_parser,
+        extra_args=extra_args,
     )
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -346,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora", action="store_true", help="enable runtime LoRA adapters")
     p.add_argument("--log", type=Path, default=None, help="log file (default: $TMPDIR/vllm-PORT.log)")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--tool-parser", default="hermes", help="vLLM tool-call parser; 'none' to disable")
     # Anything not recognised here (e.g. "-- --max-num-seqs 8") goes to vLLM.
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -361,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             log_path=log,
             extra_args=extra,
             host=args.host,
+            tool_parser=None if args.tool_parser in ("", "none") else args.tool_parser,
             timeout=args.timeout,
         )
     except KeyboardInterrupt:  # start_vllm already stopped what it started

@@ -336,6 +336,51 @@ def test_streaming_token_ids_logprobs_and_usage(http):
     assert all(e["choices"] for e in events[:-1])
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+            },
+        },
+    }
+]
+TOOL_MESSAGES = [
+    {"role": "system", "content": "You are a calculator."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+]
+
+
+def test_tools_are_accepted_and_rendered(http):
+    # Needs --enable-auto-tool-choice --tool-call-parser (start_vllm's default
+    # tool_parser="hermes"); without them any request carrying "tools" is a 400.
+    r = http.chat(
+        messages=TOOL_MESSAGES, tools=TOOLS, max_tokens=4, temperature=0, logprobs=True, return_token_ids=True
+    )
+    (ch,) = r["choices"]
+    assert len(ch["token_ids"]) == len(ch["logprobs"]["content"]) == r["usage"]["completion_tokens"]
+    status, det = http.post("/detokenize", {"model": MODEL, "tokens": r["prompt_token_ids"]})
+    assert status == 200
+    prompt = det["prompt"]
+    assert prompt.startswith("<|bos|><|im_start|>system\nYou are a calculator.\nYou can call these tools:\n")
+    assert '"name": "add"' in prompt
+    assert '<|im_start|>assistant\n<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|eos|><|im_end|>\n' in prompt
+    assert prompt.endswith("<|im_start|>tool call_1\n5<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_eos_is_returned_in_token_ids(http):
     # logit_bias forces EOS; the EOS id is part of token_ids and of logprobs.content.
     r = http.chat(
