@@ -3,7 +3,8 @@
 Starts a throwaway Postgres (tests/pgcluster.py), creates the schema with the real migrations
 (store.migrate.upgrade_head), writes N sessions through the proxy's own write path
 (store.writer.write_calls, in batches of the proxy's default --write-batch-size) and reports what the
-tables take on disk: heap + TOAST + indexes (pg_total_relation_size), per call and per million calls.
+tables take on disk: heap + TOAST + indexes (pg_total_relation_size), per call and per million calls, and
+the WAL the inserts wrote (what streaming replication and WAL archiving ship).
 
 A session is a tool-using agent episode of CALLS calls. Every call's request carries the whole chat so far
 (system prompt, task, every earlier assistant turn with its tool call and every tool result) plus the tool
@@ -178,6 +179,8 @@ async def measure(url: str, args) -> dict:
                 for i in range(args.sessions)]
     # Interleave sessions like concurrent agents do, then write in the proxy's batch size.
     stream = [s[k] for k in range(args.calls) for s in sessions]
+    async with engine.connect() as conn:
+        wal_start = (await conn.execute(text("SELECT pg_current_wal_insert_lsn()"))).scalar()
     t0 = time.perf_counter()
     for i in range(0, len(stream), args.batch):
         async with engine.begin() as conn:
@@ -187,6 +190,9 @@ async def measure(url: str, args) -> dict:
             {"session_id": s[0]["session_id"], "value": round(t.rng.random(), 3), "final": True, "source": "user",
              "created_at": s[-1]["finished_at"]} for s in sessions])
     write_s = time.perf_counter() - t0
+    async with engine.connect() as conn:
+        wal_bytes = (await conn.execute(text("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :start)"),
+                                        {"start": wal_start})).scalar()
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         await conn.execute(text("VACUUM ANALYZE"))
@@ -217,6 +223,8 @@ async def measure(url: str, args) -> dict:
         "tables": rows, "columns_avg_bytes": {k: round(float(v), 1) for k, v in col._mapping.items()},
         "bytes_per_call": {**{tb: round(v) for tb, v in per_call.items()}, "all": round(total_per_call)},
         "gb_per_million_calls": round(total_per_call * 1e6 / 1e9, 2),
+        # WAL written by the inserts (what replication and WAL archiving ship), fsync=off does not change it.
+        "wal_bytes_per_call": round(float(wal_bytes) / n_calls),
     }
 
 
@@ -230,7 +238,8 @@ def report(r: dict) -> str:
                      f"{v['indexes'] / mib:>10.1f}{r['bytes_per_call'][tb]:>12,}")
     lines.append("")
     lines.append(f"all tables: {r['bytes_per_call']['all']:,} bytes per call = "
-                 f"{r['gb_per_million_calls']} GB per million calls")
+                 f"{r['gb_per_million_calls']} GB per million calls; WAL written: "
+                 f"{r['wal_bytes_per_call']:,} bytes per call")
     c = r["columns_avg_bytes"]
     lines.append(f"mean call: {c['prompt_tokens']:.0f} prompt tokens, {c['completion_tokens']:.0f} completion "
                  f"tokens; stored column bytes: request {c['request']:.0f} (JSON text {c['request_json_text']:.0f}), "
