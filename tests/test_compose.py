@@ -454,6 +454,8 @@ def test_vllm_serves_what_the_trainer_needs(stack, env, monkeypatch):
         assert flag_value(args, "--logprobs-mode") == "processed_logprobs", \
             f"{name}: needs --logprobs-mode processed_logprobs (the trainer compares temperature-scaled log-probs)"
         assert "--enable-lora" in args, f"{name}: needs --enable-lora"
+        assert "--enable-auto-tool-choice" in args and flag_value(args, "--tool-call-parser"), \
+            f"{name}: without --enable-auto-tool-choice --tool-call-parser, requests with tools are a 400"
         max_rank = int(flag_value(args, "--max-lora-rank") or 0)
         assert max_rank in VLLM_MAX_LORA_RANKS, f"{name}: --max-lora-rank {max_rank} is not one vLLM accepts"
         assert ts.lora_rank <= max_rank, f"{name}: --max-lora-rank {max_rank} < the trainer's LoRA rank {ts.lora_rank}"
