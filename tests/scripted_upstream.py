@@ -9,7 +9,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
@@ -26,6 +26,7 @@ class Script:
     error_body: dict[str, Any] | None = None
     delay_per_chunk: float = 0.0
     chunks: int | None = None       # how many content chunks a stream uses (default: one per token)
+    delay: float = 0.0              # seconds to wait before answering at all
 
 
 @dataclass
@@ -48,13 +49,19 @@ class ScriptedUpstream:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self.aborted = 0
+        # Optional: decides the answer from the request when no queued script is left (an agent's "model").
+        self.responder: Callable[[dict[str, Any]], Script] | None = None
 
     # --- control ---------------------------------------------------------------------------------
     def script(self, **kw) -> None:
         self.scripts.append(Script(**kw))
 
-    def _next(self) -> Script:
-        return self.scripts.pop(0) if self.scripts else Script()
+    def _next(self, req: dict[str, Any] | None = None) -> Script:
+        if self.scripts:
+            return self.scripts.pop(0)
+        if self.responder is not None and req is not None:
+            return self.responder(req)
+        return Script()
 
     # --- responses -------------------------------------------------------------------------------
     @staticmethod
@@ -84,7 +91,9 @@ class ScriptedUpstream:
         req = await request.json()
         sent = Sent(request=req, path=request.path, headers=dict(request.headers))
         self.sent.append(sent)
-        sc = self._next()
+        sc = self._next(req)
+        if sc.delay:
+            await asyncio.sleep(sc.delay)
         if sc.status != 200:
             body = orjson.dumps(sc.error_body or {"object": "error", "message": "scripted failure",
                                                   "type": "BadRequestError", "param": None, "code": sc.status})
