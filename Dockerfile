@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # trainwire images, one Dockerfile, three targets:
 #
 #   proxy     `trainwire serve | migrate | export`: the package with its base dependencies and the routes
