@@ -107,7 +107,12 @@ async def open_upstream(pool, http: aiohttp.ClientSession, call: Call, body: byt
             raise
 
     try:
-        async for attempt in AsyncRetrying(stop=stop_after_attempt(len(order) + 1),
+        return await once()  # the common case: no retry machinery on the hot path
+    except aiohttp.ClientConnectorError as exc:
+        if len(order) == 1:
+            raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
+    try:
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(len(order)),
                                            retry=retry_if_exception_type(aiohttp.ClientConnectorError),
                                            reraise=True):
             with attempt:
