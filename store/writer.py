@@ -8,6 +8,9 @@ by size and time, so a response never waits for the database.
   cannot be written goes to a JSONL spool file that the next start writes first.
 - `flush_session` lets the reward endpoint wait until a session's calls are in the database, so a reward
   posted right after the last response never races its own calls.
+- Automatic rewards (AIR, `submit_reward`) have a queue of their own; they are written in the same transaction
+  as the calls of the batch, after them, with the same retry and spool guarantees. Each carries a
+  deterministic idempotency key, so a retried or replayed batch cannot store one twice.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from store.models import Call, Session
+from store.models import Call, Reward, Session
 
 log = logging.getLogger("trainwire.writer")
+
+_REWARD_TAG = "__trainwire_reward__"
 
 
 def _insert_for(engine: AsyncEngine):
@@ -69,7 +74,34 @@ async def write_calls(conn, engine: AsyncEngine, calls: list[dict[str, Any]]) ->
         "task_id": func.coalesce(Session.__table__.c.task_id, stmt.excluded.task_id),
     })
     # Sorted so concurrent writers (several proxy replicas) lock session rows in the same order: no deadlock.
-    await conn.execute(stmt, sorted(session_rows(calls), key=lambda r: r["id"]))
+    rows = sorted(session_rows(calls), key=lambda r: r["id"])
+    await conn.execute(stmt, rows)
+    await adopt_final_rewards(conn, [r["id"] for r in rows])
+
+
+async def adopt_final_rewards(conn, session_ids: list[str]) -> None:
+    """A final reward can arrive before its session's first call is written (another proxy worker's queue):
+    copy it onto the session row once the row exists, so `finished_at`/`final_reward` agree with the rewards
+    table. Sessions that already have `finished_at`, or no final reward, are untouched (the common case)."""
+    if not session_ids:
+        return
+    from sqlalchemy import and_, exists, select, update
+
+    s, r = Session.__table__, Reward.__table__
+    final = and_(r.c.session_id == s.c.id, r.c.final.is_(True))
+    await conn.execute(update(s).where(s.c.id.in_(session_ids), s.c.finished_at.is_(None),
+                                       exists().where(final))
+                       .values(finished_at=select(r.c.created_at).where(final).scalar_subquery(),
+                               final_reward=select(r.c.value).where(final).scalar_subquery()))
+
+
+async def write_rewards(conn, engine: AsyncEngine, rewards: list[dict[str, Any]]) -> None:
+    """Insert automatic rewards; one with an idempotency key that is already stored is skipped."""
+    if not rewards:
+        return
+    insert = _insert_for(engine)
+    await conn.execute(insert(Reward.__table__).on_conflict_do_nothing(index_elements=["idempotency_key"]),
+                       rewards)
 
 
 class BatchWriter:
@@ -81,6 +113,7 @@ class BatchWriter:
         self.max_queue = max_queue
         self.spool_dir = spool_dir
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._rewards: collections.deque[dict[str, Any]] = collections.deque()  # AIR rewards waiting
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
         self._written = asyncio.Condition()
@@ -88,8 +121,10 @@ class BatchWriter:
         self._inflight: collections.Counter[str] = collections.Counter()  # session -> calls being served
         self._pending_calls: dict[str, str] = {}                          # call id -> session id, while queued
         self._task: asyncio.Task | None = None
+        self._writing: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None  # batch being written
         self._stopping = False
         self.written_total = 0
+        self.rewards_written_total = 0
         self.failed_batches = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -106,10 +141,19 @@ class BatchWriter:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except asyncio.TimeoutError:
                 self._task.cancel()
-                log.error("database still failing at shutdown; spooling %d calls", len(self._queue))
-        if self._queue:
-            self._spool(list(self._queue))
+                try:
+                    await self._task
+                except BaseException:
+                    pass
+                log.error("database still failing at shutdown; spooling %d calls and %d rewards",
+                          len(self._queue), len(self._rewards))
+                if self._writing:  # the batch it was retrying left the queue already
+                    self._spool(*self._writing)
+                    self._writing = None
+        if self._queue or self._rewards:
+            self._spool(list(self._queue), list(self._rewards))
             self._queue.clear()
+            self._rewards.clear()
 
     # --- producer side --------------------------------------------------------------------------
     @property
@@ -134,8 +178,20 @@ class BatchWriter:
         self._pending[sid] += 1
         self._pending_calls[record["id"]] = sid
         self._queue.append(record)
-        if len(self._queue) >= self.batch_size:
+        # Wake the writer on the first record (so it waits at most `interval`, not its 1 s idle poll) and
+        # when a batch is full.
+        if len(self._queue) == 1 or len(self._queue) >= self.batch_size:
             self._wake.set()
+
+    def submit_reward(self, reward: dict[str, Any]) -> None:
+        """Queue an automatic reward (a `rewards` row as a dict, with an idempotency key)."""
+        self._rewards.append(reward)
+        if len(self._rewards) == 1 or len(self._rewards) >= self.batch_size:
+            self._wake.set()
+
+    @property
+    def reward_depth(self) -> int:
+        return len(self._rewards)
 
     def pending_session_of(self, call_id: str) -> str | None:
         return self._pending_calls.get(call_id)
@@ -143,14 +199,18 @@ class BatchWriter:
     def knows_session(self, session_id: str) -> bool:
         return self._pending[session_id] > 0 or self._inflight[session_id] > 0
 
-    async def flush_session(self, session_id: str, timeout: float = 10.0) -> bool:
-        """Wait until every call of this session that this process served or is serving is written."""
-        if not self.knows_session(session_id):
+    async def flush_session(self, session_id: str, timeout: float = 10.0, *, inflight: bool = True) -> bool:
+        """Wait until every call of this session that this process served or is serving is written.
+        `inflight=False` waits only for calls already queued (a read must not wait for a live stream)."""
+        def busy() -> bool:
+            return self.knows_session(session_id) if inflight else self._pending[session_id] > 0
+
+        if not busy():
             return True
         self._wake.set()
         async with self._written:
             try:
-                await asyncio.wait_for(self._written.wait_for(lambda: not self.knows_session(session_id)), timeout)
+                await asyncio.wait_for(self._written.wait_for(lambda: not busy()), timeout)
                 return True
             except asyncio.TimeoutError:
                 return False
@@ -158,7 +218,7 @@ class BatchWriter:
     # --- consumer side --------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            if not self._queue:
+            if not self._queue and not self._rewards:
                 if self._stopping:
                     return
                 self._wake.clear()
@@ -175,9 +235,15 @@ class BatchWriter:
                 except asyncio.TimeoutError:
                     break
             batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-            if not batch:
+            # Automatic rewards ride in the same transaction, after the calls: a rule's reward is queued just
+            # before its call, so both normally land in one batch (rewards have no foreign key either way).
+            rewards = [self._rewards.popleft() for _ in range(min(4 * self.batch_size, len(self._rewards)))]
+            if not batch and not rewards:
                 continue
-            await self._write_with_retry(batch)
+            self._writing = (batch, rewards)
+            await self._write_with_retry(batch, rewards)
+            self._writing = None
+            self.rewards_written_total += len(rewards)
             for rec in batch:
                 sid = rec["session_id"]
                 self._pending[sid] -= 1
@@ -190,7 +256,7 @@ class BatchWriter:
             async with self._room:
                 self._room.notify_all()
 
-    async def _write_with_retry(self, batch: list[dict[str, Any]]) -> None:
+    async def _write_with_retry(self, batch: list[dict[str, Any]], rewards: list[dict[str, Any]] = ()) -> None:
         attempt_limit = 8 if self._stopping else 10**9
         try:
             async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5),
@@ -202,36 +268,47 @@ class BatchWriter:
                         log.warning("retrying a batch of %d calls (attempt %d)", len(batch),
                                     attempt.retry_state.attempt_number)
                     async with self.engine.begin() as conn:
-                        await write_calls(conn, self.engine, batch)
+                        if batch:
+                            await write_calls(conn, self.engine, batch)
+                        await write_rewards(conn, self.engine, list(rewards))
         except Exception:
-            log.exception("could not write %d calls; spooling them to disk", len(batch))
-            self._spool(batch)
+            log.exception("could not write %d calls and %d rewards; spooling them to disk", len(batch), len(rewards))
+            self._spool(batch, list(rewards))
 
     # --- spool ----------------------------------------------------------------------------------
-    def _spool(self, batch: list[dict[str, Any]]) -> None:
-        if not batch:
+    def _spool(self, batch: list[dict[str, Any]], rewards: list[dict[str, Any]] = ()) -> None:
+        if not batch and not rewards:
             return
         if not self.spool_dir:
-            log.error("no spool dir: %d calls lost", len(batch))
+            log.error("no spool dir: %d calls and %d rewards lost", len(batch), len(rewards))
             return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         path = self.spool_dir / f"spool-{int(time.time())}-{uuid.uuid4().hex[:8]}.jsonl"
         with path.open("wb") as f:
             for rec in batch:
                 f.write(orjson.dumps(rec) + b"\n")
-        log.error("spooled %d calls to %s; they are written at the next start", len(batch), path)
+            for rec in rewards:  # tagged, so older spool files (calls only) still read the same
+                f.write(orjson.dumps({**rec, _REWARD_TAG: True}) + b"\n")
+        log.error("spooled %d calls and %d rewards to %s; they are written at the next start", len(batch),
+                  len(rewards), path)
 
     async def _replay_spool(self) -> None:
         if not self.spool_dir or not self.spool_dir.exists():
             return
         for path in sorted(self.spool_dir.glob("spool-*.jsonl")):
-            rows = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-            for row in rows:
-                for key in ("started_at", "finished_at"):
+            rows, rewards = [], []
+            for line in path.read_bytes().splitlines():
+                if not line.strip():
+                    continue
+                row = orjson.loads(line)
+                (rewards if row.pop(_REWARD_TAG, False) else rows).append(row)
+                for key in ("started_at", "finished_at", "created_at"):
                     if isinstance(row.get(key), str):
                         row[key] = datetime.fromisoformat(row[key])
-            if rows:
+            if rows or rewards:
                 async with self.engine.begin() as conn:
-                    await write_calls(conn, self.engine, rows)
+                    if rows:
+                        await write_calls(conn, self.engine, rows)
+                    await write_rewards(conn, self.engine, rewards)
             path.unlink()
-            log.info("replayed %d spooled calls from %s", len(rows), path)
+            log.info("replayed %d spooled calls and %d rewards from %s", len(rows), len(rewards), path)
