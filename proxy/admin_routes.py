@@ -1,0 +1,41 @@
+"""Admin routes (admin key when one is set): remove rewards, e.g. every reward of one AIR rule.
+
+    DELETE /rewards/{reward_id}
+    DELETE /rewards?source=RULE[&session_id=ID]     (at least one of source, session_id)
+
+Answer: `{"object": "deleted", "deleted": N}`. Rewards of sessions the trainer has claimed stay (they are what
+it trained on); removing a final reward reopens its session.
+"""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from proxy.errors import ApiError
+from proxy.reward_routes import admin
+from store.rewards import delete_rewards
+
+router = APIRouter(dependencies=[Depends(admin)])
+
+
+def _answer(n: int) -> Response:
+    return Response(orjson.dumps({"object": "deleted", "deleted": n}), media_type="application/json")
+
+
+@router.delete("/rewards/{reward_id}")
+async def delete_one(request: Request, reward_id: int) -> Response:
+    n = await delete_rewards(request.app.state.tw.engine, reward_id=reward_id)
+    if not n:
+        raise ApiError(404, f"no reward #{reward_id} that can be removed (unknown, or its session is already "
+                            f"claimed by the trainer)", param="reward_id", code="reward_not_found")
+    return _answer(n)
+
+
+@router.delete("/rewards")
+async def delete_many(request: Request, source: str | None = None, session_id: str | None = None) -> Response:
+    if not source and not session_id:
+        raise ApiError(400, "give source (e.g. a rule name) and/or session_id: refusing to delete every reward",
+                       param="source", code="invalid_value")
+    return _answer(await delete_rewards(request.app.state.tw.engine, source=source, session_id=session_id))

@@ -1,0 +1,117 @@
+"""The JSON read API (admin key when one is set). Lists are newest first and paginated:
+`{"object": "list", "data": [...], "has_more": bool, "next_cursor": str | null}`; pass `cursor=next_cursor`
+(or `offset=N`) for the next page.
+
+    GET /sessions?status=&task=&agent=&since=&until=&limit=&cursor=&offset=
+    GET /sessions/{session_id}?tokens=true        calls in order with rewards and text; token ids on request
+    GET /calls/{call_id}?tokens=true              one call with its full request and response
+    GET /rewards?session_id=&source=&final=&orphaned=&limit=&cursor=&offset=
+    GET /stats                                    counts, orphaned rewards, reward mean by policy version
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.responses import Response
+
+from proxy.errors import ApiError
+from proxy.reward_routes import admin  # also registers the `twsession` path convertor
+from store import queries
+
+router = APIRouter(dependencies=[Depends(admin)])
+
+STATUSES = ("open", "finished", "claimed", "trained", "skipped")
+
+
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC),
+                    media_type="application/json")
+
+
+def parse_time(value: str | None, name: str) -> datetime | None:
+    """ISO 8601 (a trailing Z is fine; no offset means UTC) or Unix seconds."""
+    if value is None or value == "":
+        return None
+    try:
+        try:
+            dt = datetime.fromtimestamp(float(value), timezone.utc)
+        except ValueError:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        raise ApiError(400, f"{name} must be an ISO 8601 time (2025-01-31T12:00:00Z) or Unix seconds; got "
+                            f"{value[:40]!r}", param=name, code="invalid_value") from None
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+async def _flush(request: Request, session_id: str) -> None:
+    # Read-your-writes: calls this process still holds in its queue are written first (not calls still
+    # being served: a dashboard polling a live session must not wait for its stream to end).
+    await request.app.state.tw.writer.flush_session(session_id, timeout=5.0, inflight=False)
+
+
+Limit = Query(50, ge=1, le=1000)
+Offset = Query(None, ge=0)
+
+
+@router.get("/sessions")
+async def list_sessions(request: Request, status: str | None = None, task: str | None = None,
+                        agent: str | None = None, since: str | None = None, until: str | None = None,
+                        limit: int = Limit, cursor: str | None = None, offset: int | None = Offset) -> Response:
+    if status is not None and status not in STATUSES:
+        raise ApiError(400, f"status must be one of {', '.join(STATUSES)}; got {status[:40]!r}", param="status",
+                       code="invalid_value")
+    try:
+        page = await queries.list_sessions(request.app.state.tw.engine, status=status, task=task, agent=agent,
+                                           since=parse_time(since, "since"), until=parse_time(until, "until"),
+                                           limit=limit, cursor=cursor, offset=offset)
+    except queries.BadQuery as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+    return _json(page.body())
+
+
+@router.get("/sessions/{session_id:twsession}")
+async def get_session(request: Request, session_id: str, tokens: bool = False) -> Response:
+    await _flush(request, session_id)
+    found = await queries.get_session(request.app.state.tw.engine, session_id, tokens=tokens)
+    if found is None:
+        raise ApiError(404, f"no session {session_id!r}: no calls and no rewards were recorded for it",
+                       param="session_id", code="session_not_found")
+    return _json(found)
+
+
+@router.get("/calls/{call_id}")
+async def get_call(request: Request, call_id: str, tokens: bool = False) -> Response:
+    tw = request.app.state.tw
+    session_id = tw.writer.pending_session_of(call_id)
+    if session_id is not None:
+        await _flush(request, session_id)
+    found = await queries.get_call(tw.engine, call_id, tokens=tokens)
+    if found is None:
+        raise ApiError(404, f"no call {call_id!r} (call ids are the X-Call-Id response header)", param="call_id",
+                       code="call_not_found")
+    return _json(found)
+
+
+@router.get("/rewards")
+async def list_rewards(request: Request, session_id: str | None = None, source: str | None = None,
+                       final: bool | None = None, orphaned: bool | None = None, limit: int = Limit,
+                       cursor: str | None = None, offset: int | None = Offset) -> Response:
+    try:
+        page = await queries.list_rewards(request.app.state.tw.engine, session_id=session_id, source=source,
+                                          final=final, orphaned=orphaned, limit=limit, cursor=cursor,
+                                          offset=offset)
+    except queries.BadQuery as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+    return _json(page.body())
+
+
+@router.get("/stats")
+async def stats(request: Request) -> Response:
+    tw = request.app.state.tw
+    body = await queries.stats(tw.engine)
+    body["write_queue"] = {"calls": tw.writer.depth, "rewards": tw.writer.reward_depth}
+    return _json(body)

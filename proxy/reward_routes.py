@@ -1,0 +1,321 @@
+"""Rewards by curl.
+
+    POST /reward                       {"session_id": "abc", "reward": 1.0}
+    POST /sessions/{session_id}/reward {"reward": 1.0}
+    POST /sessions/{session_id}/finish {}                       (closes the episode without a reward)
+
+Body: `session_id` (required unless in the path), `reward` (finite number, required), `call_id` (optional: the
+`X-Call-Id` of one call of the session; the reward is then intermediate unless `final` says otherwise), `final`
+(default: true without `call_id`, false with it), `idempotency_key` (or the `Idempotency-Key` header) and
+`metadata` (a JSON object). Every refusal is a 4xx in OpenAI's error format and stores nothing.
+
+The answer is the stored reward: `{"object": "reward", "id", "session_id", "call_id", "final", "value",
+"source", "idempotency_key", "metadata", "created_at", "orphaned", "duplicate"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.responses import Response
+
+from proxy.auth import require_admin_key
+from proxy.errors import ApiError
+from proxy.session_headers import _ID
+from store.rewards import NewReward, RewardError, call_session, check_finite_json, session_exists, store_reward
+
+log = logging.getLogger("trainwire.rewards")
+
+
+class SessionIdConvertor(Convertor):
+    """Session ids may contain '/', so path routes take the id with its slashes, but never `/v1/` (the
+    OpenAI routes under /sessions/{id}/v1/... come after these routes and must stay reachable)."""
+
+    regex = r"[A-Za-z0-9](?:(?!/v1(?:/|$))[A-Za-z0-9._:@/+=-]){0,127}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("twsession", SessionIdConvertor())
+
+
+def admin(request: Request) -> None:
+    require_admin_key(request, request.app.state.tw.settings)
+
+
+router = APIRouter(dependencies=[Depends(admin)])
+
+MAX_METADATA_BYTES = 64 * 1024
+FIELDS = ("session_id", "reward", "call_id", "final", "idempotency_key", "metadata")
+
+
+def _describe(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"the boolean {str(v).lower()}"
+    if isinstance(v, str):
+        return f"a string ({v[:40]!r})"
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    if isinstance(v, float) and math.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    if isinstance(v, (dict, list)):
+        return "an object" if isinstance(v, dict) else "an array"
+    return repr(v)
+
+
+def _fail(msg: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", msg)
+
+
+def _id(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise _fail(f"must be a string; got {_describe(v)}")
+    if not _ID.match(v):
+        raise _fail(f"must be 1-128 characters of letters, digits and ._:@/+=- (starting with a letter or "
+                    f"digit); got {v[:64]!r}")
+    return v
+
+
+class RewardBody(BaseModel):
+    """What `POST /reward` accepts. Types are checked strictly: "1.0" is not a number, 1 is not a boolean."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str | None = None
+    reward: float | None = None
+    call_id: str | None = None
+    final: bool | None = None
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("session_id", mode="before")
+    @classmethod
+    def _session(cls, v):
+        return None if v is None else _id(v, "session_id")
+
+    @field_validator("call_id", mode="before")
+    @classmethod
+    def _call(cls, v):
+        return None if v is None else _id(v, "call_id")
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _reward(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _fail(f"must be a finite number; got {_describe(v)}")
+        try:
+            f = float(v)
+        except OverflowError:
+            raise _fail("must be a finite number; got an integer too large for a float") from None
+        if not math.isfinite(f):
+            raise _fail(f"must be a finite number; got {_describe(f)}")
+        return f
+
+    @field_validator("final", mode="before")
+    @classmethod
+    def _final(cls, v):
+        if v is not None and not isinstance(v, bool):
+            raise _fail(f"must be true or false; got {_describe(v)}")
+        return v
+
+    @field_validator("idempotency_key", mode="before")
+    @classmethod
+    def _key(cls, v):
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise _fail(f"must be a string; got {_describe(v)}")
+        if not 1 <= len(v) <= 256:
+            raise _fail(f"must be 1-256 characters; got {len(v)}")
+        return v
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, v):
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise _fail(f"must be a JSON object; got {_describe(v)}")
+        try:
+            check_finite_json(v, "metadata")
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        if len(orjson.dumps(v)) > MAX_METADATA_BYTES:
+            raise _fail(f"must be at most {MAX_METADATA_BYTES} bytes of JSON")
+        return v
+
+
+def _message(exc: ValidationError) -> tuple[str, str | None]:
+    parts, first = [], None
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or None
+        first = first or loc
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown field {loc!r}; the fields are {', '.join(FIELDS)}")
+        elif err["type"] == "missing":
+            parts.append(f"missing required field {loc!r}")
+        else:
+            parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts), first
+
+
+async def _body(request: Request, *, required: bool) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        if required:
+            raise ApiError(400, 'request body is empty; expected a JSON object like {"session_id": "abc", '
+                                '"reward": 1.0}', code="invalid_json")
+        return {}
+    try:
+        # The stdlib parser, because it reads NaN/Infinity literals: then the message can name them.
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object; got {_describe(body)}", code="invalid_json")
+    return body
+
+
+def _validate(body: dict[str, Any]) -> RewardBody:
+    try:
+        return RewardBody.model_validate(body)
+    except ValidationError as exc:
+        message, param = _message(exc)
+        raise ApiError(400, message, param=param, code="invalid_value") from None
+
+
+AIR_KEY_PREFIX = "air:"  # automatic rewards' keys (proxy.air); a user key there could shadow one
+
+
+def _idempotency_key(request: Request, body: RewardBody) -> str | None:
+    key = _raw_idempotency_key(request, body)
+    if key is not None and key.startswith(AIR_KEY_PREFIX):
+        raise ApiError(400, f"idempotency keys starting with {AIR_KEY_PREFIX!r} are reserved for automatic "
+                            f"rewards; got {key[:64]!r}", param="idempotency_key", code="invalid_value")
+    return key
+
+
+def _raw_idempotency_key(request: Request, body: RewardBody) -> str | None:
+    header = request.headers.get("idempotency-key")
+    if header is not None:
+        if not 1 <= len(header) <= 256:
+            raise ApiError(400, "Idempotency-Key header must be 1-256 characters", param="Idempotency-Key",
+                           code="invalid_header")
+        if body.idempotency_key is not None and body.idempotency_key != header:
+            raise ApiError(400, f"idempotency_key in the body ({body.idempotency_key!r}) differs from the "
+                                f"Idempotency-Key header ({header!r}); send one", param="idempotency_key",
+                           code="invalid_value")
+        return header
+    return body.idempotency_key
+
+
+def _session_id(path_session: str | None, body: RewardBody) -> str:
+    if path_session is not None:
+        if body.session_id is not None and body.session_id != path_session:
+            raise ApiError(400, f"session_id in the body ({body.session_id!r}) differs from the one in the path "
+                                f"({path_session!r})", param="session_id", code="invalid_value")
+        return path_session
+    if body.session_id is None:
+        raise ApiError(400, "missing required field 'session_id' (the X-Session-Id of the episode)",
+                       param="session_id", code="invalid_value")
+    return body.session_id
+
+
+async def _visible(tw, check, grace_s: float) -> Any:
+    """Poll `check` for up to `grace_s`: with several workers, another worker's queue may still hold it."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = await check()
+        if found or time.monotonic() >= deadline:
+            return found
+        await asyncio.sleep(0.05)
+
+
+async def _store(request: Request, new: NewReward) -> Response:
+    tw = request.app.state.tw
+    flushed = await tw.writer.flush_session(new.session_id)
+    # Other workers' write queues are invisible to this one: give them a few write intervals.
+    grace = (4 * tw.settings.write_interval_ms / 1000 + 1.0) if tw.settings.workers > 1 else 0.0
+    if new.call_id is not None:
+        owner = tw.writer.pending_session_of(new.call_id)
+        if owner is None:
+            owner = await _visible(tw, lambda: call_session(tw.engine, new.call_id), grace)
+        if owner is None:
+            if not flushed:
+                raise ApiError(503, f"calls of session {new.session_id!r} are still being served or written; "
+                                    f"retry shortly", code="session_not_written")
+            raise ApiError(404, f"call_id {new.call_id!r} is not a recorded call (use the X-Call-Id response "
+                                f"header of a call of session {new.session_id!r})", param="call_id",
+                           code="call_not_found")
+        if owner != new.session_id:
+            raise ApiError(400, f"call_id {new.call_id!r} belongs to session {owner!r}, not {new.session_id!r}",
+                           param="call_id", code="call_session_mismatch")
+    elif not await session_exists(tw.engine, new.session_id):
+        if not flushed:
+            raise ApiError(503, f"calls of session {new.session_id!r} are still being served or written; "
+                                f"retry shortly", code="session_not_written")
+        if grace:
+            await _visible(tw, lambda: session_exists(tw.engine, new.session_id), grace)
+    try:
+        stored = await store_reward(tw.engine, new)
+    except RewardError as exc:
+        raise ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from None
+    if stored.orphaned and not stored.duplicate:
+        log.warning("reward #%s for session %r, which has no recorded calls: kept as orphaned",
+                    stored.reward["id"], new.session_id)
+    body = {**stored.reward, "orphaned": stored.orphaned, "duplicate": stored.duplicate}
+    return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC),
+                    media_type="application/json")
+
+
+async def _reward(request: Request, path_session: str | None) -> Response:
+    body = _validate(await _body(request, required=True))
+    session_id = _session_id(path_session, body)
+    if body.reward is None:
+        raise ApiError(400, "missing required field 'reward' (a finite number; to close a session without a "
+                            "reward use POST /sessions/{session_id}/finish)", param="reward", code="invalid_value")
+    final = body.final if body.final is not None else body.call_id is None
+    new = NewReward(session_id=session_id, value=body.reward, final=final, call_id=body.call_id,
+                    idempotency_key=_idempotency_key(request, body), metadata=body.metadata)
+    return await _store(request, new)
+
+
+@router.post("/reward")
+async def post_reward(request: Request) -> Response:
+    return await _reward(request, None)
+
+
+@router.post("/sessions/{session_id:twsession}/reward")
+async def post_session_reward(request: Request, session_id: str) -> Response:
+    return await _reward(request, session_id)
+
+
+@router.post("/sessions/{session_id:twsession}/finish")
+async def finish_session(request: Request, session_id: str) -> Response:
+    """Close the episode without a reward: a final row with a null value (the trainer uses its default)."""
+    body = _validate(await _body(request, required=False))
+    session_id = _session_id(session_id, body)
+    for name in ("reward", "call_id", "final"):
+        if getattr(body, name) is not None:
+            raise ApiError(400, f"/finish closes a session without a reward and takes no {name!r}; to post a "
+                                f"reward use POST /sessions/{{session_id}}/reward", param=name,
+                           code="invalid_value")
+    new = NewReward(session_id=session_id, value=None, final=True,
+                    idempotency_key=_idempotency_key(request, body), metadata=body.metadata)
+    return await _store(request, new)
