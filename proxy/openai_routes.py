@@ -60,7 +60,7 @@ async def _generate(request: Request, path: str, session_id: str | None) -> Resp
     call.seq = tw.next_seq(ctx.session_id)
     tw.writer.begin(ctx.session_id)
     if call.route == "frozen":
-        return await tw.frozen.serve(call, tw.writer.submit)
+        return await tw.frozen.serve(call, tw.record)
     return await _serve_policy(tw, request, call)
 
 
@@ -87,16 +87,16 @@ async def _serve_policy(tw, request: Request, call: Call) -> Response:
     except aiohttp.ClientError as exc:
         return _fail(tw, call, 502, f"upstream error: {exc!r}")
     if call.stream:
-        return stream(resp, call, tw.writer.submit)
+        return stream(resp, call, tw.record)
     try:
-        return await complete(resp, call, tw.writer.submit)
+        return await complete(resp, call, tw.record)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return _fail(tw, call, 502, f"upstream broke off: {exc!r}")
 
 
 def _fail(tw, call: Call, status: int, message: str) -> Response:
     call.t_upstream_done = time.perf_counter()
-    tw.writer.submit(call.record(status=status, response=None, error=message))
+    tw.record(call.record(status=status, response=None, error=message))
     return error_response(status, message, code="upstream_unavailable", headers=call.headers())
 
 
@@ -201,7 +201,7 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
                 parsed = orjson.loads(text) if text else None
             except orjson.JSONDecodeError:
                 parsed = {"raw": text.decode("utf-8", "replace")}
-            tw.writer.submit(call.record(status=resp.status, response=parsed,
-                                         error=None if resp.status < 400 else text[:2000].decode("utf-8", "replace")))
+            tw.record(call.record(status=resp.status, response=parsed,
+                                  error=None if resp.status < 400 else text[:2000].decode("utf-8", "replace")))
 
     return StreamingResponse(relay(), status_code=resp.status, headers=out_headers)

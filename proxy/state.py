@@ -9,6 +9,7 @@ import time
 import aiohttp
 from fastapi import Request
 
+from proxy.air import Air
 from proxy.policy import PolicyState
 from proxy.upstreams import UpstreamPool
 from store.db import make_engine, make_sessionmaker
@@ -29,6 +30,7 @@ class ProxyState:
         self.writer = BatchWriter(self.engine, batch_size=settings.write_batch_size,
                                   interval_ms=settings.write_interval_ms, max_queue=settings.write_queue_size,
                                   spool_dir=settings.spool_dir)
+        self.air = Air(settings, self.writer, self.engine)
         self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
         self.http: aiohttp.ClientSession | None = None
@@ -53,11 +55,21 @@ class ProxyState:
         await self.discover_base_model()
 
     async def stop(self) -> None:
+        await self.air.drain()
         await self.writer.stop()
         await self.policy.stop()
         if self.http:
             await self.http.close()
         await self.engine.dispose()
+
+    def record(self, rec: dict) -> None:
+        """Where every finished call goes: automatic rewards first (queued beside it), then the write queue.
+        A failing rule never costs the call its record."""
+        try:
+            self.air.observe(rec)
+        except Exception:
+            log.exception("automatic rewards failed on call %s; it is recorded without them", rec.get("id"))
+        self.writer.submit(rec)
 
     def next_seq(self, session_id: str) -> int:
         seq = self._seq.pop(session_id, -1) + 1
