@@ -51,10 +51,10 @@ def create_app(settings: Settings) -> FastAPI:
     from proxy import metrics, openai_routes
 
     metrics.install(app, state)
+    app.include_router(openai_routes.router)  # first: the hot path matches without scanning the rest
     for module in _optional_routers():
         app.include_router(module.router)
-    # Last: its /v1/{path} catch-all must not shadow the routes above.
-    app.include_router(openai_routes.router)
+    app.include_router(openai_routes.passthrough_router)
     return app
 
 

@@ -18,6 +18,8 @@ from proxy.session_headers import context_from
 from proxy.transparency import prepare
 
 router = APIRouter()
+# Catch-all for the rest of vLLM's API; included last so it shadows nothing.
+passthrough_router = APIRouter()
 
 KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 
@@ -86,12 +88,35 @@ async def _serve_policy(tw, request: Request, call: Call) -> Response:
         return _fail(tw, call, 504, f"upstream did not answer within {tw.settings.upstream_timeout_s:.0f}s")
     except aiohttp.ClientError as exc:
         return _fail(tw, call, 502, f"upstream error: {exc!r}")
+    if resp.status == 404 and call.policy_version and call.model_served != tw.policy.base_model:
+        resp = await _retry_on_base(tw, request, call, resp, payload_for)
+        if isinstance(resp, Response):
+            return resp
     if call.stream:
         return stream(resp, call, tw.record)
     try:
         return await complete(resp, call, tw.record)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return _fail(tw, call, 502, f"upstream broke off: {exc!r}")
+
+
+async def _retry_on_base(tw, request: Request, call: Call, resp, payload_for):
+    """The upstream lost the adapter it was publishing (vLLM restarted): serve this call from the base model
+    instead of failing the agent, and stamp it honestly as version 0."""
+    body = await resp.read()
+    resp.release()
+    if b"does not exist" not in body and b"not found" not in body.lower():
+        call.t_upstream_done = time.perf_counter()
+        tw.record(call.record(status=404, response={"raw": body.decode("utf-8", "replace")},
+                              error=body[:2000].decode("utf-8", "replace")))
+        return Response(body, status_code=404, headers=call.headers(), media_type="application/json")
+    tw.policy.mark_missing(call.upstream)
+    url = call.upstream
+    try:
+        return await tw.http.post(f"{url}{call.path}", data=payload_for(url), headers=tw.upstream_headers(request),
+                                  timeout=tw.timeout)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return _fail(tw, call, 502, f"upstream error: {exc!r}")
 
 
 def _fail(tw, call: Call, status: int, message: str) -> Response:
@@ -140,12 +165,12 @@ async def models(request: Request, session_id: str | None = None) -> Response:
 PASSTHROUGH_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH"]
 
 
-@router.api_route("/v1/{rest:path}", methods=PASSTHROUGH_METHODS)
+@passthrough_router.api_route("/v1/{rest:path}", methods=PASSTHROUGH_METHODS)
 async def passthrough(request: Request, rest: str) -> Response:
     return await _passthrough(request, f"/v1/{rest}", None)
 
 
-@router.api_route("/sessions/{session_id}/v1/{rest:path}", methods=PASSTHROUGH_METHODS)
+@passthrough_router.api_route("/sessions/{session_id}/v1/{rest:path}", methods=PASSTHROUGH_METHODS)
 async def session_passthrough(request: Request, session_id: str, rest: str) -> Response:
     return await _passthrough(request, f"/v1/{rest}", session_id)
 

@@ -18,15 +18,24 @@ class PolicyState:
         self.base_model = base_model
         self.poll_s = poll_s
         self.by_upstream: dict[str, tuple[int, str]] = {}
+        # upstream -> version it was found not to serve (a restarted vLLM forgets runtime-loaded adapters)
+        self.missing: dict[str, int] = {}
         self._task: asyncio.Task | None = None
         self.changed = asyncio.Event()
 
     def resolve(self, upstream: str) -> tuple[str | None, int]:
         """(model name to send, policy version) for this upstream."""
         entry = self.by_upstream.get(upstream)
-        if entry is None:
+        if entry is None or self.missing.get(upstream) == entry[0]:
             return self.base_model, 0
         return entry[1], entry[0]
+
+    def mark_missing(self, upstream: str) -> None:
+        entry = self.by_upstream.get(upstream)
+        if entry is not None:
+            log.warning("%s no longer serves %r (policy v%d; restarted?); serving the base model there until "
+                        "the trainer publishes again", upstream, entry[1], entry[0])
+            self.missing[upstream] = entry[0]
 
     async def refresh(self) -> None:
         new = await upstream_versions(self.engine)

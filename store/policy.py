@@ -40,7 +40,8 @@ async def record_publish(engine: AsyncEngine, *, version: int, kind: str, served
             await conn.execute(UpstreamVersion.__table__.insert().values(
                 upstream=url, version=version, served_model=served_model, updated_at=utcnow()))
         if engine.dialect.name == "postgresql":
-            await conn.execute(text(f"NOTIFY {CHANNEL}, :payload").bindparams(payload=str(version)))
+            await conn.execute(text("SELECT pg_notify(:channel, :payload)"),
+                               {"channel": CHANNEL, "payload": str(version)})
 
 
 async def retire_version(engine: AsyncEngine, version: int) -> None:

@@ -220,3 +220,50 @@ def test_passthrough_is_recorded(proxy, upstream, db_url):
     assert upstream.sent[-1].request["model"] == "base-model"
     row = dbread.wait_calls(db_url, 1)[0]
     assert row["route"] == "passthrough" and row["trainable"] is False and row["path"] == "/tokenize"
+
+
+def test_policy_version_routing_and_lost_adapter_fallback(proxy, upstream, db_url):
+    """The proxy sends `policy` to the adapter the store says an upstream serves, stamps its version, and if
+    that upstream lost the adapter (vLLM restarted) serves the base model instead of failing the agent."""
+    import asyncio
+    import time
+
+    from store.db import make_engine
+    from store.policy import record_publish
+
+    async def publish(version: int, name: str) -> None:
+        engine = make_engine(db_url)
+        await record_publish(engine, version=version, kind="lora", served_model=name, path=f"/ckpt/v{version}",
+                             train_step=version, reached=[upstream.url], failed=[])
+        await engine.dispose()
+
+    upstream.adapters.append("policy-v1")
+    asyncio.run(publish(1, "policy-v1"))
+    c = client(proxy, **{"X-Session-Id": "ver-1"})
+    made = 0
+    deadline = time.time() + 10  # SQLite: the proxy polls once a second; Postgres: NOTIFY
+    while True:
+        made += 1
+        raw = c.chat.completions.with_raw_response.create(model="policy", messages=[{"role": "user", "content": "v"}])
+        if raw.headers["x-policy-version"] == "1" or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert raw.headers["x-policy-version"] == "1"
+    assert upstream.sent[-1].request["model"] == "policy-v1"
+    assert raw.parse().model == "policy"
+    # v2 is recorded as published, but the upstream does not have it (e.g. it restarted before the load)
+    asyncio.run(publish(2, "policy-v2"))
+    deadline = time.time() + 10
+    while True:
+        made += 1
+        raw = c.chat.completions.with_raw_response.create(model="policy", messages=[{"role": "user", "content": "w"}])
+        if upstream.sent[-1].request["model"] != "policy-v1" or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert raw.http_response.status_code == 200
+    assert [s.request["model"] for s in upstream.sent[-2:]] == ["policy-v2", "base-model"]
+    assert raw.headers["x-policy-version"] == "0"
+    rows = dbread.wait_calls(db_url, made, "ver-1")
+    assert len(rows) == made
+    assert rows[-1]["policy_version"] == 0 and rows[-1]["model_served"] == "base-model"
+    assert any(r["policy_version"] == 1 and r["model_served"] == "policy-v1" for r in rows)
