@@ -1,0 +1,62 @@
+"""Nothing acknowledged is lost: SIGTERM drains the write queue, and calls that cannot be written because the
+database is down are spooled to disk and written at the next start."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+
+import openai
+
+from store.migrate import upgrade_head
+from tests import dbread
+from tests.pgcluster import PgCluster, _bin
+
+
+def _calls(proxy, n: int, session: str) -> list[str]:
+    c = openai.OpenAI(base_url=proxy.v1, api_key="x", max_retries=0, default_headers={"X-Session-Id": session})
+
+    def one(i: int) -> str:
+        raw = c.chat.completions.with_raw_response.create(model="policy",
+                                                          messages=[{"role": "user", "content": f"msg {i}"}])
+        return raw.headers["x-call-id"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_sigterm_drains_the_queue_and_restart_keeps_everything(start_proxy, upstream, pg_url, tmp_path):
+    # A long write interval keeps the acknowledged calls in memory when SIGTERM arrives.
+    args = ("--upstream", upstream.url, "--database-url", pg_url, "--write-interval-ms", "5000",
+            "--write-batch-size", "1000", "--spool-dir", str(tmp_path / "spool"))
+    proxy = start_proxy(*args)
+    acked = _calls(proxy, 40, "durable")
+    assert dbread.calls(pg_url) == []  # still queued: nothing written yet
+    assert proxy.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    assert sorted(r["id"] for r in dbread.calls(pg_url)) == sorted(acked)
+    again = start_proxy(*args)
+    more = _calls(again, 5, "durable")
+    again.stop(signal.SIGTERM)
+    rows = dbread.calls(pg_url, "durable")
+    assert sorted(r["id"] for r in rows) == sorted(acked + more)
+    assert [s for s in dbread.sessions(pg_url) if s["id"] == "durable"][0]["n_calls"] == 45
+
+
+def test_calls_spooled_while_database_is_down_are_written_at_next_start(start_proxy, upstream, tmp_path):
+    with PgCluster() as own:
+        url = own.create_database("spooltest")
+        upgrade_head(url)
+        spool = tmp_path / "spool"
+        args = ("--upstream", upstream.url, "--database-url", url, "--write-interval-ms", "5000",
+                "--write-batch-size", "1000", "--spool-dir", str(spool))
+        proxy = start_proxy(*args)
+        acked = _calls(proxy, 12, "spooled")
+        own._run(_bin("pg_ctl"), "-D", str(own.data), "-m", "fast", "stop")
+        assert proxy.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+        assert list(spool.glob("spool-*.jsonl")), "calls must be spooled when the database is down"
+        opts = f"-p {own.port} -k {own.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        own._run(_bin("pg_ctl"), "-D", str(own.data), "-o", opts, "-l", str(own.dir / "log"), "-w", "start")
+        again = start_proxy(*args)
+        again.stop(signal.SIGTERM)
+        assert sorted(r["id"] for r in dbread.calls(url)) == sorted(acked)
+        assert not list(spool.glob("spool-*.jsonl"))
