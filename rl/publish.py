@@ -92,10 +92,20 @@ class Publisher:
     async def _publish_lora(self, version: int, path: str) -> PublishResult:
         name = self.adapter_name(version)
         result = PublishResult(version, name)
+        body = {"lora_name": name, "lora_path": path}
 
         async def one(url: str) -> None:
             try:
-                await self._post(url, "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+                try:
+                    await self._post(url, "/v1/load_lora_adapter", json=body)
+                except PublishError as exc:
+                    # A trainer that crashed after loading this version but before recording it left the
+                    # name behind; vLLM refuses a second load under it (and 0.32's load_inplace re-reads the
+                    # adapter from disk on every step), so swap it: unload, then load the new weights.
+                    if getattr(exc, "status", 0) != 400 or "already been loaded" not in str(exc):
+                        raise
+                    await self._post(url, "/v1/unload_lora_adapter", json={"lora_name": name})
+                    await self._post(url, "/v1/load_lora_adapter", json=body)
                 result.reached.append(url)
             except Exception as exc:
                 result.failed[url] = str(exc)
@@ -103,8 +113,29 @@ class Publisher:
         await asyncio.gather(*(one(u) for u in self.upstreams))
         if result.reached:
             now = time.monotonic()
-            self.loaded = [(n, min(t, now)) for n, t in self.loaded] + [(name, float("inf"))]
+            self.loaded = [(n, min(t, now)) for n, t in self.loaded if n != name] + [(name, float("inf"))]
         return result
+
+    async def adopt_loaded(self, current_version: int) -> list[str]:
+        """After a restart: adapters of this policy that an earlier trainer loaded (``<policy>-v<N>``) are
+        tracked again, so the superseded ones are unloaded after the grace period like any other."""
+        if self.kind != "lora":
+            return []
+        prefix = f"{self.policy_name}-v"
+        found: set[str] = set()
+        for url in self.upstreams:
+            try:
+                found |= {m for m in await self.served_models(url)
+                          if m.startswith(prefix) and m[len(prefix):].isdigit()}
+            except Exception as exc:
+                log.warning("could not list adapters on %s: %s", url, exc)
+        now = time.monotonic()
+        ordered = sorted(found, key=lambda n: int(n[len(prefix):]))
+        current = self.adapter_name(current_version)
+        known = {n for n, _ in self.loaded}
+        self.loaded = ([(n, now) for n in ordered if n != current and n not in known] + self.loaded
+                       + ([(current, float("inf"))] if current in found and current not in known else []))
+        return ordered
 
     async def unload_expired(self) -> list[str]:
         """Unload adapters superseded more than the grace period ago (never the newest)."""
@@ -166,17 +197,25 @@ class Publisher:
 
     async def logprobs_mode_warning(self) -> str | None:
         """vLLM must return processed (temperature-scaled) logprobs for the recorded behaviour logprobs
-        to equal the trainer's. Dev mode exposes the config at /server_info."""
+        to equal the trainer's. Dev mode exposes the engine config at ``/server_info?config_format=json``
+        (``vllm_config.model_config.logprobs_mode``)."""
         for url in self.upstreams:
             try:
-                async with self._http.get(f"{url}/server_info", headers=self.headers) as r:
+                async with self._http.get(f"{url}/server_info", params={"config_format": "json"},
+                                          headers=self.headers) as r:
                     if r.status != 200:
-                        return (f"cannot check --logprobs-mode on {url} (/server_info: HTTP {r.status}); "
-                                "start vLLM with --logprobs-mode processed_logprobs")
-                    text = await r.text()
+                        return (f"cannot check --logprobs-mode on {url} (/server_info: HTTP {r.status}; it needs "
+                                "VLLM_SERVER_DEV_MODE=1); start vLLM with --logprobs-mode processed_logprobs")
+                    info = await r.json(content_type=None)
             except Exception as exc:
                 return f"cannot check --logprobs-mode on {url}: {exc}"
-            if "processed_logprobs" not in text:
-                return (f"{url} does not run with --logprobs-mode processed_logprobs: recorded logprobs are raw, "
-                        "so PPO ratios are off whenever temperature != 1")
+            mode = None
+            config = info.get("vllm_config") if isinstance(info, dict) else None
+            if isinstance(config, dict):
+                mode = (config.get("model_config") or {}).get("logprobs_mode")
+            elif isinstance(config, str):  # older servers: the config as one string
+                mode = "processed_logprobs" if "processed_logprobs" in config else None
+            if mode != "processed_logprobs":
+                return (f"{url} runs with logprobs_mode={mode or 'unknown'}, not processed_logprobs: the recorded "
+                        "logprobs are raw, so PPO ratios are off whenever temperature != 1")
         return None
