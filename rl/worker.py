@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 
 from store.db import make_engine
 from store.models import TrainStep
@@ -111,6 +111,10 @@ class Trainer:
                 _say(f"WARNING: {warning}")
             self.base_model = await pub.base_model()
             self.version = await latest_version(self.db)
+            adopted = await pub.adopt_loaded(self.version)
+            if adopted:
+                _say(f"adapters already loaded in vLLM: {', '.join(adopted)} (older ones unload after "
+                     f"{s.lora_grace_s:.0f}s)")
             _say(f"policy version in the store: {self.version}; waiting for rewarded sessions "
                  f"(batch {s.batch_size}, settle {s.settle_s}s)")
             steps = 0
@@ -128,6 +132,7 @@ class Trainer:
                     await asyncio.sleep(s.poll_s)
                     continue
                 idle_since = time.monotonic()
+                await pub.unload_expired()
                 steps += 1
                 if s.max_steps and steps >= s.max_steps:
                     _say(f"reached --max-steps {s.max_steps}")
@@ -157,7 +162,8 @@ class Trainer:
                                   group_by_task=s.group_by_task, current_version=self.version,
                                   max_staleness=s.max_staleness)
             if not built.samples:
-                await claims.mark_skipped(self.db, ids, "no trainable samples (stale, or no token data)")
+                await claims.mark_skipped(self.db, ids, "no trainable samples (stale, or no token data)",
+                                          worker_id=self.worker_id)
                 _say(f"skipped {len(ids)} sessions: no trainable samples ({built.counters})")
                 return {}
             advantages = compute_advantages(built.scores, built.group_ids, estimator=s.adv_estimator)
@@ -166,14 +172,10 @@ class Trainer:
             metrics = self.policy.step(samples)  # in the loop thread: verl state is per-thread
             t["train"] = time.perf_counter()
         except Exception:
-            await claims.release(self.db, ids)
+            await claims.release(self.db, ids, worker_id=self.worker_id)
             log.exception("training step failed; released %d sessions for a later step", len(ids))
             raise
         step = self.policy.global_step
-        used = [sid for sid in ids if sid not in set(built.skipped_sessions)]
-        await claims.mark_trained(self.db, used, step)
-        if built.skipped_sessions:
-            await claims.mark_skipped(self.db, list(built.skipped_sessions), "stale or without token data")
         version = self.version + 1
         out = self.policy.export(self.publish_root / f"v{version}")
         t["save"] = time.perf_counter()
@@ -187,8 +189,17 @@ class Trainer:
         for url, why in result.failed.items():
             _say(f"WARNING: publish of v{version} to {url} failed: {why}")
         t["publish"] = time.perf_counter()
+        # The checkpoint is what survives a crash: a session becomes `trained` only once the weights that
+        # learned from it are saved. A crash before this point leaves its claim to expire and the session is
+        # trained again by the restarted trainer, from the checkpoint that does not contain it yet.
         self.policy.save_checkpoint()
         t["checkpoint"] = time.perf_counter()
+        skipped = set(built.skipped_sessions)
+        await claims.mark_trained(self.db, [sid for sid in ids if sid not in skipped], step,
+                                  worker_id=self.worker_id)
+        if skipped:
+            await claims.mark_skipped(self.db, list(skipped), "stale or without token data",
+                                      worker_id=self.worker_id)
         rewards = [x.final_reward for x in batch if x.final_reward is not None]
         r_mean, r_std = _stats(rewards)
         a_mean, a_std = _stats(advantages)
@@ -204,6 +215,8 @@ class Trainer:
             "time/publish_s": t["publish"] - t["save"], "time/checkpoint_s": t["checkpoint"] - t["publish"],
         })
         async with self.db.begin() as conn:
+            # A step number can repeat after a crash between its row and its checkpoint: the newer row wins.
+            await conn.execute(delete(TrainStep.__table__).where(TrainStep.step == step))
             await conn.execute(insert(TrainStep.__table__).values(
                 step=step, policy_version=self.version, n_sessions=len(ids), n_samples=len(samples),
                 metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}))
