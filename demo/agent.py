@@ -175,20 +175,21 @@ def backlog(root: str, admin_key: str | None) -> int | None:
         return None
 
 
-def summarize(by_version: dict[int, list[float]]) -> list[tuple[int, int, float, float]]:
-    """(version, episodes, mean reward, standard error) per policy version."""
-    out = []
-    for v in sorted(by_version):
-        xs = by_version[v]
-        sem = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-        out.append((v, len(xs), statistics.fmean(xs), sem))
-    return out
+def mean_sem(xs: list[float]) -> dict:
+    """Episodes, mean reward and its standard error."""
+    sem = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+    return {"episodes": len(xs), "mean": statistics.fmean(xs), "sem": sem}
+
+
+def summarize(by_version: dict[int, list[float]]) -> list[dict]:
+    """Per policy version, oldest first: {"version", "episodes", "mean", "sem"}."""
+    return [{"version": v, **mean_sem(by_version[v])} for v in sorted(by_version)]
 
 
 def progress_line(rec: Recorder, elapsed: float) -> str:
     rows = summarize(rec.by_version)
     shown = rows if len(rows) <= 6 else rows[:2] + rows[-4:]
-    per_version = "  ".join(f"v{v}:{m:.2f}(n={n})" for v, n, m, _ in shown)
+    per_version = "  ".join(f"v{r['version']}:{r['mean']:.2f}(n={r['episodes']})" for r in shown)
     return (f"[agent {elapsed:5.0f}s] episodes {rec.episodes:4d} | requests {rec.requests} failed {rec.failed} | "
             f"versions seen {len(rec.versions_seen)} | reward by version {per_version}")
 

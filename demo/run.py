@@ -34,6 +34,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from demo.agent import mean_sem, summarize  # noqa: E402
 T0 = time.monotonic()
 
 
@@ -186,15 +189,11 @@ def read_log(path: Path) -> list[dict]:
 
 
 def per_version(episodes: list[dict]) -> list[dict]:
+    """Mean reward per policy version an episode was served by: {"version", "episodes", "mean", "sem"}."""
     by: dict[int, list[float]] = {}
     for e in episodes:
         by.setdefault(e["policy_version"], []).append(e["reward"])
-    rows = []
-    for v in sorted(by):
-        xs = by[v]
-        sem = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-        rows.append({"version": v, "episodes": len(xs), "mean": statistics.fmean(xs), "sem": sem})
-    return rows
+    return summarize(by)
 
 
 def first_last(rows: list[dict], min_episodes: int) -> tuple[dict | None, dict | None]:
@@ -221,13 +220,8 @@ def version_table(episodes: list[dict], max_rows: int = 10) -> list[dict]:
         if not chunks or sum(len(by[u]) for u in chunks[-1]) >= target:
             chunks.append([])
         chunks[-1].append(v)
-    rows = []
-    for group in head + chunks:
-        xs = [x for v in group for x in by[v]]
-        sem = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
-        label = f"v{group[0]}" if len(group) == 1 else f"v{group[0]}-v{group[-1]}"
-        rows.append({"label": label, "episodes": len(xs), "mean": statistics.fmean(xs), "sem": sem})
-    return rows
+    return [{"label": f"v{g[0]}" if len(g) == 1 else f"v{g[0]}-v{g[-1]}", **mean_sem([x for v in g for x in by[v]])}
+            for g in head + chunks]
 
 
 def plot(episodes: list[dict], rows: list[dict], out: Path, title: str) -> Path:
@@ -332,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    sys.path.insert(0, str(ROOT))
     from demo.tiny_model import build_tiny_model
     from demo.vllm_server import start_vllm
 
