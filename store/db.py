@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import orjson
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -27,12 +29,22 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                               json_serializer=_dumps)
+                               json_serializer=_dumps_pg)
 
 
 def _dumps(value) -> str:
     # Request and response bodies are the bulk of every batch; orjson is several times faster than json.
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+# Postgres rejects the NUL character in text and jsonb ("unsupported Unicode escape sequence"), and a tiny or
+# broken model does sample byte 0. An unescaped backslash run followed by u0000 is the JSON escape of NUL.
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _dumps_pg(value) -> str:
+    text = _dumps(value)
+    return _JSON_NUL.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:

@@ -27,13 +27,24 @@ from typing import Any
 import orjson
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from store.models import Call, Reward, Session
 
 log = logging.getLogger("trainwire.writer")
 
 _REWARD_TAG = "__trainwire_reward__"
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: the database is unreachable or the connection broke. Not: it rejected the data."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
+    return not isinstance(exc, (sa_exc.StatementError, ValueError, TypeError))
 
 
 def _insert_for(engine: AsyncEngine):
@@ -60,9 +71,18 @@ def session_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def _no_nul(rec: dict[str, Any]) -> dict[str, Any]:
+    """Postgres text columns reject NUL; JSON columns are handled by the engine's serializer (store/db.py)."""
+    if not any(isinstance(v, str) and "\x00" in v for v in rec.values()):
+        return rec
+    return {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in rec.items()}
+
+
 async def write_calls(conn, engine: AsyncEngine, calls: list[dict[str, Any]]) -> None:
     """Insert calls (idempotent on the call id, so a replayed spool cannot double-write) and upsert sessions."""
     insert = _insert_for(engine)
+    if engine.dialect.name == "postgresql":
+        calls = [_no_nul(c) for c in calls]
     await conn.execute(insert(Call.__table__).on_conflict_do_nothing(index_elements=["id"]), calls)
     stmt = insert(Session.__table__)
     greatest = func.greatest if engine.dialect.name == "postgresql" else func.max
@@ -126,6 +146,7 @@ class BatchWriter:
         self.written_total = 0
         self.rewards_written_total = 0
         self.failed_batches = 0
+        self.rejected_total = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -256,24 +277,59 @@ class BatchWriter:
             async with self._room:
                 self._room.notify_all()
 
+    async def _write_once(self, batch: list[dict[str, Any]], rewards: list[dict[str, Any]]) -> None:
+        async with self.engine.begin() as conn:
+            if batch:
+                await write_calls(conn, self.engine, batch)
+            await write_rewards(conn, self.engine, list(rewards))
+
     async def _write_with_retry(self, batch: list[dict[str, Any]], rewards: list[dict[str, Any]] = ()) -> None:
+        """Transient failures (database down, connection lost) are retried until they pass. A batch the
+        database rejects as data (a value it cannot store) is written row by row, so one bad row cannot hold
+        up the queue; rows still rejected go to a `rejected-*.jsonl` file beside the spool, with the error."""
         attempt_limit = 8 if self._stopping else 10**9
         try:
             async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5),
                                                stop=stop_after_attempt(attempt_limit),
-                                               retry=retry_if_exception_type(Exception), reraise=True):
+                                               retry=retry_if_exception(_transient), reraise=True):
                 with attempt:
                     if attempt.retry_state.attempt_number > 1:
                         self.failed_batches += 1
-                        log.warning("retrying a batch of %d calls (attempt %d)", len(batch),
-                                    attempt.retry_state.attempt_number)
-                    async with self.engine.begin() as conn:
-                        if batch:
-                            await write_calls(conn, self.engine, batch)
-                        await write_rewards(conn, self.engine, list(rewards))
-        except Exception:
-            log.exception("could not write %d calls and %d rewards; spooling them to disk", len(batch), len(rewards))
-            self._spool(batch, list(rewards))
+                        exc = attempt.retry_state.outcome.exception() if attempt.retry_state.outcome else None
+                        log.warning("retrying a batch of %d calls (attempt %d): %s", len(batch),
+                                    attempt.retry_state.attempt_number, exc)
+                    await self._write_once(batch, rewards)
+        except Exception as exc:
+            if _transient(exc):
+                log.exception("could not write %d calls and %d rewards; spooling them to disk", len(batch),
+                              len(rewards))
+                self._spool(batch, list(rewards))
+                return
+            log.error("the database rejected a batch (%s); writing its rows one by one", exc)
+            rejected: list[tuple[dict[str, Any], str]] = []
+            for row, is_reward in [(c, False) for c in batch] + [(r, True) for r in rewards]:
+                try:
+                    await self._write_once([] if is_reward else [row], [row] if is_reward else [])
+                except Exception as row_exc:
+                    if _transient(row_exc):
+                        self._spool([] if is_reward else [row], [row] if is_reward else [])
+                    else:
+                        rejected.append(({**row, _REWARD_TAG: True} if is_reward else row, repr(row_exc)))
+            self._reject(rejected)
+
+    def _reject(self, rows: list[tuple[dict[str, Any], str]]) -> None:
+        if not rows:
+            return
+        self.rejected_total += len(rows)
+        if not self.spool_dir:
+            log.error("no spool dir: %d rejected rows lost", len(rows))
+            return
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spool_dir / f"rejected-{int(time.time())}-{uuid.uuid4().hex[:8]}.jsonl"
+        with path.open("wb") as f:
+            for row, error in rows:
+                f.write(orjson.dumps({"error": error, "row": row}, default=str) + b"\n")
+        log.error("the database rejected %d rows; kept in %s with the error", len(rows), path)
 
     # --- spool ----------------------------------------------------------------------------------
     def _spool(self, batch: list[dict[str, Any]], rewards: list[dict[str, Any]] = ()) -> None:

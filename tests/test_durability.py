@@ -60,3 +60,20 @@ def test_calls_spooled_while_database_is_down_are_written_at_next_start(start_pr
         again.stop(signal.SIGTERM)
         assert sorted(r["id"] for r in dbread.calls(url)) == sorted(acked)
         assert not list(spool.glob("spool-*.jsonl"))
+
+
+def test_nul_characters_from_the_model_are_stored_on_postgres(proxy, upstream, db_url):
+    """A small model can sample byte 0; Postgres refuses NUL in text and jsonb. The call must still be stored
+    (NUL shown as U+FFFD there) and must not hold up the calls queued behind it."""
+    upstream.script(text="ab\x00cd")
+    upstream.script(text="fine")
+    c = openai.OpenAI(base_url=proxy.v1, api_key="x", max_retries=0, default_headers={"X-Session-Id": "nul"})
+    first = c.chat.completions.create(model="policy", messages=[{"role": "user", "content": "zero\x00byte"}])
+    assert first.choices[0].message.content == "ab\x00cd"  # the client gets exactly what the model said
+    c.chat.completions.create(model="policy", messages=[{"role": "user", "content": "next"}])
+    rows = dbread.wait_calls(db_url, 2, "nul")
+    assert len(rows) == 2
+    content = rows[0]["response"]["choices"][0]["message"]["content"]
+    assert content in ("ab\x00cd", "ab\ufffdcd")  # SQLite keeps NUL; Postgres gets the replacement character
+    assert rows[0]["completion_token_ids"] == upstream.tokenize("ab\x00cd")
+    assert rows[1]["response"]["choices"][0]["message"]["content"] == "fine"
