@@ -62,7 +62,8 @@ def _optional_routers():
     """Routers of the reward, read, admin and UI modules, where present."""
     import importlib
 
-    for name in ("proxy.reward_routes", "proxy.read_routes", "proxy.admin_routes", "proxy.ui_routes"):
+    for name in ("proxy.reward_routes", "proxy.read_routes", "proxy.admin_routes", "proxy.train_routes",
+                 "proxy.ui_routes"):
         try:
             yield importlib.import_module(name)
         except ModuleNotFoundError as exc:
