@@ -1,0 +1,423 @@
+// trainwire dashboard: reads the proxy's JSON API and draws everything itself (no libraries, no build step).
+// Every text from the store goes into the page with textContent, never as HTML.
+"use strict";
+
+const REFRESH_MS = 5000;
+const PAGE_SIZE = 25;
+const KEY_ITEM = "trainwire.key";
+const SVG = "http://www.w3.org/2000/svg";
+
+const st = {
+  cursors: [null],          // cursor of each sessions page seen; the last one is the page shown
+  filters: { status: "", agent: "", task: "" },
+  nextCursor: null,
+  busy: false,
+  again: null,              // a refresh asked for while one was running (filters, paging): runs right after
+  needKey: false,
+  detailId: null,
+  detailJson: null,
+};
+
+// --- small helpers ------------------------------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : String(c));
+  }
+  return el;
+}
+
+function s(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  for (const c of children) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return el;
+}
+
+function num(x) {
+  if (x === null || x === undefined || Number.isNaN(x)) return "—";
+  if (Number.isInteger(x)) return String(x);
+  const a = Math.abs(x);
+  if (a !== 0 && (a < 1e-3 || a >= 1e6)) return x.toExponential(2);
+  return String(+x.toFixed(4));
+}
+
+function when(iso) {
+  if (!iso) return "—";
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return iso;
+  const p = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:` +
+    `${p(d.getSeconds())}`;
+}
+
+function sessionHref(id) { return "#session=" + encodeURIComponent(id); }
+
+function hashParams() { return new URLSearchParams(location.hash.replace(/^#/, "")); }
+
+// --- API ----------------------------------------------------------------------------------------------------
+
+class AuthError extends Error {}
+
+function getKey() { try { return sessionStorage.getItem(KEY_ITEM); } catch (e) { return null; } }
+function setKey(k) {
+  try { if (k) sessionStorage.setItem(KEY_ITEM, k); else sessionStorage.removeItem(KEY_ITEM); } catch (e) { /* */ }
+}
+
+async function api(path) {
+  const key = getKey();
+  const r = await fetch(path, { headers: key ? { Authorization: "Bearer " + key } : {}, cache: "no-store" });
+  let body = null;
+  try { body = await r.json(); } catch (e) { /* not JSON */ }
+  const message = (body && body.error && body.error.message) || `HTTP ${r.status}`;
+  if (r.status === 401) throw new AuthError(message);
+  if (!r.ok) { const e = new Error(message); e.status = r.status; throw e; }
+  return body;
+}
+
+// Relative paths: the page lives at <prefix>/ui, so "sessions" is <prefix>/sessions behind a path prefix too.
+const idPath = (id) => id.split("/").map(encodeURIComponent).join("/");
+
+// --- auth ---------------------------------------------------------------------------------------------------
+
+function showAuth(message) {
+  st.needKey = true;
+  $("main").hidden = true;
+  $("auth").hidden = false;
+  $("error").hidden = true;
+  const had = !!getKey();
+  if (had) setKey(null);
+  $("auth-message").textContent = had
+    ? `401 Unauthorized: the key was refused (${message}). Enter the admin key.`
+    : `401 Unauthorized: this proxy requires an admin key (${message}). Enter it to see the dashboard.`;
+  $("status").textContent = "admin key required";
+  $("forget-key").hidden = true;
+  $("auth-key").focus();
+}
+
+// --- counts -------------------------------------------------------------------------------------------------
+
+function card(title, rows) {
+  return h("div", { class: "card" }, h("h3", {}, title),
+    h("dl", {}, rows.map(([label, id, value, cls]) => [
+      h("dt", {}, label), h("dd", { id, class: cls || null }, num(value))])));
+}
+
+function renderCounts(stats) {
+  const ss = stats.sessions, c = stats.calls, r = stats.rewards, q = stats.write_queue || {};
+  const box = $("counts");
+  box.replaceChildren(
+    card("Sessions", [["total", "n-sessions-total", ss.total],
+      ...["open", "finished", "claimed", "trained", "skipped"].map((k) => [k, "n-sessions-" + k, ss[k] || 0]),
+      ...Object.keys(ss).filter((k) => !["total", "open", "finished", "claimed", "trained", "skipped"].includes(k))
+        .map((k) => [k, "n-sessions-" + k, ss[k]])]),
+    card("Calls", [["total", "n-calls-total", c.total], ["trainable", "n-calls-trainable", c.trainable],
+      ["failed", "n-calls-failed", c.failed, c.failed ? "bad" : null]]),
+    card("Rewards", [["total", "n-rewards-total", r.total], ["final", "n-rewards-final", r.final],
+      ["intermediate", "n-rewards-intermediate", r.intermediate],
+      ["closed without reward", "n-rewards-noreward", r.finished_without_reward]]),
+    card("Orphaned rewards", [["rewards", "n-orphaned", stats.orphaned_rewards, stats.orphaned_rewards ? "warn" : null],
+      ["sessions", "n-orphaned-sessions", r.orphaned_sessions]]),
+    card("Write queue", [["calls", "n-queue-calls", q.calls, q.calls ? "warn" : null],
+      ["rewards", "n-queue-rewards", q.rewards, q.rewards ? "warn" : null]]),
+  );
+}
+
+// --- charts -------------------------------------------------------------------------------------------------
+
+// series: [{name, cls, points: [{x, y, lo, hi, label, attrs}]}]; draws axes, an optional band, a line and dots.
+function niceTicks(lo, hi, n) {
+  const raw = (hi - lo) / n;
+  let step = Math.pow(10, Math.floor(Math.log10(raw)));
+  const err = raw / step;
+  step *= err >= 7.5 ? 10 : err >= 3.5 ? 5 : err >= 1.5 ? 2 : 1;
+  const ticks = [];
+  for (let v = Math.floor(lo / step) * step; v <= Math.ceil(hi / step) * step + step / 2; v += step) {
+    ticks.push(+v.toPrecision(12));
+  }
+  return ticks;
+}
+
+function lineChart(box, series, opts) {
+  const W = 440, H = 220, L = 46, R = 10, T = 10, B = 28, P = 8;  // P: room inside the axes for the dots
+  const pts = series.flatMap((se) => se.points).filter((p) => Number.isFinite(p.y));
+  if (!pts.length) { box.replaceChildren(h("p", { class: "muted empty" }, opts.empty)); return; }
+  const xs = pts.map((p) => p.x);
+  const ys = pts.flatMap((p) => [p.y, p.lo, p.hi]).filter(Number.isFinite);
+  let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
+  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  if (x0 === x1) { x0 -= 1; x1 += 1; }
+  if (y0 === y1) { const d = Math.abs(y0) || 1; y0 -= d / 2; y1 += d / 2; }
+  const yTicks = niceTicks(y0, y1, 4);
+  [y0, y1] = [yTicks[0], yTicks[yTicks.length - 1]];
+  const X = (x) => L + P + (x - x0) / (x1 - x0) * (W - L - R - 2 * P);
+  const Y = (y) => T + P + (1 - (y - y0) / (y1 - y0)) * (H - T - B - 2 * P);
+  const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "plot", role: "img", "aria-label": opts.title });
+  for (const y of yTicks) {
+    svg.append(s("line", { class: "grid", x1: L, x2: W - R, y1: Y(y), y2: Y(y) }),
+      s("text", { class: "tick", x: L - 6, y: Y(y) + 4, "text-anchor": "end" }, num(y)));
+  }
+  const xTicks = opts.xTicks || [...new Set(xs)];
+  const every = Math.max(1, Math.ceil(xTicks.length / 10));
+  xTicks.forEach((x, i) => {
+    if (i % every === 0 || i === xTicks.length - 1) {
+      svg.append(s("text", { class: "tick", x: X(x), y: H - B + 17, "text-anchor": "middle" }, opts.xLabel(x)));
+    }
+  });
+  svg.append(s("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }),
+    s("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
+  for (const se of series) {
+    const ok = se.points.filter((p) => Number.isFinite(p.y));
+    const band = ok.filter((p) => Number.isFinite(p.lo) && Number.isFinite(p.hi));
+    if (band.length > 1) {
+      const d = band.map((p) => `${X(p.x)},${Y(p.hi)}`).concat(band.slice().reverse().map((p) => `${X(p.x)},${Y(p.lo)}`));
+      svg.append(s("polygon", { class: "band " + se.cls, points: d.join(" ") }));
+    }
+    if (ok.length > 1) svg.append(s("polyline", { class: "line " + se.cls, points: ok.map((p) => `${X(p.x)},${Y(p.y)}`).join(" ") }));
+    if (ok.length <= 60 || opts.dots) {
+      for (const p of ok) {
+        svg.append(s("circle", { class: "pt " + se.cls, cx: X(p.x), cy: Y(p.y), r: 4, ...(p.attrs || {}) },
+          s("title", {}, p.label)));
+      }
+    }
+  }
+  box.replaceChildren(svg);
+}
+
+function renderVersionChart(stats) {
+  const rows = (stats.reward_by_policy_version || []).filter((v) => v.policy_version !== null && v.mean !== null);
+  lineChart($("chart-versions"), [{ name: "mean", cls: "s1", points: rows.map((v) => ({
+    x: v.policy_version, y: v.mean,
+    label: `v${v.policy_version}: mean ${num(v.mean)} over ${v.rewarded} rewarded of ${v.sessions} sessions`,
+    attrs: { "data-version": v.policy_version, "data-mean": v.mean },
+  })) }], { title: "mean final reward by policy version", dots: true, empty: "No rewarded sessions yet.",
+    xTicks: rows.map((v) => v.policy_version), xLabel: (x) => "v" + x });
+}
+
+function renderStepCharts(steps) {
+  const asc = steps.slice().sort((a, b) => a.step - b.step);
+  const m = (r, k) => (r.metrics && Number.isFinite(r.metrics[k]) ? r.metrics[k] : NaN);
+  lineChart($("chart-reward"), [{ name: "reward", cls: "s1", points: asc.map((r) => {
+    const y = m(r, "reward/mean"), sd = m(r, "reward/std");
+    return { x: r.step, y, lo: y - sd, hi: y + sd, label: `step ${r.step}: reward ${num(y)} ± ${num(sd)}`,
+      attrs: { "data-step": r.step } };
+  }) }], { title: "reward per train step", empty: "No train steps yet.", xLabel: (x) => String(x) });
+  lineChart($("chart-loss"), [{ name: "loss", cls: "s2", points: asc.map((r) => ({
+    x: r.step, y: m(r, "loss"), label: `step ${r.step}: loss ${num(m(r, "loss"))}`, attrs: { "data-step": r.step },
+  })) }], { title: "loss per train step", empty: "No train steps yet.", xLabel: (x) => String(x) });
+}
+
+// --- tables -------------------------------------------------------------------------------------------------
+
+function fill(tableId, rows, cols, empty) {
+  const tbody = $(tableId).tBodies[0];
+  if (!rows.length) {
+    tbody.replaceChildren(h("tr", {}, h("td", { colspan: cols, class: "muted empty" }, empty)));
+  } else {
+    tbody.replaceChildren(...rows);
+  }
+}
+
+function renderSteps(steps) {
+  const td = (v) => h("td", { class: "num" }, num(v));
+  fill("steps-table", steps.slice(0, 20).map((r) => {
+    const mt = r.metrics || {};
+    return h("tr", { "data-step": r.step }, td(r.step), td(r.policy_version), td(r.n_sessions), td(r.n_samples),
+      td(mt.loss), td(mt.grad_norm), td(mt["reward/mean"]), td(mt["reward/std"]), td(mt["time/train_s"]),
+      h("td", {}, when(r.created_at)));
+  }), 10, "No train steps yet: start `trainwire train`.");
+}
+
+function renderVersions(versions) {
+  fill("versions-table", versions.map((v) => h("tr", {},
+    h("td", { class: "num" }, v.version), h("td", {}, v.kind), h("td", {}, v.served_model),
+    h("td", { class: "num" }, num(v.train_step)), h("td", {}, h("span", { class: "pill " + v.status }, v.status)),
+    h("td", {}, (v.serving_upstreams || []).join(", ") || "—"), h("td", {}, when(v.created_at)))),
+  7, "No published versions yet: everything is served by the base model (v0).");
+}
+
+function renderSessions(page) {
+  st.nextCursor = page.next_cursor;
+  fill("sessions-table", page.data.map((x) => h("tr", { "data-session": x.id, class: x.id === st.detailId ? "sel" : null },
+    h("td", {}, h("a", { href: sessionHref(x.id) }, x.id)),
+    h("td", {}, h("span", { class: "pill " + x.status }, x.status)),
+    h("td", {}, x.task_id || "—"), h("td", {}, (x.agents || []).join(", ") || "—"),
+    h("td", { class: "num" }, x.n_calls), h("td", { class: "num" }, num(x.final_reward)),
+    h("td", {}, when(x.first_call_at)), h("td", {}, when(x.last_call_at)))),
+  8, "No sessions match.");
+  const i = st.cursors.length;
+  $("page-info").textContent = `page ${i} · ${page.data.length} session${page.data.length === 1 ? "" : "s"}`;
+  $("page-newer").disabled = i <= 1;
+  $("page-older").disabled = !page.has_more;
+}
+
+function sessionsQuery() {
+  const q = new URLSearchParams({ limit: PAGE_SIZE });
+  for (const [k, v] of Object.entries(st.filters)) if (v) q.set(k, v);
+  const cur = st.cursors[st.cursors.length - 1];
+  if (cur) q.set("cursor", cur);
+  return "sessions?" + q;
+}
+
+// --- session detail -----------------------------------------------------------------------------------------
+
+function rewardChips(rewards) {
+  return rewards.map((r) => h("span", { class: "chip" + (r.final ? " final" : ""),
+    title: `${r.source}${r.final ? ", final" : ""}, ${when(r.created_at)}` },
+  `${r.final ? "final " : ""}${r.value === null ? "closed" : num(r.value)} · ${r.source}`));
+}
+
+function block(label, text, cls) {
+  if (text === null || text === undefined || text === "") return null;
+  return h("div", { class: "block " + (cls || "") }, h("div", { class: "label" }, label), h("pre", {}, text));
+}
+
+function callCard(c) {
+  const inp = c.input || {}, out = c.output || {};
+  const raw = h("pre", { class: "raw", hidden: true });
+  const toggle = h("button", { type: "button", class: "link", onclick: async () => {
+    if (raw.hidden && !raw.textContent) {
+      try { raw.textContent = JSON.stringify(await api("calls/" + encodeURIComponent(c.id)), null, 2); } catch (e) {
+        raw.textContent = "could not load: " + e.message;
+      }
+    }
+    raw.hidden = !raw.hidden;
+  } }, "raw request/response");
+  return h("li", { class: "call", "data-call": c.id },
+    h("div", { class: "call-head" },
+      h("b", {}, `#${c.seq}`), " ", h("span", { class: "agent" }, c.agent_name || "(no agent)"),
+      h("span", { class: "meta" }, `v${c.policy_version === null ? "?" : c.policy_version}`),
+      h("span", { class: "meta" }, "finish: " + (c.finish_reason || "—")),
+      h("span", { class: "meta" + (c.status_code !== 200 ? " bad" : "") }, "HTTP " + c.status_code),
+      h("span", { class: "meta" }, c.model_served || c.model_requested || ""),
+      c.trainable ? null : h("span", { class: "meta" }, "not trainable"),
+      c.upstream_ms !== null ? h("span", { class: "meta" }, `${Math.round(c.upstream_ms)} ms`) : null,
+      h("span", { class: "meta muted" }, when(c.started_at)), ...rewardChips(c.rewards || [])),
+    block("input · " + (inp.role || "?") + (inp.tool_call_id ? ` (${inp.tool_call_id})` : ""), inp.content, "in"),
+    block("reasoning", out.reasoning_content, "out"),
+    block("output", out.content, "out"),
+    (out.tool_calls || []).length ? h("div", { class: "block tools" }, h("div", { class: "label" }, "tool calls"),
+      h("ul", {}, out.tool_calls.map((t) => h("li", { class: "tool-call" }, h("code", {}, t.name || "?"), " ",
+        h("code", { class: "args" }, t.arguments || ""))))) : null,
+    c.error ? block("error", c.error, "err") : null,
+    toggle, raw);
+}
+
+function renderDetail(d) {
+  const box = $("detail");
+  box.hidden = false;
+  box.replaceChildren(
+    h("div", { class: "detail-head" }, h("h2", {}, "Session ", h("code", { id: "detail-id" }, d.id)),
+      h("a", { href: "#", class: "close" }, "close ✕")),
+    h("p", {}, h("span", { class: "pill " + d.status }, d.status), " ",
+      `task ${d.task_id || "—"} · agents ${(d.agents || []).join(", ") || "—"} · ${d.n_calls} call${d.n_calls === 1 ? "" : "s"}` +
+      ` · final reward ${num(d.final_reward)}` + (d.train_step !== null && d.train_step !== undefined ? ` · train step ${d.train_step}` : "") +
+      (d.skip_reason ? ` · skipped: ${d.skip_reason}` : "")),
+    (d.rewards || []).length ? h("p", {}, "rewards: ", rewardChips(d.rewards)) : null,
+    d.calls.length ? h("ol", { class: "calls" }, d.calls.map(callCard)) : h("p", { class: "muted" },
+      "No calls recorded for this session (its rewards are orphaned)."),
+  );
+}
+
+async function loadDetail(force) {
+  const id = hashParams().get("session");
+  st.detailId = id;
+  if (!id) { $("detail").hidden = true; st.detailJson = null; return; }
+  try {
+    const d = await api("sessions/" + idPath(id));
+    const json = JSON.stringify(d);
+    if (force || json !== st.detailJson) { st.detailJson = json; renderDetail(d); }
+  } catch (e) {
+    if (e instanceof AuthError) throw e;
+    st.detailJson = null;
+    $("detail").hidden = false;
+    $("detail").replaceChildren(h("div", { class: "detail-head" }, h("h2", {}, "Session ", h("code", {}, id)),
+      h("a", { href: "#", class: "close" }, "close ✕")), h("p", { class: "banner error" }, e.message));
+  }
+}
+
+// --- refresh loop -------------------------------------------------------------------------------------------
+
+async function refresh(opts) {
+  if (st.needKey) return;
+  if (st.busy) { st.again = { forceDetail: !!(opts && opts.forceDetail) || !!(st.again && st.again.forceDetail) }; return; }
+  st.busy = true;
+  try {
+    const [stats, steps, versions, sessions] = await Promise.all([
+      api("stats"), api("train/steps?limit=200"), api("policy/versions?limit=20"), api(sessionsQuery())]);
+    await loadDetail(opts && opts.forceDetail);
+    $("auth").hidden = true;
+    $("main").hidden = false;
+    $("error").hidden = true;
+    $("forget-key").hidden = !getKey();
+    renderCounts(stats);
+    renderVersionChart(stats);
+    renderStepCharts(steps.data);
+    renderSteps(steps.data);
+    renderVersions(versions.data);
+    renderSessions(sessions);
+    $("status").textContent = "updated " + when(new Date().toISOString());
+  } catch (e) {
+    if (e instanceof AuthError) showAuth(e.message);
+    else { $("error").textContent = "Could not refresh: " + e.message; $("error").hidden = false; }
+  } finally {
+    st.busy = false;
+  }
+  if (st.again) { const again = st.again; st.again = null; await refresh(again); }
+}
+
+function takeKeyFromHash() {
+  const p = hashParams();
+  if (!p.has("key")) return;
+  setKey(p.get("key"));
+  p.delete("key");
+  const rest = p.toString();
+  history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+}
+
+function init() {
+  takeKeyFromHash();
+  $("auth-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const k = $("auth-key").value.trim();
+    if (!k) return;
+    setKey(k);
+    $("auth-key").value = "";
+    st.needKey = false;
+    refresh({ forceDetail: true });
+  });
+  $("forget-key").addEventListener("click", () => { setKey(null); location.reload(); });
+  $("filters").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    st.filters = { status: $("f-status").value, agent: $("f-agent").value.trim(), task: $("f-task").value.trim() };
+    st.cursors = [null];
+    refresh();
+  });
+  $("f-clear").addEventListener("click", () => {
+    $("f-status").value = ""; $("f-agent").value = ""; $("f-task").value = "";
+    st.filters = { status: "", agent: "", task: "" };
+    st.cursors = [null];
+    refresh();
+  });
+  $("page-older").addEventListener("click", () => { if (st.nextCursor) { st.cursors.push(st.nextCursor); refresh(); } });
+  $("page-newer").addEventListener("click", () => { if (st.cursors.length > 1) { st.cursors.pop(); refresh(); } });
+  window.addEventListener("hashchange", () => {
+    takeKeyFromHash();
+    if (st.needKey && getKey()) st.needKey = false;
+    refresh({ forceDetail: true }).then(() => { if (!$("detail").hidden) $("detail").scrollIntoView(); });
+  });
+  setInterval(() => { if ($("autorefresh").checked && !document.hidden) refresh(); }, REFRESH_MS);
+  refresh({ forceDetail: true });
+}
+
+init();
