@@ -317,6 +317,19 @@ def test_session_detail_shows_its_calls_in_order(dash, tmp_path):
 
 
 @needs_chromium
+def test_sessions_filters_and_page_size_come_from_the_url(dash, tmp_path):
+    proxy, _ = dash
+    dom = render(f"{proxy.url}/ui#status=finished&agent=critic&size=1", tmp_path)
+    rows = dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")
+    assert [r.attrs["data-session"] for r in rows] == ["ui-delta"]  # of ui-delta and ui-beta, the newest
+    assert dom.by_id("page-info").text() == "page 1 · 1 session"
+    assert "disabled" not in dom.by_id("page-older").attrs and "disabled" in dom.by_id("page-newer").attrs
+    # links to a session keep the filters
+    assert rows[0].find_all("a")[0].attrs["href"] == "#status=finished&agent=critic&size=1&session=ui-delta"
+    assert dom.by_id("n-sessions-total").text() == "5"  # the counts are not filtered
+
+
+@needs_chromium
 def test_admin_key_prompt_401_and_key_from_fragment(start_proxy, upstream, pg_url, tmp_path):
     proxy = start(start_proxy, upstream, pg_url, tmp_path, "--admin-key", ADMIN)
     assert chat(proxy, "secret-session", "private text").status_code == 200

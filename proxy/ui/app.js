@@ -3,13 +3,14 @@
 "use strict";
 
 const REFRESH_MS = 5000;
-const PAGE_SIZE = 25;
+const PAGE_SIZE = 25;       // sessions per page; `#size=N` in the URL overrides it
+const FILTERS = ["status", "agent", "task", "size"];
 const KEY_ITEM = "trainwire.key";
 const SVG = "http://www.w3.org/2000/svg";
 
 const st = {
   cursors: [null],          // cursor of each sessions page seen; the last one is the page shown
-  filters: { status: "", agent: "", task: "" },
+  filters: null,            // from the URL fragment: status, agent, task, size
   nextCursor: null,
   busy: false,
   again: null,              // a refresh asked for while one was running (filters, paging): runs right after
@@ -61,9 +62,23 @@ function when(iso) {
     `${p(d.getSeconds())}`;
 }
 
-function sessionHref(id) { return "#session=" + encodeURIComponent(id); }
-
 function hashParams() { return new URLSearchParams(location.hash.replace(/^#/, "")); }
+
+// The URL fragment holds the view (filters, open session), so a view can be bookmarked and shared.
+function hashWith(changes) {
+  const p = hashParams();
+  for (const [k, v] of Object.entries(changes)) { if (v) p.set(k, v); else p.delete(k); }
+  return "#" + p.toString();
+}
+
+function sessionHref(id) { return hashWith({ session: id }); }
+
+function readFilters() {
+  const p = hashParams();
+  const next = Object.fromEntries(FILTERS.map((k) => [k, (p.get(k) || "").trim()]));
+  if (JSON.stringify(next) !== JSON.stringify(st.filters)) { st.filters = next; st.cursors = [null]; }
+  $("f-status").value = next.status; $("f-agent").value = next.agent; $("f-task").value = next.task;
+}
 
 // --- API ----------------------------------------------------------------------------------------------------
 
@@ -262,8 +277,9 @@ function renderSessions(page) {
 }
 
 function sessionsQuery() {
-  const q = new URLSearchParams({ limit: PAGE_SIZE });
-  for (const [k, v] of Object.entries(st.filters)) if (v) q.set(k, v);
+  const size = parseInt(st.filters.size, 10);
+  const q = new URLSearchParams({ limit: size >= 1 && size <= 1000 ? size : PAGE_SIZE });
+  for (const k of ["status", "agent", "task"]) if (st.filters[k]) q.set(k, st.filters[k]);
   const cur = st.cursors[st.cursors.length - 1];
   if (cur) q.set("cursor", cur);
   return "sessions?" + q;
@@ -318,7 +334,7 @@ function renderDetail(d) {
   box.hidden = false;
   box.replaceChildren(
     h("div", { class: "detail-head" }, h("h2", {}, "Session ", h("code", { id: "detail-id" }, d.id)),
-      h("a", { href: "#", class: "close" }, "close ✕")),
+      h("a", { href: hashWith({ session: null }), class: "close" }, "close ✕")),
     h("p", {}, h("span", { class: "pill " + d.status }, d.status), " ",
       `task ${d.task_id || "—"} · agents ${(d.agents || []).join(", ") || "—"} · ${d.n_calls} call${d.n_calls === 1 ? "" : "s"}` +
       ` · final reward ${num(d.final_reward)}` + (d.train_step !== null && d.train_step !== undefined ? ` · train step ${d.train_step}` : "") +
@@ -342,7 +358,7 @@ async function loadDetail(force) {
     st.detailJson = null;
     $("detail").hidden = false;
     $("detail").replaceChildren(h("div", { class: "detail-head" }, h("h2", {}, "Session ", h("code", {}, id)),
-      h("a", { href: "#", class: "close" }, "close ✕")), h("p", { class: "banner error" }, e.message));
+      h("a", { href: hashWith({ session: null }), class: "close" }, "close ✕")), h("p", { class: "banner error" }, e.message));
   }
 }
 
@@ -399,23 +415,21 @@ function init() {
   $("forget-key").addEventListener("click", () => { setKey(null); location.reload(); });
   $("filters").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    st.filters = { status: $("f-status").value, agent: $("f-agent").value.trim(), task: $("f-task").value.trim() };
-    st.cursors = [null];
-    refresh();
+    location.hash = hashWith({ status: $("f-status").value, agent: $("f-agent").value.trim(),
+      task: $("f-task").value.trim() });  // -> hashchange -> readFilters + refresh
   });
-  $("f-clear").addEventListener("click", () => {
-    $("f-status").value = ""; $("f-agent").value = ""; $("f-task").value = "";
-    st.filters = { status: "", agent: "", task: "" };
-    st.cursors = [null];
-    refresh();
-  });
+  $("f-clear").addEventListener("click", () => { location.hash = hashWith({ status: "", agent: "", task: "" }); });
   $("page-older").addEventListener("click", () => { if (st.nextCursor) { st.cursors.push(st.nextCursor); refresh(); } });
   $("page-newer").addEventListener("click", () => { if (st.cursors.length > 1) { st.cursors.pop(); refresh(); } });
   window.addEventListener("hashchange", () => {
     takeKeyFromHash();
+    readFilters();
     if (st.needKey && getKey()) st.needKey = false;
-    refresh({ forceDetail: true }).then(() => { if (!$("detail").hidden) $("detail").scrollIntoView(); });
+    const opened = hashParams().get("session");
+    const scroll = opened && opened !== st.detailId;
+    refresh({ forceDetail: true }).then(() => { if (scroll && !$("detail").hidden) $("detail").scrollIntoView(); });
   });
+  readFilters();
   setInterval(() => { if ($("autorefresh").checked && !document.hidden) refresh(); }, REFRESH_MS);
   refresh({ forceDetail: true });
 }
