@@ -268,6 +268,12 @@ def init_single_process_group(backend: Optional[str] = None) -> None:
 
     if dist.is_initialized():
         return
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        # A lone process (the trainer CLI) may inherit MASTER_PORT etc. from a parent that holds a group on
+        # that port (a test runner, a notebook): a fresh free port is the only safe choice.
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+            os.environ.pop(key, None)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")

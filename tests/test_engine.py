@@ -7,6 +7,7 @@ is recomputed by hand, exports are loaded back with PEFT / transformers.
 from __future__ import annotations
 
 import json
+import os
 import math
 import statistics
 from pathlib import Path
@@ -478,3 +479,21 @@ def test_torchrun_two_ranks_match_one_process(model_path, tmp_path):
     assert result["metrics"]["loss"] == pytest.approx(metrics["loss"], abs=1e-6)
     assert result["metrics"]["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-5)
     assert_same_weights(result["state"], weights_of(engine), atol=1e-6)
+
+
+def test_a_child_process_forms_its_own_group_despite_inherited_master_port():
+    """`trainwire train` started from a process that holds a group (a test runner, a notebook) inherits
+    MASTER_PORT; binding it again fails with EADDRINUSE unless a lone process picks its own port."""
+    import subprocess
+    import sys
+
+    from rl.cpu_platform import init_single_process_group
+
+    init_single_process_group()
+    parent_port = os.environ["MASTER_PORT"]
+    code = ("import os; from rl.cpu_platform import init_single_process_group as init; init(); "
+            "print(os.environ['MASTER_PORT'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() != parent_port
