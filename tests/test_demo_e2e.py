@@ -33,16 +33,13 @@ import pytest
 from sqlalchemy import select
 
 from demo.run import first_last, per_version, read_log
-from demo.vllm_server import venv_ready, vllm_venv
+from tests.vllm_support import require_vllm_venv
 from store.db import make_engine
 from store.models import Call, PolicyVersion, Session, TrainStep
 
 pytestmark = pytest.mark.vllm
 
-if not venv_ready():
-    if os.environ.get("TRAINWIRE_REQUIRE_VLLM"):
-        raise RuntimeError(f"TRAINWIRE_REQUIRE_VLLM is set but there is no complete vLLM venv at {vllm_venv()}")
-    pytest.skip(f"no vLLM venv at {vllm_venv()} (run scripts/setup_vllm_venv.sh)", allow_module_level=True)
+require_vllm_venv()
 
 ROOT = Path(__file__).resolve().parent.parent
 DURATION_S = 90

@@ -27,18 +27,14 @@ import pytest
 from sqlalchemy import select
 
 from demo.agent import digit_reward
-from demo.tiny_model import build_tiny_model
-from demo.vllm_server import free_port, start_vllm, venv_ready, vllm_venv
 from store.db import make_engine
-from store.models import Call, PolicyVersion, Session, TrainStep, UpstreamVersion
+from store.models import PolicyVersion, Session, TrainStep, UpstreamVersion
 from tests import dbread
+from tests.vllm_support import require_vllm_venv, serve, tiny_model
 
 pytestmark = pytest.mark.vllm
 
-if not venv_ready():
-    if os.environ.get("TRAINWIRE_REQUIRE_VLLM"):
-        raise RuntimeError(f"TRAINWIRE_REQUIRE_VLLM is set but there is no complete vLLM venv at {vllm_venv()}")
-    pytest.skip(f"no vLLM venv at {vllm_venv()} (run scripts/setup_vllm_venv.sh)", allow_module_level=True)
+require_vllm_venv()
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = [{"role": "user", "content": "Write a number."}]
@@ -48,14 +44,12 @@ GROUP = 4  # samples per prompt (one GRPO group per prompt)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("trainer-vllm") / "tiny")
+    return tiny_model(tmp_path_factory, "trainer-vllm")
 
 
 @pytest.fixture(scope="module")
 def vllm(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("trainer-vllm-log") / "vllm.log"
-    proc = start_vllm(model_dir, free_port(), served_model_name="tiny", lora=True, log_path=log)
-    print(f"vLLM started in {proc.startup_s:.1f} s at {proc.url} (log {log})")
+    proc = serve(model_dir, tmp_path_factory, "trainer-vllm", "tiny")
     try:
         yield proc
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import threading
 import time
@@ -22,20 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from demo.tiny_model import build_tiny_model
-from demo.vllm_server import free_port, start_vllm, venv_ready, vllm_venv
+from tests.vllm_support import require_vllm_venv, serve, tiny_model
 
 MODEL = "tiny"
 BOS_ID = 1
 EOS_ID = 2
 
-if not venv_ready():
-    if os.environ.get("TRAINWIRE_REQUIRE_VLLM"):
-        raise RuntimeError(f"TRAINWIRE_REQUIRE_VLLM is set but there is no complete vLLM venv at {vllm_venv()}")
-    pytest.skip(
-        f"no vLLM venv at {vllm_venv()} (run scripts/setup_vllm_venv.sh)",
-        allow_module_level=True,
-    )
+require_vllm_venv()
 
 
 # --------------------------------------------------------------------------- http
@@ -102,14 +94,12 @@ class Http:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("vllm-cpu") / "tiny")
+    return tiny_model(tmp_path_factory, "vllm-cpu")
 
 
 @pytest.fixture(scope="module")
 def vllm(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
-    proc = start_vllm(model_dir, free_port(), served_model_name=MODEL, lora=True, log_path=log)
-    print(f"vLLM started in {proc.startup_s:.1f} s at {proc.url} (log {log})")
+    proc = serve(model_dir, tmp_path_factory, "vllm-cpu", MODEL)
     try:
         yield proc
     finally:
