@@ -27,6 +27,8 @@ MODEL = "tiny"
 BOS_ID = 1
 EOS_ID = 2
 
+pytestmark = pytest.mark.vllm
+
 require_vllm_venv()
 
 
