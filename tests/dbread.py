@@ -42,3 +42,18 @@ def wait_calls(url: str, n: int, session_id: str | None = None, timeout: float =
         if len(rows) >= n or time.time() > deadline:
             return rows
         time.sleep(0.05)
+
+
+def insert_calls(url: str, rows: list[dict]) -> None:
+    """Write call records the way the proxy's write path does (sessions upserted too)."""
+    from store.writer import write_calls
+
+    async def write():
+        engine = make_engine(url)
+        try:
+            async with engine.begin() as conn:
+                await write_calls(conn, engine, rows)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(write())

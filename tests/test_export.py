@@ -14,9 +14,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from store.db import make_engine
 from store.export import COLUMNS, export, iter_jsonl
-from store.writer import write_calls
 from tests import dbread
 from tests.apihelpers import TOOLS, chat, post, start, wait_rewards
 
@@ -182,14 +180,7 @@ def _synthetic(n: int) -> list[dict]:
 
 def test_large_export_pages_and_reports_progress(pg_url, tmp_path):
     calls = _synthetic(1300)
-
-    async def write():
-        engine = make_engine(pg_url)
-        async with engine.begin() as conn:
-            await write_calls(conn, engine, calls)
-        await engine.dispose()
-
-    asyncio.run(write())
+    dbread.insert_calls(pg_url, calls)
     out = tmp_path / "bulk.parquet"
     proc = run_export(pg_url, out, "--format", "parquet")
     assert proc.returncode == 0, proc.stderr

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
 
-from store.db import make_engine
-from store.writer import write_calls
 from tests import dbread
 from tests.apihelpers import TOOLS, assert_openai_error, chat, get, post, start, tool_call_msg
 
@@ -159,14 +156,7 @@ def test_stats_counts_and_reward_mean_by_policy_version(pg_proxy, upstream, pg_u
     # Sessions served by versions 1 and 2 (written the way the proxy's write path writes them).
     now = datetime.now(timezone.utc)
     calls = [_synthetic_call(i, f"v{1 + i % 2}-s{i}", 1 + i % 2, now + timedelta(milliseconds=i)) for i in range(6)]
-
-    async def write():
-        engine = make_engine(pg_url)
-        async with engine.begin() as conn:
-            await write_calls(conn, engine, calls)
-        await engine.dispose()
-
-    asyncio.run(write())
+    dbread.insert_calls(pg_url, calls)
     rewards = {"v1-s0": 1.0, "v1-s2": 0.0, "v2-s1": 0.5, "v2-s3": 1.0, "v2-s5": None}
     for sid, value in rewards.items():
         r = post(pg_proxy, "/reward", {"session_id": sid, "reward": value}) if value is not None else \
