@@ -28,7 +28,25 @@ log = logging.getLogger("trainwire.train")
 
 
 def _say(msg: str) -> None:
-    print(f"[trainwire train] {msg}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+        print(f"[trainwire train] {msg}", flush=True)
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast(obj=None):
+    """Rank 0's command to every rank (gloo carries Python objects on CPU and beside NCCL on GPU)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -85,9 +103,7 @@ class Trainer:
                             seed=s.seed, checkpoint_dir=str(s.checkpoint_dir / "state"))
 
     async def run(self) -> int:
-        from rl import claim as claims
         from rl.advantages import advantage_estimator_names
-        from rl.publish import Publisher
 
         s = self.s
         if s.adv_estimator not in advantage_estimator_names():
@@ -99,7 +115,42 @@ class Trainer:
 
         self.policy = PolicyEngine(self._engine_config())
         resumed = self.policy.load_checkpoint()
-        _say(f"engine ready in {time.perf_counter() - t0:.1f}s" + (f"; resumed from {resumed}" if resumed else ""))
+        self.rank, self.world = _world()
+        if self.rank != 0:
+            return self._follow()
+        _say(f"engine ready in {time.perf_counter() - t0:.1f}s" + (f"; resumed from {resumed}" if resumed else "")
+             + (f"; {self.world} ranks (torchrun): rank 0 claims and publishes, every rank trains its shard"
+                if self.world > 1 else ""))
+        try:
+            return await self._lead()
+        finally:
+            self._tell({"op": "stop"})
+
+    def _tell(self, command: dict) -> None:
+        if self.world > 1:
+            _broadcast(command)
+
+    def _follow(self) -> int:
+        """Ranks other than 0 (under torchrun): train their shard of what rank 0 claimed, in the same order of
+        collective calls (step, export, checkpoint)."""
+        while True:
+            command = _broadcast()
+            if command["op"] == "stop":
+                return 0
+            if command["op"] == "step":
+                self.policy.step(command["samples"][self.rank::self.world])
+                self.policy.export(self.publish_root / f"v{command['version']}")
+                self.policy.save_checkpoint()
+
+    def _train(self, samples: list, version: int) -> dict:
+        self._tell({"op": "step", "samples": samples, "version": version})
+        return self.policy.step(samples[self.rank::self.world])
+
+    async def _lead(self) -> int:
+        s = self.s
+        from rl import claim as claims
+        from rl.publish import Publisher
+
         self.sink = MetricsSink(s)
         kind = "lora" if s.lora_rank else "full"
         async with Publisher(s.upstream, kind=kind, policy_name=s.policy_model, api_key=s.upstream_api_key,
@@ -125,6 +176,7 @@ class Trainer:
                     _say(f"released {released} stale claims of a crashed trainer")
                 trained = await self.step_once()
                 if trained is None:
+                    self._tell({"op": "idle"})  # keeps other ranks' collectives from timing out
                     if time.monotonic() - idle_since > 60:
                         _say("still waiting for rewarded sessions...")
                         idle_since = time.monotonic()
@@ -169,7 +221,7 @@ class Trainer:
             advantages = compute_advantages(built.scores, built.group_ids, estimator=s.adv_estimator)
             samples = [replace(x, advantage=a) for x, a in zip(built.samples, advantages)]
             t["build"] = time.perf_counter()
-            metrics = self.policy.step(samples)  # in the loop thread: verl state is per-thread
+            metrics = self._train(samples, self.version + 1)  # in the loop thread: verl state is per-thread
             t["train"] = time.perf_counter()
         except Exception:
             await claims.release(self.db, ids, worker_id=self.worker_id)

@@ -113,8 +113,14 @@ def record_sessions(proxy, tag: str, *, turns: int = 1) -> list[str]:
 
 
 def run_trainer(*, db_url: str, vllm, model_dir: Path, ckpt: Path, lora_rank: int, lr: float, steps: int,
-                log_path: Path, timeout: float = 300) -> str:
-    argv = [sys.executable, "-m", "trainwire.cli", "train", "--database-url", db_url, "--upstream", vllm.url,
+                log_path: Path, timeout: float = 300, nproc: int = 1) -> str:
+    from demo.vllm_server import free_port
+
+    # torchrun's --master-port 0 left the ranks waiting in the env rendezvous: give it a real free port.
+    launcher = [sys.executable, "-m", "trainwire.cli"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+         str(free_port()), "-m", "trainwire.cli"]
+    argv = [*launcher, "train", "--database-url", db_url, "--upstream", vllm.url,
             "--model", str(model_dir), "--lora-rank", str(lora_rank), "--lr", str(lr),
             "--batch-size", str(GROUP * len(PROMPTS)), "--group-size", str(GROUP), "--checkpoint-dir", str(ckpt),
             "--settle-s", "0", "--poll-s", "0.2", "--max-steps", str(steps)]
@@ -282,3 +288,19 @@ def test_full_finetune_reload_under_traffic(proxy, vllm, model_dir, tmp_path):
                        json={"method": "reload_weights", "kwargs": {"weights_path": str(model_dir)}})
         assert r.status_code == 200, r.text
         assert httpx.post(f"{vllm.url}/reset_prefix_cache", timeout=30).status_code == 200
+
+
+def test_two_ranks_under_torchrun_train_one_batch_once(proxy, vllm, model_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m trainwire.cli train`: rank 0 claims and publishes, both ranks train a
+    shard of the same batch (FSDP2 over gloo here, NCCL on GPUs); every session is trained exactly once."""
+    db = proxy.db_url
+    ids = record_sessions(proxy, "r2")
+    log = run_trainer(db_url=db, vllm=vllm, model_dir=model_dir, ckpt=tmp_path / "ckpt", lora_rank=8, lr=5e-3,
+                      steps=1, log_path=tmp_path / "trainer.log", nproc=2)
+    print(log)
+    assert "2 ranks (torchrun)" in log
+    assert log.count("step 1 -> v") == 1  # only rank 0 reports and publishes
+    versions = rows(db, PolicyVersion.__table__)
+    assert [(v["version"], v["served_model"]) for v in versions] == [(1, "policy-v1")]
+    assert "policy-v1" in vllm_models(vllm)
+    assert_trained_once(db, {1: ids})
