@@ -24,6 +24,13 @@ from proxy.transparency import Injected, strip
 _KEEP_HEADERS = ("content-type", "x-request-id", "retry-after")
 
 
+def response_headers(resp: aiohttp.ClientResponse, call: "Call") -> dict[str, str]:
+    """The upstream headers worth keeping, plus the call's session, id and policy version."""
+    headers = {k: v for k, v in resp.headers.items() if k.lower() in _KEEP_HEADERS}
+    headers.update(call.headers())
+    return headers
+
+
 def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex
 
@@ -139,8 +146,7 @@ async def complete(resp: aiohttp.ClientResponse, call: Call, submit) -> Response
     finally:
         resp.release()
     call.t_upstream_done = time.perf_counter()
-    headers = {k: v for k, v in resp.headers.items() if k.lower() in _KEEP_HEADERS}
-    headers.update(call.headers())
+    headers = response_headers(resp, call)
     parsed: Any = None
     try:
         parsed = orjson.loads(raw) if raw else None
@@ -249,8 +255,7 @@ def stream(resp: aiohttp.ClientResponse, call: Call, submit) -> Response:
             submit(call.record(status=200, response=assembled, tokens=tokens, aborted=aborted, error=error,
                                usage=usage))
 
-    headers = {k: v for k, v in resp.headers.items() if k.lower() in _KEEP_HEADERS}
-    headers.update(call.headers())
+    headers = response_headers(resp, call)
     return StreamingResponse(body(), status_code=200, headers=headers)
 
 
@@ -269,6 +274,5 @@ def _stream_error(resp: aiohttp.ClientResponse, call: Call, submit) -> Response:
                 parsed = {"raw": raw.decode("utf-8", "replace")}
             submit(call.record(status=resp.status, response=parsed, error=_error_text(parsed, raw)))
 
-    headers = {k: v for k, v in resp.headers.items() if k.lower() in _KEEP_HEADERS}
-    headers.update(call.headers())
+    headers = response_headers(resp, call)
     return StreamingResponse(body(), status_code=resp.status, headers=headers)

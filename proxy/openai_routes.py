@@ -13,7 +13,7 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy.auth import require_agent_key
 from proxy.errors import ApiError, error_response
-from proxy.forward import Call, UpstreamUnavailable, complete, open_upstream, stream
+from proxy.forward import Call, UpstreamUnavailable, complete, open_upstream, response_headers, stream
 from proxy.session_headers import context_from
 from proxy.transparency import prepare
 
@@ -209,8 +209,7 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
                                      data=raw or None, headers=headers, timeout=tw.timeout)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return _fail(tw, call, 502, f"upstream error: {exc!r}")
-    out_headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "retry-after")}
-    out_headers.update(call.headers())
+    out_headers = response_headers(resp, call)
 
     async def relay():
         chunks: list[bytes] = []
