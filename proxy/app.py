@@ -48,10 +48,11 @@ def create_app(settings: Settings) -> FastAPI:
                 "write_queue": state.writer.depth}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
-    from proxy import metrics, openai_routes
+    from proxy import hot_path, metrics, openai_routes
 
-    metrics.install(app, state)
-    app.include_router(openai_routes.router)  # first: the hot path matches without scanning the rest
+    hot_path.install(app, state)
+    metrics.install(app, state)  # after the hot path, so it wraps it and counts its calls too
+    app.include_router(openai_routes.router)
     for module in _optional_routers():
         app.include_router(module.router)
     app.include_router(openai_routes.passthrough_router)

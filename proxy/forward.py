@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
@@ -17,6 +16,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from proxy.assemble import StreamAssembler, tokens_of
 from proxy.errors import error_body
+from proxy.ids import random_hex
 from proxy.session_headers import CallContext
 from proxy.transparency import Injected, strip
 
@@ -32,7 +32,7 @@ def response_headers(resp: aiohttp.ClientResponse, call: "Call") -> dict[str, st
 
 
 def new_call_id() -> str:
-    return "call_" + uuid.uuid4().hex
+    return "call_" + random_hex()
 
 
 @dataclass(slots=True)

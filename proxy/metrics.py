@@ -8,6 +8,8 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.responses import Response
 
+from proxy.hot_path import ROUTE_KEY
+
 
 def install(app: FastAPI, state) -> None:
     registry = CollectorRegistry()
@@ -39,8 +41,7 @@ def install(app: FastAPI, state) -> None:
             async def send_wrapper(message):
                 if message["type"] == "http.response.start":
                     status[0] = message["status"]
-                    route = scope.get("route")
-                    path = getattr(route, "path", "other")
+                    path = scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other")
                     requests.labels(path, str(status[0])).inc()
                     latency.labels(path).observe(time.perf_counter() - t0)
                 await send(message)

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
 from proxy.errors import ApiError
-from proxy.reward_routes import admin  # also registers the `twsession` path convertor
+from proxy.reward_routes import admin
 from store import queries
 
 router = APIRouter(dependencies=[Depends(admin)])

@@ -26,35 +26,18 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
-from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
 from proxy.auth import require_admin_key
 from proxy.errors import ApiError
-from proxy.session_headers import _ID
+from proxy.session_headers import _ID  # importing it also registers the `twsession` path convertor
 from store.rewards import NewReward, RewardError, call_session, check_finite_json, session_exists, store_reward
 
 log = logging.getLogger("trainwire.rewards")
 
 
-class SessionIdConvertor(Convertor):
-    """Session ids may contain '/', so path routes take the id with its slashes, but never `/v1/` (the
-    OpenAI routes under /sessions/{id}/v1/... come after these routes and must stay reachable)."""
-
-    regex = r"[A-Za-z0-9](?:(?!/v1(?:/|$))[A-Za-z0-9._:@/+=-]){0,127}"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("twsession", SessionIdConvertor())
-
-
 def admin(request: Request) -> None:
-    require_admin_key(request, request.app.state.tw.settings)
+    require_admin_key(request.headers, request.app.state.tw.settings)
 
 
 router = APIRouter(dependencies=[Depends(admin)])

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
 
+from starlette.convertors import Convertor, register_url_convertor
+
 from proxy.errors import ApiError
+from proxy.ids import random_hex
 
 # Ids go into URLs, logs and SQL: keep them to a safe, printable set.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")
+# A session id in a URL path: ids may contain '/', but never `/v1/`, so `/sessions/{id}/v1/...` stays unambiguous.
+SESSION_IN_PATH = r"[A-Za-z0-9](?:(?!/v1(?:/|$))[A-Za-z0-9._:@/+=-]){0,127}"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -32,7 +36,7 @@ def check_id(value: str, what: str) -> str:
 
 
 def new_session_id() -> str:
-    return "sess_" + uuid.uuid4().hex
+    return "sess_" + random_hex()
 
 
 def context_from(headers, path_session: str | None = None) -> CallContext:
@@ -53,3 +57,18 @@ def context_from(headers, path_session: str | None = None) -> CallContext:
                        task_id=check_id(task, "X-Task-Id") if task is not None else None,
                        agent_name=check_id(agent, "X-Agent-Name") if agent is not None else None,
                        trainable=trainable)
+
+
+class SessionIdConvertor(Convertor):
+    """`{session_id:twsession}` in a route: the id with its slashes (see SESSION_IN_PATH)."""
+
+    regex = SESSION_IN_PATH
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("twsession", SessionIdConvertor())

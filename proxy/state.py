@@ -5,9 +5,9 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from typing import Mapping
 
 import aiohttp
-from fastapi import Request
 
 from proxy.air import Air
 from proxy.policy import PolicyState
@@ -78,12 +78,12 @@ class ProxyState:
             self._seq.popitem(last=False)
         return seq
 
-    def upstream_headers(self, request: Request) -> dict[str, str]:
+    def upstream_headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
         headers = dict(self._base_headers)
         # Without an upstream key of our own, a client key meant for vLLM passes through, unless it is
         # the proxy's own key, which never leaves the proxy.
         if "authorization" not in headers and not self.settings.api_key:
-            auth = request.headers.get("authorization")
+            auth = client_headers.get("authorization")
             if auth:
                 headers["authorization"] = auth
         return headers
