@@ -152,6 +152,22 @@ def test_session_by_path_and_order(proxy, upstream, db_url):
     assert sess["n_calls"] == 3
 
 
+def test_session_id_with_slashes_by_path(proxy, upstream, db_url):
+    """Ids may contain '/' (X-Session-Id allows it), so the path form must take them whole, on the generation
+    routes and on the framework routes (models, pass-through) alike."""
+    sid = "team/run-7/episode:3"
+    c = openai.OpenAI(base_url=f"{proxy.url}/sessions/{sid}/v1", api_key="x", max_retries=0)
+    raw = c.chat.completions.with_raw_response.create(model="policy", messages=[{"role": "user", "content": "a"}])
+    assert raw.headers["x-session-id"] == sid
+    c.completions.create(model="policy", prompt="b")
+    assert [m.id for m in c.models.list().data] == ["policy"]
+    r = httpx.post(f"{proxy.url}/sessions/{sid}/v1/embeddings", json={"model": "policy", "input": "c"})
+    assert r.headers["x-session-id"] == sid
+    rows = dbread.wait_calls(db_url, 3, sid)
+    assert [(r["kind"], r["path"]) for r in rows] == [("chat", "/v1/chat/completions"),
+                                                     ("completion", "/v1/completions"), ("other", "/v1/embeddings")]
+
+
 def test_eval_calls_are_not_trainable(proxy, upstream, db_url):
     c = client(proxy, **{"X-Trainwire-Train": "false", "X-Session-Id": "eval-1"})
     c.chat.completions.create(model="policy", messages=[{"role": "user", "content": "e"}])
