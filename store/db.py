@@ -29,7 +29,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                               json_serializer=_dumps_pg)
+                               json_serializer=dumps_pg)
 
 
 def _dumps(value) -> str:
@@ -42,7 +42,7 @@ def _dumps(value) -> str:
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-def _dumps_pg(value) -> str:
+def dumps_pg(value) -> str:
     text = _dumps(value)
     return _JSON_NUL.sub(r"\1\\ufffd", text) if "\\u0000" in text else text
 

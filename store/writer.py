@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from store.models import Call, Reward, Session
+from store import pg_write
 
 log = logging.getLogger("trainwire.writer")
 
@@ -71,31 +72,27 @@ def session_rows(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def _no_nul(rec: dict[str, Any]) -> dict[str, Any]:
-    """Postgres text columns reject NUL; JSON columns are handled by the engine's serializer (store/db.py)."""
-    if not any(isinstance(v, str) and "\x00" in v for v in rec.values()):
-        return rec
-    return {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in rec.items()}
-
-
 async def write_calls(conn, engine: AsyncEngine, calls: list[dict[str, Any]]) -> None:
     """Insert calls (idempotent on the call id, so a replayed spool cannot double-write) and upsert sessions."""
-    insert = _insert_for(engine)
+    if not calls:
+        return
+    rows = session_rows(calls)
     if engine.dialect.name == "postgresql":
-        calls = [_no_nul(c) for c in calls]
+        await pg_write.insert_calls(conn, calls)
+        await pg_write.upsert_sessions(conn, rows)
+        await pg_write.adopt_final_rewards(conn, [r["id"] for r in rows])
+        return
+    insert = _insert_for(engine)
     await conn.execute(insert(Call.__table__).on_conflict_do_nothing(index_elements=["id"]), calls)
     stmt = insert(Session.__table__)
-    greatest = func.greatest if engine.dialect.name == "postgresql" else func.max
-    least = func.least if engine.dialect.name == "postgresql" else func.min
     stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={
         "n_calls": Session.__table__.c.n_calls + stmt.excluded.n_calls,
-        "last_call_at": greatest(Session.__table__.c.last_call_at, stmt.excluded.last_call_at),
-        "first_call_at": least(Session.__table__.c.first_call_at, stmt.excluded.first_call_at),
+        "last_call_at": func.max(Session.__table__.c.last_call_at, stmt.excluded.last_call_at),
+        "first_call_at": func.min(Session.__table__.c.first_call_at, stmt.excluded.first_call_at),
         "task_id": func.coalesce(Session.__table__.c.task_id, stmt.excluded.task_id),
     })
-    # Sorted so concurrent writers (several proxy replicas) lock session rows in the same order: no deadlock.
-    rows = sorted(session_rows(calls), key=lambda r: r["id"])
-    await conn.execute(stmt, rows)
+    # Sorted so concurrent writers lock session rows in the same order: no deadlock.
+    await conn.execute(stmt, sorted(rows, key=lambda r: r["id"]))
     await adopt_final_rewards(conn, [r["id"] for r in rows])
 
 
