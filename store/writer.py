@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 import uuid
 from datetime import datetime
@@ -29,8 +30,8 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from store.models import Call, Reward, Session
 from store import pg_write
+from store.models import Call, Reward, Session
 
 log = logging.getLogger("trainwire.writer")
 
@@ -348,7 +349,7 @@ class BatchWriter:
     async def _replay_spool(self) -> None:
         if not self.spool_dir or not self.spool_dir.exists():
             return
-        for path in sorted(self.spool_dir.glob("spool-*.jsonl")):
+        for path in self._claim_spool_files():
             rows, rewards = [], []
             for line in path.read_bytes().splitlines():
                 if not line.strip():
@@ -365,3 +366,34 @@ class BatchWriter:
                     await write_rewards(conn, self.engine, rewards)
             path.unlink()
             log.info("replayed %d spooled calls and %d rewards from %s", len(rows), len(rewards), path)
+
+    def _claim_spool_files(self) -> list[Path]:
+        """Spool files for this process to replay. Several workers start together on one spool dir: each file
+        is claimed by renaming it to `replaying-<pid>-...`, which only one of them can do. A claim left by a
+        process that no longer runs (it died mid-replay) is taken over."""
+        claimed = []
+        candidates = [(p, p.name) for p in self.spool_dir.glob("spool-*.jsonl")]
+        for p in self.spool_dir.glob("replaying-*.jsonl"):
+            _, pid, original = p.name.split("-", 2)
+            if not _alive(int(pid)):
+                candidates.append((p, original))
+        for path, original in sorted(candidates, key=lambda c: c[1]):
+            mine = path.with_name(f"replaying-{os.getpid()}-{original}")
+            try:
+                path.rename(mine)
+            except FileNotFoundError:
+                continue  # another worker claimed it first
+            claimed.append(mine)
+        return claimed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a claim of an earlier process that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
