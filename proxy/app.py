@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 from fastapi import FastAPI, Request
 from sqlalchemy import text
@@ -19,12 +20,14 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await state.start()
+        metrics.start()
         try:
             yield
         finally:
             # uvicorn calls this after it stopped accepting and in-flight requests finished:
             # drain the write queue so every acknowledged call is in the database.
             await state.stop()
+            await metrics.stop()
 
     app = FastAPI(title="trainwire", version="0.1.0", lifespan=lifespan)
     app.state.tw = state
@@ -32,7 +35,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok"}
+        # The pid tells apart the workers of `--workers N`, for operators and for the tests.
+        return {"status": "ok", "pid": os.getpid()}
 
     @app.get("/readyz")
     async def readyz(request: Request):
@@ -48,10 +52,11 @@ def create_app(settings: Settings) -> FastAPI:
                 "write_queue": state.writer.depth}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
-    from proxy import hot_path, metrics, openai_routes
+    from proxy import hot_path, openai_routes
+    from proxy import metrics as metrics_module
 
     hot_path.install(app, state)
-    metrics.install(app, state)  # after the hot path, so it wraps it and counts its calls too
+    metrics = metrics_module.install(app, state)  # after the hot path, so it wraps it and counts its calls too
     app.include_router(openai_routes.router)
     for module in _optional_routers():
         app.include_router(module.router)

@@ -1,7 +1,17 @@
-"""Prometheus metrics at /metrics."""
+"""Prometheus metrics at /metrics.
+
+With `--workers N` each worker is a process of its own, and a scrape reaches just one of them. The supervisor
+then sets PROMETHEUS_MULTIPROC_DIR: every worker keeps its values in files there (prometheus_client's
+multiprocess mode), and whichever worker answers /metrics adds them all up.
+
+State that lives in the worker (write queue, written and retried batches, policy versions) is sampled once a
+second, and by the answering worker just before it answers, rather than on every call."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import time
 
 from fastapi import FastAPI
@@ -10,21 +20,72 @@ from starlette.responses import Response
 
 from proxy.hot_path import ROUTE_KEY
 
+SAMPLE_S = 1.0
 
-def install(app: FastAPI, state) -> None:
-    registry = CollectorRegistry()
-    queue = Gauge("trainwire_write_queue_depth", "Calls waiting to be written", registry=registry)
-    queue.set_function(lambda: state.writer.depth)
-    written = Gauge("trainwire_calls_written_total", "Calls written to the store", registry=registry)
-    written.set_function(lambda: state.writer.written_total)
-    retries = Gauge("trainwire_write_retries_total", "Batch write retries", registry=registry)
-    retries.set_function(lambda: state.writer.failed_batches)
-    requests = Counter("trainwire_requests_total", "Requests by path and status", ["path", "status"],
-                       registry=registry)
-    latency = Histogram("trainwire_request_seconds", "Request time in the proxy (to the response head)", ["path"],
-                        registry=registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-    version = Gauge("trainwire_policy_version", "Policy version served, per upstream", ["upstream"],
-                    registry=registry)
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class Metrics:
+    def __init__(self, state) -> None:
+        self.state = state
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue = Gauge("trainwire_write_queue_depth", "Calls waiting to be written", registry=r,
+                           multiprocess_mode="livesum")
+        self.written = Counter("trainwire_calls_written", "Calls written to the store", registry=r)
+        self.retries = Counter("trainwire_write_retries", "Batch write retries", registry=r)
+        self.requests = Counter("trainwire_requests", "Requests by path and status", ["path", "status"], registry=r)
+        self.latency = Histogram("trainwire_request_seconds", "Request time in the proxy (to the response head)",
+                                 ["path"], registry=r,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.version = Gauge("trainwire_policy_version", "Policy version served, per upstream", ["upstream"],
+                             registry=r, multiprocess_mode="livemostrecent")
+        self._seen = {"written": 0, "retries": 0}
+        self._task: asyncio.Task | None = None
+
+    def sample(self) -> None:
+        writer = self.state.writer
+        self.queue.set(writer.depth)
+        for name, counter, now in (("written", self.written, writer.written_total),
+                                   ("retries", self.retries, writer.failed_batches)):
+            if now > self._seen[name]:
+                counter.inc(now - self._seen[name])
+                self._seen[name] = now
+        if self.state.pool is not None:
+            for upstream in self.state.pool.upstreams:
+                self.version.labels(upstream.url).set(self.state.policy.resolve(upstream.url)[1])
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_S)
+            self.sample()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample_forever(), name="trainwire-metrics")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.sample()  # the last writes of the drain count too
+
+    def exposition(self) -> bytes:
+        self.sample()
+        if not multiprocess():
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess as mp
+
+        registry = CollectorRegistry()
+        mp.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+def install(app: FastAPI, state) -> Metrics:
+    metrics = Metrics(state)
+    requests, latency = metrics.requests, metrics.latency
 
     # A plain ASGI middleware: BaseHTTPMiddleware would add a task hop per request and wrap streaming bodies.
     inner = app.build_middleware_stack
@@ -36,13 +97,11 @@ def install(app: FastAPI, state) -> None:
             if scope["type"] != "http":
                 return await downstream(scope, receive, send)
             t0 = time.perf_counter()
-            status = [500]
 
             async def send_wrapper(message):
                 if message["type"] == "http.response.start":
-                    status[0] = message["status"]
                     path = scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other")
-                    requests.labels(path, str(status[0])).inc()
+                    requests.labels(path, str(message["status"])).inc()
                     latency.labels(path).observe(time.perf_counter() - t0)
                 await send(message)
 
@@ -53,7 +112,7 @@ def install(app: FastAPI, state) -> None:
     app.build_middleware_stack = build
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        for upstream in state.pool.upstreams:
-            version.labels(upstream.url).set(state.policy.resolve(upstream.url)[1])
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

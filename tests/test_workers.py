@@ -1,0 +1,126 @@
+"""`trainwire serve --workers N`: a socket per worker, supervision, metrics summed over workers, and every call
+recorded when the supervisor is stopped. Real processes, real Postgres, the OpenAI SDK over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests import dbread
+from tests.pgcluster import free_port
+
+
+def _pids(proxy, n: int = 48) -> set[int]:
+    """Worker pids seen over n fresh connections (the kernel spreads connections, not requests)."""
+    pids = set()
+    for _ in range(n):
+        with httpx.Client() as c:
+            pids.add(c.get(f"{proxy.url}/healthz", timeout=5).json()["pid"])
+    return pids
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{re.escape(name)}(?:{{{re.escape(want)}}})? (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _wait(check, timeout: float = 30, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _agents(proxy, n_agents: int, calls_each: int) -> list[str]:
+    """n agents, each with its own client (so its own keep-alive connection), running at once."""
+    ids: list[str] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def agent(a: int) -> None:
+        try:
+            c = openai.OpenAI(base_url=proxy.v1, api_key="x", max_retries=0)
+            for i in range(calls_each):
+                raw = c.chat.completions.with_raw_response.create(
+                    model="policy", messages=[{"role": "user", "content": f"agent {a} turn {i}"}],
+                    extra_headers={"X-Session-Id": f"agent-{a}"})
+                with lock:
+                    ids.append(raw.headers["x-call-id"])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(a,)) for a in range(n_agents)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return ids
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_share_connections_count_together_and_drain_on_sigterm(start_proxy, upstream, pg_url, tmp_path,
+                                                                       workers):
+    proxy = start_proxy("--workers", str(workers), "--upstream", upstream.url, "--database-url", pg_url,
+                        "--spool-dir", str(tmp_path / "spool"))
+    _wait(lambda: len(_pids(proxy)) == workers, 30, "every worker to take connections")
+    ids = _agents(proxy, 8, 10)
+    assert len(set(ids)) == 80
+    # /metrics adds up both workers, whichever of them answers the scrape.
+    for _ in range(4):
+        text = httpx.get(f"{proxy.url}/metrics", timeout=5).text
+        assert _metric(text, "trainwire_requests_total", path="/v1/chat/completions", status="200") == 80
+    _wait(lambda: _metric(httpx.get(f"{proxy.url}/metrics", timeout=5).text, "trainwire_calls_written_total") == 80,
+          15, "calls_written_total to reach 80")
+    # One SIGTERM: the supervisor passes it to each worker once; each drains its queue, and everything is
+    # recorded. (A lone uvicorn re-raises the signal after its graceful shutdown.)
+    assert proxy.stop(signal.SIGTERM) == (0 if workers > 1 else -signal.SIGTERM)
+    rows = dbread.calls(pg_url)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    for a in range(8):  # one agent, one keep-alive connection, one worker: its calls are numbered in order
+        assert sorted(r["seq"] for r in rows if r["session_id"] == f"agent-{a}") == list(range(10))
+
+
+def test_a_killed_worker_is_replaced_and_ctrl_c_drains_once(start_proxy, upstream, pg_url, tmp_path):
+    # Batches wait up to 5 s to fill, so the calls below are still queued when the workers are told to stop.
+    proxy = start_proxy("--workers", "2", "--upstream", upstream.url, "--database-url", pg_url,
+                        "--spool-dir", str(tmp_path / "spool"), "--write-interval-ms", "5000")
+    def both_workers(without: int | None = None):
+        pids = _pids(proxy)
+        return pids if len(pids) == 2 and without not in pids else None
+
+    before = _wait(both_workers, 30, "both workers")
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    after = _wait(lambda: both_workers(without=victim), 60, "a new worker in place of the killed one")
+    assert after & before == before - {victim}
+    ids = _agents(proxy, 4, 3)
+    assert not {r["id"] for r in dbread.calls(pg_url)} & set(ids), "the calls should still be queued"
+    # Ctrl-C in a terminal signals the whole foreground process group: the supervisor stops every worker
+    # gracefully, and each drains its write queue before it exits.
+    os.killpg(proxy.proc.pid, signal.SIGINT)
+    assert proxy.proc.wait(120) == 0
+    assert {r["id"] for r in dbread.calls(pg_url)} >= set(ids)
+    assert not list((tmp_path / "spool").glob("spool-*.jsonl"))  # written by the drain, not spooled
+
+
+def test_workers_that_cannot_start_stop_the_supervisor(tmp_path):
+    dead_db = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/nothing"
+    out = subprocess.run([sys.executable, "-m", "trainwire.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
+                          "--port", str(free_port()), "--database-url", dead_db, "--spool-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "during start-up; stopping" in out.stderr
