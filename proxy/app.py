@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 from fastapi import FastAPI, Request
@@ -14,7 +15,17 @@ from proxy.state import ProxyState
 from trainwire.settings import Settings
 
 
-def create_app(settings: Settings) -> FastAPI:
+class TrainwireApp(FastAPI):
+    """FastAPI, with the request counter and the hot path (proxy/hot_path.py) in front of FastAPI's own
+    machinery: every request enters through `front`."""
+
+    front = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.front(scope, receive, send)
+
+
+def create_app(settings: Settings) -> TrainwireApp:
     state = ProxyState(settings)
 
     @contextlib.asynccontextmanager
@@ -30,7 +41,7 @@ def create_app(settings: Settings) -> FastAPI:
             await state.stop()
             await metrics.stop()
 
-    app = FastAPI(title="trainwire", version="0.1.0", lifespan=lifespan)
+    app = TrainwireApp(title="trainwire", version="0.1.0", lifespan=lifespan)
     app.state.tw = state
     errors.install(app)
 
@@ -53,11 +64,12 @@ def create_app(settings: Settings) -> FastAPI:
                 "write_queue": state.writer.depth}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
-    from proxy import hot_path, openai_routes
     from proxy import metrics as metrics_module
+    from proxy import openai_routes
+    from proxy.hot_path import HotPath
 
-    hot_path.install(app, state)
-    metrics = metrics_module.install(app, state)  # after the hot path, so it wraps it and counts its calls too
+    metrics = metrics_module.install(app, state)
+    app.front = metrics.count(HotPath(functools.partial(FastAPI.__call__, app), state))
     app.include_router(openai_routes.router)
     for module in _optional_routers():
         app.include_router(module.router)

@@ -4,7 +4,8 @@ as plain ASGI in front of FastAPI.
 Measured (bench/proxy_overhead.py, README): FastAPI's middleware stack, router, Request and dependency
 machinery took about two thirds of the proxy's time per call, more than the upstream round trip. These routes
 carry every LLM call an agent makes, so they skip that machinery; everything else (rewards, reads, admin, UI,
-pass-through) stays on FastAPI, where per-request cost does not matter."""
+pass-through) stays on FastAPI, where per-request cost does not matter. proxy/app.py puts HotPath in front of
+FastAPI's own __call__ (which also asks OpenTelemetry on every request whether tracing is on)."""
 
 from __future__ import annotations
 
@@ -85,9 +86,3 @@ class HotPath:
             response = error_response(500, "internal error in trainwire; the proxy's log has the details",
                                       code="internal_error")
         await response(scope, receive, send)
-
-
-def install(app, state) -> None:
-    """Put the hot path in front of the app's middleware stack (metrics.install, called after, wraps it)."""
-    inner = app.build_middleware_stack
-    app.build_middleware_stack = lambda: HotPath(inner(), state)

@@ -72,6 +72,27 @@ class Metrics:
                 await self._task
         self.sample()  # the last writes of the drain count too
 
+    def count(self, app):
+        """A plain ASGI middleware (BaseHTTPMiddleware would add a task hop per request and wrap streaming
+        bodies) counting requests by route template and status, and their time to the response head."""
+        requests, latency = self.requests, self.latency
+
+        async def counted(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            t0 = time.perf_counter()
+
+            async def send_wrapper(message):
+                if message["type"] == "http.response.start":
+                    path = scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other")
+                    requests.labels(path, str(message["status"])).inc()
+                    latency.labels(path).observe(time.perf_counter() - t0)
+                await send(message)
+
+            await app(scope, receive, send_wrapper)
+
+        return counted
+
     def exposition(self) -> bytes:
         self.sample()
         if not multiprocess():
@@ -84,32 +105,8 @@ class Metrics:
 
 
 def install(app: FastAPI, state) -> Metrics:
+    """The /metrics route; `Metrics.count` is the middleware that counts requests (proxy/app.py places it)."""
     metrics = Metrics(state)
-    requests, latency = metrics.requests, metrics.latency
-
-    # A plain ASGI middleware: BaseHTTPMiddleware would add a task hop per request and wrap streaming bodies.
-    inner = app.build_middleware_stack
-
-    def build():
-        downstream = inner()
-
-        async def count(scope, receive, send):
-            if scope["type"] != "http":
-                return await downstream(scope, receive, send)
-            t0 = time.perf_counter()
-
-            async def send_wrapper(message):
-                if message["type"] == "http.response.start":
-                    path = scope.get(ROUTE_KEY) or getattr(scope.get("route"), "path", "other")
-                    requests.labels(path, str(message["status"])).inc()
-                    latency.labels(path).observe(time.perf_counter() - t0)
-                await send(message)
-
-            await downstream(scope, receive, send_wrapper)
-
-        return count
-
-    app.build_middleware_stack = build
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics_endpoint() -> Response:
