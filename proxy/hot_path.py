@@ -1,8 +1,8 @@
 """Chat and completions, POST /v1/chat/completions and /v1/completions (also under /sessions/{id}/...), served
 as plain ASGI in front of FastAPI.
 
-Measured (bench/proxy_overhead.py, README): FastAPI's middleware stack, router, Request and dependency
-machinery took about two thirds of the proxy's time per call, more than the upstream round trip. These routes
+Measured (bench/proxy_overhead.py and py-spy, README): FastAPI's middleware stack, router, Request and
+dependency machinery took about a third of the proxy's CPU time per call, as much as the upstream request. These routes
 carry every LLM call an agent makes, so they skip that machinery; everything else (rewards, reads, admin, UI,
 pass-through) stays on FastAPI, where per-request cost does not matter. proxy/app.py puts HotPath in front of
 FastAPI's own __call__ (which also asks OpenTelemetry on every request whether tracing is on)."""
