@@ -2,10 +2,10 @@
 as plain ASGI in front of FastAPI.
 
 Measured (bench/proxy_overhead.py and py-spy, README): FastAPI's middleware stack, router, Request and
-dependency machinery took about a third of the proxy's CPU time per call, as much as the upstream request. These routes
-carry every LLM call an agent makes, so they skip that machinery; everything else (rewards, reads, admin, UI,
-pass-through) stays on FastAPI, where per-request cost does not matter. proxy/app.py puts HotPath in front of
-FastAPI's own __call__ (which also asks OpenTelemetry on every request whether tracing is on)."""
+dependency machinery took about a third of the proxy's CPU time per call, as much as the upstream request.
+These routes carry every LLM call an agent makes, so they skip that machinery; everything else (rewards, reads,
+admin, UI, pass-through) stays on FastAPI, where per-request cost does not matter. proxy/app.py puts HotPath
+in front of FastAPI's own __call__ (which also asks OpenTelemetry on every request whether tracing is on)."""
 
 from __future__ import annotations
 
