@@ -117,6 +117,27 @@ def test_a_killed_worker_is_replaced_and_ctrl_c_drains_once(start_proxy, upstrea
     assert not list((tmp_path / "spool").glob("spool-*.jsonl"))  # written by the drain, not spooled
 
 
+def test_workers_drain_and_exit_when_the_supervisor_is_killed(start_proxy, upstream, pg_url, tmp_path):
+    proxy = start_proxy("--workers", "2", "--upstream", upstream.url, "--database-url", pg_url,
+                        "--spool-dir", str(tmp_path / "spool"), "--write-interval-ms", "5000")
+    workers = _wait(lambda: (lambda p: p if len(p) == 2 else None)(_pids(proxy)), 30, "both workers")
+    ids = _agents(proxy, 4, 2)
+    proxy.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+    proxy.proc.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A worker that exited stays a zombie until someone reaps it; it is gone all the same.
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] == "Z"
+
+    _wait(lambda: all(gone(p) for p in workers), 60, "the orphaned workers to stop")
+    assert {r["id"] for r in dbread.calls(pg_url)} >= set(ids)
+
+
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path):
     dead_db = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/nothing"
     out = subprocess.run([sys.executable, "-m", "trainwire.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
