@@ -32,8 +32,12 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
                     media_type="application/json", headers=headers)
 
 
-async def _api_error(_request: Request, exc: ApiError) -> Response:
+def api_error_response(exc: ApiError) -> Response:
     return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+
+async def _api_error(_request: Request, exc: ApiError) -> Response:
+    return api_error_response(exc)
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:

@@ -14,7 +14,7 @@ import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.errors import ApiError, error_response
+from proxy.errors import ApiError, api_error_response, error_response
 from proxy.generation import generate
 from proxy.session_headers import SESSION_IN_PATH
 
@@ -80,7 +80,7 @@ class HotPath:
         except _ClientGone:
             return  # gone before its request arrived whole: nothing was sent upstream, nothing to record
         except ApiError as exc:
-            response = error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+            response = api_error_response(exc)
         except Exception:
             log.exception("unexpected error serving %s", scope["path"])
             response = error_response(500, "internal error in trainwire; the proxy's log has the details",
