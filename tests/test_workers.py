@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import openai
 import pytest
 
 from tests import dbread
+from tests.apihelpers import wait_for
 from tests.pgcluster import free_port
 
 
@@ -32,16 +32,6 @@ def _metric(text: str, name: str, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     m = re.search(rf"^{re.escape(name)}(?:{{{re.escape(want)}}})? (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
-
-
-def _wait(check, timeout: float = 30, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _agents(proxy, n_agents: int, calls_each: int) -> list[str]:
@@ -76,15 +66,15 @@ def test_workers_share_connections_count_together_and_drain_on_sigterm(start_pro
                                                                        workers):
     proxy = start_proxy("--workers", str(workers), "--upstream", upstream.url, "--database-url", pg_url,
                         "--spool-dir", str(tmp_path / "spool"))
-    _wait(lambda: len(_pids(proxy)) == workers, 30, "every worker to take connections")
+    wait_for(lambda: len(_pids(proxy)) == workers, 30, what="every worker to take connections")
     ids = _agents(proxy, 8, 10)
     assert len(set(ids)) == 80
     # /metrics adds up both workers, whichever of them answers the scrape.
     for _ in range(4):
         text = httpx.get(f"{proxy.url}/metrics", timeout=5).text
         assert _metric(text, "trainwire_requests_total", path="/v1/chat/completions", status="200") == 80
-    _wait(lambda: _metric(httpx.get(f"{proxy.url}/metrics", timeout=5).text, "trainwire_calls_written_total") == 80,
-          15, "calls_written_total to reach 80")
+    wait_for(lambda: _metric(httpx.get(f"{proxy.url}/metrics", timeout=5).text, "trainwire_calls_written_total") == 80,
+             15, what="calls_written_total to reach 80")
     # One SIGTERM: the supervisor passes it to each worker once; each drains its queue, and everything is
     # recorded. (A lone uvicorn re-raises the signal after its graceful shutdown.)
     assert proxy.stop(signal.SIGTERM) == (0 if workers > 1 else -signal.SIGTERM)
@@ -102,10 +92,10 @@ def test_a_killed_worker_is_replaced_and_ctrl_c_drains_once(start_proxy, upstrea
         pids = _pids(proxy)
         return pids if len(pids) == 2 and without not in pids else None
 
-    before = _wait(both_workers, 30, "both workers")
+    before = wait_for(both_workers, 30, what="both workers")
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
-    after = _wait(lambda: both_workers(without=victim), 60, "a new worker in place of the killed one")
+    after = wait_for(lambda: both_workers(without=victim), 60, what="a new worker in place of the killed one")
     assert after & before == before - {victim}
     ids = _agents(proxy, 4, 3)
     assert not {r["id"] for r in dbread.calls(pg_url)} & set(ids), "the calls should still be queued"
@@ -120,7 +110,7 @@ def test_a_killed_worker_is_replaced_and_ctrl_c_drains_once(start_proxy, upstrea
 def test_workers_drain_and_exit_when_the_supervisor_is_killed(start_proxy, upstream, pg_url, tmp_path):
     proxy = start_proxy("--workers", "2", "--upstream", upstream.url, "--database-url", pg_url,
                         "--spool-dir", str(tmp_path / "spool"), "--write-interval-ms", "5000")
-    workers = _wait(lambda: (lambda p: p if len(p) == 2 else None)(_pids(proxy)), 30, "both workers")
+    workers = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(_pids(proxy)), 30, what="both workers")
     ids = _agents(proxy, 4, 2)
     proxy.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
     proxy.proc.wait(10)
@@ -134,7 +124,7 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(start_proxy, upstr
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[1].split()[0] == "Z"
 
-    _wait(lambda: all(gone(p) for p in workers), 60, "the orphaned workers to stop")
+    wait_for(lambda: all(gone(p) for p in workers), 60, what="the orphaned workers to stop")
     assert {r["id"] for r in dbread.calls(pg_url)} >= set(ids)
 
 
