@@ -2,8 +2,9 @@
 
 SQLAlchemy's compiled inserts run Python bind processors on every value of every row (array items included)
 and send a batch's sessions as one statement execution each. In 256-call batches on the 2-core test machine
-that cost 95 us of proxy CPU and 340 us of wall time per call; these statements take about 55 and 130 us. They still run on SQLAlchemy's connection, in its transaction, so database errors arrive
-as the DBAPIError classes the writer's retry logic sorts into transient and rejected."""
+that cost 95 us of proxy CPU and 340 us of wall time per call; these statements take about 55 and 130 us.
+They still run on SQLAlchemy's connection, in its transaction, so database errors arrive as the DBAPIError
+classes the writer's retry logic sorts into transient and rejected."""
 
 from __future__ import annotations
 
