@@ -72,6 +72,12 @@ def final_number(text: str | None) -> float | None:
     return float(found[-1]) if found else None
 
 
+def score(answer: str | None, truth: int) -> float:
+    """The calculator examples' reward: 1 when the answer's last number is the true result, else 0."""
+    value = final_number(answer)
+    return 1.0 if value is not None and abs(value - truth) < 1e-6 else 0.0
+
+
 def endpoints(proxy_url: str | None = None) -> tuple[str, str]:
     """(base URL for the OpenAI client, proxy root for rewards). The client uses OPENAI_BASE_URL when set, else
     --proxy-url + /v1; rewards go to --proxy-url, else to OPENAI_BASE_URL without its /v1."""

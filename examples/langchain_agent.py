@@ -21,7 +21,7 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
 import common
-from common import endpoints, final_number, make_task, post_reward
+from common import endpoints, make_task, post_reward, score
 
 
 @tool
@@ -61,8 +61,7 @@ def main() -> None:
     for episode in range(args.episodes):
         task_id, question, truth = make_task(rng)
         session_id, answer = run_episode(base_url, args, task_id, question)
-        value = final_number(answer)
-        reward = 1.0 if value is not None and abs(value - truth) < 1e-6 else 0.0
+        reward = score(answer, truth)
         post_reward(proxy, session_id, reward)
         print(f"episode {episode}: {session_id} answer {answer!r} truth {truth} reward {reward}", flush=True)
 

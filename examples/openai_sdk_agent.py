@@ -26,7 +26,7 @@ import uuid
 
 from openai import OpenAI
 
-from common import CALCULATOR_TOOL, calculator, endpoints, final_number, make_task, post_reward
+from common import CALCULATOR_TOOL, calculator, endpoints, make_task, post_reward, score
 
 SYSTEM = "You are a careful assistant. Use the calculator tool for arithmetic."
 
@@ -75,8 +75,7 @@ def main() -> None:
         if episode % args.group_size == 0:
             task_id, question, truth = make_task(rng)
         session_id, answer = run_episode(client, args, task_id, question)
-        value = final_number(answer)
-        reward = 1.0 if value is not None and abs(value - truth) < 1e-6 else 0.0
+        reward = score(answer, truth)
         post_reward(proxy, session_id, reward)
         rewards.append(reward)
         print(f"episode {episode}: {session_id} task {task_id} answer {answer!r} truth {truth} reward {reward}",
