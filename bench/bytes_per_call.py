@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import insert, text  # noqa: E402
 
-from store.db import make_engine  # noqa: E402
-from store.migrate import upgrade_head  # noqa: E402
-from store.models import Reward  # noqa: E402
-from store.writer import write_calls  # noqa: E402
-from tests.pgcluster import PgCluster, _bin  # noqa: E402
+from trainwire.store.db import make_engine  # noqa: E402
+from trainwire.store.migrate import upgrade_head  # noqa: E402
+from trainwire.store.models import Reward  # noqa: E402
+from trainwire.store.writer import write_calls  # noqa: E402
+from tests.support.pgcluster import PgCluster, _bin  # noqa: E402
 
 CHARS_PER_TOKEN = 4
 VOCAB = 150_000

@@ -28,7 +28,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.pgcluster import PgCluster, free_port  # noqa: E402
+from tests.support.pgcluster import PgCluster
+from tests.support.ports import free_port  # noqa: E402
 
 COMPLETION = {
     "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "base-model",
@@ -92,8 +93,8 @@ def wrk(url: str, connections: int, duration: int, tmp: Path) -> dict:
 async def count_calls(url: str) -> int:
     from sqlalchemy import func, select
 
-    from store.db import make_engine
-    from store.models import Call
+    from trainwire.store.db import make_engine
+    from trainwire.store.models import Call
 
     engine = make_engine(url)
     async with engine.connect() as conn:
@@ -119,7 +120,7 @@ def main() -> int:
                      "duration_s": args.duration, "proxy_workers": args.workers, "runs": []}
     with PgCluster() as pg:
         db = pg.create_database("bench")
-        from store.migrate import upgrade_head
+        from trainwire.store.migrate import upgrade_head
 
         upgrade_head(db)
         try:

@@ -7,8 +7,8 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from store.db import is_sqlite, make_engine
-from store.models import Base
+from trainwire.store.db import is_sqlite, make_engine
+from trainwire.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata

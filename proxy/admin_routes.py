@@ -13,9 +13,9 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from proxy.errors import ApiError
-from proxy.reward_routes import admin
-from store.rewards import delete_rewards
+from trainwire.proxy.errors import ApiError
+from trainwire.proxy.reward_routes import admin
+from trainwire.store.rewards import delete_rewards
 
 router = APIRouter(dependencies=[Depends(admin)])
 

@@ -31,8 +31,8 @@ from typing import Any, Callable
 
 from sqlalchemy import Text, cast, select
 
-from store.models import Call, utcnow
-from store.queries import content_text
+from trainwire.store.models import Call, utcnow
+from trainwire.store.queries import content_text
 
 log = logging.getLogger("trainwire.air")
 

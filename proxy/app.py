@@ -10,8 +10,8 @@ from fastapi import FastAPI, Request
 from sqlalchemy import text
 from starlette.responses import JSONResponse
 
-from proxy import errors
-from proxy.state import ProxyState
+from trainwire.proxy import errors
+from trainwire.proxy.state import ProxyState
 from trainwire.settings import Settings
 
 
@@ -64,9 +64,9 @@ def create_app(settings: Settings) -> TrainwireApp:
                 "write_queue": state.writer.depth}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
-    from proxy import metrics as metrics_module
-    from proxy import openai_routes
-    from proxy.hot_path import HotPath
+    from trainwire.proxy import metrics as metrics_module
+    from trainwire.proxy import openai_routes
+    from trainwire.proxy.hot_path import HotPath
 
     metrics = metrics_module.install(app, state)
     app.front = metrics.count(HotPath(functools.partial(FastAPI.__call__, app), state))
@@ -92,8 +92,9 @@ def _optional_routers():
     """Routers of the reward, read, admin and UI modules, where present."""
     import importlib
 
-    for name in ("proxy.reward_routes", "proxy.read_routes", "proxy.admin_routes", "proxy.train_routes",
-                 "proxy.ui_routes"):
+    for name in ("trainwire.proxy.reward_routes", "trainwire.proxy.read_routes", "trainwire.proxy.admin_routes",
+                 "trainwire.proxy.train_routes",
+                 "trainwire.proxy.ui_routes"):
         try:
             yield importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Mapping
 
-from proxy.errors import ApiError
+from trainwire.proxy.errors import ApiError
 
 
 def _bearer(headers: Mapping[str, str]) -> str | None:

@@ -14,11 +14,11 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from proxy.assemble import StreamAssembler, tokens_of
-from proxy.errors import error_body
-from proxy.ids import random_hex
-from proxy.session_headers import CallContext
-from proxy.transparency import Injected, strip
+from trainwire.proxy.assemble import StreamAssembler, tokens_of
+from trainwire.proxy.errors import error_body
+from trainwire.proxy.ids import random_hex
+from trainwire.proxy.session_headers import CallContext
+from trainwire.proxy.transparency import Injected, strip
 
 # Response headers of the upstream worth keeping; hop-by-hop and length headers are recomputed.
 _KEEP_HEADERS = ("content-type", "x-request-id", "retry-after")

@@ -29,8 +29,8 @@ from typing import Any, AsyncIterator, Callable
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from proxy.assemble import StreamAssembler, tokens_of
-from proxy.errors import TYPES
+from trainwire.proxy.assemble import StreamAssembler, tokens_of
+from trainwire.proxy.errors import TYPES
 
 log = logging.getLogger("trainwire.frozen")
 

@@ -12,11 +12,11 @@ import aiohttp
 import orjson
 from starlette.responses import Response
 
-from proxy.auth import require_agent_key
-from proxy.errors import ApiError, error_response
-from proxy.forward import Call, UpstreamUnavailable, complete, open_upstream, stream
-from proxy.session_headers import context_from
-from proxy.transparency import prepare
+from trainwire.proxy.auth import require_agent_key
+from trainwire.proxy.errors import ApiError, error_response
+from trainwire.proxy.forward import Call, UpstreamUnavailable, complete, open_upstream, stream
+from trainwire.proxy.session_headers import context_from
+from trainwire.proxy.transparency import prepare
 
 KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 

@@ -14,9 +14,9 @@ import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.errors import ApiError, api_error_response, error_response
-from proxy.generation import generate
-from proxy.session_headers import SESSION_IN_PATH
+from trainwire.proxy.errors import ApiError, api_error_response, error_response
+from trainwire.proxy.generation import generate
+from trainwire.proxy.session_headers import SESSION_IN_PATH
 
 log = logging.getLogger("trainwire.proxy")
 

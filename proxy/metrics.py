@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.responses import Response
 
-from proxy.hot_path import ROUTE_KEY
+from trainwire.proxy.hot_path import ROUTE_KEY
 
 SAMPLE_S = 1.0
 

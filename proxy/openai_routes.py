@@ -12,10 +12,10 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy.auth import require_agent_key
-from proxy.forward import Call, response_headers
-from proxy.generation import fail
-from proxy.session_headers import context_from
+from trainwire.proxy.auth import require_agent_key
+from trainwire.proxy.forward import Call, response_headers
+from trainwire.proxy.generation import fail
+from trainwire.proxy.session_headers import context_from
 
 router = APIRouter()
 # Catch-all for the rest of vLLM's API; included last so it shadows nothing.

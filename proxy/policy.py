@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from store.policy import CHANNEL, upstream_versions
+from trainwire.store.policy import CHANNEL, upstream_versions
 
 log = logging.getLogger("trainwire.policy")
 

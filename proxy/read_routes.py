@@ -18,9 +18,9 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
-from proxy.errors import ApiError
-from proxy.reward_routes import admin
-from store import queries
+from trainwire.proxy.errors import ApiError
+from trainwire.proxy.reward_routes import admin
+from trainwire.store import queries
 
 router = APIRouter(dependencies=[Depends(admin)])
 

@@ -28,10 +28,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
-from proxy.auth import require_admin_key
-from proxy.errors import ApiError
-from proxy.session_headers import _ID  # importing it also registers the `twsession` path convertor
-from store.rewards import NewReward, RewardError, call_session, check_finite_json, session_exists, store_reward
+from trainwire.proxy.auth import require_admin_key
+from trainwire.proxy.errors import ApiError
+from trainwire.proxy.session_headers import _ID  # importing it also registers the `twsession` path convertor
+from trainwire.store.rewards import NewReward, RewardError, call_session, check_finite_json, session_exists, store_reward
 
 log = logging.getLogger("trainwire.rewards")
 

@@ -10,7 +10,7 @@ from trainwire.settings import Settings
 
 
 def run(settings: Settings) -> int:
-    from proxy import workers
+    from trainwire.proxy import workers
 
     if settings.workers > 1:
         if not workers.reuseport_available():
@@ -18,7 +18,7 @@ def run(settings: Settings) -> int:
                   "process behind a load balancer instead", file=sys.stderr)
             return 2
         return workers.Supervisor(settings).run()
-    from proxy.app import create_app
+    from trainwire.proxy.app import create_app
 
     server = uvicorn.Server(workers.uvicorn_config(create_app(settings), settings))
     server.run()

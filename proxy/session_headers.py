@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from starlette.convertors import Convertor, register_url_convertor
 
-from proxy.errors import ApiError
-from proxy.ids import random_hex
+from trainwire.proxy.errors import ApiError
+from trainwire.proxy.ids import random_hex
 
 # Ids go into URLs, logs and SQL: keep them to a safe, printable set.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")

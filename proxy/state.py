@@ -9,11 +9,11 @@ from typing import Mapping
 
 import aiohttp
 
-from proxy.air import Air
-from proxy.policy import PolicyState
-from proxy.upstreams import UpstreamPool
-from store.db import make_engine, make_sessionmaker
-from store.writer import BatchWriter
+from trainwire.proxy.air import Air
+from trainwire.proxy.policy import PolicyState
+from trainwire.proxy.upstreams import UpstreamPool
+from trainwire.store.db import make_engine, make_sessionmaker
+from trainwire.store.writer import BatchWriter
 from trainwire.settings import Settings
 
 log = logging.getLogger("trainwire.proxy")
@@ -49,7 +49,7 @@ class ProxyState:
         await self.writer.start()
         await self.policy.start()
         if self.settings.model_route or self.settings.routes_file:
-            from proxy.frozen import FrozenRoutes
+            from trainwire.proxy.frozen import FrozenRoutes
 
             self.frozen = FrozenRoutes.from_settings(self.settings)
         await self.discover_base_model()

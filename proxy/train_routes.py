@@ -15,12 +15,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
 from starlette.responses import Response
 
-from proxy.errors import ApiError
-from proxy.read_routes import _json
-from proxy.reward_routes import admin
-from store.models import PolicyVersion, TrainStep, UpstreamVersion
-from store.queries import BadQuery, Page, decode_cursor, encode_cursor
-from store.rewards import aware
+from trainwire.proxy.errors import ApiError
+from trainwire.proxy.read_routes import _json
+from trainwire.proxy.reward_routes import admin
+from trainwire.store.models import PolicyVersion, TrainStep, UpstreamVersion
+from trainwire.store.queries import BadQuery, Page, decode_cursor, encode_cursor
+from trainwire.store.rewards import aware
 
 router = APIRouter(dependencies=[Depends(admin)])
 

@@ -12,16 +12,16 @@ read API (/stats, /sessions, /train/steps, ...), which checks the admin key as u
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
+from importlib.resources import files
 
 from fastapi import APIRouter
 from starlette.responses import RedirectResponse, Response
 
-from proxy.errors import ApiError
+from trainwire.proxy.errors import ApiError
 
 router = APIRouter(include_in_schema=False)
 
-UI_DIR = Path(__file__).with_name("ui")
+UI_DIR = files("trainwire.proxy") / "ui"  # a package resource, also in a wheel or zip
 FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 # The page must keep working offline and must not be framed by another site.
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",

@@ -77,7 +77,7 @@ def _worker(settings: Settings, sock: socket.socket, parent: int, ready) -> None
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
-    from proxy.app import create_app
+    from trainwire.proxy.app import create_app
 
     server = _Server(uvicorn_config(create_app(settings), settings), ready)
     server.run(sockets=[sock])

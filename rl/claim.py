@@ -44,7 +44,7 @@ from typing import AsyncIterator, Iterable, Sequence
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from store.models import Call, Reward, Session, utcnow
+from trainwire.store.models import Call, Reward, Session, utcnow
 
 log = logging.getLogger("trainwire.claim")
 

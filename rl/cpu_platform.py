@@ -15,7 +15,7 @@ Two ways to turn it on:
 * in-process (tests, CPU demo, the trainer worker): call :func:`activate` before anything imports
   ``verl.workers`` (``rl.engine`` does this for you);
 * in processes verl starts itself (Ray workers): export
-  ``VERL_USE_EXTERNAL_MODULES=rl.cpu_platform`` and ``VERL_PLATFORM=cpu``; importing this module
+  ``VERL_USE_EXTERNAL_MODULES=trainwire.rl.cpu_platform`` and ``VERL_PLATFORM=cpu``; importing this module
   registers the platform and verl's auto-detection picks it by name. :func:`activate` also sets
   ``VERL_ENGINE_DEVICE=cuda`` there, because verl registers its FSDP engine under the device keys
   ``cuda``/``npu`` only; the engine still places every tensor on the platform's device (``cpu``).
@@ -60,7 +60,7 @@ class _CpuDeviceModule(types.ModuleType):
     """
 
     def __init__(self) -> None:
-        super().__init__("rl.cpu_platform.device_module")
+        super().__init__("trainwire.rl.cpu_platform.device_module")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch.cpu, name)

@@ -44,7 +44,7 @@ Running it
   ``to_no_padding(padded_ppo_tensors(samples, pad_id, ...), cfg.temperature, <the non-tensor keys
   build_train_batch sets>)`` to ``wg.train_mini_batch(td)`` (``.get()`` the result); its DP
   dispatch splits the batch across ranks (pad it to a multiple of dp * micro_batch_size). On CPU-only Ray workers export
-  ``VERL_USE_EXTERNAL_MODULES=rl.cpu_platform VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda`` and make
+  ``VERL_USE_EXTERNAL_MODULES=trainwire.rl.cpu_platform VERL_PLATFORM=cpu VERL_ENGINE_DEVICE=cuda`` and make
   the group exist before the worker is built (verl would build the invalid backend string
   ``cpu:gloo,cpu:gloo``). Nothing here hard-codes a world size of 1.
 
@@ -67,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from rl import cpu_platform
+from trainwire.rl import cpu_platform
 
 # Must run before anything imports verl.workers (its FSDP engine reads the device name on import).
 cpu_platform.activate()
@@ -180,7 +180,7 @@ class EngineConfig:
                 raise ValueError("mini_batch_size must be a multiple of micro_batch_size")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
-        from rl.advantages import policy_loss_names
+        from trainwire.rl.advantages import policy_loss_names
 
         names = policy_loss_names()
         if self.policy_loss not in names:

@@ -49,11 +49,11 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from rl.claim import ClaimedCall, ClaimedSession
-from rl.credit import call_returns
+from trainwire.rl.claim import ClaimedCall, ClaimedSession
+from trainwire.rl.credit import call_returns
 
 if TYPE_CHECKING:
-    from rl.engine import Sample
+    from trainwire.rl.engine import Sample
 
 __all__ = ["BuildResult", "build_samples", "usable_call"]
 
@@ -123,7 +123,7 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
                   gamma: float = 1.0, default_reward: float = 0.0, group_by_task: bool = True,
                   current_version: int = 0, max_staleness: int | None = None) -> BuildResult:
     """Samples (advantage 0.0, weight 1/n per episode), their scores and group ids. See the module docstring."""
-    from rl.engine import Sample  # torch and verl: imported only when samples are built
+    from trainwire.rl.engine import Sample  # torch and verl: imported only when samples are built
 
     if mode not in ("transition", "trajectory"):
         raise ValueError(f"mode must be 'transition' or 'trajectory', got {mode!r}")

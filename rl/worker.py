@@ -19,9 +19,9 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert
 
-from store.db import make_engine
-from store.models import TrainStep
-from store.policy import latest_version, record_publish
+from trainwire.store.db import make_engine
+from trainwire.store.models import TrainStep
+from trainwire.store.policy import latest_version, record_publish
 from trainwire.settings import Settings
 
 log = logging.getLogger("trainwire.train")
@@ -94,7 +94,7 @@ class Trainer:
         self.vllm_root = Path(settings.publish_dir) / "published" if settings.publish_dir else self.publish_root
 
     def _engine_config(self):
-        from rl.engine import EngineConfig
+        from trainwire.rl.engine import EngineConfig
 
         s = self.s
         return EngineConfig(model_path=s.model, lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lr=s.lr,
@@ -103,7 +103,7 @@ class Trainer:
                             seed=s.seed, checkpoint_dir=str(s.checkpoint_dir / "state"))
 
     async def run(self) -> int:
-        from rl.advantages import advantage_estimator_names
+        from trainwire.rl.advantages import advantage_estimator_names
 
         s = self.s
         if s.adv_estimator not in advantage_estimator_names():
@@ -111,7 +111,7 @@ class Trainer:
                              + ", ".join(advantage_estimator_names()))
         _say(f"loading {s.model} into verl's engine ({'LoRA rank %d' % s.lora_rank if s.lora_rank else 'full fine-tuning'})")
         t0 = time.perf_counter()
-        from rl.engine import PolicyEngine
+        from trainwire.rl.engine import PolicyEngine
 
         self.policy = PolicyEngine(self._engine_config())
         resumed = self.policy.load_checkpoint()
@@ -148,8 +148,8 @@ class Trainer:
 
     async def _lead(self) -> int:
         s = self.s
-        from rl import claim as claims
-        from rl.publish import Publisher
+        from trainwire.rl import claim as claims
+        from trainwire.rl.publish import Publisher
 
         self.sink = MetricsSink(s)
         kind = "lora" if s.lora_rank else "full"
@@ -195,9 +195,9 @@ class Trainer:
 
     async def step_once(self) -> dict | None:
         """One claim-train-publish cycle; None when nothing was ready."""
-        from rl import claim as claims
-        from rl.advantages import compute_advantages
-        from rl.transitions import build_samples
+        from trainwire.rl import claim as claims
+        from trainwire.rl.advantages import compute_advantages
+        from trainwire.rl.transitions import build_samples
 
         s = self.s
         t = {"start": time.perf_counter()}

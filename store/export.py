@@ -36,10 +36,10 @@ import orjson
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from store.db import make_engine
-from store.models import Call, Reward
-from store.queries import call_output, content_text
-from store.rewards import aware
+from trainwire.store.db import make_engine
+from trainwire.store.models import Call, Reward
+from trainwire.store.queries import call_output, content_text
+from trainwire.store.rewards import aware
 
 C, R = Call.__table__, Reward.__table__
 PAGE = 500

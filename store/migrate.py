@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 
 from alembic import command
 from alembic.config import Config
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+def migrations_dir() -> str:
+    """The Alembic scripts, found as the package resource `trainwire.migrations` wherever it is installed."""
+    return str(files("trainwire.migrations"))
 
 
 def alembic_config(url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", migrations_dir())
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

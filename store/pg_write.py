@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 
-from store.db import dumps_pg
-from store.models import Call
+from trainwire.store.db import dumps_pg
+from trainwire.store.models import Call
 
 _COLUMNS = tuple(Call.__table__.columns)
 _NAMES = tuple(c.name for c in _COLUMNS)

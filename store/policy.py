@@ -8,7 +8,7 @@ from __future__ import annotations
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from store.models import PolicyVersion, UpstreamVersion, utcnow
+from trainwire.store.models import PolicyVersion, UpstreamVersion, utcnow
 
 CHANNEL = "trainwire_policy"
 

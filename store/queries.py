@@ -16,8 +16,8 @@ import orjson
 from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from store.models import Call, Reward, Session
-from store.rewards import aware, reward_dict
+from trainwire.store.models import Call, Reward, Session
+from trainwire.store.rewards import aware, reward_dict
 
 S, C, R = Session.__table__, Call.__table__, Reward.__table__
 

@@ -30,8 +30,8 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from store import pg_write
-from store.models import Call, Reward, Session
+from trainwire.store import pg_write
+from trainwire.store.models import Call, Reward, Session
 
 log = logging.getLogger("trainwire.writer")
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from tests import dbread
-from tests.apihelpers import TOOLS, chat, get, start, tool_call_msg, wait_for, wait_rewards
+from tests.support import dbread
+from tests.support.apihelpers import TOOLS, chat, get, start, tool_call_msg, wait_for, wait_rewards
 
 
 @pytest.fixture
@@ -195,9 +195,9 @@ def test_air_rewards_keep_the_writers_spool_guarantee(pg_url, tmp_path):
     import shutil
     from datetime import datetime, timezone
 
-    from store.db import make_engine
-    from store.writer import BatchWriter
-    from tests.pgcluster import free_port
+    from trainwire.store.db import make_engine
+    from trainwire.store.writer import BatchWriter
+    from tests.support.ports import free_port
 
     def call(i: int) -> dict:
         now = datetime.now(timezone.utc)

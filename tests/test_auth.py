@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests import dbread
-from tests.apihelpers import assert_openai_error, chat, curl, get, post, start
+from tests.support import dbread
+from tests.support.apihelpers import assert_openai_error, chat, curl, get, post, start
 
 AGENT, ADMIN, UPSTREAM = "agent-key-123", "admin-key-456", "upstream-secret-789"
 

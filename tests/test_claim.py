@@ -9,9 +9,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import insert, select, update
 
-from rl import claim as claims
-from store.db import make_engine
-from store.models import Call, Reward, Session, utcnow
+from trainwire.rl import claim as claims
+from trainwire.store.db import make_engine
+from trainwire.store.models import Call, Reward, Session, utcnow
 
 S, C, R = Session.__table__, Call.__table__, Reward.__table__
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rl.credit import call_returns
+from trainwire.rl.credit import call_returns
 
 
 def approx(values):

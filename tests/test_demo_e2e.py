@@ -33,9 +33,9 @@ import pytest
 from sqlalchemy import select
 
 from demo.run import first_last, per_version, read_log
-from tests.vllm_support import require_vllm_venv
-from store.db import make_engine
-from store.models import Call, PolicyVersion, Session, TrainStep
+from tests.support.vllm_support import require_vllm_venv
+from trainwire.store.db import make_engine
+from trainwire.store.models import Call, PolicyVersion, Session, TrainStep
 
 pytestmark = pytest.mark.vllm
 

@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("verl")
 pytest.importorskip("peft")
 
-from rl.advantages import compute_advantages, policy_loss_names  # noqa: E402
-from rl.engine import EngineConfig, PolicyEngine, Sample  # noqa: E402
+from trainwire.rl.advantages import compute_advantages, policy_loss_names  # noqa: E402
+from trainwire.rl.engine import EngineConfig, PolicyEngine, Sample  # noqa: E402
 
 CLIP = 0.2
 CLIP_C = 3.0
@@ -419,7 +419,7 @@ def test_reinforce_plus_plus_and_errors():
 _DP_SCRIPT = r'''
 import json, os, sys
 import torch
-from rl.engine import EngineConfig, PolicyEngine, Sample
+from trainwire.rl.engine import EngineConfig, PolicyEngine, Sample
 samples = [Sample(**s) for s in json.loads(os.environ["TW_SAMPLES"])]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 engine = PolicyEngine(EngineConfig(model_path=os.environ["TW_MODEL"], lr=1e-4, micro_batch_size=2))
@@ -487,11 +487,11 @@ def test_a_child_process_forms_its_own_group_despite_inherited_master_port():
     import subprocess
     import sys
 
-    from rl.cpu_platform import init_single_process_group
+    from trainwire.rl.cpu_platform import init_single_process_group
 
     init_single_process_group()
     parent_port = os.environ["MASTER_PORT"]
-    code = ("import os; from rl.cpu_platform import init_single_process_group as init; init(); "
+    code = ("import os; from trainwire.rl.cpu_platform import init_single_process_group as init; init(); "
             "print(os.environ['MASTER_PORT'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
                          cwd=Path(__file__).resolve().parent.parent, timeout=120)

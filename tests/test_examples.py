@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from store.migrate import upgrade_head
-from tests import dbread
-from tests.proxyproc import ProxyProcess
-from tests.scripted_upstream import Script, ScriptedUpstream
+from trainwire.store.migrate import upgrade_head
+from tests.support import dbread
+from tests.support.proxyproc import ProxyProcess
+from tests.support.scripted_upstream import Script, ScriptedUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
 # Rewards are stored by proxy/reward_routes.py; before it existed, the reward POST went to a recorder instead.
-HAS_REWARD_ROUTE = importlib.util.find_spec("proxy.reward_routes") is not None
+HAS_REWARD_ROUTE = importlib.util.find_spec("trainwire.proxy.reward_routes") is not None
 
 
 def _text(message: dict) -> str:

@@ -14,9 +14,9 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from store.export import COLUMNS, export, iter_jsonl
-from tests import dbread
-from tests.apihelpers import TOOLS, chat, post, start, wait_rewards
+from trainwire.store.export import COLUMNS, export, iter_jsonl
+from tests.support import dbread
+from tests.support.apihelpers import TOOLS, chat, post, start, wait_rewards
 
 
 def run_export(db_url: str, out: Path, *args: str) -> subprocess.CompletedProcess:

@@ -16,12 +16,12 @@ import openai
 import pytest
 import yaml
 
-from proxy.frozen import RouteConfigError, parse_routes
-from store.migrate import upgrade_head
-from tests import dbread
-from tests.pgcluster import free_port
-from tests.proxyproc import ProxyProcess
-from tests.scripted_upstream import ScriptedUpstream
+from trainwire.proxy.frozen import RouteConfigError, parse_routes
+from trainwire.store.migrate import upgrade_head
+from tests.support import dbread
+from tests.support.ports import free_port
+from tests.support.proxyproc import ProxyProcess
+from tests.support.scripted_upstream import ScriptedUpstream
 
 ROUTE_KEY = "sk-route-key"
 
@@ -223,7 +223,7 @@ def test_litellm_is_not_imported_without_routes(upstream, sqlite_url, tmp_path):
     script = textwrap.dedent(f"""
         import asyncio, sys
         import httpx
-        from proxy.app import create_app
+        from trainwire.proxy.app import create_app
         from trainwire.settings import Settings
 
         async def main(routes):

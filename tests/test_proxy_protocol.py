@@ -9,7 +9,7 @@ import openai
 import orjson
 import pytest
 
-from tests import dbread
+from tests.support import dbread
 
 
 def client(proxy, **headers) -> openai.OpenAI:
@@ -244,8 +244,8 @@ def test_policy_version_routing_and_lost_adapter_fallback(proxy, upstream, db_ur
     import asyncio
     import time
 
-    from store.db import make_engine
-    from store.policy import record_publish
+    from trainwire.store.db import make_engine
+    from trainwire.store.policy import record_publish
 
     async def publish(version: int, name: str) -> None:
         engine = make_engine(db_url)

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from tests import dbread
-from tests.apihelpers import TOOLS, assert_openai_error, chat, get, post, start, tool_call_msg
+from tests.support import dbread
+from tests.support.apihelpers import TOOLS, assert_openai_error, chat, get, post, start, tool_call_msg
 
 
 @pytest.fixture

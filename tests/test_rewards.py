@@ -9,9 +9,9 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from store.db import make_engine
-from tests import dbread
-from tests.apihelpers import assert_openai_error, chat, curl, get, post, start, wait_for
+from trainwire.store.db import make_engine
+from tests.support import dbread
+from tests.support.apihelpers import assert_openai_error, chat, curl, get, post, start, wait_for
 
 
 @pytest.fixture

@@ -27,10 +27,10 @@ import pytest
 from sqlalchemy import select
 
 from demo.agent import digit_reward
-from store.db import make_engine
-from store.models import PolicyVersion, Session, TrainStep, UpstreamVersion
-from tests import dbread
-from tests.vllm_support import require_vllm_venv, serve, tiny_model
+from trainwire.store.db import make_engine
+from trainwire.store.models import PolicyVersion, Session, TrainStep, UpstreamVersion
+from tests.support import dbread
+from tests.support.vllm_support import require_vllm_venv, serve, tiny_model
 
 pytestmark = pytest.mark.vllm
 
@@ -114,7 +114,7 @@ def record_sessions(proxy, tag: str, *, turns: int = 1) -> list[str]:
 
 def run_trainer(*, db_url: str, vllm, model_dir: Path, ckpt: Path, lora_rank: int, lr: float, steps: int,
                 log_path: Path, timeout: float = 300, nproc: int = 1) -> str:
-    from demo.vllm_server import free_port
+    from tests.support.ports import free_port
 
     # torchrun's --master-port 0 left the ranks waiting in the env rendezvous: give it a real free port.
     launcher = [sys.executable, "-m", "trainwire.cli"] if nproc == 1 else \

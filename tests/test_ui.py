@@ -16,14 +16,14 @@ import openai
 import pytest
 from sqlalchemy import insert, update
 
-from store.db import make_engine
-from store.migrate import upgrade_head
-from store.models import Session, TrainStep
-from store.policy import record_publish
-from tests import dbread
-from tests.apihelpers import TOOLS, assert_openai_error, chat, get, post, start, wait_for
-from tests.proxyproc import ProxyProcess
-from tests.scripted_upstream import ScriptedUpstream
+from trainwire.store.db import make_engine
+from trainwire.store.migrate import upgrade_head
+from trainwire.store.models import Session, TrainStep
+from trainwire.store.policy import record_publish
+from tests.support import dbread
+from tests.support.apihelpers import TOOLS, assert_openai_error, chat, get, post, start, wait_for
+from tests.support.proxyproc import ProxyProcess
+from tests.support.scripted_upstream import ScriptedUpstream
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vllm_support import require_vllm_venv, serve, tiny_model
+from tests.support.vllm_support import require_vllm_venv, serve, tiny_model
 
 MODEL = "tiny"
 BOS_ID = 1

@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
-from tests import dbread
-from tests.apihelpers import wait_for
-from tests.pgcluster import free_port
+from tests.support import dbread
+from tests.support.apihelpers import wait_for
+from tests.support.ports import free_port
 
 
 def _pids(proxy, n: int = 48) -> set[int]:

@@ -87,13 +87,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from proxy.server import run
+    from trainwire.proxy.server import run
 
     return run(settings)
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from store.migrate import upgrade_head
+    from trainwire.store.migrate import upgrade_head
 
     upgrade_head(settings.resolved_database_url)
     print(f"trainwire: database at {redact(settings.resolved_database_url)} is at the latest schema")
@@ -101,13 +101,13 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _train(settings: Settings, args: argparse.Namespace) -> int:
-    from rl.worker import run
+    from trainwire.rl.worker import run
 
     return run(settings)
 
 
 def _export(settings: Settings, args: argparse.Namespace) -> int:
-    from store.export import run_export
+    from trainwire.store.export import run_export
 
     return run_export(settings, args)
 

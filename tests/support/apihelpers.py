@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests import dbread
+from tests.support import dbread
 
 TOOLS = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}},
          {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.pgcluster import free_port
+from tests.support.ports import free_port
 
 
 class ProxyProcess:

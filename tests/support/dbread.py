@@ -7,8 +7,8 @@ import time
 
 from sqlalchemy import select
 
-from store.db import make_engine
-from store.models import Call, Reward, Session
+from trainwire.store.db import make_engine
+from trainwire.store.models import Call, Reward, Session
 
 
 async def _fetch(url: str, stmt):
@@ -46,7 +46,7 @@ def wait_calls(url: str, n: int, session_id: str | None = None, timeout: float =
 
 def insert_calls(url: str, rows: list[dict]) -> None:
     """Write call records the way the proxy's write path does (sessions upserted too)."""
-    from store.writer import write_calls
+    from trainwire.store.writer import write_calls
 
     async def write():
         engine = make_engine(url)

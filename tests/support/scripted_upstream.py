@@ -14,7 +14,7 @@ from typing import Any, Callable
 import orjson
 from aiohttp import web
 
-from tests.pgcluster import free_port
+from tests.support.ports import free_port
 
 
 @dataclass

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from demo.tiny_model import build_tiny_model
-from demo.vllm_server import free_port, start_vllm, venv_ready, vllm_venv
+from demo.vllm_server import start_vllm, venv_ready, vllm_venv
+from tests.support.ports import free_port
 
 
 def require_vllm_venv() -> None:
