@@ -12,9 +12,8 @@ from __future__ import annotations
 import orjson
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
-
 from trainwire.proxy.errors import ApiError
-from trainwire.proxy.reward_routes import admin
+from trainwire.proxy.plumbing import admin, state_of
 from trainwire.store.rewards import delete_rewards
 
 router = APIRouter(dependencies=[Depends(admin)])
@@ -26,7 +25,7 @@ def _answer(n: int) -> Response:
 
 @router.delete("/rewards/{reward_id}")
 async def delete_one(request: Request, reward_id: int) -> Response:
-    n = await delete_rewards(request.app.state.tw.engine, reward_id=reward_id)
+    n = await delete_rewards(state_of(request).engine, reward_id=reward_id)
     if not n:
         raise ApiError(404, f"no reward #{reward_id} that can be removed (unknown, or its session is already "
                             f"claimed by the trainer)", param="reward_id", code="reward_not_found")
@@ -38,4 +37,4 @@ async def delete_many(request: Request, source: str | None = None, session_id: s
     if not source and not session_id:
         raise ApiError(400, "give source (e.g. a rule name) and/or session_id: refusing to delete every reward",
                        param="source", code="invalid_value")
-    return _answer(await delete_rewards(request.app.state.tw.engine, source=source, session_id=session_id))
+    return _answer(await delete_rewards(state_of(request).engine, source=source, session_id=session_id))

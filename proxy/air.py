@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sqlalchemy import Text, cast, select
-
 from trainwire.store.models import Call, utcnow
 from trainwire.store.queries import content_text
 

@@ -9,9 +9,9 @@ import os
 from fastapi import FastAPI, Request
 from sqlalchemy import text
 from starlette.responses import JSONResponse
-
 from trainwire.proxy import errors
 from trainwire.proxy.state import ProxyState
+
 from trainwire.settings import Settings
 
 

@@ -13,7 +13,6 @@ import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
-
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
 from trainwire.proxy.errors import error_body
 from trainwire.proxy.ids import random_hex

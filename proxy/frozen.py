@@ -28,7 +28,6 @@ from typing import Any, AsyncIterator, Callable
 
 import orjson
 from starlette.responses import Response, StreamingResponse
-
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
 from trainwire.proxy.errors import TYPES
 

@@ -11,10 +11,16 @@ from typing import Any, Mapping
 import aiohttp
 import orjson
 from starlette.responses import Response
-
 from trainwire.proxy.auth import require_agent_key
 from trainwire.proxy.errors import ApiError, error_response
-from trainwire.proxy.forward import Call, UpstreamUnavailable, complete, open_upstream, stream
+from trainwire.proxy.forward import (
+    Call,
+    UpstreamUnavailable,
+    complete,
+    open_upstream,
+    stream,
+)
+from trainwire.proxy.plumbing import admit
 from trainwire.proxy.session_headers import context_from
 from trainwire.proxy.transparency import prepare
 
@@ -50,9 +56,7 @@ async def generate(tw, headers: Mapping[str, str], raw: bytes, path: str, sessio
             raise ApiError(404, f"The model '{model}' does not exist. Known models: {', '.join(known)}",
                            param="model", code="model_not_found")
         call.route = "frozen"
-    await tw.writer.wait_for_room()
-    call.seq = tw.next_seq(ctx.session_id)
-    tw.writer.begin(ctx.session_id)
+    call.seq = await admit(tw, ctx)
     if call.route == "frozen":
         return await tw.frozen.serve(call, tw.record)
     return await _serve_policy(tw, tw.upstream_headers(headers), call)

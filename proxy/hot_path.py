@@ -13,7 +13,6 @@ import logging
 import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
-
 from trainwire.proxy.errors import ApiError, api_error_response, error_response
 from trainwire.proxy.generation import generate
 from trainwire.proxy.session_headers import SESSION_IN_PATH

@@ -11,19 +11,15 @@ import aiohttp
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
-
 from trainwire.proxy.auth import require_agent_key
 from trainwire.proxy.forward import Call, response_headers
 from trainwire.proxy.generation import fail
+from trainwire.proxy.plumbing import admit, state_of
 from trainwire.proxy.session_headers import context_from
 
 router = APIRouter()
 # Catch-all for the rest of vLLM's API; included last so it shadows nothing.
 passthrough_router = APIRouter()
-
-
-def _state(request: Request):
-    return request.app.state.tw
 
 
 def _models_body(tw) -> bytes:
@@ -36,7 +32,7 @@ def _models_body(tw) -> bytes:
 @router.get("/v1/models")
 @router.get("/sessions/{session_id:twsession}/v1/models")
 async def models(request: Request, session_id: str | None = None) -> Response:
-    tw = _state(request)
+    tw = state_of(request)
     require_agent_key(request.headers, tw.settings)
     return Response(_models_body(tw), media_type="application/json")
 
@@ -63,7 +59,7 @@ async def tokenize(request: Request) -> Response:
 
 
 async def _passthrough(request: Request, path: str, session_id: str | None) -> Response:
-    tw = _state(request)
+    tw = state_of(request)
     require_agent_key(request.headers, tw.settings)
     ctx = context_from(request.headers, session_id)
     raw = await request.body()
@@ -73,9 +69,7 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
         body = {"raw": raw.decode("utf-8", "replace")}
     call = Call(ctx=ctx, kind="other", path=path, request=body, stream=False,
                 model_requested=body.get("model") if isinstance(body, dict) else None, route="passthrough")
-    await tw.writer.wait_for_room()
-    call.seq = tw.next_seq(ctx.session_id)
-    tw.writer.begin(ctx.session_id)
+    call.seq = await admit(tw, ctx)
     upstream = tw.pool.order(ctx.session_id)[0]
     served, version = tw.policy.resolve(upstream.url)
     call.upstream, call.policy_version = upstream.url, version

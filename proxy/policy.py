@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
-
 from trainwire.store.policy import CHANNEL, upstream_versions
 
 log = logging.getLogger("trainwire.policy")

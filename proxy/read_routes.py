@@ -12,24 +12,16 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 
-import orjson
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
-
 from trainwire.proxy.errors import ApiError
-from trainwire.proxy.reward_routes import admin
+from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
 from trainwire.store import queries
 
 router = APIRouter(dependencies=[Depends(admin)])
 
 STATUSES = ("open", "finished", "claimed", "trained", "skipped")
-
-
-def _json(body: Any) -> Response:
-    return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC),
-                    media_type="application/json")
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:
@@ -50,11 +42,9 @@ def parse_time(value: str | None, name: str) -> datetime | None:
 async def _flush(request: Request, session_id: str) -> None:
     # Read-your-writes: calls this process still holds in its queue are written first (not calls still
     # being served: a dashboard polling a live session must not wait for its stream to end).
-    await request.app.state.tw.writer.flush_session(session_id, timeout=5.0, inflight=False)
+    await state_of(request).writer.flush_session(session_id, timeout=5.0, inflight=False)
 
 
-Limit = Query(50, ge=1, le=1000)
-Offset = Query(None, ge=0)
 
 
 @router.get("/sessions")
@@ -65,27 +55,27 @@ async def list_sessions(request: Request, status: str | None = None, task: str |
         raise ApiError(400, f"status must be one of {', '.join(STATUSES)}; got {status[:40]!r}", param="status",
                        code="invalid_value")
     try:
-        page = await queries.list_sessions(request.app.state.tw.engine, status=status, task=task, agent=agent,
+        page = await queries.list_sessions(state_of(request).engine, status=status, task=task, agent=agent,
                                            since=parse_time(since, "since"), until=parse_time(until, "until"),
                                            limit=limit, cursor=cursor, offset=offset)
     except queries.BadQuery as exc:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
-    return _json(page.body())
+    return json_response(page.body())
 
 
 @router.get("/sessions/{session_id:twsession}")
 async def get_session(request: Request, session_id: str, tokens: bool = False) -> Response:
     await _flush(request, session_id)
-    found = await queries.get_session(request.app.state.tw.engine, session_id, tokens=tokens)
+    found = await queries.get_session(state_of(request).engine, session_id, tokens=tokens)
     if found is None:
         raise ApiError(404, f"no session {session_id!r}: no calls and no rewards were recorded for it",
                        param="session_id", code="session_not_found")
-    return _json(found)
+    return json_response(found)
 
 
 @router.get("/calls/{call_id}")
 async def get_call(request: Request, call_id: str, tokens: bool = False) -> Response:
-    tw = request.app.state.tw
+    tw = state_of(request)
     session_id = tw.writer.pending_session_of(call_id)
     if session_id is not None:
         await _flush(request, session_id)
@@ -93,7 +83,7 @@ async def get_call(request: Request, call_id: str, tokens: bool = False) -> Resp
     if found is None:
         raise ApiError(404, f"no call {call_id!r} (call ids are the X-Call-Id response header)", param="call_id",
                        code="call_not_found")
-    return _json(found)
+    return json_response(found)
 
 
 @router.get("/rewards")
@@ -101,17 +91,17 @@ async def list_rewards(request: Request, session_id: str | None = None, source: 
                        final: bool | None = None, orphaned: bool | None = None, limit: int = Limit,
                        cursor: str | None = None, offset: int | None = Offset) -> Response:
     try:
-        page = await queries.list_rewards(request.app.state.tw.engine, session_id=session_id, source=source,
+        page = await queries.list_rewards(state_of(request).engine, session_id=session_id, source=source,
                                           final=final, orphaned=orphaned, limit=limit, cursor=cursor,
                                           offset=offset)
     except queries.BadQuery as exc:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
-    return _json(page.body())
+    return json_response(page.body())
 
 
 @router.get("/stats")
 async def stats(request: Request) -> Response:
-    tw = request.app.state.tw
+    tw = state_of(request)
     body = await queries.stats(tw.engine)
     body["write_queue"] = {"calls": tw.writer.depth, "rewards": tw.writer.reward_depth}
-    return _json(body)
+    return json_response(body)

@@ -27,17 +27,21 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
-
-from trainwire.proxy.auth import require_admin_key
 from trainwire.proxy.errors import ApiError
-from trainwire.proxy.session_headers import _ID  # importing it also registers the `twsession` path convertor
-from trainwire.store.rewards import NewReward, RewardError, call_session, check_finite_json, session_exists, store_reward
+from trainwire.proxy.plumbing import admin, json_response, state_of
+from trainwire.proxy.session_headers import (
+    _ID,  # importing it also registers the `twsession` path convertor
+)
+from trainwire.store.rewards import (
+    NewReward,
+    RewardError,
+    call_session,
+    check_finite_json,
+    session_exists,
+    store_reward,
+)
 
 log = logging.getLogger("trainwire.rewards")
-
-
-def admin(request: Request) -> None:
-    require_admin_key(request.headers, request.app.state.tw.settings)
 
 
 router = APIRouter(dependencies=[Depends(admin)])
@@ -231,7 +235,7 @@ async def _visible(tw, check, grace_s: float) -> Any:
 
 
 async def _store(request: Request, new: NewReward) -> Response:
-    tw = request.app.state.tw
+    tw = state_of(request)
     flushed = await tw.writer.flush_session(new.session_id)
     # Other workers' write queues are invisible to this one: give them a few write intervals.
     grace = (4 * tw.settings.write_interval_ms / 1000 + 1.0) if tw.settings.workers > 1 else 0.0
@@ -263,8 +267,7 @@ async def _store(request: Request, new: NewReward) -> Response:
         log.warning("reward #%s for session %r, which has no recorded calls: kept as orphaned",
                     stored.reward["id"], new.session_id)
     body = {**stored.reward, "orphaned": stored.orphaned, "duplicate": stored.duplicate}
-    return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC),
-                    media_type="application/json")
+    return json_response(body)
 
 
 async def _reward(request: Request, path_session: str | None) -> Response:

@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 
 from starlette.convertors import Convertor, register_url_convertor
-
 from trainwire.proxy.errors import ApiError
 from trainwire.proxy.ids import random_hex
 

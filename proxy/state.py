@@ -8,12 +8,12 @@ import time
 from typing import Mapping
 
 import aiohttp
-
 from trainwire.proxy.air import Air
 from trainwire.proxy.policy import PolicyState
 from trainwire.proxy.upstreams import UpstreamPool
 from trainwire.store.db import make_engine, make_sessionmaker
 from trainwire.store.writer import BatchWriter
+
 from trainwire.settings import Settings
 
 log = logging.getLogger("trainwire.proxy")

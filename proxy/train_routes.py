@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 from starlette.responses import Response
-
 from trainwire.proxy.errors import ApiError
-from trainwire.proxy.read_routes import _json
-from trainwire.proxy.reward_routes import admin
+from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
 from trainwire.store.models import PolicyVersion, TrainStep, UpstreamVersion
 from trainwire.store.queries import BadQuery, Page, decode_cursor, encode_cursor
 from trainwire.store.rewards import aware
@@ -26,8 +24,6 @@ router = APIRouter(dependencies=[Depends(admin)])
 
 T, P, U = TrainStep.__table__, PolicyVersion.__table__, UpstreamVersion.__table__
 
-Limit = Query(50, ge=1, le=1000)
-Offset = Query(None, ge=0)
 
 
 def _int_cursor(cursor: str) -> int:
@@ -48,7 +44,7 @@ async def _page(request: Request, table, key, limit: int, cursor: str | None, of
     q = q.order_by(key.desc()).limit(limit + 1)
     if offset and not cursor:
         q = q.offset(offset)
-    async with request.app.state.tw.engine.connect() as conn:
+    async with state_of(request).engine.connect() as conn:
         rows = [r._mapping for r in (await conn.execute(q)).all()]
     return rows[:limit], len(rows) > limit
 
@@ -63,7 +59,7 @@ def _step_dict(m) -> dict[str, Any]:
 async def train_steps(request: Request, limit: int = Limit, cursor: str | None = None,
                       offset: int | None = Offset) -> Response:
     rows, more = await _page(request, T, T.c.step, limit, cursor, offset)
-    return _json(Page([_step_dict(r) for r in rows], encode_cursor(rows[-1]["step"]) if more and rows else None)
+    return json_response(Page([_step_dict(r) for r in rows], encode_cursor(rows[-1]["step"]) if more and rows else None)
                  .body())
 
 
@@ -71,7 +67,7 @@ async def train_steps(request: Request, limit: int = Limit, cursor: str | None =
 async def policy_versions(request: Request, limit: int = Limit, cursor: str | None = None,
                           offset: int | None = Offset) -> Response:
     rows, more = await _page(request, P, P.c.version, limit, cursor, offset)
-    async with request.app.state.tw.engine.connect() as conn:
+    async with state_of(request).engine.connect() as conn:
         serving = (await conn.execute(select(U.c.upstream, U.c.version).order_by(U.c.upstream))).all()
     by_version: dict[int, list[str]] = {}
     for upstream, version in serving:
@@ -80,4 +76,4 @@ async def policy_versions(request: Request, limit: int = Limit, cursor: str | No
              "served_model": m["served_model"], "path": m["path"], "train_step": m["train_step"],
              "status": m["status"], "created_at": aware(m["created_at"]),
              "serving_upstreams": by_version.get(m["version"], [])} for m in rows]
-    return _json(Page(data, encode_cursor(rows[-1]["version"]) if more and rows else None).body())
+    return json_response(Page(data, encode_cursor(rows[-1]["version"]) if more and rows else None).body())

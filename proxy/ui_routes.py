@@ -16,7 +16,6 @@ from importlib.resources import files
 
 from fastapi import APIRouter
 from starlette.responses import RedirectResponse, Response
-
 from trainwire.proxy.errors import ApiError
 
 router = APIRouter(include_in_schema=False)

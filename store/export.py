@@ -35,7 +35,6 @@ from typing import Any, Iterator
 import orjson
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
-
 from trainwire.store.db import make_engine
 from trainwire.store.models import Call, Reward
 from trainwire.store.queries import call_output, content_text

@@ -12,7 +12,6 @@ from typing import Any
 
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
-
 from trainwire.store.db import dumps_pg
 from trainwire.store.models import Call
 

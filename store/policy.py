@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
-
 from trainwire.store.models import PolicyVersion, UpstreamVersion, utcnow
 
 CHANNEL = "trainwire_policy"

@@ -15,7 +15,6 @@ from typing import Any
 import orjson
 from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
-
 from trainwire.store.models import Call, Reward, Session
 from trainwire.store.rewards import aware, reward_dict
 

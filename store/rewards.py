@@ -23,7 +23,6 @@ from typing import Any
 from sqlalchemy import and_, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
-
 from trainwire.store.models import Call, Reward, Session, utcnow
 
 R, S, C = Reward.__table__, Session.__table__, Call.__table__

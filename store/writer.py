@@ -28,8 +28,12 @@ from typing import Any
 import orjson
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
-
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 from trainwire.store import pg_write
 from trainwire.store.models import Call, Reward, Session
 
