@@ -2,7 +2,7 @@
 
 Starts a throwaway Postgres (tests/pgcluster.py), creates the schema with the real migrations
 (store.migrate.upgrade_head), writes N sessions through the proxy's own write path
-(store.writer.write_calls, in batches of the proxy's default --write-batch-size) and reports what the
+(store.write_sql.write_batch, in batches of the proxy's default --write-batch-size) and reports what the
 tables take on disk: heap + TOAST + indexes (pg_total_relation_size), per call and per million calls, and
 the WAL the inserts wrote (what streaming replication and WAL archiving ship).
 
@@ -42,7 +42,8 @@ from sqlalchemy import insert, text  # noqa: E402
 from trainwire.store.db import make_engine  # noqa: E402
 from trainwire.store.migrate import upgrade_head  # noqa: E402
 from trainwire.store.models import Reward  # noqa: E402
-from trainwire.store.writer import write_calls  # noqa: E402
+from trainwire.records import CallRecord  # noqa: E402
+from trainwire.store.write_sql import write_batch  # noqa: E402
 from tests.support.pgcluster import PgCluster, _bin  # noqa: E402
 
 CHARS_PER_TOKEN = 4
@@ -184,7 +185,7 @@ async def measure(url: str, args) -> dict:
     t0 = time.perf_counter()
     for i in range(0, len(stream), args.batch):
         async with engine.begin() as conn:
-            await write_calls(conn, engine, stream[i:i + args.batch])
+            await write_batch(conn, [CallRecord(**r) for r in stream[i:i + args.batch]])
     async with engine.begin() as conn:
         await conn.execute(insert(Reward.__table__), [
             {"session_id": s[0]["session_id"], "value": round(t.rng.random(), 3), "final": True, "source": "user",

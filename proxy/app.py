@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from trainwire.proxy import errors
 from trainwire.proxy.state import ProxyState
 
-from trainwire.settings import Settings
+from trainwire.settings import ProxySettings
 
 
 class TrainwireApp(FastAPI):
@@ -25,7 +25,7 @@ class TrainwireApp(FastAPI):
         await self.front(scope, receive, send)
 
 
-def create_app(settings: Settings) -> TrainwireApp:
+def create_app(settings: ProxySettings) -> TrainwireApp:
     state = ProxyState(settings)
 
     @contextlib.asynccontextmanager

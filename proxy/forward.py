@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from trainwire.records import CallRecord
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
 from trainwire.proxy.errors import error_body
 from trainwire.proxy.ids import random_hex
@@ -63,29 +64,29 @@ class Call:
                 "X-Policy-Version": str(self.policy_version or 0)}
 
     def record(self, *, status: int, response: Any, error: str | None = None, aborted: bool = False,
-               tokens=None, usage: dict | None = None) -> dict[str, Any]:
+               tokens=None, usage: dict | None = None) -> CallRecord:
         now = time.perf_counter()
         upstream_ms = (self.t_upstream_done - self.t_sent) * 1000 if self.t_sent and self.t_upstream_done else None
         pre_ms = ((self.t_sent or now) - self.started) * 1000
         post_ms = (now - self.t_upstream_done) * 1000 if self.t_upstream_done else 0.0
         if usage is None and isinstance(response, dict):
             usage = response.get("usage")
-        return {
-            "id": self.call_id, "session_id": self.ctx.session_id, "seq": self.seq, "task_id": self.ctx.task_id,
-            "agent_name": self.ctx.agent_name, "trainable": self.ctx.trainable and self.route == "policy",
-            "kind": self.kind, "path": self.path, "stream": self.stream, "model_requested": self.model_requested,
-            "model_served": self.model_served, "route": self.route, "upstream": self.upstream,
-            "policy_version": self.policy_version, "request": self.request, "response": response,
-            "prompt_token_ids": tokens.prompt_token_ids if tokens else None,
-            "completion_token_ids": tokens.completion_token_ids if tokens else None,
-            "logprobs": tokens.logprobs if tokens else None,
-            "finish_reason": tokens.finish_reason if tokens else None,
-            "usage": usage if isinstance(usage, dict) else None, "status_code": status, "error": error,
-            "aborted": aborted, "started_at": self.started_at, "finished_at": datetime.now(timezone.utc),
-            "upstream_ms": upstream_ms,
-            "ttft_ms": (self.t_first - self.t_sent) * 1000 if self.t_first and self.t_sent else None,
-            "overhead_ms": pre_ms + post_ms + self.processing_s * 1000,
-        }
+        return CallRecord(
+            id=self.call_id, session_id=self.ctx.session_id, seq=self.seq, task_id=self.ctx.task_id,
+            agent_name=self.ctx.agent_name, trainable=self.ctx.trainable and self.route == "policy",
+            kind=self.kind, path=self.path, stream=self.stream, model_requested=self.model_requested,
+            model_served=self.model_served, route=self.route, upstream=self.upstream,
+            policy_version=self.policy_version, request=self.request, response=response,
+            prompt_token_ids=tokens.prompt_token_ids if tokens else None,
+            completion_token_ids=tokens.completion_token_ids if tokens else None,
+            logprobs=tokens.logprobs if tokens else None,
+            finish_reason=tokens.finish_reason if tokens else None,
+            usage=usage if isinstance(usage, dict) else None, status_code=status, error=error,
+            aborted=aborted, started_at=self.started_at, finished_at=datetime.now(timezone.utc),
+            upstream_ms=upstream_ms,
+            ttft_ms=(self.t_first - self.t_sent) * 1000 if self.t_first and self.t_sent else None,
+            overhead_ms=pre_ms + post_ms + self.processing_s * 1000,
+        )
 
 
 class UpstreamUnavailable(Exception):

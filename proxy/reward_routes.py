@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
+from trainwire.proxy.air import KEY_PREFIX as AIR_KEY_PREFIX
 from trainwire.proxy.errors import ApiError
 from trainwire.proxy.plumbing import admin, json_response, state_of
 from trainwire.proxy.session_headers import (
@@ -187,7 +188,6 @@ def _validate(body: dict[str, Any]) -> RewardBody:
         raise ApiError(400, message, param=param, code="invalid_value") from None
 
 
-AIR_KEY_PREFIX = "air:"  # automatic rewards' keys (proxy.air); a user key there could shadow one
 
 
 def _idempotency_key(request: Request, body: RewardBody) -> str | None:

@@ -6,10 +6,10 @@ import sys
 
 import uvicorn
 
-from trainwire.settings import Settings
+from trainwire.settings import ProxySettings
 
 
-def run(settings: Settings) -> int:
+def run(settings: ProxySettings) -> int:
     from trainwire.proxy import workers
 
     if settings.workers > 1:

@@ -14,7 +14,8 @@ from trainwire.proxy.upstreams import UpstreamPool
 from trainwire.store.db import make_engine, make_sessionmaker
 from trainwire.store.writer import BatchWriter
 
-from trainwire.settings import Settings
+from trainwire.records import CallRecord
+from trainwire.settings import ProxySettings
 
 log = logging.getLogger("trainwire.proxy")
 
@@ -22,7 +23,7 @@ _SEQ_SESSIONS = 100_000
 
 
 class ProxyState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self.started_at = time.time()
         self.engine = make_engine(settings.resolved_database_url)
@@ -30,7 +31,7 @@ class ProxyState:
         self.writer = BatchWriter(self.engine, batch_size=settings.write_batch_size,
                                   interval_ms=settings.write_interval_ms, max_queue=settings.write_queue_size,
                                   spool_dir=settings.spool_dir)
-        self.air = Air(settings, self.writer, self.engine)
+        self.air = Air(settings.air, settings.air_tool_error_pattern, self.writer, self.engine)
         self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
         self.http: aiohttp.ClientSession | None = None
@@ -62,13 +63,13 @@ class ProxyState:
             await self.http.close()
         await self.engine.dispose()
 
-    def record(self, rec: dict) -> None:
+    def record(self, rec: CallRecord) -> None:
         """Where every finished call goes: automatic rewards first (queued beside it), then the write queue.
         A failing rule never costs the call its record."""
         try:
             self.air.observe(rec)
         except Exception:
-            log.exception("automatic rewards failed on call %s; it is recorded without them", rec.get("id"))
+            log.exception("automatic rewards failed on call %s; it is recorded without them", rec.id)
         self.writer.submit(rec)
 
     def next_seq(self, session_id: str) -> int:

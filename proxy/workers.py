@@ -26,7 +26,7 @@ import time
 
 import uvicorn
 
-from trainwire.settings import Settings
+from trainwire.settings import ProxySettings
 
 log = logging.getLogger("trainwire.workers")
 
@@ -53,7 +53,7 @@ def listen_sockets(host: str, port: int, n: int) -> list[socket.socket]:
     return sockets
 
 
-def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+def uvicorn_config(app, settings: ProxySettings) -> uvicorn.Config:
     # No proxy_headers: trainwire never reads the client address, and the middleware costs time on every call.
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
                           timeout_graceful_shutdown=60, access_log=False, proxy_headers=False)
@@ -72,7 +72,7 @@ class _Server(uvicorn.Server):
             self.ready.set()
 
 
-def _worker(settings: Settings, sock: socket.socket, parent: int, ready) -> None:
+def _worker(settings: ProxySettings, sock: socket.socket, parent: int, ready) -> None:
     os.setpgid(0, 0)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
@@ -93,7 +93,7 @@ def _stop_when_orphaned(parent: int) -> None:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self.sockets = listen_sockets(settings.host, settings.port, settings.workers)
         self.metrics_dir = _metrics_dir()

@@ -49,3 +49,10 @@ def dumps_pg(value) -> str:
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def redact(url: str) -> str:
+    """A database URL fit for logs and messages: the password hidden."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -195,24 +195,22 @@ def test_air_rewards_keep_the_writers_spool_guarantee(pg_url, tmp_path):
     import shutil
     from datetime import datetime, timezone
 
+    from trainwire.records import CallRecord, RewardRecord
     from trainwire.store.db import make_engine
     from trainwire.store.writer import BatchWriter
     from tests.support.ports import free_port
 
-    def call(i: int) -> dict:
+    def call(i: int) -> CallRecord:
         now = datetime.now(timezone.utc)
-        return {"id": f"spool-{i}", "session_id": "spooled", "seq": i, "task_id": None, "agent_name": None,
-                "trainable": True, "kind": "chat", "path": "/v1/chat/completions", "stream": False,
-                "model_requested": "policy", "model_served": "base", "route": "policy", "upstream": None,
-                "policy_version": 0, "request": {"messages": []}, "response": None, "prompt_token_ids": [1],
-                "completion_token_ids": [2], "logprobs": [-0.1], "finish_reason": "length", "usage": None,
-                "status_code": 200, "error": None, "aborted": False, "started_at": now, "finished_at": now,
-                "upstream_ms": None, "ttft_ms": None, "overhead_ms": None}
+        return CallRecord(id=f"spool-{i}", session_id="spooled", seq=i, kind="chat", path="/v1/chat/completions",
+                          model_requested="policy", model_served="base", policy_version=0,
+                          request={"messages": []}, prompt_token_ids=[1], completion_token_ids=[2], logprobs=[-0.1],
+                          finish_reason="length", status_code=200, started_at=now, finished_at=now)
 
-    def reward(i: int) -> dict:
-        return {"session_id": "spooled", "call_id": f"spool-{i}", "value": -0.2, "final": False,
-                "source": "truncated", "idempotency_key": f"air:truncated:spool-{i}", "metadata": {"i": i},
-                "created_at": datetime.now(timezone.utc)}
+    def reward(i: int) -> RewardRecord:
+        return RewardRecord(session_id="spooled", call_id=f"spool-{i}", value=-0.2, final=False, source="truncated",
+                            idempotency_key=f"air:truncated:spool-{i}", metadata={"i": i},
+                            created_at=datetime.now(timezone.utc))
 
     async def scenario() -> None:
         spool = tmp_path / "spool"

@@ -1,4 +1,5 @@
-"""`trainwire` console script. Flags are generated from `Settings`, so a flag, its env variable and its
+"""`trainwire` console script. Each command's flags are generated from its settings group
+(trainwire/settings.py) and the automatic-reward rules from their registry, so a flag, its env variable and its
 default can never disagree."""
 
 from __future__ import annotations
@@ -7,37 +8,30 @@ import argparse
 import logging
 import sys
 import typing
-from typing import Callable
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from trainwire.settings import Settings
+from trainwire.settings import ProxySettings, SharedSettings, TrainerSettings
 
-SHARED = ["database_url", "log_level"]
-PROXY = ["host", "port", "workers", "upstream", "upstream_api_key", "upstream_model", "policy_model", "model_route",
-         "routes_file", "api_key", "admin_key", "upstream_timeout_s", "write_batch_size", "write_interval_ms",
-         "write_queue_size", "spool_dir", "policy_poll_s", "air_invalid_tool_call", "air_tool_error", "air_truncated",
-         "air_tool_error_pattern"]
-TRAINER = ["upstream", "upstream_api_key", "policy_model", "model", "lora_rank", "lora_alpha", "batch_size", "lr",
-           "checkpoint_dir", "publish_dir", "train_agent", "group_by_task", "group_size", "group_timeout_s", "mode",
-           "gamma", "default_reward", "adv_estimator", "policy_loss", "loss_agg_mode", "clip_ratio", "kl_coef",
-           "temperature", "max_staleness", "settle_s", "claim_timeout_s", "poll_s", "max_steps", "lora_grace_s",
-           "tensorboard_dir", "wandb_project", "seed"]
-
-COMMANDS: dict[str, tuple[str, list[str]]] = {
-    "serve": ("Run the recording proxy", SHARED + PROXY),
-    "migrate": ("Create or upgrade the database schema (Alembic upgrade head)", SHARED),
-    "train": ("Run the trainer worker: claim rewarded sessions, train with verl, publish to vLLM", SHARED + TRAINER),
-    "export": ("Export recorded calls as JSONL or Parquet", SHARED),
+# Each command takes the settings group it runs with; its flags are that group's fields.
+COMMANDS: dict[str, tuple[str, type[SharedSettings]]] = {
+    "serve": ("Run the recording proxy", ProxySettings),
+    "migrate": ("Create or upgrade the database schema (Alembic upgrade head)", SharedSettings),
+    "train": ("Run the trainer worker: claim rewarded sessions, train with verl, publish to vLLM", TrainerSettings),
+    "export": ("Export recorded calls as JSONL or Parquet", SharedSettings),
 }
+# Settings filled by flags of their own rather than a flag per field.
+_NOT_FLAGS = {"air"}
+_AIR_DEST = "air:"
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_setting(parser: argparse.ArgumentParser, name: str) -> None:
-    field = Settings.model_fields[name]
+def _add_setting(parser: argparse.ArgumentParser, group: type[SharedSettings], name: str) -> None:
+    field = group.model_fields[name]
     origin = typing.get_origin(field.annotation)
     args = typing.get_args(field.annotation)
     help_text = f"{field.description} (env TRAINWIRE_{name.upper()})"
@@ -52,10 +46,13 @@ def _add_setting(parser: argparse.ArgumentParser, name: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainwire", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command, (help_text, names) in COMMANDS.items():
+    for command, (help_text, group) in COMMANDS.items():
         p = sub.add_parser(command, help=help_text, description=help_text)
-        for name in dict.fromkeys(names):
-            _add_setting(p, name)
+        for name in group.model_fields:
+            if name not in _NOT_FLAGS:
+                _add_setting(p, group, name)
+        if issubclass(group, ProxySettings):
+            _add_air_flags(p)
         if command == "export":
             p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
             p.add_argument("--out", required=True, help="Output file")
@@ -67,9 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**given)
+def _add_air_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per registered automatic-reward rule (proxy/air_rules.py)."""
+    from trainwire.proxy.air_rules import RULES
+
+    for rule in RULES.values():
+        default = "off" if rule.default is None else rule.default
+        parser.add_argument(rule.flag, dest=_AIR_DEST + rule.name, default=None, metavar="VALUE",
+                            help=f"{rule.help} (default {default}; env TRAINWIRE_AIR_{rule.name.upper()})")
+
+
+def settings_from_args(args: argparse.Namespace) -> SharedSettings:
+    group = COMMANDS[args.command][1]
+    given = {k: v for k, v in vars(args).items() if k in group.model_fields and v is not None}
+    air = {k[len(_AIR_DEST):]: v for k, v in vars(args).items() if k.startswith(_AIR_DEST) and v is not None}
+    if air:
+        given["air"] = air
+    return group(**given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,17 +93,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trainwire: error: {loc}: {err['msg']}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler: Callable[[Settings, argparse.Namespace], int | None] = HANDLERS[args.command]
+    handler: Callable[[Any, argparse.Namespace], int | None] = HANDLERS[args.command]
     return handler(settings, args) or 0
 
 
-def _serve(settings: Settings, args: argparse.Namespace) -> int:
+def _serve(settings: ProxySettings, args: argparse.Namespace) -> int:
     from trainwire.proxy.server import run
 
     return run(settings)
 
 
-def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+def _migrate(settings: SharedSettings, args: argparse.Namespace) -> int:
+    from trainwire.store.db import redact
     from trainwire.store.migrate import upgrade_head
 
     upgrade_head(settings.resolved_database_url)
@@ -100,22 +112,16 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(settings: Settings, args: argparse.Namespace) -> int:
+def _train(settings: TrainerSettings, args: argparse.Namespace) -> int:
     from trainwire.rl.worker import run
 
     return run(settings)
 
 
-def _export(settings: Settings, args: argparse.Namespace) -> int:
+def _export(settings: SharedSettings, args: argparse.Namespace) -> int:
     from trainwire.store.export import run_export
 
     return run_export(settings, args)
-
-
-def redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 HANDLERS = {"serve": _serve, "migrate": _migrate, "train": _train, "export": _export}

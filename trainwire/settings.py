@@ -1,4 +1,6 @@
-"""The one settings object. Every field is a CLI flag (`--kebab-name`) and a `TRAINWIRE_*` env variable.
+"""The settings, in groups: `SharedSettings` (every command), `UpstreamSettings` (the proxy and the trainer),
+`ProxySettings` (`trainwire serve`) and `TrainerSettings` (`trainwire train`); `Settings` has them all. Every field
+is a CLI flag (`--kebab-name`) of the commands whose group has it, and a `TRAINWIRE_*` env variable.
 
 Precedence: CLI flag > environment > `.env` file > default. List fields are repeatable flags
 (`--upstream A --upstream B`) or, in the environment, comma-separated or JSON lists.
@@ -6,13 +8,16 @@ Precedence: CLI flag > environment > `.env` file > default. List fields are repe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_SQLITE_URL = "sqlite+aiosqlite:///./trainwire.db"
+AIR_ENV_PREFIX = "TRAINWIRE_AIR_"
 
 
 def _split_list(value):
@@ -30,17 +35,66 @@ def _split_list(value):
 StrList = Annotated[list[str], NoDecode]
 
 
-class Settings(BaseSettings):
+class _AirEnv(PydanticBaseSettingsSource):
+    """`TRAINWIRE_AIR_<RULE>=VALUE|off` (environment or .env) into `air`. The rules register themselves in the
+    proxy (proxy/air_rules.py), below which the settings sit, so they cannot be declared here as fields; the proxy
+    refuses a rule name it does not know."""
+
+    def __init__(self, settings_cls, env_file) -> None:
+        super().__init__(settings_cls)
+        self.env_file = env_file
+
+    def get_field_value(self, field, field_name):  # one value for the whole model, see __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        declared = {f"TRAINWIRE_{name.upper()}" for name in self.settings_cls.model_fields}
+        found: dict[str, str] = {}
+        dotenv = dotenv_values(self.env_file) if self.env_file and Path(self.env_file).is_file() else {}
+        for source in (dotenv, os.environ):
+            for key, value in source.items():
+                key = key.upper()
+                if key.startswith(AIR_ENV_PREFIX) and key not in declared and value is not None:
+                    found[key[len(AIR_ENV_PREFIX):].lower()] = value
+        return {"air": found} if found else {}
+
+
+class SharedSettings(BaseSettings):
+    """What every command needs: where the store is."""
+
     model_config = SettingsConfigDict(env_prefix="TRAINWIRE_", env_file=".env", extra="ignore")
 
-    # --- shared -------------------------------------------------------------------------------
     database_url: str | None = Field(None, description="SQLAlchemy URL; postgresql:// or sqlite. Default: ./trainwire.db (SQLite)")
+    log_level: str = Field("info", description="Python log level")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return normalize_database_url(self.database_url or DEFAULT_SQLITE_URL)
+
+
+class UpstreamSettings(SharedSettings):
+    """The proxy and the trainer: which vLLM servers serve the policy, and under what name."""
+
     upstream: StrList = Field(default_factory=lambda: ["http://127.0.0.1:8000"], description="vLLM base URL (repeatable)")
     upstream_api_key: str | None = Field(None, description="Bearer key the upstream vLLM expects; never echoed")
     policy_model: str = Field("policy", description="Model name clients send for the trained policy")
-    log_level: str = Field("info", description="Python log level")
 
-    # --- proxy --------------------------------------------------------------------------------
+    @field_validator("upstream", mode="before")
+    @classmethod
+    def _upstream_list(cls, value):
+        return _split_list(value)
+
+    @field_validator("upstream")
+    @classmethod
+    def _strip_slash(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one --upstream is required")
+        return [u.rstrip("/") for u in value]
+
+
+class ProxySettings(UpstreamSettings):
+    """`trainwire serve`."""
+
     host: str = Field("0.0.0.0", description="Address the proxy listens on")
     port: int = Field(8100, description="Port the proxy listens on")
     workers: int = Field(1, description="uvicorn worker processes")
@@ -55,15 +109,27 @@ class Settings(BaseSettings):
     write_queue_size: int = Field(10000, description="Calls held in memory before requests wait (backpressure)")
     spool_dir: Path = Field(Path("./trainwire-spool"), description="Where calls go if the database stays down at shutdown")
     policy_poll_s: float = Field(1.0, description="Policy-version poll interval where LISTEN/NOTIFY is unavailable (SQLite)")
-
-    # automatic intermediate rewards: a value, or 'off'
-    air_invalid_tool_call: str = Field("-0.5", description="Reward for a tool call with bad JSON arguments or an unknown tool, or 'off'")
-    air_tool_error: str = Field("-0.2", description="Reward for a call whose tool answer reports an error, or 'off'")
-    air_truncated: str = Field("-0.2", description="Reward for a response cut off by max_tokens, or 'off'")
     air_tool_error_pattern: StrList = Field(default_factory=lambda: [r"^\s*Error", r'^\s*\{\s*"error"\s*:'],
                                             description="Regexes marking a tool message as an error (repeatable)")
+    # Automatic intermediate rewards: rule name -> reward or 'off'. Filled from the flags the CLI makes from the
+    # rule registry (--air-<rule>) and from TRAINWIRE_AIR_<RULE>; a rule left out keeps its registered default.
+    air: dict[str, str] = Field(default_factory=dict, description="Automatic reward per rule: RULE -> value or 'off'")
 
-    # --- trainer ------------------------------------------------------------------------------
+    @field_validator("model_route", "air_tool_error_pattern", mode="before")
+    @classmethod
+    def _proxy_lists(cls, value):
+        return _split_list(value)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        air_env = _AirEnv(settings_cls, settings_cls.model_config.get("env_file"))
+        return init_settings, env_settings, air_env, dotenv_settings, file_secret_settings
+
+
+class TrainerSettings(UpstreamSettings):
+    """`trainwire train`."""
+
     model: str | None = Field(None, description="Base model path or id (the one vLLM serves)")
     lora_rank: int = Field(8, description="LoRA rank; 0 = full fine-tuning")
     lora_alpha: int = Field(16, description="LoRA alpha")
@@ -94,25 +160,14 @@ class Settings(BaseSettings):
     wandb_project: str | None = Field(None, description="Weights & Biases project (optional)")
     seed: int = Field(0, description="Random seed")
 
-    @field_validator("upstream", "model_route", "train_agent", "air_tool_error_pattern", mode="before")
+    @field_validator("train_agent", mode="before")
     @classmethod
-    def _lists(cls, value):
+    def _trainer_lists(cls, value):
         return _split_list(value)
 
-    @field_validator("upstream")
-    @classmethod
-    def _strip_slash(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("at least one --upstream is required")
-        return [u.rstrip("/") for u in value]
 
-    @property
-    def resolved_database_url(self) -> str:
-        return normalize_database_url(self.database_url or DEFAULT_SQLITE_URL)
-
-    def air_value(self, rule: str) -> float | None:
-        raw = str(getattr(self, f"air_{rule}")).strip().lower()
-        return None if raw in {"off", "none", "false", ""} else float(raw)
+class Settings(ProxySettings, TrainerSettings):
+    """Every setting of every command, for code that runs several parts (the demo, tests)."""
 
 
 def normalize_database_url(url: str) -> str:

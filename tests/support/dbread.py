@@ -45,14 +45,16 @@ def wait_calls(url: str, n: int, session_id: str | None = None, timeout: float =
 
 
 def insert_calls(url: str, rows: list[dict]) -> None:
-    """Write call records the way the proxy's write path does (sessions upserted too)."""
-    from trainwire.store.writer import write_calls
+    """Write call records the way the proxy's write path does (sessions upserted too). Rows are dicts of
+    CallRecord fields; the ones left out take CallRecord's defaults."""
+    from trainwire.records import CallRecord
+    from trainwire.store.write_sql import write_batch
 
     async def write():
         engine = make_engine(url)
         try:
             async with engine.begin() as conn:
-                await write_calls(conn, engine, rows)
+                await write_batch(conn, [CallRecord(**row) for row in rows])
         finally:
             await engine.dispose()
 

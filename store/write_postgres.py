@@ -8,18 +8,18 @@ classes the writer's retry logic sorts into transient and rejected."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from trainwire.records import CallRecord, RewardRecord, as_row
 from trainwire.store.db import dumps_pg
-from trainwire.store.models import Call
+from trainwire.store.models import Call, Reward
+from trainwire.store.write_sql import SessionRow, session_rows
 
 _COLUMNS = tuple(Call.__table__.columns)
 _NAMES = tuple(c.name for c in _COLUMNS)
 _JSON = frozenset(c.name for c in _COLUMNS if isinstance(c.type.dialect_impl(postgresql.dialect()), JSONB))
-# What SQLAlchemy would fill in for a key a record leaves out (older spool files, hand-made rows).
-_DEFAULTS = {c.name: c.default.arg for c in _COLUMNS if c.default is not None and c.default.is_scalar}
 
 INSERT_CALLS = (f"INSERT INTO calls ({', '.join(_NAMES)}) "
                 f"VALUES ({', '.join(f'${i}' for i in range(1, len(_NAMES) + 1))}) ON CONFLICT (id) DO NOTHING")
@@ -38,7 +38,7 @@ ON CONFLICT (id) DO UPDATE SET
     task_id = coalesce(sessions.task_id, excluded.task_id)
 """
 
-# See store.writer.adopt_final_rewards. Looked up from the rewards side first (the partial unique index on
+# See store.write_sqlite.adopt_final_rewards. Looked up from the rewards side first (the partial unique index on
 # final rewards), because nearly every batch finds none, and then nothing else runs.
 FINAL_REWARDS_OF = "SELECT session_id, created_at, value FROM rewards WHERE final AND session_id = ANY($1::varchar[])"
 ADOPT_FINAL_REWARDS = """
@@ -48,8 +48,8 @@ WHERE sessions.id = f.session_id AND sessions.finished_at IS NULL
 """
 
 
-def _value(rec: dict[str, Any], name: str) -> Any:
-    value = rec.get(name, _DEFAULTS.get(name))
+def _value(rec: CallRecord, name: str) -> Any:
+    value = getattr(rec, name)
     if name in _JSON:
         return dumps_pg(value)  # None is stored as JSON null, as SQLAlchemy's JSON type does
     if isinstance(value, str) and "\x00" in value:
@@ -57,22 +57,31 @@ def _value(rec: dict[str, Any], name: str) -> Any:
     return value
 
 
-def call_rows(calls: list[dict[str, Any]]) -> list[tuple]:
+def call_rows(calls: Sequence[CallRecord]) -> list[tuple]:
     return [tuple(_value(rec, name) for name in _NAMES) for rec in calls]
 
 
-async def insert_calls(conn, calls: list[dict[str, Any]]) -> None:
-    """Insert calls, skipping ids already stored (a replayed spool or a retried batch)."""
+async def write_calls(conn, calls: Sequence[CallRecord]) -> None:
+    """Insert calls (skipping ids already stored), upsert their sessions, adopt early final rewards."""
+    rows = session_rows(calls)
     await conn.exec_driver_sql(INSERT_CALLS, call_rows(calls))
+    await _upsert_sessions(conn, rows)
+    await _adopt_final_rewards(conn, [r.id for r in rows])
 
 
-async def upsert_sessions(conn, rows: list[dict[str, Any]]) -> None:
-    """`rows` as store.writer.session_rows makes them."""
-    await conn.exec_driver_sql(UPSERT_SESSIONS, tuple(
-        [r[k] for r in rows] for k in ("id", "task_id", "n_calls", "first_call_at", "last_call_at")))
+async def _upsert_sessions(conn, rows: list[SessionRow]) -> None:
+    await conn.exec_driver_sql(UPSERT_SESSIONS, ([r.id for r in rows], [r.task_id for r in rows],
+                                                 [r.n_calls for r in rows], [r.first_call_at for r in rows],
+                                                 [r.last_call_at for r in rows]))
 
 
-async def adopt_final_rewards(conn, session_ids: list[str]) -> None:
+async def _adopt_final_rewards(conn, session_ids: list[str]) -> None:
     found = (await conn.exec_driver_sql(FINAL_REWARDS_OF, (session_ids,))).all()
     if found:
         await conn.exec_driver_sql(ADOPT_FINAL_REWARDS, tuple(list(col) for col in zip(*found)))
+
+
+async def write_rewards(conn, rewards: Sequence[RewardRecord]) -> None:
+    """Insert automatic rewards; one whose idempotency key is already stored is skipped."""
+    await conn.execute(insert(Reward.__table__).on_conflict_do_nothing(index_elements=["idempotency_key"]),
+                       [as_row(r) for r in rewards])

@@ -1,0 +1,60 @@
+"""The write path's one interface to the database: `write_batch` writes calls (with their sessions) and
+automatic rewards in the caller's transaction, in the dialect's own SQL (store/write_postgres.py,
+store/write_sqlite.py). Both are idempotent: a call id or a reward's idempotency key that is already stored is
+skipped, so a retried batch or a replayed spool file cannot write anything twice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from types import ModuleType
+from typing import Sequence
+
+from trainwire.records import CallRecord, RewardRecord
+
+
+@dataclass(slots=True)
+class SessionRow:
+    """What one batch adds to a session row: its calls, first and last call times, and task."""
+
+    id: str
+    task_id: str | None
+    n_calls: int
+    first_call_at: datetime
+    last_call_at: datetime
+
+
+def session_rows(calls: Sequence[CallRecord]) -> list[SessionRow]:
+    """One upsert row per session a batch touches, in id order, so concurrent writers (several workers or
+    replicas) lock session rows in the same order and cannot deadlock."""
+    rows: dict[str, SessionRow] = {}
+    for c in calls:
+        row = rows.get(c.session_id)
+        if row is None:
+            rows[c.session_id] = SessionRow(c.session_id, c.task_id, 1, c.started_at, c.started_at)
+        else:
+            row.n_calls += 1
+            row.first_call_at = min(row.first_call_at, c.started_at)
+            row.last_call_at = max(row.last_call_at, c.started_at)
+            row.task_id = row.task_id or c.task_id
+    return sorted(rows.values(), key=lambda r: r.id)
+
+
+def dialect(name: str) -> ModuleType:
+    """The module with `write_calls(conn, calls)` and `write_rewards(conn, rewards)` for a database dialect."""
+    from trainwire.store import write_postgres, write_sqlite
+
+    found = {"postgresql": write_postgres, "sqlite": write_sqlite}.get(name)
+    if found is None:
+        raise ValueError(f"no write path for database dialect {name!r} (Postgres and SQLite are supported)")
+    return found
+
+
+async def write_batch(conn, calls: Sequence[CallRecord], rewards: Sequence[RewardRecord] = ()) -> None:
+    """Calls first, then automatic rewards: a rule's reward is queued just before its call, so both normally
+    land in one transaction (rewards have no foreign key either way)."""
+    sql = dialect(conn.dialect.name)
+    if calls:
+        await sql.write_calls(conn, calls)
+    if rewards:
+        await sql.write_rewards(conn, rewards)

@@ -1,0 +1,70 @@
+"""Typed records that cross layers: the proxy makes them, the store writes them.
+
+They sit at the bottom layer, beside the settings, so the proxy and the store can share them without importing
+each other's modules. Field names are the store's column names (tests/unit/test_records.py holds them to it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One LLM call as the agent made it and as the upstream answered it: one row of `calls`."""
+
+    id: str
+    session_id: str
+    seq: int
+    kind: str                     # chat | completion | responses | messages | other
+    path: str
+    status_code: int
+    started_at: datetime
+    finished_at: datetime
+    task_id: str | None = None
+    agent_name: str | None = None
+    trainable: bool = True
+    stream: bool = False
+    model_requested: str | None = None
+    model_served: str | None = None
+    route: str = "policy"         # policy | frozen | passthrough
+    upstream: str | None = None
+    policy_version: int | None = None
+    request: Any = None
+    response: Any = None
+    prompt_token_ids: list[int] | None = None
+    completion_token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+    aborted: bool = False
+    upstream_ms: float | None = None
+    ttft_ms: float | None = None
+    overhead_ms: float | None = None
+
+
+@dataclass(slots=True)
+class RewardRecord:
+    """A reward the proxy itself queues (automatic intermediate rewards): one row of `rewards`. Its idempotency
+    key is deterministic, so writing it twice stores it once."""
+
+    session_id: str
+    value: float | None
+    final: bool
+    source: str
+    idempotency_key: str
+    created_at: datetime
+    call_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+CALL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
+REWARD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(RewardRecord))
+
+
+def as_row(record: CallRecord | RewardRecord) -> dict[str, Any]:
+    """A shallow dict of a record (no deep copy, unlike dataclasses.asdict): what SQLAlchemy executes with."""
+    names = CALL_FIELDS if isinstance(record, CallRecord) else REWARD_FIELDS
+    return {name: getattr(record, name) for name in names}
