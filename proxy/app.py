@@ -7,10 +7,10 @@ import functools
 import os
 
 from fastapi import FastAPI, Request
-from sqlalchemy import text
 from starlette.responses import JSONResponse
 from trainwire.proxy import errors
 from trainwire.proxy.state import ProxyState
+from trainwire.store.db import ping
 
 from trainwire.settings import ProxySettings
 
@@ -54,8 +54,7 @@ def create_app(settings: ProxySettings) -> TrainwireApp:
     async def readyz(request: Request):
         problems = []
         try:
-            async with state.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            await ping(state.engine)
         except Exception as exc:
             problems.append(f"database: {exc.__class__.__name__}: {exc}")
         if not await state.pool.any_reachable():
