@@ -9,9 +9,13 @@ it trained on); removing a final reward reopens its session.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import orjson
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
 from starlette.responses import Response
+
 from trainwire.proxy.errors import ApiError
 from trainwire.proxy.plumbing import admin, state_of
 from trainwire.store.rewards import delete_rewards
@@ -19,11 +23,18 @@ from trainwire.store.rewards import delete_rewards
 router = APIRouter(dependencies=[Depends(admin)])
 
 
+class Deleted(BaseModel):
+    """How many rewards were removed."""
+
+    object: Literal["deleted"] = "deleted"
+    deleted: int
+
+
 def _answer(n: int) -> Response:
-    return Response(orjson.dumps({"object": "deleted", "deleted": n}), media_type="application/json")
+    return Response(orjson.dumps(Deleted(deleted=n).model_dump()), media_type="application/json")
 
 
-@router.delete("/rewards/{reward_id}")
+@router.delete("/rewards/{reward_id}", response_model=Deleted)
 async def delete_one(request: Request, reward_id: int) -> Response:
     n = await delete_rewards(state_of(request).engine, reward_id=reward_id)
     if not n:
@@ -32,7 +43,7 @@ async def delete_one(request: Request, reward_id: int) -> Response:
     return _answer(n)
 
 
-@router.delete("/rewards")
+@router.delete("/rewards", response_model=Deleted)
 async def delete_many(request: Request, source: str | None = None, session_id: str | None = None) -> Response:
     if not source and not session_id:
         raise ApiError(400, "give source (e.g. a rule name) and/or session_id: refusing to delete every reward",
