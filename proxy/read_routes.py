@@ -11,13 +11,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
 from starlette.responses import Response
+
 from trainwire.proxy.errors import ApiError
 from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
 from trainwire.store import queries
+from trainwire.store.read_models import (
+    CallDetail,
+    OrphanedSession,
+    Page,
+    RewardListItem,
+    SessionDetail,
+    SessionSummary,
+    Stats,
+)
 
 router = APIRouter(dependencies=[Depends(admin)])
 
@@ -30,13 +41,13 @@ def parse_time(value: str | None, name: str) -> datetime | None:
         return None
     try:
         try:
-            dt = datetime.fromtimestamp(float(value), timezone.utc)
+            dt = datetime.fromtimestamp(float(value), UTC)
         except ValueError:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except (ValueError, OverflowError, OSError):
         raise ApiError(400, f"{name} must be an ISO 8601 time (2025-01-31T12:00:00Z) or Unix seconds; got "
                             f"{value[:40]!r}", param=name, code="invalid_value") from None
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 async def _flush(request: Request, session_id: str) -> None:
@@ -45,9 +56,27 @@ async def _flush(request: Request, session_id: str) -> None:
     await state_of(request).writer.flush_session(session_id, timeout=5.0, inflight=False)
 
 
+def _answer(record: BaseModel) -> Response:
+    # The store's records dump to Python values (datetimes stay datetimes), rendered like every JSON answer.
+    return json_response(record.model_dump())
 
 
-@router.get("/sessions")
+def _bad_query(exc: queries.BadQuery) -> ApiError:
+    return ApiError(400, str(exc), param=exc.param, code="invalid_value")
+
+
+class WriteQueue(BaseModel):
+    """Records this proxy process still holds in its write queue."""
+
+    calls: int
+    rewards: int
+
+
+class StatsAnswer(Stats):
+    write_queue: WriteQueue
+
+
+@router.get("/sessions", response_model=Page[SessionSummary])
 async def list_sessions(request: Request, status: str | None = None, task: str | None = None,
                         agent: str | None = None, since: str | None = None, until: str | None = None,
                         limit: int = Limit, cursor: str | None = None, offset: int | None = Offset) -> Response:
@@ -59,21 +88,21 @@ async def list_sessions(request: Request, status: str | None = None, task: str |
                                            since=parse_time(since, "since"), until=parse_time(until, "until"),
                                            limit=limit, cursor=cursor, offset=offset)
     except queries.BadQuery as exc:
-        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
-    return json_response(page.body())
+        raise _bad_query(exc) from None
+    return _answer(page)
 
 
-@router.get("/sessions/{session_id:twsession}")
+@router.get("/sessions/{session_id:twsession}", response_model=SessionDetail | OrphanedSession)
 async def get_session(request: Request, session_id: str, tokens: bool = False) -> Response:
     await _flush(request, session_id)
     found = await queries.get_session(state_of(request).engine, session_id, tokens=tokens)
     if found is None:
         raise ApiError(404, f"no session {session_id!r}: no calls and no rewards were recorded for it",
                        param="session_id", code="session_not_found")
-    return json_response(found)
+    return _answer(found)
 
 
-@router.get("/calls/{call_id}")
+@router.get("/calls/{call_id}", response_model=CallDetail)
 async def get_call(request: Request, call_id: str, tokens: bool = False) -> Response:
     tw = state_of(request)
     session_id = tw.writer.pending_session_of(call_id)
@@ -83,10 +112,10 @@ async def get_call(request: Request, call_id: str, tokens: bool = False) -> Resp
     if found is None:
         raise ApiError(404, f"no call {call_id!r} (call ids are the X-Call-Id response header)", param="call_id",
                        code="call_not_found")
-    return json_response(found)
+    return _answer(found)
 
 
-@router.get("/rewards")
+@router.get("/rewards", response_model=Page[RewardListItem])
 async def list_rewards(request: Request, session_id: str | None = None, source: str | None = None,
                        final: bool | None = None, orphaned: bool | None = None, limit: int = Limit,
                        cursor: str | None = None, offset: int | None = Offset) -> Response:
@@ -95,13 +124,13 @@ async def list_rewards(request: Request, session_id: str | None = None, source: 
                                           final=final, orphaned=orphaned, limit=limit, cursor=cursor,
                                           offset=offset)
     except queries.BadQuery as exc:
-        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
-    return json_response(page.body())
+        raise _bad_query(exc) from None
+    return _answer(page)
 
 
-@router.get("/stats")
+@router.get("/stats", response_model=StatsAnswer)
 async def stats(request: Request) -> Response:
     tw = state_of(request)
-    body = await queries.stats(tw.engine)
-    body["write_queue"] = {"calls": tw.writer.depth, "rewards": tw.writer.reward_depth}
-    return json_response(body)
+    counts = await queries.stats(tw.engine)
+    return _answer(StatsAnswer(**dict(counts), write_queue=WriteQueue(calls=tw.writer.depth,
+                                                                      rewards=tw.writer.reward_depth)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -154,7 +154,7 @@ def _synthetic_call(i: int, session: str, version: int, started: datetime) -> di
 
 def test_stats_counts_and_reward_mean_by_policy_version(pg_proxy, upstream, pg_url):
     # Sessions served by versions 1 and 2 (written the way the proxy's write path writes them).
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     calls = [_synthetic_call(i, f"v{1 + i % 2}-s{i}", 1 + i % 2, now + timedelta(milliseconds=i)) for i in range(6)]
     dbread.insert_calls(pg_url, calls)
     rewards = {"v1-s0": 1.0, "v1-s2": 0.0, "v2-s1": 0.5, "v2-s3": 1.0, "v2-s5": None}
@@ -192,3 +192,25 @@ def test_rewards_list_pages_and_filters(pg_proxy, upstream, pg_url):
     assert [r["id"] for r in get(pg_proxy, "/rewards", limit=2, offset=1).json()["data"]] == [ids[4], ids[3]]
     assert json.dumps(get(pg_proxy, "/rewards", source="user").json()["data"]) == \
         json.dumps(get(pg_proxy, "/rewards", limit=50).json()["data"])
+
+
+def test_openapi_documents_the_answers(pg_proxy):
+    doc = get(pg_proxy, "/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def answer(path: str, method: str = "get") -> dict:
+        return doc["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+
+    assert answer("/sessions") == {"$ref": "#/components/schemas/Page_SessionSummary_"}
+    assert {s["$ref"] for s in answer("/sessions/{session_id}")["anyOf"]} == {
+        "#/components/schemas/SessionDetail", "#/components/schemas/OrphanedSession"}
+    assert answer("/calls/{call_id}") == {"$ref": "#/components/schemas/CallDetail"}
+    assert answer("/rewards") == {"$ref": "#/components/schemas/Page_RewardListItem_"}
+    assert answer("/stats") == {"$ref": "#/components/schemas/StatsAnswer"}
+    assert answer("/train/steps") == {"$ref": "#/components/schemas/Page_TrainStepRow_"}
+    assert answer("/policy/versions") == {"$ref": "#/components/schemas/Page_PolicyVersionRow_"}
+    assert answer("/rewards/{reward_id}", "delete") == {"$ref": "#/components/schemas/Deleted"}
+    call = schemas["CallDetail"]
+    assert {"input", "output", "rewards", "request", "session_final", "logprobs"} <= set(call["properties"])
+    assert "session_final" in call["required"] and "logprobs" not in call["required"]  # tokens only on request
+    assert "write_queue" in schemas["StatsAnswer"]["required"]
