@@ -9,11 +9,12 @@ first and paginated by an opaque keyset cursor (stable under concurrent inserts)
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, case, exists, func, or_, select
+from sqlalchemy import Text, and_, case, cast, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trainwire.store.models import Call, PolicyVersion, Reward, Session, TrainStep, UpstreamVersion
@@ -44,8 +45,8 @@ FINAL_EXISTS = exists().where(R.c.session_id == S.c.id, R.c.final.is_(True))
 STATUS = case((S.c.status != "open", S.c.status), (FINAL_EXISTS, "finished"), else_="open")
 ORPHANED = ~exists().where(S.c.id == R.c.session_id)
 
-__all__ = ["BadQuery", "Page", "call_input", "call_output", "content_text", "decode_cursor",
-           "encode_cursor", "get_call", "get_session", "list_policy_versions",
+__all__ = ["BadQuery", "Page", "ProducerCandidate", "call_input", "call_output", "content_text", "decode_cursor",
+           "encode_cursor", "find_tool_call_producers", "get_call", "get_session", "list_policy_versions",
            "list_rewards", "list_sessions", "list_train_steps", "stats"]
 
 
@@ -167,6 +168,16 @@ def call_output(kind: str, response: Any) -> dict[str, Any] | None:
     if calls:
         out["tool_calls"] = calls
     return out
+
+
+def _response_message(response: Any) -> dict[str, Any]:
+    """The assistant message of choice 0 of a chat response ({} when there is none)."""
+    if not isinstance(response, dict):
+        return {}
+    choices = response.get("choices") or []
+    first = choices[0] if choices and isinstance(choices[0], dict) else {}
+    msg = first.get("message")
+    return msg if isinstance(msg, dict) else {}
 
 
 # --- sessions --------------------------------------------------------------------------------------------
@@ -307,6 +318,48 @@ async def get_call(engine: AsyncEngine, call_id: str, *, tokens: bool = False) -
     return CallDetail(**_call_fields(m, rewards), upstream=m["upstream"], request=m["request"],
                       response=m["response"], **(_token_fields(m) if tokens else {}),
                       session_final=RewardOut(**reward_dict(final)) if final is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerCandidate:
+    """A recorded call whose response made a given tool call: `n_messages` is how many messages its request
+    had (where its assistant message sits in later requests; None when the request is not a chat request),
+    `tool_call_ids` every tool call id of its response."""
+
+    call_id: str
+    n_messages: int | None
+    tool_call_ids: tuple[str, ...]
+
+
+def _n_messages(request: Any) -> int | None:
+    if not isinstance(request, dict):
+        return None
+    messages = request.get("messages") or []
+    return len(messages) if isinstance(messages, list) else None
+
+
+async def find_tool_call_producers(engine: AsyncEngine, *, session_id: str, exclude_call_id: str,
+                                   started_before: datetime, tool_call_id: str,
+                                   limit: int = 50) -> list[ProducerCandidate]:
+    """Calls of `session_id` (other than `exclude_call_id`, started at or before `started_before`) whose
+    response (choice 0) made tool call `tool_call_id`, newest first (by start time, then seq). At most `limit`
+    calls whose stored response text contains the id are looked at."""
+    q = (select(C.c.id, C.c.request, C.c.response)
+         .where(C.c.session_id == session_id, C.c.id != exclude_call_id, C.c.started_at <= started_before,
+                # Cheap prefilter in the database (jsonb as text on Postgres, the JSON text on SQLite); the
+                # response is then parsed to keep only calls that really made this tool call.
+                cast(C.c.response, Text).contains(tool_call_id, autoescape=True))
+         .order_by(C.c.started_at.desc(), C.c.seq.desc()).limit(limit))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(q)).all()
+    out = []
+    for row in rows:
+        ids = tuple(tc["id"] for tc in _response_message(row.response).get("tool_calls") or []
+                    if isinstance(tc, dict) and isinstance(tc.get("id"), str))
+        if tool_call_id not in ids:
+            continue
+        out.append(ProducerCandidate(call_id=row.id, n_messages=_n_messages(row.request), tool_call_ids=ids))
+    return out
 
 
 # --- rewards ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainwire.store.queries import call_input, call_output, content_text
+from trainwire.store.queries import _n_messages, _response_message, call_input, call_output, content_text
 
 
 @pytest.mark.parametrize("content,text", [
@@ -54,3 +54,11 @@ def test_call_output_of_completions_and_others():
     assert call_output("other", {"data": []}) is None
     assert call_output("chat", None) is None and call_output("chat", [1, 2]) is None
 
+
+def test_response_message_and_message_count():
+    assert _response_message({"choices": [{"message": {"content": "x"}}]}) == {"content": "x"}
+    for junk in (None, [], {"choices": None}, {"choices": [None]}, {"choices": [{"message": "text"}]}):
+        assert _response_message(junk) == {}
+    assert _n_messages({"messages": [{}, {}, {}]}) == 3
+    assert _n_messages({"messages": None}) == 0 and _n_messages({}) == 0
+    assert _n_messages({"messages": {"a": 1}}) is None and _n_messages("x") is None and _n_messages(None) is None
