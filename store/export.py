@@ -28,13 +28,16 @@ import asyncio
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
+
 from trainwire.store.db import make_engine
 from trainwire.store.models import Call, Reward
 from trainwire.store.queries import call_output, content_text
@@ -67,7 +70,7 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
     except ValueError:
         raise ExportError(f"{flag} must be an ISO 8601 time like 2025-01-31 or 2025-01-31T12:00:00Z; "
                           f"got {value!r}") from None
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def _filters(since, until, agents, tasks, include_eval) -> list:
@@ -85,13 +88,33 @@ def _filters(since, until, agents, tasks, include_eval) -> list:
     return cond
 
 
-def _row(m, finals: dict[str, dict], per_call: dict[str, list[dict]]) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class RewardRef:
+    """A reward as an export row lists it."""
+
+    id: int
+    source: str
+    value: float | None
+    final: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "source": self.source, "value": self.value, "final": self.final}
+
+
+@dataclass(slots=True)
+class _Page:
+    calls: list[Any]                       # row mappings of _SELECT, oldest first
+    finals: dict[str, RewardRef]           # session id -> its final reward
+    per_call: dict[str, list[RewardRef]]   # call id -> its intermediate rewards, by id
+
+
+def _row(m, page: _Page) -> dict[str, Any]:
     request = m["request"] if isinstance(m["request"], dict) else {}
     out = call_output(m["kind"], m["response"]) or {}
-    final = finals.get(m["session_id"])
-    inter = per_call.get(m["id"], [])
-    intermediate = float(sum(r["value"] for r in inter if r["value"] is not None))
-    final_value = final["value"] if final else None
+    final = page.finals.get(m["session_id"])
+    inter = page.per_call.get(m["id"], [])
+    intermediate = float(sum(r.value for r in inter if r.value is not None))
+    final_value = final.value if final else None
     prompt = request.get("prompt") if m["kind"] == "completion" else None
     return {
         "call_id": m["id"], "session_id": m["session_id"], "seq": m["seq"], "task_id": m["task_id"],
@@ -108,7 +131,7 @@ def _row(m, finals: dict[str, dict], per_call: dict[str, list[dict]]) -> dict[st
         "logprobs": m["logprobs"],
         "final_reward": final_value, "session_finished": final is not None,
         "intermediate_reward": intermediate, "reward": (final_value or 0.0) + intermediate,
-        "rewards": ([final] if final else []) + inter,
+        "rewards": [r.as_dict() for r in ([final] if final else []) + inter],
     }
 
 
@@ -117,31 +140,40 @@ async def _count(engine: AsyncEngine, cond) -> int:
         return int((await conn.execute(select(func.count()).select_from(C).where(*cond))).scalar() or 0)
 
 
+async def _read_page(engine: AsyncEngine, cond, after: tuple[datetime, str] | None, page_size: int) -> _Page:
+    """The next `page_size` calls after `after` (start time, id), with their sessions' final rewards and
+    their own intermediate rewards."""
+    q = select(*_SELECT).where(*cond)
+    if after is not None:
+        q = q.where(or_(C.c.started_at > after[0], and_(C.c.started_at == after[0], C.c.id > after[1])))
+    q = q.order_by(C.c.started_at, C.c.id).limit(page_size)
+    async with engine.connect() as conn:
+        rows = [r._mapping for r in (await conn.execute(q)).all()]
+        if not rows:
+            return _Page([], {}, {})
+        call_ids = [r["id"] for r in rows]
+        session_ids = sorted({r["session_id"] for r in rows})
+        finals = {r.session_id: RewardRef(r.id, r.source, r.value, True)
+                  for r in (await conn.execute(select(R.c.id, R.c.session_id, R.c.source, R.c.value).where(
+                      R.c.session_id.in_(session_ids), R.c.final.is_(True)))).all()}
+        per_call: dict[str, list[RewardRef]] = {}
+        for r in (await conn.execute(select(R.c.id, R.c.call_id, R.c.source, R.c.value).where(
+                R.c.call_id.in_(call_ids), R.c.final.is_(False)).order_by(R.c.id))).all():
+            per_call.setdefault(r.call_id, []).append(RewardRef(r.id, r.source, r.value, False))
+    return _Page(rows, finals, per_call)
+
+
 async def pages(engine: AsyncEngine, cond, page_size: int = PAGE):
     """Export rows, a page at a time, oldest first."""
     after: tuple[datetime, str] | None = None
     while True:
-        q = select(*_SELECT).where(*cond)
-        if after is not None:
-            q = q.where(or_(C.c.started_at > after[0], and_(C.c.started_at == after[0], C.c.id > after[1])))
-        q = q.order_by(C.c.started_at, C.c.id).limit(page_size)
-        async with engine.connect() as conn:
-            rows = [r._mapping for r in (await conn.execute(q)).all()]
-            if not rows:
-                return
-            call_ids = [r["id"] for r in rows]
-            session_ids = sorted({r["session_id"] for r in rows})
-            finals = {r.session_id: {"id": r.id, "source": r.source, "value": r.value, "final": True}
-                      for r in (await conn.execute(select(R.c.id, R.c.session_id, R.c.source, R.c.value).where(
-                          R.c.session_id.in_(session_ids), R.c.final.is_(True)))).all()}
-            per_call: dict[str, list[dict]] = {}
-            for r in (await conn.execute(select(R.c.id, R.c.call_id, R.c.source, R.c.value).where(
-                    R.c.call_id.in_(call_ids), R.c.final.is_(False)).order_by(R.c.id))).all():
-                per_call.setdefault(r.call_id, []).append({"id": r.id, "source": r.source, "value": r.value,
-                                                           "final": False})
-        yield [_row(m, finals, per_call) for m in rows]
-        after = (rows[-1]["started_at"], rows[-1]["id"])
-        if len(rows) < page_size:
+        page = await _read_page(engine, cond, after, page_size)
+        if not page.calls:
+            return
+        yield [_row(m, page) for m in page.calls]
+        last = page.calls[-1]
+        after = (last["started_at"], last["id"])
+        if len(page.calls) < page_size:
             return
 
 
