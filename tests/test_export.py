@@ -7,16 +7,16 @@ import asyncio
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from trainwire.store.export import COLUMNS, export, iter_jsonl
 from tests.support import dbread
 from tests.support.apihelpers import TOOLS, chat, post, start, wait_rewards
+from trainwire.store.export import COLUMNS, export, iter_jsonl
 
 
 def run_export(db_url: str, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -27,7 +27,7 @@ def run_export(db_url: str, out: Path, *args: str) -> subprocess.CompletedProces
 def _ts(value) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_filters(recorded, tmp_path):
 
 
 def _synthetic(n: int) -> list[dict]:
-    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
     return [{"id": f"bulk-{i:05d}", "session_id": f"bulk-s{i // 10}", "seq": i % 10, "task_id": None,
              "agent_name": "bulk", "trainable": True, "kind": "chat", "path": "/v1/chat/completions",
              "stream": False, "model_requested": "policy", "model_served": "base", "route": "policy",

@@ -16,14 +16,14 @@ import openai
 import pytest
 from sqlalchemy import insert, update
 
-from trainwire.store.db import make_engine
-from trainwire.store.migrate import upgrade_head
-from trainwire.store.models import Session, TrainStep
-from trainwire.store.policy import record_publish
 from tests.support import dbread
 from tests.support.apihelpers import TOOLS, assert_openai_error, chat, get, post, start, wait_for
 from tests.support.proxyproc import ProxyProcess
 from tests.support.scripted_upstream import ScriptedUpstream
+from trainwire.store.db import make_engine
+from trainwire.store.migrate import upgrade_head
+from trainwire.store.models import Session, TrainStep
+from trainwire.store.policy import record_publish
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -374,7 +374,7 @@ def test_static_files_redirects_and_packaging(dash):
     import tomllib
     root = Path(__file__).resolve().parents[1]
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
-    assert "ui/*" in pyproject["tool"]["setuptools"]["package-data"]["proxy"]
+    assert "ui/*" in pyproject["tool"]["setuptools"]["package-data"]["trainwire.proxy"]
     assert sorted(p.name for p in (root / "proxy" / "ui").iterdir()) == ["app.css", "app.js", "index.html"]
 
 
