@@ -49,8 +49,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from trainwire.rl.claim import ClaimedCall, ClaimedSession
 from trainwire.rl.credit import call_returns
+from trainwire.store.claims import ClaimedCall, ClaimedSession
 
 if TYPE_CHECKING:
     from trainwire.rl.engine import Sample

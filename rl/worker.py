@@ -17,12 +17,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from sqlalchemy import delete, insert
-
-from trainwire.store.db import make_engine
-from trainwire.store.models import TrainStep
-from trainwire.store.policy import latest_version, record_publish
 from trainwire.settings import Settings
+from trainwire.store import claims
+from trainwire.store.db import make_engine
+from trainwire.store.policy import latest_version, record_publish
+from trainwire.store.training import record_train_step
 
 log = logging.getLogger("trainwire.train")
 
@@ -148,7 +147,6 @@ class Trainer:
 
     async def _lead(self) -> int:
         s = self.s
-        from trainwire.rl import claim as claims
         from trainwire.rl.publish import Publisher
 
         self.sink = MetricsSink(s)
@@ -195,7 +193,6 @@ class Trainer:
 
     async def step_once(self) -> dict | None:
         """One claim-train-publish cycle; None when nothing was ready."""
-        from trainwire.rl import claim as claims
         from trainwire.rl.advantages import compute_advantages
         from trainwire.rl.transitions import build_samples
 
@@ -266,12 +263,8 @@ class Trainer:
             "time/train_s": t["train"] - t["build"], "time/save_s": t["save"] - t["train"],
             "time/publish_s": t["publish"] - t["save"], "time/checkpoint_s": t["checkpoint"] - t["publish"],
         })
-        async with self.db.begin() as conn:
-            # A step number can repeat after a crash between its row and its checkpoint: the newer row wins.
-            await conn.execute(delete(TrainStep.__table__).where(TrainStep.step == step))
-            await conn.execute(insert(TrainStep.__table__).values(
-                step=step, policy_version=self.version, n_sessions=len(ids), n_samples=len(samples),
-                metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}))
+        await record_train_step(self.db, step=step, policy_version=self.version, n_sessions=len(ids),
+                                n_samples=len(samples), metrics=metrics)
         self.sink.log(step, metrics)
         _say(f"step {step} -> v{self.version} | sessions {len(ids)} samples {len(samples)} | reward "
              f"{r_mean:.3f}±{r_std:.3f} | loss {metrics.get('loss', float('nan')):.4f} grad "

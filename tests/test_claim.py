@@ -1,4 +1,4 @@
-"""Claiming finished sessions (rl/claim.py) on Postgres and SQLite: exactly once under concurrent
+"""Claiming finished sessions (store/claims.py) on Postgres and SQLite: exactly once under concurrent
 claimers, settle time, agent filter, task groups (complete or timed out), release / mark / stale claims."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import insert, select, update
 
-from trainwire.rl import claim as claims
+from trainwire.store import claims
 from trainwire.store.db import make_engine
 from trainwire.store.models import Call, Reward, Session, utcnow
 

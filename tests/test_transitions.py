@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from trainwire.rl.claim import ClaimedCall, ClaimedSession  # noqa: E402
 from trainwire.rl.credit import call_returns  # noqa: E402
 from trainwire.rl.transitions import build_samples  # noqa: E402
+from trainwire.store.claims import ClaimedCall, ClaimedSession  # noqa: E402
 
 _n = 0
 

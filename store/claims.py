@@ -1,5 +1,9 @@
 """Claim finished sessions for training, exactly once, across concurrent trainers and crashes.
 
+The trainer's whole read/write access to sessions, calls and rewards: it claims a batch here, gets plain
+records back (:class:`ClaimedSession`, :class:`ClaimedCall`, no ORM objects) and reports the outcome
+(``mark_trained``, ``mark_skipped``, ``release``). Nothing under ``trainwire.rl`` writes SQL.
+
 A session is *finished* when its final reward row exists (``rewards.final``; ``value`` may be NULL for a
 close without a reward) and that row is at least ``settle_s`` old, so calls still in the proxy's write
 queue land before the trainer reads the episode. A finished session is claimable while
@@ -48,8 +52,8 @@ from trainwire.store.models import Call, Reward, Session, utcnow
 
 log = logging.getLogger("trainwire.claim")
 
-__all__ = ["ClaimedCall", "ClaimedSession", "claim_batch", "release", "mark_trained", "mark_skipped",
-           "release_stale_claims", "renew"]
+__all__ = ["ClaimedCall", "ClaimedSession", "claim_batch", "pick_groups", "release", "mark_trained",
+           "mark_skipped", "release_stale_claims", "renew"]
 
 S = Session.__table__
 C = Call.__table__
@@ -130,7 +134,7 @@ async def claim_batch(engine: AsyncEngine, *, worker_id: str, batch_size: int,
     async with _write_tx(engine) as conn:
         if grouping:
             rows = await _locked_group_candidates(conn, settle_cutoff, timeout_cutoff, batch_size, group_size)
-            picked = _pick_groups(rows, batch_size=batch_size, group_size=group_size, timeout_cutoff=timeout_cutoff)
+            picked = pick_groups(rows, batch_size=batch_size, group_size=group_size, timeout_cutoff=timeout_cutoff)
         else:
             stmt = (_finished(settle_cutoff).order_by(R.c.created_at, S.c.id).limit(batch_size)
                     .with_for_update(of=S, skip_locked=True))
@@ -165,7 +169,7 @@ async def _locked_group_candidates(conn: AsyncConnection, settle_cutoff: datetim
                                    batch_size: int, group_size: int) -> list:
     """Rows (id, task_id, finished_at, final_value) of the oldest eligible groups, locked where the
     database has row locks. Eligibility is decided on the aggregate first (no locks), then re-checked on
-    the rows actually locked by :func:`_pick_groups` (a concurrent claimer may hold part of a group)."""
+    the rows actually locked by :func:`pick_groups` (a concurrent claimer may hold part of a group)."""
     fin = _finished(settle_cutoff).subquery()
     oldest = func.min(fin.c.finished_at)
     tasks = (await conn.execute(
@@ -195,9 +199,12 @@ async def _locked_group_candidates(conn: AsyncConnection, settle_cutoff: datetim
     return list((await conn.execute(stmt)).all())
 
 
-def _pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cutoff: datetime) -> list:
+def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cutoff: datetime) -> list:
     """Whole eligible groups, oldest first, while they fit in batch_size (the first one always goes in,
-    cut to max(batch_size, group_size) sessions)."""
+    cut to max(batch_size, group_size) sessions).
+
+    ``rows`` have ``id``, ``task_id`` and ``finished_at`` and come ordered by ``finished_at``; a row without a
+    task id is a group of its own. No I/O."""
     groups: dict[tuple[int, str], list] = {}
     for r in rows:  # ordered by finished_at: members and groups come out oldest first
         key = (0, r.task_id) if r.task_id is not None else (1, r.id)
