@@ -58,7 +58,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -68,6 +67,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from trainwire.rl import cpu_platform
+from trainwire.rl.samples import Sample
 
 # Must run before anything imports verl.workers (its FSDP engine reads the device name on import).
 cpu_platform.activate()
@@ -77,51 +77,13 @@ import torch.distributed as dist  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EngineConfig", "PolicyEngine", "Sample"]
+__all__ = ["EngineConfig", "PolicyEngine"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 _ENGINE_STATE_FILE = "trainwire_engine.json"
 _LATEST_FILE = "latest_checkpointed_iteration.txt"  # verl's tracker file name
 # Losses whose rollout_is_weights argument is not a plain per-token multiplier.
 _LOSSES_IGNORING_WEIGHTS = {"bypass_mode"}
-
-
-@dataclass
-class Sample:
-    """One trajectory to train on.
-
-    ``response_ids`` are the tokens after the prompt; ``response_mask[i]`` is 1 for tokens the
-    model generated (trained on) and 0 for tokens it did not (tool output inside a merged
-    multi-turn trajectory). ``old_logprobs[i]`` is the behaviour log-prob vLLM recorded for
-    ``response_ids[i]`` (ignored where the mask is 0; ``None`` allowed there). ``advantage`` is
-    broadcast over the response tokens; ``weight`` multiplies this sample's policy loss.
-    """
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    response_mask: list[int]
-    old_logprobs: list[Optional[float]]
-    advantage: float
-    weight: float = 1.0
-
-    def validate(self) -> None:
-        n = len(self.response_ids)
-        if not self.prompt_ids:
-            raise ValueError("Sample.prompt_ids must not be empty")
-        if n == 0:
-            raise ValueError("Sample.response_ids must not be empty")
-        if len(self.response_mask) != n or len(self.old_logprobs) != n:
-            raise ValueError(
-                f"response_ids ({n}), response_mask ({len(self.response_mask)}) and old_logprobs "
-                f"({len(self.old_logprobs)}) must have the same length"
-            )
-        if not math.isfinite(self.advantage):
-            raise ValueError(f"advantage must be finite, got {self.advantage}")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight must be finite and >= 0, got {self.weight}")
-        for m, lp in zip(self.response_mask, self.old_logprobs):
-            if m and (lp is None or not math.isfinite(lp)):
-                raise ValueError("old_logprobs must be finite where response_mask is 1")
 
 
 @dataclass

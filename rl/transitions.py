@@ -47,20 +47,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 from trainwire.rl.credit import call_returns
+from trainwire.rl.samples import Sample
 from trainwire.store.claims import ClaimedCall, ClaimedSession
-
-if TYPE_CHECKING:
-    from trainwire.rl.engine import Sample
 
 __all__ = ["BuildResult", "build_samples", "usable_call"]
 
 
 @dataclass
 class BuildResult:
-    samples: list["Sample"] = field(default_factory=list)  # advantage 0.0: set it from the scores
+    samples: list[Sample] = field(default_factory=list)     # advantage 0.0: set it from the scores
     scores: list[float] = field(default_factory=list)       # per sample: its return (rl.credit)
     group_ids: list[str] = field(default_factory=list)      # per sample
     session_ids: list[str] = field(default_factory=list)    # per sample: its episode
@@ -123,8 +121,6 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
                   gamma: float = 1.0, default_reward: float = 0.0, group_by_task: bool = True,
                   current_version: int = 0, max_staleness: int | None = None) -> BuildResult:
     """Samples (advantage 0.0, weight 1/n per episode), their scores and group ids. See the module docstring."""
-    from trainwire.rl.engine import Sample  # torch and verl: imported only when samples are built
-
     if mode not in ("transition", "trajectory"):
         raise ValueError(f"mode must be 'transition' or 'trajectory', got {mode!r}")
     out = BuildResult()

@@ -19,7 +19,8 @@ pytest.importorskip("verl")
 pytest.importorskip("peft")
 
 from trainwire.rl.advantages import compute_advantages, policy_loss_names  # noqa: E402
-from trainwire.rl.engine import EngineConfig, PolicyEngine, Sample  # noqa: E402
+from trainwire.rl.engine import EngineConfig, PolicyEngine  # noqa: E402
+from trainwire.rl.samples import Sample  # noqa: E402
 
 CLIP = 0.2
 CLIP_C = 3.0
@@ -419,7 +420,8 @@ def test_reinforce_plus_plus_and_errors():
 _DP_SCRIPT = r'''
 import json, os, sys
 import torch
-from trainwire.rl.engine import EngineConfig, PolicyEngine, Sample
+from trainwire.rl.engine import EngineConfig, PolicyEngine
+from trainwire.rl.samples import Sample
 samples = [Sample(**s) for s in json.loads(os.environ["TW_SAMPLES"])]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 engine = PolicyEngine(EngineConfig(model_path=os.environ["TW_MODEL"], lr=1e-4, micro_batch_size=2))

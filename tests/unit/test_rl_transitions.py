@@ -1,5 +1,6 @@
 """Samples from claimed sessions (rl/transitions.py) against hand-built expectations: transition and
-trajectory mode, masking of non-model tokens, chain breaks, skipped calls, staleness, weights, groups."""
+trajectory mode, masking of non-model tokens, chain breaks, skipped calls, staleness, weights, groups.
+Plain Python: no torch, no database."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import math
 
 import pytest
 
-pytest.importorskip("torch")
-
-from trainwire.rl.credit import call_returns  # noqa: E402
-from trainwire.rl.transitions import build_samples  # noqa: E402
-from trainwire.store.claims import ClaimedCall, ClaimedSession  # noqa: E402
+from trainwire.rl.credit import call_returns
+from trainwire.rl.samples import Sample
+from trainwire.rl.transitions import build_samples
+from trainwire.store.claims import ClaimedCall, ClaimedSession
 
 _n = 0
 
@@ -222,3 +222,33 @@ def test_bad_mode():
 def test_empty_batch():
     res = build_samples([])
     assert res.samples == [] and math.isnan(res.staleness_mean) and res.counters["sessions"] == 0
+
+
+def test_built_samples_are_valid_engine_samples():
+    res = build_samples([session([call([1, 2], [3, 4], [-0.5, -0.25])])])
+    (s,) = res.samples
+    assert type(s) is Sample
+    s.validate()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("prompt_ids", [], "prompt_ids"),
+    ("response_ids", [], "response_ids"),
+    ("response_mask", [1], "same length"),
+    ("old_logprobs", [-0.1], "same length"),
+    ("advantage", float("nan"), "advantage"),
+    ("weight", -1.0, "weight"),
+    ("weight", float("inf"), "weight"),
+    ("old_logprobs", [None, -0.2], "finite where response_mask is 1"),
+    ("old_logprobs", [-0.1, float("-inf")], "finite where response_mask is 1"),
+])
+def test_sample_validate_rejects(field, value, match):
+    good = dict(prompt_ids=[1], response_ids=[2, 3], response_mask=[1, 1], old_logprobs=[-0.1, -0.2],
+                advantage=0.5, weight=1.0)
+    Sample(**good).validate()
+    with pytest.raises(ValueError, match=match):
+        Sample(**{**good, field: value}).validate()
+
+
+def test_sample_logprob_may_be_missing_where_not_trained():
+    Sample([1], [2, 3], [1, 0], [-0.1, None], advantage=0.0, weight=0.0).validate()

@@ -1,4 +1,4 @@
-"""LightningRL credit assignment (rl/credit.py) against hand-computed returns."""
+"""LightningRL credit assignment (rl/credit.py) against hand-computed returns. Plain Python."""
 
 from __future__ import annotations
 
