@@ -13,7 +13,8 @@ both.
 Two ways to turn it on:
 
 * in-process (tests, CPU demo, the trainer worker): call :func:`activate` before anything imports
-  ``verl.workers`` (``rl.engine`` does this for you);
+  ``verl.workers``' engines (``PolicyEngine(cfg)`` and the config helpers of :mod:`trainwire.rl.engine` do this
+  for you). Importing this module only registers the platform; it never activates it;
 * in processes verl starts itself (Ray workers): export
   ``VERL_USE_EXTERNAL_MODULES=trainwire.rl.cpu_platform`` and ``VERL_PLATFORM=cpu``; importing this module
   registers the platform and verl's auto-detection picks it by name. :func:`activate` also sets

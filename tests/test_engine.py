@@ -1,4 +1,4 @@
-"""The training engine (rl/engine.py, rl/advantages.py) against real verl on CPU.
+"""The training engine (rl/engine/, rl/advantages.py) against real verl on CPU.
 
 Every check is computed, not mocked: HF forward passes give the reference log-probs, the PPO loss
 is recomputed by hand, exports are loaded back with PEFT / transformers.
@@ -499,3 +499,32 @@ def test_a_child_process_forms_its_own_group_despite_inherited_master_port():
                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() != parent_port
+
+
+def test_importing_the_trainer_changes_nothing_until_an_engine_is_built(model_path):
+    """Importing rl/ (the engine package included) leaves verl's platform alone; PolicyEngine(cfg) activates the
+    CPU platform itself, before verl.workers' engines (which read the device name on import) are loaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "import trainwire.rl.engine, trainwire.rl.worker, trainwire.rl.transitions, trainwire.rl.cpu_platform\n"
+        "from verl.plugin.platform import platform_manager as pm\n"
+        "print('TW', os.environ.get('VERL_PLATFORM'), pm._current_platform is None,\n"
+        "      any(m.startswith('verl.workers.engine') for m in sys.modules))\n"
+        "from trainwire.rl.engine import EngineConfig, PolicyEngine\n"
+        "cfg = EngineConfig(model_path=sys.argv[1], micro_batch_size=2)\n"
+        "print('TW', os.environ.get('VERL_PLATFORM'), pm._current_platform is None)\n"
+        "PolicyEngine(cfg)\n"
+        "print('TW', os.environ.get('VERL_PLATFORM'), type(pm._current_platform).__name__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported, configured, built = [line[3:] for line in out.stdout.splitlines() if line.startswith("TW ")]
+    assert imported == "None True False"
+    assert configured == "None True"  # EngineConfig checks the loss name in verl's registry, nothing more
+    if not torch.cuda.is_available():
+        assert built == "cpu PlatformCPU"
