@@ -2,13 +2,15 @@
 
 claim finished sessions -> build samples from recorded token ids -> credit assignment -> advantages (verl)
 -> one optimizer step (verl's engine) -> export -> publish into every vLLM upstream -> record the version
-(the proxy switches on the next request) -> mark sessions trained -> checkpoint -> log metrics."""
+(the proxy switches on the next request) -> checkpoint -> mark sessions trained -> log metrics.
+
+Under torchrun rank 0 does everything above and every rank trains its shard; the ranks' shared sequence
+(step, export, checkpoint) is :mod:`trainwire.rl.collective`'s, with rank 0's publishing as its hook."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from trainwire.rl.collective import Collective, StepHooks
 from trainwire.settings import Settings
 from trainwire.store import claims
 from trainwire.store.db import make_engine
@@ -31,54 +34,37 @@ def _say(msg: str) -> None:
         print(f"[trainwire train] {msg}", flush=True)
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast(obj=None):
-    """Rank 0's command to every rank (gloo carries Python objects on CPU and beside NCCL on GPU)."""
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _stats(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-class MetricsSink:
-    """TensorBoard (always) and Weights & Biases (when a project is given)."""
+class _Publish(StepHooks):
+    """Rank 0's part of a step: give the claims back when the step fails; publish the export into vLLM and
+    record the version before the checkpoint."""
 
-    def __init__(self, settings: Settings) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, trainer: "Trainer", session_ids: list[str], version: int) -> None:
+        self.trainer = trainer
+        self.session_ids = session_ids
+        self.version = version
+        self.result = None
 
-        self.tb = SummaryWriter(str(settings.tensorboard_dir or settings.checkpoint_dir / "tensorboard"))
-        self.wandb = None
-        if settings.wandb_project:
-            import wandb
+    async def step_failed(self) -> None:
+        await self.trainer._release_failed(self.session_ids)
 
-            self.wandb = wandb.init(project=settings.wandb_project, config=settings.model_dump(mode="json"))
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
-        self.tb.flush()
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
+    async def exported(self, path: Path) -> None:
+        tr, s = self.trainer, self.trainer.s
+        result = await tr.pub.publish(self.version, str(tr.vllm_root / path.name))
+        served = result.served_model if tr.pub.kind == "lora" else (tr.base_model or s.model)
+        if result.reached:
+            await record_publish(tr.db, version=self.version, kind=tr.pub.kind, served_model=served,
+                                 path=str(path), train_step=tr.policy.global_step, reached=result.reached,
+                                 failed=list(result.failed))
+            tr.version = self.version
+        for url, why in result.failed.items():
+            _say(f"WARNING: publish of v{self.version} to {url} failed: {why}")
+        self.result = result
 
 
 class Trainer:
@@ -108,45 +94,27 @@ class Trainer:
         if s.adv_estimator not in advantage_estimator_names():
             raise SystemExit(f"trainwire train: unknown --adv-estimator {s.adv_estimator!r}; verl has: "
                              + ", ".join(advantage_estimator_names()))
-        _say(f"loading {s.model} into verl's engine ({'LoRA rank %d' % s.lora_rank if s.lora_rank else 'full fine-tuning'})")
+        _say(f"loading {s.model} into verl's engine "
+             f"({'LoRA rank %d' % s.lora_rank if s.lora_rank else 'full fine-tuning'})")
         t0 = time.perf_counter()
         from trainwire.rl.engine import PolicyEngine
 
         self.policy = PolicyEngine(self._engine_config())
         resumed = self.policy.load_checkpoint()
-        self.rank, self.world = _world()
-        if self.rank != 0:
-            return self._follow()
+        self.ranks = Collective(self.policy, self.publish_root)
+        if self.ranks.rank != 0:
+            return await self.ranks.follow()
         _say(f"engine ready in {time.perf_counter() - t0:.1f}s" + (f"; resumed from {resumed}" if resumed else "")
-             + (f"; {self.world} ranks (torchrun): rank 0 claims and publishes, every rank trains its shard"
-                if self.world > 1 else ""))
+             + (f"; {self.ranks.world} ranks (torchrun): rank 0 claims and publishes, every rank trains its shard"
+                if self.ranks.world > 1 else ""))
         try:
             return await self._lead()
         finally:
-            self._tell({"op": "stop"})
-
-    def _tell(self, command: dict) -> None:
-        if self.world > 1:
-            _broadcast(command)
-
-    def _follow(self) -> int:
-        """Ranks other than 0 (under torchrun): train their shard of what rank 0 claimed, in the same order of
-        collective calls (step, export, checkpoint)."""
-        while True:
-            command = _broadcast()
-            if command["op"] == "stop":
-                return 0
-            if command["op"] == "step":
-                self.policy.step(command["samples"][self.rank::self.world])
-                self.policy.export(self.publish_root / f"v{command['version']}")
-                self.policy.save_checkpoint()
-
-    def _train(self, samples: list, version: int) -> dict:
-        self._tell({"op": "step", "samples": samples, "version": version})
-        return self.policy.step(samples[self.rank::self.world])
+            self.ranks.stop()
 
     async def _lead(self) -> int:
         s = self.s
+        from trainwire.rl.metrics_sink import MetricsSink
         from trainwire.rl.publish import Publisher
 
         self.sink = MetricsSink(s)
@@ -174,7 +142,7 @@ class Trainer:
                     _say(f"released {released} stale claims of a crashed trainer")
                 trained = await self.step_once()
                 if trained is None:
-                    self._tell({"op": "idle"})  # keeps other ranks' collectives from timing out
+                    self.ranks.idle()
                     if time.monotonic() - idle_since > 60:
                         _say("still waiting for rewarded sessions...")
                         idle_since = time.monotonic()
@@ -190,6 +158,10 @@ class Trainer:
         self.sink.close()
         await self.db.dispose()
         return 0
+
+    async def _release_failed(self, ids: list[str]) -> None:
+        await claims.release(self.db, ids, worker_id=self.worker_id)
+        log.exception("training step failed; released %d sessions for a later step", len(ids))
 
     async def step_once(self) -> dict | None:
         """One claim-train-publish cycle; None when nothing was ready."""
@@ -217,32 +189,19 @@ class Trainer:
                 return {}
             advantages = compute_advantages(built.scores, built.group_ids, estimator=s.adv_estimator)
             samples = [replace(x, advantage=a) for x, a in zip(built.samples, advantages)]
-            t["build"] = time.perf_counter()
-            metrics = self._train(samples, self.version + 1)  # in the loop thread: verl state is per-thread
-            t["train"] = time.perf_counter()
         except Exception:
-            await claims.release(self.db, ids, worker_id=self.worker_id)
-            log.exception("training step failed; released %d sessions for a later step", len(ids))
+            await self._release_failed(ids)
             raise
+        t["build"] = time.perf_counter()
+        hooks = _Publish(self, ids, self.version + 1)
+        # In the loop thread: verl state is per-thread.
+        outcome = await self.ranks.step(samples, self.version + 1, hooks)
         step = self.policy.global_step
-        version = self.version + 1
-        out = self.policy.export(self.publish_root / f"v{version}")
-        t["save"] = time.perf_counter()
-        result = await self.pub.publish(version, str(self.vllm_root / out.name))
-        served = result.served_model if self.pub.kind == "lora" else (self.base_model or s.model)
-        if result.reached:
-            await record_publish(self.db, version=version, kind=self.pub.kind, served_model=served,
-                                 path=str(out), train_step=step, reached=result.reached,
-                                 failed=list(result.failed))
-            self.version = version
-        for url, why in result.failed.items():
-            _say(f"WARNING: publish of v{version} to {url} failed: {why}")
-        t["publish"] = time.perf_counter()
+        metrics, result = outcome.metrics, hooks.result
         # The checkpoint is what survives a crash: a session becomes `trained` only once the weights that
-        # learned from it are saved. A crash before this point leaves its claim to expire and the session is
-        # trained again by the restarted trainer, from the checkpoint that does not contain it yet.
-        self.policy.save_checkpoint()
-        t["checkpoint"] = time.perf_counter()
+        # learned from it are saved (the step above ends with the checkpoint). A crash before that point leaves
+        # its claim to expire and the session is trained again by the restarted trainer, from the checkpoint
+        # that does not contain it yet.
         skipped = set(built.skipped_sessions)
         await claims.mark_trained(self.db, [sid for sid in ids if sid not in skipped], step,
                                   worker_id=self.worker_id)
@@ -260,8 +219,9 @@ class Trainer:
             "staleness/mean": built.staleness_mean, **{f"batch/{k}": float(v) for k, v in built.counters.items()},
             "policy/version": float(self.version), "publish/failed_upstreams": float(len(result.failed)),
             "time/claim_s": t["claim"] - t["start"], "time/build_s": t["build"] - t["claim"],
-            "time/train_s": t["train"] - t["build"], "time/save_s": t["save"] - t["train"],
-            "time/publish_s": t["publish"] - t["save"], "time/checkpoint_s": t["checkpoint"] - t["publish"],
+            "time/train_s": outcome.trained_at - t["build"], "time/save_s": outcome.exported_at - outcome.trained_at,
+            "time/publish_s": outcome.hooked_at - outcome.exported_at,
+            "time/checkpoint_s": outcome.checkpointed_at - outcome.hooked_at,
         })
         await record_train_step(self.db, step=step, policy_version=self.version, n_sessions=len(ids),
                                 n_samples=len(samples), metrics=metrics)

@@ -1,0 +1,133 @@
+"""The order of collective calls in one training step, defined once for every torchrun rank.
+
+Under torchrun every rank holds a shard of the model (FSDP2), and a training step is a sequence of collective
+calls: the optimizer step, the weight gather of the export, the checkpoint save. Every rank must make them in
+the same order or the ranks wait on each other forever. So there is one sequence, :meth:`Collective.train_step`,
+and every rank runs it: rank 0 through :meth:`Collective.step` after it has claimed sessions and built the
+samples, the other ranks through :meth:`Collective.follow` when rank 0's command arrives. Work only rank 0 does
+(publishing into vLLM between the export and the checkpoint, giving claims back when the step fails) comes in
+as :class:`StepHooks`, never as calls of its own.
+
+Commands, rank 0 to all (``broadcast_object_list``; gloo carries Python objects on CPU and beside NCCL on GPU):
+
+* ``{"op": "step", "samples": [...], "version": n}``: train on ``samples[rank::world]``, export as ``v<n>``;
+* ``{"op": "idle"}``: nothing was ready; keeps the other ranks' waiting broadcast from timing out;
+* ``{"op": "stop"}``: leave.
+
+Without torchrun (one process) nothing is broadcast and the same sequence runs in the one process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["Collective", "StepHooks", "StepOutcome"]
+
+STEP, IDLE, STOP = "step", "idle", "stop"
+
+
+def _broadcast(obj: Any = None) -> Any:
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class StepHooks:
+    """Rank 0's work inside the sequence. The defaults do nothing: that is what the other ranks run."""
+
+    async def step_failed(self) -> None:
+        """Sending or running the optimizer step raised; called in the handler, the exception propagates."""
+
+    async def exported(self, path: Path) -> None:
+        """The new weights are in ``path``; runs before the checkpoint (rank 0 publishes them here)."""
+
+
+@dataclass
+class StepOutcome:
+    metrics: dict[str, float]  # PolicyEngine.step's, for this rank's shard
+    exported: Path
+    # time.perf_counter() at the end of each part
+    trained_at: float
+    exported_at: float
+    hooked_at: float
+    checkpointed_at: float
+
+
+class Collective:
+    """This rank's side of the step protocol; ``policy`` is a ``PolicyEngine`` (or anything with its
+    ``step``/``export``/``save_checkpoint``)."""
+
+    def __init__(self, policy, publish_root: Path, *, rank: int | None = None, world: int | None = None,
+                 broadcast: Callable[[Any], Any] = _broadcast) -> None:
+        if rank is None or world is None:
+            rank, world = _world()
+        self.policy = policy
+        self.publish_root = Path(publish_root)
+        self.rank, self.world = rank, world
+        self._broadcast = broadcast
+
+    def export_dir(self, version: int) -> Path:
+        return self.publish_root / f"v{version}"
+
+    async def train_step(self, samples: Sequence, version: int, hooks: StepHooks | None = None) -> StepOutcome:
+        """The sequence every rank runs for one step: train on this rank's shard, export ``v<version>``, the
+        rank-0 hook, checkpoint. ``samples`` is the whole batch (the same on every rank)."""
+        hooks = hooks or StepHooks()
+        try:
+            metrics = self.policy.step(samples[self.rank::self.world])
+        except Exception:
+            await hooks.step_failed()
+            raise
+        trained_at = time.perf_counter()
+        out = self.policy.export(self.export_dir(version))
+        exported_at = time.perf_counter()
+        await hooks.exported(out)
+        hooked_at = time.perf_counter()
+        self.policy.save_checkpoint()
+        return StepOutcome(metrics=metrics, exported=out, trained_at=trained_at, exported_at=exported_at,
+                           hooked_at=hooked_at, checkpointed_at=time.perf_counter())
+
+    # ------------------------------------------------------------------ rank 0
+
+    def tell(self, op: str, **fields: Any) -> None:
+        if self.world > 1:
+            self._broadcast({"op": op, **fields})
+
+    async def step(self, samples: Sequence, version: int, hooks: StepHooks) -> StepOutcome:
+        """Rank 0: send the batch to every rank, then run the step here too."""
+        try:
+            self.tell(STEP, samples=list(samples), version=version)
+        except Exception:
+            await hooks.step_failed()
+            raise
+        return await self.train_step(samples, version, hooks)
+
+    def idle(self) -> None:
+        self.tell(IDLE)
+
+    def stop(self) -> None:
+        self.tell(STOP)
+
+    # ------------------------------------------------------------------ other ranks
+
+    async def follow(self) -> int:
+        """Ranks other than 0: run rank 0's commands until it says stop."""
+        while True:
+            command = self._broadcast(None)
+            if command["op"] == STOP:
+                return 0
+            if command["op"] == STEP:
+                await self.train_step(command["samples"], command["version"])
