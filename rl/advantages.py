@@ -13,7 +13,8 @@ the whitening statistics per rollout rather than per token.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["advantage_estimator_names", "compute_advantages", "policy_loss_names"]
 
@@ -58,7 +59,6 @@ def compute_advantages(
     """
     import numpy as np
     import torch
-
     from verl.trainer.config import AlgoConfig
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, get_adv_estimator_fn
 

@@ -20,9 +20,10 @@ Without torchrun (one process) nothing is broadcast and the same sequence runs i
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = ["Collective", "StepHooks", "StepOutcome"]
 

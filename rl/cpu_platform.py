@@ -35,7 +35,6 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-
 from verl.plugin.platform import PlatformBase, PlatformRegistry, get_platform, set_platform
 from verl.plugin.platform import platform_manager as _platform_manager
 

@@ -32,7 +32,7 @@ posted on a call that is not among them is not part of the episode's credit.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["call_returns"]
 

@@ -46,8 +46,9 @@ a task id: a group of its own), else ``"batch"`` for every sample.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from trainwire.rl.credit import call_returns
 from trainwire.rl.samples import Sample

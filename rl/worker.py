@@ -18,6 +18,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainwire.rl.collective import Collective, StepHooks
 from trainwire.settings import Settings
@@ -25,6 +26,9 @@ from trainwire.store import claims
 from trainwire.store.db import make_engine
 from trainwire.store.policy import latest_version, record_publish
 from trainwire.store.training import record_train_step
+
+if TYPE_CHECKING:
+    from trainwire.rl.publish import PublishResult
 
 log = logging.getLogger("trainwire.train")
 
@@ -48,15 +52,15 @@ class _Publish(StepHooks):
         self.trainer = trainer
         self.session_ids = session_ids
         self.version = version
-        self.result = None
+        self.result: PublishResult | None = None  # set by exported(), which runs in every step that returns
 
     async def step_failed(self) -> None:
         await self.trainer._release_failed(self.session_ids)
 
     async def exported(self, path: Path) -> None:
-        tr, s = self.trainer, self.trainer.s
+        tr = self.trainer
         result = await tr.pub.publish(self.version, str(tr.vllm_root / path.name))
-        served = result.served_model if tr.pub.kind == "lora" else (tr.base_model or s.model)
+        served = result.served_model if tr.pub.kind == "lora" else (tr.base_model or tr.model)
         if result.reached:
             await record_publish(tr.db, version=self.version, kind=tr.pub.kind, served_model=served,
                                  path=str(path), train_step=tr.policy.global_step, reached=result.reached,
@@ -72,6 +76,7 @@ class Trainer:
         if not settings.model:
             raise SystemExit("trainwire train: --model is required (the base model path vLLM serves)")
         self.s = settings
+        self.model: str = settings.model
         self.db = make_engine(settings.resolved_database_url)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.stop_requested = False
@@ -82,7 +87,7 @@ class Trainer:
         from trainwire.rl.engine import EngineConfig
 
         s = self.s
-        return EngineConfig(model_path=s.model, lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lr=s.lr,
+        return EngineConfig(model_path=self.model, lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lr=s.lr,
                             policy_loss=s.policy_loss, loss_agg_mode=s.loss_agg_mode, clip_ratio_low=s.clip_ratio,
                             clip_ratio_high=s.clip_ratio, kl_coef=s.kl_coef, temperature=s.temperature,
                             seed=s.seed, checkpoint_dir=str(s.checkpoint_dir / "state"))
@@ -95,7 +100,7 @@ class Trainer:
             raise SystemExit(f"trainwire train: unknown --adv-estimator {s.adv_estimator!r}; verl has: "
                              + ", ".join(advantage_estimator_names()))
         _say(f"loading {s.model} into verl's engine "
-             f"({'LoRA rank %d' % s.lora_rank if s.lora_rank else 'full fine-tuning'})")
+             f"({f'LoRA rank {s.lora_rank}' if s.lora_rank else 'full fine-tuning'})")
         t0 = time.perf_counter()
         from trainwire.rl.engine import PolicyEngine
 
@@ -198,6 +203,7 @@ class Trainer:
         outcome = await self.ranks.step(samples, self.version + 1, hooks)
         step = self.policy.global_step
         metrics, result = outcome.metrics, hooks.result
+        assert result is not None
         # The checkpoint is what survives a crash: a session becomes `trained` only once the weights that
         # learned from it are saved (the step above ends with the checkpoint). A crash before that point leaves
         # its claim to expire and the session is trained again by the restarted trainer, from the checkpoint

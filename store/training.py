@@ -4,7 +4,7 @@ dashboard. Policy versions it publishes are recorded by :mod:`trainwire.store.po
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from sqlalchemy import delete, insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -12,8 +12,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from trainwire.store.models import TrainStep
 
 __all__ = ["record_train_step"]
-
-T = TrainStep.__table__
 
 
 async def record_train_step(engine: AsyncEngine, *, step: int, policy_version: int, n_sessions: int,
@@ -23,6 +21,6 @@ async def record_train_step(engine: AsyncEngine, *, step: int, policy_version: i
     kept = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     async with engine.begin() as conn:
         # A step number can repeat after a crash between its row and its checkpoint: the newer row wins.
-        await conn.execute(delete(T).where(T.c.step == step))
-        await conn.execute(insert(T).values(step=step, policy_version=policy_version, n_sessions=n_sessions,
-                                            n_samples=n_samples, metrics=kept))
+        await conn.execute(delete(TrainStep).where(TrainStep.step == step))
+        await conn.execute(insert(TrainStep).values(step=step, policy_version=policy_version, n_sessions=n_sessions,
+                                                    n_samples=n_samples, metrics=kept))

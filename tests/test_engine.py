@@ -7,8 +7,8 @@ is recomputed by hand, exports are loaded back with PEFT / transformers.
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import statistics
 from pathlib import Path
 

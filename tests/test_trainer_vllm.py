@@ -27,10 +27,10 @@ import pytest
 from sqlalchemy import select
 
 from demo.agent import digit_reward
-from trainwire.store.db import make_engine
-from trainwire.store.models import PolicyVersion, Session, TrainStep, UpstreamVersion
 from tests.support import dbread
 from tests.support.vllm_support import require_vllm_venv, serve, tiny_model
+from trainwire.store.db import make_engine
+from trainwire.store.models import PolicyVersion, Session, TrainStep, UpstreamVersion
 
 pytestmark = pytest.mark.vllm
 
@@ -178,7 +178,7 @@ def assert_trained_once(db_url: str, groups: dict[int, list[str]]) -> None:
 
 @pytest.fixture
 def proxy(start_proxy, vllm, pg_url, tmp_path):
-    p = start_proxy("--upstream", vllm.url, "--database-url", pg_url, "--spool-dir", str(tmp_path / "spool"))
+    p = start_proxy("--upstream", vllm.url, "--database-url", pg_url, "--journal-dir", str(tmp_path / "journal"))
     p.db_url = pg_url
     return p
 

@@ -20,7 +20,7 @@ the same multiplier). KL and entropy terms are not weighted.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

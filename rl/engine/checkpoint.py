@@ -25,10 +25,14 @@ ENGINE_STATE_FILE = "trainwire_engine.json"
 LATEST_FILE = "latest_checkpointed_iteration.txt"  # verl's tracker file name
 
 
-def checkpoint_path(cfg: EngineConfig, step: int) -> Path:
+def _root(cfg: EngineConfig) -> Path:
     if not cfg.checkpoint_dir:
         raise ValueError("EngineConfig.checkpoint_dir is not set")
-    return Path(cfg.checkpoint_dir) / f"global_step_{step}"
+    return Path(cfg.checkpoint_dir)
+
+
+def checkpoint_path(cfg: EngineConfig, step: int) -> Path:
+    return _root(cfg) / f"global_step_{step}"
 
 
 def latest_checkpoint(cfg: EngineConfig) -> Optional[Path]:
@@ -53,7 +57,7 @@ def save_checkpoint(worker, cfg: EngineConfig, global_step: int, ckpt_dir: Optio
         state = {"global_step": global_step, "config": asdict(cfg)}
         (path / ENGINE_STATE_FILE).write_text(json.dumps(state, indent=2, default=str) + "\n")
         if use_tracker:
-            tracker = Path(cfg.checkpoint_dir) / LATEST_FILE
+            tracker = _root(cfg) / LATEST_FILE
             tmp = tracker.with_suffix(".tmp")
             tmp.write_text(str(global_step))
             os.replace(tmp, tracker)
@@ -69,7 +73,7 @@ def _prune(cfg: EngineConfig, keep: Path) -> None:
     if not n or n < 1:
         return
     steps = []
-    for d in Path(cfg.checkpoint_dir).glob("global_step_*"):
+    for d in _root(cfg).glob("global_step_*"):
         suffix = d.name[len("global_step_") :]
         if d.is_dir() and suffix.isdigit():
             steps.append((int(suffix), d))

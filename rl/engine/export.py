@@ -32,9 +32,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 def export_weights(worker, cfg: EngineConfig, out_dir: Path) -> Path:
     """Write ``worker``'s weights into ``out_dir`` (replaced if it exists) and return it. Collective."""
     out_dir = Path(out_dir).resolve()
-    writer = is_writer()
     tmp: Optional[Path] = None
-    if writer:
+    if is_writer():
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -42,7 +41,7 @@ def export_weights(worker, cfg: EngineConfig, out_dir: Path) -> Path:
             _write_lora(worker, cfg, tmp)
         else:
             _write_full(worker, cfg, tmp)
-        if writer:
+        if tmp is not None:  # rank 0
             os.chmod(tmp, 0o755)
             if out_dir.exists():
                 shutil.rmtree(out_dir)
@@ -95,7 +94,7 @@ def _write_full(worker, cfg: EngineConfig, tmp: Optional[Path]) -> None:
         if t.is_floating_point():
             t = t.to(dtype)
         shards.add(name, t.contiguous())
-    if shards is None:
+    if shards is None or tmp is None:
         return
     shards.close()
     for f in sorted(src.iterdir()):

@@ -9,8 +9,9 @@ global sample and token counts. :meth:`~PolicyEngine.step`, :meth:`~PolicyEngine
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -253,8 +254,7 @@ def _flatten_metrics(raw: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, val in raw.items():
         if isinstance(val, (list, tuple)):
-            vals = [_to_float(v) for v in val]
-            vals = [v for v in vals if v is not None]
+            vals = [f for f in (_to_float(v) for v in val) if f is not None]
             if vals:
                 out[key] = sum(vals) / len(vals)
         else:

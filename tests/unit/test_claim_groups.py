@@ -5,14 +5,14 @@ fit. No database: the rows are what the locked SELECT returns (ordered by when t
 from __future__ import annotations
 
 from collections import namedtuple
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from trainwire.store.claims import pick_groups
 
 Row = namedtuple("Row", "id task_id finished_at")
-CUTOFF = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)  # groups whose oldest member is older have timed out
+CUTOFF = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)  # groups whose oldest member is older have timed out
 
 
 def rows(*spec, naive=False):
