@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv vllm-venv test test-fast demo bench clean
+.PHONY: venv vllm-venv test test-fast test-unit lint demo bench clean
 
 # Project venv: proxy, store, trainer (torch CPU + verl) and test tools. Re-installs only when pyproject changes.
 $(BIN)/.installed: pyproject.toml
@@ -26,6 +26,18 @@ test: venv vllm-venv
 test-fast: venv
 	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
 
+# The pure functions alone: no subprocess, no database, no vLLM; well under a minute.
+test-unit: venv
+	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
+
+# ruff (style, imports), mypy (types) and import-linter (the layers in docs/architecture.md). mypy and
+# import-linter read the package as it installs, through a view of symlinks (scripts/lint_view.py).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/python scripts/lint_view.py build/lint >/dev/null
+	cd build/lint && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p trainwire
+	cd build/lint && $(abspath $(BIN))/lint-imports --config $(CURDIR)/pyproject.toml
+
 demo: venv vllm-venv
 	$(BIN)/python -m demo.run $(DEMO_ARGS)
 
@@ -33,4 +45,4 @@ bench: venv
 	$(BIN)/python -m bench.proxy_overhead
 
 clean:
-	rm -rf .demo trainwire.db* trainwire-spool checkpoints
+	rm -rf .demo trainwire.db* trainwire-journal checkpoints build
