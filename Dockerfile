@@ -26,7 +26,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 trainwire \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/trainwire \
        --shell /usr/sbin/nologin trainwire \
-    && mkdir -p /home/trainwire/.cache/huggingface /home/trainwire/spool /checkpoints \
+    && mkdir -p /home/trainwire/.cache/huggingface /home/trainwire/journal /checkpoints \
     && chown -R trainwire:trainwire /home/trainwire /checkpoints
 
 # ---------------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ RUN /opt/venv/bin/pip install "/src[routes,export]" \
 FROM base AS proxy
 COPY --from=proxy-build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
-    TRAINWIRE_SPOOL_DIR=/home/trainwire/spool
+    TRAINWIRE_JOURNAL_DIR=/home/trainwire/journal
 USER trainwire
 WORKDIR /home/trainwire
 EXPOSE 8100

@@ -130,7 +130,7 @@ def main() -> int:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "trainwire.cli", "serve", "--host", "127.0.0.1", "--port", str(proxy_port),
                  "--upstream", f"http://127.0.0.1:{nginx_port}", "--database-url", db, "--workers", str(args.workers),
-                 "--log-level", "warning", "--spool-dir", str(tmp / "spool")], start_new_session=True))
+                 "--log-level", "warning", "--journal-dir", str(tmp / "journal")], start_new_session=True))
             for url in (f"http://127.0.0.1:{nginx_port}/v1/models", f"http://127.0.0.1:{proxy_port}/healthz"):
                 for _ in range(100):
                     try:

@@ -375,7 +375,7 @@ def run(args) -> int:
                    stderr=subprocess.DEVNULL)
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     proxy = Child("proxy", [*trainwire, "serve", "--host", "127.0.0.1", "--port", str(proxy_port),
-                            "--upstream", vllm.url, "--spool-dir", str(work / "spool")],
+                            "--upstream", vllm.url, "--journal-dir", str(work / "journal")],
                   env=env, log_path=logs / "proxy.log")
     STACK.push("proxy", proxy)
     train_argv = [*trainwire, "train", "--upstream", vllm.url, "--model", str(model),

@@ -18,11 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from sqlalchemy import Text, cast, select
-
-from trainwire.proxy.air_rules import RULES, Finding, message, message_of, parse_value
+from trainwire.proxy.air_rules import RULES, Finding, message, parse_value
 from trainwire.records import CallRecord, RewardRecord
-from trainwire.store.models import Call, utcnow
+from trainwire.store.models import utcnow
+from trainwire.store.queries import find_tool_call_producers
 
 log = logging.getLogger("trainwire.air")
 
@@ -133,28 +132,17 @@ class Air:
 
     async def _resolve(self, rule: str, value: float, rec: CallRecord, f: Finding) -> None:
         """The call that produced a tool call, from the store (this process forgot it, or never saw it)."""
-        C = Call.__table__
+        assert f.tool_call_id is not None
         try:
-            async with self.engine.connect() as conn:
-                rows = (await conn.execute(
-                    select(C.c.id, C.c.request, C.c.response)
-                    .where(C.c.session_id == rec.session_id, C.c.id != rec.id,
-                           C.c.started_at <= rec.started_at,
-                           cast(C.c.response, Text).contains(f.tool_call_id, autoescape=True))
-                    .order_by(C.c.started_at.desc(), C.c.seq.desc()).limit(50))).all()
+            found = await find_tool_call_producers(self.engine, session_id=rec.session_id, exclude_call_id=rec.id,
+                                                   started_before=rec.started_at, tool_call_id=f.tool_call_id)
         except Exception:
             log.exception("tool_error: looking up the call that made tool call %r failed", f.tool_call_id)
             return
-        best = None
-        for row in rows:
-            if not any(isinstance(tc, dict) and tc.get("id") == f.tool_call_id
-                       for tc in message_of(row.response).get("tool_calls") or []):
-                continue
-            n = len(row.request.get("messages") or []) if isinstance(row.request, dict) else None
-            if f.message_index is None or n == f.message_index:
-                best = row.id
-                break
-            best = best or row.id
+        # The one whose answer sits where the tool message says it does; else the newest that made the call.
+        best = next((c.call_id for c in found if c.n_messages == f.message_index), None)
+        if best is None and found:
+            best = found[0].call_id
         if best is None:
             log.info("tool_error: no recorded call of session %r made tool call %r; no reward",
                      rec.session_id, f.tool_call_id)

@@ -10,6 +10,7 @@ not finish them.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -62,15 +63,18 @@ def rule(name: str, *, default: float | None, help: str) -> Callable[[Judge], Ju
 
 def parse_value(rule_: Rule, raw: Any) -> float | None:
     """A configured value: a number, or off/none/false/empty for a rule that is off."""
-    if raw is None or isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        return None if raw is None else float(raw)
+    if raw is None:
+        return None
     text = str(raw).strip().lower()
     if text in {"off", "none", "false", ""}:
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise ValueError(f"{rule_.flag} must be a number or 'off'; got {raw!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{rule_.flag} must be a number or 'off'; got {raw!r}")
+    return value
 
 
 # --- helpers the rules share -------------------------------------------------------------------------

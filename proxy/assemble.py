@@ -46,7 +46,9 @@ class _Choice:
     reasoning: list[str] = field(default_factory=list)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
-    logprob_entries: list[Any] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None
+    logprob_entries: list[Any] = field(default_factory=list)          # chat: logprobs.content entries
+    completion_logprobs: dict[str, list[Any]] = field(default_factory=dict)  # completions: its parallel lists
     finish_reason: str | None = None
     stop_reason: Any = None
 
@@ -78,8 +80,8 @@ class StreamAssembler:
             self.usage = chunk["usage"]
         for ch in chunk.get("choices") or ():
             c = self.choices.setdefault(ch.get("index", 0), _Choice(ch.get("index", 0)))
-            if ch.get("prompt_token_ids") is not None and self.prompt_token_ids is None:
-                self.prompt_token_ids = ch["prompt_token_ids"]
+            if ch.get("prompt_token_ids") is not None and c.prompt_token_ids is None:
+                c.prompt_token_ids = ch["prompt_token_ids"]
             if ch.get("token_ids"):
                 c.token_ids.extend(ch["token_ids"])
             lp = ch.get("logprobs")
@@ -87,7 +89,10 @@ class StreamAssembler:
                 if isinstance(lp.get("content"), list):
                     c.logprob_entries.extend(lp["content"])
                 elif isinstance(lp.get("token_logprobs"), list):
-                    c.logprob_entries.extend(lp["token_logprobs"])
+                    # Completions logprobs are parallel lists; a stream sends each chunk's slice of them.
+                    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        if isinstance(lp.get(key), list):
+                            c.completion_logprobs.setdefault(key, []).extend(lp[key])
             if ch.get("finish_reason") is not None:
                 c.finish_reason = ch["finish_reason"]
             if ch.get("stop_reason") is not None:
@@ -117,6 +122,10 @@ class StreamAssembler:
                 if fn.get("arguments"):
                     slot["function"]["arguments"] += fn["arguments"]
 
+    def finished(self) -> bool:
+        """Every choice has its finish_reason: the answer is whole, whatever follows (usage, [DONE])."""
+        return bool(self.choices) and all(c.finish_reason is not None for c in self.choices.values())
+
     def feed_event(self, data: bytes) -> None:
         """One SSE `data:` payload; `[DONE]` ends the stream."""
         if data.strip() == b"[DONE]":
@@ -145,11 +154,13 @@ class StreamAssembler:
                 entry["logprobs"] = {"content": c.logprob_entries} if c.logprob_entries else None
             else:
                 entry["text"] = "".join(c.content)
-                entry["logprobs"] = {"token_logprobs": c.logprob_entries} if c.logprob_entries else None
+                entry["logprobs"] = c.completion_logprobs or None
             entry["finish_reason"] = c.finish_reason
             if c.stop_reason is not None:
                 entry["stop_reason"] = c.stop_reason
             entry["token_ids"] = c.token_ids or None
+            if c.prompt_token_ids is not None:
+                entry["prompt_token_ids"] = c.prompt_token_ids
             choices.append(entry)
         out["choices"] = choices
         if self.usage is not None:

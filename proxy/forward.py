@@ -4,6 +4,7 @@ and hand a complete record of the call to the write path."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,12 +14,15 @@ import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
-from trainwire.records import CallRecord
+from trainwire.records import CallRecord, token_problem
+from trainwire.proxy.apis import Api, Ids
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
 from trainwire.proxy.errors import error_body
 from trainwire.proxy.ids import random_hex
 from trainwire.proxy.session_headers import CallContext
 from trainwire.proxy.transparency import Injected, strip
+
+log = logging.getLogger("trainwire.proxy")
 
 # Response headers of the upstream worth keeping; hop-by-hop and length headers are recomputed.
 _KEEP_HEADERS = ("content-type", "x-request-id", "retry-after")
@@ -40,12 +44,17 @@ class Call:
     """Everything known about one call while it is being served."""
 
     ctx: CallContext
-    kind: str                     # chat | completion | other
-    path: str
+    kind: str                     # chat | completion | responses | messages | other
+    path: str                     # the client's path
+
     request: Any                  # the client's body, as sent (before injection)
     stream: bool
     model_requested: str | None
     route: str = "policy"         # policy | frozen | passthrough
+    upstream_path: str = ""       # what vLLM was asked: the API's chat or completions path
+    sampling: dict[str, Any] | None = None   # proxy.sampling.Outcome.record()
+    untrainable: str | None = None           # why this call's tokens must not be trained on
+    enforced: list[str] = field(default_factory=list)  # sampling settings the proxy replaced
     call_id: str = field(default_factory=new_call_id)
     seq: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -60,8 +69,11 @@ class Call:
     processing_s: float = 0.0
 
     def headers(self) -> dict[str, str]:
-        return {"X-Session-Id": self.ctx.session_id, "X-Call-Id": self.call_id,
-                "X-Policy-Version": str(self.policy_version or 0)}
+        out = {"X-Session-Id": self.ctx.session_id, "X-Call-Id": self.call_id,
+               "X-Policy-Version": str(self.policy_version or 0)}
+        if self.enforced:
+            out["X-Trainwire-Sampling"] = "enforced " + ",".join(self.enforced)
+        return out
 
     def record(self, *, status: int, response: Any, error: str | None = None, aborted: bool = False,
                tokens=None, usage: dict | None = None) -> CallRecord:
@@ -71,6 +83,11 @@ class Call:
         post_ms = (now - self.t_upstream_done) * 1000 if self.t_upstream_done else 0.0
         if usage is None and isinstance(response, dict):
             usage = response.get("usage")
+        usage = usage if isinstance(usage, dict) else None
+        untrainable = self.untrainable
+        if untrainable is None and tokens is not None and status == 200:
+            untrainable = token_problem(tokens.prompt_token_ids, tokens.completion_token_ids, tokens.logprobs,
+                                        usage, aborted)
         return CallRecord(
             id=self.call_id, session_id=self.ctx.session_id, seq=self.seq, task_id=self.ctx.task_id,
             agent_name=self.ctx.agent_name, trainable=self.ctx.trainable and self.route == "policy",
@@ -81,7 +98,7 @@ class Call:
             completion_token_ids=tokens.completion_token_ids if tokens else None,
             logprobs=tokens.logprobs if tokens else None,
             finish_reason=tokens.finish_reason if tokens else None,
-            usage=usage if isinstance(usage, dict) else None, status_code=status, error=error,
+            usage=usage, status_code=status, error=error, sampling=self.sampling, untrainable_reason=untrainable,
             aborted=aborted, started_at=self.started_at, finished_at=datetime.now(timezone.utc),
             upstream_ms=upstream_ms,
             ttft_ms=(self.t_first - self.t_sent) * 1000 if self.t_first and self.t_sent else None,
@@ -108,7 +125,7 @@ async def open_upstream(pool, http: aiohttp.ClientSession, call: Call, body: byt
         call.upstream = upstream.url
         call.t_sent = time.perf_counter()
         try:
-            return await http.post(f"{upstream.url}{call.path}", data=payload, headers=headers, timeout=timeout)
+            return await http.post(f"{upstream.url}{call.upstream_path or call.path}", data=payload, headers=headers, timeout=timeout)
         except aiohttp.ClientConnectorError:
             pool.mark_dead(upstream)
             raise
@@ -139,30 +156,57 @@ def needs_rewrite(call: Call) -> bool:
     return call.injected.any or (call.model_requested is not None and call.model_served != call.model_requested)
 
 
-async def complete(resp: aiohttp.ClientResponse, call: Call, submit) -> Response:
-    """Non-streaming: read, record, strip, answer."""
+async def complete(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -> Response:
+    """Non-streaming: read, record, strip, answer (translated into the client's API where it has its own)."""
     try:
         raw = await resp.read()
     finally:
         resp.release()
     call.t_upstream_done = time.perf_counter()
     headers = response_headers(resp, call)
-    parsed: Any = None
     try:
-        parsed = orjson.loads(raw) if raw else None
+        parsed: Any = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
-        parsed = {"raw": raw.decode("utf-8", "replace")}
-    if resp.status != 200 or not isinstance(parsed, dict):
-        error = _error_text(parsed, raw) if resp.status != 200 else None
+        parsed = None
+    if resp.status != 200:
+        if parsed is None and raw:
+            parsed = {"raw": raw[:65536].decode("utf-8", "replace")}
+        error = _error_text(parsed, raw)
         submit(call.record(status=resp.status, response=parsed, error=error))
+        if api.translated:
+            return _translated_error(api, resp.status, error, call)
         return Response(raw, status_code=resp.status, headers=headers)
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+        return _not_an_answer(call, submit, api, raw, resp.headers.get("content-type"))
     tokens = tokens_of(parsed)
+    if api.translated:
+        strip(parsed, call.injected)
+        client = api.from_upstream(parsed, call.request, Ids.of(call.call_id))
+        submit(call.record(status=200, response=client, tokens=tokens, usage=parsed.get("usage")))
+        headers["content-type"] = "application/json"
+        return Response(orjson.dumps(client), status_code=200, headers=headers)
     if needs_rewrite(call):
         strip(parsed, call.injected)
         rewrite_back(parsed, call)
         raw = orjson.dumps(parsed)
     submit(call.record(status=200, response=parsed, tokens=tokens))
     return Response(raw, status_code=200, headers=headers)
+
+
+def _not_an_answer(call: Call, submit, api: Api, raw: bytes, content_type: str | None) -> Response:
+    """A 200 whose body is not a completion (an HTML error page, truncated JSON, a wrong content type): an
+    upstream error, never a made-up answer."""
+    what = f"{len(raw)} bytes of {content_type or 'no content type'}"
+    detail = f"upstream answered 200 with a body that is not a completion ({what}): {raw[:300]!r}"
+    submit(call.record(status=502, response=None, error=detail))
+    return Response(api.error_body(502, f"the policy server answered 200 with a body that is not a completion "
+                                        f"({what})", None, "upstream_bad_response"),
+                    status_code=502, media_type="application/json", headers=call.headers())
+
+
+def _translated_error(api: Api, status: int, message: str, call: Call) -> Response:
+    return Response(api.error_body(status, message, None, None), status_code=status, media_type="application/json",
+                    headers=call.headers())
 
 
 def _error_text(parsed: Any, raw: bytes) -> str:
@@ -193,86 +237,191 @@ def _data_of(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def stream(resp: aiohttp.ClientResponse, call: Call, submit) -> Response:
-    """Streaming: forward each SSE event as it arrives; only events carrying injected fields are rewritten."""
+class RecordedStream(StreamingResponse):
+    """A StreamingResponse that always runs `on_close`, also when the client leaves before the first byte
+    (then the body generator never starts and its own `finally` would never run)."""
+
+    def __init__(self, content, on_close, **kw) -> None:
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+class _StreamState:
+    """What a relayed stream knows when it ends, however it ends."""
+
+    __slots__ = ("asm", "completed", "error", "recorded")
+
+    def __init__(self, kind: str) -> None:
+        self.asm = StreamAssembler(kind)
+        self.completed = False   # the upstream's body was read to its end
+        self.error: str | None = None
+        self.recorded = False
+
+
+def stream(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -> Response:
+    """Streaming: forward each SSE event as it arrives; only events carrying injected fields are rewritten
+    (chat, completions), or every chunk is translated into the client's API (Responses, Messages)."""
     if resp.status != 200:
-        return _stream_error(resp, call, submit)
-    asm = StreamAssembler(call.kind)
+        return _stream_error(resp, call, submit, api)
+    if "text/event-stream" not in (resp.headers.get("content-type") or ""):
+        return _not_a_stream(resp, call, submit, api)
+    state = _StreamState(api.upstream_kind)
+
+    async def finish() -> None:
+        call.t_upstream_done = call.t_upstream_done or time.perf_counter()
+        resp.close()  # on a client abort this also stops the generation upstream
+        if state.recorded:
+            return
+        state.recorded = True
+        asm = state.asm
+        assembled = asm.body()
+        tokens = tokens_of(assembled)
+        usage = assembled.get("usage")
+        strip(assembled, call.injected)
+        # Complete when every choice has its finish_reason: a client may stop reading after the last choice
+        # chunk and never read the usage chunk or [DONE] behind it.
+        aborted = not (asm.finished() or (state.completed and asm.done))
+        error = state.error
+        if aborted and error is None:
+            error = "client disconnected before the stream ended" if not state.completed else "stream ended without [DONE]"
+        if api.translated:
+            response = _translated_record(api, assembled, usage, call)
+        else:
+            rewrite_back(assembled, call)
+            response = assembled
+        submit(call.record(status=200, response=response, tokens=tokens, aborted=aborted, error=error, usage=usage))
+
+    body = _translated_body(resp, call, state, api) if api.translated else _relayed_body(resp, call, state)
+    headers = response_headers(resp, call)
+    return RecordedStream(body, finish, status_code=200, headers=headers)
+
+
+def _translated_record(api: Api, assembled: dict[str, Any], usage: Any, call: Call) -> Any:
+    """What the client of a translated stream received, as one answer. Never raises: the record must be written
+    whatever the translation thinks of a broken stream (then it keeps vLLM's assembled answer)."""
+    if not assembled.get("choices"):
+        return None
+    try:
+        assert api.from_upstream is not None
+        return api.from_upstream({**assembled, "usage": usage} if usage else assembled, call.request,
+                                 Ids.of(call.call_id))
+    except Exception:
+        log.exception("could not translate the assembled stream of call %s; recording vLLM's answer", call.call_id)
+        return assembled
+
+
+async def _events(resp: aiohttp.ClientResponse, call: Call, state: _StreamState) -> AsyncIterator[list[bytes]]:
+    """The upstream's SSE events, one read at a time."""
+    buf = b""
+    try:
+        async for data in resp.content.iter_any():
+            if call.t_first is None:
+                call.t_first = time.perf_counter()
+            events, buf = _split_events(buf + data)
+            if events:
+                yield events
+        if buf.strip():
+            yield [buf]
+        state.completed = True
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        state.error = f"upstream stream broke: {exc!r}"
+
+
+def _chunk_of(event: bytes, state: _StreamState) -> dict[str, Any] | None:
+    data = _data_of(event)
+    if data is None:
+        return None
+    if data.strip() == b"[DONE]":
+        state.asm.done = True
+        return None
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(chunk, dict):
+        return None
+    state.asm.feed(chunk)
+    return chunk
+
+
+async def _relayed_body(resp: aiohttp.ClientResponse, call: Call, state: _StreamState) -> AsyncIterator[bytes]:
     rewrite = needs_rewrite(call)
 
-    def process(event: bytes) -> bytes:
-        data = _data_of(event)
-        if data is None:
-            return event
-        if data.strip() == b"[DONE]":
-            asm.done = True
-            return event
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(chunk, dict):
-            return event
-        asm.feed(chunk)
-        if not rewrite:
+    def on_event(event: bytes) -> bytes:
+        chunk = _chunk_of(event, state)
+        if chunk is None or not rewrite:
             return event
         if not strip(chunk, call.injected):
             return b""
         rewrite_back(chunk, call)
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    async def body() -> AsyncIterator[bytes]:
-        buf = b""
-        completed = False
-        error = None
-        try:
-            async for data in resp.content.iter_any():
-                t0 = time.perf_counter()
-                if call.t_first is None:
-                    call.t_first = t0
-                events, buf = _split_events(buf + data)
-                out = b"".join(process(e) for e in events)
-                call.processing_s += time.perf_counter() - t0
-                if out:
-                    yield out
-            if buf.strip():
-                yield process(buf)
-            completed = True
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            error = f"upstream stream broke: {exc!r}"
-            yield b"data: " + error_body(502, error) + b"\n\n"
-        finally:
-            call.t_upstream_done = call.t_upstream_done or time.perf_counter()
-            resp.close()  # on a client abort this also stops the generation upstream
-            assembled = asm.body()
-            tokens = tokens_of(assembled)
-            usage = assembled.get("usage")
-            strip(assembled, call.injected)
-            rewrite_back(assembled, call)
-            aborted = not (completed and asm.done)
-            if aborted and error is None:
-                error = "client disconnected before the stream ended" if not completed else "stream ended without [DONE]"
-            submit(call.record(status=200, response=assembled, tokens=tokens, aborted=aborted, error=error,
-                               usage=usage))
-
-    headers = response_headers(resp, call)
-    return StreamingResponse(body(), status_code=200, headers=headers)
+    async for events in _events(resp, call, state):
+        t0 = time.perf_counter()
+        out = b"".join(on_event(e) for e in events)
+        call.processing_s += time.perf_counter() - t0
+        if out:
+            yield out
+    if state.error:
+        yield b"data: " + error_body(502, "the policy server's stream broke off") + b"\n\n"
 
 
-def _stream_error(resp: aiohttp.ClientResponse, call: Call, submit) -> Response:
+async def _translated_body(resp: aiohttp.ClientResponse, call: Call, state: _StreamState,
+                           api: Api) -> AsyncIterator[bytes]:
+    """vLLM's chat stream, stripped of what the proxy injected, as the client API's events."""
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        async for events in _events(resp, call, state):
+            for event in events:
+                chunk = _chunk_of(event, state)
+                if chunk is not None and strip(chunk, call.injected):
+                    yield chunk
+        if state.error:
+            yield {"error": {"message": "the policy server's stream broke off", "type": "upstream_error"}}
+
+    assert api.stream is not None
+    async for out in api.stream(chunks(), call.request, Ids.of(call.call_id)):
+        yield out
+
+
+def _stream_error(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -> Response:
+    """The upstream refused the stream (a 4xx or 5xx before any event): relay its error, recorded."""
+
     async def body() -> AsyncIterator[bytes]:
         raw = b""
         try:
             raw = await resp.read()
-            yield raw
         finally:
             resp.release()
             call.t_upstream_done = time.perf_counter()
             try:
                 parsed = orjson.loads(raw) if raw else None
             except orjson.JSONDecodeError:
-                parsed = {"raw": raw.decode("utf-8", "replace")}
-            submit(call.record(status=resp.status, response=parsed, error=_error_text(parsed, raw)))
+                parsed = {"raw": raw[:65536].decode("utf-8", "replace")}
+            error = _error_text(parsed, raw)
+            submit(call.record(status=resp.status, response=parsed, error=error))
+        yield api.error_body(resp.status, error, None, None) if api.translated else raw
 
     headers = response_headers(resp, call)
+    if api.translated:
+        headers["content-type"] = "application/json"
     return StreamingResponse(body(), status_code=resp.status, headers=headers)
+
+
+def _not_a_stream(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -> Response:
+    """A 200 that is not an event stream (an HTML page, a JSON body): an upstream error, recorded as one."""
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            raw = await resp.read()
+        finally:
+            resp.release()
+        call.t_upstream_done = time.perf_counter()
+        yield bytes(_not_an_answer(call, submit, api, raw, resp.headers.get("content-type")).body)
+
+    return StreamingResponse(body(), status_code=502, media_type="application/json", headers=call.headers())

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
+from trainwire.proxy.forward import RecordedStream
 from trainwire.proxy.errors import TYPES
 
 log = logging.getLogger("trainwire.frozen")
@@ -233,7 +234,7 @@ class FrozenRoutes:
                 except Exception:  # noqa: BLE001 - closing a dead provider stream must not mask anything
                     pass
 
-        return _RecordedStream(events(), close, status_code=200, media_type="text/event-stream",
+        return RecordedStream(events(), close, status_code=200, media_type="text/event-stream",
                                headers=call.headers())
 
     def _provider_error(self, call, once: _Once, exc: Exception) -> Response:
@@ -248,21 +249,6 @@ class FrozenRoutes:
         once(lambda: call.record(status=400, response={"error": err}, error=message))
         return Response(orjson.dumps({"error": err}), status_code=400, media_type="application/json",
                         headers=call.headers())
-
-
-class _RecordedStream(StreamingResponse):
-    """A StreamingResponse that always runs `on_close`, also when the client leaves before the first byte
-    (then the body generator never starts and its own `finally` would never run)."""
-
-    def __init__(self, content, on_close, **kw) -> None:
-        super().__init__(content, **kw)
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
 
 
 def _clean(obj: dict[str, Any], delta: bool = False) -> dict[str, Any]:

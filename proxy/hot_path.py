@@ -1,5 +1,5 @@
-"""Chat and completions, POST /v1/chat/completions and /v1/completions (also under /sessions/{id}/...), served
-as plain ASGI in front of FastAPI.
+"""The generation routes (proxy/apis.py: chat, completions, Responses, Messages; also under /sessions/{id}/ and
+/tw/.../), served as plain ASGI in front of FastAPI.
 
 Measured (bench/proxy_overhead.py and py-spy, README): FastAPI's middleware stack, router, Request and
 dependency machinery took about a third of the proxy's CPU time per call, as much as the upstream request.
@@ -13,19 +13,23 @@ import logging
 import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
-from trainwire.proxy.errors import ApiError, api_error_response, error_response
+from starlette.responses import Response
+
+from trainwire.proxy.apis import BY_PATH
+from trainwire.proxy.errors import ApiError
 from trainwire.proxy.generation import generate
-from trainwire.proxy.session_headers import SESSION_IN_PATH
+from trainwire.proxy.session_headers import CONTEXT_PREFIX, SESSION_IN_PATH, split_context_path
 
 log = logging.getLogger("trainwire.proxy")
 
-_API_PATHS = ("/v1/chat/completions", "/v1/completions")
-_IN_SESSION = re.compile(rf"/sessions/({SESSION_IN_PATH})(/v1/(?:chat/)?completions)")
+_IN_SESSION = re.compile(rf"/sessions/({SESSION_IN_PATH})({'|'.join(re.escape(p) for p in BY_PATH)})")
 # The request headers generation reads; the rest are not decoded.
 _READ = frozenset({b"authorization", b"x-api-key", b"x-session-id", b"x-task-id", b"x-agent-name",
                    b"x-trainwire-train"})
 # Route templates, as the metrics label them.
 ROUTE_KEY = "trainwire.route"
+# What a /tw/KEY=VALUE/.../v1 base URL said (header names -> values), for every route behind it.
+CONTEXT_KEY = "trainwire.context"
 
 
 class _ClientGone(Exception):
@@ -34,7 +38,7 @@ class _ClientGone(Exception):
 
 def route_of(path: str) -> tuple[str, str | None, str] | None:
     """(OpenAI path, session id from the URL or None, route template) for a generation path, else None."""
-    if path in _API_PATHS:
+    if path in BY_PATH:
         return path, None, path
     if path.startswith("/sessions/"):
         m = _IN_SESSION.fullmatch(path)
@@ -69,19 +73,41 @@ class HotPath:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(CONTEXT_PREFIX):
+            try:
+                self._enter_context(scope)
+            except ApiError as exc:
+                return await _error(BY_PATH["/v1/chat/completions"], exc)(scope, receive, send)
         route = route_of(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if route is None:
             return await self.app(scope, receive, send)
         path, session_id, template = route
-        scope[ROUTE_KEY] = template
+        scope[ROUTE_KEY] = (f"{CONTEXT_PREFIX}{{context}}" + template) if CONTEXT_KEY in scope else template
+        api = BY_PATH[path]
         try:
-            response = await generate(self.state, _headers(scope), await _body(receive), path, session_id)
+            response = await generate(self.state, _headers(scope), await _body(receive), api, path, session_id,
+                                      scope.get(CONTEXT_KEY))
         except _ClientGone:
             return  # gone before its request arrived whole: nothing was sent upstream, nothing to record
         except ApiError as exc:
-            response = api_error_response(exc)
+            response = _error(api, exc)
         except Exception:
             log.exception("unexpected error serving %s", scope["path"])
-            response = error_response(500, "internal error in trainwire; the proxy's log has the details",
-                                      code="internal_error")
+            response = _error(api, ApiError(500, "internal error in trainwire; the proxy's log has the details",
+                                            code="internal_error"))
         await response(scope, receive, send)
+
+    @staticmethod
+    def _enter_context(scope: Scope) -> None:
+        """Every route behind a /tw/.../v1 base URL: the context goes into the scope, the path loses its prefix."""
+        raw = scope.get("raw_path") or scope["path"].encode()
+        values, rest = split_context_path(raw.decode("latin-1").split("?", 1)[0])
+        scope[CONTEXT_KEY] = values
+        scope["path"] = rest
+        scope["raw_path"] = rest.encode()
+
+
+def _error(api, exc: ApiError) -> Response:
+    """An error in the API's own format (Anthropic's on /v1/messages, OpenAI's elsewhere)."""
+    return Response(api.error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status,
+                    media_type="application/json", headers=exc.headers)

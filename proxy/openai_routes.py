@@ -13,7 +13,9 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 from trainwire.proxy.auth import require_agent_key
 from trainwire.proxy.forward import Call, response_headers
+from trainwire.proxy.apis import CHAT
 from trainwire.proxy.generation import fail
+from trainwire.proxy.hot_path import CONTEXT_KEY
 from trainwire.proxy.plumbing import admit, state_of
 from trainwire.proxy.session_headers import context_from
 
@@ -61,7 +63,7 @@ async def tokenize(request: Request) -> Response:
 async def _passthrough(request: Request, path: str, session_id: str | None) -> Response:
     tw = state_of(request)
     require_agent_key(request.headers, tw.settings)
-    ctx = context_from(request.headers, session_id)
+    ctx = context_from(request.headers, session_id, request.scope.get(CONTEXT_KEY))
     raw = await request.body()
     try:
         body = orjson.loads(raw) if raw else None
@@ -83,7 +85,7 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
         resp = await tw.http.request(request.method, f"{upstream.url}{path}", params=request.query_params,
                                      data=raw or None, headers=headers, timeout=tw.timeout)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return fail(tw, call, 502, f"upstream error: {exc!r}")
+        return fail(tw, call, CHAT, 502, "the policy server failed", f"upstream error: {exc!r}")
     out_headers = response_headers(resp, call)
 
     async def relay():

@@ -31,7 +31,7 @@ from trainwire.proxy.air import KEY_PREFIX as AIR_KEY_PREFIX
 from trainwire.proxy.errors import ApiError
 from trainwire.proxy.plumbing import admin, json_response, state_of
 from trainwire.proxy.session_headers import (
-    _ID,  # importing it also registers the `twsession` path convertor
+    ID_PATTERN,  # importing it also registers the `twsession` path convertor
 )
 from trainwire.store.rewards import (
     NewReward,
@@ -74,7 +74,7 @@ def _fail(msg: str) -> PydanticCustomError:
 def _id(v: Any, what: str) -> str:
     if not isinstance(v, str):
         raise _fail(f"must be a string; got {_describe(v)}")
-    if not _ID.match(v):
+    if not ID_PATTERN.fullmatch(v):
         raise _fail(f"must be 1-128 characters of letters, digits and ._:@/+=- (starting with a letter or "
                     f"digit); got {v[:64]!r}")
     return v

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
 from typing import Mapping
 
 import aiohttp
+from trainwire.proxy import api_messages
 from trainwire.proxy.air import Air
 from trainwire.proxy.policy import PolicyState
 from trainwire.proxy.upstreams import UpstreamPool
 from trainwire.store.db import make_engine, make_sessionmaker
+from trainwire.store.journal import Journal
 from trainwire.store.writer import BatchWriter
 
 from trainwire.records import CallRecord
@@ -30,7 +33,7 @@ class ProxyState:
         self.sessionmaker = make_sessionmaker(self.engine)
         self.writer = BatchWriter(self.engine, batch_size=settings.write_batch_size,
                                   interval_ms=settings.write_interval_ms, max_queue=settings.write_queue_size,
-                                  spool_dir=settings.spool_dir)
+                                  journal=Journal(settings.journal_dir, fsync=settings.journal_fsync))
         self.air = Air(settings.air, settings.air_tool_error_pattern, self.writer, self.engine)
         self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
@@ -54,6 +57,7 @@ class ProxyState:
 
             self.frozen = FrozenRoutes.from_settings(self.settings)
         await self.discover_base_model()
+        self._preload = asyncio.get_running_loop().create_task(api_messages.preload())
 
     async def stop(self) -> None:
         await self.air.drain()

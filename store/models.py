@@ -70,7 +70,7 @@ class Call(Base):
     task_id: Mapped[str | None] = mapped_column(Id)
     agent_name: Mapped[str | None] = mapped_column(String(128))
     trainable: Mapped[bool] = mapped_column(Boolean, default=True)
-    kind: Mapped[str] = mapped_column(String(16))  # chat | completion | other
+    kind: Mapped[str] = mapped_column(String(16))  # chat | completion | responses | messages | other
     path: Mapped[str] = mapped_column(String(256))
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     model_requested: Mapped[str | None] = mapped_column(String(256))
@@ -93,6 +93,8 @@ class Call(Base):
     upstream_ms: Mapped[float | None] = mapped_column(Float)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     overhead_ms: Mapped[float | None] = mapped_column(Float)
+    sampling: Mapped[dict | None] = mapped_column(Json)
+    untrainable_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_calls_session_order", "session_id", "started_at", "seq"),

@@ -50,11 +50,34 @@ def dialect(name: str) -> ModuleType:
     return found
 
 
-async def write_batch(conn, calls: Sequence[CallRecord], rewards: Sequence[RewardRecord] = ()) -> None:
+async def write_batch(conn, calls: Sequence[CallRecord], rewards: Sequence[RewardRecord] = (), *,
+                      dedupe: bool = False) -> None:
     """Calls first, then automatic rewards: a rule's reward is queued just before its call, so both normally
-    land in one transaction (rewards have no foreign key either way)."""
+    land in one transaction (rewards have no foreign key either way).
+
+    With `dedupe` (a replayed journal, a retried batch whose commit may have gone through) rows already stored
+    are left out first, so a session's call count is not raised twice for one call."""
     sql = dialect(conn.dialect.name)
+    if dedupe:
+        calls, rewards = await _unstored(conn, calls, rewards)
     if calls:
         await sql.write_calls(conn, calls)
     if rewards:
         await sql.write_rewards(conn, rewards)
+
+
+async def _unstored(conn, calls: Sequence[CallRecord], rewards: Sequence[RewardRecord]):
+    from sqlalchemy import select
+
+    from trainwire.store.models import Call, Reward
+
+    if calls:
+        ids = [c.id for c in calls]
+        stored = set((await conn.execute(select(Call.__table__.c.id).where(Call.__table__.c.id.in_(ids)))).scalars())
+        calls = [c for c in calls if c.id not in stored]
+    if rewards:
+        keys = [r.idempotency_key for r in rewards]
+        col = Reward.__table__.c.idempotency_key
+        stored = set((await conn.execute(select(col).where(col.in_(keys)))).scalars())
+        rewards = [r for r in rewards if r.idempotency_key not in stored]
+    return calls, rewards

@@ -1,20 +1,22 @@
-"""The batched write path. Recorded calls go into an in-memory queue and are written in batches bounded
-by size and time, so a response never waits for the database.
+"""The batched write path. Recorded calls are appended to the local journal (store/journal.py), then queued in
+memory and written to the database in batches bounded by size and time, so a response never waits for the
+database and nothing acknowledged is lost when the database, or the proxy itself, goes away.
 
 - Adding a record never blocks and never drops: backpressure is applied earlier, at request admission
   (`wait_for_room`), so a call that already reached the upstream can always be recorded, even while its
   client is disconnecting.
-- A batch that fails is retried with backoff (tenacity) until it is written. At shutdown, whatever still
-  cannot be written goes to a JSONL spool file that the next start writes first.
+- A batch that fails because the database is away (store/db_errors.py sorts errors by SQLSTATE) is retried with
+  backoff until it is written. One the database refuses as data is written row by row, so one bad row cannot hold
+  up the queue; rows still refused go to a `rejected-*.jsonl` file with their error.
+- The journal keeps every record until it is in the database: at shutdown, and after a SIGKILL, what was not
+  written yet stays there and the next start writes it first, idempotently.
 - `flush_session` lets the reward endpoint wait until a session's calls are in the database, so a reward
   posted right after the last response never races its own calls.
 - Automatic rewards (AIR, `submit_reward`) have a queue of their own; they are written in the same transaction
-  as the calls of the batch, after them, with the same retry and spool guarantees. Each carries a
-  deterministic idempotency key, so a retried or replayed batch cannot store one twice.
+  as the calls of the batch, after them, with the same guarantees. Each carries a deterministic idempotency key.
 
 This module is the queue, its backpressure and its retries; the SQL of each database is in
-store/write_postgres.py and store/write_sqlite.py behind store/write_sql.write_batch, and the files on disk in
-store/spool.py.
+store/write_postgres.py and store/write_sqlite.py behind store/write_sql.write_batch.
 """
 
 from __future__ import annotations
@@ -23,39 +25,33 @@ import asyncio
 import collections
 import logging
 import time
-from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from trainwire.records import CallRecord, RewardRecord
-from trainwire.store import spool
+from trainwire.store.db_errors import is_transient
+from trainwire.store.journal import Journal, Segment, read_records
 from trainwire.store.write_sql import write_batch
 
 log = logging.getLogger("trainwire.writer")
 
-
-def _transient(exc: BaseException) -> bool:
-    """Worth retrying: the database is unreachable or the connection broke. Not: it rejected the data."""
-    from sqlalchemy import exc as sa_exc
-
-    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError))
-    return not isinstance(exc, (sa_exc.StatementError, ValueError, TypeError))
+REPLAY_BATCH = 500
 
 
 class BatchWriter:
     def __init__(self, engine: AsyncEngine, *, batch_size: int = 256, interval_ms: int = 50,
-                 max_queue: int = 10000, spool_dir: Path | None = None) -> None:
+                 max_queue: int = 10000, journal: Journal | None = None) -> None:
         self.engine = engine
         self.batch_size = batch_size
         self.interval = interval_ms / 1000
         self.max_queue = max_queue
-        self.spool_dir = spool_dir
+        self.journal = journal
         self._queue: collections.deque[CallRecord] = collections.deque()
         self._rewards: collections.deque[RewardRecord] = collections.deque()  # AIR rewards waiting
+        # The journal segment of each queued record, in queue order (None without a journal).
+        self._call_segs: collections.deque[Segment | None] = collections.deque()
+        self._reward_segs: collections.deque[Segment | None] = collections.deque()
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
         self._written = asyncio.Condition()
@@ -63,20 +59,21 @@ class BatchWriter:
         self._inflight: collections.Counter[str] = collections.Counter()  # session -> calls being served
         self._pending_calls: dict[str, str] = {}                          # call id -> session id, while queued
         self._task: asyncio.Task | None = None
-        self._writing: tuple[list[CallRecord], list[RewardRecord]] | None = None  # batch being written
         self._stopping = False
+        self.database_down_since: float | None = None
         self.written_total = 0
         self.rewards_written_total = 0
+        self.replayed_total = 0
         self.failed_batches = 0
         self.rejected_total = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self._replay_spool()
-        self._task = asyncio.create_task(self._run(), name="trainwire-writer")
+        leftovers = self.journal.claim_leftovers() if self.journal else []
+        self._task = asyncio.create_task(self._run(leftovers), name="trainwire-writer")
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Drain the queue; spool what cannot be written within `timeout`."""
+        """Drain the queue; what cannot be written within `timeout` stays in the journal for the next start."""
         self._stopping = True
         self._wake.set()
         if self._task:
@@ -88,15 +85,11 @@ class BatchWriter:
                     await self._task
                 except BaseException:
                     pass
-                log.error("database still failing at shutdown; spooling %d calls and %d rewards",
-                          len(self._queue), len(self._rewards))
-                if self._writing:  # the batch it was retrying left the queue already
-                    self._spool(*self._writing)
-                    self._writing = None
-        if self._queue or self._rewards:
-            self._spool(list(self._queue), list(self._rewards))
-            self._queue.clear()
-            self._rewards.clear()
+        left = self.journal.close() if self.journal else len(self._queue) + len(self._rewards)
+        if left:
+            where = f"kept in the journal at {self.journal.dir}" if self.journal else "LOST (no journal)"
+            log.error("the database is still away at shutdown: %d records %s; the next start writes them",
+                      left, where)
 
     # --- producer side --------------------------------------------------------------------------
     @property
@@ -118,6 +111,7 @@ class BatchWriter:
             self._inflight[sid] -= 1
             if not self._inflight[sid]:
                 del self._inflight[sid]
+        self._call_segs.append(self.journal.append(record) if self.journal else None)
         self._pending[sid] += 1
         self._pending_calls[record.id] = sid
         self._queue.append(record)
@@ -127,7 +121,8 @@ class BatchWriter:
             self._wake.set()
 
     def submit_reward(self, reward: RewardRecord) -> None:
-        """Queue an automatic reward (a `rewards` row as a dict, with an idempotency key)."""
+        """Queue an automatic reward (with its idempotency key)."""
+        self._reward_segs.append(self.journal.append(reward) if self.journal else None)
         self._rewards.append(reward)
         if len(self._rewards) == 1 or len(self._rewards) >= self.batch_size:
             self._wake.set()
@@ -135,6 +130,10 @@ class BatchWriter:
     @property
     def reward_depth(self) -> int:
         return len(self._rewards)
+
+    @property
+    def database_down(self) -> bool:
+        return self.database_down_since is not None
 
     def pending_session_of(self, call_id: str) -> str | None:
         return self._pending_calls.get(call_id)
@@ -159,14 +158,19 @@ class BatchWriter:
                 return False
 
     # --- consumer side --------------------------------------------------------------------------
-    async def _run(self) -> None:
+    async def _run(self, leftovers) -> None:
+        for path in leftovers:
+            if not await self._replay(path):
+                return  # stopping while the database is still away: the file stays for the next start
         while True:
+            if self.journal:
+                self.journal.sync()
             if not self._queue and not self._rewards:
                 if self._stopping:
                     return
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.interval if self.journal else 1.0)
                 except asyncio.TimeoutError:
                     continue
             # Let a batch fill for up to `interval` unless it is already full or we are draining.
@@ -177,96 +181,124 @@ class BatchWriter:
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     break
-            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
-            # Automatic rewards ride in the same transaction, after the calls: a rule's reward is queued just
-            # before its call, so both normally land in one batch (rewards have no foreign key either way).
-            rewards = [self._rewards.popleft() for _ in range(min(4 * self.batch_size, len(self._rewards)))]
+            # Rewards ride in the same transaction, after the calls: a rule's reward is queued just before its
+            # call, so both normally land in one batch (rewards have no foreign key either way). The batch stays
+            # at the head of the queues until it is written.
+            batch = list(_head(self._queue, self.batch_size))
+            rewards = list(_head(self._rewards, 4 * self.batch_size))
             if not batch and not rewards:
                 continue
-            self._writing = (batch, rewards)
-            await self._write_with_retry(batch, rewards)
-            self._writing = None
-            self.rewards_written_total += len(rewards)
-            for rec in batch:
-                sid = rec.session_id
-                self._pending[sid] -= 1
-                if not self._pending[sid]:
-                    del self._pending[sid]
-                self._pending_calls.pop(rec.id, None)
-            self.written_total += len(batch)
+            if not await self._write_with_retry(batch, rewards):
+                return  # stopping while the database is away: the journal keeps them
+            self._pop_written(len(batch), len(rewards))
             async with self._written:
                 self._written.notify_all()
             async with self._room:
                 self._room.notify_all()
 
-    async def _write_once(self, batch: list[CallRecord], rewards: list[RewardRecord]) -> None:
-        async with self.engine.begin() as conn:
-            await write_batch(conn, batch, rewards)
+    def _pop_written(self, n_calls: int, n_rewards: int) -> None:
+        segs = [self._call_segs.popleft() for _ in range(n_calls)]
+        segs += [self._reward_segs.popleft() for _ in range(n_rewards)]
+        for _ in range(n_rewards):
+            self._rewards.popleft()
+        for _ in range(n_calls):
+            rec = self._queue.popleft()
+            sid = rec.session_id
+            self._pending[sid] -= 1
+            if not self._pending[sid]:
+                del self._pending[sid]
+            self._pending_calls.pop(rec.id, None)
+        if self.journal:
+            self.journal.done(s for s in segs if s is not None)
+        self.written_total += n_calls
+        self.rewards_written_total += n_rewards
 
-    async def _write_with_retry(self, batch: list[CallRecord], rewards: list[RewardRecord] = ()) -> None:
-        """Transient failures (database down, connection lost) are retried until they pass. A batch the
-        database rejects as data (a value it cannot store) is written row by row, so one bad row cannot hold
-        up the queue; rows still rejected go to a `rejected-*.jsonl` file beside the spool, with the error."""
-        attempt_limit = 8 if self._stopping else 10**9
+    async def _write_once(self, calls: list[CallRecord], rewards: list[RewardRecord], dedupe: bool) -> None:
+        async with self.engine.begin() as conn:
+            await write_batch(conn, calls, rewards, dedupe=dedupe)
+
+    async def _write_with_retry(self, calls: list[CallRecord], rewards: list[RewardRecord]) -> bool:
+        """True once the batch is in the database (rows refused as data set aside as rejected); False when the
+        writer is stopping and the database is still away. While the database is away this retries forever,
+        with backoff, and the queue behind it applies backpressure at admission."""
+        retrying = AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5), retry=retry_if_exception(is_transient),
+                                 stop=self._give_up, reraise=True)
         try:
-            async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5),
-                                               stop=stop_after_attempt(attempt_limit),
-                                               retry=retry_if_exception(_transient), reraise=True):
+            async for attempt in retrying:
                 with attempt:
-                    if attempt.retry_state.attempt_number > 1:
+                    n = attempt.retry_state.attempt_number
+                    if n > 1:
                         self.failed_batches += 1
                         exc = attempt.retry_state.outcome.exception() if attempt.retry_state.outcome else None
-                        log.warning("retrying a batch of %d calls (attempt %d): %s", len(batch),
-                                    attempt.retry_state.attempt_number, exc)
-                    await self._write_once(batch, list(rewards))
+                        if self.database_down_since is None:
+                            self.database_down_since = time.time()
+                        if n == 2 or n % 20 == 0:
+                            log.warning("the database is away (%s); retrying a batch of %d calls (attempt %d); "
+                                        "the journal holds them meanwhile", exc, len(calls), n)
+                    # A retry may follow a commit whose answer was lost: skip rows already stored.
+                    await self._write_once(calls, rewards, dedupe=n > 1)
         except Exception as exc:
-            if _transient(exc):
-                log.exception("could not write %d calls and %d rewards; spooling them to disk", len(batch),
-                              len(rewards))
-                self._spool(batch, list(rewards))
-                return
-            log.error("the database rejected a batch (%s); writing its rows one by one", exc)
-            rejected: list[tuple[CallRecord | RewardRecord, str]] = []
-            singles: list[tuple[list[CallRecord], list[RewardRecord]]] = [([c], []) for c in batch]
-            singles += [([], [r]) for r in rewards]
-            for calls, rews in singles:
-                try:
-                    await self._write_once(calls, rews)
-                except Exception as row_exc:
-                    if _transient(row_exc):
-                        self._spool(calls, rews)
-                    else:
-                        rejected.extend((row, repr(row_exc)) for row in [*calls, *rews])
-            self._reject(rejected)
+            if is_transient(exc):
+                return False
+            log.error("the database refused a batch as data (%s); writing its rows one by one", exc)
+            await self._write_rows(calls, rewards)
+        if self.database_down_since is not None:
+            log.info("the database is back after %.1fs", time.time() - self.database_down_since)
+            self.database_down_since = None
+        return True
 
-    def _reject(self, rows: list[tuple[CallRecord | RewardRecord, str]]) -> None:
-        if not rows:
-            return
-        self.rejected_total += len(rows)
-        if not self.spool_dir:
-            log.error("no spool dir: %d rejected rows lost", len(rows))
-            return
-        path = spool.write_rejected(self.spool_dir, rows)
-        log.error("the database rejected %d rows; kept in %s with the error", len(rows), path)
+    def _give_up(self, retry_state) -> bool:
+        # Retrying never ends while serving; when stopping, give up after a few attempts so shutdown is bounded
+        # (the journal keeps the batch).
+        return self._stopping and retry_state.attempt_number >= 4
 
-    # --- spool ----------------------------------------------------------------------------------
-    def _spool(self, batch: list[CallRecord], rewards: list[RewardRecord] = ()) -> None:
-        if not batch and not rewards:
-            return
-        if not self.spool_dir:
-            log.error("no spool dir: %d calls and %d rewards lost", len(batch), len(rewards))
-            return
-        path = spool.write(self.spool_dir, batch, rewards)
-        log.error("spooled %d calls and %d rewards to %s; they are written at the next start", len(batch),
-                  len(rewards), path)
+    async def _write_rows(self, calls: list[CallRecord], rewards: list[RewardRecord]) -> None:
+        rejected: list[tuple[CallRecord | RewardRecord, str]] = []
+        singles: list[tuple[list[CallRecord], list[RewardRecord]]] = [([c], []) for c in calls]
+        singles += [([], [r]) for r in rewards]
+        for one_call, one_reward in singles:
+            async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5),
+                                               retry=retry_if_exception(is_transient), reraise=True):
+                with attempt:
+                    try:
+                        await self._write_once(one_call, one_reward, dedupe=True)
+                    except Exception as exc:
+                        if is_transient(exc):
+                            raise
+                        rejected.extend((row, f"{type(exc).__name__}: {exc}") for row in [*one_call, *one_reward])
+        if rejected:
+            self.rejected_total += len(rejected)
+            if self.journal:
+                path = self.journal.reject(rejected)
+                log.error("the database refused %d rows as data; kept in %s with the error (fix, then "
+                          "`trainwire replay-rejected`)", len(rejected), path)
+            else:
+                log.error("the database refused %d rows as data and there is no journal: lost", len(rejected))
 
-    async def _replay_spool(self) -> None:
-        if not self.spool_dir:
+    async def _replay(self, path) -> bool:
+        """Write a claimed journal segment (of a process that stopped or died), then delete it."""
+        calls, rewards = read_records(path)
+        for i in range(0, max(len(calls), len(rewards)), REPLAY_BATCH):
+            part_calls, part_rewards = calls[i:i + REPLAY_BATCH], rewards[i:i + REPLAY_BATCH]
+            retrying = AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5),
+                                     retry=retry_if_exception(is_transient), stop=self._give_up, reraise=True)
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._write_once(part_calls, part_rewards, dedupe=True)
+            except Exception as exc:
+                if is_transient(exc):
+                    log.error("the database is still away: %s stays for the next start", path)
+                    return False
+                await self._write_rows(part_calls, part_rewards)
+        path.unlink()
+        self.replayed_total += len(calls) + len(rewards)
+        log.info("replayed %d calls and %d rewards from %s", len(calls), len(rewards), path.name)
+        return True
+
+
+def _head(queue: collections.deque, n: int):
+    for i, item in enumerate(queue):
+        if i >= n:
             return
-        for path in spool.claim(self.spool_dir):
-            calls, rewards = spool.read(path)
-            if calls or rewards:
-                async with self.engine.begin() as conn:
-                    await write_batch(conn, calls, rewards)
-            path.unlink()
-            log.info("replayed %d spooled calls and %d rewards from %s", len(calls), len(rewards), path)
+        yield item

@@ -60,7 +60,7 @@ def start_proxy(tmp_path):
 
 @pytest.fixture
 def proxy(start_proxy, upstream, db_url, tmp_path):
-    p = start_proxy("--upstream", upstream.url, "--database-url", db_url, "--spool-dir", str(tmp_path / "spool"))
+    p = start_proxy("--upstream", upstream.url, "--database-url", db_url, "--journal-dir", str(tmp_path / "journal"))
     yield p
     p.stop()  # before the upstream goes away, so neither waits on the other's open connections
 

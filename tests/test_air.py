@@ -189,14 +189,15 @@ def test_bad_air_setting_stops_the_start(start_proxy, upstream, pg_url, tmp_path
     assert "--air-truncated must be a number or 'off'; got 'minus one'" in str(exc.value)
 
 
-def test_air_rewards_keep_the_writers_spool_guarantee(pg_url, tmp_path):
-    """Database down at shutdown: queued calls and their AIR rewards, and the batch being retried, go to the
-    spool; the next start writes them, and replaying the same spool again stores no reward twice."""
+def test_air_rewards_keep_the_journals_guarantee(pg_url, tmp_path):
+    """Database down at shutdown: queued calls and their AIR rewards, and the batch being retried, stay in the
+    journal; the next start writes them, and replaying the same journal again stores nothing twice."""
     import shutil
     from datetime import datetime, timezone
 
     from trainwire.records import CallRecord, RewardRecord
     from trainwire.store.db import make_engine
+    from trainwire.store.journal import Journal
     from trainwire.store.writer import BatchWriter
     from tests.support.ports import free_port
 
@@ -213,9 +214,9 @@ def test_air_rewards_keep_the_writers_spool_guarantee(pg_url, tmp_path):
                             created_at=datetime.now(timezone.utc))
 
     async def scenario() -> None:
-        spool = tmp_path / "spool"
+        spool = tmp_path / "journal"
         dead = make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing")
-        writer = BatchWriter(dead, batch_size=2, interval_ms=10, spool_dir=spool)
+        writer = BatchWriter(dead, batch_size=2, interval_ms=10, journal=Journal(spool))
         await writer.start()
         for i in range(5):
             writer.begin("spooled")
@@ -224,17 +225,17 @@ def test_air_rewards_keep_the_writers_spool_guarantee(pg_url, tmp_path):
         await asyncio.sleep(0.3)  # let the writer take a batch and start retrying it
         await writer.stop(timeout=0.5)
         await dead.dispose()
-        files = list(spool.glob("spool-*.jsonl"))
+        files = list(spool.glob("journal-*.jsonl"))
         assert sum(len(f.read_bytes().splitlines()) for f in files) == 10
         backup = tmp_path / "backup"
         shutil.copytree(spool, backup)
 
         live = make_engine(pg_url)
         for _ in range(2):  # the second time replays the very same files
-            w = BatchWriter(live, spool_dir=spool)
+            w = BatchWriter(live, journal=Journal(spool))
             await w.start()
             await w.stop()
-            assert not list(spool.glob("spool-*.jsonl"))
+            assert not list(spool.glob("*.jsonl"))
             shutil.rmtree(spool)
             shutil.copytree(backup, spool)
         await live.dispose()

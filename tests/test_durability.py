@@ -1,5 +1,5 @@
 """Nothing acknowledged is lost: SIGTERM drains the write queue, and calls that cannot be written because the
-database is down are spooled to disk and written at the next start."""
+database is down stay in the journal and are written at the next start."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _calls(proxy, n: int, session: str) -> list[str]:
 def test_sigterm_drains_the_queue_and_restart_keeps_everything(start_proxy, upstream, pg_url, tmp_path):
     # A long write interval keeps the acknowledged calls in memory when SIGTERM arrives.
     args = ("--upstream", upstream.url, "--database-url", pg_url, "--write-interval-ms", "5000",
-            "--write-batch-size", "1000", "--spool-dir", str(tmp_path / "spool"))
+            "--write-batch-size", "1000", "--journal-dir", str(tmp_path / "journal"))
     proxy = start_proxy(*args)
     acked = _calls(proxy, 40, "durable")
     assert dbread.calls(pg_url) == []  # still queued: nothing written yet
@@ -42,24 +42,24 @@ def test_sigterm_drains_the_queue_and_restart_keeps_everything(start_proxy, upst
     assert [s for s in dbread.sessions(pg_url) if s["id"] == "durable"][0]["n_calls"] == 45
 
 
-def test_calls_spooled_while_database_is_down_are_written_at_next_start(start_proxy, upstream, tmp_path):
+def test_calls_journaled_while_database_is_down_are_written_at_next_start(start_proxy, upstream, tmp_path):
     with PgCluster() as own:
         url = own.create_database("spooltest")
         upgrade_head(url)
-        spool = tmp_path / "spool"
+        spool = tmp_path / "journal"
         args = ("--upstream", upstream.url, "--database-url", url, "--write-interval-ms", "5000",
-                "--write-batch-size", "1000", "--spool-dir", str(spool))
+                "--write-batch-size", "1000", "--journal-dir", str(spool))
         proxy = start_proxy(*args)
         acked = _calls(proxy, 12, "spooled")
         own._run(_bin("pg_ctl"), "-D", str(own.data), "-m", "fast", "stop")
         assert proxy.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
-        assert list(spool.glob("spool-*.jsonl")), "calls must be spooled when the database is down"
+        assert list(spool.glob("journal-*.jsonl")), "calls must stay in the journal while the database is down"
         opts = f"-p {own.port} -k {own.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
         own._run(_bin("pg_ctl"), "-D", str(own.data), "-o", opts, "-l", str(own.dir / "log"), "-w", "start")
         again = start_proxy(*args)
         again.stop(signal.SIGTERM)
         assert sorted(r["id"] for r in dbread.calls(url)) == sorted(acked)
-        assert not list(spool.glob("spool-*.jsonl"))
+        assert not list(spool.glob("*.jsonl"))
 
 
 def test_nul_characters_from_the_model_are_stored_on_postgres(proxy, upstream, db_url):

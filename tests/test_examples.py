@@ -101,7 +101,7 @@ def stack(tmp_path_factory):
     routes = tmp / "routes.yaml"
     routes.write_text(yaml.safe_dump({"checker": {"model": "openai/checker-base", "api_base": f"{checker.url}/v1",
                                                   "api_key": "unused"}}))
-    proxy = ProxyProcess(["--upstream", policy.url, "--database-url", db, "--spool-dir", str(tmp / "spool"),
+    proxy = ProxyProcess(["--upstream", policy.url, "--database-url", db, "--journal-dir", str(tmp / "journal"),
                           "--routes-file", str(routes)], log_path=tmp / "proxy.log")
     proxy.start(timeout=90)
     recorder = None if HAS_REWARD_ROUTE else RewardRecorder()

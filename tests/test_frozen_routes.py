@@ -58,7 +58,7 @@ def fz_proxy(policy_up, other, fz_db, tmp_path_factory):
         "dead": {"model": "openai/other-model", "api_base": f"http://127.0.0.1:{free_port()}/v1", "api_key": "x"},
         "slow": {"model": "openai/other-model", "api_base": f"{other.url}/v1", "api_key": "x", "timeout": 0.5},
     }))
-    p = ProxyProcess(["--upstream", policy_up.url, "--database-url", fz_db, "--spool-dir", str(tmp / "spool"),
+    p = ProxyProcess(["--upstream", policy_up.url, "--database-url", fz_db, "--journal-dir", str(tmp / "journal"),
                       "--routes-file", str(routes), "--model-route", "judge=openai/other-model"],
                      env={"OPENAI_BASE_URL": f"{other.url}/v1", "OPENAI_API_KEY": "sk-env-key"},
                      log_path=tmp / "proxy.log")
@@ -228,7 +228,7 @@ def test_litellm_is_not_imported_without_routes(upstream, sqlite_url, tmp_path):
 
         async def main(routes):
             settings = Settings(upstream=[{upstream.url!r}], database_url={sqlite_url!r},
-                                spool_dir={str(tmp_path / "spool")!r}, model_route=routes)
+                                journal_dir={str(tmp_path / "journal")!r}, model_route=routes)
             app = create_app(settings)
             async with app.router.lifespan_context(app):
                 transport = httpx.ASGITransport(app=app)

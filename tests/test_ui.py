@@ -212,7 +212,7 @@ def dash(pg, tmp_path_factory):
     url = pg.create_database("t_" + uuid.uuid4().hex[:12])
     upgrade_head(url)
     upstream = ScriptedUpstream().start()
-    proxy = ProxyProcess(["--upstream", upstream.url, "--database-url", url, "--spool-dir", str(tmp / "spool")],
+    proxy = ProxyProcess(["--upstream", upstream.url, "--database-url", url, "--journal-dir", str(tmp / "journal")],
                          log_path=tmp / "proxy.log").start()
     try:
         info = populate(proxy, upstream, url)

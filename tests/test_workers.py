@@ -65,7 +65,7 @@ def _agents(proxy, n_agents: int, calls_each: int) -> list[str]:
 def test_workers_share_connections_count_together_and_drain_on_sigterm(start_proxy, upstream, pg_url, tmp_path,
                                                                        workers):
     proxy = start_proxy("--workers", str(workers), "--upstream", upstream.url, "--database-url", pg_url,
-                        "--spool-dir", str(tmp_path / "spool"))
+                        "--journal-dir", str(tmp_path / "journal"))
     wait_for(lambda: len(_pids(proxy)) == workers, 30, what="every worker to take connections")
     ids = _agents(proxy, 8, 10)
     assert len(set(ids)) == 80
@@ -87,7 +87,7 @@ def test_workers_share_connections_count_together_and_drain_on_sigterm(start_pro
 def test_a_killed_worker_is_replaced_and_ctrl_c_drains_once(start_proxy, upstream, pg_url, tmp_path):
     # Batches wait up to 5 s to fill, so the calls below are still queued when the workers are told to stop.
     proxy = start_proxy("--workers", "2", "--upstream", upstream.url, "--database-url", pg_url,
-                        "--spool-dir", str(tmp_path / "spool"), "--write-interval-ms", "5000")
+                        "--journal-dir", str(tmp_path / "journal"), "--write-interval-ms", "5000")
     def both_workers(without: int | None = None):
         pids = _pids(proxy)
         return pids if len(pids) == 2 and without not in pids else None
@@ -104,12 +104,12 @@ def test_a_killed_worker_is_replaced_and_ctrl_c_drains_once(start_proxy, upstrea
     os.killpg(proxy.proc.pid, signal.SIGINT)
     assert proxy.proc.wait(120) == 0
     assert {r["id"] for r in dbread.calls(pg_url)} >= set(ids)
-    assert not list((tmp_path / "spool").glob("spool-*.jsonl"))  # written by the drain, not spooled
+    assert not list((tmp_path / "journal").glob("*.jsonl"))  # all written by the drain: no journal left
 
 
 def test_workers_drain_and_exit_when_the_supervisor_is_killed(start_proxy, upstream, pg_url, tmp_path):
     proxy = start_proxy("--workers", "2", "--upstream", upstream.url, "--database-url", pg_url,
-                        "--spool-dir", str(tmp_path / "spool"), "--write-interval-ms", "5000")
+                        "--journal-dir", str(tmp_path / "journal"), "--write-interval-ms", "5000")
     workers = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(_pids(proxy)), 30, what="both workers")
     ids = _agents(proxy, 4, 2)
     proxy.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
@@ -131,7 +131,7 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(start_proxy, upstr
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path):
     dead_db = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/nothing"
     out = subprocess.run([sys.executable, "-m", "trainwire.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
-                          "--port", str(free_port()), "--database-url", dead_db, "--spool-dir", str(tmp_path)],
+                          "--port", str(free_port()), "--database-url", dead_db, "--journal-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "during start-up; stopping" in out.stderr

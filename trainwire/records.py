@@ -43,6 +43,8 @@ class CallRecord:
     upstream_ms: float | None = None
     ttft_ms: float | None = None
     overhead_ms: float | None = None
+    sampling: dict[str, Any] | None = None      # {"requested", "effective"[, "enforced"]} (proxy/sampling.py)
+    untrainable_reason: str | None = None       # why its tokens must not be trained on, though it is trainable
 
 
 @dataclass(slots=True)
@@ -58,6 +60,23 @@ class RewardRecord:
     created_at: datetime
     call_id: str | None = None
     metadata: dict[str, Any] | None = None
+
+
+def token_problem(prompt_ids: list[int] | None, completion_ids: list[int] | None, logprobs: list[float] | None,
+                  usage: dict[str, Any] | None, aborted: bool = False) -> str | None:
+    """Why a call's recorded tokens cannot be trusted for training, or None. The upstream's own `usage` counts
+    and the logprobs must agree with the token ids; an aborted stream stops before its usage is sent."""
+    if not prompt_ids or not completion_ids:
+        return None  # nothing to train on anyway (the trainer counts it as skipped_no_tokens)
+    if logprobs is not None and len(logprobs) != len(completion_ids):
+        return f"tokens: {len(logprobs)} logprobs for {len(completion_ids)} completion tokens"
+    if not usage or aborted:
+        return None
+    for name, ids in (("prompt_tokens", prompt_ids), ("completion_tokens", completion_ids)):
+        counted = usage.get(name)
+        if isinstance(counted, int) and counted != len(ids):
+            return f"tokens: {len(ids)} recorded {name.split('_')[0]} token ids, but the upstream's usage says {counted}"
+    return None
 
 
 CALL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))

@@ -78,6 +78,7 @@ class UpstreamSettings(SharedSettings):
     upstream: StrList = Field(default_factory=lambda: ["http://127.0.0.1:8000"], description="vLLM base URL (repeatable)")
     upstream_api_key: str | None = Field(None, description="Bearer key the upstream vLLM expects; never echoed")
     policy_model: str = Field("policy", description="Model name clients send for the trained policy")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of trainable calls; the trainer computes log-probs at it")
 
     @field_validator("upstream", mode="before")
     @classmethod
@@ -107,10 +108,14 @@ class ProxySettings(UpstreamSettings):
     write_batch_size: int = Field(256, description="Calls written per database batch")
     write_interval_ms: int = Field(50, description="Longest a recorded call waits before its batch is written")
     write_queue_size: int = Field(10000, description="Calls held in memory before requests wait (backpressure)")
-    spool_dir: Path = Field(Path("./trainwire-spool"), description="Where calls go if the database stays down at shutdown")
+    journal_dir: Path = Field(Path("./trainwire-journal"), description="Local journal of recorded calls, kept until they are in the database (replayed at start)")
+    journal_fsync: Literal["none", "interval", "always"] = Field("none", description="fsync the journal: none (survives a proxy crash), interval (a host crash loses one write interval), always")
     policy_poll_s: float = Field(1.0, description="Policy-version poll interval where LISTEN/NOTIFY is unavailable (SQLite)")
     air_tool_error_pattern: StrList = Field(default_factory=lambda: [r"^\s*Error", r'^\s*\{\s*"error"\s*:'],
                                             description="Regexes marking a tool message as an error (repeatable)")
+    sampling_policy: Literal["enforce", "reject", "record"] = Field(
+        "enforce", description="Trainable calls asking for other sampling settings: enforce the training ones, "
+                               "reject them (400), or record them untrainable")
     # Automatic intermediate rewards: rule name -> reward or 'off'. Filled from the flags the CLI makes from the
     # rule registry (--air-<rule>) and from TRAINWIRE_AIR_<RULE>; a rule left out keeps its registered default.
     air: dict[str, str] = Field(default_factory=dict, description="Automatic reward per rule: RULE -> value or 'off'")
@@ -149,7 +154,6 @@ class TrainerSettings(UpstreamSettings):
     loss_agg_mode: str = Field("token-mean", description="verl loss aggregation mode")
     clip_ratio: float = Field(0.2, description="PPO clip ratio")
     kl_coef: float = Field(0.0, description="KL-to-reference loss coefficient (0 = off)")
-    temperature: float = Field(1.0, description="Sampling temperature the agents use (for exact log-probs)")
     max_staleness: int = Field(4, description="Skip sessions served more than this many versions ago")
     settle_s: float = Field(2.0, description="Only claim sessions whose final reward is at least this old")
     claim_timeout_s: float = Field(600.0, description="Release claims older than this (crashed trainer)")

@@ -16,7 +16,7 @@ TOOLS = [{"type": "function", "function": {"name": "calculator", "parameters": {
 
 
 def start(start_proxy, upstream, db_url: str, tmp_path, *extra: str, env: dict[str, str] | None = None):
-    return start_proxy("--upstream", upstream.url, "--database-url", db_url, "--spool-dir", str(tmp_path / "spool"),
+    return start_proxy("--upstream", upstream.url, "--database-url", db_url, "--journal-dir", str(tmp_path / "journal"),
                        *extra, env=env)
 
 

@@ -321,17 +321,12 @@ def test_completion_stream_ignores_chat_deltas():
                                       "token_ids": None}]
 
 
-@pytest.mark.xfail(strict=True, reason="StreamAssembler moves a completions stream's choice-level prompt_token_ids "
-                                       "to the top of the body; vLLM's non-stream completion has them in choices[0]")
 def test_completion_stream_keeps_prompt_token_ids_where_the_non_stream_answer_has_them():
     body = assemble_completion()
     assert body["choices"][0].get("prompt_token_ids") == [1, 2, 3]
     assert "prompt_token_ids" not in body
 
 
-@pytest.mark.xfail(strict=True, reason="StreamAssembler keeps only token_logprobs of a completions stream: the "
-                                       "tokens, text_offset and top_logprobs the client got (logprobs=N) are lost "
-                                       "from the recorded response; chat keeps whole logprob entries")
 def test_completion_stream_logprobs_equal_the_non_stream_ones():
     assert assemble_completion()["choices"][0]["logprobs"] == COMPLETION_NON_STREAM["choices"][0]["logprobs"]
 

@@ -77,9 +77,6 @@ def test_good_ids(good):
     assert check_id(good, "X-Session-Id") == good
 
 
-@pytest.mark.xfail(strict=True, reason="_ID is matched with re.match and ends in '$', which also matches before a "
-                                       "trailing newline: 'abc\\n' passes check_id (and POST /reward's id check, "
-                                       "which uses the same _ID); it should use \\Z or fullmatch")
 @pytest.mark.parametrize("value", ["abc\n", "a" * 128 + "\n"])
 def test_trailing_newline_is_rejected(value):
     raises_api_error(check_id, value, "X-Session-Id")

@@ -1,0 +1,128 @@
+"""Anthropic's Messages API (`POST /v1/messages`) on the policy, trainable.
+
+vLLM serves `/v1/messages` itself but returns neither token ids nor logprobs there, so the proxy translates each
+Messages request into a chat-completions request (where vLLM returns both), and the chat answer back into
+Anthropic's shapes: the response, the streaming event sequence, `tool_use` / `tool_result` blocks, the system
+prompt. The translation is litellm's Anthropic adapter (`AnthropicAdapter`), the one litellm's own proxy runs for
+`/v1/messages` on non-Anthropic models: it is maintained against both APIs as they change, takes and returns plain
+dicts (and wraps any async iterator of chat chunks for streams), so the proxy keeps its own upstream call, and
+with it the token ids. litellm takes about 3 s to import, so it is imported once, in a thread at start-up
+(`preload`), not on the first agent's request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Any, AsyncIterator
+
+import orjson
+
+from trainwire.proxy.errors import ApiError
+
+log = logging.getLogger("trainwire.messages")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large",
+               422: "invalid_request_error", 429: "rate_limit_error", 502: "api_error", 503: "overloaded_error",
+               504: "api_error"}
+
+_lock = threading.Lock()
+_adapter: Any = None
+
+
+def _load():
+    """litellm's adapter, imported once (thread-safe: start-up preloads it in a thread)."""
+    global _adapter
+    with _lock:
+        if _adapter is None:
+            # No network at import: litellm would otherwise fetch its model price list from GitHub.
+            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            try:
+                import litellm
+                from litellm.llms.anthropic.messages.adapters.transformation import AnthropicAdapter
+            except ImportError as exc:
+                raise ApiError(501, f"/v1/messages needs litellm, which is not installed ({exc}); "
+                                    f"pip install 'trainwire[routes]'", code="not_implemented") from None
+            litellm.suppress_debug_info = True
+            for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+            _adapter = AnthropicAdapter()
+    return _adapter
+
+
+async def preload() -> None:
+    try:
+        await asyncio.to_thread(_load)
+    except ApiError as exc:
+        log.info("%s", exc.message)
+
+
+def error_body(status: int, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"),
+                                                    "message": message}})
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def to_chat(body: dict[str, Any]) -> dict[str, Any]:
+    """A Messages request -> the chat-completions request for vLLM."""
+    for name, kind in (("messages", list), ("max_tokens", int)):
+        if not isinstance(body.get(name), kind) or isinstance(body.get(name), bool):
+            raise ApiError(400, f"{name}: Field required ({'a list of messages' if kind is list else 'an integer'})",
+                           param=name, code="invalid_value")
+    if not body["messages"]:
+        raise ApiError(400, "messages: at least one message is required", param="messages", code="invalid_value")
+    try:
+        chat = _load().translate_completion_input_params(dict(body))
+    except ApiError:
+        raise
+    except Exception as exc:  # litellm's validation: the request is not a Messages request it understands
+        raise ApiError(400, f"not a valid Messages request: {str(exc).splitlines()[0][:300]}",
+                       code="invalid_value") from None
+    # litellm leaves None-valued keys (thinking_blocks, ...) that a chat server need not accept.
+    out = _drop_none(dict(chat))
+    out.pop("metadata", None)
+    out["stream"] = bool(body.get("stream"))
+    return out
+
+
+def from_chat(chat: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's chat completion (without the proxy's injected fields) -> a Messages response."""
+    from litellm import ModelResponse
+
+    if not chat.get("usage"):  # the adapter reads it; an aborted stream may end before vLLM sent it
+        chat = {**chat, "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+    answer = _load().translate_completion_output_params(ModelResponse(**chat))
+    out = orjson.loads(orjson.dumps(answer, default=_plain))
+    out["model"] = request.get("model", out.get("model"))
+    return out
+
+
+async def stream(chunks: AsyncIterator[dict[str, Any]], request: dict[str, Any]) -> AsyncIterator[bytes]:
+    """Chat chunks -> Anthropic's SSE events (message_start, content_block_start/delta/stop, message_delta,
+    message_stop), each as it can be sent."""
+    from litellm.types.utils import ModelResponseStream
+
+    async def objects():
+        async for chunk in chunks:
+            yield ModelResponseStream(**chunk)
+
+    events = _load().translate_completion_output_params_streaming(objects(), model=request.get("model") or "policy")
+    async for event in events:
+        yield event if isinstance(event, bytes) else str(event).encode()
+
+
+def _plain(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if dump is not None:
+        return dump()
+    raise TypeError(f"cannot serialize {type(value).__name__}")

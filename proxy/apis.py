@@ -1,0 +1,81 @@
+"""The generation APIs the proxy serves, by path: what each records as its kind, where vLLM serves it, and how
+its requests, answers, streams and errors translate.
+
+Chat and completions go to vLLM as they are (their answers are vLLM's own bytes, only the proxy's injected fields
+taken out). The Responses and Messages APIs are translated to chat completions, because vLLM returns exact token
+ids and logprobs of every turn there, tool-call-only turns included (README: "Responses and Messages"). Adding an
+API is one entry here and a translation module.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from trainwire.proxy import api_messages, api_responses
+from trainwire.proxy.errors import error_body as openai_error_body
+
+Chunks = AsyncIterator[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    kind: str                # calls.kind
+    upstream_path: str       # what the proxy sends to vLLM
+    upstream_kind: str       # the shape of vLLM's answer: chat | completion
+    error_body: Callable[[int, str, str | None, str | None], bytes]
+    # Translated APIs only: the client's request -> vLLM's; vLLM's answer -> the client's; a stream of vLLM's
+    # chunks -> the client's SSE bytes. `ids` are the call's (response id, created time).
+    to_upstream: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    from_upstream: Callable[[dict[str, Any], dict[str, Any], "Ids"], dict[str, Any]] | None = None
+    stream: Callable[[Chunks, dict[str, Any], "Ids"], AsyncIterator[bytes]] | None = None
+
+    @property
+    def translated(self) -> bool:
+        return self.to_upstream is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Ids:
+    response_id: str
+    created_at: int
+
+    @classmethod
+    def of(cls, call_id: str) -> "Ids":
+        return cls("resp_" + call_id.removeprefix("call_"), int(time.time()))
+
+
+def _anthropic_error(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
+    return api_messages.error_body(status, message)
+
+
+def _responses_from(chat: dict[str, Any], request: dict[str, Any], ids: Ids) -> dict[str, Any]:
+    return api_responses.from_chat(chat, request, response_id=ids.response_id, created_at=ids.created_at)
+
+
+async def _responses_stream(chunks: Chunks, request: dict[str, Any], ids: Ids) -> AsyncIterator[bytes]:
+    events = api_responses.ResponsesStream(request, response_id=ids.response_id, created_at=ids.created_at)
+    yield events.start()
+    async for chunk in chunks:
+        out = events.feed(chunk)
+        if out:
+            yield out
+    yield events.finish()
+
+
+async def _messages_stream(chunks: Chunks, request: dict[str, Any], ids: Ids) -> AsyncIterator[bytes]:
+    async for event in api_messages.stream(chunks, request):
+        yield event
+
+
+CHAT = Api("chat", "/v1/chat/completions", "chat", openai_error_body)
+COMPLETIONS = Api("completion", "/v1/completions", "completion", openai_error_body)
+RESPONSES = Api("responses", "/v1/chat/completions", "chat", openai_error_body, to_upstream=api_responses.to_chat,
+                from_upstream=_responses_from, stream=_responses_stream)
+MESSAGES = Api("messages", "/v1/chat/completions", "chat", _anthropic_error, to_upstream=api_messages.to_chat,
+               from_upstream=lambda chat, request, ids: api_messages.from_chat(chat, request),
+               stream=_messages_stream)
+
+BY_PATH: dict[str, Api] = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS,
+                           "/v1/responses": RESPONSES, "/v1/messages": MESSAGES}
