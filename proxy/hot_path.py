@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.responses import Response
 
 from trainwire.proxy.apis import BY_PATH
@@ -56,15 +56,55 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
-async def _body(receive: Receive) -> bytes:
+class _TooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes (--max-request-bytes); nothing was sent "
+                         f"upstream", code="request_too_large", headers={"Connection": "close"})
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _body(receive: Receive, limit: int) -> bytes:
     chunks = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise _ClientGone
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """`receive` for the framework's routes, refusing a body larger than the limit however it is sent."""
+    size = 0
+
+    async def limited() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise _too_large(limit)  # an ApiError: the framework's handler answers it as a 413
+        return message
+
+    return limited
 
 
 class HotPath:
@@ -73,22 +113,30 @@ class HotPath:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(CONTEXT_PREFIX):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.state.settings.max_request_bytes
+        declared = _declared_length(scope)
+        if declared is not None and declared > limit:
+            return await _error(_api_of(scope["path"]), _too_large(limit))(scope, receive, send)
+        if scope["path"].startswith(CONTEXT_PREFIX):
             try:
                 self._enter_context(scope)
             except ApiError as exc:
-                return await _error(BY_PATH["/v1/chat/completions"], exc)(scope, receive, send)
-        route = route_of(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+                return await _error(_api_of(scope["path"]), exc)(scope, receive, send)
+        route = route_of(scope["path"]) if scope["method"] == "POST" else None
         if route is None:
-            return await self.app(scope, receive, send)
+            return await self._framework(scope, _limited(receive, limit), send)
         path, session_id, template = route
         scope[ROUTE_KEY] = (f"{CONTEXT_PREFIX}{{context}}" + template) if CONTEXT_KEY in scope else template
         api = BY_PATH[path]
         try:
-            response = await generate(self.state, _headers(scope), await _body(receive), api, path, session_id,
-                                      scope.get(CONTEXT_KEY))
+            response = await generate(self.state, _headers(scope), await _body(receive, limit), api, path,
+                                      session_id, scope.get(CONTEXT_KEY))
         except _ClientGone:
             return  # gone before its request arrived whole: nothing was sent upstream, nothing to record
+        except _TooLarge:
+            response = _error(api, _too_large(limit))
         except ApiError as exc:
             response = _error(api, exc)
         except Exception:
@@ -96,6 +144,27 @@ class HotPath:
             response = _error(api, ApiError(500, "internal error in trainwire; the proxy's log has the details",
                                             code="internal_error"))
         await response(scope, receive, send)
+
+    async def _framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's routes. An exception that escapes them would make uvicorn close the keep-alive connection, so
+        the client's next request fails too: answer it here (or, when the answer has begun, just log it)."""
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            if started:  # the framework's error handler answered already; it re-raises for the server's log
+                log.debug("error after the answer started on %s", scope["path"], exc_info=True)
+                return
+            log.exception("unexpected error serving %s", scope["path"])
+            await _error(_api_of(scope["path"]), ApiError(500, "internal error in trainwire; the proxy's log has "
+                                                               "the details", code="internal_error"))(scope, receive, send)
 
     @staticmethod
     def _enter_context(scope: Scope) -> None:
@@ -105,6 +174,11 @@ class HotPath:
         scope[CONTEXT_KEY] = values
         scope["path"] = rest
         scope["raw_path"] = rest.encode()
+
+
+def _api_of(path: str):
+    """The API whose error format a path's errors use (Anthropic's under /v1/messages)."""
+    return BY_PATH["/v1/messages"] if path.rstrip("/").endswith("/v1/messages") else BY_PATH["/v1/chat/completions"]
 
 
 def _error(api, exc: ApiError) -> Response:

@@ -302,3 +302,33 @@ def _head(queue: collections.deque, n: int):
         if i >= n:
             return
         yield item
+
+
+async def replay_rejected(engine: AsyncEngine, directory, say=print) -> tuple[int, int]:
+    """Write the rows of `rejected-*.jsonl` again (after the cause was fixed: a migration, a cleaned row).
+    Rows the database still refuses go to a new rejected file with their new error; a replayed file is removed.
+    Returns (written, still refused)."""
+    from trainwire.store.journal import read_records, rejected_files, write_rejected
+
+    written = refused = 0
+    for path in rejected_files(directory):
+        calls, rewards = read_records(path, rejected=True)
+        again: list[tuple[CallRecord | RewardRecord, str]] = []
+        rows: list[CallRecord | RewardRecord] = [*calls, *rewards]
+        for row in rows:
+            one_call = [row] if isinstance(row, CallRecord) else []
+            one_reward = [row] if isinstance(row, RewardRecord) else []
+            try:
+                async with engine.begin() as conn:
+                    await write_batch(conn, one_call, one_reward, dedupe=True)
+                written += 1
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                again.append((row, f"{type(exc).__name__}: {exc}"))
+        if again:
+            write_rejected(path.parent, again)
+        path.unlink()
+        refused += len(again)
+        say(f"{path.name}: {len(rows) - len(again)} written, {len(again)} still refused")
+    return written, refused

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from trainwire.settings import ProxySettings, SharedSettings, TrainerSettings
+from trainwire.settings import JournalSettings, ProxySettings, SharedSettings, TrainerSettings
 
 # Each command takes the settings group it runs with; its flags are that group's fields.
 COMMANDS: dict[str, tuple[str, type[SharedSettings]]] = {
@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, type[SharedSettings]]] = {
     "migrate": ("Create or upgrade the database schema (Alembic upgrade head)", SharedSettings),
     "train": ("Run the trainer worker: claim rewarded sessions, train with verl, publish to vLLM", TrainerSettings),
     "export": ("Export recorded calls as JSONL or Parquet", SharedSettings),
+    "replay-rejected": ("Write the rows the database refused (the journal's rejected-*.jsonl) again, after a fix",
+                        JournalSettings),
 }
 # Settings filled by flags of their own rather than a flag per field.
 _NOT_FLAGS = {"air"}
@@ -124,7 +126,32 @@ def _export(settings: SharedSettings, args: argparse.Namespace) -> int:
     return run_export(settings, args)
 
 
-HANDLERS = {"serve": _serve, "migrate": _migrate, "train": _train, "export": _export}
+def _replay_rejected(settings: JournalSettings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from trainwire.store.db import make_engine
+    from trainwire.store.journal import rejected_files
+    from trainwire.store.writer import replay_rejected
+
+    if not rejected_files(settings.journal_dir):
+        print(f"trainwire: no rejected rows in {settings.journal_dir}")
+        return 0
+
+    async def run() -> tuple[int, int]:
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            return await replay_rejected(engine, settings.journal_dir, say=lambda m: print(f"trainwire: {m}"))
+        finally:
+            await engine.dispose()
+
+    written, refused = asyncio.run(run())
+    print(f"trainwire: {written} rows written, {refused} still refused"
+          + (f" (kept in {settings.journal_dir}/rejected-*.jsonl with the new error)" if refused else ""))
+    return 1 if refused else 0
+
+
+HANDLERS = {"serve": _serve, "migrate": _migrate, "train": _train, "export": _export,
+            "replay-rejected": _replay_rejected}
 
 if __name__ == "__main__":
     raise SystemExit(main())

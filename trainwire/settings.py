@@ -93,7 +93,13 @@ class UpstreamSettings(SharedSettings):
         return [u.rstrip("/") for u in value]
 
 
-class ProxySettings(UpstreamSettings):
+class JournalSettings(SharedSettings):
+    """The proxy's local journal, also read by `trainwire replay-rejected`."""
+
+    journal_dir: Path = Field(Path("./trainwire-journal"), description="Local journal of recorded calls, kept until they are in the database (replayed at start)")
+
+
+class ProxySettings(UpstreamSettings, JournalSettings):
     """`trainwire serve`."""
 
     host: str = Field("0.0.0.0", description="Address the proxy listens on")
@@ -105,10 +111,10 @@ class ProxySettings(UpstreamSettings):
     api_key: str | None = Field(None, description="Key agents must send as 'Authorization: Bearer'")
     admin_key: str | None = Field(None, description="Key for reward, read, admin and export endpoints")
     upstream_timeout_s: float = Field(600.0, description="Total timeout of one upstream call")
+    max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest request body accepted (bytes); a larger one gets a 413 and is not forwarded")
     write_batch_size: int = Field(256, description="Calls written per database batch")
     write_interval_ms: int = Field(50, description="Longest a recorded call waits before its batch is written")
     write_queue_size: int = Field(10000, description="Calls held in memory before requests wait (backpressure)")
-    journal_dir: Path = Field(Path("./trainwire-journal"), description="Local journal of recorded calls, kept until they are in the database (replayed at start)")
     journal_fsync: Literal["none", "interval", "always"] = Field("none", description="fsync the journal: none (survives a proxy crash), interval (a host crash loses one write interval), always")
     policy_poll_s: float = Field(1.0, description="Policy-version poll interval where LISTEN/NOTIFY is unavailable (SQLite)")
     air_tool_error_pattern: StrList = Field(default_factory=lambda: [r"^\s*Error", r'^\s*\{\s*"error"\s*:'],

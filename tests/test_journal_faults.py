@@ -1,0 +1,183 @@
+"""Every call that got a 2xx is in the database, or on its way there, after any fault: Postgres stopped under load
+and started again, Postgres down while the proxy shuts down, the proxy SIGKILLed under load and restarted. And a
+row the database refuses as data is kept, counted, and written by `trainwire replay-rejected` after a fix.
+
+Real processes: the proxy as `trainwire serve`, a Postgres cluster of the test's own (stopped and started with
+pg_ctl), the OpenAI SDK as the client. The upstream is the scripted one: these faults are about the write path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from trainwire.store.migrate import upgrade_head
+from tests.support import dbread
+from tests.support.apihelpers import wait_for
+from tests.support.pgcluster import PgCluster, _bin
+
+
+class Load:
+    """Agents calling the proxy from threads until stopped; remembers the X-Call-Id of every 2xx answer."""
+
+    def __init__(self, url: str, threads: int = 4) -> None:
+        self.url, self.threads = url, threads
+        self.acked: list[str] = []
+        self.failed = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=30,
+                               default_headers={"X-Session-Id": f"load-{i}"})
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="policy", messages=[{"role": "user", "content": f"call {n}"}])
+                raw.parse()
+            except Exception:
+                with self._lock:
+                    self.failed += 1
+                time.sleep(0.05)
+                continue
+            with self._lock:
+                self.acked.append(raw.headers["x-call-id"])
+
+    def __enter__(self) -> "Load":
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join(30)
+
+
+def _stop_pg(pg: PgCluster) -> None:
+    pg._run(_bin("pg_ctl"), "-D", str(pg.data), "-m", "fast", "stop")
+
+
+def _start_pg(pg: PgCluster) -> None:
+    opts = f"-p {pg.port} -k {pg.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    pg._run(_bin("pg_ctl"), "-D", str(pg.data), "-o", opts, "-l", str(pg.dir / "log"), "-w", "start")
+
+
+def _stored_ids(url: str) -> set[str]:
+    return {r["id"] for r in dbread.calls(url)}
+
+
+@pytest.fixture
+def own_pg():
+    with PgCluster() as pg:
+        url = pg.create_database("faults")
+        upgrade_head(url)
+        yield pg, url
+
+
+def _proxy(start_proxy, upstream, url, journal, *extra):
+    return start_proxy("--upstream", upstream.url, "--database-url", url, "--journal-dir", str(journal), *extra)
+
+
+def test_postgres_stopped_under_load_loses_no_acknowledged_call(start_proxy, upstream, own_pg, tmp_path):
+    pg, url = own_pg
+    proxy = _proxy(start_proxy, upstream, url, tmp_path / "journal", "--write-interval-ms", "20")
+    with Load(proxy.url) as load:
+        wait_for(lambda: len(load.acked) > 50, 30, what="calls before the outage")
+        _stop_pg(pg)
+        down_at = len(load.acked)
+        time.sleep(6)  # agents keep calling while the database is away
+        during = len(load.acked) - down_at
+        _start_pg(pg)
+        wait_for(lambda: len(load.acked) > down_at + during + 50, 60, what="calls after the outage")
+    acked = set(load.acked)
+    assert during > 0, "agents must be served while the database is down"
+    wait_for(lambda: acked <= _stored_ids(url), 60, what="every acknowledged call in Postgres")
+    proxy.stop(signal.SIGTERM)
+    assert acked <= _stored_ids(url)
+    assert not list((tmp_path / "journal").glob("*.jsonl")), "written calls must leave the journal"
+    log = proxy.log_tail()
+    assert "rejected" not in log, log  # a database shutting down (57P03) is not the data being refused
+
+
+def test_postgres_down_while_the_proxy_shuts_down(start_proxy, upstream, own_pg, tmp_path):
+    pg, url = own_pg
+    journal = tmp_path / "journal"
+    args = ("--write-interval-ms", "20")
+    proxy = _proxy(start_proxy, upstream, url, journal, *args)
+    with Load(proxy.url) as load:
+        wait_for(lambda: len(load.acked) > 30, 30, what="calls")
+        _stop_pg(pg)
+        time.sleep(1.5)
+    acked = set(load.acked)
+    assert proxy.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert list(journal.glob("journal-*.jsonl")), "what could not be written stays in the journal"
+    _start_pg(pg)
+    again = _proxy(start_proxy, upstream, url, journal, *args)
+    wait_for(lambda: acked <= _stored_ids(url), 60, what="the journal replayed at the next start")
+    again.stop(signal.SIGTERM)
+    ids = [r["id"] for r in dbread.calls(url)]
+    assert len(ids) == len(set(ids))
+    counts = {s["id"]: s["n_calls"] for s in dbread.sessions(url)}
+    stored = dbread.calls(url)
+    for sid, n in counts.items():
+        assert n == sum(1 for r in stored if r["session_id"] == sid), "a replay must not count a call twice"
+
+
+def test_sigkill_under_load_then_restart_keeps_every_acknowledged_call(start_proxy, upstream, own_pg, tmp_path):
+    pg, url = own_pg
+    journal = tmp_path / "journal"
+    # Long write intervals keep hundreds of acknowledged calls in memory only, until the kill.
+    args = ("--write-interval-ms", "2000", "--write-batch-size", "5000")
+    proxy = _proxy(start_proxy, upstream, url, journal, *args)
+    with Load(proxy.url) as load:
+        wait_for(lambda: len(load.acked) > 200, 60, what="calls")
+        os.killpg(proxy.proc.pid, signal.SIGKILL)
+        proxy.proc.wait(10)
+    acked = set(load.acked)
+    missing_before = acked - _stored_ids(url)
+    assert missing_before, "the kill must have caught acknowledged calls that were not written yet"
+    again = _proxy(start_proxy, upstream, url, journal, "--write-interval-ms", "20")
+    wait_for(lambda: acked <= _stored_ids(url), 60, what="every acknowledged call after the restart")
+    again.stop(signal.SIGTERM)
+    assert not list(journal.glob("*.jsonl"))
+
+
+def test_rejected_rows_are_counted_and_replayed_after_a_fix(start_proxy, upstream, own_pg, tmp_path):
+    pg, url = own_pg
+    journal = tmp_path / "journal"
+    admin = {"Authorization": "Bearer adm"}
+    proxy = _proxy(start_proxy, upstream, url, journal, "--admin-key", "adm")
+    # calls.finish_reason is varchar(32): an upstream reporting a longer one is refused by Postgres as data.
+    upstream.script(text="odd", finish_reason="x" * 40)
+    upstream.script(text="fine")
+    c = openai.OpenAI(base_url=proxy.v1, api_key="x", max_retries=0, default_headers={"X-Session-Id": "rej"})
+    odd = c.chat.completions.with_raw_response.create(model="policy", messages=[{"role": "user", "content": "a"}])
+    c.chat.completions.create(model="policy", messages=[{"role": "user", "content": "b"}])
+    odd_id = odd.headers["x-call-id"]
+    wait_for(lambda: list(journal.glob("rejected-*.jsonl")), 20, what="the rejected row set aside")
+    stats = httpx.get(f"{proxy.url}/stats", headers=admin, timeout=10).json()
+    assert stats["rejected"]["rows"] == 1, stats.get("rejected")
+    assert odd_id not in _stored_ids(url) and len(_stored_ids(url)) == 1  # the good call is not held up
+    proxy.stop(signal.SIGTERM)
+    cli = [sys.executable, "-m", "trainwire.cli", "replay-rejected", "--database-url", url, "--journal-dir",
+           str(journal)]
+    still = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert still.returncode == 1 and "1 still refused" in still.stdout, still.stdout + still.stderr
+    assert len(list(journal.glob("rejected-*.jsonl"))) == 1  # kept, with the new error
+    subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "faults", "-c",
+                    "ALTER TABLE calls ALTER COLUMN finish_reason TYPE varchar(64)"], check=True, capture_output=True)
+    fixed = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+    assert fixed.returncode == 0 and "1 rows written, 0 still refused" in fixed.stdout, fixed.stdout + fixed.stderr
+    assert odd_id in _stored_ids(url)
+    assert not list(journal.glob("rejected-*.jsonl"))
