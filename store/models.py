@@ -161,4 +161,14 @@ class TrainStep(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-__all__ = ["Base", "Session", "Call", "Reward", "PolicyVersion", "UpstreamVersion", "TrainStep", "utcnow"]
+class StoreInfo(Base):
+    """Facts about the store itself, one row a key. ``store_id``: a random id made when the table was created
+    (migration 0003), which the trainer records beside its checkpoints (store/identity.py)."""
+
+    __tablename__ = "store_info"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+__all__ = ["Base", "Session", "Call", "Reward", "PolicyVersion", "UpstreamVersion", "TrainStep", "StoreInfo",
+           "utcnow"]
