@@ -31,9 +31,11 @@ claimed, up to ``batch_size``.
 
 After the claim commits, the episodes are loaded: trainable calls only (``calls.trainable``), of the
 selected agents only (``train_agents``; empty = all), ordered by ``(started_at, seq)``, each with the sum
-of its intermediate rewards (non-final rewards with a value). A non-final reward posted without a
-``call_id`` goes to the last loaded call that had finished when the reward was posted (else the first);
-rewards on calls that were not loaded (other agents, not trainable) are not part of the episode.
+of its intermediate rewards (non-final rewards with a value), the sampling settings it was sent with and the
+proxy's ``untrainable_reason`` (the trainer decides what to skip: :mod:`trainwire.rl.transitions`). A non-final
+reward posted without a ``call_id`` goes to the last loaded call that had finished when the reward was posted
+(else the first); rewards on calls that were not loaded (other agents, not trainable) are not part of the
+episode.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class ClaimedCall:
     aborted: bool
     status_code: int
     started_at: datetime | None = None
+    # What went upstream ({"requested", "effective"[, "enforced"]}, proxy/sampling.py); None on rows recorded
+    # before migration 0002.
+    sampling: dict | None = None
+    untrainable_reason: str | None = None  # the proxy's reason not to train on this call's tokens, or None
 
 
 @dataclass
@@ -229,7 +235,7 @@ async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str]) 
     ids = [r.id for r in picked]
     stmt = (select(C.c.id, C.c.session_id, C.c.seq, C.c.agent_name, C.c.policy_version, C.c.prompt_token_ids,
                    C.c.completion_token_ids, C.c.logprobs, C.c.finish_reason, C.c.aborted, C.c.status_code,
-                   C.c.started_at, C.c.finished_at)
+                   C.c.started_at, C.c.finished_at, C.c.sampling, C.c.untrainable_reason)
             .where(C.c.session_id.in_(ids), C.c.trainable == True)  # noqa: E712
             .order_by(C.c.session_id, C.c.started_at, C.c.seq))
     if train_agents:
@@ -269,7 +275,8 @@ async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str]) 
                                completion_token_ids=_list(c.completion_token_ids),
                                logprobs=_list(c.logprobs), finish_reason=c.finish_reason,
                                reward=by_call.get(c.id, 0.0), aborted=bool(c.aborted), status_code=c.status_code,
-                               started_at=_aware(c.started_at))
+                               started_at=_aware(c.started_at), sampling=c.sampling,
+                               untrainable_reason=c.untrainable_reason)
                    for c in calls_of.get(r.id, [])]))
     return out
 

@@ -94,6 +94,25 @@ async def test_claim_loads_trainable_calls_in_order_with_rewards(db):
     assert await claim(db) == []  # exactly once
 
 
+async def test_claim_loads_sampling_and_untrainable_reason(db):
+    """The trainer decides from these what not to train on (rl/transitions.py); rows from before migration 0002
+    have neither."""
+    await add_session(db, "s1", n_calls=3)
+    effective = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
+                 "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+    sampled = {"requested": {"temperature": 0.7}, "effective": effective, "enforced": ["temperature"]}
+    async with db.begin() as conn:
+        await conn.execute(update(C).where(C.c.id == "s1-c0").values(sampling=sampled))
+        await conn.execute(update(C).where(C.c.id == "s1-c1").values(
+            sampling={"requested": {"top_p": 0.5}, "effective": {**effective, "top_p": 0.5}},
+            untrainable_reason="sampling: top_p 0.5 differs from the training value 1.0"))
+    (s,) = await claim(db)
+    c0, c1, c2 = s.calls
+    assert (c0.sampling, c0.untrainable_reason) == (sampled, None)
+    assert c1.sampling["effective"]["top_p"] == 0.5 and c1.untrainable_reason.startswith("sampling: top_p")
+    assert (c2.sampling, c2.untrainable_reason) == (None, None)
+
+
 async def test_agent_filter(db):
     await add_session(db, "s1", n_calls=3, agents=["planner", "coder", "planner"],
                       intermediate=[(1, -0.5, 0.1)])
