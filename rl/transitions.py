@@ -18,11 +18,20 @@ Modes
 
 Skipped calls
 -------------
-A call is not trained on when it has no usable token data: non-200 status, no prompt or completion ids,
-no logprobs (``skipped_no_tokens``), or logprobs that do not match the completion one for one or are not
-finite (``skipped_bad_logprobs``). An aborted stream that still produced tokens is kept (a truncated
-sample of the policy, with matching logprobs). Skipped calls still count in the credit assignment
-(their intermediate rewards are part of "what follows").
+A call is not trained on when the proxy marked it so (an ``untrainable_reason``: sampling settings or a
+constraint the trainer cannot reproduce, token ids that disagree with usage; ``skipped_untrainable``), when it
+has no usable token data: non-200 status, no prompt or completion ids, no logprobs (``skipped_no_tokens``), or
+logprobs that do not match the completion one for one or are not finite (``skipped_bad_logprobs``), or when
+the sampling settings it was sent with (``sampling.effective``) are not the ones the trainer recomputes its
+log-probs under (``skipped_sampling``): temperature ``--temperature``, top_p 1, top_k 0 or -1, min_p 0, presence
+and frequency penalty 0, repetition penalty 1, every one recorded. Its tokens then came from another distribution
+than the one the PPO ratio is taken against, so no sample is trained with log-probs computed under other
+settings than those that produced its tokens; greedy calls (temperature 0) never enter training. Calls recorded
+before the proxy kept ``sampling`` (no value at all) are trusted. An aborted stream that still produced tokens
+is kept (a truncated sample of the policy, with matching logprobs). Only the call is skipped: the session's
+other calls still make samples (in trajectory mode a skipped call's tokens become context, mask 0, of the next
+call that continues it), and skipped calls still count in the credit assignment (their intermediate rewards
+are part of "what follows").
 
 Staleness
 ---------
@@ -54,7 +63,14 @@ from trainwire.rl.credit import call_returns
 from trainwire.rl.samples import Sample
 from trainwire.store.claims import ClaimedCall, ClaimedSession
 
-__all__ = ["BuildResult", "build_samples", "usable_call"]
+__all__ = ["BuildResult", "TRAINED_SAMPLING", "build_samples", "sampling_mismatch", "usable_call"]
+
+# The settings under which vLLM samples from exactly softmax(logits / temperature), besides the temperature:
+# what the trainer's log-probs assume. The proxy enforces the same table (proxy/sampling.py, which the trainer
+# does not import).
+TRAINED_SAMPLING: dict[str, float] = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
+                                      "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+_EPS = 1e-6
 
 
 @dataclass
@@ -64,8 +80,11 @@ class BuildResult:
     group_ids: list[str] = field(default_factory=list)      # per sample
     session_ids: list[str] = field(default_factory=list)    # per sample: its episode
     call_ids: list[tuple[str, ...]] = field(default_factory=list)  # per sample: the calls it covers
+    versions: list[tuple[int, ...]] = field(default_factory=list)  # per sample: its calls' policy versions
     skipped_sessions: list[str] = field(default_factory=list)  # claimed sessions with no sample (stale/empty)
     counters: dict[str, int] = field(default_factory=dict)
+    # skipped_sampling and skipped_untrainable calls by what was wrong (for the trainer's log)
+    skip_reasons: dict[str, int] = field(default_factory=dict)
     staleness_mean: float = float("nan")  # mean of current_version - policy_version over the trained calls
     staleness_max: int = 0
 
@@ -81,19 +100,53 @@ class BuildResult:
     def merged(self) -> int:
         return self.counters.get("merged", 0)
 
+    def served_by(self, version: int) -> list[bool]:
+        """Per sample: whether every call it covers was served by policy ``version``."""
+        return [all(v == version for v in vs) for vs in self.versions]
 
-def usable_call(call: ClaimedCall) -> str | None:
-    """None when the call can be trained on, else the counter it is skipped under."""
+
+def _same(key: str, got: object, want: float) -> bool:
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        return False
+    if key == "top_k":
+        return got in (0, -1)  # both mean "off" to vLLM
+    return math.isfinite(got) and abs(got - want) <= _EPS * max(1.0, abs(want))
+
+
+def sampling_mismatch(sampling: object, temperature: float) -> str | None:
+    """What makes a call's recorded sampling settings differ from the ones the trainer recomputes log-probs under
+    (``temperature`` and :data:`TRAINED_SAMPLING`), or None when they agree. ``sampling`` None (a row from before
+    the proxy recorded it) is trusted; a record without every effective setting is not."""
+    if sampling is None:
+        return None
+    effective = sampling.get("effective") if isinstance(sampling, dict) else None
+    if not isinstance(effective, dict):
+        return "no effective sampling settings recorded"
+    for key, want in {"temperature": temperature, **TRAINED_SAMPLING}.items():
+        got = effective.get(key)
+        if not _same(key, got, want):
+            if key == "temperature" and isinstance(got, (int, float)) and not isinstance(got, bool) and got <= _EPS:
+                return "greedy decoding (temperature 0)"
+            return f"{key} {got!r}, the trainer's is {want!r}" if key in effective else f"{key} not recorded"
+    return None
+
+
+def usable_call(call: ClaimedCall, temperature: float = 1.0) -> str | None:
+    """None when the call can be trained on, else the counter it is skipped under (see the module docstring)."""
+    if call.untrainable_reason:
+        return "skipped_untrainable"
     if call.status_code != 200 or not call.prompt_token_ids or not call.completion_token_ids or call.logprobs is None:
         return "skipped_no_tokens"
     if len(call.logprobs) != len(call.completion_token_ids) or not all(
             lp is not None and math.isfinite(lp) for lp in call.logprobs):
         return "skipped_bad_logprobs"
+    if sampling_mismatch(call.sampling, temperature) is not None:
+        return "skipped_sampling"
     return None
 
 
 class _Chain:
-    __slots__ = ("first", "prompt", "tokens", "response", "mask", "logprobs", "calls")
+    __slots__ = ("first", "prompt", "tokens", "response", "mask", "logprobs", "calls", "versions")
 
     def __init__(self, index: int, call: ClaimedCall) -> None:
         self.first = index
@@ -103,6 +156,7 @@ class _Chain:
         self.logprobs: list[float] = [float(x) for x in call.logprobs]
         self.tokens = self.prompt + self.response  # the whole sequence so far
         self.calls = [call.id]
+        self.versions = [call.policy_version or 0]
 
     def continued_by(self, prompt: list[int]) -> bool:
         n = len(self.tokens)
@@ -116,17 +170,21 @@ class _Chain:
         self.logprobs += [0.0] * len(extra) + [float(x) for x in call.logprobs]
         self.tokens = list(call.prompt_token_ids) + list(completion)
         self.calls.append(call.id)
+        self.versions.append(call.policy_version or 0)
 
 
 def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transition", "trajectory"] = "transition",
                   gamma: float = 1.0, default_reward: float = 0.0, group_by_task: bool = True,
-                  current_version: int = 0, max_staleness: int | None = None) -> BuildResult:
-    """Samples (advantage 0.0, weight 1/n per episode), their scores and group ids. See the module docstring."""
+                  current_version: int = 0, max_staleness: int | None = None,
+                  temperature: float = 1.0) -> BuildResult:
+    """Samples (advantage 0.0, weight 1/n per episode), their scores and group ids; ``temperature`` is the one
+    the trainer computes log-probs at (``--temperature``). See the module docstring."""
     if mode not in ("transition", "trajectory"):
         raise ValueError(f"mode must be 'transition' or 'trajectory', got {mode!r}")
     out = BuildResult()
     counters = dict.fromkeys(("sessions", "calls", "samples", "skipped_stale", "skipped_no_tokens",
-                              "skipped_bad_logprobs", "skipped_empty", "merged", "chain_breaks"), 0)
+                              "skipped_bad_logprobs", "skipped_untrainable", "skipped_sampling", "skipped_empty",
+                              "merged", "chain_breaks"), 0)
     staleness: list[int] = []
     check_stale = max_staleness is not None and max_staleness >= 0
 
@@ -137,9 +195,13 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
                                default_reward=default_reward)
         usable: list[tuple[int, ClaimedCall]] = []
         for i, call in enumerate(sess.calls):
-            why = usable_call(call)
+            why = usable_call(call, temperature)
             if why:
                 counters[why] += 1
+                detail = (call.untrainable_reason if why == "skipped_untrainable"
+                          else sampling_mismatch(call.sampling, temperature) if why == "skipped_sampling" else None)
+                if detail:
+                    out.skip_reasons[detail] = out.skip_reasons.get(detail, 0) + 1
             else:
                 usable.append((i, call))
         if not usable:
@@ -180,6 +242,7 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
             out.group_ids.append(group)
             out.session_ids.append(sess.id)
             out.call_ids.append(tuple(chain.calls))
+            out.versions.append(tuple(chain.versions))
         staleness.extend(current_version - v for v in versions)
 
     counters["samples"] = len(out.samples)

@@ -186,10 +186,12 @@ class Trainer:
         try:
             built = build_samples(batch, mode=s.mode, gamma=s.gamma, default_reward=s.default_reward,
                                   group_by_task=s.group_by_task, current_version=self.version,
-                                  max_staleness=s.max_staleness)
+                                  max_staleness=s.max_staleness, temperature=s.temperature)
+            for why, n in built.skip_reasons.items():
+                log.info("skipped %d calls: %s", n, why)
             if not built.samples:
-                await claims.mark_skipped(self.db, ids, "no trainable samples (stale, or no token data)",
-                                          worker_id=self.worker_id)
+                await claims.mark_skipped(self.db, ids, "no trainable samples (stale, untrainable sampling, or no "
+                                          "token data)", worker_id=self.worker_id)
                 _say(f"skipped {len(ids)} sessions: no trainable samples ({built.counters})")
                 return {}
             advantages = compute_advantages(built.scores, built.group_ids, estimator=s.adv_estimator)
@@ -212,7 +214,7 @@ class Trainer:
         await claims.mark_trained(self.db, [sid for sid in ids if sid not in skipped], step,
                                   worker_id=self.worker_id)
         if skipped:
-            await claims.mark_skipped(self.db, list(skipped), "stale or without token data",
+            await claims.mark_skipped(self.db, list(skipped), "stale, or no trainable calls",
                                       worker_id=self.worker_id)
         rewards = [x.final_reward for x in batch if x.final_reward is not None]
         r_mean, r_std = _stats(rewards)
