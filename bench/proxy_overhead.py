@@ -1,10 +1,15 @@
 """Proxy overhead: latency (p50/p99) and throughput at 1 and 8 connections, upstream direct vs through
 trainwire with logging to Postgres on. Every request must be in the database afterwards.
 
-The upstream is nginx returning a fixed vLLM-shaped completion, so the proxy is what is measured; load comes
-from wrk. Both are Debian packages: `apt-get install nginx wrk`.
+The upstream is nginx returning a fixed vLLM-shaped chat completion, so the proxy is what is measured; load
+comes from wrk. Both are Debian packages: `apt-get install nginx wrk`. The Responses and Messages routes are
+translated to chat completions by the proxy, so the same upstream serves them (`--routes`).
 
-    .venv/bin/python -m bench.proxy_overhead [--duration 10] [--workers 1]
+    .venv/bin/python -m bench.proxy_overhead [--duration 10] [--workers 1] [--routes chat,responses,messages]
+        [--journal-fsync none|interval|always] [--compare-with DIR]
+
+`--compare-with DIR` also runs the proxy from another checkout (e.g. `git worktree add /tmp/old REV`), in turns
+with this one, in the same run: on a noisy machine only a side-by-side comparison says whether a change is slower.
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ MODELS = {"object": "list", "data": [{"id": "base-model", "object": "model", "pa
 REQUEST = {"model": "policy", "messages": [{"role": "system", "content": "You are terse."},
                                            {"role": "user", "content": "What is six times seven?"}],
            "max_tokens": 16}
+# The same question in each API's request shape.
+ROUTES = {
+    "chat": ("/v1/chat/completions", REQUEST),
+    "responses": ("/v1/responses", {"model": "policy", "instructions": "You are terse.",
+                                    "input": "What is six times seven?", "max_output_tokens": 16}),
+    "messages": ("/v1/messages", {"model": "policy", "system": "You are terse.", "max_tokens": 16,
+                                  "messages": [{"role": "user", "content": "What is six times seven?"}]}),
+}
 
 
 def nginx_conf(port: int, tmp: Path) -> Path:
@@ -71,10 +84,10 @@ http {{
     return conf
 
 
-def wrk(url: str, connections: int, duration: int, tmp: Path) -> dict:
+def wrk(url: str, connections: int, duration: int, tmp: Path, body: dict | None = None) -> dict:
     script = tmp / "post.lua"
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      f"wrk.body = [[{json.dumps(REQUEST)}]]\n")
+                      f"wrk.body = [[{json.dumps(body or REQUEST)}]]\n")
     threads = min(connections, 2)
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--latency",
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
@@ -103,73 +116,112 @@ async def count_calls(url: str) -> int:
     return int(n)
 
 
+def _wait_healthy(url: str) -> None:
+    for _ in range(300):
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def _proxy(cwd: Path, port: int, upstream: str, db: str, args, tmp: Path, name: str) -> subprocess.Popen:
+    """`trainwire serve` from a checkout (its own code: the working directory comes first on sys.path)."""
+    if _has_journal(cwd):
+        journal = ["--journal-dir", str(tmp / f"journal-{name}"), "--journal-fsync", args.journal_fsync]
+    else:  # a checkout from before the journal
+        journal = ["--spool-dir", str(tmp / f"spool-{name}")]
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainwire.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--upstream", upstream, "--database-url", db, "--workers", str(args.workers), "--log-level", "warning",
+         *journal], cwd=cwd, start_new_session=True)
+
+
+def _has_journal(cwd: Path) -> bool:
+    return "journal" in (cwd / "trainwire" / "settings.py").read_text()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     ap.add_argument("--workers", type=int, default=1, help="proxy worker processes")
+    ap.add_argument("--routes", default="chat", help="comma-separated: chat, responses, messages")
+    ap.add_argument("--journal-fsync", default="none", choices=["none", "interval", "always"])
+    ap.add_argument("--compare-with", type=Path, help="another checkout whose proxy runs beside this one's")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy_overhead.json")
     args = ap.parse_args()
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    unknown = set(routes) - set(ROUTES)
+    if unknown:
+        print(f"bench: unknown route(s) {', '.join(sorted(unknown))}; choose from {', '.join(ROUTES)}", file=sys.stderr)
+        return 2
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"bench: {tool} not found; apt-get install nginx wrk", file=sys.stderr)
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="trainwire-bench-"))
-    nginx_port, proxy_port = free_port(), free_port()
+    nginx_port = free_port()
+    checkouts = [("trainwire", ROOT)] + ([(f"trainwire@{args.compare_with.name}", args.compare_with.resolve())]
+                                         if args.compare_with else [])
     procs: list[subprocess.Popen] = []
     results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-                     "duration_s": args.duration, "proxy_workers": args.workers, "runs": []}
+                     "duration_s": args.duration, "proxy_workers": args.workers, "journal_fsync": args.journal_fsync,
+                     "runs": [], "recorded": {}}
+    ok = True
     with PgCluster() as pg:
-        db = pg.create_database("bench")
-        from trainwire.store.migrate import upgrade_head
-
-        upgrade_head(db)
         try:
             nginx = shutil.which("nginx") or "/usr/sbin/nginx"
             procs.append(subprocess.Popen([nginx, "-c", str(nginx_conf(nginx_port, tmp)), "-p", str(tmp)],
                                           start_new_session=True))
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "trainwire.cli", "serve", "--host", "127.0.0.1", "--port", str(proxy_port),
-                 "--upstream", f"http://127.0.0.1:{nginx_port}", "--database-url", db, "--workers", str(args.workers),
-                 "--log-level", "warning", "--journal-dir", str(tmp / "journal")], start_new_session=True))
-            for url in (f"http://127.0.0.1:{nginx_port}/v1/models", f"http://127.0.0.1:{proxy_port}/healthz"):
-                for _ in range(100):
-                    try:
-                        if httpx.get(url, timeout=1).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    time.sleep(0.1)
-            # warm-up (connections, base-model discovery)
-            httpx.post(f"http://127.0.0.1:{proxy_port}/v1/chat/completions", json=REQUEST, timeout=5)
-            sent = 1
-            for name, port in (("upstream direct", nginx_port), ("through trainwire", proxy_port)):
+            _wait_healthy(f"http://127.0.0.1:{nginx_port}/v1/models")
+            for conns in (1, 8):
+                r = wrk(f"http://127.0.0.1:{nginx_port}/v1/chat/completions", conns, args.duration, tmp)
+                r.update(target="upstream direct", route="chat")
+                results["runs"].append(r)
+                print(f"{'upstream direct':24} chat      c={conns}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                      f"p99 {r['p99_ms']:.3f} ms", flush=True)
+            for route in routes:
+                path, body = ROUTES[route]
                 for conns in (1, 8):
-                    r = wrk(f"http://127.0.0.1:{port}/v1/chat/completions", conns, args.duration, tmp)
-                    r["target"] = name
-                    results["runs"].append(r)
-                    print(f"{name:18} c={conns}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
-                          f"p99 {r['p99_ms']:.3f} ms  non-2xx {r['non_2xx']}", flush=True)
-                    if port == proxy_port:
-                        sent += r["requests"]
+                    for name, cwd in checkouts:  # in turns, so both see the same machine
+                        if route != "chat" and cwd != ROOT:
+                            continue  # an older checkout may not serve the route
+                        db = pg.create_database(f"b_{len(results['runs'])}")
+                        subprocess.run([sys.executable, "-m", "trainwire.cli", "migrate", "--database-url", db],
+                                       cwd=cwd, check=True, capture_output=True)
+                        port = free_port()
+                        proc = _proxy(cwd, port, f"http://127.0.0.1:{nginx_port}", db, args, tmp, f"{name}-{route}-{conns}")
+                        try:
+                            _wait_healthy(f"http://127.0.0.1:{port}/healthz")
+                            httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=10)  # warm-up
+                            r = wrk(f"http://127.0.0.1:{port}{path}", conns, args.duration, tmp, body)
+                        finally:
+                            os.killpg(proc.pid, signal.SIGTERM)  # the proxy drains its write queue on SIGTERM
+                            proc.wait(120)
+                        recorded = asyncio.run(count_calls(db))
+                        r.update(target=name, route=route, recorded=recorded)
+                        results["runs"].append(r)
+                        complete = recorded >= r["requests"] + 1 and r["non_2xx"] == 0
+                        ok = ok and complete
+                        print(f"{name:24} {route:9} c={conns}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                              f"p99 {r['p99_ms']:.3f} ms  non-2xx {r['non_2xx']}  recorded {recorded}/"
+                              f"{r['requests'] + 1}{'' if complete else '  MISSING ROWS'}", flush=True)
         finally:
             for p in reversed(procs):
-                os.killpg(p.pid, signal.SIGTERM)  # proxy drains its write queue on SIGTERM
+                os.killpg(p.pid, signal.SIGTERM)
             for p in procs:
-                p.wait(120)
-        recorded = asyncio.run(count_calls(db))
-    results["proxy_requests_completed"] = sent
-    results["calls_in_database"] = recorded
-    by = {(r["target"], r["connections"]): r for r in results["runs"]}
-    added = by[("through trainwire", 1)]["p50_ms"] - by[("upstream direct", 1)]["p50_ms"]
-    results["added_p50_ms_at_1"] = round(added, 3)
-    print(f"added p50 latency at 1 connection: {added:.3f} ms; "
-          f"throughput at 8 connections: {by[('through trainwire', 8)]['rps']:.0f} req/s")
-    print(f"requests completed through the proxy: {sent}; calls in Postgres: {recorded} "
-          f"({'all recorded' if recorded >= sent else 'MISSING ROWS'})")
+                p.wait(60)
+    direct = next(r for r in results["runs"] if r["target"] == "upstream direct" and r["connections"] == 1)
+    for r in results["runs"]:
+        if r["target"] != "upstream direct" and r["connections"] == 1:
+            r["added_p50_ms"] = round(r["p50_ms"] - direct["p50_ms"], 3)
+            print(f"added p50 at 1 connection, {r['target']} {r['route']}: {r['added_p50_ms']:.3f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if recorded >= sent else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

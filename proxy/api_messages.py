@@ -6,8 +6,8 @@ Anthropic's shapes: the response, the streaming event sequence, `tool_use` / `to
 prompt. The translation is litellm's Anthropic adapter (`AnthropicAdapter`), the one litellm's own proxy runs for
 `/v1/messages` on non-Anthropic models: it is maintained against both APIs as they change, takes and returns plain
 dicts (and wraps any async iterator of chat chunks for streams), so the proxy keeps its own upstream call, and
-with it the token ids. litellm takes about 3 s to import, so it is imported once, in a thread at start-up
-(`preload`), not on the first agent's request.
+with it the token ids. litellm takes about 3 s to import: it is imported on the first Messages request, in a
+thread (other requests are served meanwhile), so a proxy whose agents never use this API never pays for it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _adapter: Any = None
 
 
 def _load():
-    """litellm's adapter, imported once (thread-safe: start-up preloads it in a thread)."""
+    """litellm's adapter, imported once (thread-safe: `ready` imports it in a thread)."""
     global _adapter
     with _lock:
         if _adapter is None:
@@ -53,11 +53,23 @@ def _load():
     return _adapter
 
 
-async def preload() -> None:
+_loading: asyncio.Future | None = None
+
+
+async def ready() -> None:
+    """Before the first translation: import litellm in a thread, once, then move what it created out of the
+    cyclic GC's reach, as the app does with everything made at start-up (proxy/app.py: _tune_gc)."""
+    global _loading
+    if _adapter is not None:
+        return
+    if _loading is None:
+        _loading = asyncio.ensure_future(asyncio.to_thread(_load))
+        _loading.add_done_callback(lambda f: f.exception() or __import__("gc").freeze())
     try:
-        await asyncio.to_thread(_load)
-    except ApiError as exc:
-        log.info("%s", exc.message)
+        await asyncio.shield(_loading)
+    except ApiError:
+        _loading = None  # not installed: say so on every request, and try again if it gets installed
+        raise
 
 
 def error_body(status: int, message: str) -> bytes:

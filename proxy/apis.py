@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from trainwire.proxy import api_messages, api_responses
 from trainwire.proxy.errors import error_body as openai_error_body
@@ -30,6 +30,8 @@ class Api:
     to_upstream: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     from_upstream: Callable[[dict[str, Any], dict[str, Any], "Ids"], dict[str, Any]] | None = None
     stream: Callable[[Chunks, dict[str, Any], "Ids"], AsyncIterator[bytes]] | None = None
+    # Awaited before the first translation (a translator that loads a library lazily).
+    ready: Callable[[], Awaitable[None]] | None = None
 
     @property
     def translated(self) -> bool:
@@ -75,7 +77,7 @@ RESPONSES = Api("responses", "/v1/chat/completions", "chat", openai_error_body, 
                 from_upstream=_responses_from, stream=_responses_stream)
 MESSAGES = Api("messages", "/v1/chat/completions", "chat", _anthropic_error, to_upstream=api_messages.to_chat,
                from_upstream=lambda chat, request, ids: api_messages.from_chat(chat, request),
-               stream=_messages_stream)
+               stream=_messages_stream, ready=api_messages.ready)
 
 BY_PATH: dict[str, Api] = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS,
                            "/v1/responses": RESPONSES, "/v1/messages": MESSAGES}

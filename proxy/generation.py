@@ -59,7 +59,9 @@ async def generate(tw, headers: Mapping[str, str], raw: bytes, api: Api, path: s
             raise ApiError(400, f"model routes serve chat and completions; {path} serves the policy "
                                 f"({tw.settings.policy_model!r}) only", param="model", code="model_not_supported")
         call.route = "frozen"
-    upstream_body = api.to_upstream(body) if api.translated else dict(body)
+    if api.ready is not None:
+        await api.ready()
+    upstream_body = api.to_upstream(body) if api.to_upstream is not None else dict(body)
     if call.route == "policy" and ctx.trainable:
         outcome = sampling.apply(upstream_body, policy=tw.settings.sampling_policy,
                                  temperature=tw.settings.temperature)

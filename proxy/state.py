@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
 from typing import Mapping
 
 import aiohttp
-from trainwire.proxy import api_messages
 from trainwire.proxy.air import Air
 from trainwire.proxy.policy import PolicyState
 from trainwire.proxy.upstreams import UpstreamPool
@@ -57,7 +55,6 @@ class ProxyState:
 
             self.frozen = FrozenRoutes.from_settings(self.settings)
         await self.discover_base_model()
-        self._preload = asyncio.get_running_loop().create_task(api_messages.preload())
 
     async def stop(self) -> None:
         await self.air.drain()
