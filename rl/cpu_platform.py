@@ -172,7 +172,7 @@ class PlatformCPU(PlatformBase):
         # this one); claim the host only when no CUDA device is visible.
         return not torch.cuda.is_available()
 
-    def current_device(self) -> str:  # type: ignore[override]
+    def current_device(self) -> str:
         # verl passes get_device_id() straight to ``tensor.to(...)``; an int would mean cuda:N.
         return "cpu"
 

@@ -25,7 +25,9 @@ log = logging.getLogger("trainwire.publish")
 
 
 class PublishError(Exception):
-    pass
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status  # the upstream's HTTP status (0: none)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -63,17 +65,21 @@ class Publisher:
         if self._http:
             await self._http.close()
 
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("Publisher is used outside `async with`")
+        return self._http
+
     async def _post(self, url: str, path: str, *, json: dict | None = None, params: dict | None = None) -> str:
         async for attempt in AsyncRetrying(stop=stop_after_attempt(self.attempts),
                                            wait=wait_exponential(multiplier=0.2, max=3),
                                            retry=retry_if_exception(_retryable), reraise=True):
             with attempt:
-                async with self._http.post(f"{url}{path}", json=json, params=params, headers=self.headers) as r:
+                async with self.http.post(f"{url}{path}", json=json, params=params, headers=self.headers) as r:
                     text = await r.text()
                     if r.status >= 400:
-                        err = PublishError(f"{path} on {url}: HTTP {r.status}: {text[:500]}")
-                        err.status = r.status
-                        raise err
+                        raise PublishError(f"{path} on {url}: HTTP {r.status}: {text[:500]}", r.status)
                     return text
         raise AssertionError("unreachable")
 
@@ -179,14 +185,14 @@ class Publisher:
         return result
 
     async def served_models(self, url: str) -> list[str]:
-        async with self._http.get(f"{url}/v1/models", headers=self.headers) as r:
+        async with self.http.get(f"{url}/v1/models", headers=self.headers) as r:
             r.raise_for_status()
             return [m["id"] for m in (await r.json()).get("data", [])]
 
     async def base_model(self) -> str | None:
         for url in self.upstreams:
             try:
-                async with self._http.get(f"{url}/v1/models", headers=self.headers) as r:
+                async with self.http.get(f"{url}/v1/models", headers=self.headers) as r:
                     data = (await r.json()).get("data", [])
                 bases = [m["id"] for m in data if not m.get("parent")]
                 if bases:
@@ -201,7 +207,7 @@ class Publisher:
         (``vllm_config.model_config.logprobs_mode``)."""
         for url in self.upstreams:
             try:
-                async with self._http.get(f"{url}/server_info", params={"config_format": "json"},
+                async with self.http.get(f"{url}/server_info", params={"config_format": "json"},
                                           headers=self.headers) as r:
                     if r.status != 200:
                         return (f"cannot check --logprobs-mode on {url} (/server_info: HTTP {r.status}; it needs "

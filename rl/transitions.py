@@ -145,15 +145,21 @@ def usable_call(call: ClaimedCall, temperature: float = 1.0) -> str | None:
     return None
 
 
+def _tokens(call: ClaimedCall) -> tuple[list[int], list[int], list[float]]:
+    """Prompt ids, completion ids and logprobs of a call :func:`usable_call` accepted (so none is missing)."""
+    assert call.prompt_token_ids is not None and call.completion_token_ids is not None and call.logprobs is not None
+    return list(call.prompt_token_ids), list(call.completion_token_ids), [float(x) for x in call.logprobs]
+
+
 class _Chain:
     __slots__ = ("first", "prompt", "tokens", "response", "mask", "logprobs", "calls", "versions")
 
     def __init__(self, index: int, call: ClaimedCall) -> None:
         self.first = index
-        self.prompt = list(call.prompt_token_ids)
-        self.response = list(call.completion_token_ids)
+        self.prompt, completion, logprobs = _tokens(call)
+        self.response = completion
         self.mask = [1] * len(self.response)
-        self.logprobs: list[float] = [float(x) for x in call.logprobs]
+        self.logprobs: list[float | None] = list(logprobs)
         self.tokens = self.prompt + self.response  # the whole sequence so far
         self.calls = [call.id]
         self.versions = [call.policy_version or 0]
@@ -163,12 +169,12 @@ class _Chain:
         return len(prompt) >= n and prompt[n - 1] == self.tokens[-1] and prompt[:n] == self.tokens
 
     def extend(self, call: ClaimedCall) -> None:
-        extra = call.prompt_token_ids[len(self.tokens):]
-        completion = call.completion_token_ids
-        self.response += list(extra) + list(completion)
+        prompt, completion, logprobs = _tokens(call)
+        extra = prompt[len(self.tokens):]
+        self.response += extra + completion
         self.mask += [0] * len(extra) + [1] * len(completion)
-        self.logprobs += [0.0] * len(extra) + [float(x) for x in call.logprobs]
-        self.tokens = list(call.prompt_token_ids) + list(completion)
+        self.logprobs += [0.0] * len(extra) + logprobs
+        self.tokens = prompt + completion
         self.calls.append(call.id)
         self.versions.append(call.policy_version or 0)
 
@@ -186,7 +192,7 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
                               "skipped_bad_logprobs", "skipped_untrainable", "skipped_sampling", "skipped_empty",
                               "merged", "chain_breaks"), 0)
     staleness: list[int] = []
-    check_stale = max_staleness is not None and max_staleness >= 0
+    oldest_fresh = current_version - max_staleness if max_staleness is not None and max_staleness >= 0 else None
 
     for sess in sessions:
         counters["sessions"] += 1
@@ -209,7 +215,7 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
             out.skipped_sessions.append(sess.id)
             continue
         versions = [c.policy_version or 0 for _, c in usable]
-        if check_stale and min(versions) < current_version - max_staleness:
+        if oldest_fresh is not None and min(versions) < oldest_fresh:
             counters["skipped_stale"] += 1
             out.skipped_sessions.append(sess.id)
             continue
@@ -219,7 +225,7 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
             chains = [_Chain(i, c) for i, c in usable]
         else:
             for i, call in usable:
-                prompt = call.prompt_token_ids
+                prompt = _tokens(call)[0]
                 best = None
                 for chain in chains:  # the longest sequence the prompt continues; later wins ties
                     if chain.continued_by(prompt) and (best is None or len(chain.tokens) >= len(best.tokens)):

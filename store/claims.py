@@ -47,7 +47,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from trainwire.store.models import Call, Reward, Session, utcnow
@@ -57,9 +57,10 @@ log = logging.getLogger("trainwire.claim")
 __all__ = ["ClaimedCall", "ClaimedSession", "claim_batch", "pick_groups", "release", "mark_trained",
            "mark_skipped", "release_stale_claims", "renew"]
 
-S = Session.__table__
-C = Call.__table__
-R = Reward.__table__
+# Tables (SQLAlchemy types __table__ as its FromClause base).
+S: Table = Session.__table__  # type: ignore[assignment]
+C: Table = Call.__table__  # type: ignore[assignment]
+R: Table = Reward.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,11 @@ def _aware(dt: datetime | None) -> datetime | None:
     if dt is not None and dt.tzinfo is None:
         return dt.replace(tzinfo=UTC)
     return dt
+
+
+def _utc(dt: datetime) -> datetime:
+    """:func:`_aware` of a column that is never NULL where it is read."""
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
 @asynccontextmanager
@@ -217,7 +223,7 @@ def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cut
         groups.setdefault(key, []).append(r)
     picked: list = []
     for (kind, _), members in groups.items():
-        eligible = kind == 1 or len(members) >= group_size or _aware(members[0].finished_at) <= timeout_cutoff
+        eligible = kind == 1 or len(members) >= group_size or _utc(members[0].finished_at) <= timeout_cutoff
         if not eligible:
             continue  # part of it is held by another claimer, and what is left is not a group yet
         if not picked:
@@ -258,10 +264,10 @@ async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str]) 
         if rw.call_id is not None:
             by_call[rw.call_id] += float(rw.value)  # ignored below unless the call was loaded
             continue
-        at = _aware(rw.created_at)
+        at = _utc(rw.created_at)
         target = calls[0]
         for c in calls:
-            if c.finished_at is not None and _aware(c.finished_at) <= at:
+            if c.finished_at is not None and _utc(c.finished_at) <= at:
                 target = c
         by_call[target.id] += float(rw.value)
 
