@@ -10,7 +10,9 @@ as :class:`StepHooks`, never as calls of its own.
 
 Commands, rank 0 to all (``broadcast_object_list``; gloo carries Python objects on CPU and beside NCCL on GPU):
 
-* ``{"op": "step", "samples": [...], "version": n}``: train on ``samples[rank::world]``, export as ``v<n>``;
+* ``{"op": "step", "samples": [...], "version": n, "check": [...] | None}``: measure train-inference agreement on
+  the samples ``check`` marks (those served by the version the weights are now: :mod:`trainwire.rl.agreement`),
+  then train on ``samples[rank::world]``, export as ``v<n>``;
 * ``{"op": "idle"}``: nothing was ready; keeps the other ranks' waiting broadcast from timing out;
 * ``{"op": "stop"}``: leave.
 
@@ -21,9 +23,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from trainwire.rl.agreement import SUM_KEYS, agreement_metrics, agreement_sums
 
 __all__ = ["Collective", "StepHooks", "StepOutcome"]
 
@@ -36,6 +41,18 @@ def _broadcast(obj: Any = None) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _all_reduce(sums: dict[str, float]) -> dict[str, float]:
+    """Add up the agreement sums of every rank (the max with max)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([sums[k] for k in SUM_KEYS], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    m = torch.tensor([sums["max"]], dtype=torch.float64)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return {**dict(zip(SUM_KEYS, t.tolist())), "max": float(m.item())}
 
 
 def _world() -> tuple[int, int]:
@@ -55,6 +72,11 @@ class StepHooks:
     async def exported(self, path: Path) -> None:
         """The new weights are in ``path``; runs before the checkpoint (rank 0 publishes them here)."""
 
+    def guard(self) -> AbstractContextManager:
+        """Wraps the work of the step that may be dropped when the trainer is told to stop (the agreement pass,
+        the optimizer step, the export): rank 0's stopper makes it interruptible in one process."""
+        return nullcontext()
+
 
 @dataclass
 class StepOutcome:
@@ -72,28 +94,36 @@ class Collective:
     ``step``/``export``/``save_checkpoint``)."""
 
     def __init__(self, policy, publish_root: Path, *, rank: int | None = None, world: int | None = None,
-                 broadcast: Callable[[Any], Any] = _broadcast) -> None:
+                 broadcast: Callable[[Any], Any] = _broadcast,
+                 reduce: Callable[[dict[str, float]], dict[str, float]] = _all_reduce) -> None:
         if rank is None or world is None:
             rank, world = _world()
         self.policy = policy
         self.publish_root = Path(publish_root)
         self.rank, self.world = rank, world
         self._broadcast = broadcast
+        self._reduce = reduce
 
     def export_dir(self, version: int) -> Path:
         return self.publish_root / f"v{version}"
 
-    async def train_step(self, samples: Sequence, version: int, hooks: StepHooks | None = None) -> StepOutcome:
-        """The sequence every rank runs for one step: train on this rank's shard, export ``v<version>``, the
-        rank-0 hook, checkpoint. ``samples`` is the whole batch (the same on every rank)."""
+    async def train_step(self, samples: Sequence, version: int, hooks: StepHooks | None = None,
+                         check: Sequence[bool] | None = None) -> StepOutcome:
+        """The sequence every rank runs for one step: the agreement pass over the samples ``check`` marks (none:
+        no pass), train on this rank's shard, export ``v<version>``, the rank-0 hook, checkpoint. ``samples`` and
+        ``check`` are the whole batch's (the same on every rank)."""
         hooks = hooks or StepHooks()
         try:
-            metrics = self.policy.step(samples[self.rank::self.world])
+            with hooks.guard():
+                agreement = self.agreement(samples, check)
+                metrics = self.policy.step(samples[self.rank::self.world])
         except Exception:
             await hooks.step_failed()
             raise
+        metrics.update(agreement)
         trained_at = time.perf_counter()
-        out = self.policy.export(self.export_dir(version))
+        with hooks.guard():
+            out = self.policy.export(self.export_dir(version))
         exported_at = time.perf_counter()
         await hooks.exported(out)
         hooked_at = time.perf_counter()
@@ -101,20 +131,34 @@ class Collective:
         return StepOutcome(metrics=metrics, exported=out, trained_at=trained_at, exported_at=exported_at,
                            hooked_at=hooked_at, checkpointed_at=time.perf_counter())
 
+    def agreement(self, samples: Sequence, check: Sequence[bool] | None) -> dict[str, float]:
+        """The ``agreement/*`` metrics (:mod:`trainwire.rl.agreement`) of the marked samples, before the update:
+        one forward pass over this rank's marked samples, the sums added up over the ranks. Nothing at all when
+        no sample of the batch is marked (every rank sees the same marks, so all or none make the collective
+        calls)."""
+        if not check or not any(check):
+            return {}
+        mine = [s for s, c in list(zip(samples, check))[self.rank::self.world] if c]
+        sums = agreement_sums(mine, self.policy.logprobs(mine))
+        if self.world > 1:
+            sums = self._reduce(sums)
+        return agreement_metrics(sums)
+
     # ------------------------------------------------------------------ rank 0
 
     def tell(self, op: str, **fields: Any) -> None:
         if self.world > 1:
             self._broadcast({"op": op, **fields})
 
-    async def step(self, samples: Sequence, version: int, hooks: StepHooks) -> StepOutcome:
+    async def step(self, samples: Sequence, version: int, hooks: StepHooks,
+                   check: Sequence[bool] | None = None) -> StepOutcome:
         """Rank 0: send the batch to every rank, then run the step here too."""
         try:
-            self.tell(STEP, samples=list(samples), version=version)
+            self.tell(STEP, samples=list(samples), version=version, check=list(check) if check else None)
         except Exception:
             await hooks.step_failed()
             raise
-        return await self.train_step(samples, version, hooks)
+        return await self.train_step(samples, version, hooks, check)
 
     def idle(self) -> None:
         self.tell(IDLE)
@@ -131,4 +175,4 @@ class Collective:
             if command["op"] == STOP:
                 return 0
             if command["op"] == STEP:
-                await self.train_step(command["samples"], command["version"])
+                await self.train_step(command["samples"], command["version"], check=command.get("check"))

@@ -192,8 +192,9 @@ class PolicyEngine:
 
     def logprobs(self, samples: Sequence[Sample], reference: bool = False) -> list[list[float]]:
         """Per-token log-probs of each sample's response under the current policy (or, with
-        ``reference=True``, the base model), at ``cfg.temperature``. Collective under DP."""
-        if not samples:
+        ``reference=True``, the base model), at ``cfg.temperature``. Collective under DP: every rank calls it,
+        also one with no samples of its own (it then runs on padding)."""
+        if not samples and self._dp_size() == 1:
             return []
         padded, n = self._padded(samples)
         lp = self._infer_padded(padded, reference=reference)
