@@ -1,29 +1,41 @@
 """`trainwire train`: the background worker.
 
+check the checkpoint directory is this run's (:mod:`trainwire.rl.identity`) -> build the engine, resume ->
 claim finished sessions -> build samples from recorded token ids -> credit assignment -> advantages (verl)
--> one optimizer step (verl's engine) -> export -> publish into every vLLM upstream -> record the version
-(the proxy switches on the next request) -> checkpoint -> mark sessions trained -> log metrics.
+-> agreement pass over the samples served by the current weights (:mod:`trainwire.rl.agreement`) -> one optimizer
+step (verl's engine) -> export -> publish into every vLLM upstream -> record the version (the proxy switches on
+the next request) -> checkpoint -> mark sessions trained -> log metrics.
+
+SIGTERM or SIGINT stops it at any moment with exit code 0 and the claims of an unfinished step given back
+(:mod:`trainwire.rl.stopping`); a checkpoint directory of another run stops it before the engine is built, with
+one line on stderr and exit code 2.
 
 Under torchrun rank 0 does everything above and every rank trains its shard; the ranks' shared sequence
-(step, export, checkpoint) is :mod:`trainwire.rl.collective`'s, with rank 0's publishing as its hook."""
+(agreement pass, step, export, checkpoint) is :mod:`trainwire.rl.collective`'s, with rank 0's publishing as its
+hook."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import signal
 import socket
 import statistics
+import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainwire.rl.collective import Collective, StepHooks
+from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
+from trainwire.rl.stopping import Stopper, StopRequested
 from trainwire.settings import Settings
 from trainwire.store import claims
-from trainwire.store.db import make_engine
+from trainwire.store.db import make_engine, redact
+from trainwire.store.db_errors import is_transient
+from trainwire.store.identity import store_id
 from trainwire.store.policy import latest_version, record_publish
 from trainwire.store.training import record_train_step
 
@@ -32,9 +44,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainwire.train")
 
+# LoRA adapters go on every linear layer (PEFT's "all-linear"); recorded in the run's manifest.
+LORA_TARGET_MODULES = "all-linear"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
 
 def _say(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+    if _rank() == 0:  # under torchrun only rank 0 speaks
         print(f"[trainwire train] {msg}", flush=True)
 
 
@@ -46,13 +65,17 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 class _Publish(StepHooks):
     """Rank 0's part of a step: give the claims back when the step fails; publish the export into vLLM and
-    record the version before the checkpoint."""
+    record the version before the checkpoint; in one process, let a stop signal interrupt the step's work."""
 
     def __init__(self, trainer: "Trainer", session_ids: list[str], version: int) -> None:
         self.trainer = trainer
         self.session_ids = session_ids
         self.version = version
         self.result: PublishResult | None = None  # set by exported(), which runs in every step that returns
+
+    def guard(self) -> AbstractContextManager:
+        # Under torchrun the other ranks are in the same collective calls: the step is finished, then stopped.
+        return self.trainer.stopper.interruptible() if self.trainer.ranks.world == 1 else nullcontext()
 
     async def step_failed(self) -> None:
         await self.trainer._release_failed(self.session_ids)
@@ -66,47 +89,78 @@ class _Publish(StepHooks):
                                  path=str(path), train_step=tr.policy.global_step, reached=result.reached,
                                  failed=list(result.failed))
             tr.version = self.version
+            tr.weights_version = self.version
+        else:
+            tr.weights_version = None  # the trainer's weights are no version anything serves
         for url, why in result.failed.items():
             _say(f"WARNING: publish of v{self.version} to {url} failed: {why}")
         self.result = result
 
 
 class Trainer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stopper: Stopper | None = None) -> None:
         if not settings.model:
-            raise SystemExit("trainwire train: --model is required (the base model path vLLM serves)")
+            raise Refused("--model is required (the base model path vLLM serves)")
         self.s = settings
         self.model: str = settings.model
         self.db = make_engine(settings.resolved_database_url)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        self.stop_requested = False
+        self.stopper = stopper or Stopper(say=_say)
         self.publish_root = settings.checkpoint_dir / "published"
         self.vllm_root = Path(settings.publish_dir) / "published" if settings.publish_dir else self.publish_root
+        self.version = 0
+        # The policy version whose weights the engine holds (what the agreement pass compares against); None
+        # after a step whose publish reached no upstream.
+        self.weights_version: int | None = None
+        self._new_run: RunIdentity | None = None  # a first start: the manifest to write once the engine is built
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stopper.requested
 
     def _engine_config(self):
         from trainwire.rl.engine import EngineConfig
 
         s = self.s
-        return EngineConfig(model_path=self.model, lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, lr=s.lr,
-                            policy_loss=s.policy_loss, loss_agg_mode=s.loss_agg_mode, clip_ratio_low=s.clip_ratio,
+        return EngineConfig(model_path=self.model, lora_rank=s.lora_rank, lora_alpha=s.lora_alpha,
+                            lora_target_modules=LORA_TARGET_MODULES, lr=s.lr, policy_loss=s.policy_loss,
+                            loss_agg_mode=s.loss_agg_mode, clip_ratio_low=s.clip_ratio,
                             clip_ratio_high=s.clip_ratio, kl_coef=s.kl_coef, temperature=s.temperature,
                             seed=s.seed, checkpoint_dir=str(s.checkpoint_dir / "state"))
 
     async def run(self) -> int:
-        from trainwire.rl.advantages import advantage_estimator_names
+        self.stopper.attach()
+        try:
+            return await self._run()
+        except (StopRequested, asyncio.CancelledError):
+            _say(f"stopped ({self.stopper.signal_name or 'cancelled'})")
+            return 0
+        finally:
+            self.stopper.detach()
+            await self.db.dispose()
 
+    async def _run(self) -> int:
         s = self.s
-        if s.adv_estimator not in advantage_estimator_names():
-            raise SystemExit(f"trainwire train: unknown --adv-estimator {s.adv_estimator!r}; verl has: "
-                             + ", ".join(advantage_estimator_names()))
-        _say(f"loading {s.model} into verl's engine "
-             f"({f'LoRA rank {s.lora_rank}' if s.lora_rank else 'full fine-tuning'})")
-        t0 = time.perf_counter()
-        from trainwire.rl.engine import PolicyEngine
+        if _rank() == 0:
+            # The other ranks' engines join rank 0's process group, which rank 0 forms only after this: they
+            # read the checkpoint directory as rank 0 left it (moved aside by --fresh, say).
+            await self._check_run()
+        with self.stopper.interruptible():  # a signal here stops the start-up where it is
+            from trainwire.rl.advantages import advantage_estimator_names
 
-        self.policy = PolicyEngine(self._engine_config())
-        resumed = self.policy.load_checkpoint()
-        self.ranks = Collective(self.policy, self.publish_root)
+            if s.adv_estimator not in advantage_estimator_names():
+                raise Refused(f"unknown --adv-estimator {s.adv_estimator!r}; verl has: "
+                              + ", ".join(advantage_estimator_names()))
+            _say(f"loading {s.model} into verl's engine "
+                 f"({f'LoRA rank {s.lora_rank}' if s.lora_rank else 'full fine-tuning'})")
+            t0 = time.perf_counter()
+            from trainwire.rl.engine import PolicyEngine
+
+            self.policy = PolicyEngine(self._engine_config())
+            if self._new_run is not None:
+                write_manifest(s.checkpoint_dir, self._new_run)
+            resumed = self.policy.load_checkpoint()
+            self.ranks = Collective(self.policy, self.publish_root)
         if self.ranks.rank != 0:
             return await self.ranks.follow()
         _say(f"engine ready in {time.perf_counter() - t0:.1f}s" + (f"; resumed from {resumed}" if resumed else "")
@@ -117,6 +171,45 @@ class Trainer:
         finally:
             self.ranks.stop()
 
+    async def _check_run(self) -> None:
+        """Refuse a checkpoint directory that holds another run (or, with --fresh, move it aside), before the
+        engine is built: the engine would resume whatever it finds."""
+        s = self.s
+        url = s.resolved_database_url
+        alembic = logging.getLogger("alembic")
+        level = alembic.level
+        alembic.setLevel(logging.WARNING)  # its INFO lines (plugins, revisions) are not the trainer's to print
+        from trainwire.store.migrate import SchemaBehind, ensure_schema
+
+        try:
+            done = await ensure_schema(self.db, url)
+            if done:
+                _say(done)
+            store = await store_id(self.db)
+        except SchemaBehind as exc:
+            raise Refused(str(exc)) from None
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise Refused(f"cannot reach the database at {redact(url)}: {str(exc).splitlines()[0]}", code=1) from None
+        finally:
+            alembic.setLevel(level)
+        identity = RunIdentity.of(store_id=store, model=self.model, lora_rank=s.lora_rank,
+                                  lora_alpha=s.lora_alpha, lora_target_modules=LORA_TARGET_MODULES)
+        if s.fresh:
+            moved = move_aside(s.checkpoint_dir)
+            if moved:
+                _say(f"--fresh: moved what {s.checkpoint_dir} held into {moved} (delete it when it is no longer "
+                     "needed); starting at step 0")
+            self._new_run = identity
+            return
+        found = check_checkpoint_dir(s.checkpoint_dir, identity, shown=str(s.checkpoint_dir))
+        if found is None:
+            self._new_run = identity
+        elif (found.get("base_model") or {}).get("path") != identity.base_model.get("path"):
+            _say(f"the base model of this run was at {found['base_model'].get('path')}; the same config and "
+                 f"weights are now at {identity.base_model.get('path')}")
+
     async def _lead(self) -> int:
         s = self.s
         from trainwire.rl.metrics_sink import MetricsSink
@@ -124,44 +217,50 @@ class Trainer:
 
         self.sink = MetricsSink(s)
         kind = "lora" if s.lora_rank else "full"
-        async with Publisher(s.upstream, kind=kind, policy_name=s.policy_model, api_key=s.upstream_api_key,
-                             lora_grace_s=s.lora_grace_s) as pub:
-            self.pub = pub
-            warning = await pub.logprobs_mode_warning()
-            if warning:
-                log.warning(warning)
-                _say(f"WARNING: {warning}")
-            self.base_model = await pub.base_model()
-            self.version = await latest_version(self.db)
-            adopted = await pub.adopt_loaded(self.version)
-            if adopted:
-                _say(f"adapters already loaded in vLLM: {', '.join(adopted)} (older ones unload after "
-                     f"{s.lora_grace_s:.0f}s)")
-            _say(f"policy version in the store: {self.version}; waiting for rewarded sessions "
-                 f"(batch {s.batch_size}, settle {s.settle_s}s)")
-            steps = 0
-            idle_since = time.monotonic()
-            while not self.stop_requested:
-                released = await claims.release_stale_claims(self.db, older_than_s=s.claim_timeout_s)
-                if released:
-                    _say(f"released {released} stale claims of a crashed trainer")
-                trained = await self.step_once()
-                if trained is None:
-                    self.ranks.idle()
-                    if time.monotonic() - idle_since > 60:
-                        _say("still waiting for rewarded sessions...")
-                        idle_since = time.monotonic()
-                    await pub.unload_expired()
-                    await asyncio.sleep(s.poll_s)
-                    continue
+        try:
+            async with Publisher(s.upstream, kind=kind, policy_name=s.policy_model, api_key=s.upstream_api_key,
+                                 lora_grace_s=s.lora_grace_s) as pub:
+                self.pub = pub
+                warning = await pub.logprobs_mode_warning()
+                if warning:
+                    log.warning(warning)
+                    _say(f"WARNING: {warning}")
+                self.base_model = await pub.base_model()
+                self.version = await latest_version(self.db)
+                self.weights_version = self.version
+                adopted = await pub.adopt_loaded(self.version)
+                if adopted:
+                    _say(f"adapters already loaded in vLLM: {', '.join(adopted)} (older ones unload after "
+                         f"{s.lora_grace_s:.0f}s)")
+                _say(f"policy version in the store: {self.version}; waiting for rewarded sessions "
+                     f"(batch {s.batch_size}, settle {s.settle_s}s)")
+                steps = 0
                 idle_since = time.monotonic()
-                await pub.unload_expired()
-                steps += 1
-                if s.max_steps and steps >= s.max_steps:
-                    _say(f"reached --max-steps {s.max_steps}")
-                    break
-        self.sink.close()
-        await self.db.dispose()
+                while not self.stopper.requested:
+                    released = await claims.release_stale_claims(self.db, older_than_s=s.claim_timeout_s)
+                    if released:
+                        _say(f"released {released} stale claims of a crashed trainer")
+                    trained = await self.step_once()
+                    if self.stopper.requested:
+                        break
+                    if trained is None:
+                        self.ranks.idle()
+                        if time.monotonic() - idle_since > 60:
+                            _say("still waiting for rewarded sessions...")
+                            idle_since = time.monotonic()
+                        await pub.unload_expired()
+                        await asyncio.sleep(s.poll_s)
+                        continue
+                    idle_since = time.monotonic()
+                    await pub.unload_expired()
+                    steps += 1
+                    if s.max_steps and steps >= s.max_steps:
+                        _say(f"reached --max-steps {s.max_steps}")
+                        break
+        finally:
+            self.sink.close()
+        if self.stopper.requested:
+            _say(f"stopped ({self.stopper.signal_name})")
         return 0
 
     async def _release_failed(self, ids: list[str]) -> None:
@@ -169,10 +268,9 @@ class Trainer:
         log.exception("training step failed; released %d sessions for a later step", len(ids))
 
     async def step_once(self) -> dict | None:
-        """One claim-train-publish cycle; None when nothing was ready."""
-        from trainwire.rl.advantages import compute_advantages
-        from trainwire.rl.transitions import build_samples
-
+        """One claim-train-publish cycle; None when nothing was ready. A stop signal during the step's work
+        (before the publish) gives the claims back and raises StopRequested; once the publish has begun the step
+        is finished first."""
         s = self.s
         t = {"start": time.perf_counter()}
         batch = await claims.claim_batch(self.db, worker_id=self.worker_id, batch_size=s.batch_size,
@@ -183,6 +281,20 @@ class Trainer:
             return None
         ids = [b.id for b in batch]
         t["claim"] = time.perf_counter()
+        with self.stopper.protected():
+            try:
+                return await self._train(batch, ids, t)
+            except StopRequested:
+                released = await claims.release(self.db, ids, worker_id=self.worker_id)
+                self.stopper.say(f"stopped during step {self.policy.global_step + 1}; gave its {released} sessions "
+                                 "back")
+                raise
+
+    async def _train(self, batch: list[claims.ClaimedSession], ids: list[str], t: dict[str, float]) -> dict:
+        from trainwire.rl.advantages import compute_advantages
+        from trainwire.rl.transitions import build_samples
+
+        s = self.s
         try:
             built = build_samples(batch, mode=s.mode, gamma=s.gamma, default_reward=s.default_reward,
                                   group_by_task=s.group_by_task, current_version=self.version,
@@ -200,9 +312,12 @@ class Trainer:
             await self._release_failed(ids)
             raise
         t["build"] = time.perf_counter()
+        # Samples served by the weights the engine holds now: their recorded log-probs must be the engine's.
+        check = built.served_by(self.weights_version) if self.weights_version is not None else None
+        served_by = self.weights_version
         hooks = _Publish(self, ids, self.version + 1)
         # In the loop thread: verl state is per-thread.
-        outcome = await self.ranks.step(samples, self.version + 1, hooks)
+        outcome = await self.ranks.step(samples, self.version + 1, hooks, check)
         step = self.policy.global_step
         metrics, result = outcome.metrics, hooks.result
         assert result is not None
@@ -234,22 +349,35 @@ class Trainer:
         await record_train_step(self.db, step=step, policy_version=self.version, n_sessions=len(ids),
                                 n_samples=len(samples), metrics=metrics)
         self.sink.log(step, metrics)
+        agree = ""
+        if "agreement/mean_abs_dlogp" in metrics:
+            agree = (f" | agreement |dlogp| {metrics['agreement/mean_abs_dlogp']:.2e} max "
+                     f"{metrics['agreement/max_abs_dlogp']:.2e} ({metrics['agreement/tokens']:.0f} tokens of v{served_by})")
         _say(f"step {step} -> v{self.version} | sessions {len(ids)} samples {len(samples)} | reward "
              f"{r_mean:.3f}±{r_std:.3f} | loss {metrics.get('loss', float('nan')):.4f} grad "
              f"{metrics.get('grad_norm', float('nan')):.3f} | train {metrics['time/train_s']:.2f}s publish "
-             f"{metrics['time/publish_s'] * 1000:.0f}ms")
+             f"{metrics['time/publish_s'] * 1000:.0f}ms{agree}")
+        mean = metrics.get("agreement/mean_abs_dlogp")
+        if mean is not None and mean > s.agreement_warn:
+            warning = (f"the trainer's log-probs of the {metrics['agreement/tokens']:.0f} tokens v{served_by} served "
+                       f"differ from vLLM's by {mean:.4f} on average (max {metrics['agreement/max_abs_dlogp']:.4f}; "
+                       f"--agreement-warn {s.agreement_warn}): weights published but not served, a --temperature "
+                       f"other than the proxy's, or vLLM without --logprobs-mode processed_logprobs?")
+            log.warning(warning)
+            _say(f"WARNING: {warning}")
         return metrics
 
 
 def run(settings: Settings) -> int:
-    trainer = Trainer(settings)
-
-    def _stop(*_):
-        if trainer.stop_requested:
-            raise KeyboardInterrupt
-        trainer.stop_requested = True
-        _say("stopping after the current step (Ctrl-C again to abort)")
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    return asyncio.run(trainer.run())
+    stopper = Stopper(say=_say).install()
+    try:
+        return asyncio.run(Trainer(settings, stopper).run())
+    except Refused as exc:
+        if _rank() == 0:
+            print(f"trainwire train: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    except StopRequested:  # before the trainer's task began
+        _say(f"stopped ({stopper.signal_name})")
+        return 0
+    finally:
+        stopper.uninstall()

@@ -110,6 +110,7 @@ class ProxySettings(UpstreamSettings, JournalSettings):
     routes_file: Path | None = Field(None, description="YAML file of model routes: {NAME: litellm-model-string or litellm params}")
     api_key: str | None = Field(None, description="Key agents must send as 'Authorization: Bearer'")
     admin_key: str | None = Field(None, description="Key for reward, read, admin and export endpoints")
+    metrics_public: bool = Field(False, description="Serve /metrics without a key even when --admin-key (or --api-key) is set, for Prometheus scrapers that cannot send one; its labels hold no upstream address or key")
     upstream_timeout_s: float = Field(600.0, description="Total timeout of one upstream call")
     max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest request body accepted (bytes); a larger one gets a 413 and is not forwarded")
     write_batch_size: int = Field(256, description="Calls written per database batch")
@@ -146,7 +147,10 @@ class TrainerSettings(UpstreamSettings):
     lora_alpha: int = Field(16, description="LoRA alpha")
     batch_size: int = Field(8, description="Sessions per training step")
     lr: float = Field(1e-4, description="Learning rate")
-    checkpoint_dir: Path = Field(Path("./checkpoints"), description="Where checkpoints and published weights go (shared with vLLM)")
+    checkpoint_dir: Path = Field(Path("./checkpoints"), description="Where checkpoints and published weights go (shared with vLLM); "
+                                 "its trainwire_run.json says whose run it holds (store, base model, LoRA), checked at every start")
+    fresh: bool = Field(False, description="Start over at step 0: move what --checkpoint-dir holds into "
+                                           "CHECKPOINT_DIR/previous-runs/<UTC time>/ (nothing is deleted)")
     publish_dir: Path | None = Field(None, description="Path of checkpoint_dir as vLLM sees it, if different (containers)")
     train_agent: StrList = Field(default_factory=list, description="Agent names to train (repeatable; default all)")
     group_by_task: bool = Field(True, description="Group sessions by X-Task-Id for GRPO-style advantages")
@@ -169,6 +173,11 @@ class TrainerSettings(UpstreamSettings):
     tensorboard_dir: Path | None = Field(None, description="TensorBoard log dir (default: CHECKPOINT_DIR/tensorboard)")
     wandb_project: str | None = Field(None, description="Weights & Biases project (optional)")
     seed: int = Field(0, description="Random seed")
+    agreement_warn: float = Field(
+        0.05, ge=0, description="Warn when the trainer's log-probs of tokens served by the newest version differ "
+                                "from vLLM's by more than this (mean |delta log p|); it usually means weights "
+                                "published but not served, a wrong --temperature, or vLLM without --logprobs-mode "
+                                "processed_logprobs")
 
     @field_validator("train_agent", mode="before")
     @classmethod
