@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql import Executable
 
 from trainwire.store.models import StoreInfo
 
 __all__ = ["STORE_ID", "store_id"]
 
 STORE_ID = "store_id"
-T = StoreInfo.__table__
+T: Table = StoreInfo.__table__  # type: ignore[assignment]  # a Table, typed as its FromClause base
 
 
 async def store_id(engine: AsyncEngine) -> str:
@@ -32,6 +33,7 @@ async def store_id(engine: AsyncEngine) -> str:
         return str(found)
     row = {"key": STORE_ID, "value": uuid.uuid4().hex}
     dialect = engine.dialect.name
+    stmt: Executable
     if dialect == "postgresql":
         stmt = pg_insert(T).values(row).on_conflict_do_nothing(index_elements=["key"])
     elif dialect == "sqlite":
