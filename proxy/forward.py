@@ -4,6 +4,7 @@ and hand a complete record of the call to the write path."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -376,11 +377,15 @@ async def _translated_body(resp: aiohttp.ClientResponse, call: Call, state: _Str
                            api: Api) -> AsyncIterator[bytes]:
     """vLLM's chat stream, stripped of what the proxy injected, as the client API's events."""
 
+    # The usage chunk the proxy asked for is part of these APIs' own answers (Responses' usage, Anthropic's
+    # message_delta): only the token ids and logprobs are taken out before translation.
+    injected = dataclasses.replace(call.injected, usage=False)
+
     async def chunks() -> AsyncIterator[dict[str, Any]]:
         async for events in _events(resp, call, state):
             for event in events:
                 chunk = _chunk_of(event, state)
-                if chunk is not None and strip(chunk, call.injected):
+                if chunk is not None and strip(chunk, injected):
                     yield chunk
         if state.error:
             yield {"error": {"message": "the policy server's stream broke off", "type": "upstream_error"}}

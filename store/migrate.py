@@ -47,9 +47,14 @@ async def ensure_schema(engine, url: str) -> str | None:
     Postgres is shared, and its upgrades are the operator's to run: a missing or older schema raises SchemaBehind
     naming `trainwire migrate`. Returns what was done, for the log, or None."""
     import asyncio
+    import logging
 
     from trainwire.store.db import is_sqlite, redact
 
+    # Alembic's INFO lines (plugin set-up, context) are noise before a proxy's start, not news.
+    alembic_log = logging.getLogger("alembic")
+    if not alembic_log.isEnabledFor(logging.DEBUG):
+        alembic_log.setLevel(logging.WARNING)
     current, head = await current_revision(engine), head_revision()
     if current == head:
         return None

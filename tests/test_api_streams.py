@@ -240,9 +240,6 @@ def test_responses_tool_call_only_stream(stack):
     assert sent["tools"][0]["function"]["name"] == "calculator" and sent["stream"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="proxy bug: the proxy injects include_usage and strip() drops the usage-only "
-                   "chunk before api_responses.ResponsesStream sees it, so response.completed carries usage null "
-                   "while the non-stream answer (and the record) have it")
 def test_responses_stream_completed_carries_usage(stack):
     stack["up"].script(text=TEXT)
     r, raw = post_stream(stack, "/v1/responses", responses_body())
@@ -313,9 +310,6 @@ def test_messages_tool_use_only_stream(stack):
     assert row["response"]["stop_reason"] == "tool_use"
 
 
-@pytest.mark.xfail(strict=True, reason="proxy bug: strip() drops the injected usage-only chunk before litellm's "
-                   "stream adapter sees it, so message_start/message_delta report 0 input and 0 output tokens "
-                   "while the non-stream answer (and the record) have the real counts")
 def test_messages_stream_reports_usage(stack):
     stack["up"].script(text=TEXT)
     r, raw = post_stream(stack, "/v1/messages", messages_body())
