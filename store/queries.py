@@ -9,13 +9,17 @@ first and paginated by an opaque keyset cursor (stable under concurrent inserts)
 from __future__ import annotations
 
 import base64
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Text, and_, case, cast, exists, func, or_, select
+from sqlalchemy import Boolean, Integer, Text, and_, case, cast, exists, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from trainwire.store.models import Call, PolicyVersion, Reward, Session, TrainStep, UpstreamVersion
 from trainwire.store.read_models import (
@@ -45,22 +49,45 @@ FINAL_EXISTS = exists().where(R.c.session_id == S.c.id, R.c.final.is_(True))
 STATUS = case((S.c.status != "open", S.c.status), (FINAL_EXISTS, "finished"), else_="open")
 ORPHANED = ~exists().where(S.c.id == R.c.session_id)
 
-__all__ = ["BadQuery", "Page", "ProducerCandidate", "call_input", "call_output", "content_text", "decode_cursor",
-           "encode_cursor", "find_tool_call_producers", "get_call", "get_session", "list_policy_versions",
-           "list_rewards", "list_sessions", "list_train_steps", "stats"]
+__all__ = ["HAS", "UNTRAINED", "BadQuery", "Page", "ProducerCandidate", "call_api", "call_input", "call_output",
+           "check_text", "content_text", "decode_cursor", "encode_cursor", "find_tool_call_producers", "get_call",
+           "get_session", "input_messages", "list_policy_versions", "list_rewards", "list_sessions",
+           "list_train_steps", "message_text", "stats", "storable_text", "tool_names", "train_status"]
 
 
 class BadQuery(ValueError):
-    """A query parameter the store cannot use (a cursor it did not hand out); `param` names it."""
+    """A query parameter the store cannot use (a cursor it did not hand out, text no stored value can hold);
+    `param` names it."""
 
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
 
 
+def storable_text(value: str) -> bool:
+    """Whether a string can be sent to the database at all: Postgres refuses the NUL character in text, and
+    neither database driver can encode a lone surrogate. No stored id or name holds either."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(value: str | None, param: str) -> str | None:
+    """A text filter value, or BadQuery when it holds a character no stored value can (NUL, lone surrogates)."""
+    if value is not None and not storable_text(value):
+        raise BadQuery(f"{param} must not contain the NUL character or lone surrogates", param)
+    return value
+
+
 # --- cursors ---------------------------------------------------------------------------------------------
 
 _NOT_A_CURSOR = "cursor is not a cursor this API returned (use next_cursor as given)"
+INT32 = (-(2**31), 2**31 - 1)   # Integer columns (train step, policy version)
+INT64 = (-(2**63), 2**63 - 1)   # BigInteger columns (reward id)
 
 
 def encode_cursor(*values: Any) -> str:
@@ -79,9 +106,11 @@ def decode_cursor(cursor: str, n: int) -> list[Any]:
                        "cursor") from None
 
 
-def _int_cursor(cursor: str) -> int:
+def _int_cursor(cursor: str, bounds: tuple[int, int] = INT64) -> int:
+    """The integer key of a keyset cursor; one outside the key column's range was never handed out (and the
+    database would refuse it as a parameter)."""
     (last,) = decode_cursor(cursor, 1)
-    if not isinstance(last, int) or isinstance(last, bool):
+    if not isinstance(last, int) or isinstance(last, bool) or not bounds[0] <= last <= bounds[1]:
         raise BadQuery(_NOT_A_CURSOR, "cursor")
     return last
 
@@ -89,12 +118,16 @@ def _int_cursor(cursor: str) -> int:
 def _time_id_cursor(cursor: str) -> tuple[datetime, str]:
     t, key = decode_cursor(cursor, 2)
     try:
+        if not storable_text(t):
+            raise ValueError
         when = datetime.fromisoformat(t)
-    except (TypeError, ValueError):
+        # In UTC, as it was handed out (a cursor near the calendar's ends in another zone cannot be).
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (TypeError, ValueError, OverflowError):
         raise BadQuery(_NOT_A_CURSOR, "cursor") from None
-    if not isinstance(key, str):
+    if not isinstance(key, str) or not storable_text(key):
         raise BadQuery(_NOT_A_CURSOR, "cursor")
-    return (when if when.tzinfo is not None else when.replace(tzinfo=UTC)), key
+    return when, key
 
 
 def status_filter(status: str):
@@ -112,6 +145,22 @@ def _paged(q, limit: int, offset: int | None, cursor: str | None):
 
 
 # --- text of calls ---------------------------------------------------------------------------------------
+#
+# Pure functions of the recorded JSON: a call's request as the client sent it (chat, completions, Responses or
+# Anthropic Messages shapes) and its client-shaped answer. They never raise, whatever the JSON holds: a failed
+# call records whatever the client sent.
+
+# calls.kind (and calls.route) -> the API the agent spoke, as the read API names it.
+API_OF_KIND = {"chat": "chat", "completion": "completions", "responses": "responses", "messages": "messages",
+               "other": "passthrough"}
+
+
+def call_api(kind: str, route: str | None = None) -> str:
+    """The API of a call: chat | completions | responses | messages | passthrough."""
+    if route == "passthrough":
+        return "passthrough"
+    return API_OF_KIND.get(kind, kind)
+
 
 def content_text(content: Any) -> str | None:
     """A message's content as text (string content, or the text parts of a content list)."""
@@ -125,15 +174,208 @@ def content_text(content: Any) -> str | None:
             elif isinstance(p, str):
                 parts.append(p)
         return "".join(parts)
-    return orjson.dumps(content).decode()
+    return _json_text(content)
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer beyond 64 bits, which Python's json reads back from JSON
+        return str(value)
+
+
+def _tool_input_text(value: Any) -> str:
+    # An Anthropic tool_use block's input as the chat arguments the model was shown: the translation to chat
+    # (litellm's adapter) writes json.dumps(input), separators and escapes included.
+    try:
+        return json.dumps({} if value is None else value)
+    except (TypeError, ValueError):
+        return _json_text(value)
+
+
+def message_text(content: Any) -> str | None:
+    """Content of any API's message as text, for showing the whole input: string content; text (and refusal)
+    parts joined; every other part (an image, a file, audio) as a `[type]` placeholder, so that nothing the
+    model was shown goes missing without a trace."""
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return _json_text(content)
+    parts = []
+    for p in content:
+        if isinstance(p, str):
+            parts.append(p)
+        elif isinstance(p, dict):
+            for key in ("text", "refusal"):
+                if isinstance(p.get(key), str):
+                    parts.append(p[key])
+                    break
+            else:
+                kind = p.get("type")
+                parts.append(f"[{kind if isinstance(kind, str) else 'part'}]")
+    return "".join(parts)
+
+
+def _role(value: Any) -> str:
+    return value if isinstance(value, str) else "unknown"
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _chat_tool_call(tc: Any) -> dict[str, Any]:
+    fn = _dict(_dict(tc).get("function"))
+    return {"id": _dict(tc).get("id"), "name": fn.get("name"), "arguments": fn.get("arguments")}
+
+
+def _chat_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for m in _list(request.get("messages")):
+        if not isinstance(m, dict):
+            continue
+        msg: dict[str, Any] = {"role": _role(m.get("role")), "content": message_text(m.get("content"))}
+        calls = [_chat_tool_call(tc) for tc in _list(m.get("tool_calls")) if isinstance(tc, dict)]
+        if isinstance(m.get("function_call"), dict):  # the legacy single function call
+            fn = m["function_call"]
+            calls.append({"id": None, "name": fn.get("name"), "arguments": fn.get("arguments")})
+        if calls:
+            msg["tool_calls"] = calls
+        if m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
+    return out
+
+
+def _responses_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Responses input as chat messages, the way the proxy sends it to vLLM: `instructions` first as the system
+    message; a function_call joins the assistant message before it (one generated turn); reasoning items are
+    dropped (chat templates drop them too); items of other types are shown whole, with their type as role."""
+    out: list[dict[str, Any]] = []
+    instructions = request.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        out.append({"role": "system", "content": instructions})
+    source = request.get("input")
+    if isinstance(source, str):
+        out.append({"role": "user", "content": source})
+        return out
+    for item in source if isinstance(source, list) else []:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "message" or (kind is None and "role" in item):
+            out.append({"role": _role(item.get("role")), "content": message_text(item.get("content"))})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "name": item.get("name"), "arguments": item.get("arguments")}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "content": message_text(item.get("output")),
+                        "tool_call_id": item.get("call_id")})
+        elif kind == "reasoning":
+            continue
+        else:
+            out.append({"role": kind if isinstance(kind, str) else "unknown", "content": _json_text(item)})
+    return out
+
+
+def _anthropic_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Anthropic Messages input as chat messages: `system` first; an assistant turn's text blocks are its
+    content and its tool_use blocks its tool calls (arguments as JSON text); each tool_result block is a tool
+    message, in the order of the blocks; thinking blocks are left out."""
+    out: list[dict[str, Any]] = []
+    system = request.get("system")
+    if system:
+        out.append({"role": "system", "content": message_text(system)})
+    for m in _list(request.get("messages")):
+        if not isinstance(m, dict):
+            continue
+        role, content = _role(m.get("role")), m.get("content")
+        if not isinstance(content, list):
+            out.append({"role": role, "content": message_text(content)})
+            continue
+        turn: list[dict[str, Any]] = []   # this message's text and tool calls, then its tool results
+        blocks: list[Any] = []
+        calls: list[dict[str, Any]] = []
+        for b in content + [None]:      # None: the end, where the last text and tool calls are emitted
+            kind = b.get("type") if isinstance(b, dict) else None
+            if kind == "tool_use":
+                calls.append({"id": b.get("id"), "name": b.get("name"), "arguments": _tool_input_text(b.get("input"))})
+                continue
+            if kind in ("thinking", "redacted_thinking"):
+                continue
+            if kind != "tool_result" and b is not None:
+                blocks.append(b)
+                continue
+            if blocks or calls:
+                msg: dict[str, Any] = {"role": role, "content": message_text(blocks) if blocks else None}
+                if calls:
+                    msg["tool_calls"] = calls
+                turn.append(msg)
+                blocks, calls = [], []
+            if b is not None:
+                turn.append({"role": "tool", "content": message_text(b.get("content")),
+                             "tool_call_id": b.get("tool_use_id")})
+        out.extend(turn or [{"role": role, "content": ""}])
+    return out
+
+
+def input_messages(kind: str, request: Any) -> list[dict[str, Any]]:
+    """The whole input of a call as chat-like messages `{role, content, tool_calls?, tool_call_id?}`, whatever
+    API it came in: the system prompt (instructions) first, then every message, tool call and tool result in
+    order. A completion's prompt is one message of role `prompt`; pass-through calls have none."""
+    if not isinstance(request, dict):
+        return []
+    if kind == "chat":
+        return _chat_messages(request)
+    if kind == "responses":
+        return _responses_messages(request)
+    if kind == "messages":
+        return _anthropic_messages(request)
+    if kind == "completion" and "prompt" in request:
+        prompt = request["prompt"]
+        return [{"role": "prompt", "content": prompt if isinstance(prompt, str) else _json_text(prompt)}]
+    return []
+
+
+def tool_names(request: Any) -> list[str]:
+    """Names of the tools a request offered, in order, for every API's shape: chat's
+    `{"type": "function", "function": {"name"}}` (and legacy `functions`), Responses' `{"type": "function",
+    "name"}`, Anthropic's `{"name", "input_schema"}`; a tool with no name (a hosted tool) by its type."""
+    if not isinstance(request, dict):
+        return []
+    names = []
+    tools = request.get("tools")
+    for t in tools if isinstance(tools, list) else []:
+        if not isinstance(t, dict):
+            continue
+        fn = t.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else t.get("name")
+        if not isinstance(name, str):
+            name = t.get("type")
+        if isinstance(name, str):
+            names.append(name)
+    functions = request.get("functions")
+    for f in functions if isinstance(functions, list) else []:
+        if isinstance(f, dict) and isinstance(f.get("name"), str):
+            names.append(f["name"])
+    return names
 
 
 def call_input(kind: str, request: Any) -> dict[str, Any] | None:
-    """The last user or tool message of a chat request (what this turn answered), or a completion's prompt."""
+    """The last user or tool message of a chat (or Responses, or Messages) request: what this turn answered;
+    or a completion's prompt."""
     if not isinstance(request, dict):
         return None
     if kind == "chat":
-        for m in reversed(request.get("messages") or []):
+        messages = request.get("messages")
+        for m in reversed(messages if isinstance(messages, list) else []):
             if isinstance(m, dict) and m.get("role") in ("user", "tool"):
                 out = {"role": m["role"], "content": content_text(m.get("content"))}
                 if m.get("tool_call_id"):
@@ -142,32 +384,176 @@ def call_input(kind: str, request: Any) -> dict[str, Any] | None:
         return None
     if kind == "completion":
         prompt = request.get("prompt")
-        return {"role": "prompt", "content": prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()}
+        return {"role": "prompt", "content": prompt if isinstance(prompt, str) else _json_text(prompt)}
+    if kind in ("responses", "messages"):
+        for m in reversed(input_messages(kind, request)):
+            if m["role"] in ("user", "tool"):
+                out = {"role": m["role"], "content": m["content"]}
+                if m.get("tool_call_id"):
+                    out["tool_call_id"] = m["tool_call_id"]
+                return out
     return None
 
 
+def _answer(content: list[str], reasoning: list[str], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"content": "".join(content) if content else None}
+    if reasoning:
+        out["reasoning_content"] = "".join(reasoning)
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _responses_output(response: dict[str, Any]) -> dict[str, Any]:
+    content: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    items = response.get("output")
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        if kind == "message":
+            parts = item.get("content")
+            for p in parts if isinstance(parts, list) else []:
+                if isinstance(p, dict):
+                    text = p.get("text") if isinstance(p.get("text"), str) else p.get("refusal")
+                    if isinstance(text, str):
+                        content.append(text)
+        elif kind == "function_call":
+            calls.append({"id": item.get("call_id"), "name": item.get("name"), "arguments": item.get("arguments")})
+        elif kind == "reasoning":
+            parts = item.get("content") or item.get("summary")
+            for p in parts if isinstance(parts, list) else []:
+                if isinstance(p, dict) and isinstance(p.get("text"), str):
+                    reasoning.append(p["text"])
+    return _answer(content, reasoning, calls)
+
+
+def _anthropic_output(response: dict[str, Any]) -> dict[str, Any]:
+    content: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+    blocks = response.get("content")
+    for b in blocks if isinstance(blocks, list) else []:
+        if not isinstance(b, dict):
+            continue
+        kind = b.get("type")
+        if kind == "text" and isinstance(b.get("text"), str):
+            content.append(b["text"])
+        elif kind == "tool_use":
+            calls.append({"id": b.get("id"), "name": b.get("name"), "arguments": _tool_input_text(b.get("input"))})
+        elif kind == "thinking" and isinstance(b.get("thinking"), str):
+            reasoning.append(b["thinking"])
+    return _answer(content, reasoning, calls)
+
+
 def call_output(kind: str, response: Any) -> dict[str, Any] | None:
-    """The assistant's answer (choice 0): text, and tool calls as name + arguments."""
+    """The assistant's answer: text, and tool calls as name + arguments (choice 0 of a chat or completions
+    answer; the output items of a Responses answer; the content blocks of an Anthropic message)."""
     if not isinstance(response, dict):
         return None
-    choices = response.get("choices") or []
-    first = choices[0] if choices and isinstance(choices[0], dict) else {}
+    if kind == "responses":
+        return _responses_output(response)
+    if kind == "messages":
+        return _anthropic_output(response)
+    choices = response.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     if kind == "completion":
         return {"content": first.get("text")}
     if kind != "chat":
         return None
-    msg = first.get("message") or {}
+    msg = _dict(first.get("message"))
     out: dict[str, Any] = {"content": content_text(msg.get("content"))}
     reasoning = msg.get("reasoning_content") or msg.get("reasoning")
     if reasoning:
         out["reasoning_content"] = reasoning
     calls = []
-    for tc in msg.get("tool_calls") or []:
-        fn = (tc or {}).get("function") or {}
-        calls.append({"id": tc.get("id"), "name": fn.get("name"), "arguments": fn.get("arguments")})
+    tool_calls = msg.get("tool_calls")
+    for tc in tool_calls if isinstance(tool_calls, list) else []:
+        calls.append(_chat_tool_call(tc))
     if calls:
         out["tool_calls"] = calls
     return out
+
+
+# --- will a call be trained on? ------------------------------------------------------------------------------
+
+def train_status(*, trainable: bool, route: str | None, kind: str, model: str | None, status_code: int,
+                 aborted: bool, prompt_tokens: int | None, completion_tokens: int | None,
+                 n_logprobs: int | None, untrainable_reason: str | None) -> dict[str, Any]:
+    """`{"trainable": bool, "reason": str | None}`: whether the trainer will train on this call's tokens, and
+    when it will not, why. `trainable` is the call's flag (false for evaluation, frozen and pass-through calls);
+    a trainable call is still not trained on when it failed, has no token ids or logprobs (the trainer's
+    skipped_no_tokens), or the proxy stored an `untrainable_reason` (sampling it cannot reproduce, token ids
+    that disagree with the upstream's usage). `UNTRAINED` below is the same rule in SQL."""
+    reason: str | None
+    if not trainable:
+        if route == "passthrough" or kind == "other":
+            reason = "pass-through call (no token ids)"
+        elif route == "frozen":
+            reason = f"frozen route (model {model or '?'})"
+        else:
+            reason = "evaluation call (X-Trainwire-Train: false)"
+    elif status_code != 200:
+        reason = f"failed upstream call (status {status_code})"
+    elif not prompt_tokens or not completion_tokens:
+        reason = "aborted without tokens" if aborted else "no token ids recorded"
+    elif not n_logprobs:
+        reason = "no logprobs recorded"
+    else:
+        reason = untrainable_reason or None
+    return {"trainable": reason is None, "reason": reason}
+
+
+class _TokenCount(FunctionElement):
+    """How many values a token-id or logprob array holds, NULL when there is none (without shipping the array):
+    cardinality() of an int4[] / float4[] on Postgres, the JSON array's length on SQLite."""
+
+    type = Integer()
+    name = "tw_token_count"
+    inherit_cache = True
+
+
+@compiles(_TokenCount, "postgresql")
+def _token_count_pg(element, compiler, **kw):
+    return f"cardinality({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_TokenCount)
+def _token_count_sqlite(element, compiler, **kw):
+    col = compiler.process(element.clauses, **kw)
+    return f"(CASE WHEN json_type({col}) = 'array' THEN json_array_length({col}) END)"
+
+
+class _NoValues(FunctionElement):
+    """True when a token-id or logprob array is missing or empty. On Postgres this reads the stored size, not
+    the array (pg_column_size never fetches or decompresses a TOASTed value, so /stats need not read every
+    prompt): an empty int4[]/float4[] is 13 bytes stored (16 unpacked), one with a single value 25 (28)."""
+
+    type = Boolean()
+    name = "tw_no_values"
+    inherit_cache = True
+
+
+@compiles(_NoValues, "postgresql")
+def _no_values_pg(element, compiler, **kw):
+    col = compiler.process(element.clauses, **kw)
+    return f"({col} IS NULL OR pg_column_size({col}) < 20)"
+
+
+@compiles(_NoValues)
+def _no_values_sqlite(element, compiler, **kw):
+    col = compiler.process(element.clauses, **kw)  # SQLite keeps None as JSON 'null': its length is 0 too
+    return f"({col} IS NULL OR json_array_length({col}) = 0)"
+
+
+# A trainable call that will not be trained on (train_status's rule): evaluation, frozen and pass-through calls
+# are not counted, they were never meant to be trained.
+UNTRAINED = and_(C.c.trainable.is_(True), or_(
+    C.c.status_code != 200, _NoValues(C.c.prompt_token_ids), _NoValues(C.c.completion_token_ids),
+    _NoValues(C.c.logprobs), C.c.untrainable_reason.is_not(None)))
+FAILED = C.c.status_code != 200
 
 
 def _response_message(response: Any) -> dict[str, Any]:
@@ -185,6 +571,9 @@ def _response_message(response: Any) -> dict[str, Any]:
 _SESSION_COLS = [S.c.id, S.c.task_id, S.c.status.label("raw_status"), STATUS.label("status"), S.c.n_calls,
                  S.c.first_call_at, S.c.last_call_at, S.c.claimed_by, S.c.claimed_at, S.c.train_step,
                  S.c.skip_reason]
+
+# `has=` filters of the session list: sessions with at least one such call.
+HAS = {"failed": FAILED, "untrainable": UNTRAINED}
 
 
 def _session_select():
@@ -218,18 +607,40 @@ async def _agents_of(conn, session_ids: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def _count_of(cond):
+    return func.coalesce(func.sum(case((cond, 1), else_=0)), 0)
+
+
+async def _problems_of(conn, session_ids: list[str]) -> dict[str, tuple[int, int]]:
+    """(failed calls, trainable calls that will not be trained) of each session: one aggregate for a page."""
+    out = dict.fromkeys(session_ids, (0, 0))
+    if not session_ids:
+        return out
+    rows = (await conn.execute(select(C.c.session_id, _count_of(FAILED), _count_of(UNTRAINED))
+                               .where(C.c.session_id.in_(session_ids)).group_by(C.c.session_id))).all()
+    for sid, failed, untrained in rows:
+        out[sid] = (int(failed), int(untrained))
+    return out
+
+
 async def list_sessions(engine: AsyncEngine, *, status: str | None = None, task: str | None = None,
                         agent: str | None = None, since: datetime | None = None, until: datetime | None = None,
-                        limit: int = 50, cursor: str | None = None,
+                        has: Sequence[str] = (), limit: int = 50, cursor: str | None = None,
                         offset: int | None = None) -> Page[SessionSummary]:
-    """Sessions active in [since, until), newest (by first call) first. Raises `BadQuery` for a bad cursor."""
+    """Sessions active in [since, until), newest (by first call) first; `has` keeps the sessions with at least
+    one call of each kind named (`HAS`: failed, untrainable). Raises `BadQuery` for a bad cursor, an unknown
+    `has` or a filter value no stored value can hold."""
     q = _session_select()
     if status:
         q = q.where(status_filter(status))
     if task:
-        q = q.where(S.c.task_id == task)
+        q = q.where(S.c.task_id == check_text(task, "task"))
     if agent:
-        q = q.where(exists().where(C.c.session_id == S.c.id, C.c.agent_name == agent))
+        q = q.where(exists().where(C.c.session_id == S.c.id, C.c.agent_name == check_text(agent, "agent")))
+    for name in dict.fromkeys(has):
+        if name not in HAS:
+            raise BadQuery(f"has must be one of {', '.join(HAS)}; got {name[:40]!r}", "has")
+        q = q.where(exists().where(C.c.session_id == S.c.id, HAS[name]))
     if since:
         q = q.where(S.c.last_call_at >= since)
     if until:
@@ -242,8 +653,11 @@ async def list_sessions(engine: AsyncEngine, *, status: str | None = None, task:
         rows = [r._mapping for r in (await conn.execute(q)).all()]
         more = len(rows) > limit
         rows = rows[:limit]
-        agents = await _agents_of(conn, [r["id"] for r in rows])
-    data = [SessionSummary(**_session_fields(r), agents=agents[r["id"]]) for r in rows]
+        ids = [r["id"] for r in rows]
+        agents = await _agents_of(conn, ids)
+        problems = await _problems_of(conn, ids)
+    data = [SessionSummary(**_session_fields(r), agents=agents[r["id"]], n_failed=problems[r["id"]][0],
+                           n_untrainable=problems[r["id"]][1]) for r in rows]
     nxt = encode_cursor(aware(rows[-1]["first_call_at"]), rows[-1]["id"]) if more and rows else None
     return Page[SessionSummary].of(data, nxt)
 
@@ -253,11 +667,20 @@ async def list_sessions(engine: AsyncEngine, *, status: str | None = None, task:
 _CALL_COLS = [C.c.id, C.c.session_id, C.c.seq, C.c.task_id, C.c.agent_name, C.c.trainable, C.c.kind, C.c.path,
               C.c.stream, C.c.model_requested, C.c.model_served, C.c.route, C.c.upstream, C.c.policy_version,
               C.c.finish_reason, C.c.usage, C.c.status_code, C.c.error, C.c.aborted, C.c.started_at,
-              C.c.finished_at, C.c.upstream_ms, C.c.ttft_ms, C.c.overhead_ms, C.c.request, C.c.response]
+              C.c.finished_at, C.c.upstream_ms, C.c.ttft_ms, C.c.overhead_ms, C.c.request, C.c.response,
+              C.c.sampling, C.c.untrainable_reason,
+              _TokenCount(C.c.prompt_token_ids).label("n_prompt_tokens"),
+              _TokenCount(C.c.completion_token_ids).label("n_completion_tokens"),
+              _TokenCount(C.c.logprobs).label("n_logprobs")]
 _TOKEN_COLS = [C.c.prompt_token_ids, C.c.completion_token_ids, C.c.logprobs]
 
 
 def _call_fields(m, rewards: list[RewardOut]) -> dict[str, Any]:
+    train = train_status(trainable=bool(m["trainable"]), route=m["route"], kind=m["kind"],
+                         model=m["model_requested"] or m["model_served"], status_code=m["status_code"],
+                         aborted=bool(m["aborted"]), prompt_tokens=m["n_prompt_tokens"],
+                         completion_tokens=m["n_completion_tokens"], n_logprobs=m["n_logprobs"],
+                         untrainable_reason=m["untrainable_reason"])
     return {"id": m["id"], "session_id": m["session_id"], "seq": m["seq"], "task_id": m["task_id"],
             "agent_name": m["agent_name"], "trainable": bool(m["trainable"]), "kind": m["kind"], "path": m["path"],
             "stream": bool(m["stream"]), "model_requested": m["model_requested"],
@@ -266,7 +689,10 @@ def _call_fields(m, rewards: list[RewardOut]) -> dict[str, Any]:
             "finish_reason": m["finish_reason"], "usage": m["usage"], "started_at": m["started_at"],
             "finished_at": m["finished_at"], "upstream_ms": m["upstream_ms"], "ttft_ms": m["ttft_ms"],
             "overhead_ms": m["overhead_ms"], "input": call_input(m["kind"], m["request"]),
-            "output": call_output(m["kind"], m["response"]), "rewards": rewards}
+            "output": call_output(m["kind"], m["response"]), "rewards": rewards,
+            "api": call_api(m["kind"], m["route"]), "prompt_tokens": m["n_prompt_tokens"],
+            "completion_tokens": m["n_completion_tokens"], "tools": tool_names(m["request"]),
+            "input_messages": input_messages(m["kind"], m["request"]), "sampling": m["sampling"], "train": train}
 
 
 def _token_fields(m) -> dict[str, Any]:
@@ -280,8 +706,11 @@ async def _rewards_where(conn, cond) -> list[RewardOut]:
 
 async def get_session(engine: AsyncEngine, session_id: str, *,
                       tokens: bool = False) -> SessionDetail | OrphanedSession | None:
-    """One session with its calls in order, each with its rewards and text; None if nothing is known.
-    A session with rewards but no calls comes back as an `OrphanedSession`."""
+    """One session with its calls in order, each with its rewards and text; None if nothing is known (an id
+    no stored one can equal, with NUL or a lone surrogate, included). A session with rewards but no calls
+    comes back as an `OrphanedSession`."""
+    if not storable_text(session_id):
+        return None
     cols = _CALL_COLS + (_TOKEN_COLS if tokens else [])
     async with engine.connect() as conn:
         srow = (await conn.execute(_session_select().where(S.c.id == session_id))).first()
@@ -298,15 +727,20 @@ async def get_session(engine: AsyncEngine, session_id: str, *,
     for r in rewards:
         if r.call_id:
             by_call.setdefault(r.call_id, []).append(r)
+    summaries = [CallSummary(**_call_fields(c, by_call.get(c["id"], [])), **(_token_fields(c) if tokens else {}))
+                 for c in calls]
     return SessionDetail(
         **_session_fields(srow._mapping), agents=sorted({c["agent_name"] for c in calls if c["agent_name"]}),
-        calls=[CallSummary(**_call_fields(c, by_call.get(c["id"], [])), **(_token_fields(c) if tokens else {}))
-               for c in calls],
-        rewards=rewards)
+        n_failed=sum(1 for c in summaries if c.status_code != 200),
+        n_untrainable=sum(1 for c in summaries if c.trainable and not c.train.trainable),
+        calls=summaries, rewards=rewards)
 
 
 async def get_call(engine: AsyncEngine, call_id: str, *, tokens: bool = False) -> CallDetail | None:
-    """One call with its full request and response, its rewards and its session's final reward."""
+    """One call with its full request and response, its rewards and its session's final reward; None when
+    there is no such call."""
+    if not storable_text(call_id):
+        return None
     cols = _CALL_COLS + (_TOKEN_COLS if tokens else [])
     async with engine.connect() as conn:
         row = (await conn.execute(select(*cols).where(C.c.id == call_id))).first()
@@ -367,12 +801,13 @@ async def find_tool_call_producers(engine: AsyncEngine, *, session_id: str, excl
 async def list_rewards(engine: AsyncEngine, *, session_id: str | None = None, source: str | None = None,
                        final: bool | None = None, orphaned: bool | None = None, limit: int = 50,
                        cursor: str | None = None, offset: int | None = None) -> Page[RewardListItem]:
-    """Rewards, newest (highest id) first. Raises `BadQuery` for a bad cursor."""
+    """Rewards, newest (highest id) first. Raises `BadQuery` for a bad cursor or a filter value no stored value
+    can hold."""
     q = select(R, ORPHANED.label("orphaned"))
     if session_id:
-        q = q.where(R.c.session_id == session_id)
+        q = q.where(R.c.session_id == check_text(session_id, "session_id"))
     if source:
-        q = q.where(R.c.source == source)
+        q = q.where(R.c.source == check_text(source, "source"))
     if final is not None:
         q = q.where(R.c.final.is_(final))
     if orphaned is not None:
@@ -391,12 +826,13 @@ async def list_rewards(engine: AsyncEngine, *, session_id: str | None = None, so
 # --- stats -----------------------------------------------------------------------------------------------
 
 async def stats(engine: AsyncEngine) -> Stats:
-    """Counts of sessions by status, calls, rewards by source, orphaned rewards, final reward by version."""
+    """Counts of sessions by status, calls (trainable, failed, trainable but not to be trained, by API), rewards
+    by source, orphaned rewards, final reward by version."""
     async with engine.connect() as conn:
         by_status: dict[str, int] = dict((await conn.execute(select(STATUS, func.count()).group_by(STATUS))).all())
-        n_calls, n_trainable, n_failed = (await conn.execute(select(
-            func.count(), func.coalesce(func.sum(case((C.c.trainable.is_(True), 1), else_=0)), 0),
-            func.coalesce(func.sum(case((C.c.status_code != 200, 1), else_=0)), 0)))).one()
+        kinds = (await conn.execute(select(
+            C.c.kind, C.c.route, func.count(), _count_of(C.c.trainable.is_(True)), _count_of(FAILED),
+            _count_of(UNTRAINED)).group_by(C.c.kind, C.c.route))).all()
         by_source = (await conn.execute(select(
             R.c.source, R.c.final, func.count(), func.avg(R.c.value), func.count(R.c.value))
             .group_by(R.c.source, R.c.final).order_by(R.c.source, R.c.final))).all()
@@ -409,6 +845,13 @@ async def stats(engine: AsyncEngine) -> Stats:
         by_version = (await conn.execute(select(
             finals.c.policy_version, func.count(), func.count(finals.c.value), func.avg(finals.c.value))
             .group_by(finals.c.policy_version).order_by(finals.c.policy_version))).all()
+    n_calls = n_trainable = n_failed = n_untrained = 0
+    by_api: dict[str, int] = {}
+    for kind, route, n, trainable, failed, untrained in kinds:
+        n_calls, n_trainable, n_failed, n_untrained = (n_calls + n, n_trainable + int(trainable),
+                                                       n_failed + int(failed), n_untrained + int(untrained))
+        api = call_api(kind, route)
+        by_api[api] = by_api.get(api, 0) + int(n)
     sessions = {k: int(by_status.get(k, 0)) for k in ("open", "finished", "claimed", "trained", "skipped")}
     sessions.update({k: int(v) for k, v in by_status.items() if k not in sessions})
     sessions["total"] = sum(sessions.values())
@@ -425,7 +868,8 @@ async def stats(engine: AsyncEngine) -> Stats:
         entry[kind] = int(n)
         entry[f"mean_{kind}"] = float(mean) if mean is not None else None
     return Stats(
-        sessions=sessions, calls=CallCounts(total=int(n_calls), trainable=int(n_trainable), failed=int(n_failed)),
+        sessions=sessions, calls=CallCounts(total=int(n_calls), trainable=n_trainable, failed=n_failed,
+                                         untrainable=n_untrained, by_api=dict(sorted(by_api.items()))),
         rewards=RewardCounts(**{k: int(v) for k, v in totals.items()}, orphaned=int(n_orphaned),
                              orphaned_sessions=int(n_orphaned_sessions),
                              by_source={k: SourceRewards(**v) for k, v in sources.items()}),
@@ -438,11 +882,11 @@ async def stats(engine: AsyncEngine) -> Stats:
 # --- what the trainer did --------------------------------------------------------------------------------
 
 async def _int_keyset_page(conn, table, key, limit: int, cursor: str | None, offset: int | None):
-    """Rows of `table` by `key` descending (a unique integer column): keyset after `cursor`, or `offset`;
+    """Rows of `table` by `key` descending (a unique Integer column): keyset after `cursor`, or `offset`;
     returns (rows of the page, whether there are more)."""
     q = select(table)
     if cursor:
-        q = q.where(key < _int_cursor(cursor))
+        q = q.where(key < _int_cursor(cursor, INT32))
     q = _paged(q.order_by(key.desc()), limit, offset, cursor)
     rows = [r._mapping for r in (await conn.execute(q)).all()]
     return rows[:limit], len(rows) > limit

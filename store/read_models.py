@@ -123,6 +123,28 @@ class CallOutput(Record):
     tool_calls: list[ToolCallOut] = []
 
 
+class InputMessage(Record):
+    """One message of a call's whole input, the same shape for every API: the system prompt (Responses'
+    instructions, Anthropic's system) is a `system` message, tool calls are the assistant message's
+    `tool_calls`, tool results are `tool` messages with the `tool_call_id` they answer; a completion's prompt
+    is one `prompt` message. Non-text parts (images, files) appear in `content` as a `[type]` placeholder."""
+
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"tool_calls", "tool_call_id"})
+    role: str
+    content: str | None
+    tool_calls: list[ToolCallOut] = []
+    tool_call_id: Any = None
+
+
+class TrainStatus(Record):
+    """Whether the trainer will train on a call's tokens, and when not, why: an evaluation call
+    (X-Trainwire-Train: false), a frozen route, a pass-through call, a failed upstream call, no token ids or
+    logprobs recorded (or aborted without tokens), or the proxy's stored reason (sampling, token mismatch)."""
+
+    trainable: bool
+    reason: str | None
+
+
 _TOKENS = frozenset({"prompt_token_ids", "completion_token_ids", "logprobs"})
 
 
@@ -154,6 +176,13 @@ class _CallBase(Record):
     input: CallInput | None
     output: CallOutput | None
     rewards: list[RewardOut]
+    api: str                                # chat | completions | responses | messages | passthrough
+    prompt_tokens: int | None               # how many token ids were recorded (null: none)
+    completion_tokens: int | None
+    tools: list[str]                        # names of the tools the request offered
+    input_messages: list[InputMessage]      # the whole input, system prompt first
+    sampling: Any                           # {"requested", "effective", "enforced"?} or null
+    train: TrainStatus
 
 
 class CallSummary(_CallBase):
@@ -199,6 +228,8 @@ class SessionSummary(Record):
     train_step: int | None
     skip_reason: str | None
     agents: list[str]
+    n_failed: int           # calls whose status is not 200
+    n_untrainable: int      # trainable calls that will not be trained on (failed, no tokens, stored reason)
 
 
 class SessionDetail(SessionSummary):
@@ -220,6 +251,8 @@ class OrphanedSession(Record):
     final_reward: float | None
     final: RewardOut | None
     agents: list[str] = []
+    n_failed: int = 0
+    n_untrainable: int = 0
     calls: list[CallSummary] = []
     rewards: list[RewardOut]
 
@@ -227,9 +260,14 @@ class OrphanedSession(Record):
 # --- stats -----------------------------------------------------------------------------------------------
 
 class CallCounts(Record):
+    """Calls recorded: `trainable` (not evaluation, frozen or pass-through), `failed` (status not 200),
+    `untrainable` (trainable, yet not to be trained on: see TrainStatus), and how many each API served."""
+
     total: int
     trainable: int
     failed: int
+    untrainable: int
+    by_api: dict[str, int]
 
 
 class SourceRewards(Record):

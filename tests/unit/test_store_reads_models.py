@@ -46,7 +46,9 @@ def call_fields(**kw) -> dict:
                 route="policy", policy_version=1, status_code=200, error=None, aborted=False, finish_reason="stop",
                 usage={"prompt_tokens": 3}, started_at=T, finished_at=T.replace(microsecond=0), upstream_ms=12.5,
                 ttft_ms=None, overhead_ms=0.125, input={"role": "user", "content": "hi"},
-                output={"content": "hello"}, rewards=[])
+                output={"content": "hello"}, rewards=[], api="chat", prompt_tokens=3, completion_tokens=None,
+                tools=["calc"], input_messages=[{"role": "user", "content": "hi"}], sampling=None,
+                train={"trainable": False, "reason": "no token ids recorded"})
     return {**base, **kw}
 
 
@@ -86,11 +88,14 @@ def test_call_summary_keys_and_tokens_only_when_given():
     assert list(plain) == ["object", "id", "session_id", "seq", "task_id", "agent_name", "trainable", "kind", "path",
                            "stream", "model_requested", "model_served", "route", "policy_version", "status_code",
                            "error", "aborted", "finish_reason", "usage", "started_at", "finished_at", "upstream_ms",
-                           "ttft_ms", "overhead_ms", "input", "output", "rewards"]
+                           "ttft_ms", "overhead_ms", "input", "output", "rewards", "api", "prompt_tokens",
+                           "completion_tokens", "tools", "input_messages", "sampling", "train"]
     assert plain["finished_at"] == "2026-03-01T12:00:01Z" and plain["input"] == {"role": "user", "content": "hi"}
     with_tokens = orjson.loads(render(CallSummary(**call_fields(), prompt_token_ids=[1, 2], completion_token_ids=None,
                                                   logprobs=[-0.25, 0.0])))
-    assert list(with_tokens)[-4:] == ["rewards", "prompt_token_ids", "completion_token_ids", "logprobs"]
+    assert list(with_tokens)[-4:] == ["train", "prompt_token_ids", "completion_token_ids", "logprobs"]
+    assert plain["input_messages"] == [{"role": "user", "content": "hi"}]  # tool keys only when given
+    assert plain["train"] == {"trainable": False, "reason": "no token ids recorded"}
     assert with_tokens["completion_token_ids"] is None and with_tokens["logprobs"] == [-0.25, 0.0]
 
 
@@ -107,7 +112,7 @@ def test_call_detail_key_order():
     detail = CallDetail(**call_fields(rewards=[reward(final=False, call_id="c1")]), upstream="http://up",
                         request={"z": 1, "a": 2}, response=[1], session_final=reward())
     keys = list(orjson.loads(render(detail)))
-    assert keys[-5:] == ["rewards", "upstream", "request", "response", "session_final"]
+    assert keys[-5:] == ["train", "upstream", "request", "response", "session_final"]
     detail = CallDetail(**call_fields(), upstream=None, request=None, response=None, prompt_token_ids=[1],
                         completion_token_ids=[2], logprobs=[-1.0], session_final=None)
     body = orjson.loads(render(detail))
@@ -121,7 +126,7 @@ def session_fields(**kw) -> dict:
     final = FinalReward(id=3, value=None, source="user", created_at=T + timedelta(seconds=1))
     base = dict(id="s1", task_id="t", status="finished", n_calls=1, first_call_at=T, last_call_at=T,
                 finished_at=final.created_at, final_reward=None, final=final, claimed_by=None, claimed_at=None,
-                train_step=None, skip_reason=None, agents=["alice"])
+                train_step=None, skip_reason=None, agents=["alice"], n_failed=1, n_untrainable=2)
     return {**base, **kw}
 
 
@@ -129,10 +134,10 @@ def test_session_summary_and_detail():
     summary = orjson.loads(render(SessionSummary(**session_fields())))
     assert list(summary) == ["object", "id", "task_id", "status", "n_calls", "first_call_at", "last_call_at",
                              "finished_at", "final_reward", "final", "claimed_by", "claimed_at", "train_step",
-                             "skip_reason", "agents"]
+                             "skip_reason", "agents", "n_failed", "n_untrainable"]
     assert summary["final"] == {"id": 3, "value": None, "source": "user", "created_at": "2026-03-01T12:00:02.123456Z"}
     detail = SessionDetail(**session_fields(), calls=[CallSummary(**call_fields())], rewards=[reward()])
-    assert list(orjson.loads(render(detail)))[-3:] == ["agents", "calls", "rewards"]
+    assert list(orjson.loads(render(detail)))[-3:] == ["n_untrainable", "calls", "rewards"]
 
 
 def test_orphaned_session_shape():
@@ -140,14 +145,15 @@ def test_orphaned_session_shape():
     body = orjson.loads(render(OrphanedSession(id="orph", finished_at=r.created_at, final_reward=r.value, final=r,
                                                rewards=[r])))
     assert list(body) == ["object", "id", "task_id", "status", "n_calls", "finished_at", "final_reward", "final",
-                          "agents", "calls", "rewards"]
+                          "agents", "n_failed", "n_untrainable", "calls", "rewards"]
+    assert body["n_failed"] == body["n_untrainable"] == 0
     assert body["status"] == "orphaned" and body["n_calls"] == 0 and body["task_id"] is None
     assert body["final"]["object"] == "reward" and body["agents"] == [] and body["calls"] == []
 
 
 def test_stats_and_trainer_rows():
     stats = Stats(sessions={"open": 1, "finished": 0, "claimed": 0, "trained": 0, "skipped": 0, "odd": 2, "total": 3},
-                  calls={"total": 1, "trainable": 1, "failed": 0},
+                  calls={"total": 1, "trainable": 1, "failed": 0, "untrainable": 0, "by_api": {"chat": 1}},
                   rewards={"total": 1, "final": 1, "intermediate": 0, "finished_without_reward": 0, "orphaned": 0,
                            "orphaned_sessions": 0, "by_source": {"user": {"final": 1, "intermediate": 0,
                                                                           "mean_final": 0.5,
