@@ -422,3 +422,38 @@ def test_upstream_200_that_is_not_a_completion_is_a_502(stack, api, stream, answ
     assert row["status_code"] == 502 and row["kind"] == api
     assert row["completion_token_ids"] is None and row["response"] is None
     assert "not a completion" in row["error"]
+
+
+# --- the non-stream answers' headers and ids -------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="proxy bug: forward.complete() keeps the upstream's 'Content-Type' header and "
+                   "adds a lower-case 'content-type' for translated answers, so Responses and Messages clients get "
+                   "two content-type headers ('application/json, application/json' once joined)")
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_translated_answer_has_one_content_type(stack, api):
+    path, body = API_REQUESTS[api]
+    stack["up"].script(text=TEXT)
+    r = httpx.post(f"{stack['proxy'].url}{path}", json=body, timeout=30)
+    assert r.status_code == 200
+    assert r.headers.get_list("content-type") == ["application/json"]
+
+
+def test_chat_answer_has_one_content_type(stack):
+    """The control: the chat answer passes vLLM's own header through, once."""
+    path, body = API_REQUESTS["chat"]
+    stack["up"].script(text=TEXT)
+    r = httpx.post(f"{stack['proxy'].url}{path}", json=body, timeout=30)
+    assert r.status_code == 200 and r.headers.get_list("content-type") == ["application/json"]
+
+
+@pytest.mark.xfail(strict=True, reason="proxy bug: a streamed Messages answer's id is litellm's random msg_<uuid>, "
+                   "while the recorded response (assembled from the chat stream) has vLLM's chatcmpl-... id: the record "
+                   "is not the message the client received (the non-stream answer's id is chatcmpl-..., not msg_...)")
+def test_messages_stream_id_is_the_recorded_one(stack):
+    stack["up"].script(text=TEXT)
+    r, raw = post_stream(stack, "/v1/messages", messages_body())
+    message = parse_sse(raw)[0][1]["message"]
+    row = call_row(stack, r.headers["x-call-id"])
+    assert message["id"].startswith("msg_")
+    assert row["response"]["id"] == message["id"]
