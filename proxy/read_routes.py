@@ -2,18 +2,29 @@
 `{"object": "list", "data": [...], "has_more": bool, "next_cursor": str | null}`; pass `cursor=next_cursor`
 (or `offset=N`) for the next page.
 
-    GET /sessions?status=&task=&agent=&since=&until=&limit=&cursor=&offset=
+    GET /sessions?status=&task=&agent=&since=&until=&has=&limit=&cursor=&offset=
     GET /sessions/{session_id}?tokens=true        calls in order with rewards and text; token ids on request
     GET /calls/{call_id}?tokens=true              one call with its full request and response
     GET /rewards?session_id=&source=&final=&orphaned=&limit=&cursor=&offset=
     GET /stats                                    counts, orphaned rewards, reward mean by policy version
+
+Every call says which `api` it came in on (chat | completions | responses | messages | passthrough), its token
+counts, the tools it offered, its whole input (`input_messages`, the same shape for every API), its sampling
+settings and `train`: `{"trainable", "reason"}`, why it will not be trained on when it will not. Sessions
+count their failed calls (`n_failed`, status not 200) and their untrainable ones (`n_untrainable`: calls meant
+for training, i.e. not evaluation, frozen or pass-through calls, that will still not be trained on: failed, no
+token ids, or a reason the proxy stored). `has=failed` / `has=untrainable` (repeated or comma-separated: every
+one must hold) keeps the sessions with at least one such call.
+
+No input makes these routes answer 5xx: a bad value is a 400 naming its parameter, an id that cannot exist a
+404, in OpenAI's error format.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
@@ -33,10 +44,12 @@ from trainwire.store.read_models import (
 router = APIRouter(dependencies=[Depends(admin)])
 
 STATUSES = ("open", "finished", "claimed", "trained", "skipped")
+HasQuery = Query(None, description="Sessions with at least one failed / untrainable call: failed, untrainable "
+                                   "(repeated or comma-separated; each must hold)")
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:
-    """ISO 8601 (a trailing Z is fine; no offset means UTC) or Unix seconds."""
+    """ISO 8601 (a trailing Z is fine; no offset means UTC) or Unix seconds, as an aware UTC datetime."""
     if value is None or value == "":
         return None
     try:
@@ -44,10 +57,21 @@ def parse_time(value: str | None, name: str) -> datetime | None:
             dt = datetime.fromtimestamp(float(value), UTC)
         except ValueError:
             dt = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        # Inside the try: a time near the calendar's ends in another zone has no UTC datetime.
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
-        raise ApiError(400, f"{name} must be an ISO 8601 time (2025-01-31T12:00:00Z) or Unix seconds; got "
-                            f"{value[:40]!r}", param=name, code="invalid_value") from None
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+        raise ApiError(400, f"{name} must be an ISO 8601 time (2025-01-31T12:00:00Z) or Unix seconds between the "
+                            f"years 1 and 9999; got {value[:40]!r}", param=name, code="invalid_value") from None
+
+
+def parse_has(values: list[str] | None) -> list[str]:
+    """`has=failed&has=untrainable` or `has=failed,untrainable`: the names, blanks dropped, checked."""
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    for name in names:
+        if name not in queries.HAS:
+            raise ApiError(400, f"has must be one of {', '.join(queries.HAS)} (repeated or comma-separated); got "
+                                f"{name[:40]!r}", param="has", code="invalid_value")
+    return names
 
 
 async def _flush(request: Request, session_id: str) -> None:
@@ -79,14 +103,15 @@ class StatsAnswer(Stats):
 @router.get("/sessions", response_model=Page[SessionSummary])
 async def list_sessions(request: Request, status: str | None = None, task: str | None = None,
                         agent: str | None = None, since: str | None = None, until: str | None = None,
-                        limit: int = Limit, cursor: str | None = None, offset: int | None = Offset) -> Response:
+                        has: list[str] | None = HasQuery, limit: int = Limit, cursor: str | None = None,
+                        offset: int | None = Offset) -> Response:
     if status is not None and status not in STATUSES:
         raise ApiError(400, f"status must be one of {', '.join(STATUSES)}; got {status[:40]!r}", param="status",
                        code="invalid_value")
     try:
         page = await queries.list_sessions(state_of(request).engine, status=status, task=task, agent=agent,
                                            since=parse_time(since, "since"), until=parse_time(until, "until"),
-                                           limit=limit, cursor=cursor, offset=offset)
+                                           has=parse_has(has), limit=limit, cursor=cursor, offset=offset)
     except queries.BadQuery as exc:
         raise _bad_query(exc) from None
     return _answer(page)
