@@ -124,8 +124,10 @@ def render(url: str, tmp_path: Path) -> Node:
 # --- a proxy with some history -----------------------------------------------------------------------------
 
 def _wait_version(proxy: ProxyProcess, upstream: ScriptedUpstream, version: int) -> None:
-    line = f'trainwire_policy_version{{upstream="{upstream.url}"}} {float(version)}'
-    wait_for(lambda: line in httpx.get(f"{proxy.url}/metrics", timeout=5).text, 15, what=f"proxy serving v{version}")
+    # The upstream label is its index in --upstream order (older proxies: its URL).
+    lines = [f'trainwire_policy_version{{upstream="{label}"}} {float(version)}' for label in ("0", upstream.url)]
+    wait_for(lambda: any(line in httpx.get(f"{proxy.url}/metrics", timeout=5).text for line in lines), 15,
+             what=f"proxy serving v{version}")
 
 
 def _client(proxy: ProxyProcess, session: str, agent: str, task: str) -> openai.OpenAI:
@@ -234,6 +236,7 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
     counts = {n.attrs["id"]: n.text() for n in dom.by_id("counts").find_all("dd")}
     expected = {"n-sessions-total": 5, "n-sessions-open": 1, "n-sessions-finished": 3, "n-sessions-trained": 1,
                 "n-sessions-claimed": 0, "n-sessions-skipped": 0, "n-calls-total": 6, "n-calls-failed": 0,
+                "n-calls-untrainable": 0, "n-api-chat": 6,
                 "n-rewards-total": 6, "n-rewards-final": 5, "n-rewards-intermediate": 1, "n-orphaned": 1,
                 "n-orphaned-sessions": 1, "n-queue-calls": 0, "n-queue-rewards": 0}
     assert {k: counts[k] for k in expected} == {k: str(v) for k, v in expected.items()}
@@ -266,9 +269,10 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
     rows = dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")
     assert [r.attrs["data-session"] for r in rows] == SESSIONS_NEWEST_FIRST
     cells = {r.attrs["data-session"]: [td.text() for td in r.find_all("td")] for r in rows}
-    assert cells["ui-alpha"][:6] == ["ui-alpha", "trained", "t-math", "planner", "2", "1"]
-    assert cells["ui-gamma"][:6] == ["ui-gamma", "finished", "t-math", "planner", "1", "0.25"]
-    assert cells["batch-7/ui-eps"][:6] == ["batch-7/ui-eps", "open", "t-math", "planner", "1", "—"]
+    # session, status, task, agents, calls, failed calls, untrainable calls, final reward
+    assert cells["ui-alpha"][:8] == ["ui-alpha", "trained", "t-math", "planner", "2", "0", "0", "1"]
+    assert cells["ui-gamma"][:8] == ["ui-gamma", "finished", "t-math", "planner", "1", "0", "0", "0.25"]
+    assert cells["batch-7/ui-eps"][:8] == ["batch-7/ui-eps", "open", "t-math", "planner", "1", "0", "0", "—"]
     assert rows[0].find_all("a")[0].attrs["href"] == "#session=batch-7%2Fui-eps"
     assert dom.by_id("page-info").text() == "page 1 · 5 sessions"
     assert "disabled" in dom.by_id("page-older").attrs and "disabled" in dom.by_id("page-newer").attrs
@@ -298,13 +302,23 @@ def test_session_detail_shows_its_calls_in_order(dash, tmp_path):
     assert calls[0].attrs["data-call"] == info["alpha_first_call"]
     first, second = calls[0].text(), calls[1].text()
     for needle in ("#0", "planner", "v0", "finish: tool_calls", "HTTP 200", "input · user", "What is 2+2?",
-                   "0.2 · user"):
+                   "0.2 · user", "chat", "tools offered: calculator, search", "whole input · 1 message"):
         assert needle in first, (needle, first)
+    tokens = calls[0].find_all("span", class_="tokens")[0].text()
+    assert tokens == f"{api['calls'][0]['prompt_tokens']} → {api['calls'][0]['completion_tokens']} tokens"
+    assert not calls[0].find_all(class_="untrained") and not calls[0].find_all(class_="untrained-why")
+    # the whole input of the second call, folded: the question, the tool call, the tool's result
+    whole = calls[1].find_all("details", class_="input-all")[0]
+    assert "open" not in whole.attrs and whole.find_all("summary")[0].text() == "whole input · 3 messages"
+    msgs = [m.find_all("div", class_="label")[0].text() for m in whole.find_all("li", class_="msg")]
+    assert msgs[0] == "user" and msgs[1] == "assistant" and msgs[2].startswith("tool (")
+    assert whole.find_all("li", class_="tool-call")[0].text().startswith('calculator {"expr": "2+2"}')
     tool = calls[0].find_all("li", class_="tool-call")
     assert [t.text() for t in tool] == ['calculator {"expr": "2+2"}']
     for needle in ("#1", "finish: stop", "input · tool", "The answer is 4.", "4"):
         assert needle in second, (needle, second)
-    assert "The answer is 4." not in first and "What is 2+2?" not in second
+    # the earlier turn shows only in the second call's folded whole input
+    assert "The answer is 4." not in first and "What is 2+2?" not in second.replace(whole.text(), "")
     head = detail.text()
     assert "trained" in head and "final reward 1" in head and "train step 1" in head and "final 1 · user" in head
     # the selected session is highlighted in the list below
@@ -409,3 +423,107 @@ def test_train_steps_and_policy_versions_json(dash):
     assert [v["version"] for v in page["data"]] == [3, 2] and page["has_more"]
     page = get(proxy, "/policy/versions", limit=2, cursor=page["next_cursor"]).json()
     assert [v["version"] for v in page["data"]] == [1] and not page["has_more"]
+
+
+# --- every API, and the calls that will not be trained ---------------------------------------------------------
+
+HOSTILE_TEXT = '<img src=x onerror="document.title=1"><script>document.title=2</script>'
+
+
+def _apis_rows() -> list[dict]:
+    from datetime import UTC, datetime, timedelta
+
+    t0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
+
+    def row(i: int, session: str, **kw) -> dict:
+        base = {"id": f"ui-call-{i}", "session_id": session, "seq": i, "kind": "chat",
+                "path": "/v1/chat/completions", "status_code": 200, "started_at": t0 + timedelta(seconds=i),
+                "finished_at": t0 + timedelta(seconds=i), "model_requested": "policy", "agent_name": "solver",
+                "request": {"messages": [{"role": "user", "content": "hi"}]},
+                "response": {"choices": [{"message": {"role": "assistant", "content": "ok"}}]},
+                "prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 5], "logprobs": [-0.5, -0.25]}
+        return {**base, **kw}
+
+    return [
+        row(0, "ui-apis", stream=True, request={"messages": [{"role": "system", "content": "You are a solver."},
+                                                             {"role": "user", "content": HOSTILE_TEXT}],
+                                                "tools": TOOLS}),
+        row(1, "ui-apis", kind="responses", path="/v1/responses", request={
+            "instructions": "You are terse.", "tools": [{"type": "function", "name": "get_weather"}],
+            "input": [{"role": "user", "content": "Weather?"},
+                      {"type": "function_call", "call_id": "fc_1", "name": "get_weather", "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "fc_1", "output": "sunny"}]},
+            response={"object": "response", "output": [
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]}]}),
+        row(2, "ui-apis", kind="messages", path="/v1/messages", request={
+            "system": "You are a calculator.", "tools": [{"name": "calc", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "2+2?"}]},
+            response={"type": "message", "content": [{"type": "text", "text": "4"}]}),
+        row(3, "ui-apis", status_code=502, error="upstream down", response=None, prompt_token_ids=None,
+            completion_token_ids=None, logprobs=None),
+        row(4, "ui-apis", sampling={"requested": {"temperature": 0.7}, "effective": {"temperature": 0.7}},
+            untrainable_reason="sampling: temperature 0.7 differs from the training value 1.0"),
+        row(5, "ui-clean"),
+    ]
+
+
+@needs_chromium
+def test_each_call_shows_its_api_tokens_tools_whole_input_and_why_it_is_not_trained(start_proxy, upstream, pg_url,
+                                                                                   tmp_path):
+    proxy = start(start_proxy, upstream, pg_url, tmp_path)
+    dbread.insert_calls(pg_url, _apis_rows())
+    api = get(proxy, "/sessions/ui-apis").json()
+    assert [c["train"]["trainable"] for c in api["calls"]] == [True, True, True, False, False]
+
+    dom = render(f"{proxy.url}/ui#session=ui-apis", tmp_path)
+    calls = dom.by_id("detail").find_all("li", class_="call")
+    assert [c.attrs["data-call"] for c in calls] == [f"ui-call-{i}" for i in range(5)]
+    head = lambda c: [m.text() for m in c.find_all("div", class_="call-head")[0].find_all("span", class_="meta")]  # noqa: E731
+    chat_, responses_, messages_, failed, sampled = calls
+    assert "chat" in head(chat_) and "stream" in head(chat_) and "3 → 2 tokens" in head(chat_)
+    assert "responses" in head(responses_) and "stream" not in head(responses_)
+    assert "messages" in head(messages_) and "no tokens" in head(failed)
+    assert chat_.find_all("div", class_="offered")[0].text() == "tools offered: calculator, search"
+    assert responses_.find_all("div", class_="offered")[0].text() == "tools offered: get_weather"
+    assert messages_.find_all("div", class_="offered")[0].text() == "tools offered: calc"
+
+    # the whole input, system prompt first, in a collapsed <details>; store text stays text
+    def whole(c):
+        box = c.find_all("details", class_="input-all")[0]
+        assert "open" not in box.attrs
+        return [(m.find_all("div", class_="label")[0].text(), m.text()) for m in box.find_all("li", class_="msg")]
+    assert whole(chat_)[0] == ("system", "systemYou are a solver.") and whole(chat_)[1][1] == "user" + HOSTILE_TEXT
+    assert not dom.find_all("img") and dom.find_all("title")[0].text() == "trainwire"
+    assert [label for label, _ in whole(responses_)] == ["system", "user", "assistant", "tool (fc_1)"]
+    assert whole(responses_)[0][1] == "systemYou are terse." and "sunny" in whole(responses_)[3][1]
+    assert whole(messages_) == [("system", "systemYou are a calculator."), ("user", "user2+2?")]
+    assert "Sunny." in responses_.text() and "4" in messages_.text()
+
+    # not trained: marked, and why
+    for c in (chat_, responses_, messages_):
+        assert not c.find_all(class_="untrained") and not c.find_all(class_="untrained-why")
+    assert failed.find_all("span", class_="untrained")[0].text() == "not trained"
+    assert failed.find_all("div", class_="untrained-why")[0].text() == "not trained: failed upstream call (status 502)"
+    assert sampled.find_all("div", class_="untrained-why")[0].text() == \
+        "not trained: sampling: temperature 0.7 differs from the training value 1.0"
+    assert "1 failed · 2 untrainable" in dom.by_id("detail").find_all("p")[0].text()
+    assert "null" not in dom.by_id("detail").text()  # a session without rewards shows no stray "null"
+
+    # the list: failed and untrainable counts per session, and filters for them kept in the URL fragment
+    rows = {r.attrs["data-session"]: [td.text() for td in r.find_all("td")]
+            for r in dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")}
+    assert rows["ui-apis"][4:7] == ["5", "1", "2"] and rows["ui-clean"][4:7] == ["1", "0", "0"]
+    assert dom.by_id("n-calls-untrainable").text() == "2" and dom.by_id("n-calls-failed").text() == "1"
+    assert {k: dom.by_id(f"n-api-{k}").text() for k in ("chat", "responses", "messages")} == {
+        "chat": "4", "responses": "1", "messages": "1"}
+    assert "checked" not in dom.by_id("f-failed").attrs and "checked" not in dom.by_id("f-untrainable").attrs
+
+    dom = render(f"{proxy.url}/ui#has=untrainable", tmp_path)
+    rows = dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")
+    assert [r.attrs["data-session"] for r in rows] == ["ui-apis"]
+    assert "checked" in dom.by_id("f-untrainable").attrs and "checked" not in dom.by_id("f-failed").attrs
+    assert rows[0].find_all("a")[0].attrs["href"] == "#has=untrainable&session=ui-apis"
+    dom = render(f"{proxy.url}/ui#has=failed,untrainable,bogus", tmp_path)
+    assert [r.attrs["data-session"] for r in dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")] == \
+        ["ui-apis"]
+    assert "checked" in dom.by_id("f-failed").attrs and dom.by_id("error").hidden

@@ -4,7 +4,8 @@
 
 const REFRESH_MS = 5000;
 const PAGE_SIZE = 25;       // sessions per page; `#size=N` in the URL overrides it
-const FILTERS = ["status", "agent", "task", "size"];
+const FILTERS = ["status", "agent", "task", "has", "size"];
+const HAS = ["failed", "untrainable"];  // `#has=failed,untrainable`: sessions with such calls
 const KEY_ITEM = "trainwire.key";
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -17,6 +18,7 @@ const st = {
   needKey: false,
   detailId: null,
   detailJson: null,
+  openInputs: new Set(),    // calls whose whole input is unfolded: kept open across refreshes
 };
 
 // --- small helpers ------------------------------------------------------------------------------------------
@@ -76,9 +78,17 @@ function sessionHref(id) { return hashWith({ session: id }); }
 function readFilters() {
   const p = hashParams();
   const next = Object.fromEntries(FILTERS.map((k) => [k, (p.get(k) || "").trim()]));
+  next.has = hasList(next.has).join(",");
   if (JSON.stringify(next) !== JSON.stringify(st.filters)) { st.filters = next; st.cursors = [null]; }
   $("f-status").value = next.status; $("f-agent").value = next.agent; $("f-task").value = next.task;
+  const has = hasList(next.has);
+  for (const k of HAS) {  // the attribute too, so the state shows in the DOM (and a saved page)
+    $("f-" + k).checked = has.includes(k);
+    $("f-" + k).toggleAttribute("checked", has.includes(k));
+  }
 }
+
+function hasList(value) { return (value || "").split(",").map((x) => x.trim()).filter((x) => HAS.includes(x)); }
 
 // --- API ----------------------------------------------------------------------------------------------------
 
@@ -137,7 +147,10 @@ function renderCounts(stats) {
       ...Object.keys(ss).filter((k) => !["total", "open", "finished", "claimed", "trained", "skipped"].includes(k))
         .map((k) => [k, "n-sessions-" + k, ss[k]])]),
     card("Calls", [["total", "n-calls-total", c.total], ["trainable", "n-calls-trainable", c.trainable],
-      ["failed", "n-calls-failed", c.failed, c.failed ? "bad" : null]]),
+      ["failed", "n-calls-failed", c.failed, c.failed ? "bad" : null],
+      ["untrainable", "n-calls-untrainable", c.untrainable || 0, c.untrainable ? "warn" : null]]),
+    card("Calls by API", Object.keys(c.by_api || {}).length
+      ? Object.entries(c.by_api).map(([k, n]) => [k, "n-api-" + k, n]) : [["none yet", "n-api-none", 0]]),
     card("Rewards", [["total", "n-rewards-total", r.total], ["final", "n-rewards-final", r.final],
       ["intermediate", "n-rewards-intermediate", r.intermediate],
       ["closed without reward", "n-rewards-noreward", r.finished_without_reward]]),
@@ -267,9 +280,13 @@ function renderSessions(page) {
     h("td", {}, h("a", { href: sessionHref(x.id) }, x.id)),
     h("td", {}, h("span", { class: "pill " + x.status }, x.status)),
     h("td", {}, x.task_id || "—"), h("td", {}, (x.agents || []).join(", ") || "—"),
-    h("td", { class: "num" }, x.n_calls), h("td", { class: "num" }, num(x.final_reward)),
+    h("td", { class: "num" }, x.n_calls),
+    h("td", { class: "num" + (x.n_failed ? " bad" : ""), "data-failed": x.n_failed }, x.n_failed || 0),
+    h("td", { class: "num" + (x.n_untrainable ? " warn" : ""), "data-untrainable": x.n_untrainable },
+      x.n_untrainable || 0),
+    h("td", { class: "num" }, num(x.final_reward)),
     h("td", {}, when(x.first_call_at)), h("td", {}, when(x.last_call_at)))),
-  8, "No sessions match.");
+  10, "No sessions match.");
   const i = st.cursors.length;
   $("page-info").textContent = `page ${i} · ${page.data.length} session${page.data.length === 1 ? "" : "s"}`;
   $("page-newer").disabled = i <= 1;
@@ -279,7 +296,7 @@ function renderSessions(page) {
 function sessionsQuery() {
   const size = parseInt(st.filters.size, 10);
   const q = new URLSearchParams({ limit: size >= 1 && size <= 1000 ? size : PAGE_SIZE });
-  for (const k of ["status", "agent", "task"]) if (st.filters[k]) q.set(k, st.filters[k]);
+  for (const k of ["status", "agent", "task", "has"]) if (st.filters[k]) q.set(k, st.filters[k]);
   const cur = st.cursors[st.cursors.length - 1];
   if (cur) q.set("cursor", cur);
   return "sessions?" + q;
@@ -298,8 +315,30 @@ function block(label, text, cls) {
   return h("div", { class: "block " + (cls || "") }, h("div", { class: "label" }, label), h("pre", {}, text));
 }
 
+function tokenCount(c) {
+  if (c.prompt_tokens === null && c.completion_tokens === null) return "no tokens";
+  return `${num(c.prompt_tokens)} → ${num(c.completion_tokens)} tokens`;
+}
+
+// The call's whole input (system prompt first, every message, tool call and tool result), folded away.
+function wholeInput(c) {
+  const msgs = c.input_messages || [];
+  if (!msgs.length) return null;
+  const box = h("details", { class: "input-all", open: st.openInputs.has(c.id) || null,
+    ontoggle: (ev) => { if (ev.target.open) st.openInputs.add(c.id); else st.openInputs.delete(c.id); } },
+  h("summary", {}, `whole input · ${msgs.length} message${msgs.length === 1 ? "" : "s"}`),
+  h("ol", { class: "messages" }, msgs.map((m) => h("li", { class: "msg role-" + String(m.role).replace(/[^a-z_-]/gi, "") },
+    h("div", { class: "label" }, m.role + (m.tool_call_id ? ` (${m.tool_call_id})` : "")),
+    m.content !== null && m.content !== undefined && m.content !== "" ? h("pre", {}, m.content) : null,
+    (m.tool_calls || []).length ? h("ul", { class: "msg-tools" }, m.tool_calls.map((t) => h("li", { class: "tool-call" },
+      h("code", {}, t.name || "?"), " ", h("code", { class: "args" }, typeof t.arguments === "string"
+        ? t.arguments : JSON.stringify(t.arguments)), t.id ? h("span", { class: "muted" }, ` ${t.id}`) : null))) : null))));
+  return box;
+}
+
 function callCard(c) {
   const inp = c.input || {}, out = c.output || {};
+  const train = c.train || { trainable: c.trainable, reason: c.trainable ? null : "not trainable" };
   const raw = h("pre", { class: "raw", hidden: true });
   const toggle = h("button", { type: "button", class: "link", onclick: async () => {
     if (raw.hidden && !raw.textContent) {
@@ -316,10 +355,17 @@ function callCard(c) {
       h("span", { class: "meta" }, "finish: " + (c.finish_reason || "—")),
       h("span", { class: "meta" + (c.status_code !== 200 ? " bad" : "") }, "HTTP " + c.status_code),
       h("span", { class: "meta" }, c.model_served || c.model_requested || ""),
-      c.trainable ? null : h("span", { class: "meta" }, "not trainable"),
+      h("span", { class: "meta api" }, c.api || c.kind), c.stream ? h("span", { class: "meta" }, "stream") : null,
+      h("span", { class: "meta tokens" }, tokenCount(c)),
+      train.trainable ? null : h("span", { class: "meta untrained", title: "this call will not be trained on" },
+        "not trained"),
       c.upstream_ms !== null ? h("span", { class: "meta" }, `${Math.round(c.upstream_ms)} ms`) : null,
       h("span", { class: "meta muted" }, when(c.started_at)), ...rewardChips(c.rewards || [])),
+    train.trainable ? null : h("div", { class: "untrained-why" }, h("b", {}, "not trained: "), train.reason || "—"),
+    (c.tools || []).length ? h("div", { class: "offered" }, h("span", { class: "label" }, "tools offered: "),
+      c.tools.map((t, i) => [i ? ", " : "", h("code", {}, t)])) : null,
     block("input · " + (inp.role || "?") + (inp.tool_call_id ? ` (${inp.tool_call_id})` : ""), inp.content, "in"),
+    wholeInput(c),
     block("reasoning", out.reasoning_content, "out"),
     block("output", out.content, "out"),
     (out.tool_calls || []).length ? h("div", { class: "block tools" }, h("div", { class: "label" }, "tool calls"),
@@ -332,17 +378,18 @@ function callCard(c) {
 function renderDetail(d) {
   const box = $("detail");
   box.hidden = false;
-  box.replaceChildren(
+  box.replaceChildren(...[
     h("div", { class: "detail-head" }, h("h2", {}, "Session ", h("code", { id: "detail-id" }, d.id)),
       h("a", { href: hashWith({ session: null }), class: "close" }, "close ✕")),
     h("p", {}, h("span", { class: "pill " + d.status }, d.status), " ",
       `task ${d.task_id || "—"} · agents ${(d.agents || []).join(", ") || "—"} · ${d.n_calls} call${d.n_calls === 1 ? "" : "s"}` +
+      (d.n_failed ? ` · ${d.n_failed} failed` : "") + (d.n_untrainable ? ` · ${d.n_untrainable} untrainable` : "") +
       ` · final reward ${num(d.final_reward)}` + (d.train_step !== null && d.train_step !== undefined ? ` · train step ${d.train_step}` : "") +
       (d.skip_reason ? ` · skipped: ${d.skip_reason}` : "")),
     (d.rewards || []).length ? h("p", {}, "rewards: ", rewardChips(d.rewards)) : null,
     d.calls.length ? h("ol", { class: "calls" }, d.calls.map(callCard)) : h("p", { class: "muted" },
       "No calls recorded for this session (its rewards are orphaned)."),
-  );
+  ].filter((x) => x !== null));  // replaceChildren would show a null as the text "null"
 }
 
 async function loadDetail(force) {
@@ -416,9 +463,12 @@ function init() {
   $("filters").addEventListener("submit", (ev) => {
     ev.preventDefault();
     location.hash = hashWith({ status: $("f-status").value, agent: $("f-agent").value.trim(),
-      task: $("f-task").value.trim() });  // -> hashchange -> readFilters + refresh
+      task: $("f-task").value.trim(), has: HAS.filter((k) => $("f-" + k).checked).join(",") });
+    // -> hashchange -> readFilters + refresh
   });
-  $("f-clear").addEventListener("click", () => { location.hash = hashWith({ status: "", agent: "", task: "" }); });
+  $("f-clear").addEventListener("click", () => {
+    location.hash = hashWith({ status: "", agent: "", task: "", has: "" });
+  });
   $("page-older").addEventListener("click", () => { if (st.nextCursor) { st.cursors.push(st.nextCursor); refresh(); } });
   $("page-newer").addEventListener("click", () => { if (st.cursors.length > 1) { st.cursors.pop(); refresh(); } });
   window.addEventListener("hashchange", () => {
