@@ -7,6 +7,11 @@ the store, vLLM serving it, the proxy stamping `X-Policy-Version` with it, recor
 request that differ from before, every session trained exactly once, and (LoRA) a restarted trainer resuming
 from its checkpoint with the global step going on.
 
+Train-inference agreement, after a LoRA publish and after a full publish: the base model plus the published
+adapter (HF + PEFT), or the published full folder (HF), reproduces the log-probs vLLM recorded for tokens it sampled
+with those weights to within 5e-5, and the trainer's own agreement metric on those samples (its next step) is as
+small.
+
 Skipped when the vLLM venv is missing (scripts/setup_vllm_venv.sh); TRAINWIRE_REQUIRE_VLLM=1 makes that an error.
 """
 
@@ -40,6 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = [{"role": "user", "content": "Write a number."}]
 PROMPTS = ["Give me some digits.", "Tell me a number."]
 GROUP = 4  # samples per prompt (one GRPO group per prompt)
+# vLLM's recorded log-probs against HF (+ PEFT) on the published weights, float32 on both sides (measured on the
+# 2-core CPU build: max 2.4e-6 after a LoRA publish, 2.9e-6 after a full one).
+HF_TOLERANCE = 5e-5
+# The trainer's agreement pass (verl's FSDP engine, no-padding layout) against the same recorded log-probs
+# (measured: max 3.6e-6 to 4.5e-6, mean under 1e-6).
+AGREEMENT_TOLERANCE = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +174,56 @@ def assert_logprobs_changed(before: dict, after: dict) -> None:
         abs(a["logprobs"][0] - b["logprobs"][0]) > 1e-4
 
 
+def recorded_calls(db_url: str, session_ids: list[str], version: int) -> list[dict]:
+    calls = [c for sid in session_ids for c in dbread.calls(db_url, sid)]
+    assert calls and {c["policy_version"] for c in calls} == {version}
+    assert all(c["sampling"]["effective"]["temperature"] == 1.0 for c in calls)  # sampled, at the trainer's T
+    return calls
+
+
+def hf_logprob_gap(model_dir: Path, published: Path, kind: str, calls: list[dict]) -> dict[str, float]:
+    """Max and mean |HF log-prob - vLLM's recorded log-prob| over the sampled tokens of ``calls``: base model +
+    the published adapter (PEFT) for LoRA, the published folder for full weights; float32, temperature 1."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if kind == "lora":
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(published))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(published), dtype=torch.float32)
+    model.eval()
+    gaps: list[float] = []
+    with torch.no_grad():
+        for c in calls:
+            prompt, completion = list(c["prompt_token_ids"]), list(c["completion_token_ids"])
+            logits = model(torch.tensor([prompt + completion])).logits[0].float()
+            p = len(prompt)
+            mine = logits[p - 1:p - 1 + len(completion)].log_softmax(-1)
+            mine = mine.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+            gaps += (mine - torch.tensor(list(c["logprobs"]), dtype=torch.float32)).abs().tolist()
+    out = {"max": max(gaps), "mean": sum(gaps) / len(gaps), "tokens": float(len(gaps))}
+    print(f"HF{' + PEFT' if kind == 'lora' else ''} vs vLLM on {published.name}: max |dlogp| {out['max']:.2e}, "
+          f"mean {out['mean']:.2e} over {len(gaps)} tokens")
+    return out
+
+
+def step_metrics(db_url: str, step: int) -> dict:
+    (row,) = [r for r in rows(db_url, TrainStep.__table__) if r["step"] == step]
+    return row["metrics"]
+
+
+def assert_agreement(metrics: dict, n_samples: int) -> None:
+    print("trainer agreement: " + ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in metrics.items()
+                                            if k.startswith("agreement/")))
+    assert metrics["agreement/samples"] == n_samples
+    assert metrics["agreement/mean_abs_dlogp"] <= AGREEMENT_TOLERANCE
+    assert metrics["agreement/max_abs_dlogp"] <= AGREEMENT_TOLERANCE
+    assert abs(metrics["agreement/ppo_kl"]) <= AGREEMENT_TOLERANCE
+
+
 def assert_trained_once(db_url: str, groups: dict[int, list[str]]) -> None:
     """Every recorded session is `trained` by exactly the step that claimed it; steps account for each once."""
     sessions = {r["id"]: r for r in rows(db_url, Session.__table__)}
@@ -212,11 +273,13 @@ def test_lora_step_is_served_and_resumes(proxy, vllm, model_dir, tmp_path):
     assert after["row"]["policy_version"] == 1 and after["row"]["model_served"] == "policy-v1"
     assert_logprobs_changed(before, after)
     assert_trained_once(db, {1: first})
+    assert_agreement(step_metrics(db, 1), len(first))  # served by v0, the engine's weights before step 1
 
     # A restarted trainer resumes from its checkpoint: global step 2, version 2, nothing trained twice.
     second = record_sessions(proxy, "b")
-    for sid in second:  # served by v1
-        assert {c["policy_version"] for c in dbread.calls(db, sid)} == {1}
+    # HF + PEFT on the published adapter reproduce what vLLM recorded for the tokens it sampled with it.
+    gap = hf_logprob_gap(model_dir, Path(pv["path"]), "lora", recorded_calls(db, second, 1))
+    assert gap["max"] <= HF_TOLERANCE
     log = run_trainer(db_url=db, vllm=vllm, model_dir=model_dir, ckpt=ckpt, lora_rank=8, lr=5e-3, steps=1,
                       log_path=tmp_path / "trainer.log")
     print(log)
@@ -229,6 +292,9 @@ def test_lora_step_is_served_and_resumes(proxy, vllm, model_dir, tmp_path):
     assert again["version"] == 2 and again["row"]["model_served"] == "policy-v2"
     assert_logprobs_changed(after, again)
     assert_trained_once(db, {1: first, 2: second})
+    # The resumed engine's log-probs of the tokens v1 served are vLLM's: weights, temperature, logprobs mode.
+    assert_agreement(step_metrics(db, 2), len(second))
+    assert "agreement |dlogp|" in log and "WARNING" not in log
 
 
 def test_full_finetune_reload_under_traffic(proxy, vllm, model_dir, tmp_path):
@@ -282,6 +348,17 @@ def test_full_finetune_reload_under_traffic(proxy, vllm, model_dir, tmp_path):
         assert after["version"] == 1 and after["row"]["policy_version"] == 1
         assert_logprobs_changed(before, after)
         assert_trained_once(db, {1: sessions})
+        assert_agreement(step_metrics(db, 1), len(sessions))
+
+        # The reloaded full weights: HF on the published folder reproduces vLLM's recorded log-probs, and so
+        # does the trainer's engine, resumed from its checkpoint, in its next step.
+        served = record_sessions(proxy, "g")
+        gap = hf_logprob_gap(model_dir, Path(pv["path"]), "full", recorded_calls(db, served, 1))
+        assert gap["max"] <= HF_TOLERANCE
+        log = run_trainer(db_url=db, vllm=vllm, model_dir=model_dir, ckpt=tmp_path / "ckpt", lora_rank=0, lr=1e-3,
+                          steps=1, log_path=tmp_path / "trainer.log")
+        assert "step 2 -> v2" in log and "WARNING" not in log
+        assert_agreement(step_metrics(db, 2), len(served))
     finally:
         # Later tests in this module expect the base weights.
         r = httpx.post(f"{vllm.url}/collective_rpc", timeout=60,
