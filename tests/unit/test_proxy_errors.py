@@ -11,7 +11,7 @@ from trainwire.proxy.errors import TYPES, ApiError, api_error_response, error_bo
 
 @pytest.mark.parametrize("status, type_", [
     (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
-    (404, "not_found_error"), (409, "conflict_error"), (413, "invalid_request_error"),
+    (404, "not_found_error"), (405, "invalid_request_error"), (409, "conflict_error"), (413, "invalid_request_error"),
     (422, "invalid_request_error"), (429, "rate_limit_error"), (502, "upstream_error"),
     (503, "service_unavailable"), (504, "upstream_timeout"),
 ])
@@ -22,7 +22,7 @@ def test_status_to_type(status, type_):
 
 
 def test_the_mapping_has_exactly_these_statuses():
-    assert sorted(TYPES) == [400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504]
+    assert sorted(TYPES) == [400, 401, 403, 404, 405, 409, 413, 422, 429, 502, 503, 504]
 
 
 @pytest.mark.parametrize("status", [500, 418, 200, 501, 599])
