@@ -4,10 +4,13 @@
     POST /sessions/{session_id}/reward {"reward": 1.0}
     POST /sessions/{session_id}/finish {}                       (closes the episode without a reward)
 
-Body: `session_id` (required unless in the path), `reward` (finite number, required), `call_id` (optional: the
+Body: `session_id` (required unless in the path), `reward` (finite number, |reward| <= 1e12, required), `call_id` (optional: the
 `X-Call-Id` of one call of the session; the reward is then intermediate unless `final` says otherwise), `final`
 (default: true without `call_id`, false with it), `idempotency_key` (or the `Idempotency-Key` header) and
-`metadata` (a JSON object). Every refusal is a 4xx in OpenAI's error format and stores nothing.
+`metadata` (a JSON object). Bodies are parsed as strictly as on the generation routes (orjson: no NaN or Infinity,
+no lone surrogates), and no text that the database cannot store (NUL) is accepted. Every refusal is a 4xx in
+OpenAI's error format and stores nothing; a database that is away is a 503 with Retry-After (proxy/errors.py).
+`GET` on the two session paths is a 405 (they are not session ids).
 
 The answer is the stored reward: `{"object": "reward", "id", "session_id", "call_id", "final", "value",
 "source", "idempotency_key", "metadata", "created_at", "orphaned", "duplicate"}`.
@@ -20,24 +23,27 @@ import json
 import logging
 import math
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
+
 from trainwire.proxy.air import KEY_PREFIX as AIR_KEY_PREFIX
-from trainwire.proxy.errors import ApiError
-from trainwire.proxy.plumbing import admin, json_response, state_of
+from trainwire.proxy.errors import ApiError, responses
+from trainwire.proxy.plumbing import admin, json_response, state_of, text_problem
 from trainwire.proxy.session_headers import (
     ID_PATTERN,  # importing it also registers the `twsession` path convertor
 )
+from trainwire.store.read_models import RewardOut
 from trainwire.store.rewards import (
+    MAX_JSON_DEPTH,
     NewReward,
     RewardError,
     call_session,
-    check_finite_json,
+    check_storable_json,
     session_exists,
     store_reward,
 )
@@ -45,10 +51,17 @@ from trainwire.store.rewards import (
 log = logging.getLogger("trainwire.rewards")
 
 
-router = APIRouter(dependencies=[Depends(admin)])
+# No router-wide dependency: the 405 answers below come before the key, as the framework's own 405s do.
+router = APIRouter()
+ADMIN = [Depends(admin)]
 
 MAX_METADATA_BYTES = 64 * 1024
+# Sums and squares of rewards must stay finite: in the database's averages (/stats) and in the trainer's float32
+# advantages. A reward beyond this is a bug in the reward function, not a signal.
+MAX_ABS_REWARD = 1e12
 FIELDS = ("session_id", "reward", "call_id", "final", "idempotency_key", "metadata")
+# ID_PATTERN as a JSON Schema pattern (which, unlike fullmatch, needs the anchors).
+_ID_DOC = f"^{ID_PATTERN.pattern}$"
 
 
 def _describe(v: Any) -> str:
@@ -85,12 +98,27 @@ class RewardBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    session_id: str | None = None
-    reward: float | None = None
-    call_id: str | None = None
-    final: bool | None = None
-    idempotency_key: str | None = None
-    metadata: dict[str, Any] | None = None
+    # The field types are loose so that the validators below can say exactly what is wrong with a value; the
+    # schemas say what to send (the OpenAPI document shows them).
+    session_id: Annotated[str | None, WithJsonSchema(
+        {"type": "string", "pattern": _ID_DOC, "maxLength": 128,
+         "description": "The episode: the X-Session-Id of its calls"})] = None
+    reward: Annotated[float | None, WithJsonSchema(
+        {"type": "number", "minimum": -MAX_ABS_REWARD, "maximum": MAX_ABS_REWARD, "description": "A finite number"})
+    ] = None
+    call_id: Annotated[str | None, WithJsonSchema(
+        {"type": "string", "pattern": _ID_DOC, "maxLength": 128,
+         "description": "The X-Call-Id of one call of the session: the reward is then intermediate unless `final` "
+                        "says otherwise"})] = None
+    final: Annotated[bool | None, WithJsonSchema(
+        {"type": "boolean", "description": "Default: true without call_id, false with it"})] = None
+    idempotency_key: Annotated[str | None, WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": 256,
+         "description": "Posting the same key again answers the stored reward (or the Idempotency-Key header)"})
+    ] = None
+    metadata: Annotated[dict[str, Any] | None, WithJsonSchema(
+        {"type": "object", "description": f"Any JSON object, at most {MAX_METADATA_BYTES} bytes, nested at most "
+                                          f"{MAX_JSON_DEPTH} levels"})] = None
 
     @field_validator("session_id", mode="before")
     @classmethod
@@ -113,6 +141,8 @@ class RewardBody(BaseModel):
             raise _fail("must be a finite number; got an integer too large for a float") from None
         if not math.isfinite(f):
             raise _fail(f"must be a finite number; got {_describe(f)}")
+        if abs(f) > MAX_ABS_REWARD:
+            raise _fail(f"must be a finite number of magnitude at most {MAX_ABS_REWARD:g}; got {f:g}")
         return f
 
     @field_validator("final", mode="before")
@@ -131,6 +161,9 @@ class RewardBody(BaseModel):
             raise _fail(f"must be a string; got {_describe(v)}")
         if not 1 <= len(v) <= 256:
             raise _fail(f"must be 1-256 characters; got {len(v)}")
+        problem = text_problem(v)
+        if problem:
+            raise _fail(problem)
         return v
 
     @field_validator("metadata", mode="before")
@@ -141,7 +174,7 @@ class RewardBody(BaseModel):
         if not isinstance(v, dict):
             raise _fail(f"must be a JSON object; got {_describe(v)}")
         try:
-            check_finite_json(v, "metadata")
+            check_storable_json(v, "metadata")
         except ValueError as exc:
             raise _fail(str(exc)) from None
         if len(orjson.dumps(v)) > MAX_METADATA_BYTES:
@@ -171,13 +204,53 @@ async def _body(request: Request, *, required: bool) -> dict[str, Any]:
                                 '"reward": 1.0}', code="invalid_json")
         return {}
     try:
-        # The stdlib parser, because it reads NaN/Infinity literals: then the message can name them.
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        # orjson, as on the generation routes: it refuses NaN/Infinity literals, numbers that overflow a double
+        # and lone surrogates, none of which the database can store.
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _unparsable(raw, exc) from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object; got {_describe(body)}", code="invalid_json")
     return body
+
+
+def _unparsable(raw: bytes, exc: orjson.JSONDecodeError) -> ApiError:
+    """Why orjson refused a body. The stdlib parser reads what orjson refuses by design (NaN and Infinity
+    literals, numbers beyond a double, lone surrogates): when it can read the body, the error names the field and
+    the value, as "reward: must be a finite number; got NaN" does. Nothing read this way is ever stored."""
+    try:
+        lenient = json.loads(raw)
+    except (ValueError, RecursionError):
+        lenient = None
+    if isinstance(lenient, dict):
+        where = _surrogate_in(lenient, "")
+        if where is not None:
+            return ApiError(400, f"{where or 'a field name'} contains a lone surrogate, which is not valid Unicode",
+                            param=where.split(".")[0].split("[")[0] or None, code="invalid_json")
+        try:
+            _validate(lenient)
+        except ApiError as found:
+            return found
+    return ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json")
+
+
+def _surrogate_in(value: Any, where: str) -> str | None:
+    """The place of the first string (or key) holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return where if text_problem(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if text_problem(k):
+                return where
+            found = _surrogate_in(v, f"{where}.{k}" if where else k)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _surrogate_in(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _validate(body: dict[str, Any]) -> RewardBody:
@@ -204,6 +277,9 @@ def _raw_idempotency_key(request: Request, body: RewardBody) -> str | None:
         if not 1 <= len(header) <= 256:
             raise ApiError(400, "Idempotency-Key header must be 1-256 characters", param="Idempotency-Key",
                            code="invalid_header")
+        problem = text_problem(header)
+        if problem:
+            raise ApiError(400, f"Idempotency-Key header {problem}", param="Idempotency-Key", code="invalid_header")
         if body.idempotency_key is not None and body.idempotency_key != header:
             raise ApiError(400, f"idempotency_key in the body ({body.idempotency_key!r}) differs from the "
                                 f"Idempotency-Key header ({header!r}); send one", param="idempotency_key",
@@ -234,6 +310,11 @@ async def _visible(tw, check, grace_s: float) -> Any:
         await asyncio.sleep(0.05)
 
 
+def _not_written(session_id: str) -> ApiError:
+    return ApiError(503, f"calls of session {session_id!r} are still being served or written; retry shortly",
+                    code="session_not_written", headers={"Retry-After": "1"})
+
+
 async def _store(request: Request, new: NewReward) -> Response:
     tw = state_of(request)
     flushed = await tw.writer.flush_session(new.session_id)
@@ -245,8 +326,7 @@ async def _store(request: Request, new: NewReward) -> Response:
             owner = await _visible(tw, lambda: call_session(tw.engine, new.call_id), grace)
         if owner is None:
             if not flushed:
-                raise ApiError(503, f"calls of session {new.session_id!r} are still being served or written; "
-                                    f"retry shortly", code="session_not_written")
+                raise _not_written(new.session_id)
             raise ApiError(404, f"call_id {new.call_id!r} is not a recorded call (use the X-Call-Id response "
                                 f"header of a call of session {new.session_id!r})", param="call_id",
                            code="call_not_found")
@@ -255,8 +335,7 @@ async def _store(request: Request, new: NewReward) -> Response:
                            param="call_id", code="call_session_mismatch")
     elif not await session_exists(tw.engine, new.session_id):
         if not flushed:
-            raise ApiError(503, f"calls of session {new.session_id!r} are still being served or written; "
-                                f"retry shortly", code="session_not_written")
+            raise _not_written(new.session_id)
         if grace:
             await _visible(tw, lambda: session_exists(tw.engine, new.session_id), grace)
     try:
@@ -282,17 +361,49 @@ async def _reward(request: Request, path_session: str | None) -> Response:
     return await _store(request, new)
 
 
-@router.post("/reward")
+class StoredReward(RewardOut):
+    """The stored reward: `orphaned` when its session has no recorded calls (yet), `duplicate` when an earlier
+    post with the same idempotency key stored it."""
+
+    orphaned: bool
+    duplicate: bool
+
+
+def _request_body(*, required: list[str], without: tuple[str, ...] = (), body_required: bool = True) -> dict:
+    """The route's request body in the OpenAPI document: RewardBody's schema, with what the route requires. The
+    routes read the body themselves (strict JSON, exact messages), so FastAPI does not parse it."""
+    schema = RewardBody.model_json_schema()
+    schema["properties"] = {k: v for k, v in schema["properties"].items() if k not in without}
+    schema["required"] = required
+    return {"requestBody": {"required": body_required, "content": {"application/json": {"schema": schema}}}}
+
+
+REWARD_ERRORS = responses(400, 401, 404, 409, 413, 422, 503,
+                          s404="call_id is not a recorded call, or no route has this path",
+                          s503="The database is unavailable, or calls of the session are still being served or "
+                               "written: retry after Retry-After seconds")
+
+
+FINISH_ERRORS = {**REWARD_ERRORS, **responses(404, s404="No route has this path (a session id it cannot be)")}
+
+
+@router.post("/reward", dependencies=ADMIN, response_model=StoredReward, responses=REWARD_ERRORS,
+             openapi_extra=_request_body(required=["session_id", "reward"]))
 async def post_reward(request: Request) -> Response:
+    """Store a reward of an episode (final by default) or, with `call_id`, of one of its calls."""
     return await _reward(request, None)
 
 
-@router.post("/sessions/{session_id:twsession}/reward")
+@router.post("/sessions/{session_id:twsession}/reward", dependencies=ADMIN, response_model=StoredReward,
+             responses=REWARD_ERRORS, openapi_extra=_request_body(required=["reward"]))
 async def post_session_reward(request: Request, session_id: str) -> Response:
+    """`POST /reward` with the session in the path."""
     return await _reward(request, session_id)
 
 
-@router.post("/sessions/{session_id:twsession}/finish")
+@router.post("/sessions/{session_id:twsession}/finish", dependencies=ADMIN, response_model=StoredReward,
+             responses=FINISH_ERRORS,
+             openapi_extra=_request_body(required=[], without=("reward", "call_id", "final"), body_required=False))
 async def finish_session(request: Request, session_id: str) -> Response:
     """Close the episode without a reward: a final row with a null value (the trainer uses its default)."""
     body = _validate(await _body(request, required=False))
@@ -305,3 +416,13 @@ async def finish_session(request: Request, session_id: str) -> Response:
     new = NewReward(session_id=session_id, value=None, final=True,
                     idempotency_key=_idempotency_key(request, body), metadata=body.metadata)
     return await _store(request, new)
+
+
+# GET /sessions/{session_id} reads a session, and session ids may hold '/': without these, GET
+# /sessions/abc/finish would read a session "abc/finish". Registered before the read API's routes.
+@router.get("/sessions/{session_id:twsession}/reward", include_in_schema=False)
+@router.get("/sessions/{session_id:twsession}/finish", include_in_schema=False)
+async def post_only(request: Request, session_id: str) -> Response:
+    action = request.url.path.rsplit("/", 1)[-1]
+    raise ApiError(405, f"/sessions/{{session_id}}/{action} takes POST only (to read a session use GET "
+                        f"/sessions/{{session_id}})", code="method_not_allowed", headers={"Allow": "POST"})

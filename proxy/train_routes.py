@@ -5,6 +5,9 @@ like the read API: `{"object": "list", "data": [...], "has_more": bool, "next_cu
                                                   n_samples, metrics {loss, grad_norm, reward/mean, ...}, created_at
     GET /policy/versions?limit=&cursor=&offset=   published weights: version, kind, served_model, path,
                                                   train_step, status, created_at, serving_upstreams
+
+A cursor must be one these routes handed out: one that decodes to anything but an integer the step or version
+column can hold is a 400 here, before any query.
 """
 
 from __future__ import annotations
@@ -12,30 +15,32 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from trainwire.proxy.errors import ApiError
-from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
+from trainwire.proxy.errors import ApiError, responses
+from trainwire.proxy.plumbing import INT32_MAX, Cursor, Limit, Offset, admin, int_cursor, json_response, state_of
 from trainwire.store import queries
 from trainwire.store.read_models import Page, PolicyVersionRow, TrainStepRow
 
 router = APIRouter(dependencies=[Depends(admin)])
+ERRORS = responses(400, 401, 503)
 
 
-@router.get("/train/steps", response_model=Page[TrainStepRow])
-async def train_steps(request: Request, limit: int = Limit, cursor: str | None = None,
+@router.get("/train/steps", response_model=Page[TrainStepRow], responses=ERRORS)
+async def train_steps(request: Request, limit: int = Limit, cursor: str | None = Cursor,
                       offset: int | None = Offset) -> Response:
     try:
-        page = await queries.list_train_steps(state_of(request).engine, limit=limit, cursor=cursor, offset=offset)
+        page = await queries.list_train_steps(state_of(request).engine, limit=limit,
+                                              cursor=int_cursor(cursor, INT32_MAX), offset=offset)
     except queries.BadQuery as exc:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
     return json_response(page.model_dump())
 
 
-@router.get("/policy/versions", response_model=Page[PolicyVersionRow])
-async def policy_versions(request: Request, limit: int = Limit, cursor: str | None = None,
+@router.get("/policy/versions", response_model=Page[PolicyVersionRow], responses=ERRORS)
+async def policy_versions(request: Request, limit: int = Limit, cursor: str | None = Cursor,
                           offset: int | None = Offset) -> Response:
     try:
-        page = await queries.list_policy_versions(state_of(request).engine, limit=limit, cursor=cursor,
-                                                  offset=offset)
+        page = await queries.list_policy_versions(state_of(request).engine, limit=limit,
+                                                  cursor=int_cursor(cursor, INT32_MAX), offset=offset)
     except queries.BadQuery as exc:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
     return json_response(page.model_dump())

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, select, update
+from sqlalchemy import Table, and_, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
 from trainwire.store.models import Call, Reward, Session, utcnow
 
-R, S, C = Reward.__table__, Session.__table__, Call.__table__
+# Tables (SQLAlchemy types __table__ as its FromClause base).
+R: Table = Reward.__table__  # type: ignore[assignment]
+S: Table = Session.__table__  # type: ignore[assignment]
+C: Table = Call.__table__  # type: ignore[assignment]
 
 # Sessions in these states are the trainer's: their rewards are frozen.
 TRAINER_STATES = ("claimed", "trained", "skipped")
@@ -73,7 +77,7 @@ def _same_value(a: float | None, b: float | None) -> bool:
 def aware(dt: datetime | None) -> datetime | None:
     """SQLite hands datetimes back naive; everything the store writes is UTC."""
     if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=timezone.utc)
+        return dt.replace(tzinfo=UTC)
     return dt
 
 
@@ -111,8 +115,10 @@ def _replay(row, new: NewReward, orphaned: bool) -> Stored:
 
 def _closed(session_id: str, row) -> RewardError:
     what = f"final reward {row.value!r}" if row.value is not None else "a close without a reward (/finish)"
+    created = aware(row.created_at)
     return RewardError(409, f"session {session_id!r} is already closed: it has {what} (#{row.id}, "
-                            f"{aware(row.created_at).isoformat()}); a session takes one final reward",
+                            f"{created.isoformat() if created else 'unknown time'}); a session takes one final "
+                            f"reward",
                        code="session_closed", param="session_id")
 
 
@@ -171,16 +177,42 @@ async def store_reward(engine: AsyncEngine, new: NewReward) -> Stored:
         raise
 
 
-def check_finite_json(value: Any, where: str) -> None:
-    """JSON parsers accept NaN and Infinity literals; Postgres JSONB and every consumer do not."""
+MAX_JSON_DEPTH = 64
+
+
+def check_storable_json(value: Any, where: str, depth: int = 0) -> None:
+    """Raise ValueError naming the place (`metadata.a[2]`) of what no database or consumer takes: NaN and
+    Infinity (JSON parsers accept the literals; Postgres JSONB and every consumer do not), numbers of magnitude
+    2**63 or more, the NUL character in
+    a key or a string (Postgres refuses it in text and jsonb), a lone surrogate (no driver can encode it), and
+    nesting deeper than MAX_JSON_DEPTH (the JSON encoders stop well before a parser does)."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} contains {value!r}; only finite numbers are allowed")
-    if isinstance(value, dict):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= 2**63:
+        # Postgres keeps JSON numbers as exact decimals: 1e30 comes back as a 31-digit integer, which no JSON
+        # encoder of the read API, the export or the trainer takes.
+        raise ValueError(f"{where} is a number of magnitude 2**63 or more ({value!r}), which does not round-trip "
+                         f"through the database; send it as a string")
+    if isinstance(value, str):
+        _check_text(value, where)
+    elif isinstance(value, dict):
         for k, v in value.items():
-            check_finite_json(v, f"{where}.{k}")
+            _check_text(k, f"{where} (a key)")
+            check_storable_json(v, f"{where}.{k}", depth + 1)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_finite_json(v, f"{where}[{i}]")
+            check_storable_json(v, f"{where}[{i}]", depth + 1)
+
+
+def _check_text(text: str, where: str) -> None:
+    if "\x00" in text:
+        raise ValueError(f"{where} contains the NUL character (U+0000), which the database cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} contains a lone surrogate, which is not valid Unicode") from None
 
 
 # --- admin: removing rewards -----------------------------------------------------------------------------
