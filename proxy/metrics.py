@@ -5,7 +5,11 @@ then sets PROMETHEUS_MULTIPROC_DIR: every worker keeps its values in files there
 multiprocess mode), and whichever worker answers /metrics adds them all up.
 
 State that lives in the worker (write queue, written and retried batches, policy versions) is sampled once a
-second, and by the answering worker just before it answers, rather than on every call."""
+second, and by the answering worker just before it answers, rather than on every call.
+
+/metrics takes the admin key when one is set (the same rule as the admin routes; `--metrics-public` serves it
+without one, for scrapers that cannot send it). No label holds an upstream's address: upstreams are named by their
+index in `--upstream` order (`upstream="0"`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import contextlib
 import os
 import time
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,6 +28,9 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.responses import Response
+
+from trainwire.proxy.auth import require_admin_key
+from trainwire.proxy.errors import responses
 from trainwire.proxy.hot_path import ROUTE_KEY
 
 SAMPLE_S = 1.0
@@ -46,7 +53,8 @@ class Metrics:
         self.latency = Histogram("trainwire_request_seconds", "Request time in the proxy (to the response head)",
                                  ["path"], registry=r,
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.version = Gauge("trainwire_policy_version", "Policy version served, per upstream", ["upstream"],
+        self.version = Gauge("trainwire_policy_version",
+                             "Policy version served, per upstream (its index in --upstream order)", ["upstream"],
                              registry=r, multiprocess_mode="livemostrecent")
         self._seen = {"written": 0, "retries": 0}
         self._task: asyncio.Task | None = None
@@ -60,8 +68,8 @@ class Metrics:
                 counter.inc(now - self._seen[name])
                 self._seen[name] = now
         if self.state.pool is not None:
-            for upstream in self.state.pool.upstreams:
-                self.version.labels(upstream.url).set(self.state.policy.resolve(upstream.url)[1])
+            for i, upstream in enumerate(self.state.pool.upstreams):
+                self.version.labels(str(i)).set(self.state.policy.resolve(upstream.url)[1])
 
     async def _sample_forever(self) -> None:
         while True:
@@ -114,8 +122,14 @@ def install(app: FastAPI, state) -> Metrics:
     """The /metrics route; `Metrics.count` is the middleware that counts requests (proxy/app.py places it)."""
     metrics = Metrics(state)
 
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics_endpoint() -> Response:
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text exposition", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
+        **responses(401, s401="Missing or wrong key (the admin key when one is set; see --metrics-public)")})
+    async def metrics_endpoint(request: Request) -> Response:
+        """Prometheus metrics, summed over the workers."""
+        settings = state.settings
+        if not settings.metrics_public:
+            require_admin_key(request.headers, settings)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
