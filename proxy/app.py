@@ -5,24 +5,47 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from typing import Any
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel
 from starlette.responses import JSONResponse
+
 from trainwire.proxy import errors
 from trainwire.proxy.state import ProxyState
-from trainwire.store.db import ping
-
 from trainwire.settings import ProxySettings
+from trainwire.store.db import ping
 
 
 class TrainwireApp(FastAPI):
     """FastAPI, with the request counter and the hot path (proxy/hot_path.py) in front of FastAPI's own
     machinery: every request enters through `front`."""
 
-    front = None
+    front: Any = None
 
     async def __call__(self, scope, receive, send) -> None:
         await self.front(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """The document as the API is (proxy/openapi_doc.py): error answers as they are, the hot path's routes."""
+        if not self.openapi_schema:
+            from trainwire.proxy.openapi_doc import document
+
+            self.openapi_schema = document(self)
+        return self.openapi_schema
+
+
+class Health(BaseModel):
+    status: str
+    pid: int
+
+
+class Readiness(BaseModel):
+    """`ok`, or `unavailable` with the problems (the database, the upstreams) that make it so."""
+
+    status: str
+    problems: list[str]
+    write_queue: int
 
 
 def create_app(settings: ProxySettings) -> TrainwireApp:
@@ -45,20 +68,24 @@ def create_app(settings: ProxySettings) -> TrainwireApp:
     app.state.tw = state
     errors.install(app)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz() -> dict:
         # The pid tells apart the workers of `--workers N`, for operators and for the tests.
         return {"status": "ok", "pid": os.getpid()}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Readiness,
+             responses={503: {"model": Readiness, "description": "Not ready: the database or every upstream is "
+                                                                 "unreachable"}})
     async def readyz(request: Request):
         problems = []
         try:
             await ping(state.engine)
         except Exception as exc:
             problems.append(f"database: {exc.__class__.__name__}: {exc}")
-        if not await state.pool.any_reachable():
-            problems.append("no upstream reachable: " + ", ".join(u.url for u in state.pool.upstreams))
+        pool = state.pool
+        if pool is None or not await pool.any_reachable():
+            # No addresses: this answer needs no key, and they are the operator's.
+            problems.append(f"no upstream reachable (none of the {len(settings.upstream)} in --upstream)")
         body = {"status": "ok" if not problems else "unavailable", "problems": problems,
                 "write_queue": state.writer.depth}
         return JSONResponse(body, status_code=200 if not problems else 503)

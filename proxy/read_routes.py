@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from trainwire.proxy.errors import ApiError
+from trainwire.proxy.errors import ApiError, responses
 from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
 from trainwire.store import queries
 from trainwire.store.read_models import (
@@ -100,7 +100,7 @@ class StatsAnswer(Stats):
     write_queue: WriteQueue
 
 
-@router.get("/sessions", response_model=Page[SessionSummary])
+@router.get("/sessions", response_model=Page[SessionSummary], responses=responses(400, 401, 503))
 async def list_sessions(request: Request, status: str | None = None, task: str | None = None,
                         agent: str | None = None, since: str | None = None, until: str | None = None,
                         has: list[str] | None = HasQuery, limit: int = Limit, cursor: str | None = None,
@@ -117,7 +117,8 @@ async def list_sessions(request: Request, status: str | None = None, task: str |
     return _answer(page)
 
 
-@router.get("/sessions/{session_id:twsession}", response_model=SessionDetail | OrphanedSession)
+@router.get("/sessions/{session_id:twsession}", response_model=SessionDetail | OrphanedSession,
+            responses=responses(400, 401, 404, 405, 503, s405="GET on /sessions/{id}/reward or /finish (they take POST)"))
 async def get_session(request: Request, session_id: str, tokens: bool = False) -> Response:
     await _flush(request, session_id)
     found = await queries.get_session(state_of(request).engine, session_id, tokens=tokens)
@@ -127,7 +128,7 @@ async def get_session(request: Request, session_id: str, tokens: bool = False) -
     return _answer(found)
 
 
-@router.get("/calls/{call_id}", response_model=CallDetail)
+@router.get("/calls/{call_id}", response_model=CallDetail, responses=responses(400, 401, 404, 503))
 async def get_call(request: Request, call_id: str, tokens: bool = False) -> Response:
     tw = state_of(request)
     session_id = tw.writer.pending_session_of(call_id)
@@ -140,7 +141,7 @@ async def get_call(request: Request, call_id: str, tokens: bool = False) -> Resp
     return _answer(found)
 
 
-@router.get("/rewards", response_model=Page[RewardListItem])
+@router.get("/rewards", response_model=Page[RewardListItem], responses=responses(400, 401, 503))
 async def list_rewards(request: Request, session_id: str | None = None, source: str | None = None,
                        final: bool | None = None, orphaned: bool | None = None, limit: int = Limit,
                        cursor: str | None = None, offset: int | None = Offset) -> Response:
@@ -153,7 +154,7 @@ async def list_rewards(request: Request, session_id: str | None = None, source: 
     return _answer(page)
 
 
-@router.get("/stats", response_model=StatsAnswer)
+@router.get("/stats", response_model=StatsAnswer, responses=responses(400, 401, 503))
 async def stats(request: Request) -> Response:
     tw = state_of(request)
     counts = await queries.stats(tw.engine)
