@@ -27,7 +27,8 @@ ADMIN_ROUTES = [("POST", "/reward", {"session_id": "k-1", "reward": 1}),
                 ("POST", "/sessions/k-1/reward", {"reward": 1}), ("POST", "/sessions/k-1/finish", None),
                 ("GET", "/sessions", None), ("GET", "/sessions/k-1", None), ("GET", "/calls/call_x", None),
                 ("GET", "/rewards", None), ("GET", "/stats", None), ("DELETE", "/rewards?source=user", None),
-                ("DELETE", "/rewards/1", None)]
+                ("DELETE", "/rewards/1", None), ("GET", "/train/steps", None), ("GET", "/policy/versions", None),
+                ("GET", "/metrics", None)]
 
 
 def _admin_request(proxy, method: str, path: str, body, headers: dict[str, str]) -> httpx.Response:
@@ -58,6 +59,9 @@ def test_admin_routes_need_the_admin_key(keyed, upstream, pg_url):
             assert_openai_error(r, 401, "admin key")
     # Unauthenticated garbage gets 401, not a validation error that would reveal the schema.
     assert post(keyed, "/reward", raw=b"{nope").status_code == 401
+    for path in ("/rewards/99999999999999999999", "/train/steps?cursor=!!", "/calls/x%00y", "/sessions?task=%00"):
+        method = "DELETE" if path.startswith("/rewards/") else "GET"
+        assert_openai_error(httpx.request(method, f"{keyed.url}{path}", timeout=30), 401, "admin key")
     status, body = curl(f"{keyed.url}/reward", "-X", "POST", "-H", "content-type: application/json",
                         "-d", '{"session_id": "k-1", "reward": 1}')
     assert status == 401 and body["error"]["type"] == "authentication_error"
@@ -68,6 +72,8 @@ def test_admin_routes_need_the_admin_key(keyed, upstream, pg_url):
     assert status == 200 and body["value"] == 1.0
     assert get(keyed, "/stats", headers=bearer(ADMIN)).json()["rewards"]["total"] == 1
     assert get(keyed, "/sessions/k-1", headers=bearer(ADMIN)).json()["status"] == "finished"
+    metrics = httpx.get(f"{keyed.url}/metrics", headers=bearer(ADMIN))
+    assert metrics.status_code == 200 and "trainwire_requests" in metrics.text
 
 
 def test_upstream_key_is_sent_upstream_and_never_echoed(keyed, upstream, pg_url):

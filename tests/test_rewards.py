@@ -9,9 +9,9 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from trainwire.store.db import make_engine
 from tests.support import dbread
 from tests.support.apihelpers import assert_openai_error, chat, curl, get, post, start, wait_for
+from trainwire.store.db import make_engine
 
 
 @pytest.fixture
@@ -119,6 +119,14 @@ def test_every_bad_input_is_a_4xx_that_stores_nothing(pg_proxy, upstream, pg_url
          "metadata"),
         ("/reward", b'{"session_id": "mine", "reward": 1, "metadata": {"x": NaN}}', {}, 400,
          ["metadata.x", "finite"], "metadata"),
+        ("/reward", b'{"session_id": "mine", "reward": 1e13}', {}, 400, ["reward", "magnitude at most 1e+12"],
+         "reward"),
+        ("/reward", b'{"session_id": "mine", "reward": 1, "metadata": {"x": "a\\u0000"}}', {}, 400,
+         ["metadata.x", "NUL"], "metadata"),
+        ("/reward", b'{"session_id": "mine", "reward": 1, "metadata": {"x": "\\ud800"}}', {}, 400,
+         ["metadata.x", "lone surrogate"], "metadata"),
+        ("/reward", b'{"session_id": "mine", "reward": 1, "idempotency_key": "k\\u0000"}', {}, 400,
+         ["idempotency_key", "NUL"], "idempotency_key"),
         ("/reward", b'{"session_id": "mine", "reward": 1, "rewrd": 2}', {}, 400, ["unknown field 'rewrd'"],
          "rewrd"),
         ("/reward", b'{"session_id": "mine", "reward": 1, "call_id": 5}', {}, 400, ["call_id", "string"],

@@ -1,0 +1,151 @@
+"""The OpenAPI document is the API: a real `trainwire serve` (Postgres, admin key) is fuzzed from its own
+/openapi.json with schemathesis (its Python API, stateless: valid and invalid data for every operation), and no
+answer may be a 5xx or a status the document does not declare for that operation.
+
+Fuzzed: every route the framework serves except the relay of the rest of vLLM's API (its statuses are vLLM's).
+The generation routes are documented (the hot path serves them in front of the framework) but not fuzzed: they
+need a real model behind them. Bounded in time: about 30 examples per operation and mode, no shrinking."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import requests
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import status_code_conformance
+from sqlalchemy import text
+
+from tests.support import dbread
+from tests.support.apihelpers import chat, post, start
+from trainwire.store.db import make_engine
+
+ADMIN = "openapi-admin-key"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+EXAMPLES = 30
+GENERATION = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+PASSTHROUGH = ("/v1/{rest}", "/sessions/{session_id}/v1/{rest}", "/tokenize", "/detokenize")
+# The routes the app serves itself; the test fails when one is not fuzzed (a route added without thinking of
+# this test, or one the document lost).
+EXPECTED = {
+    "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/models", "GET /sessions/{session_id}/v1/models",
+    "POST /reward", "POST /sessions/{session_id}/reward", "POST /sessions/{session_id}/finish",
+    "GET /sessions", "GET /sessions/{session_id}", "GET /calls/{call_id}", "GET /rewards", "GET /stats",
+    "DELETE /rewards", "DELETE /rewards/{reward_id}", "GET /train/steps", "GET /policy/versions",
+}
+
+
+def _excluded(path: str) -> bool:
+    return path in PASSTHROUGH or any(path == p or path.endswith("}" + p) for p in GENERATION)
+
+
+def _seed(proxy, url: str) -> None:
+    """Rows in every table the read routes list, so that pages and their cursors hold real records."""
+    for i in range(3):
+        r = chat(proxy, f"seed-{i}", f"question {i}")
+        assert r.status_code == 200
+    dbread.wait_calls(url, 3)
+    assert post(proxy, "/reward", {"session_id": "seed-0", "reward": 1.0, "metadata": {"why": "seed"}},
+                headers=AUTH).status_code == 200
+
+    async def trainer_rows():
+        engine = make_engine(url)
+        try:
+            async with engine.begin() as conn:
+                for step in (1, 2, 3):
+                    await conn.execute(text(
+                        "INSERT INTO train_steps (step, policy_version, n_sessions, n_samples, metrics, created_at)"
+                        " VALUES (:s, :s, 2, 4, CAST(:m AS jsonb), now())"), {"s": step, "m": '{"loss": 0.5}'})
+                    await conn.execute(text(
+                        "INSERT INTO policy_versions (version, kind, served_model, path, train_step, status, "
+                        "created_at) VALUES (:s, 'lora', :name, '/ckpt', :s, 'published', now())"),
+                        {"s": step, "name": f"policy-v{step}"})
+        finally:
+            await engine.dispose()
+
+    asyncio.run(trainer_rows())
+
+
+def test_the_document_declares_what_the_api_answers(start_proxy, upstream, pg_url, tmp_path):
+    proxy = start(start_proxy, upstream, pg_url, tmp_path, "--admin-key", ADMIN)
+    doc = httpx.get(f"{proxy.url}/openapi.json").json()
+    paths = doc["paths"]
+    # The hot path's routes are in the document, as documentation only.
+    for p in GENERATION:
+        for full in (p, "/sessions/{session_id}" + p):
+            op = paths[full]["post"]
+            assert "requestBody" in op and {"200", "400", "401", "413", "502"} <= set(op["responses"]), full
+    # The reward routes declare their body (RewardBody's schema) and every status they answer.
+    body = paths["/reward"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["title"] == "RewardBody" and body["required"] == ["session_id", "reward"]
+    assert set(body["properties"]) == {"session_id", "reward", "call_id", "final", "idempotency_key", "metadata"}
+    assert body["additionalProperties"] is False
+    finish = paths["/sessions/{session_id}/finish"]["post"]["requestBody"]
+    assert finish["required"] is False
+    assert set(finish["content"]["application/json"]["schema"]["properties"]) == {
+        "session_id", "idempotency_key", "metadata"}
+    for p in ("/reward", "/sessions/{session_id}/reward", "/sessions/{session_id}/finish"):
+        assert set(paths[p]["post"]["responses"]) == {"200", "400", "401", "404", "409", "413", "422", "503"}
+    # No operation keeps FastAPI's 422 (its validation errors are answered as 400s in OpenAI's format), and
+    # every error answer has the error schema.
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for p, item in paths.items():
+        for method, op in item.items():
+            for status, answer in op["responses"].items():
+                if status.startswith(("4", "5")) and p != "/readyz":
+                    assert answer["content"]["application/json"]["schema"] == error_ref, (method, p, status)
+            if p.startswith(("/reward", "/sessions", "/calls", "/stats", "/train", "/policy")) and \
+                    "/v1/" not in p:
+                assert {"400", "401", "503"} <= set(op["responses"]), (method, p)
+    assert paths["/metrics"]["get"]["responses"].keys() == {"200", "401"}
+    ids = [op["operationId"] for item in paths.values() for op in item.values()]
+    assert len(ids) == len(set(ids))
+
+
+def _fuzz(op, mode: GenerationMode, session: requests.Session, count) -> None:
+    @given(case=op.as_strategy(generation_mode=mode))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    def fuzz(case):
+        response = case.call(session=session, headers=AUTH, timeout=30)
+        count()
+        case.validate_response(response, checks=[not_a_server_error, status_code_conformance])
+
+    fuzz()
+
+
+def test_schemathesis_finds_no_server_error_and_no_undocumented_status(start_proxy, upstream, pg_url, tmp_path):
+    proxy = start(start_proxy, upstream, pg_url, tmp_path, "--admin-key", ADMIN)
+    _seed(proxy, pg_url)
+    schema = schemathesis.openapi.from_url(f"{proxy.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    fuzzed = [op for op in operations if not _excluded(op.path)]
+    assert {f"{op.method.upper()} {op.path}" for op in fuzzed} == EXPECTED
+    session = requests.Session()  # one keep-alive connection: an error answer must not break it
+    failures: list[str] = []
+    counts: dict[str, int] = {}
+    t0 = time.monotonic()
+    for op in fuzzed:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            label = f"{op.method.upper()} {op.path} ({mode.value})"
+            try:
+                _fuzz(op, mode, session, lambda label=label: counts.__setitem__(label, counts.get(label, 0) + 1))
+            except Unsatisfiable:
+                assert mode is GenerationMode.NEGATIVE, label  # nothing to get wrong: no parameters, no body
+            except (Exception, BaseExceptionGroup) as exc:  # one operation's failure must not hide the others'
+                failures.append(f"{label}: {exc}")
+    elapsed = time.monotonic() - t0
+    print(f"schemathesis: {sum(counts.values())} requests over {len(fuzzed)} operations in {elapsed:.0f}s")
+    assert not failures, "\n\n".join(failures)
+    # Negative data can be impossible for an operation (nothing to get wrong); positive never is.
+    assert {label for label in counts if label.endswith("(positive)")} == {
+        f"{op} (positive)" for op in EXPECTED}
+    # The proxy is still well: the same connection answers, and nothing was logged as a bug.
+    assert session.get(f"{proxy.url}/healthz").status_code == 200
+    assert "unexpected error" not in proxy.log_path.read_text(errors="replace")
