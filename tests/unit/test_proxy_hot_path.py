@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -84,6 +86,7 @@ async def test_other_requests_go_to_the_inner_app_untouched(scope):
     async def send(message):  # pragma: no cover
         raise AssertionError("the hot path answered a request it does not serve")
 
-    await HotPath(inner, state=None)(scope, receive, send)
+    state = types.SimpleNamespace(settings=types.SimpleNamespace(max_request_bytes=1024))
+    await HotPath(inner, state=state)(scope, receive, send)
     assert inner.scopes == [scope]
     assert ROUTE_KEY not in scope
