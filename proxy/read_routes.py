@@ -31,6 +31,7 @@ from starlette.responses import Response
 from trainwire.proxy.errors import ApiError, responses
 from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
 from trainwire.store import queries
+from trainwire.store.journal import count_rejected, rejected_files
 from trainwire.store.read_models import (
     CallDetail,
     OrphanedSession,
@@ -96,8 +97,26 @@ class WriteQueue(BaseModel):
     rewards: int
 
 
+class Rejected(BaseModel):
+    """Rows the database refused as data, kept in this proxy's journal directory (`trainwire replay-rejected`)."""
+
+    rows: int
+    files: int
+    journal_dir: str
+
+
+class WritePath(BaseModel):
+    """This proxy process's write path: is the database answering, and what is its journal holding."""
+
+    database_down_since: float | None
+    journal_appended: int
+    replayed: int
+
+
 class StatsAnswer(Stats):
     write_queue: WriteQueue
+    rejected: Rejected
+    write_path: WritePath
 
 
 @router.get("/sessions", response_model=Page[SessionSummary], responses=responses(400, 401, 503))
@@ -158,5 +177,12 @@ async def list_rewards(request: Request, session_id: str | None = None, source: 
 async def stats(request: Request) -> Response:
     tw = state_of(request)
     counts = await queries.stats(tw.engine)
-    return _answer(StatsAnswer(**dict(counts), write_queue=WriteQueue(calls=tw.writer.depth,
-                                                                      rewards=tw.writer.reward_depth)))
+    journal_dir = tw.settings.journal_dir
+    writer = tw.writer
+    return _answer(StatsAnswer(
+        **dict(counts), write_queue=WriteQueue(calls=writer.depth, rewards=writer.reward_depth),
+        rejected=Rejected(rows=count_rejected(journal_dir), files=len(rejected_files(journal_dir)),
+                          journal_dir=str(journal_dir)),
+        write_path=WritePath(database_down_since=writer.database_down_since,
+                             journal_appended=writer.journal.appended if writer.journal else 0,
+                             replayed=writer.replayed_total)))
