@@ -31,7 +31,7 @@ import random
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import insert, text  # noqa: E402
 
+from tests.support.pgcluster import PgCluster, _bin  # noqa: E402
+from trainwire.records import CallRecord  # noqa: E402
 from trainwire.store.db import make_engine  # noqa: E402
 from trainwire.store.migrate import upgrade_head  # noqa: E402
 from trainwire.store.models import Reward  # noqa: E402
-from trainwire.records import CallRecord  # noqa: E402
 from trainwire.store.write_sql import write_batch  # noqa: E402
-from tests.support.pgcluster import PgCluster, _bin  # noqa: E402
 
 CHARS_PER_TOKEN = 4
 VOCAB = 150_000
@@ -173,7 +173,7 @@ def make_session(t: Text, *, calls: int, completion_tokens: int, tool_result_tok
 async def measure(url: str, args) -> dict:
     t = Text(args.seed)
     engine = make_engine(url)
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
     sessions = [make_session(t, calls=args.calls, completion_tokens=args.completion_tokens,
                              tool_result_tokens=args.tool_result_tokens, system_tokens=args.system_tokens,
                              start=start + timedelta(seconds=i))

@@ -33,7 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.pgcluster import PgCluster
+from tests.support.pgcluster import PgCluster  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 COMPLETION = {

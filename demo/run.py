@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.agent import mean_sem, summarize  # noqa: E402
+
 T0 = time.monotonic()
 
 

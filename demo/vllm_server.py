@@ -30,8 +30,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 DEFAULT_VENV = Path.home() / ".cache" / "trainwire" / "vllm-venv"
 MAX_MODEL_LEN = 1024

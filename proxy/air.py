@@ -15,8 +15,9 @@ import collections
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from trainwire.proxy.air_rules import RULES, Finding, message, parse_value
 from trainwire.records import CallRecord, RewardRecord

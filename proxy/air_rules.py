@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from trainwire.records import CallRecord
 from trainwire.store.queries import content_text
@@ -103,7 +104,7 @@ def offered_tools(request: Any) -> set[str]:
         return names
     for t in request.get("tools") or []:
         if isinstance(t, dict):
-            fn = t.get("function") if isinstance(t.get("function"), dict) else t
+            fn = t["function"] if isinstance(t.get("function"), dict) else t
             if isinstance(fn.get("name"), str):
                 names.add(fn["name"])
     for fn in request.get("functions") or []:

@@ -16,7 +16,8 @@ import asyncio
 import logging
 import os
 import threading
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 

@@ -10,8 +10,9 @@ API is one entry here and a translation module.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from trainwire.proxy import api_messages, api_responses
 from trainwire.proxy.errors import error_body as openai_error_body

@@ -3,25 +3,26 @@ and hand a complete record of the call to the write path."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
-from trainwire.records import CallRecord, token_problem
+
 from trainwire.proxy.apis import Api, Ids
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
 from trainwire.proxy.errors import error_body
 from trainwire.proxy.ids import random_hex
 from trainwire.proxy.session_headers import CallContext
 from trainwire.proxy.transparency import Injected, strip
+from trainwire.records import CallRecord, token_problem
 
 log = logging.getLogger("trainwire.proxy")
 
@@ -59,7 +60,7 @@ class Call:
     call_id: str = field(default_factory=new_call_id)
     seq: int = 0
     started: float = field(default_factory=time.perf_counter)
-    started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     model_served: str | None = None
     upstream: str | None = None
     policy_version: int | None = None
@@ -100,7 +101,7 @@ class Call:
             logprobs=tokens.logprobs if tokens else None,
             finish_reason=tokens.finish_reason if tokens else None,
             usage=usage, status_code=status, error=error, sampling=self.sampling, untrainable_reason=untrainable,
-            aborted=aborted, started_at=self.started_at, finished_at=datetime.now(timezone.utc),
+            aborted=aborted, started_at=self.started_at, finished_at=datetime.now(UTC),
             upstream_ms=upstream_ms,
             ttft_ms=(self.t_first - self.t_sent) * 1000 if self.t_first and self.t_sent else None,
             overhead_ms=pre_ms + post_ms + self.processing_s * 1000,
@@ -180,7 +181,7 @@ async def complete(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -
     if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
         return _not_an_answer(call, submit, api, raw, resp.headers.get("content-type"))
     tokens = tokens_of(parsed)
-    if api.translated:
+    if api.from_upstream is not None:
         strip(parsed, call.injected)
         client = api.from_upstream(parsed, call.request, Ids.of(call.call_id))
         submit(call.record(status=200, response=client, tokens=tokens, usage=parsed.get("usage")))
@@ -219,7 +220,7 @@ def _error_text(parsed: Any, raw: bytes) -> str:
 
 
 def _split_events(buf: bytes) -> tuple[list[bytes], bytes]:
-    events = []
+    events: list[bytes] = []
     while True:
         i = buf.find(b"\n\n")
         j = buf.find(b"\r\n\r\n")
@@ -330,7 +331,7 @@ async def _events(resp: aiohttp.ClientResponse, call: Call, state: _StreamState)
         if buf.strip():
             yield [buf]
         state.completed = True
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         state.error = f"upstream stream broke: {exc!r}"
 
 

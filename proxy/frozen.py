@@ -23,14 +23,16 @@ import logging
 import os
 import re
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import orjson
 from starlette.responses import Response
+
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
-from trainwire.proxy.forward import RecordedStream
 from trainwire.proxy.errors import TYPES
+from trainwire.proxy.forward import RecordedStream
 
 log = logging.getLogger("trainwire.frozen")
 
@@ -190,7 +192,7 @@ class FrozenRoutes:
 
     def _stream(self, call, once: _Once, result) -> Response:
         asm = StreamAssembler(call.kind)
-        state = {"completed": False, "error": None}
+        state: dict[str, Any] = {"completed": False, "error": None}
 
         def finish() -> None:
             call.t_upstream_done = call.t_upstream_done or time.perf_counter()

@@ -4,13 +4,14 @@ the record. It takes the client's headers and body bytes and returns the respons
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import orjson
 from starlette.responses import Response
+
 from trainwire.proxy import sampling
 from trainwire.proxy.apis import Api
 from trainwire.proxy.auth import require_agent_key
@@ -25,6 +26,7 @@ from trainwire.proxy.forward import (
 from trainwire.proxy.plumbing import admit
 from trainwire.proxy.session_headers import context_from
 from trainwire.proxy.transparency import prepare
+
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     if not raw:
@@ -92,7 +94,7 @@ async def _serve_policy(tw, upstream_headers: dict[str, str], call: Call, api: A
         resp = await open_upstream(tw.pool, tw.http, call, b"", upstream_headers, tw.timeout, payload_for)
     except UpstreamUnavailable as exc:
         return fail(tw, call, api, 502, "the policy server is unreachable", str(exc))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return fail(tw, call, api, 504, f"the policy server did not answer within {tw.settings.upstream_timeout_s:.0f}s")
     except aiohttp.ClientError as exc:
         return fail(tw, call, api, 502, "the policy server failed", f"upstream error: {exc!r}")
@@ -104,7 +106,7 @@ async def _serve_policy(tw, upstream_headers: dict[str, str], call: Call, api: A
         return stream(resp, call, tw.record, api)
     try:
         return await complete(resp, call, tw.record, api)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return fail(tw, call, api, 502, "the policy server broke off its answer", f"upstream broke off: {exc!r}")
 
 
@@ -124,7 +126,7 @@ async def _retry_on_base(tw, upstream_headers: dict[str, str], call: Call, api: 
     try:
         return await tw.http.post(f"{url}{call.upstream_path}", data=payload_for(url), headers=upstream_headers,
                                   timeout=tw.timeout)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return fail(tw, call, api, 502, "the policy server failed", f"upstream error: {exc!r}")
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import re
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainwire.proxy.apis import BY_PATH
 from trainwire.proxy.errors import ApiError

@@ -4,16 +4,16 @@ completions are served by proxy/hot_path.py, in front of the framework."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
+
+from trainwire.proxy.apis import CHAT
 from trainwire.proxy.auth import require_agent_key
 from trainwire.proxy.forward import Call, response_headers
-from trainwire.proxy.apis import CHAT
 from trainwire.proxy.generation import fail
 from trainwire.proxy.hot_path import CONTEXT_KEY
 from trainwire.proxy.plumbing import admit, state_of
@@ -84,7 +84,7 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
     try:
         resp = await tw.http.request(request.method, f"{upstream.url}{path}", params=request.query_params,
                                      data=raw or None, headers=headers, timeout=tw.timeout)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return fail(tw, call, CHAT, 502, "the policy server failed", f"upstream error: {exc!r}")
     out_headers = response_headers(resp, call)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import uvicorn
@@ -27,6 +28,9 @@ def _check_schema(settings: ProxySettings) -> str | None:
 
 
 def run(settings: ProxySettings) -> int:
+    # Alembic logs INFO lines as it loads (plugin set-up): noise before a proxy's start, not news.
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     from trainwire.proxy import workers
     from trainwire.store.migrate import SchemaBehind
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 from urllib.parse import unquote
 
 from starlette.convertors import Convertor, register_url_convertor
+
 from trainwire.proxy.errors import ApiError
 from trainwire.proxy.ids import random_hex
 

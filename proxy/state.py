@@ -5,18 +5,22 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import aiohttp
+
 from trainwire.proxy.air import Air
 from trainwire.proxy.policy import PolicyState
 from trainwire.proxy.upstreams import UpstreamPool
+from trainwire.records import CallRecord
+from trainwire.settings import ProxySettings
 from trainwire.store.db import make_engine, make_sessionmaker
 from trainwire.store.journal import Journal
 from trainwire.store.writer import BatchWriter
 
-from trainwire.records import CallRecord
-from trainwire.settings import ProxySettings
+if TYPE_CHECKING:
+    from trainwire.proxy.frozen import FrozenRoutes
 
 log = logging.getLogger("trainwire.proxy")
 
@@ -24,6 +28,11 @@ _SEQ_SESSIONS = 100_000
 
 
 class ProxyState:
+    # Made by start(), before the first request.
+    http: aiohttp.ClientSession
+    pool: UpstreamPool
+    frozen: FrozenRoutes | None
+
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self.started_at = time.time()
@@ -35,8 +44,6 @@ class ProxyState:
         self.air = Air(settings.air, settings.air_tool_error_pattern, self.writer, self.engine)
         self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
-        self.http: aiohttp.ClientSession | None = None
-        self.pool: UpstreamPool | None = None
         self.frozen = None
         self._seq: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._base_headers = {"content-type": "application/json"}
@@ -60,7 +67,7 @@ class ProxyState:
         await self.air.drain()
         await self.writer.stop()
         await self.policy.stop()
-        if self.http:
+        if getattr(self, "http", None) is not None:
             await self.http.close()
         await self.engine.dispose()
 

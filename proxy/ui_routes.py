@@ -11,11 +11,12 @@ read API (/stats, /sessions, /train/steps, ...), which checks the admin key as u
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib.resources import files
 
 from fastapi import APIRouter
 from starlette.responses import RedirectResponse, Response
+
 from trainwire.proxy.errors import ApiError
 
 router = APIRouter(include_in_schema=False)
@@ -29,7 +30,7 @@ HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-
                                       "script-src 'self'; connect-src 'self'; frame-ancestors 'none'"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _read(name: str) -> bytes:
     return (UI_DIR / name).read_bytes()
 

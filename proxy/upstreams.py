@@ -47,7 +47,7 @@ class UpstreamPool:
             async with self.http.get(f"{upstream.url}/v1/models", headers=self.headers,
                                      timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 ok = resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             ok = False
         if ok:
             upstream.dead_until = 0.0

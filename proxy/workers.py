@@ -121,6 +121,7 @@ class Supervisor:
         code = 0
         while not self.stopping.wait(0.5):
             for i, proc in enumerate(self.procs):
+                assert proc is not None  # every slot was started above
                 if proc.is_alive():
                     continue
                 if not self.ready[i].is_set():
@@ -137,7 +138,8 @@ class Supervisor:
     def _stop_all(self) -> None:
         live = [p for p in self.procs if p is not None and p.is_alive()]
         for proc in live:
-            os.kill(proc.pid, signal.SIGTERM)
+            if proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + DRAIN_S
         for proc in live:
             proc.join(max(0.0, deadline - time.monotonic()))

@@ -8,15 +8,19 @@ classes the writer's retry logic sorts into transient and rejected."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB, insert
+
 from trainwire.records import CallRecord, RewardRecord, as_row
 from trainwire.store.db import dumps_pg
 from trainwire.store.models import Call, Reward
 from trainwire.store.write_sql import SessionRow, session_rows
 
+REWARDS: Table = Reward.__table__  # type: ignore[assignment]  # SQLAlchemy types it as its FromClause base
 _COLUMNS = tuple(Call.__table__.columns)
 _NAMES = tuple(c.name for c in _COLUMNS)
 _JSON = frozenset(c.name for c in _COLUMNS if isinstance(c.type.dialect_impl(postgresql.dialect()), JSONB))
@@ -83,5 +87,5 @@ async def _adopt_final_rewards(conn, session_ids: list[str]) -> None:
 
 async def write_rewards(conn, rewards: Sequence[RewardRecord]) -> None:
     """Insert automatic rewards; one whose idempotency key is already stored is skipped."""
-    await conn.execute(insert(Reward.__table__).on_conflict_do_nothing(index_elements=["idempotency_key"]),
+    await conn.execute(insert(REWARDS).on_conflict_do_nothing(index_elements=["idempotency_key"]),
                        [as_row(r) for r in rewards])

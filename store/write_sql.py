@@ -5,10 +5,10 @@ skipped, so a retried batch or a replayed spool file cannot write anything twice
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import ModuleType
-from typing import Sequence
 
 from trainwire.records import CallRecord, RewardRecord
 

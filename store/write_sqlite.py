@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import Table, and_, exists, func, select, update
 from sqlalchemy.dialects.sqlite import insert
 
 from trainwire.records import CallRecord, RewardRecord, as_row
 from trainwire.store.models import Call, Reward, Session
 from trainwire.store.write_sql import session_rows
 
-S, R = Session.__table__, Reward.__table__
+S: Table = Session.__table__  # type: ignore[assignment]  # SQLAlchemy types it as its FromClause base
+R: Table = Reward.__table__  # type: ignore[assignment]
+CALLS: Table = Call.__table__  # type: ignore[assignment]
 
 
 async def write_calls(conn, calls: Sequence[CallRecord]) -> None:
     """Insert calls (skipping ids already stored), upsert their sessions, adopt early final rewards."""
-    await conn.execute(insert(Call.__table__).on_conflict_do_nothing(index_elements=["id"]),
+    await conn.execute(insert(CALLS).on_conflict_do_nothing(index_elements=["id"]),
                        [as_row(c) for c in calls])
     stmt = insert(S)
     stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={

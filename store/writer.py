@@ -79,7 +79,7 @@ class BatchWriter:
         if self._task:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._task.cancel()
                 try:
                     await self._task
@@ -154,7 +154,7 @@ class BatchWriter:
             try:
                 await asyncio.wait_for(self._written.wait_for(lambda: not busy()), timeout)
                 return True
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
 
     # --- consumer side --------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class BatchWriter:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=self.interval if self.journal else 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             # Let a batch fill for up to `interval` unless it is already full or we are draining.
             deadline = time.monotonic() + self.interval
@@ -179,7 +179,7 @@ class BatchWriter:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             # Rewards ride in the same transaction, after the calls: a rule's reward is queued just before its
             # call, so both normally land in one batch (rewards have no foreign key either way). The batch stays
@@ -265,7 +265,8 @@ class BatchWriter:
                     except Exception as exc:
                         if is_transient(exc):
                             raise
-                        rejected.extend((row, f"{type(exc).__name__}: {exc}") for row in [*one_call, *one_reward])
+                        rows: list[CallRecord | RewardRecord] = [*one_call, *one_reward]
+                        rejected.extend((row, f"{type(exc).__name__}: {exc}") for row in rows)
         if rejected:
             self.rejected_total += len(rejected)
             if self.journal:

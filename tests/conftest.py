@@ -6,10 +6,10 @@ import uuid
 
 import pytest
 
-from trainwire.store.migrate import upgrade_head
 from tests.support.pgcluster import PgCluster
 from tests.support.proxyproc import ProxyProcess
 from tests.support.scripted_upstream import ScriptedUpstream
+from trainwire.store.migrate import upgrade_head
 
 
 @pytest.fixture(scope="session")

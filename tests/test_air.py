@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC
 
 import pytest
 
@@ -193,16 +194,16 @@ def test_air_rewards_keep_the_journals_guarantee(pg_url, tmp_path):
     """Database down at shutdown: queued calls and their AIR rewards, and the batch being retried, stay in the
     journal; the next start writes them, and replaying the same journal again stores nothing twice."""
     import shutil
-    from datetime import datetime, timezone
+    from datetime import datetime
 
+    from tests.support.ports import free_port
     from trainwire.records import CallRecord, RewardRecord
     from trainwire.store.db import make_engine
     from trainwire.store.journal import Journal
     from trainwire.store.writer import BatchWriter
-    from tests.support.ports import free_port
 
     def call(i: int) -> CallRecord:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return CallRecord(id=f"spool-{i}", session_id="spooled", seq=i, kind="chat", path="/v1/chat/completions",
                           model_requested="policy", model_served="base", policy_version=0,
                           request={"messages": []}, prompt_token_ids=[1], completion_token_ids=[2], logprobs=[-0.1],
@@ -211,7 +212,7 @@ def test_air_rewards_keep_the_journals_guarantee(pg_url, tmp_path):
     def reward(i: int) -> RewardRecord:
         return RewardRecord(session_id="spooled", call_id=f"spool-{i}", value=-0.2, final=False, source="truncated",
                             idempotency_key=f"air:truncated:spool-{i}", metadata={"i": i},
-                            created_at=datetime.now(timezone.utc))
+                            created_at=datetime.now(UTC))
 
     async def scenario() -> None:
         spool = tmp_path / "journal"

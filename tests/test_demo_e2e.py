@@ -26,7 +26,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -111,7 +111,7 @@ def test_demo_learns_on_postgres(pg_url, tmp_path):
     # recorded the version; count the agent's requests in flight then (all of them succeeded, see above).
     in_flight = []
     for v in versions:
-        end = v["created_at"].replace(tzinfo=v["created_at"].tzinfo or timezone.utc).timestamp()
+        end = v["created_at"].replace(tzinfo=v["created_at"].tzinfo or UTC).timestamp()
         publish_s = (steps.get(v["train_step"]) or {}).get("metrics", {}).get("time/publish_s", 0.05)
         start = end - publish_s - 0.05
         in_flight.append(sum(1 for r in chats if r["t"] < end and r["t"] + r["latency_s"] > start))

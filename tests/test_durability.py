@@ -8,9 +8,9 @@ import signal
 
 import openai
 
-from trainwire.store.migrate import upgrade_head
 from tests.support import dbread
 from tests.support.pgcluster import PgCluster, _bin
+from trainwire.store.migrate import upgrade_head
 
 
 def _calls(proxy, n: int, session: str) -> list[str]:

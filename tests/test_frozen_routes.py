@@ -16,12 +16,12 @@ import openai
 import pytest
 import yaml
 
-from trainwire.proxy.frozen import RouteConfigError, parse_routes
-from trainwire.store.migrate import upgrade_head
 from tests.support import dbread
 from tests.support.ports import free_port
 from tests.support.proxyproc import ProxyProcess
 from tests.support.scripted_upstream import ScriptedUpstream
+from trainwire.proxy.frozen import RouteConfigError, parse_routes
+from trainwire.store.migrate import upgrade_head
 
 ROUTE_KEY = "sk-route-key"
 

@@ -18,10 +18,10 @@ import httpx
 import openai
 import pytest
 
-from trainwire.store.migrate import upgrade_head
 from tests.support import dbread
 from tests.support.apihelpers import wait_for
 from tests.support.pgcluster import PgCluster, _bin
+from trainwire.store.migrate import upgrade_head
 
 
 class Load:

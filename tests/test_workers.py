@@ -129,9 +129,21 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(start_proxy, upstr
 
 
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path):
+    # The database is fine; every worker fails at start-up (its routes file does not exist).
+    out = subprocess.run([sys.executable, "-m", "trainwire.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
+                          "--port", str(free_port()), "--database-url", f"sqlite:///{tmp_path}/t.db",
+                          "--journal-dir", str(tmp_path / "journal"), "--routes-file", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "during start-up; stopping" in out.stderr
+
+
+def test_an_unreachable_database_stops_serve_before_any_worker_starts(tmp_path):
     dead_db = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/nothing"
     out = subprocess.run([sys.executable, "-m", "trainwire.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
                           "--port", str(free_port()), "--database-url", dead_db, "--journal-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
-    assert "during start-up; stopping" in out.stderr
+    assert out.returncode == 2
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trainwire: error: cannot check the database schema"), out.stderr
+    assert "Traceback" not in out.stderr and "worker" not in out.stderr

@@ -8,7 +8,7 @@ import argparse
 import logging
 import sys
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
 
 from pydantic import ValidationError
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trainwire: error: {loc}: {err['msg']}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler: Callable[[Any, argparse.Namespace], int | None] = HANDLERS[args.command]
+    handler: Callable[..., int | None] = HANDLERS[args.command]
     return handler(settings, args) or 0
 
 
@@ -150,7 +150,7 @@ def _replay_rejected(settings: JournalSettings, args: argparse.Namespace) -> int
     return 1 if refused else 0
 
 
-HANDLERS = {"serve": _serve, "migrate": _migrate, "train": _train, "export": _export,
+HANDLERS: dict[str, Callable[..., int | None]] = {"serve": _serve, "migrate": _migrate, "train": _train, "export": _export,
             "replay-rejected": _replay_rejected}
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from trainwire.proxy.errors import ApiError as _ApiError
 from trainwire.proxy.session_headers import context_from, split_context_path
 
 
-
 def test_context_path_carries_every_header():
     values, rest = split_context_path("/tw/session=ep%2F7/task=calc-17/agent=solver/train=false/v1/chat/completions")
     assert rest == "/v1/chat/completions"

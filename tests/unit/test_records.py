@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from trainwire.records import CALL_FIELDS, REWARD_FIELDS, CallRecord, RewardRecord, as_row
 from trainwire.store.models import Call, Reward
@@ -19,7 +19,7 @@ def test_reward_record_fields_are_rewards_columns():
 
 
 def test_as_row_is_a_shallow_dict_of_every_field():
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     request = {"messages": [{"role": "user", "content": "hi"}]}
     rec = CallRecord(id="c1", session_id="s", seq=3, kind="chat", path="/v1/chat/completions", status_code=200,
                      started_at=now, finished_at=now, request=request)
