@@ -17,12 +17,18 @@ import os
 import random
 import uuid
 
-from agents import (Agent, MaxTurnsExceeded, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool,
-                    set_tracing_disabled)
-from openai import AsyncOpenAI
-
 import common
+from agents import (
+    Agent,
+    MaxTurnsExceeded,
+    ModelSettings,
+    OpenAIChatCompletionsModel,
+    Runner,
+    function_tool,
+    set_tracing_disabled,
+)
 from common import endpoints, make_task, post_reward, score
+from openai import AsyncOpenAI
 
 set_tracing_disabled(True)
 

@@ -16,12 +16,11 @@ import os
 import random
 import uuid
 
+import common
+from common import endpoints, make_task, post_reward, score
 from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
-
-import common
-from common import endpoints, make_task, post_reward, score
 
 
 @tool

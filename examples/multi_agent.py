@@ -24,9 +24,8 @@ import os
 import random
 import uuid
 
-from openai import OpenAI
-
 from common import endpoints, post_reward
+from openai import OpenAI
 
 TOPICS = ["the sea", "a city at night", "autumn", "a train journey", "coffee", "mountains", "a library"]
 WORDS = ["quiet", "bright", "ancient", "gentle", "restless", "golden", "hidden"]

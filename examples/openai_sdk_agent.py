@@ -24,9 +24,8 @@ import os
 import random
 import uuid
 
-from openai import OpenAI
-
 from common import CALCULATOR_TOOL, calculator, endpoints, make_task, post_reward, score
+from openai import OpenAI
 
 SYSTEM = "You are a careful assistant. Use the calculator tool for arithmetic."
 
