@@ -13,6 +13,7 @@ import operator
 import os
 import random
 import re
+import urllib.parse
 import urllib.request
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -86,6 +87,17 @@ def endpoints(proxy_url: str | None = None) -> tuple[str, str]:
     base = base.rstrip("/")
     root = proxy_url.rstrip("/") if proxy_url else (base[: -len("/v1")] if base.endswith("/v1") else base)
     return base, root
+
+
+def context_url(proxy: str, **values: str | None) -> str:
+    """trainwire's base URL that says what the headers would (for frameworks that take a base URL but no headers):
+
+        context_url("http://localhost:8100", session="ep-7", task="calc-1", agent="solver")
+        -> "http://localhost:8100/tw/session=ep-7/task=calc-1/agent=solver/v1"
+
+    Keys: session, task, agent, train; a '/' inside a value is sent as %2F."""
+    parts = [f"{key}={urllib.parse.quote(value, safe='')}" for key, value in values.items() if value is not None]
+    return f"{proxy.rstrip('/')}/tw/{'/'.join(parts)}/v1"
 
 
 def post_reward(proxy: str, session_id: str, reward: float) -> dict:
