@@ -174,6 +174,18 @@ def test_the_first_start_writes_the_manifest(lora_run, model_dir):
     assert manifest["trainwire_version"] and manifest["created_at"]
 
 
+def test_disagreeing_log_probs_are_reported_and_warned(lora_run):
+    """The seeded calls' recorded log-probs (-6.x) are not the tiny model's, as if vLLM served other weights: the
+    step reports the gap and warns."""
+    out = lora_run["stdout"]
+    assert "agreement |dlogp|" in out and "(12 tokens of v0)" in out
+    assert "WARNING: the trainer's log-probs of the 12 tokens v0 served differ from vLLM's by" in out
+    (row,) = rows(lora_run["db"], select(TrainStep.__table__))
+    metrics = row["metrics"]
+    assert metrics["agreement/tokens"] == 12 and metrics["agreement/samples"] == 4
+    assert metrics["agreement/mean_abs_dlogp"] > 0.05 and metrics["agreement/kl_k3"] > 0
+
+
 def test_a_run_of_another_store_is_refused(lora_run, model_dir, pg_url, tmp_path):
     ckpt = copy_of(lora_run, tmp_path)
     seed(pg_url, "b")  # a new database with work to do: it would have resumed step 1 of store A
@@ -227,16 +239,20 @@ def test_fresh_moves_the_old_run_aside_and_starts_at_step_0(lora_run, model_dir,
     assert {r["status"] for r in rows(pg_url, select(S).where(S.c.id.in_(ids)))} == {"trained"}
 
 
-def test_sigterm_during_engine_start_up_stops_promptly(lora_run, model_dir, tmp_path):
+def sigterm_when(lora_run: dict, model_dir: Path, tmp_path: Path, marker: str) -> tuple[int, float, str]:
+    """Start the trainer on a copy of the LoRA run (the same run: it resumes), SIGTERM it when it prints
+    ``marker``; returns its exit code, the seconds it took to exit after the signal, and its output."""
     ckpt = copy_of(lora_run, tmp_path)
     proc = subprocess.Popen(trainer_argv(db=lora_run["db"], model=model_dir, ckpt=ckpt), cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
     try:
-        for line in proc.stdout:  # the identity check passed (same run), the engine starts
-            if "into verl's engine" in line:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
                 break
         else:
-            raise AssertionError(f"the trainer never started its engine: {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"the trainer never printed {marker!r}: {''.join(seen)}{proc.stderr.read()[-3000:]}")
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -245,10 +261,24 @@ def test_sigterm_during_engine_start_up_stops_promptly(lora_run, model_dir, tmp_
         if proc.poll() is None:
             proc.kill()
     print(f"exited {took:.1f}s after SIGTERM")
-    assert proc.returncode == 0, (out + err)[-3000:]
+    return proc.returncode, took, "".join(seen) + out + err
+
+
+def test_sigterm_during_engine_start_up_stops_promptly(lora_run, model_dir, tmp_path):
+    # the identity check passed (the same run), and the engine is being built
+    code, took, out = sigterm_when(lora_run, model_dir, tmp_path, "into verl's engine")
+    assert code == 0, out[-3000:]
     assert took < 10
     assert "SIGTERM: stopping now" in out and "stopped (SIGTERM)" in out
-    assert "engine ready" not in out and "Traceback" not in out + err
+    assert "engine ready" not in out and "Traceback" not in out
+
+
+def test_sigterm_while_waiting_for_sessions_stops_promptly(lora_run, model_dir, tmp_path):
+    code, took, out = sigterm_when(lora_run, model_dir, tmp_path, "waiting for rewarded sessions")
+    assert code == 0, out[-3000:]
+    assert took < 10
+    assert "SIGTERM: stopping (SIGTERM again to abort)" in out and "stopped (SIGTERM)" in out
+    assert "Traceback" not in out
 
 
 # ---------------------------------------------------------------------------- a stop during the step itself
