@@ -457,3 +457,21 @@ def test_messages_stream_id_is_the_recorded_one(stack):
     row = call_row(stack, r.headers["x-call-id"])
     assert message["id"].startswith("msg_")
     assert row["response"]["id"] == message["id"]
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_bad_tw_base_url_is_refused_in_the_apis_error_shape(stack, api):
+    """A /tw/ base URL with a key trainwire does not know: a 404 that says which keys exist, in the API's format."""
+    path, body = API_REQUESTS[api]
+    sent = len(stack["up"].sent)
+    r = httpx.post(f"{stack['proxy'].url}/tw/sesion=typo{path}", json=body, timeout=30)
+    assert r.status_code == 404, r.text
+    err = r.json()
+    if api == "messages":
+        assert err["type"] == "error" and err["error"]["type"] == "not_found_error"
+        message = err["error"]["message"]
+    else:
+        assert set(err["error"]) == {"message", "type", "param", "code"}
+        message = err["error"]["message"]
+    assert "session, task, agent, train" in message and "sesion=typo" in message
+    assert len(stack["up"].sent) == sent  # nothing went upstream
