@@ -7,7 +7,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainwire.settings import Settings
+    from trainwire.settings import TrainerSettings
 
 __all__ = ["MetricsSink"]
 
@@ -15,7 +15,7 @@ __all__ = ["MetricsSink"]
 class MetricsSink:
     """TensorBoard (always) and Weights & Biases (when a project is given)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: TrainerSettings) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(settings.tensorboard_dir or settings.checkpoint_dir / "tensorboard"))

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from trainwire.rl.collective import Collective, StepHooks
 from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
 from trainwire.rl.stopping import Stopper, StopRequested
-from trainwire.settings import Settings
+from trainwire.settings import TrainerSettings
 from trainwire.store import claims
 from trainwire.store.db import make_engine, redact
 from trainwire.store.db_errors import is_transient
@@ -98,7 +98,7 @@ class _Publish(StepHooks):
 
 
 class Trainer:
-    def __init__(self, settings: Settings, stopper: Stopper | None = None) -> None:
+    def __init__(self, settings: TrainerSettings, stopper: Stopper | None = None) -> None:
         if not settings.model:
             raise Refused("--model is required (the base model path vLLM serves)")
         self.s = settings
@@ -368,7 +368,7 @@ class Trainer:
         return metrics
 
 
-def run(settings: Settings) -> int:
+def run(settings: TrainerSettings) -> int:
     stopper = Stopper(say=_say).install()
     try:
         return asyncio.run(Trainer(settings, stopper).run())
