@@ -381,3 +381,5 @@ def test_two_ranks_under_torchrun_train_one_batch_once(proxy, vllm, model_dir, t
     assert [(v["version"], v["served_model"]) for v in versions] == [(1, "policy-v1")]
     assert "policy-v1" in vllm_models(vllm)
     assert_trained_once(db, {1: ids})
+    # each rank measured agreement on its shard of the batch; rank 0 reports the sum over both
+    assert_agreement(step_metrics(db, 1), len(ids))
