@@ -178,8 +178,10 @@ async def complete(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -
         if api.translated:
             return _translated_error(api, resp.status, error, call)
         return Response(raw, status_code=resp.status, headers=headers)
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
-        return _not_an_answer(call, submit, api, raw, resp.headers.get("content-type"))
+    content_type = resp.headers.get("content-type") or ""
+    if (not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list)
+            or "json" not in content_type.lower()):
+        return _not_an_answer(call, submit, api, raw, content_type or None)
     tokens = tokens_of(parsed)
     if api.from_upstream is not None:
         strip(parsed, call.injected)
