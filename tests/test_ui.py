@@ -31,8 +31,11 @@ ADMIN = "dash-admin-key-123"
 
 STEPS = [  # step, policy version, metrics (what rl/worker.py writes, abridged)
     (1, 1, {"loss": 0.8123, "grad_norm": 1.5, "reward/mean": 0.5, "reward/std": 0.5, "time/train_s": 2.25}),
-    (2, 2, {"loss": 0.6042, "grad_norm": 1.25, "reward/mean": 0.25, "reward/std": 0.1, "time/train_s": 2.5}),
-    (3, 3, {"loss": 0.4417, "grad_norm": 0.75, "reward/mean": 0.75, "reward/std": 0.2, "time/train_s": 2.75}),
+    (2, 2, {"loss": 0.6042, "grad_norm": 1.25, "reward/mean": 0.25, "reward/std": 0.1, "time/train_s": 2.5,
+            "agreement/mean_abs_dlogp": 2e-6, "agreement/max_abs_dlogp": 4e-6, "agreement/tokens": 120.0}),
+    (3, 3, {"loss": 0.4417, "grad_norm": 0.75, "reward/mean": 0.75, "reward/std": 0.2, "time/train_s": 2.75,
+            "agreement/mean_abs_dlogp": 0.08, "agreement/max_abs_dlogp": 1.5, "agreement/tokens": 96.0,
+            "batch/skipped_sampling": 2.0, "batch/skipped_untrainable": 1.0}),
 ]
 SESSIONS_NEWEST_FIRST = ["batch-7/ui-eps", "ui-delta", "ui-gamma", "ui-beta", "ui-alpha"]
 
@@ -258,8 +261,16 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
 
     steps = dom.by_id("steps-table").find_all("tbody")[0].find_all("tr")
     assert [r.attrs["data-step"] for r in steps] == ["3", "2", "1"]  # newest first
-    assert [td.text() for td in steps[0].find_all("td")][:9] == ["3", "3", "2", "9", "0.4417", "0.75", "0.75",
-                                                                 "0.2", "2.75"]
+    assert [td.text() for td in steps[0].find_all("td")][:12] == ["3", "3", "2", "9", "0.4417", "0.75", "0.75",
+                                                                  "0.2", "0.08", "1.5", "2 / 1", "2.75"]
+    assert [td.text() for td in steps[2].find_all("td")][8:11] == ["—", "—", "0 / 0"]  # step 1 did not measure
+    # train-inference agreement: only the steps that measured it, one series for the mean and one for the max
+    agreement = dom.by_id("chart-agreement").find_all("circle", class_="pt")
+    assert sorted((p.attrs["data-metric"], p.attrs["data-step"]) for p in agreement) == [
+        ("max_abs_dlogp", "2"), ("max_abs_dlogp", "3"), ("mean_abs_dlogp", "2"), ("mean_abs_dlogp", "3")]
+    # the write path: database answering, nothing refused
+    assert counts["n-db-state"] == "answering" and counts["n-rejected"] == "0"
+    assert not dom.find_all(id="rejected-note")
     versions = [[td.text() for td in tr.find_all("td")] for tr in dom.by_id("versions-table").find_all("tr")[1:]]
     assert [v[:5] for v in versions] == [["3", "lora", "policy-v3", "3", "partial"],
                                          ["2", "lora", "policy-v2", "2", "published"],

@@ -135,11 +135,12 @@ function showAuth(message) {
 function card(title, rows) {
   return h("div", { class: "card" }, h("h3", {}, title),
     h("dl", {}, rows.map(([label, id, value, cls]) => [
-      h("dt", {}, label), h("dd", { id, class: cls || null }, num(value))])));
+      h("dt", {}, label), h("dd", { id, class: cls || null }, typeof value === "string" ? value : num(value))])));
 }
 
 function renderCounts(stats) {
   const ss = stats.sessions, c = stats.calls, r = stats.rewards, q = stats.write_queue || {};
+  const wp = stats.write_path || {}, rj = stats.rejected || {};
   const box = $("counts");
   box.replaceChildren(
     card("Sessions", [["total", "n-sessions-total", ss.total],
@@ -158,7 +159,17 @@ function renderCounts(stats) {
       ["sessions", "n-orphaned-sessions", r.orphaned_sessions]]),
     card("Write queue", [["calls", "n-queue-calls", q.calls, q.calls ? "warn" : null],
       ["rewards", "n-queue-rewards", q.rewards, q.rewards ? "warn" : null]]),
+    card("Write path", [
+      ["database", "n-db-state", wp.database_down_since ? "away since " + when(new Date(wp.database_down_since * 1000).toISOString()) : "answering",
+        wp.database_down_since ? "bad" : null],
+      ["refused rows", "n-rejected", rj.rows || 0, rj.rows ? "bad" : null],
+      ["journaled (this process)", "n-journaled", wp.journal_appended || 0]]),
   );
+  if (rj.rows) {
+    box.append(h("p", { class: "banner error", id: "rejected-note" },
+      `${rj.rows} row(s) the database refused as data are kept in ${rj.journal_dir}/rejected-*.jsonl; ` +
+      "fix the cause, then run `trainwire replay-rejected`."));
+  }
 }
 
 // --- charts -------------------------------------------------------------------------------------------------
@@ -243,6 +254,17 @@ function renderStepCharts(steps) {
   lineChart($("chart-loss"), [{ name: "loss", cls: "s2", points: asc.map((r) => ({
     x: r.step, y: m(r, "loss"), label: `step ${r.step}: loss ${num(m(r, "loss"))}`, attrs: { "data-step": r.step },
   })) }], { title: "loss per train step", empty: "No train steps yet.", xLabel: (x) => String(x) });
+  // Only steps with samples served by the weights being trained measure agreement (the trainer says so).
+  const measured = asc.filter((r) => Number.isFinite(m(r, "agreement/mean_abs_dlogp")));
+  lineChart($("chart-agreement"), ["mean_abs_dlogp", "max_abs_dlogp"].map((k, i) => ({
+    name: k, cls: i ? "s2" : "s1", points: measured.map((r) => ({
+      x: r.step, y: m(r, "agreement/" + k),
+      label: `step ${r.step}: ${k.replace(/_/g, " ")} ${num(m(r, "agreement/" + k))} over ` +
+        `${num(m(r, "agreement/tokens"))} tokens`, attrs: { "data-step": r.step, "data-metric": k },
+    })),
+  })), { title: "train-inference agreement", dots: true,
+    empty: "No step has measured it yet (it needs samples served by the version being trained).",
+    xLabel: (x) => String(x) });
 }
 
 // --- tables -------------------------------------------------------------------------------------------------
@@ -261,9 +283,11 @@ function renderSteps(steps) {
   fill("steps-table", steps.slice(0, 20).map((r) => {
     const mt = r.metrics || {};
     return h("tr", { "data-step": r.step }, td(r.step), td(r.policy_version), td(r.n_sessions), td(r.n_samples),
-      td(mt.loss), td(mt.grad_norm), td(mt["reward/mean"]), td(mt["reward/std"]), td(mt["time/train_s"]),
-      h("td", {}, when(r.created_at)));
-  }), 10, "No train steps yet: start `trainwire train`.");
+      td(mt.loss), td(mt.grad_norm), td(mt["reward/mean"]), td(mt["reward/std"]),
+      td(mt["agreement/mean_abs_dlogp"]), td(mt["agreement/max_abs_dlogp"]),
+      h("td", { class: "num" }, `${num(mt["batch/skipped_sampling"] || 0)} / ${num(mt["batch/skipped_untrainable"] || 0)}`),
+      td(mt["time/train_s"]), h("td", {}, when(r.created_at)));
+  }), 13, "No train steps yet: start `trainwire train`.");
 }
 
 function renderVersions(versions) {
