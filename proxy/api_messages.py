@@ -134,6 +134,21 @@ async def stream(chunks: AsyncIterator[dict[str, Any]], request: dict[str, Any])
         yield event if isinstance(event, bytes) else str(event).encode()
 
 
+def with_message_id(event: bytes, message_id: str) -> bytes:
+    """A `message_start` event with its message id replaced (other events pass unchanged)."""
+    head, sep, data = event.partition(b"data: ")
+    if not sep or b'"message_start"' not in head + data[:40]:
+        return event
+    body, tail = data.rstrip(b"\n"), data[len(data.rstrip(b"\n")):]
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return event
+    if isinstance(parsed.get("message"), dict):
+        parsed["message"]["id"] = message_id
+    return head + sep + orjson.dumps(parsed) + (tail or b"\n\n")
+
+
 def _plain(value: Any) -> Any:
     dump = getattr(value, "model_dump", None)
     if dump is not None:

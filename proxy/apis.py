@@ -48,6 +48,11 @@ class Ids:
     def of(cls, call_id: str) -> "Ids":
         return cls("resp_" + call_id.removeprefix("call_"), int(time.time()))
 
+    @property
+    def message_id(self) -> str:
+        """The id of a Messages answer, in Anthropic's `msg_` form, from the same call id."""
+        return "msg_" + self.response_id.removeprefix("resp_")
+
 
 def _anthropic_error(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
     return api_messages.error_body(status, message)
@@ -68,7 +73,10 @@ async def _responses_stream(chunks: Chunks, request: dict[str, Any], ids: Ids) -
 
 
 async def _messages_stream(chunks: Chunks, request: dict[str, Any], ids: Ids) -> AsyncIterator[bytes]:
+    first = True
     async for event in api_messages.stream(chunks, request):
+        if first:  # message_start: the message id the record has too, not the adapter's random one
+            event, first = api_messages.with_message_id(event, ids.message_id), False
         yield event
 
 
@@ -77,7 +85,7 @@ COMPLETIONS = Api("completion", "/v1/completions", "completion", openai_error_bo
 RESPONSES = Api("responses", "/v1/chat/completions", "chat", openai_error_body, to_upstream=api_responses.to_chat,
                 from_upstream=_responses_from, stream=_responses_stream)
 MESSAGES = Api("messages", "/v1/chat/completions", "chat", _anthropic_error, to_upstream=api_messages.to_chat,
-               from_upstream=lambda chat, request, ids: api_messages.from_chat(chat, request),
+               from_upstream=lambda chat, request, ids: {**api_messages.from_chat(chat, request), "id": ids.message_id},
                stream=_messages_stream, ready=api_messages.ready)
 
 BY_PATH: dict[str, Api] = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS,

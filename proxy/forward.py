@@ -31,8 +31,8 @@ _KEEP_HEADERS = ("content-type", "x-request-id", "retry-after")
 
 
 def response_headers(resp: aiohttp.ClientResponse, call: "Call") -> dict[str, str]:
-    """The upstream headers worth keeping, plus the call's session, id and policy version."""
-    headers = {k: v for k, v in resp.headers.items() if k.lower() in _KEEP_HEADERS}
+    """The upstream headers worth keeping (by lower-case name), plus the call's session, id and policy version."""
+    headers = {k.lower(): v for k, v in resp.headers.items() if k.lower() in _KEEP_HEADERS}
     headers.update(call.headers())
     return headers
 

@@ -427,9 +427,6 @@ def test_upstream_200_that_is_not_a_completion_is_a_502(stack, api, stream, answ
 # --- the non-stream answers' headers and ids -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="proxy bug: forward.complete() keeps the upstream's 'Content-Type' header and "
-                   "adds a lower-case 'content-type' for translated answers, so Responses and Messages clients get "
-                   "two content-type headers ('application/json, application/json' once joined)")
 @pytest.mark.parametrize("api", ["responses", "messages"])
 def test_translated_answer_has_one_content_type(stack, api):
     path, body = API_REQUESTS[api]
@@ -447,9 +444,6 @@ def test_chat_answer_has_one_content_type(stack):
     assert r.status_code == 200 and r.headers.get_list("content-type") == ["application/json"]
 
 
-@pytest.mark.xfail(strict=True, reason="proxy bug: a streamed Messages answer's id is litellm's random msg_<uuid>, "
-                   "while the recorded response (assembled from the chat stream) has vLLM's chatcmpl-... id: the record "
-                   "is not the message the client received (the non-stream answer's id is chatcmpl-..., not msg_...)")
 def test_messages_stream_id_is_the_recorded_one(stack):
     stack["up"].script(text=TEXT)
     r, raw = post_stream(stack, "/v1/messages", messages_body())
