@@ -43,7 +43,13 @@ def _load():
             os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
             try:
                 import litellm
-                from litellm.llms.anthropic.messages.adapters.transformation import AnthropicAdapter
+
+                try:
+                    from litellm.llms.anthropic.messages.adapters.transformation import AnthropicAdapter
+                except ImportError:  # where releases before the move keep it
+                    from litellm.llms.anthropic.experimental_pass_through.adapters.transformation import (
+                        AnthropicAdapter,
+                    )
             except ImportError as exc:
                 raise ApiError(501, f"/v1/messages needs litellm, which is not installed ({exc}); "
                                     f"pip install 'trainwire[routes]'", code="not_implemented") from None
