@@ -313,7 +313,7 @@ def check_trainwire_service(name: str, svc: dict, monkeypatch: pytest.MonkeyPatc
         field = key[len("TRAINWIRE_"):].lower()
         if field not in Settings.model_fields:
             pytest.fail(f"service {name!r}: {key} names no Settings field (pydantic would ignore it)")
-        if field not in COMMANDS[args.command][1]:
+        if field not in COMMANDS[args.command][1].model_fields:
             pytest.fail(f"service {name!r}: {key} is not a setting of `trainwire {args.command}`")
     for key in list(os.environ):
         if key.startswith("TRAINWIRE_"):
