@@ -84,9 +84,22 @@ class Outcome:
         return out
 
 
+_CONSTRAINT_KEYS = frozenset({"logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "response_format",
+                              "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                              "tool_choice", "use_beam_search", "best_of"})
+_NEUTRAL: dict[float, dict[str, float | int]] = {}
+
+
 def apply(body: dict[str, Any], *, policy: str, temperature: float) -> Outcome:
     """Apply `policy` to the upstream request `body` of a trainable policy call, in place."""
-    train = neutral(temperature)
+    train = _NEUTRAL.get(temperature)
+    if train is None:
+        train = _NEUTRAL[temperature] = neutral(temperature)
+    if train.keys().isdisjoint(body) and _CONSTRAINT_KEYS.isdisjoint(body):
+        # Most agents set none of it: the training values go in as they are (the record shares the dict, which
+        # nothing mutates).
+        body.update(train)
+        return Outcome({}, train, [], None)
     requested = {k: body[k] for k in train if body.get(k) is not None}
     changed: list[str] = []
     untrainable = None
