@@ -63,7 +63,8 @@ from trainwire.rl.credit import call_returns
 from trainwire.rl.samples import Sample
 from trainwire.store.claims import ClaimedCall, ClaimedSession
 
-__all__ = ["BuildResult", "TRAINED_SAMPLING", "build_samples", "sampling_mismatch", "usable_call"]
+__all__ = ["BuildResult", "CallTokens", "Chain", "TRAINED_SAMPLING", "build_samples", "chain_calls", "sampling_mismatch",
+           "usable_call"]
 
 # The settings under which vLLM samples from exactly softmax(logits / temperature), besides the temperature:
 # what the trainer's log-probs assume. The proxy enforces the same table (proxy/sampling.py, which the trainer
@@ -151,32 +152,72 @@ def _tokens(call: ClaimedCall) -> tuple[list[int], list[int], list[float]]:
     return list(call.prompt_token_ids), list(call.completion_token_ids), [float(x) for x in call.logprobs]
 
 
-class _Chain:
+@dataclass(frozen=True)
+class CallTokens:
+    """One call's tokens as a sample is built from them: where the call sits in its session (``index``), its id and
+    policy version, its prompt and completion ids, and the behaviour log-prob of each completion token (0.0 where
+    there is none: calls another model served, :mod:`trainwire.rl.sft`)."""
+
+    index: int
+    call_id: str
+    version: int
+    prompt: list[int]
+    completion: list[int]
+    logprobs: list[float]
+
+
+class Chain:
+    """A sample being built: a first call, extended (trajectory mode) by the calls whose prompt continues it."""
+
     __slots__ = ("first", "prompt", "tokens", "response", "mask", "logprobs", "calls", "versions")
 
-    def __init__(self, index: int, call: ClaimedCall) -> None:
-        self.first = index
-        self.prompt, completion, logprobs = _tokens(call)
-        self.response = completion
+    def __init__(self, t: CallTokens) -> None:
+        self.first = t.index
+        self.prompt = list(t.prompt)
+        self.response = list(t.completion)
         self.mask = [1] * len(self.response)
-        self.logprobs: list[float | None] = list(logprobs)
+        self.logprobs: list[float | None] = list(t.logprobs)
         self.tokens = self.prompt + self.response  # the whole sequence so far
-        self.calls = [call.id]
-        self.versions = [call.policy_version or 0]
+        self.calls = [t.call_id]
+        self.versions = [t.version]
 
     def continued_by(self, prompt: list[int]) -> bool:
         n = len(self.tokens)
         return len(prompt) >= n and prompt[n - 1] == self.tokens[-1] and prompt[:n] == self.tokens
 
-    def extend(self, call: ClaimedCall) -> None:
-        prompt, completion, logprobs = _tokens(call)
-        extra = prompt[len(self.tokens):]
-        self.response += extra + completion
-        self.mask += [0] * len(extra) + [1] * len(completion)
-        self.logprobs += [0.0] * len(extra) + logprobs
-        self.tokens = prompt + completion
-        self.calls.append(call.id)
-        self.versions.append(call.policy_version or 0)
+    def extend(self, t: CallTokens) -> None:
+        extra = t.prompt[len(self.tokens):]
+        self.response += extra + t.completion
+        self.mask += [0] * len(extra) + [1] * len(t.completion)
+        self.logprobs += [0.0] * len(extra) + list(t.logprobs)
+        self.tokens = list(t.prompt) + list(t.completion)
+        self.calls.append(t.call_id)
+        self.versions.append(t.version)
+
+    def sample(self, weight: float) -> Sample:
+        return Sample(prompt_ids=self.prompt, response_ids=self.response, response_mask=self.mask,
+                      old_logprobs=self.logprobs, advantage=0.0, weight=weight)
+
+
+def chain_calls(calls: Sequence[CallTokens], mode: str, counters: dict[str, int]) -> list[Chain]:
+    """One chain per call (transition mode), or calls merged into the longest chain their prompt continues
+    (trajectory mode; later wins ties), counting ``merged`` and ``chain_breaks`` in ``counters``."""
+    if mode == "transition":
+        return [Chain(t) for t in calls]
+    chains: list[Chain] = []
+    for t in calls:
+        best = None
+        for chain in chains:
+            if chain.continued_by(t.prompt) and (best is None or len(chain.tokens) >= len(best.tokens)):
+                best = chain
+        if best is not None:
+            best.extend(t)
+            counters["merged"] = counters.get("merged", 0) + 1
+        else:
+            if chains:
+                counters["chain_breaks"] = counters.get("chain_breaks", 0) + 1
+            chains.append(Chain(t))
+    return chains
 
 
 def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transition", "trajectory"] = "transition",
@@ -220,30 +261,14 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
             out.skipped_sessions.append(sess.id)
             continue
 
-        chains: list[_Chain] = []
-        if mode == "transition":
-            chains = [_Chain(i, c) for i, c in usable]
-        else:
-            for i, call in usable:
-                prompt = _tokens(call)[0]
-                best = None
-                for chain in chains:  # the longest sequence the prompt continues; later wins ties
-                    if chain.continued_by(prompt) and (best is None or len(chain.tokens) >= len(best.tokens)):
-                        best = chain
-                if best is not None:
-                    best.extend(call)
-                    counters["merged"] += 1
-                else:
-                    if chains:
-                        counters["chain_breaks"] += 1
-                    chains.append(_Chain(i, call))
+        tokens = [CallTokens(i, c.id, c.policy_version or 0, *_tokens(c)) for i, c in usable]
+        chains = chain_calls(tokens, mode, counters)
 
         weight = 1.0 / len(chains)
         group = ("batch" if not group_by_task
                  else f"task:{sess.task_id}" if sess.task_id is not None else f"session:{sess.id}")
         for chain in chains:
-            out.samples.append(Sample(prompt_ids=chain.prompt, response_ids=chain.response, response_mask=chain.mask,
-                                      old_logprobs=chain.logprobs, advantage=0.0, weight=weight))
+            out.samples.append(chain.sample(weight))
             out.scores.append(returns[chain.first])
             out.group_ids.append(group)
             out.session_ids.append(sess.id)
