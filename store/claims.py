@@ -29,7 +29,9 @@ in ``batch_size`` sessions; the first group is always taken, cut to ``max(batch_
 oldest sessions if it is larger. With ``group_size = 0`` nothing waits: the oldest finished sessions are
 claimed, up to ``batch_size``.
 
-After the claim commits, the episodes are loaded: trainable calls only (``calls.trainable``), of the
+After the claim commits, the episodes are loaded: trainable calls only (``calls.trainable``), plus, for supervised
+fine-tuning, the calls of the frozen routes named in ``sft_from`` (``route = 'frozen'`` and ``model_requested`` one
+of them; these come with their recorded request and answer, since they have no token ids of the policy's), of the
 selected agents only (``train_agents``; empty = all), ordered by ``(started_at, seq)``, each with the sum
 of its intermediate rewards (non-final rewards with a value), the sampling settings it was sent with and the
 proxy's ``untrainable_reason`` (the trainer decides what to skip: :mod:`trainwire.rl.transitions`). A non-final
@@ -81,6 +83,13 @@ class ClaimedCall:
     # before migration 0002.
     sampling: dict | None = None
     untrainable_reason: str | None = None  # the proxy's reason not to train on this call's tokens, or None
+    route: str = "policy"  # policy | frozen (frozen calls are loaded only when selected with sft_from)
+    model_requested: str | None = None
+    kind: str = "chat"
+    # The call's request and answer as recorded: loaded only for the frozen calls selected with sft_from, which
+    # have no token ids of the policy's (the trainer renders them with the policy's chat template).
+    request: dict | None = None
+    response: dict | None = None
 
 
 @dataclass
@@ -132,9 +141,11 @@ def _finished(settle_cutoff: datetime):
 
 async def claim_batch(engine: AsyncEngine, *, worker_id: str, batch_size: int,
                       train_agents: Sequence[str] = (), group_by_task: bool = True, group_size: int = 0,
-                      group_timeout_s: float = 60.0, settle_s: float = 0.0) -> list[ClaimedSession]:
+                      group_timeout_s: float = 60.0, settle_s: float = 0.0,
+                      sft_from: Sequence[str] = ()) -> list[ClaimedSession]:
     """Claim up to ``batch_size`` finished sessions (whole task groups when grouping) for ``worker_id``
-    and load their trainable calls. Returns [] when nothing is ready. See the module docstring."""
+    and load their trainable calls (and the calls of the frozen routes in ``sft_from``). Returns [] when nothing is
+    ready. See the module docstring."""
     if batch_size <= 0:
         return []
     now = utcnow()
@@ -169,7 +180,7 @@ async def claim_batch(engine: AsyncEngine, *, worker_id: str, batch_size: int,
     if not picked:
         return []
     try:
-        return await _load(engine, picked, train_agents)
+        return await _load(engine, picked, train_agents, sft_from)
     except BaseException:
         # The claim committed but the episodes could not be read: give them back now instead of after
         # the stale-claim timeout.
@@ -237,21 +248,29 @@ def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cut
     return picked
 
 
-async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str]) -> list[ClaimedSession]:
+_CALL_COLUMNS = (C.c.id, C.c.session_id, C.c.seq, C.c.agent_name, C.c.policy_version, C.c.prompt_token_ids,
+                 C.c.completion_token_ids, C.c.logprobs, C.c.finish_reason, C.c.aborted, C.c.status_code, C.c.started_at,
+                 C.c.finished_at, C.c.sampling, C.c.untrainable_reason, C.c.route, C.c.model_requested, C.c.kind)
+
+
+async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str],
+                sft_from: Sequence[str] = ()) -> list[ClaimedSession]:
     ids = [r.id for r in picked]
-    stmt = (select(C.c.id, C.c.session_id, C.c.seq, C.c.agent_name, C.c.policy_version, C.c.prompt_token_ids,
-                   C.c.completion_token_ids, C.c.logprobs, C.c.finish_reason, C.c.aborted, C.c.status_code,
-                   C.c.started_at, C.c.finished_at, C.c.sampling, C.c.untrainable_reason)
-            .where(C.c.session_id.in_(ids), C.c.trainable == True)  # noqa: E712
-            .order_by(C.c.session_id, C.c.started_at, C.c.seq))
+    stmts = [select(*_CALL_COLUMNS).where(C.c.session_id.in_(ids), C.c.trainable == True)]  # noqa: E712
+    if sft_from:
+        # Frozen calls have no token ids of the policy's: the trainer renders their request and answer.
+        stmts.append(select(*_CALL_COLUMNS, C.c.request, C.c.response)
+                     .where(C.c.session_id.in_(ids), C.c.route == "frozen",
+                            C.c.model_requested.in_(list(dict.fromkeys(sft_from)))))
     if train_agents:
-        stmt = stmt.where(C.c.agent_name.in_(list(train_agents)))
+        stmts = [stmt.where(C.c.agent_name.in_(list(train_agents))) for stmt in stmts]
     reward_stmt = (select(R.c.session_id, R.c.call_id, R.c.value, R.c.created_at)
                    .where(R.c.session_id.in_(ids), R.c.final == False, R.c.value.is_not(None))  # noqa: E712
                    .order_by(R.c.id))
     async with engine.connect() as conn:
-        call_rows = (await conn.execute(stmt)).all()
+        call_rows = [row for stmt in stmts for row in (await conn.execute(stmt)).all()]
         reward_rows = (await conn.execute(reward_stmt)).all()
+    call_rows.sort(key=lambda c: (c.session_id, _utc(c.started_at), c.seq))
 
     calls_of: dict[str, list] = defaultdict(list)
     for c in call_rows:
@@ -282,7 +301,9 @@ async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str]) 
                                logprobs=_list(c.logprobs), finish_reason=c.finish_reason,
                                reward=by_call.get(c.id, 0.0), aborted=bool(c.aborted), status_code=c.status_code,
                                started_at=_aware(c.started_at), sampling=c.sampling,
-                               untrainable_reason=c.untrainable_reason)
+                               untrainable_reason=c.untrainable_reason, route=c.route,
+                               model_requested=c.model_requested, kind=c.kind,
+                               request=getattr(c, "request", None), response=getattr(c, "response", None))
                    for c in calls_of.get(r.id, [])]))
     return out
 
