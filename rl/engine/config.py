@@ -17,10 +17,11 @@ from typing import Any, Optional
 
 from trainwire.rl import cpu_platform
 
-__all__ = ["EngineConfig", "actor_config", "policy_loss_fn", "training_worker_config"]
+__all__ = ["OBJECTIVES", "EngineConfig", "actor_config", "loss_fn", "policy_loss_fn", "training_worker_config"]
 
 # Losses whose rollout_is_weights argument is not a plain per-token multiplier.
 LOSSES_IGNORING_WEIGHTS = {"bypass_mode"}
+OBJECTIVES = ("rl", "sft")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class EngineConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     lr_warmup_steps: int = 0
+    # What a step optimises: "rl" (verl's ppo_loss with the policy loss below) or "sft" (verl's sft_loss: the mean
+    # negative log-likelihood of the response tokens with mask 1; advantages, old log-probs and weights unused).
+    objective: str = "rl"
     # Loss: a name from verl's policy-loss registry and one of verl's aggregation modes.
     policy_loss: str = "vanilla"
     # Extra fields of verl's PolicyLossConfig for the chosen loss (e.g. {"dro_beta": 0.1}).
@@ -79,6 +83,8 @@ class EngineConfig:
                 raise ValueError("mini_batch_size must be a multiple of micro_batch_size")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         from trainwire.rl.advantages import policy_loss_names
 
         names = policy_loss_names()
@@ -190,3 +196,15 @@ def policy_loss_fn(cfg: EngineConfig):
     from verl.workers.utils.losses import ppo_loss
 
     return functools.partial(ppo_loss, config=actor_config(cfg))
+
+
+def loss_fn(cfg: EngineConfig):
+    """The loss of ``cfg.objective``: :func:`policy_loss_fn` for RL, verl's ``sft_loss`` for SFT (it reads the
+    batch's ``loss_mask``, which :meth:`PolicyEngine.build_train_batch` sets to the response mask over the whole
+    sequence)."""
+    if cfg.objective == "rl":
+        return policy_loss_fn(cfg)
+    cpu_platform.activate()
+    from verl.workers.utils.losses import sft_loss
+
+    return functools.partial(sft_loss, config=actor_config(cfg))

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from trainwire.rl import cpu_platform
 from trainwire.rl.engine import checkpoint
 from trainwire.rl.engine.batch import padded_ppo_tensors, to_no_padding
-from trainwire.rl.engine.config import LOSSES_IGNORING_WEIGHTS, EngineConfig, policy_loss_fn, training_worker_config
+from trainwire.rl.engine.config import LOSSES_IGNORING_WEIGHTS, EngineConfig, loss_fn, training_worker_config
 from trainwire.rl.engine.export import export_weights
 from trainwire.rl.samples import Sample
 
@@ -37,9 +37,9 @@ class PolicyEngine:
         cpu_platform.init_single_process_group()
         torch.manual_seed(cfg.seed)
         self.worker = self._build_worker(reference=False)
-        self.worker.set_loss_fn(policy_loss_fn(cfg))
+        self.worker.set_loss_fn(loss_fn(cfg))
         self._ref_worker = None  # full fine-tuning + KL: a frozen copy of the base model
-        if cfg.kl_coef > 0 and not self.is_lora:
+        if cfg.kl_coef > 0 and not self.is_lora and cfg.objective == "rl":
             self._ref_worker = self._build_worker(reference=True)
 
     # ------------------------------------------------------------------ construction
@@ -79,12 +79,13 @@ class PolicyEngine:
 
     def _padded(self, samples: Sequence[Sample]) -> tuple[list[Sample], int]:
         """Pad the local batch with fully masked dummies so every DP rank holds the same
-        number of samples, a multiple of micro_batch_size (verl's splitting requires both)."""
+        number of samples, a multiple of mini_batch_size when it is set, else of micro_batch_size (verl's splitting
+        requires both)."""
         n = len(samples)
         target = self._all_reduce_int(n, dist.ReduceOp.MAX)
-        if self.cfg.max_tokens_per_micro_batch is None:
-            m = self.cfg.micro_batch_size
-            target = ((max(target, 1) + m - 1) // m) * m
+        m = self.cfg.mini_batch_size or (self.cfg.micro_batch_size if self.cfg.max_tokens_per_micro_batch is None
+                                         else 1)
+        target = ((max(target, 1) + m - 1) // m) * m
         pad = self._pad_token()
         dummy = Sample(prompt_ids=[pad], response_ids=[pad], response_mask=[0], old_logprobs=[0.0], advantage=0.0,
                        weight=0.0)
@@ -119,11 +120,12 @@ class PolicyEngine:
         for s in samples:
             s.validate()
         padded, n_real = self._padded(samples)
-        with_weights = any(s.weight != 1.0 for s in samples)
+        sft = self.cfg.objective == "sft"
+        with_weights = not sft and any(s.weight != 1.0 for s in samples)
         if with_weights and self.cfg.policy_loss in LOSSES_IGNORING_WEIGHTS:
             raise ValueError(f"policy_loss {self.cfg.policy_loss!r} ignores per-sample weights")
         tensors = padded_ppo_tensors(padded, self._pad_token(), with_weights=with_weights)
-        if self.cfg.kl_coef > 0:
+        if self.cfg.kl_coef > 0 and not sft:
             tensors["ref_log_prob"] = self._infer_padded(padded, reference=True)
         n_local = len(padded)
         dp = self._dp_size()
@@ -146,8 +148,10 @@ class PolicyEngine:
             seed=self.cfg.seed,
             dataloader_kwargs={"shuffle": False},
             compute_loss=True,
-            calculate_entropy=self.cfg.calculate_entropy or self.cfg.entropy_coeff != 0,
+            calculate_entropy=not sft and (self.cfg.calculate_entropy or self.cfg.entropy_coeff != 0),
         )
+        if sft:
+            td["loss_mask"] = sequence_loss_mask(tensors, td)
         info = {
             "samples": float(n_global_real),
             "tokens": float(self._all_reduce_int(int(tensors["response_mask"].sum()), dist.ReduceOp.SUM)),
@@ -236,7 +240,21 @@ class PolicyEngine:
         path, step = loaded
         if step is not None:
             self.global_step = step
+        self._set_lr(self.cfg.lr)
         return path
+
+    def _set_lr(self, lr: float) -> None:
+        """The learning rate of this run, also after a resume: the optimizer and scheduler state a checkpoint
+        restores carry the learning rate of the run that saved it (an RL run continuing an SFT checkpoint would
+        otherwise train at the SFT rate). The optimizer's moments are kept."""
+        engine = self.worker.engine
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+            group["initial_lr"] = lr
+        scheduler = getattr(engine, "lr_scheduler", None)
+        if scheduler is not None:
+            scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+            scheduler._last_lr = [g["lr"] for g in engine.optimizer.param_groups]
 
     # ------------------------------------------------------------------ introspection
 
@@ -248,6 +266,19 @@ class PolicyEngine:
             t = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
             out[name] = t.detach().to("cpu").clone()
         return out
+
+
+def sequence_loss_mask(tensors: dict[str, torch.Tensor], td) -> torch.Tensor:
+    """verl's SFT loss mask: per sample, over the whole sequence (prompt and response) in the no-padding layout,
+    1 on the response tokens with mask 1 (the loss rolls it by one to align it with the log-probs, which score the
+    next token). :func:`~trainwire.rl.engine.batch.to_no_padding` sets ``loss_mask`` to the padded response mask,
+    which is what the PPO loss reads."""
+    attention = tensors["attention_mask"]
+    prompt_len = tensors["prompts"].shape[1]
+    full = torch.zeros_like(attention)
+    full[:, prompt_len:] = tensors["response_mask"]
+    values = full[attention.bool()]  # row by row, as the no-padding input_ids
+    return torch.nested.nested_tensor_from_jagged(values, offsets=td["input_ids"].offsets())
 
 
 def _flatten_metrics(raw: dict) -> dict[str, float]:
