@@ -18,167 +18,31 @@ Everything it writes lives in .demo/ (logs in .demo/logs/).
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import math
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.agent import mean_sem, summarize  # noqa: E402
-
-T0 = time.monotonic()
-
-
-def say(msg: str) -> None:
-    print(f"[demo {time.monotonic() - T0:5.0f}s] {msg}", flush=True)
-
-
-def port_or_free(preferred: int) -> int:
-    """``preferred`` when it is free, else (or for 0) any free port."""
-    if preferred:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --------------------------------------------------------------------------------------------- processes
-
-
-class Child:
-    """A process started in its own session (process group): stop() reaches everything it started."""
-
-    def __init__(self, name: str, argv: list[str], *, env: dict | None = None, log_path: Path,
-                 echo=None, cwd: Path = ROOT) -> None:
-        self.name = name
-        self.log_path = log_path
-        self.echo = echo  # line -> bool: print this line on the console
-        self.seen: list[str] = []
-        self.lines = threading.Condition()
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True, bufsize=1, text=True,
-                                     errors="replace")
-        self.reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        with open(self.log_path, "w") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                log.flush()
-                line = line.rstrip("\n")
-                with self.lines:
-                    self.seen.append(line)
-                    self.lines.notify_all()
-                if self.echo and self.echo(line):
-                    print(line, flush=True)
-
-    def wait_for_line(self, needle: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.lines:
-            while True:
-                if any(needle in line for line in self.seen):
-                    return True
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    return False
-                self.lines.wait(0.5)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 30.0, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever is left of the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self.reader.join(2)
-
-
-class Stack:
-    """What the demo started, stopped in reverse order exactly once (normal end, Ctrl-C, SIGTERM, atexit)."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, object]] = []
-        self.lock = threading.Lock()
-
-    def push(self, name: str, item) -> None:
-        with self.lock:
-            self.items.append((name, item))
-
-    def stop(self, name: str) -> None:
-        with self.lock:
-            found = [(n, i) for n, i in self.items if n == name]
-            self.items = [(n, i) for n, i in self.items if n != name]
-        for _, item in found:
-            item.stop()
-
-    def stop_all(self) -> None:
-        with self.lock:
-            items, self.items = self.items[::-1], []
-        for name, item in items:
-            try:
-                item.stop()
-            except Exception as exc:  # keep stopping the others
-                print(f"[demo] could not stop {name}: {exc}", file=sys.stderr, flush=True)
-
-
-STACK = Stack()
-atexit.register(STACK.stop_all)
-
-
-def _on_signal(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-class TrainerEcho:
-    """The trainer's own progress lines on the console, a step line at most every few seconds (it can publish
-    a version a second here); the rest of its output is in .demo/logs/trainer.log."""
-
-    def __init__(self, every_s: float = 5.0) -> None:
-        self.every_s = every_s
-        self.last = 0.0
-
-    def __call__(self, line: str) -> bool:
-        if not line.startswith("[trainwire train]"):
-            return False
-        if "] step " not in line:
-            return True
-        now = time.monotonic()
-        if now - self.last < self.every_s:
-            return False
-        self.last = now
-        return True
-
+from demo.procs import (  # noqa: E402
+    STACK,
+    T0,
+    Child,
+    TrainerEcho,
+    ensure_vllm_venv,
+    fresh_store,
+    port_or_free,
+    run_demo,
+    say,
+    wait_healthy,
+)
 
 # ------------------------------------------------------------------------------------------------ results
 
@@ -309,21 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="after the run keep vLLM and the proxy up (Ctrl-C to stop) to look at the data")
     p.add_argument("--agent-log", type=Path, default=None, help="agent JSON lines (default: WORKDIR/agent.jsonl)")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("", flush=True)
-        say("interrupted: stopping everything the demo started")
-        return 130
-    finally:
-        # Ignore further Ctrl-C while the children shut down, so none is left behind.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        STACK.stop_all()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return run_demo(run, args)
 
 
 def run(args) -> int:
@@ -339,14 +189,8 @@ def run(args) -> int:
     batch = args.group_size * args.groups_per_step
 
     # 1. vLLM venv (cached) ------------------------------------------------------------------------
-    say("preparing the CPU vLLM venv (scripts/setup_vllm_venv.sh; cached after the first run)")
-    setup = subprocess.run(["bash", str(ROOT / "scripts" / "setup_vllm_venv.sh")], cwd=ROOT,
-                           stdout=subprocess.PIPE, text=True)
-    if setup.returncode != 0:
-        say("setting up the vLLM venv failed (see the messages above)")
+    if not ensure_vllm_venv():
         return 1
-    venv = setup.stdout.strip().splitlines()[-1]
-    os.environ["TRAINWIRE_VLLM_VENV"] = venv
 
     # 2. tiny model ---------------------------------------------------------------------------------
     say("building the tiny model into .demo/model (random weights, local tokenizer, no downloads)")
@@ -362,18 +206,11 @@ def run(args) -> int:
     STACK.push("vllm", vllm)
     say(f"vLLM ready in {vllm.startup_s:.0f}s at {vllm.url} (log .demo/logs/vllm.log)")
 
-    db_url = os.environ.get("TRAINWIRE_DATABASE_URL")
-    if not db_url:
-        db = work / "trainwire.db"
-        for f in work.glob("trainwire.db*"):
-            f.unlink()
-        db_url = f"sqlite:///{db}"
+    db_url = fresh_store(work)
     ckpt = work / "checkpoints"
     shutil.rmtree(ckpt, ignore_errors=True)
     env = {**os.environ, "TRAINWIRE_DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
     env.pop("TRAINWIRE_UPSTREAM", None)
-    subprocess.run([*trainwire, "migrate"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     proxy = Child("proxy", [*trainwire, "serve", "--host", "127.0.0.1", "--port", str(proxy_port),
                             "--upstream", vllm.url, "--journal-dir", str(work / "journal")],
@@ -388,18 +225,9 @@ def run(args) -> int:
     trainer_env = {**env, "OMP_NUM_THREADS": env.get("TRAINWIRE_DEMO_TRAINER_THREADS", "1")}
     trainer = Child("trainer", train_argv, env=trainer_env, log_path=logs / "trainer.log", echo=TrainerEcho())
     STACK.push("trainer", trainer)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{proxy_url}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if not proxy.alive() or time.monotonic() > deadline:
-            say(f"the proxy did not start; see {logs / 'proxy.log'}")
-            return 1
-        time.sleep(0.2)
+    if not wait_healthy(f"{proxy_url}/healthz", proxy):
+        say(f"the proxy did not start; see {logs / 'proxy.log'}")
+        return 1
     say(f"proxy ready at {proxy_url} (store: {db_url}); waiting for the trainer to load verl's engine")
     if not trainer.wait_for_line("waiting for rewarded sessions", timeout=300):
         say(f"the trainer did not start; see {logs / 'trainer.log'}")
@@ -417,8 +245,7 @@ def run(args) -> int:
                             "--max-backlog", str(batch), "--log", str(agent_log)],
                   env=agent_env, log_path=logs / "agent.log", echo=lambda line: True)
     STACK.push("agent", agent)
-    agent.proc.wait()
-    agent.reader.join(5)
+    agent.wait()
     STACK.stop("agent")
     say("agent finished; stopping the trainer after its current step")
     STACK.stop("trainer")
