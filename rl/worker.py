@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import statistics
@@ -41,6 +42,7 @@ from trainwire.store.training import record_train_step
 
 if TYPE_CHECKING:
     from trainwire.rl.publish import PublishResult
+    from trainwire.rl.retokenize import ChatRenderer
 
 log = logging.getLogger("trainwire.train")
 
@@ -101,6 +103,9 @@ class Trainer:
     def __init__(self, settings: TrainerSettings, stopper: Stopper | None = None) -> None:
         if not settings.model:
             raise Refused("--model is required (the base model path vLLM serves)")
+        if settings.objective == "rl" and (settings.sft_from or settings.min_reward is not None):
+            raise Refused("--sft-from and --min-reward select calls for supervised fine-tuning: use them with "
+                          "--objective sft")
         self.s = settings
         self.model: str = settings.model
         self.db = make_engine(settings.resolved_database_url)
@@ -113,6 +118,8 @@ class Trainer:
         # after a step whose publish reached no upstream.
         self.weights_version: int | None = None
         self._new_run: RunIdentity | None = None  # a first start: the manifest to write once the engine is built
+        # --objective sft --sft-from: the policy's chat template (rl/retokenize.py)
+        self.renderer: ChatRenderer | None = None
 
     @property
     def stop_requested(self) -> bool:
@@ -122,8 +129,12 @@ class Trainer:
         from trainwire.rl.engine import EngineConfig
 
         s = self.s
+        # --mini-batch-size N: N samples per optimizer update (micro-batches of up to 4 that divide it)
+        mini = s.mini_batch_size or None
         return EngineConfig(model_path=self.model, lora_rank=s.lora_rank, lora_alpha=s.lora_alpha,
-                            lora_target_modules=LORA_TARGET_MODULES, lr=s.lr, policy_loss=s.policy_loss,
+                            lora_target_modules=LORA_TARGET_MODULES, lr=s.lr, objective=s.objective,
+                            ppo_epochs=s.epochs, mini_batch_size=mini,
+                            micro_batch_size=math.gcd(mini, 4) if mini else 4, policy_loss=s.policy_loss,
                             loss_agg_mode=s.loss_agg_mode, clip_ratio_low=s.clip_ratio,
                             clip_ratio_high=s.clip_ratio, kl_coef=s.kl_coef, temperature=s.temperature,
                             seed=s.seed, checkpoint_dir=str(s.checkpoint_dir / "state"))
@@ -151,8 +162,19 @@ class Trainer:
             if s.adv_estimator not in advantage_estimator_names():
                 raise Refused(f"unknown --adv-estimator {s.adv_estimator!r}; verl has: "
                               + ", ".join(advantage_estimator_names()))
+            if s.objective == "sft" and s.sft_from:
+                from trainwire.rl.retokenize import ChatRenderer, RenderError
+
+                try:
+                    self.renderer = ChatRenderer.from_pretrained(self.model)
+                except RenderError as exc:
+                    raise Refused(f"--sft-from needs the policy's chat template: {exc}") from None
             _say(f"loading {s.model} into verl's engine "
-                 f"({f'LoRA rank {s.lora_rank}' if s.lora_rank else 'full fine-tuning'})")
+                 f"({f'LoRA rank {s.lora_rank}' if s.lora_rank else 'full fine-tuning'}"
+                 + ("; supervised fine-tuning on the policy's own calls"
+                    + (f" and those of {', '.join(s.sft_from)}" if s.sft_from else "")
+                    + (f", sessions with a final reward >= {s.min_reward:g}" if s.min_reward is not None else "")
+                    if s.objective == "sft" else "") + ")")
             t0 = time.perf_counter()
             from trainwire.rl.engine import PolicyEngine
 
@@ -263,6 +285,23 @@ class Trainer:
             _say(f"stopped ({self.stopper.signal_name})")
         return 0
 
+    async def _mark_skipped(self, sessions: list[claims.ClaimedSession], ids: list[str], sft: bool) -> None:
+        """Claimed sessions no sample came from become ``skipped``, with the reason."""
+        if not sft:
+            await claims.mark_skipped(self.db, ids, "stale, or no trainable calls (untrainable sampling or no token "
+                                      "data)", worker_id=self.worker_id)
+            return
+        bar = self.s.min_reward
+        low = {x.id for x in sessions if bar is not None and (x.final_reward is None or x.final_reward < bar)}
+        if low:
+            await claims.mark_skipped(self.db, [i for i in ids if i in low], f"final reward below --min-reward {bar:g}",
+                                      worker_id=self.worker_id)
+        rest = [i for i in ids if i not in low]
+        if rest:
+            await claims.mark_skipped(self.db, rest, "no calls to fine-tune on (own calls without token data, or "
+                                      "calls of the --sft-from routes that cannot be rendered)",
+                                      worker_id=self.worker_id)
+
     async def _release_failed(self, ids: list[str]) -> None:
         await claims.release(self.db, ids, worker_id=self.worker_id)
         log.exception("training step failed; released %d sessions for a later step", len(ids))
@@ -276,7 +315,7 @@ class Trainer:
         batch = await claims.claim_batch(self.db, worker_id=self.worker_id, batch_size=s.batch_size,
                                          train_agents=s.train_agent, group_by_task=s.group_by_task,
                                          group_size=s.group_size, group_timeout_s=s.group_timeout_s,
-                                         settle_s=s.settle_s)
+                                         settle_s=s.settle_s, sft_from=s.sft_from if s.objective == "sft" else ())
         if not batch:
             return None
         ids = [b.id for b in batch]
@@ -295,25 +334,33 @@ class Trainer:
         from trainwire.rl.transitions import build_samples
 
         s = self.s
+        sft = s.objective == "sft"
         try:
-            built = build_samples(batch, mode=s.mode, gamma=s.gamma, default_reward=s.default_reward,
-                                  group_by_task=s.group_by_task, current_version=self.version,
-                                  max_staleness=s.max_staleness, temperature=s.temperature)
+            if sft:
+                from trainwire.rl.sft import build_sft_samples
+
+                built = build_sft_samples(batch, renderer=self.renderer, sft_from=s.sft_from,
+                                          min_reward=s.min_reward, mode=s.mode)
+            else:
+                built = build_samples(batch, mode=s.mode, gamma=s.gamma, default_reward=s.default_reward,
+                                      group_by_task=s.group_by_task, current_version=self.version,
+                                      max_staleness=s.max_staleness, temperature=s.temperature)
             for why, n in built.skip_reasons.items():
                 log.info("skipped %d calls: %s", n, why)
             if not built.samples:
-                await claims.mark_skipped(self.db, ids, "no trainable samples (stale, untrainable sampling, or no "
-                                          "token data)", worker_id=self.worker_id)
-                _say(f"skipped {len(ids)} sessions: no trainable samples ({built.counters})")
+                await self._mark_skipped(batch, ids, sft)
+                _say(f"skipped {len(ids)} sessions: nothing to train on ({built.counters})")
                 return {}
-            advantages = compute_advantages(built.scores, built.group_ids, estimator=s.adv_estimator)
+            advantages = [0.0] * len(built.samples) if sft else compute_advantages(
+                built.scores, built.group_ids, estimator=s.adv_estimator)
             samples = [replace(x, advantage=a) for x, a in zip(built.samples, advantages)]
         except Exception:
             await self._release_failed(ids)
             raise
         t["build"] = time.perf_counter()
-        # Samples served by the weights the engine holds now: their recorded log-probs must be the engine's.
-        check = built.served_by(self.weights_version) if self.weights_version is not None else None
+        # Samples served by the weights the engine holds now: their recorded log-probs must be the engine's. SFT
+        # trains on calls other models served too, and has no ratio to get wrong: no agreement pass.
+        check = built.served_by(self.weights_version) if self.weights_version is not None and not sft else None
         served_by = self.weights_version
         hooks = _Publish(self, ids, self.version + 1)
         # In the loop thread: verl state is per-thread.
@@ -329,14 +376,15 @@ class Trainer:
         await claims.mark_trained(self.db, [sid for sid in ids if sid not in skipped], step,
                                   worker_id=self.worker_id)
         if skipped:
-            await claims.mark_skipped(self.db, list(skipped), "stale, or no trainable calls",
-                                      worker_id=self.worker_id)
+            await self._mark_skipped([x for x in batch if x.id in skipped], list(skipped), sft)
         rewards = [x.final_reward for x in batch if x.final_reward is not None]
         r_mean, r_std = _stats(rewards)
         a_mean, a_std = _stats(advantages)
+        if not sft:
+            metrics.update({"advantage/mean": a_mean, "advantage/std": a_std, "advantage/max": max(advantages),
+                            "advantage/min": min(advantages)})
         metrics.update({
-            "reward/mean": r_mean, "reward/std": r_std, "advantage/mean": a_mean, "advantage/std": a_std,
-            "advantage/max": max(advantages), "advantage/min": min(advantages),
+            "reward/mean": r_mean, "reward/std": r_std,
             "batch/sessions": len(ids), "batch/samples": len(samples),
             "batch/tokens": float(sum(sum(x.response_mask) for x in samples)),
             "staleness/mean": built.staleness_mean, **{f"batch/{k}": float(v) for k, v in built.counters.items()},
@@ -353,7 +401,10 @@ class Trainer:
         if "agreement/mean_abs_dlogp" in metrics:
             agree = (f" | agreement |dlogp| {metrics['agreement/mean_abs_dlogp']:.2e} max "
                      f"{metrics['agreement/max_abs_dlogp']:.2e} ({metrics['agreement/tokens']:.0f} tokens of v{served_by})")
-        _say(f"step {step} -> v{self.version} | sessions {len(ids)} samples {len(samples)} | reward "
+        what = (f"sft: {built.counters['teacher_calls']} calls of {', '.join(s.sft_from)}, "
+                f"{built.counters['own_calls']} own, {len(skipped)} sessions skipped | "
+                if sft and s.sft_from else f"sft: {built.counters['own_calls']} own calls | " if sft else "")
+        _say(f"step {step} -> v{self.version} | sessions {len(ids)} samples {len(samples)} | {what}reward "
              f"{r_mean:.3f}±{r_std:.3f} | loss {metrics.get('loss', float('nan')):.4f} grad "
              f"{metrics.get('grad_norm', float('nan')):.3f} | train {metrics['time/train_s']:.2f}s publish "
              f"{metrics['time/publish_s'] * 1000:.0f}ms{agree}")

@@ -143,6 +143,18 @@ class TrainerSettings(UpstreamSettings):
     """`trainwire train`."""
 
     model: str | None = Field(None, description="Base model path or id (the one vLLM serves)")
+    objective: Literal["rl", "sft"] = Field(
+        "rl", description="What a step optimises: rl (policy gradient on rewarded sessions) or sft (supervised "
+                          "fine-tuning on the completions of the selected calls, verl's SFT loss); both resume the "
+                          "same --checkpoint-dir, so RL can continue from an SFT run")
+    sft_from: StrList = Field(default_factory=list, description="With --objective sft: also train on the calls of "
+                              "this frozen route (the model name its agent requested; repeatable): distillation from "
+                              "a teacher agent that ran through the proxy, rendered with the policy's chat template")
+    min_reward: float | None = Field(None, description="With --objective sft: only sessions whose final reward is at "
+                                     "least this (rejection-sampling fine-tuning); default all")
+    epochs: int = Field(1, ge=1, description="Passes over each step's batch")
+    mini_batch_size: int = Field(0, ge=0, description="Samples per optimizer update within a step (0 = the whole "
+                                 "batch: one update per step)")
     lora_rank: int = Field(8, description="LoRA rank; 0 = full fine-tuning")
     lora_alpha: int = Field(16, description="LoRA alpha")
     batch_size: int = Field(8, description="Sessions per training step")
@@ -179,7 +191,7 @@ class TrainerSettings(UpstreamSettings):
                                 "published but not served, a wrong --temperature, or vLLM without --logprobs-mode "
                                 "processed_logprobs")
 
-    @field_validator("train_agent", mode="before")
+    @field_validator("train_agent", "sft_from", mode="before")
     @classmethod
     def _trainer_lists(cls, value):
         return _split_list(value)
