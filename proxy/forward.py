@@ -87,6 +87,9 @@ class Call:
             usage = response.get("usage")
         usage = usage if isinstance(usage, dict) else None
         untrainable = self.untrainable
+        if untrainable is None and not self.ctx.trainable:
+            # Said for every route: a frozen teacher's evaluation calls must stay out of fine-tuning too.
+            untrainable = "evaluation call (X-Trainwire-Train: false)"
         if untrainable is None and tokens is not None and status == 200:
             untrainable = token_problem(tokens.prompt_token_ids, tokens.completion_token_ids, tokens.logprobs,
                                         usage, aborted)
