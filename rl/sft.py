@@ -11,11 +11,9 @@ The completions of the selected calls of each claimed session, as the policy wou
 * the **calls of the frozen routes named with** ``--sft-from MODEL`` (a teacher agent that ran through the proxy,
   served by another model): they have no token ids of the policy's, so their recorded request and answer are
   rendered with the policy's tokenizer and chat template, tools included (:mod:`trainwire.rl.retokenize`). Calls
-  that failed, cannot be rendered or carry an ``untrainable_reason`` are skipped, counted by reason. Note: the
-  proxy records a frozen route's calls alike whether or not they were sent with ``X-Trainwire-Train: false``
-  (``trainable`` is false for both), so an evaluation session of the teacher that gets a final reward is trained
-  on; evaluate a teacher without posting rewards (the demo does), or see tests/test_sft_selection.py's strict
-  xfail for the proxy-side fix.
+  that failed, cannot be rendered or carry an ``untrainable_reason`` are skipped, counted by reason: the proxy
+  says ``evaluation call (X-Trainwire-Train: false)`` there on every route, so a teacher's evaluation calls are
+  never fine-tuned on (``trainable`` is false for every frozen call and cannot tell them apart).
 
 ``min_reward`` keeps only the sessions whose final reward is at least that (rejection-sampling fine-tuning); a
 session closed without a reward has none and is dropped too. Dropped sessions are reported in
@@ -126,7 +124,7 @@ def _teacher_tokens(call: ClaimedCall, index: int, renderer: ChatRenderer | None
     if call.status_code != 200 or call.aborted:
         counters["skipped_failed"] += 1
         return None
-    if call.untrainable_reason:  # e.g. an evaluation call, once the proxy says so on frozen routes
+    if call.untrainable_reason:  # an evaluation call (X-Trainwire-Train: false)
         counters["skipped_untrainable"] += 1
         reasons[call.untrainable_reason] = reasons.get(call.untrainable_reason, 0) + 1
         return None

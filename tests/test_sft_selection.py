@@ -4,7 +4,8 @@ and SQLite: ``--sft-from MODEL`` and ``--min-reward R`` select exactly the right
 A real ``trainwire serve`` with a scripted policy upstream (vLLM's shapes, token ids and logprobs) and two frozen
 routes, ``teacher`` and ``checker``, both served by the calculator demo's scripted teacher (demo/teacher_server.py)
 through litellm. The OpenAI SDK records teacher episodes (a tool call, the tool result, the answer; one of them
-streamed), a checker episode, an evaluation call and a session mixing the policy and the teacher; rewards go to
+streamed), a checker episode, an evaluation of the teacher, and a session mixing the policy (one call an evaluation
+call) and the teacher; rewards go to
 ``/reward``. Then the trainer's own path: the store's claim with ``sft_from`` and rl/sft.py's samples with the
 calculator model's template. The selected calls are exactly the teacher's calls of the sessions whose final reward
 is at least ``min_reward`` and the policy's own trainable calls; never a call of another route, an evaluation call,
@@ -132,7 +133,7 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(sft_proxy, upstr
     own = episode(sft_proxy, sid["mixed"], q4, model="policy")  # scripted upstream: text, token ids
     mixed_teacher = episode(sft_proxy, sid["mixed"], q4)
     episode(sft_proxy, sid["mixed"], q4, model="policy", train=False)  # an evaluation call in the same session
-    episode(sft_proxy, sid["eval"], q5, model="policy", train=False)
+    teacher_eval = episode(sft_proxy, sid["eval"], q5, train=False)  # the teacher evaluated: never trained on
     episode(sft_proxy, sid["open"], q5)  # no final reward: never claimed
     assert len(right) == len(streamed) == len(mixed_teacher) == 2 and len(own) == 1
     for name, value in (("right", 1.0), ("streamed", 1.0), ("wrong", 0.0), ("checker", 1.0), ("mixed", 1.0),
@@ -144,7 +145,7 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(sft_proxy, upstr
     loaded = {s.id: [c.id for c in s.calls] for s in sessions}
     # the claim loads the teacher's calls and the policy's trainable ones, nothing else
     assert loaded[sid["right"]] == right and loaded[sid["streamed"]] == streamed and loaded[sid["wrong"]] == wrong
-    assert loaded[sid["checker"]] == [] and loaded[sid["eval"]] == []
+    assert loaded[sid["checker"]] == [] and loaded[sid["eval"]] == teacher_eval
     assert loaded[sid["mixed"]] == own + mixed_teacher
 
     built = build_sft_samples(sessions, renderer=renderer, sft_from=["teacher"], min_reward=0.5, mode="transition")
@@ -152,6 +153,7 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(sft_proxy, upstr
     assert sorted(trained) == sorted(right + streamed + own + mixed_teacher)
     assert sorted(built.skipped_sessions) == sorted([sid["wrong"], sid["checker"], sid["eval"]])
     assert built.counters["teacher_calls"] == 6 and built.counters["own_calls"] == 1
+    assert built.skip_reasons == {"evaluation call (X-Trainwire-Train: false)": len(teacher_eval)}
 
     # the policy's own call trains on exactly the token ids vLLM (here: the scripted upstream) returned
     (own_row,) = [c for c in dbread.calls(db_url, sid["mixed"]) if c["id"] == own[0]]
@@ -170,17 +172,3 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(sft_proxy, upstr
                          "</tool_call><|im_end|>")
     assert renderer.tokenizer.decode(by_call[right[1]].response_ids) == f"{q1.answer}<|im_end|>"
 
-
-@pytest.mark.xfail(strict=True, reason="the proxy records a frozen route's calls alike with and without "
-                                       "X-Trainwire-Train: false (trainable is false for both, no reason stored), so "
-                                       "the trainer cannot leave a teacher's evaluation calls out; proxy/generation.py "
-                                       "would need to record the flag (e.g. as untrainable_reason, which rl/sft.py "
-                                       "already honours)")
-def test_a_teachers_evaluation_calls_are_not_fine_tuned_on(sft_proxy, db_url, renderer):
-    (q,) = tool_questions(1)
-    sid = f"teacher-eval-{uuid.uuid4().hex[:6]}"
-    episode(sft_proxy, sid, q, train=False)
-    reward(sft_proxy, sid, 1.0)
-    sessions = asyncio.run(claim_all(db_url, ["teacher"]))
-    built = build_sft_samples(sessions, renderer=renderer, sft_from=["teacher"])
-    assert built.samples == []

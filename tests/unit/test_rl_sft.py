@@ -123,13 +123,13 @@ def test_calls_that_cannot_be_rendered_say_why(renderer):
 _n = 0
 
 
-def frozen(request, response, *, model="teacher", status=200, sid="s") -> ClaimedCall:
+def frozen(request, response, *, model="teacher", status=200, sid="s", untrainable=None) -> ClaimedCall:
     global _n
     _n += 1
     return ClaimedCall(id=f"{sid}-f{_n}", seq=_n, agent_name="calculator", policy_version=None,
                        prompt_token_ids=None, completion_token_ids=None, logprobs=None, finish_reason="stop",
                        reward=0.0, aborted=False, status_code=status, route="frozen", model_requested=model,
-                       request=request, response=response)
+                       request=request, response=response, untrainable_reason=untrainable)
 
 
 def own(prompt, completion, *, untrainable=None, sid="s") -> ClaimedCall:
@@ -190,7 +190,9 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(renderer):
                 sid="mixed"),
             frozen(first_request(), answer(tool_calls=[CALL]), sid="mixed"),
             frozen(first_request(), {"error": {"message": "boom"}}, status=502, sid="mixed"),
-            frozen(first_request(), answer(content=""), sid="mixed")]),  # nothing to render
+            frozen(first_request(), answer(content=""), sid="mixed"),  # nothing to render
+            frozen(first_request(), answer(tool_calls=[CALL]), sid="mixed",
+                   untrainable="evaluation call (X-Trainwire-Train: false)")]),  # the proxy says: evaluation
     ]
     res = build_sft_samples(sessions, renderer=renderer, sft_from=["teacher"], min_reward=0.5, mode="transition")
     assert sorted(res.skipped_sessions) == ["other-route", "unrewarded", "wrong"]
@@ -199,11 +201,12 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(renderer):
     assert picked == [c.id for c in right.calls] + [mixed.calls[0].id, mixed.calls[2].id]
     c = res.counters
     assert (c["teacher_calls"], c["own_calls"], c["skipped_reward"], c["skipped_untrainable"], c["skipped_failed"],
-            c["skipped_render"], c["skipped_empty"]) == (3, 1, 2, 1, 1, 1, 1)
+            c["skipped_render"], c["skipped_empty"]) == (3, 1, 2, 2, 1, 1, 1)
     own_sample = res.samples[2]
     assert (own_sample.prompt_ids, own_sample.response_ids, own_sample.old_logprobs) == ([1, 2, 3], [4, 5],
                                                                                          [-0.5, -0.5])
     assert any("recorded answer is empty" in why for why in res.skip_reasons)
+    assert res.skip_reasons["evaluation call (X-Trainwire-Train: false)"] == 1
     assert res.scores == [1.0] * len(res.samples)
 
     # without --min-reward every session with something to train on counts; without --sft-from only own calls
