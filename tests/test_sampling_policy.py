@@ -125,10 +125,12 @@ def max_diff(a, b) -> float:
 
 def assert_untouched_evaluation_call(proxy, hf_logprobs, trainer_logprobs) -> None:
     """X-Trainwire-Train: false at temperature 0.7: sent as asked (its log-probs are the 0.7 ones, not the
-    trainer's), no header, recorded as not trainable."""
+    trainer's), no header, recorded as an evaluation call."""
     raw, row = chat(proxy, f"eval-{uuid.uuid4().hex[:8]}", train=False, temperature=0.7)
     assert "x-trainwire-sampling" not in raw.headers
-    assert row["trainable"] is False and row["untrainable_reason"] is None
+    # It says why it is not trained, and that reason is the header, not its temperature.
+    assert row["trainable"] is False
+    assert row["untrainable_reason"] == "evaluation call (X-Trainwire-Train: false)"
     assert row["sampling"] == {"requested": {"temperature": 0.7}}
     assert max_diff(row["logprobs"], hf_logprobs(row, 0.7)) < 1e-3
     assert max_diff(row["logprobs"], trainer_logprobs(row)) > 1e-2
