@@ -32,18 +32,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from demo import calc_task  # noqa: E402
+from demo import calc_task, model_dir  # noqa: E402
 
 VOCAB_SIZE = 512
 MAX_POSITION_EMBEDDINGS = 1024  # = demo/vllm_server.py's --max-model-len
@@ -169,47 +166,14 @@ def _fingerprint() -> str:
     return hashlib.sha256(what.encode()).hexdigest()
 
 
-def is_complete(out_dir: Path, seed: int) -> bool:
-    marker = Path(out_dir) / MARKER
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False
-    if (info.get("format_version"), info.get("fingerprint"), info.get("seed")) != (FORMAT_VERSION, _fingerprint(),
-                                                                                  seed):
-        return False
-    return all((Path(out_dir) / f).is_file() for f in info.get("files", []))
-
-
 def build_calc_model(out_dir: Path, seed: int = 0) -> Path:
     """Build the model into ``out_dir`` (idempotent: an up-to-date build is kept) and return the path."""
     out_dir = Path(out_dir).resolve()
-    if is_complete(out_dir, seed):
+    info = {"format_version": FORMAT_VERSION, "fingerprint": _fingerprint(), "seed": seed}
+    if model_dir.is_current(out_dir, MARKER, info):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        tokenizer = _train_tokenizer()
-        model = _build_model(tokenizer, seed)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        cfg_path = tmp / "tokenizer_config.json"  # transformers versions differ in where the template goes
-        cfg = json.loads(cfg_path.read_text())
-        cfg.setdefault("chat_template", CHAT_TEMPLATE)
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        for name in files:
-            os.chmod(tmp / name, 0o644)
-        (tmp / MARKER).write_text(json.dumps({"format_version": FORMAT_VERSION, "fingerprint": _fingerprint(),
-                                              "seed": seed, "files": files}, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    tokenizer = _train_tokenizer()
+    return model_dir.write(out_dir, _build_model(tokenizer, seed), tokenizer, CHAT_TEMPLATE, MARKER, info)
 
 
 def main(argv: list[str] | None = None) -> int:

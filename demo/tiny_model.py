@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from demo import model_dir  # noqa: E402
 
 VOCAB_SIZE = 512
 MAX_POSITION_EMBEDDINGS = 1024
@@ -204,65 +206,19 @@ def _template_sha() -> str:
     return hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
 
 
-def is_complete(out_dir: Path) -> bool:
-    marker = Path(out_dir) / MARKER
-    if not marker.is_file():
-        return False
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return False
-    if info.get("format_version") != FORMAT_VERSION or info.get("chat_template_sha256") != _template_sha():
-        return False
-    return all((Path(out_dir) / f).is_file() for f in info.get("files", []))
+def _marker_info(seed: int) -> dict:
+    return {"format_version": FORMAT_VERSION, "chat_template_sha256": _template_sha(), "seed": seed,
+            "vocab_size": VOCAB_SIZE}
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     """Build the tiny model into ``out_dir`` (idempotent) and return the path."""
     out_dir = Path(out_dir).resolve()
-    if is_complete(out_dir):
-        info = json.loads((out_dir / MARKER).read_text())
-        if info.get("seed") == seed:
-            return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        tokenizer = _train_tokenizer()
-        model = _build_model(tokenizer, seed)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # Make sure the chat template is present in tokenizer_config.json too
-        # (older/newer transformers differ in where they save it).
-        cfg_path = tmp / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg.setdefault("chat_template", CHAT_TEMPLATE)
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        for name in files:
-            os.chmod(tmp / name, 0o644)
-        if "model.safetensors" not in files or "tokenizer.json" not in files:
-            raise RuntimeError(f"unexpected files after save: {files}")
-        (tmp / MARKER).write_text(
-            json.dumps(
-                {
-                    "format_version": FORMAT_VERSION,
-                    "chat_template_sha256": _template_sha(),
-                    "seed": seed,
-                    "vocab_size": VOCAB_SIZE,
-                    "files": files,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    info = _marker_info(seed)
+    if model_dir.is_current(out_dir, MARKER, info):
+        return out_dir
+    tokenizer = _train_tokenizer()
+    return model_dir.write(out_dir, _build_model(tokenizer, seed), tokenizer, CHAT_TEMPLATE, MARKER, info)
 
 
 def main(argv: list[str] | None = None) -> int:
