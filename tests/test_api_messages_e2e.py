@@ -14,27 +14,21 @@ tool turns are fed as history, not generated.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select
 
-from tests.support import dbread
+from tests.support import dbread, one_step
 from tests.support.vllm_support import require_vllm_venv, serve, tiny_model
-from trainwire.store.db import make_engine
 from trainwire.store.models import PolicyVersion, Session, TrainStep
 
 pytestmark = pytest.mark.vllm
 
 require_vllm_venv()
 
-ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a calculator. Use the calculator tool."
 TOOL = {"name": "calculator", "description": "Evaluate an arithmetic expression",
         "input_schema": {"type": "object", "properties": {"expression": {"type": "string"}},
@@ -227,45 +221,6 @@ def test_api_key_from_x_api_key_and_anthropic_error_shapes(start_proxy, vllm, pg
 # ------------------------------------------------------------------------------------------------ training
 
 
-async def _claim_and_build(db_url: str):
-    """The trainer's first two stages, in-process; the claims are given back for the real trainer."""
-    from trainwire.rl.transitions import build_samples
-    from trainwire.store import claims
-
-    engine = make_engine(db_url)
-    try:
-        batch = await claims.claim_batch(engine, worker_id="test-inspect", batch_size=8, settle_s=0)
-        built = build_samples(batch)
-        assert await claims.release(engine, [s.id for s in batch], worker_id="test-inspect") == len(batch)
-        return batch, built
-    finally:
-        await engine.dispose()
-
-
-async def _table(db_url: str, table) -> list[dict]:
-    engine = make_engine(db_url)
-    try:
-        async with engine.connect() as conn:
-            return [dict(r) for r in (await conn.execute(select(table))).mappings().all()]
-    finally:
-        await engine.dispose()
-
-
-def run_trainer(proxy, vllm, model_dir: Path, tmp_path: Path, *, batch_size: int) -> str:
-    argv = [sys.executable, "-m", "trainwire.cli", "train", "--database-url", proxy.db_url, "--upstream", vllm.url,
-            "--model", str(model_dir), "--lora-rank", "8", "--lr", "5e-3", "--batch-size", str(batch_size),
-            "--checkpoint-dir", str(tmp_path / "ckpt"), "--settle-s", "0", "--poll-s", "0.2", "--max-steps", "1"]
-    log_path = tmp_path / "trainer.log"
-    t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
-                              stderr=subprocess.STDOUT, timeout=300)
-    out = log_path.read_text(errors="replace")
-    print(f"trainer ran {time.monotonic() - t0:.1f}s")
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
 def test_one_training_step_on_a_messages_session(proxy, vllm, model_dir, tmp_path):
     session = f"msg-train-{uuid.uuid4().hex[:8]}"
     sdk = anthropic_client(proxy.url, **{"X-Session-Id": session, "X-Task-Id": "calc-5"})
@@ -277,7 +232,7 @@ def test_one_training_step_on_a_messages_session(proxy, vllm, model_dir, tmp_pat
     assert r.status_code == 200, r.text
     rows = _rows(proxy.db_url, session, 2)
 
-    batch, built = asyncio.run(_claim_and_build(proxy.db_url))
+    batch, built = asyncio.run(one_step.claim_and_build(proxy.db_url))
     assert [s.id for s in batch] == [session] and batch[0].final_reward == 1.0
     assert built.call_ids == [(rows[0]["id"],), (rows[1]["id"],)]
     for sample, row in zip(built.samples, rows):
@@ -286,12 +241,12 @@ def test_one_training_step_on_a_messages_session(proxy, vllm, model_dir, tmp_pat
         assert sample.response_mask == [1] * len(row["completion_token_ids"])
         assert sample.old_logprobs == pytest.approx(row["logprobs"], abs=1e-6)
 
-    out = run_trainer(proxy, vllm, model_dir, tmp_path, batch_size=1)
+    out = one_step.run_trainer(proxy, vllm, model_dir, tmp_path, batch_size=1)
     assert "step 1 -> v1 | sessions 1 samples 2" in out, out[-3000:]
-    (sess,) = [s for s in asyncio.run(_table(proxy.db_url, Session.__table__)) if s["id"] == session]
+    (sess,) = [s for s in asyncio.run(one_step.table(proxy.db_url, Session.__table__)) if s["id"] == session]
     assert (sess["status"], sess["train_step"]) == ("trained", 1)
-    (step,) = asyncio.run(_table(proxy.db_url, TrainStep.__table__))
+    (step,) = asyncio.run(one_step.table(proxy.db_url, TrainStep.__table__))
     assert (step["step"], step["n_sessions"], step["n_samples"]) == (1, 1, 2)
     assert step["metrics"]["batch/tokens"] == sum(len(r["completion_token_ids"]) for r in rows)
-    (pv,) = asyncio.run(_table(proxy.db_url, PolicyVersion.__table__))
+    (pv,) = asyncio.run(one_step.table(proxy.db_url, PolicyVersion.__table__))
     assert (pv["version"], pv["status"], pv["train_step"]) == (1, "published", 1)
