@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from trainwire.proxy.errors import ApiError
+from trainwire.proxy.litellm_json import drop_none
 
 log = logging.getLogger("trainwire.messages")
 
@@ -84,14 +85,6 @@ def error_body(status: int, message: str) -> bytes:
                                                     "message": message}})
 
 
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
-
-
 def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """A Messages request -> the chat-completions request for vLLM."""
     for name, kind in (("messages", list), ("max_tokens", int)):
@@ -108,7 +101,7 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(400, f"not a valid Messages request: {str(exc).splitlines()[0][:300]}",
                        code="invalid_value") from None
     # litellm leaves None-valued keys (thinking_blocks, ...) that a chat server need not accept.
-    out = _drop_none(dict(chat))
+    out = drop_none(dict(chat))
     out.pop("metadata", None)
     out["stream"] = bool(body.get("stream"))
     return out

@@ -33,6 +33,7 @@ from starlette.responses import Response
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
 from trainwire.proxy.errors import TYPES
 from trainwire.proxy.forward import RecordedStream
+from trainwire.proxy.litellm_json import drop_none
 
 log = logging.getLogger("trainwire.frozen")
 
@@ -271,16 +272,8 @@ def _clean(obj: dict[str, Any], delta: bool = False) -> dict[str, Any]:
             if isinstance(msg, dict):
                 msg.pop("provider_specific_fields", None)
                 if key == "delta" and delta:
-                    choice[key] = _drop_none(msg)
+                    choice[key] = drop_none(msg)
     return obj
-
-
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
 
 
 def _error_of(exc: Exception) -> tuple[int, dict[str, Any]]:
