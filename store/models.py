@@ -95,6 +95,14 @@ class Call(Base):
     overhead_ms: Mapped[float | None] = mapped_column(Float)
     sampling: Mapped[dict | None] = mapped_column(Json)
     untrainable_reason: Mapped[str | None] = mapped_column(Text)
+    # A call stored as what it adds to its session (migration 0004, store/call_deltas.py): `base_call_id` is an
+    # earlier call of the same session; with `prompt_prefix_len` L the stored prompt_token_ids are the tokens
+    # after the first L of the base's full prompt + completion; with `messages_prefix_len` M the request's
+    # message list (`messages`, or a Responses `input` list) holds only the messages after the base's first M.
+    # All NULL: the row is stored whole. Readers always see the full values.
+    base_call_id: Mapped[str | None] = mapped_column(Id)
+    prompt_prefix_len: Mapped[int | None] = mapped_column(Integer)
+    messages_prefix_len: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_calls_session_order", "session_id", "started_at", "seq"),
