@@ -39,6 +39,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trainwire.store.db import make_engine
+from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Reward
 from trainwire.store.queries import call_output, content_text
 from trainwire.store.rewards import aware
@@ -55,7 +56,8 @@ JSON_TEXT_IN_PARQUET = ("messages", "tools", "response_tool_calls")
 
 _SELECT = [C.c.id, C.c.session_id, C.c.seq, C.c.task_id, C.c.agent_name, C.c.policy_version, C.c.model_requested,
            C.c.model_served, C.c.route, C.c.trainable, C.c.kind, C.c.stream, C.c.started_at, C.c.finish_reason,
-           C.c.aborted, C.c.request, C.c.response, C.c.prompt_token_ids, C.c.completion_token_ids, C.c.logprobs]
+           C.c.aborted, C.c.request, C.c.response, C.c.prompt_token_ids, C.c.completion_token_ids, C.c.logprobs,
+           *DELTA_COLS]
 
 
 class ExportError(Exception):
@@ -148,9 +150,10 @@ async def _read_page(engine: AsyncEngine, cond, after: tuple[datetime, str] | No
         q = q.where(or_(C.c.started_at > after[0], and_(C.c.started_at == after[0], C.c.id > after[1])))
     q = q.order_by(C.c.started_at, C.c.id).limit(page_size)
     async with engine.connect() as conn:
-        rows = [r._mapping for r in (await conn.execute(q)).all()]
-        if not rows:
+        loaded = [r._mapping for r in (await conn.execute(q)).all()]
+        if not loaded:
             return _Page([], {}, {})
+        rows = await full_rows(conn, loaded, tokens=True)  # calls stored as deltas, whole again
         call_ids = [r["id"] for r in rows]
         session_ids = sorted({r["session_id"] for r in rows})
         finals = {r.session_id: RewardRef(r.id, r.source, r.value, True)
