@@ -174,7 +174,7 @@ class Stored:
     request: Any = None
 
     @classmethod
-    def of(cls, m: Mapping[str, Any]) -> Stored:
+    def of(cls, m: Mapping[Any, Any]) -> Stored:
         return cls(id=m["id"], kind=m.get("kind"), base_call_id=m.get("base_call_id"),
                    prompt_prefix_len=m.get("prompt_prefix_len"), messages_prefix_len=m.get("messages_prefix_len"),
                    prompt_token_ids=m.get("prompt_token_ids"), completion_token_ids=m.get("completion_token_ids"),
@@ -252,8 +252,8 @@ def _token_prefix(rows: Mapping[str, Stored], done: Mapping[str, list[int] | Non
     while n > 0:
         row = _row(rows, cid)
         completion = list(row.completion_token_ids or ())
-        if cid in done or row.prompt_prefix_len is None:
-            prompt = list((done[cid] if cid in done else row.prompt_token_ids) or ())
+        if row.id in done or row.prompt_prefix_len is None:
+            prompt = list((done[row.id] if row.id in done else row.prompt_token_ids) or ())
             levels.append((prompt + completion)[:n])
             break
         prefix = row.prompt_prefix_len
@@ -273,8 +273,8 @@ def _message_prefix(rows: Mapping[str, Stored], done: Mapping[str, list[Any] | N
     levels: list[list[Any]] = []
     while n > 0:
         row = _row(rows, cid)
-        if cid in done:
-            levels.append(list(done[cid] or ())[:n])
+        if row.id in done:
+            levels.append(list(done[row.id] or ())[:n])
             break
         stored = message_list(row.kind, row.request) or []
         if row.messages_prefix_len is None:

@@ -116,6 +116,7 @@ class ProxySettings(UpstreamSettings, JournalSettings):
     write_batch_size: int = Field(256, description="Calls written per database batch")
     write_interval_ms: int = Field(50, description="Longest a recorded call waits before its batch is written")
     write_queue_size: int = Field(10000, description="Calls held in memory before requests wait (backpressure)")
+    call_deltas: bool = Field(True, description="Store a call as what it adds to an earlier call of its session (its new prompt tokens and messages); readers always see full calls")
     journal_fsync: Literal["none", "interval", "always"] = Field("none", description="fsync the journal: none (survives a proxy crash), interval (a host crash loses one write interval), always")
     policy_poll_s: float = Field(1.0, description="Policy-version poll interval where LISTEN/NOTIFY is unavailable (SQLite)")
     air_tool_error_pattern: StrList = Field(default_factory=lambda: [r"^\s*Error", r'^\s*\{\s*"error"\s*:'],

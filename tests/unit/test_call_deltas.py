@@ -186,3 +186,38 @@ def test_every_call_rebuilt_from_the_stored_rows_equals_the_recorded_one(seed, o
         assert expand(chain, [r.id], tokens=False)[r.id].prompt_token_ids == rows[r.id].prompt_token_ids
     if len(records) > 3 and all(op == "extend" for op, _, _ in ops) and committed_only == 0:
         assert n_deltas >= len(records) - len({a for _, a, _ in ops}) - 2
+
+
+# --- the writer's cache of committed calls -----------------------------------------------------------------
+
+
+def test_the_cache_keeps_what_later_calls_can_branch_from():
+    from trainwire.store.writer import DeltaCache
+
+    cache = DeltaCache(per_session=3)
+    m = [{"role": "user", "content": "x"}]
+    a = remember(rec("a", [1, 2], [3], m))
+    b = remember(rec("b", [1, 2, 3, 4], [5], [*m, {"role": "user", "content": "y"}]))   # extends a
+    c = remember(rec("c", [1, 2, 9], [5], [*m, {"role": "user", "content": "z"}]))      # a retry of b's turn
+    cache.add("s", a)
+    cache.add("s", b)
+    assert [x.id for x in cache.bases("s")] == ["b"]      # b serves every later call at least as well as a
+    cache.add("s", c)
+    assert [x.id for x in cache.bases("s")] == ["b", "c"]
+    for i in range(5):
+        cache.add("s", remember(rec(f"o{i}", [7, i], [7], [{"role": "user", "content": str(i)}])))
+    assert [x.id for x in cache.bases("s")] == ["o2", "o3", "o4"]
+    assert cache.bytes == sum(DeltaCache._size(x) for x in cache.bases("s"))
+
+
+def test_the_cache_evicts_the_least_recently_written_sessions():
+    from trainwire.store.writer import DeltaCache
+
+    cache = DeltaCache(max_sessions=2)
+    for sid in ("s1", "s2", "s1", "s3"):
+        cache.add(sid, remember(rec(f"{sid}-c", [1], [2], [])))
+    assert len(cache) == 2 and cache.bases("s2") == [] and cache.bases("s1") and cache.bases("s3")
+    small = DeltaCache(max_bytes=DeltaCache._size(remember(rec("x", [1] * 100, [2], []))) + 1)
+    small.add("s1", remember(rec("x", [1] * 100, [2], [])))
+    small.add("s2", remember(rec("y", [1] * 100, [2], [])))
+    assert len(small) == 1 and small.bases("s2")
