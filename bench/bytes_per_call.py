@@ -295,17 +295,19 @@ def report(r: dict) -> str:
              f"{r['shape']['system_tokens']} system tokens, {r['shape']['completion_tokens']} completion tokens and "
              f"{r['shape']['tool_result_tokens']} tool-result tokens per call; full = every call stored whole "
              f"(--no-call-deltas), deltas = what each call adds (--call-deltas)", ""]
-    lines.append(f"{'calls':>5} {'sessions':>8} | {'bytes/call':>11} {'full':>4} {'deltas':>9} | "
-                 f"{'bytes/session':>14} {'full':>4} {'deltas':>10} | {'growth/added call':>17} {'full':>2} "
-                 f"{'deltas':>8} | {'unique/session':>14} {'deltas/unique':>13} | {'stored as deltas':>16}")
+    cols = ("calls", "sessions", "bytes/call full", "deltas", "bytes/session full", "deltas",
+            "growth/added call full", "deltas", "unique/session", "deltas/unique", "rows as deltas")
+    widths = [max(len(c), 8) for c in cols]
+    lines.append("  ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
     for calls, row in r["layouts"].items():
         f, d = row["full"], row["deltas"]
-        growth = (f"{f.get('growth_per_added_call', 0):>18,} {d.get('growth_per_added_call', 0):>11,}"
-                  if "growth_per_added_call" in f else f"{'-':>18} {'-':>11}")
-        lines.append(f"{calls:>5} {row['sessions']:>8} | {f['bytes_per_call']:>11,} {d['bytes_per_call']:>14,} | "
-                     f"{f['bytes_per_session']:>14,} {d['bytes_per_session']:>15,} | {growth} | "
-                     f"{row['unique_bytes_per_session']:>14,} {d['x_unique']:>13} | "
-                     f"{d['columns_avg_bytes']['deltas'] * 100:>15.1f}%")
+        cells = [f"{calls}", f"{row['sessions']}", f"{f['bytes_per_call']:,}", f"{d['bytes_per_call']:,}",
+                 f"{f['bytes_per_session']:,}", f"{d['bytes_per_session']:,}",
+                 f"{f['growth_per_added_call']:,}" if "growth_per_added_call" in f else "-",
+                 f"{d['growth_per_added_call']:,}" if "growth_per_added_call" in d else "-",
+                 f"{row['unique_bytes_per_session']:,}", f"{d['x_unique']}",
+                 f"{d['columns_avg_bytes']['deltas'] * 100:.1f}%"]
+        lines.append("  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
     for calls, row in r["layouts"].items():
         if "claim_s" in row["full"]:
             lines.append("")
