@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from trainwire.records import CallRecord, RewardRecord
-from trainwire.store.call_deltas import BaseCall, encode, remember
+from trainwire.store.call_deltas import BaseCall, encode_call
 from trainwire.store.db_errors import is_transient
 from trainwire.store.journal import Journal, Segment, read_records
 from trainwire.store.write_sql import write_batch
@@ -45,6 +45,7 @@ from trainwire.store.write_sql import write_batch
 log = logging.getLogger("trainwire.writer")
 
 REPLAY_BATCH = 500
+ENCODE_SLICE_S = 0.002
 
 
 class DeltaCache:
@@ -62,7 +63,7 @@ class DeltaCache:
 
     @staticmethod
     def _size(base: BaseCall) -> int:
-        return 4 * base.n_tokens + 24 * len(base.messages or ()) + 200
+        return base.size
 
     @staticmethod
     def _extends(new: BaseCall, old: BaseCall) -> bool:
@@ -240,7 +241,7 @@ class BatchWriter:
             rewards = list(_head(self._rewards, 4 * self.batch_size))
             if not batch and not rewards:
                 continue
-            stored, remembered = self._encode(batch)
+            stored, remembered = await self._encode(batch)
             written = await self._write_with_retry(stored, rewards, whole=batch)
             if written is None:
                 return  # stopping while the database is away: the journal keeps them
@@ -272,24 +273,34 @@ class BatchWriter:
         async with self.engine.begin() as conn:
             await write_batch(conn, calls, rewards, dedupe=dedupe)
 
-    def _encode(self, batch: list[CallRecord]) -> tuple[list[CallRecord], list[BaseCall]]:
+    async def _encode(self, batch: list[CallRecord]) -> tuple[list[CallRecord], list[BaseCall | None]]:
         """The rows to write for a batch (deltas against calls of earlier committed batches, or the records
-        themselves), and what to remember of each call once it is committed."""
+        themselves), and what to remember of each call once it is committed. Encoding a long session's call
+        takes a fraction of a millisecond (serializing its token ids and messages once); the event loop gets
+        a turn every `ENCODE_SLICE_S`, so requests never wait for a whole batch to be encoded."""
         if self.deltas is None:
             return batch, []
-        stored, remembered = [], []
+        stored: list[CallRecord] = []
+        remembered: list[BaseCall | None] = []
+        since = time.perf_counter()
         for record in batch:
-            mine = remember(record)
-            row = encode(self.deltas.bases(record.session_id), record, mine)
+            if time.perf_counter() - since > ENCODE_SLICE_S:
+                await asyncio.sleep(0)
+                since = time.perf_counter()
+            try:
+                row, mine = encode_call(self.deltas.bases(record.session_id), record)
+            except Exception:   # never let the encoding stop the write path: this call is stored whole
+                log.exception("could not encode call %s as a delta; storing it whole", record.id)
+                row, mine = record, None
             stored.append(row)
             remembered.append(mine)
         return stored, remembered
 
-    def _remember(self, batch: list[CallRecord], remembered: list[BaseCall], written: set[str]) -> None:
+    def _remember(self, batch: list[CallRecord], remembered: list[BaseCall | None], written: set[str]) -> None:
         if self.deltas is None:
             return
         for record, mine in zip(batch, remembered, strict=True):
-            if record.id in written:
+            if mine is not None and record.id in written:
                 self.deltas.add(record.session_id, mine)
 
     async def _write_with_retry(self, calls: list[CallRecord], rewards: list[RewardRecord],

@@ -128,3 +128,50 @@ def test_readers_see_the_same_calls_whether_stored_as_deltas_or_whole(two_urls, 
     for key in a:
         assert a[key] == b[key], key
     assert any(c.prompt_token_ids for _, calls in a["claim"] for c in calls)
+
+
+def test_a_batch_refused_as_data_is_written_whole_and_no_delta_points_at_a_refused_row(pg_url, tmp_path):
+    """A batch with a row Postgres refuses (finish_reason longer than varchar(32)) is written row by row from
+    the whole records: the call that would have been a delta is stored whole, the refused call is set aside
+    whole, and a later call extending the refused one is stored whole too (its base is not in the store)."""
+    from trainwire.store.journal import Journal, read_records, rejected_files
+
+    sim, other = Sim(random.Random(1)), Sim(random.Random(2))
+    c1, c2, c3 = (sim.call("extend", "a", "chat") for _ in range(3))
+    b1, b2 = (other.call("extend", "a", "chat") for _ in range(2))
+    for i, r in enumerate([c1, c2, c3]):
+        r.id, r.session_id, r.seq, r.prompt_token_ids = f"c{i + 1}", "good", i, r.prompt_token_ids or [1]
+    for i, r in enumerate([b1, b2]):
+        r.id, r.session_id, r.seq, r.prompt_token_ids = f"b{i + 1}", "bad", i, r.prompt_token_ids or [1]
+    b1.finish_reason = "x" * 40
+
+    async def go():
+        engine = make_engine(pg_url)
+        writer = BatchWriter(engine, interval_ms=20, journal=Journal(tmp_path / "journal"))
+        await writer.start()
+        try:
+            writer.submit(c1)
+            assert await writer.flush_session("good")
+            writer.submit(c2)
+            writer.submit(b1)   # the same batch as c2
+            assert await writer.flush_session("good") and await writer.flush_session("bad")
+            writer.submit(c3)
+            writer.submit(b2)
+            assert await writer.flush_session("good") and await writer.flush_session("bad")
+            await writer.stop()
+        finally:
+            await engine.dispose()
+        return writer
+
+    writer = asyncio.run(go())
+    assert writer.rejected_total == 1
+    raw = {r["id"]: r for r in dbread.raw_calls(pg_url)}
+    assert set(raw) == {"c1", "c2", "c3", "b2"}
+    assert raw["c2"]["base_call_id"] is None and raw["b2"]["base_call_id"] is None
+    assert raw["c3"]["base_call_id"] == "c2" and raw["c3"]["prompt_prefix_len"]
+    full = {r["id"]: r for r in dbread.calls(pg_url)}
+    for r in (c1, c2, c3, b2):
+        assert full[r.id]["prompt_token_ids"] == r.prompt_token_ids and full[r.id]["request"] == r.request
+    (path,) = rejected_files(tmp_path / "journal")
+    (kept,), _ = read_records(path, rejected=True)
+    assert kept.id == "b1" and kept.base_call_id is None and kept.request == b1.request

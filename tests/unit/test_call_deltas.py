@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainwire.records import CallRecord, as_row
-from trainwire.store.call_deltas import MissingBase, Stored, encode, expand, remember
+from trainwire.store.call_deltas import MissingBase, Stored, encode, encode_call, expand, remember
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -94,11 +94,24 @@ def test_a_missing_base_is_an_error_not_a_wrong_answer():
         expand({"b": stored(b)}, ["b"])
 
 
-def test_token_ids_outside_int32_are_stored_whole():
-    a = rec("a", [1, 2**40], [3], [{"role": "user", "content": "x"}])
-    b = rec("b", [1, 2**40, 3, 4], [5], [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}])
+def test_token_ids_are_compared_whole_not_by_digits():
+    a = rec("a", [12, 34], [5], [])
+    b = rec("b", [12, 345, 6], [7], [])
     sb = encode([remember(a)], b)
-    assert sb.prompt_prefix_len is None and sb.prompt_token_ids == b.prompt_token_ids
+    assert (sb.prompt_prefix_len, sb.prompt_token_ids) == (1, [345, 6])
+    c = rec("c", [12, 34, 5, 6], [7], [])
+    assert encode([remember(a)], c).prompt_prefix_len == 3
+    d = rec("d", [1, 2**70], [3], [])   # no token ids a database holds: nothing to compare
+    assert encode([remember(d)], rec("e", [1, 2**70, 4], [5], [])).prompt_prefix_len is None
+
+
+def test_an_extension_is_found_without_comparing_message_by_message():
+    m = [{"role": "user", "content": str(i)} for i in range(50)]
+    a = rec("a", [1], [2], m)
+    b = rec("b", [1, 2, 3], [4], [*m, {"role": "user", "content": "new"}])
+    row, mine = encode_call([remember(a)], b)
+    assert row.messages_prefix_len == 50 and row.request["messages"] == [{"role": "user", "content": "new"}]
+    assert mine == remember(b)
 
 
 # --- the property ------------------------------------------------------------------------------------------
@@ -165,11 +178,12 @@ def test_every_call_rebuilt_from_the_stored_rows_equals_the_recorded_one(seed, o
     rows: dict[str, Stored] = {}
     n_deltas = 0
     for r in records:
-        written = encode(cache[-3:], r)
+        written, mine = encode_call(cache[-3:], r)
+        assert mine == remember(r)   # what the writer keeps, built from its base's, is what the call holds
         n_deltas += written is not r
         rows[r.id] = stored(written)
         if rng.random() > committed_only * 0.5:
-            cache.append(remember(r))
+            cache.append(mine)
     expected = {r.id: stored(r) for r in records}
     every = expand(rows, rng.sample(list(rows), len(rows)))
     for r in records:
