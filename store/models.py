@@ -38,7 +38,8 @@ class Base(DeclarativeBase):
 
 class Session(Base):
     """One episode. Created by the write path with its first call; its status moves
-    open -> claimed -> trained | skipped, driven by the trainer."""
+    open -> claimed -> trained | skipped, driven by the trainer. A trained or skipped session may later be
+    pruned: its calls' bodies dropped, `pruned_at` set."""
 
     __tablename__ = "sessions"
     id: Mapped[str] = mapped_column(Id, primary_key=True)
@@ -53,6 +54,8 @@ class Session(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     train_step: Mapped[int | None] = mapped_column(Integer)
     skip_reason: Mapped[str | None] = mapped_column(Text)
+    # When `trainwire prune` dropped the bodies of its calls (store/retention.py, migration 0005); NULL: never.
+    pruned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         # The trainer's claim query: finished, unclaimed sessions, oldest first.
