@@ -52,7 +52,10 @@ COLUMNS = ["call_id", "session_id", "seq", "task_id", "agent_name", "policy_vers
            "messages", "tools", "prompt", "response_text", "reasoning_content", "response_tool_calls",
            "prompt_token_ids", "completion_token_ids", "logprobs", "final_reward", "session_finished",
            "intermediate_reward", "reward", "rewards"]
-JSON_TEXT_IN_PARQUET = ("messages", "tools", "response_tool_calls")
+JSON_TEXT_IN_PARQUET = ("messages", "tools", "response_tool_calls", "request", "response")
+# An archive (`trainwire prune --archive-dir`, store/retention.py): every column of the export, and the request
+# and response as recorded (JSON text), so a pruned call of any API can be read back whole.
+ARCHIVE_COLUMNS = [*COLUMNS, "request", "response"]
 
 _SELECT = [C.c.id, C.c.session_id, C.c.seq, C.c.task_id, C.c.agent_name, C.c.policy_version, C.c.model_requested,
            C.c.model_served, C.c.route, C.c.trainable, C.c.kind, C.c.stream, C.c.started_at, C.c.finish_reason,
@@ -110,7 +113,7 @@ class _Page:
     per_call: dict[str, list[RewardRef]]   # call id -> its intermediate rewards, by id
 
 
-def _row(m, page: _Page) -> dict[str, Any]:
+def _row(m, page: _Page, raw: bool = False) -> dict[str, Any]:
     request = m["request"] if isinstance(m["request"], dict) else {}
     out = call_output(m["kind"], m["response"]) or {}
     final = page.finals.get(m["session_id"])
@@ -118,7 +121,7 @@ def _row(m, page: _Page) -> dict[str, Any]:
     intermediate = float(sum(r.value for r in inter if r.value is not None))
     final_value = final.value if final else None
     prompt = request.get("prompt") if m["kind"] == "completion" else None
-    return {
+    row = {
         "call_id": m["id"], "session_id": m["session_id"], "seq": m["seq"], "task_id": m["task_id"],
         "agent_name": m["agent_name"], "policy_version": m["policy_version"],
         "model_requested": m["model_requested"], "model_served": m["model_served"], "route": m["route"],
@@ -135,6 +138,9 @@ def _row(m, page: _Page) -> dict[str, Any]:
         "intermediate_reward": intermediate, "reward": (final_value or 0.0) + intermediate,
         "rewards": [r.as_dict() for r in ([final] if final else []) + inter],
     }
+    if raw:
+        row["request"], row["response"] = m["request"], m["response"]
+    return row
 
 
 async def _count(engine: AsyncEngine, cond) -> int:
@@ -166,14 +172,14 @@ async def _read_page(engine: AsyncEngine, cond, after: tuple[datetime, str] | No
     return _Page(rows, finals, per_call)
 
 
-async def pages(engine: AsyncEngine, cond, page_size: int = PAGE):
-    """Export rows, a page at a time, oldest first."""
+async def pages(engine: AsyncEngine, cond, page_size: int = PAGE, raw: bool = False):
+    """Export rows, a page at a time, oldest first; `raw`: with the request and response as recorded."""
     after: tuple[datetime, str] | None = None
     while True:
         page = await _read_page(engine, cond, after, page_size)
         if not page.calls:
             return
-        yield [_row(m, page) for m in page.calls]
+        yield [_row(m, page, raw) for m in page.calls]
         last = page.calls[-1]
         after = (last["started_at"], last["id"])
         if len(page.calls) < page_size:
@@ -193,7 +199,7 @@ class JsonlSink:
         self.f.close()
 
 
-def parquet_schema():
+def parquet_schema(columns: list[str] = COLUMNS):
     import pyarrow as pa
 
     reward = pa.struct([("id", pa.int64()), ("source", pa.string()), ("value", pa.float64()), ("final", pa.bool_())])
@@ -202,23 +208,24 @@ def parquet_schema():
              "prompt_token_ids": pa.list_(pa.int32()), "completion_token_ids": pa.list_(pa.int32()),
              "logprobs": pa.list_(pa.float64()), "final_reward": pa.float64(), "session_finished": pa.bool_(),
              "intermediate_reward": pa.float64(), "reward": pa.float64(), "rewards": pa.list_(reward)}
-    return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
+    return pa.schema([(name, types.get(name, pa.string())) for name in columns])
 
 
 class ParquetSink:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: list[str] = COLUMNS) -> None:
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ExportError("--format parquet needs pyarrow: pip install 'trainwire[export]'") from None
-        self.schema = parquet_schema()
+        self.columns = columns
+        self.schema = parquet_schema(columns)
         self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa
 
         cols = {}
-        for name in COLUMNS:
+        for name in self.columns:
             values = [r[name] for r in rows]
             if name in JSON_TEXT_IN_PARQUET:
                 values = [None if v is None else orjson.dumps(v).decode() for v in values]

@@ -1,5 +1,6 @@
 """The settings, in groups: `SharedSettings` (every command), `UpstreamSettings` (the proxy and the trainer),
-`ProxySettings` (`trainwire serve`) and `TrainerSettings` (`trainwire train`); `Settings` has them all. Every field
+`ProxySettings` (`trainwire serve`), `TrainerSettings` (`trainwire train`), and the maintenance commands'
+`CompactSettings` and `PruneSettings`; `Settings` has the proxy's and the trainer's. Every field
 is a CLI flag (`--kebab-name`) of the commands whose group has it, and a `TRAINWIRE_*` env variable.
 
 Precedence: CLI flag > environment > `.env` file > default. List fields are repeatable flags
@@ -97,6 +98,30 @@ class JournalSettings(SharedSettings):
     """The proxy's local journal, also read by `trainwire replay-rejected`."""
 
     journal_dir: Path = Field(Path("./trainwire-journal"), description="Local journal of recorded calls, kept until they are in the database (replayed at start)")
+
+
+class MaintenanceSettings(SharedSettings):
+    """The store's maintenance commands, which work through the sessions a batch (one transaction) at a time."""
+
+    batch_sessions: int = Field(50, gt=0, description="Sessions per transaction; an interrupted run keeps the "
+                                "batches it committed")
+
+
+class CompactSettings(MaintenanceSettings):
+    """`trainwire compact-calls`."""
+
+    max_sessions: int = Field(0, ge=0, description="Stop after this many sessions (0 = all); the next run goes on "
+                              "where this one stopped")
+
+
+class PruneSettings(MaintenanceSettings):
+    """`trainwire prune`."""
+
+    older_than_days: float | None = Field(None, gt=0, description="Prune trained and skipped sessions whose last "
+                                          "call is older than this many days (required)")
+    archive_dir: Path | None = Field(None, description="Write the calls of each batch of sessions to a Parquet "
+                                     "file here (the export's columns, plus request and response), fsynced before "
+                                     "their bodies are dropped")
 
 
 class ProxySettings(UpstreamSettings, JournalSettings):
