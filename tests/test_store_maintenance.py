@@ -23,6 +23,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 from sqlalchemy import select, update
@@ -239,7 +240,7 @@ async def _reads(url: str, sids) -> dict:
         await engine.dispose()
 
 
-def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_url, tmp_path):
+def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_url, tmp_path, start_proxy, upstream):
     pq = pytest.importorskip("pyarrow.parquet")
     roles = _prune_store(db_url)
     pruned = {"old-trained-1", "old-trained-2", "old-skipped"}
@@ -293,6 +294,17 @@ def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_u
     assert [r for r in after["export"] if r["session_id"] in kept] == \
         [r for r in kept_before["export"] if r["session_id"] in kept]
     assert all(r["messages"] is None for r in after["export"] if r["session_id"] in pruned)
+
+    # The read API says which sessions were pruned.
+    proxy = start_proxy("--upstream", upstream.url, "--database-url", db_url, "--journal-dir", str(tmp_path / "j"))
+    pruned_detail = httpx.get(f"{proxy.url}/sessions/old-trained-1?tokens=true").json()
+    assert pruned_detail["pruned_at"] is not None and pruned_detail["status"] == "trained"
+    assert all(c["input"] is None and c["prompt_token_ids"] is None for c in pruned_detail["calls"])
+    assert httpx.get(f"{proxy.url}/sessions/new-trained").json()["pruned_at"] is None
+    first = pruned_detail["calls"][0]["id"]
+    assert httpx.get(f"{proxy.url}/calls/{first}").json()["request"] is None
+    assert httpx.get(f"{proxy.url}/sessions").status_code == 200
+    proxy.stop()
 
     again = cli("prune", "--database-url", db_url, "--older-than-days", "30", "--archive-dir", str(archive))
     assert again.returncode == 0 and "0 trained or skipped sessions" in again.stdout, again.stdout
