@@ -230,7 +230,7 @@ def encode_call(bases: Iterable[BaseCall], record: CallRecord) -> tuple[CallReco
     _, base, n_tokens, n_messages = best
     changes: dict[str, Any] = {"base_call_id": base.id}
     if n_tokens:
-        changes["prompt_token_ids"] = list(record.prompt_token_ids or ())[n_tokens:]
+        changes["prompt_token_ids"] = (record.prompt_token_ids or [])[n_tokens:]
         changes["prompt_prefix_len"] = n_tokens
     if n_messages:
         key = list_key(kind)
