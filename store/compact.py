@@ -18,13 +18,17 @@ How:
   the bases its writer encodes new calls against hold full values, which a rewrite keeps. A new call of a
   session being compacted is simply not in this batch (it is a delta already, or the next run's). A base is
   only chosen where it does not depend on the row being rewritten (no cycle with a delta the writer made
-  against a call that started later). Runs of the command itself are serialized by a lock (a Postgres advisory
-  lock; SQLite's write lock, taken at BEGIN).
+  against a call that started later). A whole row that a delta already refers to is left whole (checked in the
+  UPDATE itself, so also against a delta the writer commits meanwhile): a reader that loaded that delta, then
+  the whole row as the end of its chain, must not find the row turned into a delta of a call it did not load.
+  Runs of the command itself are serialized by a lock (a Postgres advisory lock; SQLite's write lock, taken at
+  BEGIN).
 - Pruned sessions (store/retention.py) have no bodies and are skipped.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
@@ -35,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, and_, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Table, and_, bindparam, delete, exists, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from trainwire.records import CallRecord
@@ -156,12 +160,13 @@ def _encode_session(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     sid = rows[0]["session_id"] if rows else ""
     base_of: dict[str, str | None] = {r["id"]: r["base_call_id"] for r in rows
                                       if r["prompt_prefix_len"] is not None or r["messages_prefix_len"] is not None}
+    referenced = set(base_of.values())
     updates = []
     for m in rows:
         record = _record(m)
         mine = remember(record)
         whole = m["base_call_id"] is None and m["prompt_prefix_len"] is None and m["messages_prefix_len"] is None
-        if whole:
+        if whole and m["id"] not in referenced:
             bases = cache.bases(sid)
             while True:
                 row = encode(bases, record, mine)
@@ -192,8 +197,11 @@ def _update(tokens: bool, request: bool):
         values["prompt_token_ids"] = bindparam("b_tokens")
     if request:
         values["request"] = bindparam("b_request")
+    later = C.alias("later")
     return (update(C).where(C.c.id == bindparam("b_id"), C.c.base_call_id.is_(None),
-                            C.c.prompt_prefix_len.is_(None), C.c.messages_prefix_len.is_(None)).values(values))
+                            C.c.prompt_prefix_len.is_(None), C.c.messages_prefix_len.is_(None),
+                            ~exists().where(later.c.session_id == C.c.session_id, later.c.base_call_id == C.c.id))
+            .values(values))
 
 
 async def _batch(conn, session_ids: list[str], report: CompactReport, dry_run: bool) -> None:
@@ -211,11 +219,10 @@ async def _batch(conn, session_ids: list[str], report: CompactReport, dry_run: b
     report.bytes_after += sum(u.pop("after") for u in updates)
     if dry_run:
         return
-    groups: dict[tuple[bool, bool], list[dict[str, Any]]] = {}
-    for u in updates:
-        groups.setdefault(("b_tokens" in u, "b_request" in u), []).append(u)
-    for (tokens, request), group in groups.items():
-        await conn.execute(_update(tokens, request), group)
+    # In order: a row is rewritten before the rows of this batch that become deltas of it (the UPDATE leaves a row
+    # that a delta refers to as it is).
+    for (tokens, request), group in itertools.groupby(updates, key=lambda u: ("b_tokens" in u, "b_request" in u)):
+        await conn.execute(_update(tokens, request), list(group))
 
 
 class StopOnSignal:
