@@ -3,8 +3,9 @@
 
 Which calls: chat and completion calls the upstream answered (status 200), oldest first, in [since, until)
 by start time; only trainable ones (not `X-Trainwire-Train: false`, not frozen routes) unless
-`--include-eval`. Read in pages of `PAGE` calls (keyset on start time and id), written as they come: memory
-stays flat however large the store is. The file is written under a temporary name and renamed at the end, so
+`--include-eval`; none of a session `trainwire prune` pruned (its calls are in the archive files it wrote).
+Read in pages of `PAGE` calls (keyset on start time and id), written as they come: memory stays flat however
+large the store is. The file is written under a temporary name and renamed at the end, so
 a file at FILE is always complete. Progress goes to stderr.
 
 Columns:
@@ -40,11 +41,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trainwire.store.db import make_engine
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
-from trainwire.store.models import Call, Reward
+from trainwire.store.models import Call, Reward, Session
 from trainwire.store.queries import call_output, content_text
 from trainwire.store.rewards import aware
 
-C, R = Call.__table__, Reward.__table__
+C, R, S = Call.__table__, Reward.__table__, Session.__table__
 PAGE = 500
 
 COLUMNS = ["call_id", "session_id", "seq", "task_id", "agent_name", "policy_version", "model_requested",
@@ -79,7 +80,9 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
 
 
 def _filters(since, until, agents, tasks, include_eval) -> list:
-    cond = [C.c.kind.in_(("chat", "completion")), C.c.status_code == 200]
+    # Pruned sessions (store/retention.py) have no bodies left to export: they are in their archive files.
+    pruned = select(S.c.id).where(S.c.pruned_at.is_not(None))
+    cond = [C.c.kind.in_(("chat", "completion")), C.c.status_code == 200, C.c.session_id.not_in(pruned)]
     if not include_eval:
         cond.append(C.c.trainable.is_(True))
     if since:

@@ -300,7 +300,7 @@ def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_u
     assert {s["id"] for s in after["list"]["data"]} == set(roles)
     assert [r for r in after["export"] if r["session_id"] in kept] == \
         [r for r in kept_before["export"] if r["session_id"] in kept]
-    assert all(r["messages"] is None for r in after["export"] if r["session_id"] in pruned)
+    assert not any(r["session_id"] in pruned for r in after["export"])  # they are in the archive
 
     # The read API says which sessions were pruned.
     proxy = start_proxy("--upstream", upstream.url, "--database-url", db_url, "--journal-dir", str(tmp_path / "j"))
