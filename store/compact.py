@@ -24,6 +24,8 @@ How:
   Runs of the command itself are serialized by a lock (a Postgres advisory lock; SQLite's write lock, taken at
   BEGIN).
 - Pruned sessions (store/retention.py) have no bodies and are skipped.
+- The space: rewritten rows leave their old versions behind. Postgres reuses it after (auto)vacuum, SQLite reuses
+  the freed pages; neither file shrinks until `VACUUM FULL calls` / pg_repack (Postgres) or `VACUUM` (SQLite).
 """
 
 from __future__ import annotations

@@ -196,6 +196,16 @@ def test_a_run_that_dies_inside_a_batch_loses_nothing_and_the_next_goes_on(two_u
         assert a[key] == b[key], key
 
 
+def test_a_store_behind_the_schema_is_told_to_migrate_first(pg, tmp_path):
+    url = pg.create_database("t_" + uuid.uuid4().hex[:12])
+    behind = cli("compact-calls", "--database-url", url)
+    assert behind.returncode == 2 and "trainwire migrate" in behind.stderr, behind.stderr
+    assert cli("prune", "--database-url", url, "--older-than-days", "1").returncode == 2
+    # SQLite makes its own schema, as `serve` does.
+    fresh = cli("prune", "--database-url", f"sqlite+aiosqlite:///{tmp_path}/new.db", "--older-than-days", "1")
+    assert fresh.returncode == 0 and "0 trained or skipped sessions" in fresh.stdout, fresh.stderr
+
+
 # --- prune -----------------------------------------------------------------------------------------------
 
 NOW = datetime.now(UTC)

@@ -171,10 +171,12 @@ def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
 
     from trainwire.store.compact import compact_calls
     from trainwire.store.db import make_engine
+    from trainwire.store.migrate import SchemaBehind, ensure_schema
 
     async def run():
         engine = make_engine(settings.resolved_database_url)
         try:
+            await ensure_schema(engine, settings.resolved_database_url)
             return await compact_calls(engine, batch_sessions=settings.batch_sessions,
                                        max_sessions=settings.max_sessions, dry_run=args.dry_run,
                                        restart=args.restart, say=lambda m: print(f"trainwire compact-calls: {m}",
@@ -182,7 +184,11 @@ def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
         finally:
             await engine.dispose()
 
-    report = asyncio.run(run())
+    try:
+        report = asyncio.run(run())
+    except SchemaBehind as exc:
+        print(f"trainwire: error: {exc}", file=sys.stderr)
+        return 2
     if report.interrupted or not report.complete:
         print("trainwire compact-calls: stopped; run it again to go on after the last committed batch")
         return 130 if report.interrupted else 0
@@ -193,6 +199,7 @@ def _prune(settings: PruneSettings, args: argparse.Namespace) -> int:
     import asyncio
 
     from trainwire.store.db import make_engine
+    from trainwire.store.migrate import SchemaBehind, ensure_schema
     from trainwire.store.retention import prune
 
     if settings.older_than_days is None:
@@ -203,13 +210,18 @@ def _prune(settings: PruneSettings, args: argparse.Namespace) -> int:
     async def run():
         engine = make_engine(settings.resolved_database_url)
         try:
+            await ensure_schema(engine, settings.resolved_database_url)
             return await prune(engine, older_than_days=days, archive_dir=settings.archive_dir,
                                batch_sessions=settings.batch_sessions, dry_run=args.dry_run,
                                say=lambda m: print(f"trainwire prune: {m}", flush=True))
         finally:
             await engine.dispose()
 
-    report = asyncio.run(run())
+    try:
+        report = asyncio.run(run())
+    except SchemaBehind as exc:
+        print(f"trainwire: error: {exc}", file=sys.stderr)
+        return 2
     return 130 if report.interrupted else 0
 
 
