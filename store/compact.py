@@ -4,7 +4,7 @@ way the write path stores new ones with `--call-deltas`. Rows written before mig
 
 How:
 - Sessions are taken in batches of `batch_sessions`, in session id order (keyset). Each batch is one
-  transaction: its calls are loaded (with their full values, `delta_reads.full_rows`), encoded in order
+  transaction; session by session (what is held in memory is one session's calls), its calls are loaded (with their full values, `delta_reads.full_rows`), encoded in order
   (start time, seq, id) against the last calls of their session with `call_deltas.encode` and the writer's
   `DeltaCache` (so the result is what the writer would have stored), and every whole row that shares a prefix
   with an earlier call is rewritten in place as a delta of it. Rows already stored as deltas stay as they are
@@ -207,24 +207,24 @@ def _update(tokens: bool, request: bool):
 
 
 async def _batch(conn, session_ids: list[str], report: CompactReport, dry_run: bool) -> None:
-    loaded = [r._mapping for r in (await conn.execute(
-        select(*_LOAD).where(C.c.session_id.in_(session_ids))
-        .order_by(C.c.session_id, C.c.started_at, C.c.seq, C.c.id))).all()]
-    rows = await full_rows(conn, loaded, tokens=True)
-    report.calls += len(rows)
-    by_session: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_session.setdefault(r["session_id"], []).append(r)
-    updates = [u for sid in session_ids for u in _encode_session(by_session.get(sid, []))]
-    report.rewritten += len(updates)
-    report.bytes_before += sum(u.pop("before") for u in updates)
-    report.bytes_after += sum(u.pop("after") for u in updates)
-    if dry_run:
-        return
-    # In order: a row is rewritten before the rows of this batch that become deltas of it (the UPDATE leaves a row
-    # that a delta refers to as it is).
-    for (tokens, request), group in itertools.groupby(updates, key=lambda u: ("b_tokens" in u, "b_request" in u)):
-        await conn.execute(_update(tokens, request), list(group))
+    # One session at a time: what is held in memory is one session's calls with their full values.
+    for sid in session_ids:
+        loaded = [r._mapping for r in (await conn.execute(
+            select(*_LOAD).where(C.c.session_id == sid).order_by(C.c.started_at, C.c.seq, C.c.id))).all()]
+        rows = await full_rows(conn, loaded, tokens=True)
+        report.calls += len(rows)
+        updates = _encode_session(rows)
+        del loaded, rows
+        report.rewritten += len(updates)
+        report.bytes_before += sum(u.pop("before") for u in updates)
+        report.bytes_after += sum(u.pop("after") for u in updates)
+        if dry_run:
+            continue
+        # In order: a row is rewritten before the rows that become deltas of it (the UPDATE leaves a row that a
+        # delta refers to as it is).
+        for (tokens, request), group in itertools.groupby(updates, key=lambda u: ("b_tokens" in u,
+                                                                                  "b_request" in u)):
+            await conn.execute(_update(tokens, request), list(group))
 
 
 class StopOnSignal:
