@@ -4,10 +4,11 @@ way the write path stores new ones with `--call-deltas`. Rows written before mig
 
 How:
 - Sessions are taken in batches of `batch_sessions`, in session id order (keyset). Each batch is one
-  transaction; session by session (what is held in memory is one session's calls), its calls are loaded (with their full values, `delta_reads.full_rows`), encoded in order
-  (start time, seq, id) against the last calls of their session with `call_deltas.encode` and the writer's
-  `DeltaCache` (so the result is what the writer would have stored), and every whole row that shares a prefix
-  with an earlier call is rewritten in place as a delta of it. Rows already stored as deltas stay as they are
+  transaction. Session by session (what is held in memory is one session's calls), the calls are loaded with
+  their full values (`delta_reads.full_rows`), encoded in order (start time, seq, id) against the last calls of
+  their session with `call_deltas.encode` and the writer's `DeltaCache` (so the result is what the writer would
+  have stored), and every whole row that shares a prefix with an earlier call is rewritten in place as a delta
+  of it. Rows already stored as deltas stay as they are
   (and serve as bases). A row's full values never change, so readers see exactly the same before and after.
 - Resumable: the batch's transaction also records the last session id done (`store_info`), so an interrupted
   run (SIGINT, SIGTERM, a crash, a lost connection) loses at most the batch in flight, and the next run goes on
