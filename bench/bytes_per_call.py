@@ -1,24 +1,28 @@
-"""Postgres bytes per recorded call, measured on realistic multi-turn agent sessions.
+"""Postgres bytes per recorded call, full records side by side with calls stored as deltas, by session length.
 
-Starts a throwaway Postgres (tests/pgcluster.py), creates the schema with the real migrations
-(store.migrate.upgrade_head), writes N sessions through the proxy's own write path
-(store.write_sql.write_batch, in batches of the proxy's default --write-batch-size) and reports what the
-tables take on disk: heap + TOAST + indexes (pg_total_relation_size), per call and per million calls, and
-the WAL the inserts wrote (what streaming replication and WAL archiving ship).
+Starts a throwaway Postgres (tests/pgcluster.py) and, for each session length (8, 32, 64 and 128 calls by
+default), writes the same sessions twice, each into a database of its own made with the real migrations: once
+with every call stored whole (`--no-call-deltas`) and once as what each call adds to the session
+(`--call-deltas`, store/call_deltas.py). Both go through the proxy's own write path (store/writer.BatchWriter,
+its encoding and its cache included), round by round (call k of every session before call k + 1 of any, as
+concurrent agents progress), in batches of the proxy's default --write-batch-size. It reports what the tables take
+on disk (heap + TOAST + indexes, pg_total_relation_size) per call and per session, the growth per added call
+between two lengths, what the sessions add call by call (their unique content: new prompt and completion tokens,
+4 bytes each, and the JSON of the new messages) and the stored size over it, and the trainer's read of one session
+(claim + full prompts, store/claims.py) at one length.
 
 A session is a tool-using agent episode of CALLS calls. Every call's request carries the whole chat so far
 (system prompt, task, every earlier assistant turn with its tool call and every tool result) plus the tool
 schemas, exactly as an OpenAI client sends it; the record stores that request, the response the client saw,
 the prompt token ids (the whole rendered prompt again), the completion token ids and one log-prob per
-completion token. So a call's size grows with its position in the session, and the mean over a session
-depends on CALLS: report the shape you run, not just the number.
+completion token. Stored whole, a call's size grows with its position in the session.
 
 Text is drawn from a Zipf-distributed synthetic vocabulary (compresses like prose under pglz, about 2x;
 random letters would not compress, a tiny vocabulary would compress far too well); token ids are
 Zipf-distributed over a 150k vocabulary (their int4 arrays barely compress, like real ones); ~4 characters per token.
 
-    python bench/bytes_per_call.py                       # 500 sessions x 8 calls
-    python bench/bytes_per_call.py --sessions 200 --calls 16 --toast-compression lz4
+    python bench/bytes_per_call.py                       # 8, 32, 64, 128 calls; 2048 calls per layout and length
+    python bench/bytes_per_call.py --calls 16 64 --total-calls 4096 --toast-compression lz4
     python bench/bytes_per_call.py --json                # machine-readable
 """
 
@@ -41,10 +45,11 @@ from sqlalchemy import insert, text  # noqa: E402
 
 from tests.support.pgcluster import PgCluster, _bin  # noqa: E402
 from trainwire.records import CallRecord  # noqa: E402
+from trainwire.store.claims import claim_batch  # noqa: E402
 from trainwire.store.db import make_engine  # noqa: E402
 from trainwire.store.migrate import upgrade_head  # noqa: E402
 from trainwire.store.models import Reward  # noqa: E402
-from trainwire.store.write_sql import write_batch  # noqa: E402
+from trainwire.store.writer import BatchWriter  # noqa: E402
 
 CHARS_PER_TOKEN = 4
 VOCAB = 150_000
@@ -170,30 +175,45 @@ def make_session(t: Text, *, calls: int, completion_tokens: int, tool_result_tok
     return records
 
 
-async def measure(url: str, args) -> dict:
-    t = Text(args.seed)
+def unique_bytes(session: list[dict]) -> int:
+    """What a session adds call by call: the new prompt tokens (after the previous call's prompt + completion)
+    and completion tokens (4 bytes each), and the JSON of the new request messages."""
+    total, seen_tokens, seen_messages = 0, 0, 0
+    for r in session:
+        messages = r["request"]["messages"]
+        total += 4 * (len(r["prompt_token_ids"]) - seen_tokens + len(r["completion_token_ids"]))
+        total += sum(len(json.dumps(m)) for m in messages[seen_messages:])
+        seen_tokens = len(r["prompt_token_ids"]) + len(r["completion_token_ids"])
+        seen_messages = len(messages)
+    return total
+
+
+async def write_sessions(url: str, sessions: list[list[dict]], *, deltas: bool, batch: int) -> float:
+    """Write through the proxy's BatchWriter (the encoding and its cache included), round by round: call k of
+    every session before call k + 1 of any, as concurrent agents progress, each round in batches of `batch`."""
     engine = make_engine(url)
-    start = datetime(2026, 1, 1, tzinfo=UTC)
-    sessions = [make_session(t, calls=args.calls, completion_tokens=args.completion_tokens,
-                             tool_result_tokens=args.tool_result_tokens, system_tokens=args.system_tokens,
-                             start=start + timedelta(seconds=i))
-                for i in range(args.sessions)]
-    # Interleave sessions like concurrent agents do, then write in the proxy's batch size.
-    stream = [s[k] for k in range(args.calls) for s in sessions]
-    async with engine.connect() as conn:
-        wal_start = (await conn.execute(text("SELECT pg_current_wal_insert_lsn()"))).scalar()
+    writer = BatchWriter(engine, batch_size=batch, interval_ms=1, max_queue=10**9, call_deltas=deltas)
+    await writer.start()
     t0 = time.perf_counter()
-    for i in range(0, len(stream), args.batch):
-        async with engine.begin() as conn:
-            await write_batch(conn, [CallRecord(**r) for r in stream[i:i + args.batch]])
+    n_calls = max(len(s) for s in sessions)
+    for k in range(n_calls):
+        for s in sessions:
+            if k < len(s):
+                writer.submit(CallRecord(**s[k]))
+        while writer.depth:
+            await asyncio.sleep(0.001)
+    await writer.stop()
+    write_s = time.perf_counter() - t0
     async with engine.begin() as conn:
         await conn.execute(insert(Reward.__table__), [
-            {"session_id": s[0]["session_id"], "value": round(t.rng.random(), 3), "final": True, "source": "user",
+            {"session_id": s[0]["session_id"], "value": 1.0, "final": True, "source": "user",
              "created_at": s[-1]["finished_at"]} for s in sessions])
-    write_s = time.perf_counter() - t0
-    async with engine.connect() as conn:
-        wal_bytes = (await conn.execute(text("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :start)"),
-                                        {"start": wal_start})).scalar()
+    await engine.dispose()
+    return write_s
+
+
+async def sizes(url: str, n_calls: int) -> dict:
+    engine = make_engine(url)
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         await conn.execute(text("VACUUM ANALYZE"))
@@ -204,71 +224,127 @@ async def measure(url: str, args) -> dict:
                 "COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0) AS toast, "
                 "pg_indexes_size(c.oid) AS indexes FROM pg_class c WHERE c.relname = :t"), {"t": table})).one()
             rows[table] = dict(r._mapping)
-        # What the columns hold before Postgres compresses them (bytes of the stored datums, after TOAST).
+        # What the columns hold as stored (after TOAST compression), per call.
         col = (await conn.execute(text(
             "SELECT avg(pg_column_size(request)) AS request, avg(pg_column_size(response)) AS response, "
             "avg(pg_column_size(prompt_token_ids)) AS prompt_token_ids, "
             "avg(pg_column_size(completion_token_ids)) AS completion_token_ids, "
-            "avg(pg_column_size(logprobs)) AS logprobs, avg(octet_length(request::text)) AS request_json_text, "
-            "avg(cardinality(prompt_token_ids)) AS prompt_tokens, "
-            "avg(cardinality(completion_token_ids)) AS completion_tokens FROM calls"))).one()
+            "avg(pg_column_size(logprobs)) AS logprobs, "
+            "avg(cardinality(prompt_token_ids)) AS stored_prompt_tokens, "
+            "avg((base_call_id IS NOT NULL)::int) AS deltas FROM calls"))).one()
         version = (await conn.execute(text("SHOW server_version"))).scalar()
         compression = (await conn.execute(text("SHOW default_toast_compression"))).scalar()
     await engine.dispose()
-    n_calls = len(stream)
-    per_call = {tb: rows[tb]["total"] / n_calls for tb in TABLES}
-    total_per_call = sum(per_call.values())
-    return {
-        "postgres": version, "toast_compression": compression, "sessions": args.sessions,
-        "calls_per_session": args.calls, "calls": n_calls, "write_s": round(write_s, 2),
-        "tables": rows, "columns_avg_bytes": {k: round(float(v), 1) for k, v in col._mapping.items()},
-        "bytes_per_call": {**{tb: round(v) for tb, v in per_call.items()}, "all": round(total_per_call)},
-        "gb_per_million_calls": round(total_per_call * 1e6 / 1e9, 2),
-        # WAL written by the inserts (what replication and WAL archiving ship), fsync=off does not change it.
-        "wal_bytes_per_call": round(float(wal_bytes) / n_calls),
-    }
+    total = sum(rows[tb]["total"] for tb in TABLES)
+    return {"postgres": version, "toast_compression": compression, "tables": rows,
+            "columns_avg_bytes": {k: round(float(v), 2) for k, v in col._mapping.items()},
+            "bytes_per_call": round(total / n_calls), "total_bytes": total}
+
+
+async def read_time(url: str, n: int) -> float:
+    """Mean seconds for the trainer to claim one session and load its calls with full prompts (claims.py)."""
+    engine = make_engine(url)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        claimed = await claim_batch(engine, worker_id="bench", batch_size=1, group_by_task=False)
+        times.append(time.perf_counter() - t0)
+        assert claimed and all(c.prompt_token_ids for c in claimed[0].calls)
+    await engine.dispose()
+    return sum(times) / len(times)
+
+
+def session_shape(args, calls: int) -> dict:
+    return {"calls": calls, "completion_tokens": args.completion_tokens,
+            "tool_result_tokens": args.tool_result_tokens, "system_tokens": args.system_tokens}
+
+
+async def measure(cluster, args) -> dict:
+    results: dict = {"layouts": {}, "shape": vars(args)}
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for calls in args.calls:
+        t = Text(args.seed)
+        n_sessions = max(4, args.total_calls // calls)
+        sessions = [make_session(t, start=start + timedelta(seconds=i), **session_shape(args, calls))
+                    for i in range(n_sessions)]
+        unique = sum(unique_bytes(s) for s in sessions) / n_sessions
+        row: dict = {"sessions": n_sessions, "unique_bytes_per_session": round(unique)}
+        for layout, deltas in (("full", False), ("deltas", True)):
+            url = cluster.create_database(f"bench_{layout}_{calls}")
+            await asyncio.to_thread(upgrade_head, url)   # Alembic's env runs its own event loop
+            write_s = await write_sessions(url, sessions, deltas=deltas, batch=args.batch)
+            size = await sizes(url, n_sessions * calls)
+            size["write_s"] = round(write_s, 2)
+            size["bytes_per_session"] = round(size["total_bytes"] / n_sessions)
+            size["x_unique"] = round(size["bytes_per_session"] / unique, 2)
+            if calls == args.read_calls:
+                size["claim_s"] = round(await read_time(url, min(args.read_sessions, n_sessions)), 4)
+            row[layout] = size
+        results["layouts"][calls] = row
+    calls = sorted(results["layouts"])
+    for a, b in zip(calls, calls[1:], strict=False):
+        for layout in ("full", "deltas"):
+            ra, rb = results["layouts"][a][layout], results["layouts"][b][layout]
+            rb["growth_per_added_call"] = round((rb["bytes_per_session"] - ra["bytes_per_session"]) / (b - a))
+    return results
 
 
 def report(r: dict) -> str:
-    mib = 1024 * 1024
-    lines = [f"Postgres {r['postgres']}, TOAST compression {r['toast_compression']}: {r['sessions']} sessions x "
-             f"{r['calls_per_session']} calls = {r['calls']} calls, written in {r['write_s']} s", ""]
-    lines.append(f"{'table':<10}{'total MiB':>11}{'heap':>10}{'TOAST':>10}{'indexes':>10}{'bytes/call':>12}")
-    for tb, v in r["tables"].items():
-        lines.append(f"{tb:<10}{v['total'] / mib:>11.1f}{v['heap'] / mib:>10.1f}{v['toast'] / mib:>10.1f}"
-                     f"{v['indexes'] / mib:>10.1f}{r['bytes_per_call'][tb]:>12,}")
+    first = next(iter(r["layouts"].values()))["full"]
+    lines = [f"Postgres {first['postgres']}, TOAST compression {first['toast_compression']}; sessions of "
+             f"{r['shape']['system_tokens']} system tokens, {r['shape']['completion_tokens']} completion tokens and "
+             f"{r['shape']['tool_result_tokens']} tool-result tokens per call; full = every call stored whole "
+             f"(--no-call-deltas), deltas = what each call adds (--call-deltas)", ""]
+    cols = ("calls", "sessions", "bytes/call full", "deltas", "bytes/session full", "deltas",
+            "growth/added call full", "deltas", "unique/session", "deltas/unique", "rows as deltas")
+    widths = [max(len(c), 8) for c in cols]
+    lines.append("  ".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
+    for calls, row in r["layouts"].items():
+        f, d = row["full"], row["deltas"]
+        cells = [f"{calls}", f"{row['sessions']}", f"{f['bytes_per_call']:,}", f"{d['bytes_per_call']:,}",
+                 f"{f['bytes_per_session']:,}", f"{d['bytes_per_session']:,}",
+                 f"{f['growth_per_added_call']:,}" if "growth_per_added_call" in f else "-",
+                 f"{d['growth_per_added_call']:,}" if "growth_per_added_call" in d else "-",
+                 f"{row['unique_bytes_per_session']:,}", f"{d['x_unique']}",
+                 f"{d['columns_avg_bytes']['deltas'] * 100:.1f}%"]
+        lines.append("  ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
+    for calls, row in r["layouts"].items():
+        if "claim_s" in row["full"]:
+            lines.append("")
+            lines.append(f"trainer's read of one {calls}-call session (claim + full prompts): full "
+                         f"{row['full']['claim_s'] * 1000:.1f} ms, deltas {row['deltas']['claim_s'] * 1000:.1f} ms")
     lines.append("")
-    lines.append(f"all tables: {r['bytes_per_call']['all']:,} bytes per call = "
-                 f"{r['gb_per_million_calls']} GB per million calls; WAL written: "
-                 f"{r['wal_bytes_per_call']:,} bytes per call")
-    c = r["columns_avg_bytes"]
-    lines.append(f"mean call: {c['prompt_tokens']:.0f} prompt tokens, {c['completion_tokens']:.0f} completion "
-                 f"tokens; stored column bytes: request {c['request']:.0f} (JSON text {c['request_json_text']:.0f}), "
-                 f"response {c['response']:.0f}, prompt ids {c['prompt_token_ids']:.0f}, completion ids "
-                 f"{c['completion_token_ids']:.0f}, logprobs {c['logprobs']:.0f}")
+    lines.append("stored column bytes per call (mean, after TOAST) at each length, full -> deltas:")
+    for calls, row in r["layouts"].items():
+        f, d = row["full"]["columns_avg_bytes"], row["deltas"]["columns_avg_bytes"]
+        lines.append(f"  {calls:>3} calls: request {f['request']:,.0f} -> {d['request']:,.0f}, prompt ids "
+                     f"{f['prompt_token_ids']:,.0f} -> {d['prompt_token_ids']:,.0f}, response {d['response']:,.0f}, "
+                     f"completion ids {d['completion_token_ids']:,.0f}, logprobs {d['logprobs']:,.0f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sessions", type=int, default=500)
-    p.add_argument("--calls", type=int, default=8, help="calls per session")
+    p.add_argument("--calls", type=int, nargs="+", default=[8, 32, 64, 128], help="calls per session (each)")
+    p.add_argument("--total-calls", type=int, default=2048, help="calls per layout and length (sessions = this / calls)")
     p.add_argument("--completion-tokens", type=int, default=200)
     p.add_argument("--tool-result-tokens", type=int, default=300)
     p.add_argument("--system-tokens", type=int, default=400)
     p.add_argument("--batch", type=int, default=256, help="calls per write transaction (proxy default)")
+    p.add_argument("--read-calls", type=int, default=64, help="session length whose trainer read is timed")
+    p.add_argument("--read-sessions", type=int, default=8, help="sessions claimed one by one for that timing")
     p.add_argument("--toast-compression", choices=["pglz", "lz4"], default="pglz")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     with PgCluster() as cluster:
-        url = cluster.create_database("bench")
         if args.toast_compression != "pglz":
-            cluster._run(_bin("psql"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", "-d", "bench", "-c",
-                         f"ALTER DATABASE bench SET default_toast_compression = '{args.toast_compression}'")
-        upgrade_head(url)
-        result = asyncio.run(measure(url, args))
-    print(json.dumps(result, indent=2) if args.json else report(result))
+            cluster._run(_bin("psql"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", "-d", "postgres",
+                         "-c", f"ALTER SYSTEM SET default_toast_compression = '{args.toast_compression}'")
+            cluster._run(_bin("psql"), "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres", "-d", "postgres",
+                         "-c", "SELECT pg_reload_conf()")
+        result = asyncio.run(measure(cluster, args))
+    print(json.dumps(result, indent=2, default=str) if args.json else report(result))
     return 0
 
 

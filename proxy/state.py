@@ -40,7 +40,8 @@ class ProxyState:
         self.sessionmaker = make_sessionmaker(self.engine)
         self.writer = BatchWriter(self.engine, batch_size=settings.write_batch_size,
                                   interval_ms=settings.write_interval_ms, max_queue=settings.write_queue_size,
-                                  journal=Journal(settings.journal_dir, fsync=settings.journal_fsync))
+                                  journal=Journal(settings.journal_dir, fsync=settings.journal_fsync),
+                                  call_deltas=settings.call_deltas)
         self.air = Air(settings.air, settings.air_tool_error_pattern, self.writer, self.engine)
         self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)

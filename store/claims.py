@@ -48,10 +48,12 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Reward, Session, utcnow
 
 log = logging.getLogger("trainwire.claim")
@@ -250,7 +252,8 @@ def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cut
 
 _CALL_COLUMNS = (C.c.id, C.c.session_id, C.c.seq, C.c.agent_name, C.c.policy_version, C.c.prompt_token_ids,
                  C.c.completion_token_ids, C.c.logprobs, C.c.finish_reason, C.c.aborted, C.c.status_code, C.c.started_at,
-                 C.c.finished_at, C.c.sampling, C.c.untrainable_reason, C.c.route, C.c.model_requested, C.c.kind)
+                 C.c.finished_at, C.c.sampling, C.c.untrainable_reason, C.c.route, C.c.model_requested, C.c.kind,
+                 *DELTA_COLS)
 
 
 async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str],
@@ -268,7 +271,12 @@ async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str],
                    .where(R.c.session_id.in_(ids), R.c.final == False, R.c.value.is_not(None))  # noqa: E712
                    .order_by(R.c.id))
     async with engine.connect() as conn:
-        call_rows = [row for stmt in stmts for row in (await conn.execute(stmt)).all()]
+        call_rows = []
+        for i, stmt in enumerate(stmts):
+            # Calls stored as deltas (store/call_deltas.py) come back with their full prompts (and requests, for
+            # the frozen calls whose request is loaded).
+            loaded = [row._mapping for row in (await conn.execute(stmt)).all()]
+            call_rows += [SimpleNamespace(**m) for m in await full_rows(conn, loaded, tokens=True, request=i > 0)]
         reward_rows = (await conn.execute(reward_stmt)).all()
     call_rows.sort(key=lambda c: (c.session_id, _utc(c.started_at), c.seq))
 

@@ -3,8 +3,9 @@
 
 Which calls: chat and completion calls the upstream answered (status 200), oldest first, in [since, until)
 by start time; only trainable ones (not `X-Trainwire-Train: false`, not frozen routes) unless
-`--include-eval`. Read in pages of `PAGE` calls (keyset on start time and id), written as they come: memory
-stays flat however large the store is. The file is written under a temporary name and renamed at the end, so
+`--include-eval`; none of a session `trainwire prune` pruned (its calls are in the archive files it wrote).
+Read in pages of `PAGE` calls (keyset on start time and id), written as they come: memory stays flat however
+large the store is. The file is written under a temporary name and renamed at the end, so
 a file at FILE is always complete. Progress goes to stderr.
 
 Columns:
@@ -39,11 +40,12 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trainwire.store.db import make_engine
-from trainwire.store.models import Call, Reward
+from trainwire.store.delta_reads import DELTA_COLS, full_rows
+from trainwire.store.models import Call, Reward, Session
 from trainwire.store.queries import call_output, content_text
 from trainwire.store.rewards import aware
 
-C, R = Call.__table__, Reward.__table__
+C, R, S = Call.__table__, Reward.__table__, Session.__table__
 PAGE = 500
 
 COLUMNS = ["call_id", "session_id", "seq", "task_id", "agent_name", "policy_version", "model_requested",
@@ -51,11 +53,15 @@ COLUMNS = ["call_id", "session_id", "seq", "task_id", "agent_name", "policy_vers
            "messages", "tools", "prompt", "response_text", "reasoning_content", "response_tool_calls",
            "prompt_token_ids", "completion_token_ids", "logprobs", "final_reward", "session_finished",
            "intermediate_reward", "reward", "rewards"]
-JSON_TEXT_IN_PARQUET = ("messages", "tools", "response_tool_calls")
+JSON_TEXT_IN_PARQUET = ("messages", "tools", "response_tool_calls", "request", "response")
+# An archive (`trainwire prune --archive-dir`, store/retention.py): every column of the export, and the request
+# and response as recorded (JSON text), so a pruned call of any API can be read back whole.
+ARCHIVE_COLUMNS = [*COLUMNS, "request", "response"]
 
 _SELECT = [C.c.id, C.c.session_id, C.c.seq, C.c.task_id, C.c.agent_name, C.c.policy_version, C.c.model_requested,
            C.c.model_served, C.c.route, C.c.trainable, C.c.kind, C.c.stream, C.c.started_at, C.c.finish_reason,
-           C.c.aborted, C.c.request, C.c.response, C.c.prompt_token_ids, C.c.completion_token_ids, C.c.logprobs]
+           C.c.aborted, C.c.request, C.c.response, C.c.prompt_token_ids, C.c.completion_token_ids, C.c.logprobs,
+           *DELTA_COLS]
 
 
 class ExportError(Exception):
@@ -74,7 +80,9 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
 
 
 def _filters(since, until, agents, tasks, include_eval) -> list:
-    cond = [C.c.kind.in_(("chat", "completion")), C.c.status_code == 200]
+    # Pruned sessions (store/retention.py) have no bodies left to export: they are in their archive files.
+    pruned = select(S.c.id).where(S.c.pruned_at.is_not(None))
+    cond = [C.c.kind.in_(("chat", "completion")), C.c.status_code == 200, C.c.session_id.not_in(pruned)]
     if not include_eval:
         cond.append(C.c.trainable.is_(True))
     if since:
@@ -108,7 +116,7 @@ class _Page:
     per_call: dict[str, list[RewardRef]]   # call id -> its intermediate rewards, by id
 
 
-def _row(m, page: _Page) -> dict[str, Any]:
+def _row(m, page: _Page, raw: bool = False) -> dict[str, Any]:
     request = m["request"] if isinstance(m["request"], dict) else {}
     out = call_output(m["kind"], m["response"]) or {}
     final = page.finals.get(m["session_id"])
@@ -116,7 +124,7 @@ def _row(m, page: _Page) -> dict[str, Any]:
     intermediate = float(sum(r.value for r in inter if r.value is not None))
     final_value = final.value if final else None
     prompt = request.get("prompt") if m["kind"] == "completion" else None
-    return {
+    row = {
         "call_id": m["id"], "session_id": m["session_id"], "seq": m["seq"], "task_id": m["task_id"],
         "agent_name": m["agent_name"], "policy_version": m["policy_version"],
         "model_requested": m["model_requested"], "model_served": m["model_served"], "route": m["route"],
@@ -133,6 +141,9 @@ def _row(m, page: _Page) -> dict[str, Any]:
         "intermediate_reward": intermediate, "reward": (final_value or 0.0) + intermediate,
         "rewards": [r.as_dict() for r in ([final] if final else []) + inter],
     }
+    if raw:
+        row["request"], row["response"] = m["request"], m["response"]
+    return row
 
 
 async def _count(engine: AsyncEngine, cond) -> int:
@@ -148,9 +159,10 @@ async def _read_page(engine: AsyncEngine, cond, after: tuple[datetime, str] | No
         q = q.where(or_(C.c.started_at > after[0], and_(C.c.started_at == after[0], C.c.id > after[1])))
     q = q.order_by(C.c.started_at, C.c.id).limit(page_size)
     async with engine.connect() as conn:
-        rows = [r._mapping for r in (await conn.execute(q)).all()]
-        if not rows:
+        loaded = [r._mapping for r in (await conn.execute(q)).all()]
+        if not loaded:
             return _Page([], {}, {})
+        rows = await full_rows(conn, loaded, tokens=True)  # calls stored as deltas, whole again
         call_ids = [r["id"] for r in rows]
         session_ids = sorted({r["session_id"] for r in rows})
         finals = {r.session_id: RewardRef(r.id, r.source, r.value, True)
@@ -163,14 +175,14 @@ async def _read_page(engine: AsyncEngine, cond, after: tuple[datetime, str] | No
     return _Page(rows, finals, per_call)
 
 
-async def pages(engine: AsyncEngine, cond, page_size: int = PAGE):
-    """Export rows, a page at a time, oldest first."""
+async def pages(engine: AsyncEngine, cond, page_size: int = PAGE, raw: bool = False):
+    """Export rows, a page at a time, oldest first; `raw`: with the request and response as recorded."""
     after: tuple[datetime, str] | None = None
     while True:
         page = await _read_page(engine, cond, after, page_size)
         if not page.calls:
             return
-        yield [_row(m, page) for m in page.calls]
+        yield [_row(m, page, raw) for m in page.calls]
         last = page.calls[-1]
         after = (last["started_at"], last["id"])
         if len(page.calls) < page_size:
@@ -190,7 +202,7 @@ class JsonlSink:
         self.f.close()
 
 
-def parquet_schema():
+def parquet_schema(columns: list[str] = COLUMNS):
     import pyarrow as pa
 
     reward = pa.struct([("id", pa.int64()), ("source", pa.string()), ("value", pa.float64()), ("final", pa.bool_())])
@@ -199,23 +211,24 @@ def parquet_schema():
              "prompt_token_ids": pa.list_(pa.int32()), "completion_token_ids": pa.list_(pa.int32()),
              "logprobs": pa.list_(pa.float64()), "final_reward": pa.float64(), "session_finished": pa.bool_(),
              "intermediate_reward": pa.float64(), "reward": pa.float64(), "rewards": pa.list_(reward)}
-    return pa.schema([(name, types.get(name, pa.string())) for name in COLUMNS])
+    return pa.schema([(name, types.get(name, pa.string())) for name in columns])
 
 
 class ParquetSink:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: list[str] = COLUMNS) -> None:
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ExportError("--format parquet needs pyarrow: pip install 'trainwire[export]'") from None
-        self.schema = parquet_schema()
+        self.columns = columns
+        self.schema = parquet_schema(columns)
         self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa
 
         cols = {}
-        for name in COLUMNS:
+        for name in self.columns:
             values = [r[name] for r in rows]
             if name in JSON_TEXT_IN_PARQUET:
                 values = [None if v is None else orjson.dumps(v).decode() for v in values]

@@ -38,7 +38,8 @@ class Base(DeclarativeBase):
 
 class Session(Base):
     """One episode. Created by the write path with its first call; its status moves
-    open -> claimed -> trained | skipped, driven by the trainer."""
+    open -> claimed -> trained | skipped, driven by the trainer. A trained or skipped session may later be
+    pruned: its calls' bodies dropped, `pruned_at` set."""
 
     __tablename__ = "sessions"
     id: Mapped[str] = mapped_column(Id, primary_key=True)
@@ -53,6 +54,8 @@ class Session(Base):
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     train_step: Mapped[int | None] = mapped_column(Integer)
     skip_reason: Mapped[str | None] = mapped_column(Text)
+    # When `trainwire prune` dropped the bodies of its calls (store/retention.py, migration 0005); NULL: never.
+    pruned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         # The trainer's claim query: finished, unclaimed sessions, oldest first.
@@ -95,6 +98,14 @@ class Call(Base):
     overhead_ms: Mapped[float | None] = mapped_column(Float)
     sampling: Mapped[dict | None] = mapped_column(Json)
     untrainable_reason: Mapped[str | None] = mapped_column(Text)
+    # A call stored as what it adds to its session (migration 0004, store/call_deltas.py): `base_call_id` is an
+    # earlier call of the same session; with `prompt_prefix_len` L the stored prompt_token_ids are the tokens
+    # after the first L of the base's full prompt + completion; with `messages_prefix_len` M the request's
+    # message list (`messages`, or a Responses `input` list) holds only the messages after the base's first M.
+    # All NULL: the row is stored whole. Readers always see the full values.
+    base_call_id: Mapped[str | None] = mapped_column(Id)
+    prompt_prefix_len: Mapped[int | None] = mapped_column(Integer)
+    messages_prefix_len: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_calls_session_order", "session_id", "started_at", "seq"),

@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
+from trainwire.store.call_deltas import list_key
+from trainwire.store.delta_reads import DELTA_COLS, full_rows, prompt_missing, prompt_tokens
 from trainwire.store.models import Call, PolicyVersion, Reward, Session, TrainStep, UpstreamVersion
 from trainwire.store.read_models import (
     CallCounts,
@@ -551,7 +553,7 @@ def _no_values_sqlite(element, compiler, **kw):
 # A trainable call that will not be trained on (train_status's rule): evaluation, frozen and pass-through calls
 # are not counted, they were never meant to be trained.
 UNTRAINED = and_(C.c.trainable.is_(True), or_(
-    C.c.status_code != 200, _NoValues(C.c.prompt_token_ids), _NoValues(C.c.completion_token_ids),
+    C.c.status_code != 200, prompt_missing(_NoValues(C.c.prompt_token_ids)), _NoValues(C.c.completion_token_ids),
     _NoValues(C.c.logprobs), C.c.untrainable_reason.is_not(None)))
 FAILED = C.c.status_code != 200
 
@@ -668,8 +670,8 @@ _CALL_COLS = [C.c.id, C.c.session_id, C.c.seq, C.c.task_id, C.c.agent_name, C.c.
               C.c.stream, C.c.model_requested, C.c.model_served, C.c.route, C.c.upstream, C.c.policy_version,
               C.c.finish_reason, C.c.usage, C.c.status_code, C.c.error, C.c.aborted, C.c.started_at,
               C.c.finished_at, C.c.upstream_ms, C.c.ttft_ms, C.c.overhead_ms, C.c.request, C.c.response,
-              C.c.sampling, C.c.untrainable_reason,
-              _TokenCount(C.c.prompt_token_ids).label("n_prompt_tokens"),
+              C.c.sampling, C.c.untrainable_reason, *DELTA_COLS,
+              prompt_tokens(_TokenCount(C.c.prompt_token_ids)).label("n_prompt_tokens"),
               _TokenCount(C.c.completion_token_ids).label("n_completion_tokens"),
               _TokenCount(C.c.logprobs).label("n_logprobs")]
 _TOKEN_COLS = [C.c.prompt_token_ids, C.c.completion_token_ids, C.c.logprobs]
@@ -721,8 +723,9 @@ async def get_session(engine: AsyncEngine, session_id: str, *,
             final = next((r for r in rewards if r.final), None)
             return OrphanedSession(id=session_id, finished_at=final.created_at if final else None,
                                    final_reward=final.value if final else None, final=final, rewards=rewards)
-        calls = [c._mapping for c in (await conn.execute(select(*cols).where(C.c.session_id == session_id)
-                                                         .order_by(C.c.started_at, C.c.seq))).all()]
+        loaded = [c._mapping for c in (await conn.execute(select(*cols).where(C.c.session_id == session_id)
+                                                          .order_by(C.c.started_at, C.c.seq))).all()]
+        calls = await full_rows(conn, loaded, tokens=tokens)
     by_call: dict[str, list[RewardOut]] = {}
     for r in rewards:
         if r.call_id:
@@ -748,7 +751,7 @@ async def get_call(engine: AsyncEngine, call_id: str, *, tokens: bool = False) -
             return None
         rewards = await _rewards_where(conn, R.c.call_id == call_id)
         final = (await conn.execute(select(R).where(R.c.session_id == row.session_id, R.c.final.is_(True)))).first()
-    m = row._mapping
+        (m,) = await full_rows(conn, [row._mapping], tokens=tokens)
     return CallDetail(**_call_fields(m, rewards), upstream=m["upstream"], request=m["request"],
                       response=m["response"], **(_token_fields(m) if tokens else {}),
                       session_final=RewardOut(**reward_dict(final)) if final is not None else None)
@@ -765,11 +768,15 @@ class ProducerCandidate:
     tool_call_ids: tuple[str, ...]
 
 
-def _n_messages(request: Any) -> int | None:
+def _n_messages(request: Any, kind: str | None = None, prefix: int | None = None) -> int | None:
+    """How many messages the full request had; `prefix`: the messages of the base call not stored with a delta
+    (store/call_deltas.py), counted only where the delta's list is `messages`."""
     if not isinstance(request, dict):
         return None
     messages = request.get("messages") or []
-    return len(messages) if isinstance(messages, list) else None
+    if not isinstance(messages, list):
+        return None
+    return len(messages) + (prefix or 0 if list_key(kind) == "messages" else 0)
 
 
 async def find_tool_call_producers(engine: AsyncEngine, *, session_id: str, exclude_call_id: str,
@@ -778,7 +785,7 @@ async def find_tool_call_producers(engine: AsyncEngine, *, session_id: str, excl
     """Calls of `session_id` (other than `exclude_call_id`, started at or before `started_before`) whose
     response (choice 0) made tool call `tool_call_id`, newest first (by start time, then seq). At most `limit`
     calls whose stored response text contains the id are looked at."""
-    q = (select(C.c.id, C.c.request, C.c.response)
+    q = (select(C.c.id, C.c.request, C.c.response, C.c.kind, C.c.messages_prefix_len)
          .where(C.c.session_id == session_id, C.c.id != exclude_call_id, C.c.started_at <= started_before,
                 # Cheap prefilter in the database (jsonb as text on Postgres, the JSON text on SQLite); the
                 # response is then parsed to keep only calls that really made this tool call.
@@ -792,7 +799,8 @@ async def find_tool_call_producers(engine: AsyncEngine, *, session_id: str, excl
                     if isinstance(tc, dict) and isinstance(tc.get("id"), str))
         if tool_call_id not in ids:
             continue
-        out.append(ProducerCandidate(call_id=row.id, n_messages=_n_messages(row.request), tool_call_ids=ids))
+        out.append(ProducerCandidate(call_id=row.id, tool_call_ids=ids,
+                                     n_messages=_n_messages(row.request, row.kind, row.messages_prefix_len)))
     return out
 
 

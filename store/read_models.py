@@ -233,8 +233,10 @@ class SessionSummary(Record):
 
 
 class SessionDetail(SessionSummary):
-    """One session with its calls in order and every reward."""
+    """One session with its calls in order and every reward. `pruned_at`: when `trainwire prune` dropped the
+    bodies of its calls (store/retention.py), whose input, output and token ids then read as null."""
 
+    pruned_at: UtcDatetime | None = None
     calls: list[CallSummary]
     rewards: list[RewardOut]
 

@@ -14,6 +14,12 @@ database and nothing acknowledged is lost when the database, or the proxy itself
   posted right after the last response never races its own calls.
 - Automatic rewards (AIR, `submit_reward`) have a queue of their own; they are written in the same transaction
   as the calls of the batch, after them, with the same guarantees. Each carries a deterministic idempotency key.
+- With `call_deltas` (the default), a call is written as what it adds to a call of its session that an earlier
+  batch of this writer committed (store/call_deltas.py), found in a bounded LRU cache of the last few calls of
+  each session (`DeltaCache`). The encoding happens here, while the batch is built, never on a request. A
+  call whose base is not in the cache (another worker's session, a restart, an evicted session) is stored whole,
+  and so is every row of a batch the database refused as data (written one by one), so a delta never points at
+  a row that is not there. The journal keeps whole records; replayed ones are stored whole.
 
 This module is the queue, its backpressure and its retries; the SQL of each database is in
 store/write_postgres.py and store/write_sqlite.py behind store/write_sql.write_batch.
@@ -25,11 +31,13 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from trainwire.records import CallRecord, RewardRecord
+from trainwire.store.call_deltas import BaseCall, encode_call
 from trainwire.store.db_errors import is_transient
 from trainwire.store.journal import Journal, Segment, read_records
 from trainwire.store.write_sql import write_batch
@@ -37,12 +45,57 @@ from trainwire.store.write_sql import write_batch
 log = logging.getLogger("trainwire.writer")
 
 REPLAY_BATCH = 500
+ENCODE_SLICE_S = 0.002
+
+
+class DeltaCache:
+    """The calls a writer committed that later calls of their sessions may be stored against: the last
+    `per_session` calls of each of the `max_sessions` sessions written most recently, within about `max_bytes` of
+    token ids and message digests, least recently written evicted first. A call that its successor extends (its
+    tokens and messages are a prefix of the successor's) is dropped: the successor serves every later call at
+    least as well. So a session that only grows holds one call, and a retried turn or interleaved agents keep
+    the calls they branch from."""
+
+    def __init__(self, max_sessions: int = 10_000, max_bytes: int = 512 << 20, per_session: int = 4) -> None:
+        self.max_sessions, self.max_bytes, self.per_session = max_sessions, max_bytes, per_session
+        self._sessions: collections.OrderedDict[str, list[BaseCall]] = collections.OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def _size(base: BaseCall) -> int:
+        return base.size
+
+    @staticmethod
+    def _extends(new: BaseCall, old: BaseCall) -> bool:
+        def prefix(a, b) -> bool:
+            return b is None or (a is not None and a[:len(b)] == b)
+        return new.kind == old.kind and prefix(new.tokens, old.tokens) and prefix(new.messages, old.messages)
+
+    def bases(self, session_id: str) -> list[BaseCall]:
+        return list(self._sessions.get(session_id, ()))
+
+    def add(self, session_id: str, base: BaseCall) -> None:
+        calls = self._sessions.pop(session_id, None) or []
+        kept = [c for c in calls if not self._extends(base, c)]
+        kept = kept[max(0, len(kept) - (self.per_session - 1)):]
+        self.bytes += self._size(base) - sum(self._size(c) for c in calls) + sum(self._size(c) for c in kept)
+        self._sessions[session_id] = [*kept, base]
+        while self._sessions and (len(self._sessions) > self.max_sessions or self.bytes > self.max_bytes):
+            _, evicted = self._sessions.popitem(last=False)
+            self.bytes -= sum(self._size(b) for b in evicted)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
 
 class BatchWriter:
     def __init__(self, engine: AsyncEngine, *, batch_size: int = 256, interval_ms: int = 50,
-                 max_queue: int = 10000, journal: Journal | None = None) -> None:
+                 max_queue: int = 10000, journal: Journal | None = None, call_deltas: bool = True,
+                 delta_cache: DeltaCache | None = None) -> None:
         self.engine = engine
+        # Where calls are stored as deltas: the committed calls they may refer to (None: every call whole).
+        self.deltas = (delta_cache or DeltaCache()) if call_deltas else None
+        self.delta_total = 0
         self.batch_size = batch_size
         self.interval = interval_ms / 1000
         self.max_queue = max_queue
@@ -188,8 +241,11 @@ class BatchWriter:
             rewards = list(_head(self._rewards, 4 * self.batch_size))
             if not batch and not rewards:
                 continue
-            if not await self._write_with_retry(batch, rewards):
+            stored, remembered = await self._encode(batch)
+            written = await self._write_with_retry(stored, rewards, whole=batch)
+            if written is None:
                 return  # stopping while the database is away: the journal keeps them
+            self._remember(batch, remembered, written)
             self._pop_written(len(batch), len(rewards))
             async with self._written:
                 self._written.notify_all()
@@ -217,10 +273,43 @@ class BatchWriter:
         async with self.engine.begin() as conn:
             await write_batch(conn, calls, rewards, dedupe=dedupe)
 
-    async def _write_with_retry(self, calls: list[CallRecord], rewards: list[RewardRecord]) -> bool:
-        """True once the batch is in the database (rows refused as data set aside as rejected); False when the
-        writer is stopping and the database is still away. While the database is away this retries forever,
-        with backoff, and the queue behind it applies backpressure at admission."""
+    async def _encode(self, batch: list[CallRecord]) -> tuple[list[CallRecord], list[BaseCall | None]]:
+        """The rows to write for a batch (deltas against calls of earlier committed batches, or the records
+        themselves), and what to remember of each call once it is committed. Encoding a long session's call
+        takes a fraction of a millisecond (serializing its token ids and messages once); the event loop gets
+        a turn every `ENCODE_SLICE_S`, so requests never wait for a whole batch to be encoded."""
+        if self.deltas is None:
+            return batch, []
+        stored: list[CallRecord] = []
+        remembered: list[BaseCall | None] = []
+        since = time.perf_counter()
+        for record in batch:
+            if time.perf_counter() - since > ENCODE_SLICE_S:
+                await asyncio.sleep(0)
+                since = time.perf_counter()
+            try:
+                row, mine = encode_call(self.deltas.bases(record.session_id), record)
+            except Exception:   # never let the encoding stop the write path: this call is stored whole
+                log.exception("could not encode call %s as a delta; storing it whole", record.id)
+                row, mine = record, None
+            stored.append(row)
+            remembered.append(mine)
+        return stored, remembered
+
+    def _remember(self, batch: list[CallRecord], remembered: list[BaseCall | None], written: set[str]) -> None:
+        if self.deltas is None:
+            return
+        for record, mine in zip(batch, remembered, strict=True):
+            if mine is not None and record.id in written:
+                self.deltas.add(record.session_id, mine)
+
+    async def _write_with_retry(self, calls: list[CallRecord], rewards: list[RewardRecord],
+                                whole: Sequence[CallRecord] | None = None) -> set[str] | None:
+        """The ids of the calls in the database once the batch is written (rows refused as data set aside as
+        rejected); None when the writer is stopping and the database is still away. While the database is
+        away this retries forever, with backoff, and the queue behind it applies backpressure at admission.
+        `whole`: the batch's records with their full values when `calls` holds deltas; a batch the database
+        refuses as data is written row by row from these, so no delta can refer to a row that was refused."""
         retrying = AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5), retry=retry_if_exception(is_transient),
                                  stop=self._give_up, reraise=True)
         try:
@@ -237,22 +326,27 @@ class BatchWriter:
                                         "the journal holds them meanwhile", exc, len(calls), n)
                     # A retry may follow a commit whose answer was lost: skip rows already stored.
                     await self._write_once(calls, rewards, dedupe=n > 1)
+            self.delta_total += sum(1 for c in calls if c.base_call_id is not None)
+            written = {c.id for c in calls}
         except Exception as exc:
             if is_transient(exc):
-                return False
+                return None
             log.error("the database refused a batch as data (%s); writing its rows one by one", exc)
-            await self._write_rows(calls, rewards)
+            singles = list(whole if whole is not None else calls)
+            refused = await self._write_rows(singles, rewards)
+            written = {c.id for c in singles} - refused
         if self.database_down_since is not None:
             log.info("the database is back after %.1fs", time.time() - self.database_down_since)
             self.database_down_since = None
-        return True
+        return written
 
     def _give_up(self, retry_state) -> bool:
         # Retrying never ends while serving; when stopping, give up after a few attempts so shutdown is bounded
         # (the journal keeps the batch).
         return self._stopping and retry_state.attempt_number >= 4
 
-    async def _write_rows(self, calls: list[CallRecord], rewards: list[RewardRecord]) -> None:
+    async def _write_rows(self, calls: list[CallRecord], rewards: list[RewardRecord]) -> set[str]:
+        """Write rows one at a time; returns the ids of the calls the database refused (kept as rejected)."""
         rejected: list[tuple[CallRecord | RewardRecord, str]] = []
         singles: list[tuple[list[CallRecord], list[RewardRecord]]] = [([c], []) for c in calls]
         singles += [([], [r]) for r in rewards]
@@ -275,6 +369,7 @@ class BatchWriter:
                           "`trainwire replay-rejected`)", len(rejected), path)
             else:
                 log.error("the database refused %d rows as data and there is no journal: lost", len(rejected))
+        return {row.id for row, _ in rejected if isinstance(row, CallRecord)}
 
     async def _replay(self, path) -> bool:
         """Write a claimed journal segment (of a process that stopped or died), then delete it."""

@@ -12,7 +12,14 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from trainwire.settings import JournalSettings, ProxySettings, SharedSettings, TrainerSettings
+from trainwire.settings import (
+    CompactSettings,
+    JournalSettings,
+    ProxySettings,
+    PruneSettings,
+    SharedSettings,
+    TrainerSettings,
+)
 
 # Each command takes the settings group it runs with; its flags are that group's fields.
 COMMANDS: dict[str, tuple[str, type[SharedSettings]]] = {
@@ -22,6 +29,10 @@ COMMANDS: dict[str, tuple[str, type[SharedSettings]]] = {
     "export": ("Export recorded calls as JSONL or Parquet", SharedSettings),
     "replay-rejected": ("Write the rows the database refused (the journal's rejected-*.jsonl) again, after a fix",
                         JournalSettings),
+    "compact-calls": ("Re-store recorded calls as what each adds to an earlier call of its session, batch by "
+                      "batch; resumable", CompactSettings),
+    "prune": ("Drop the bodies of old trained or skipped sessions, optionally archiving them to Parquet first",
+              PruneSettings),
 }
 # Settings filled by flags of their own rather than a flag per field.
 _NOT_FLAGS = {"air"}
@@ -63,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--agent", action="append", help="Only this agent (repeatable)")
             p.add_argument("--task", action="append", help="Only this task id (repeatable)")
             p.add_argument("--include-eval", action="store_true", help="Include X-Trainwire-Train: false calls")
+        if command in ("compact-calls", "prune"):
+            p.add_argument("--dry-run", action="store_true", help="Say what would be done; write nothing")
+        if command == "compact-calls":
+            p.add_argument("--restart", action="store_true",
+                           help="Look at every session again, not only those with calls since the last complete run")
     return parser
 
 
@@ -150,8 +166,67 @@ def _replay_rejected(settings: JournalSettings, args: argparse.Namespace) -> int
     return 1 if refused else 0
 
 
+def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from trainwire.store.compact import compact_calls
+    from trainwire.store.db import make_engine
+    from trainwire.store.migrate import SchemaBehind, ensure_schema
+
+    async def run():
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            await ensure_schema(engine, settings.resolved_database_url)
+            return await compact_calls(engine, batch_sessions=settings.batch_sessions,
+                                       max_sessions=settings.max_sessions, dry_run=args.dry_run,
+                                       restart=args.restart, say=lambda m: print(f"trainwire compact-calls: {m}",
+                                                                                 flush=True))
+        finally:
+            await engine.dispose()
+
+    try:
+        report = asyncio.run(run())
+    except SchemaBehind as exc:
+        print(f"trainwire: error: {exc}", file=sys.stderr)
+        return 2
+    if report.interrupted or not report.complete:
+        print("trainwire compact-calls: stopped; run it again to go on after the last committed batch")
+        return 130 if report.interrupted else 0
+    return 0
+
+
+def _prune(settings: PruneSettings, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from trainwire.store.db import make_engine
+    from trainwire.store.migrate import SchemaBehind, ensure_schema
+    from trainwire.store.retention import prune
+
+    if settings.older_than_days is None:
+        print("trainwire: error: --older-than-days is required", file=sys.stderr)
+        return 2
+    days = settings.older_than_days
+
+    async def run():
+        engine = make_engine(settings.resolved_database_url)
+        try:
+            await ensure_schema(engine, settings.resolved_database_url)
+            return await prune(engine, older_than_days=days, archive_dir=settings.archive_dir,
+                               batch_sessions=settings.batch_sessions, dry_run=args.dry_run,
+                               say=lambda m: print(f"trainwire prune: {m}", flush=True))
+        finally:
+            await engine.dispose()
+
+    try:
+        report = asyncio.run(run())
+    except SchemaBehind as exc:
+        print(f"trainwire: error: {exc}", file=sys.stderr)
+        return 2
+    return 130 if report.interrupted else 0
+
+
 HANDLERS: dict[str, Callable[..., int | None]] = {"serve": _serve, "migrate": _migrate, "train": _train, "export": _export,
-            "replay-rejected": _replay_rejected}
+            "replay-rejected": _replay_rejected, "compact-calls": _compact_calls, "prune": _prune}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -45,6 +45,11 @@ class CallRecord:
     overhead_ms: float | None = None
     sampling: dict[str, Any] | None = None      # {"requested", "effective"[, "enforced"]} (proxy/sampling.py)
     untrainable_reason: str | None = None       # why its tokens must not be trained on, though it is trainable
+    # Set only by the store's write path on the copy it writes (store/call_deltas.py); the proxy leaves them
+    # None, and every reader gets records with the full values.
+    base_call_id: str | None = None
+    prompt_prefix_len: int | None = None
+    messages_prefix_len: int | None = None
 
 
 @dataclass(slots=True)

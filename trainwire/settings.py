@@ -1,5 +1,6 @@
 """The settings, in groups: `SharedSettings` (every command), `UpstreamSettings` (the proxy and the trainer),
-`ProxySettings` (`trainwire serve`) and `TrainerSettings` (`trainwire train`); `Settings` has them all. Every field
+`ProxySettings` (`trainwire serve`), `TrainerSettings` (`trainwire train`), and the maintenance commands'
+`CompactSettings` and `PruneSettings`; `Settings` has the proxy's and the trainer's. Every field
 is a CLI flag (`--kebab-name`) of the commands whose group has it, and a `TRAINWIRE_*` env variable.
 
 Precedence: CLI flag > environment > `.env` file > default. List fields are repeatable flags
@@ -99,6 +100,30 @@ class JournalSettings(SharedSettings):
     journal_dir: Path = Field(Path("./trainwire-journal"), description="Local journal of recorded calls, kept until they are in the database (replayed at start)")
 
 
+class MaintenanceSettings(SharedSettings):
+    """The store's maintenance commands, which work through the sessions a batch (one transaction) at a time."""
+
+    batch_sessions: int = Field(50, gt=0, description="Sessions per transaction; an interrupted run keeps the "
+                                "batches it committed")
+
+
+class CompactSettings(MaintenanceSettings):
+    """`trainwire compact-calls`."""
+
+    max_sessions: int = Field(0, ge=0, description="Stop after this many sessions (0 = all); the next run goes on "
+                              "where this one stopped")
+
+
+class PruneSettings(MaintenanceSettings):
+    """`trainwire prune`."""
+
+    older_than_days: float | None = Field(None, gt=0, description="Prune trained and skipped sessions whose last "
+                                          "call is older than this many days (required)")
+    archive_dir: Path | None = Field(None, description="Write the calls of each batch of sessions to a Parquet "
+                                     "file here (the export's columns, plus request and response), fsynced before "
+                                     "their bodies are dropped")
+
+
 class ProxySettings(UpstreamSettings, JournalSettings):
     """`trainwire serve`."""
 
@@ -116,6 +141,7 @@ class ProxySettings(UpstreamSettings, JournalSettings):
     write_batch_size: int = Field(256, description="Calls written per database batch")
     write_interval_ms: int = Field(50, description="Longest a recorded call waits before its batch is written")
     write_queue_size: int = Field(10000, description="Calls held in memory before requests wait (backpressure)")
+    call_deltas: bool = Field(True, description="Store a call as what it adds to an earlier call of its session (its new prompt tokens and messages); readers always see full calls")
     journal_fsync: Literal["none", "interval", "always"] = Field("none", description="fsync the journal: none (survives a proxy crash), interval (a host crash loses one write interval), always")
     policy_poll_s: float = Field(1.0, description="Policy-version poll interval where LISTEN/NOTIFY is unavailable (SQLite)")
     air_tool_error_pattern: StrList = Field(default_factory=lambda: [r"^\s*Error", r'^\s*\{\s*"error"\s*:'],

@@ -20,11 +20,31 @@ async def _fetch(url: str, stmt):
         await engine.dispose()
 
 
-def calls(url: str, session_id: str | None = None) -> list[dict]:
+def raw_calls(url: str, session_id: str | None = None) -> list[dict]:
+    """The rows as stored: a call stored as a delta (store/call_deltas.py) holds only what it adds."""
     stmt = select(Call.__table__).order_by(Call.started_at, Call.seq)
     if session_id:
         stmt = stmt.where(Call.session_id == session_id)
     return [dict(r) for r in asyncio.run(_fetch(url, stmt))]
+
+
+def calls(url: str, session_id: str | None = None) -> list[dict]:
+    """The rows as every reader sees them: `request` and `prompt_token_ids` full, also for deltas (whose delta
+    columns still say how they are stored)."""
+    from trainwire.store.delta_reads import full_rows
+
+    async def fetch():
+        engine = make_engine(url)
+        try:
+            async with engine.connect() as conn:
+                stmt = select(Call.__table__).order_by(Call.started_at, Call.seq)
+                if session_id:
+                    stmt = stmt.where(Call.session_id == session_id)
+                return await full_rows(conn, (await conn.execute(stmt)).mappings().all(), tokens=True)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(fetch())
 
 
 def sessions(url: str) -> list[dict]:

@@ -137,7 +137,7 @@ def test_session_summary_and_detail():
                              "skip_reason", "agents", "n_failed", "n_untrainable"]
     assert summary["final"] == {"id": 3, "value": None, "source": "user", "created_at": "2026-03-01T12:00:02.123456Z"}
     detail = SessionDetail(**session_fields(), calls=[CallSummary(**call_fields())], rewards=[reward()])
-    assert list(orjson.loads(render(detail)))[-3:] == ["n_untrainable", "calls", "rewards"]
+    assert list(orjson.loads(render(detail)))[-4:] == ["n_untrainable", "pruned_at", "calls", "rewards"]
 
 
 def test_orphaned_session_shape():
