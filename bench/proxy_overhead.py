@@ -136,7 +136,19 @@ def _proxy(cwd: Path, port: int, upstream: str, db: str, args, tmp: Path, name: 
     return subprocess.Popen(
         [sys.executable, "-m", "trainwire.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--upstream", upstream, "--database-url", db, "--workers", str(args.workers), "--log-level", "warning",
-         *journal], cwd=cwd, start_new_session=True)
+         *journal], cwd=_own_code(cwd, tmp / f"view-{name}"), start_new_session=True)
+
+
+def _own_code(cwd: Path, view: Path) -> Path:
+    """The directory to run a checkout's `trainwire` from (`-m` puts it first on sys.path). A checkout with
+    top-level packages runs from itself. One that maps `trainwire.proxy` to `proxy/` (pyproject's package-dir)
+    cannot: its `trainwire/` has no `proxy/`, so the editable install would serve this checkout's code instead.
+    It runs from a view of symlinks laid out as it installs (its own scripts/lint_view.py)."""
+    if not (cwd / "scripts" / "lint_view.py").exists():
+        return cwd
+    subprocess.run([sys.executable, str(cwd / "scripts" / "lint_view.py"), str(view)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return view
 
 
 def _has_journal(cwd: Path) -> bool:
@@ -190,7 +202,7 @@ def main() -> int:
                             continue  # an older checkout may not serve the route
                         db = pg.create_database(f"b_{len(results['runs'])}")
                         subprocess.run([sys.executable, "-m", "trainwire.cli", "migrate", "--database-url", db],
-                                       cwd=cwd, check=True, capture_output=True)
+                                       cwd=_own_code(cwd, tmp / f"view-{name}"), check=True, capture_output=True)
                         port = free_port()
                         proc = _proxy(cwd, port, f"http://127.0.0.1:{nginx_port}", db, args, tmp, f"{name}-{route}-{conns}")
                         try:
