@@ -49,7 +49,7 @@ from trainwire.store.claims import claim_batch  # noqa: E402
 from trainwire.store.db import make_engine  # noqa: E402
 from trainwire.store.migrate import upgrade_head  # noqa: E402
 from trainwire.store.models import Reward  # noqa: E402
-from trainwire.store.writer import BatchWriter  # noqa: E402
+from trainwire.store.writer import BatchWriter, DeltaCache  # noqa: E402
 
 CHARS_PER_TOKEN = 4
 VOCAB = 150_000
@@ -192,7 +192,10 @@ async def write_sessions(url: str, sessions: list[list[dict]], *, deltas: bool, 
     """Write through the proxy's BatchWriter (the encoding and its cache included), round by round: call k of
     every session before call k + 1 of any, as concurrent agents progress, each round in batches of `batch`."""
     engine = make_engine(url)
-    writer = BatchWriter(engine, batch_size=batch, interval_ms=1, max_queue=10**9, call_deltas=deltas)
+    # The sessions are dated when the caller says (bench/retention.py: days in the past): a cache that never
+    # expires, so what is measured is the encoding, not MAX_BASE_AGE_S.
+    writer = BatchWriter(engine, batch_size=batch, interval_ms=1, max_queue=10**9, call_deltas=deltas,
+                         delta_cache=DeltaCache(max_age_s=None))
     await writer.start()
     t0 = time.perf_counter()
     n_calls = max(len(s) for s in sessions)

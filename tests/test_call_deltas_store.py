@@ -21,7 +21,7 @@ from trainwire.store.export import _filters, pages
 from trainwire.store.migrate import upgrade_head
 from trainwire.store.queries import find_tool_call_producers, get_call, get_session, list_sessions, stats
 from trainwire.store.rewards import NewReward, store_reward
-from trainwire.store.writer import BatchWriter
+from trainwire.store.writer import BatchWriter, DeltaCache
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -59,7 +59,9 @@ def sessions(seed: int) -> list[CallRecord]:
 
 async def write(url: str, records: list[CallRecord], deltas: bool, rng: random.Random) -> BatchWriter:
     engine = make_engine(url)
-    writer = BatchWriter(engine, interval_ms=2, call_deltas=deltas)
+    # The sessions are dated in the past (NOW, 2026-01-01): a cache that never expires, or every call would be
+    # whole (the expiry itself: tests/test_call_deltas_safety.py).
+    writer = BatchWriter(engine, interval_ms=2, call_deltas=deltas, delta_cache=DeltaCache(max_age_s=None))
     await writer.start()
     try:
         for r in records:
@@ -147,7 +149,8 @@ def test_a_batch_refused_as_data_is_written_whole_and_no_delta_points_at_a_refus
 
     async def go():
         engine = make_engine(pg_url)
-        writer = BatchWriter(engine, interval_ms=20, journal=Journal(tmp_path / "journal"))
+        writer = BatchWriter(engine, interval_ms=20, journal=Journal(tmp_path / "journal"),
+                             delta_cache=DeltaCache(max_age_s=None))
         await writer.start()
         try:
             writer.submit(c1)
