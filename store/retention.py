@@ -41,7 +41,7 @@ from trainwire.store.compact import StopOnSignal, write_tx
 from trainwire.store.export import ARCHIVE_COLUMNS, ParquetSink, pages
 from trainwire.store.models import Call, Session
 
-__all__ = ["BODY_COLUMNS", "MIN_OLDER_THAN_DAYS", "PRUNABLE", "PruneReport", "prune", "pruned_at", "with_pruned_at"]
+__all__ = ["BODY_COLUMNS", "MIN_OLDER_THAN_DAYS", "PRUNABLE", "PruneReport", "prune"]
 
 C: Table = Call.__table__  # type: ignore[assignment]
 S: Table = Session.__table__  # type: ignore[assignment]
@@ -116,18 +116,6 @@ async def _archive(engine: AsyncEngine, session_ids: list[str], path: Path) -> d
         if tmp.exists():
             tmp.unlink()
     return written
-
-
-async def pruned_at(engine: AsyncEngine, session_id: str) -> datetime | None:
-    """When the session's bodies were pruned; None when they were not (or there is no such session)."""
-    async with engine.connect() as conn:
-        value = (await conn.execute(select(S.c.pruned_at).where(S.c.id == session_id))).scalar()
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
-def with_pruned_at(detail, when: datetime | None):
-    """A session detail (store/read_models.SessionDetail) with its `pruned_at`."""
-    return detail.model_copy(update={"pruned_at": when}) if when is not None else detail
 
 
 async def prune(engine: AsyncEngine, *, older_than_days: float, archive_dir: Path | None = None,
