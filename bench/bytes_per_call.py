@@ -9,7 +9,8 @@ concurrent agents progress), in batches of the proxy's default --write-batch-siz
 on disk (heap + TOAST + indexes, pg_total_relation_size) per call and per session, the growth per added call
 between two lengths, what the sessions add call by call (their unique content: new prompt and completion tokens,
 4 bytes each, and the JSON of the new messages) and the stored size over it, and the trainer's read of one session
-(claim + full prompts, store/claims.py) at one length.
+(claim + full prompts, store/claims.py) at one length, with the time to build its trajectory samples merged by the
+calls' stored structure and by comparing prefixes (rl/transitions.py).
 
 A session is a tool-using agent episode of CALLS calls. Every call's request carries the whole chat so far
 (system prompt, task, every earlier assistant turn with its tool call and every tool result) plus the tool
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import sys
@@ -45,11 +47,12 @@ from sqlalchemy import insert, text  # noqa: E402
 
 from tests.support.pgcluster import PgCluster, _bin  # noqa: E402
 from trainwire.records import CallRecord  # noqa: E402
+from trainwire.rl.transitions import build_samples  # noqa: E402
 from trainwire.store.claims import claim_batch  # noqa: E402
 from trainwire.store.db import make_engine  # noqa: E402
 from trainwire.store.migrate import upgrade_head  # noqa: E402
 from trainwire.store.models import Reward  # noqa: E402
-from trainwire.store.writer import BatchWriter  # noqa: E402
+from trainwire.store.writer import BatchWriter, DeltaCache  # noqa: E402
 
 CHARS_PER_TOKEN = 4
 VOCAB = 150_000
@@ -192,7 +195,10 @@ async def write_sessions(url: str, sessions: list[list[dict]], *, deltas: bool, 
     """Write through the proxy's BatchWriter (the encoding and its cache included), round by round: call k of
     every session before call k + 1 of any, as concurrent agents progress, each round in batches of `batch`."""
     engine = make_engine(url)
-    writer = BatchWriter(engine, batch_size=batch, interval_ms=1, max_queue=10**9, call_deltas=deltas)
+    # The sessions are dated when the caller says (bench/retention.py: days in the past): a cache that never
+    # expires, so what is measured is the encoding, not MAX_BASE_AGE_S.
+    writer = BatchWriter(engine, batch_size=batch, interval_ms=1, max_queue=10**9, call_deltas=deltas,
+                         delta_cache=DeltaCache(max_age_s=None))
     await writer.start()
     t0 = time.perf_counter()
     n_calls = max(len(s) for s in sessions)
@@ -241,17 +247,27 @@ async def sizes(url: str, n_calls: int) -> dict:
             "bytes_per_call": round(total / n_calls), "total_bytes": total}
 
 
-async def read_time(url: str, n: int) -> float:
-    """Mean seconds for the trainer to claim one session and load its calls with full prompts (claims.py)."""
+async def read_time(url: str, n: int) -> dict:
+    """Mean seconds for the trainer to claim one session and load its calls with full prompts (claims.py), and to
+    build its trajectory samples (rl/transitions.py) from the claim as it is (merged by the calls' stored structure
+    where they have one) and with that structure left out (every call's prompt compared with the samples)."""
     engine = make_engine(url)
-    times = []
+    times: dict[str, list[float]] = {"claim_s": [], "trajectory_s": [], "trajectory_compared_s": []}
     for _ in range(n):
         t0 = time.perf_counter()
         claimed = await claim_batch(engine, worker_id="bench", batch_size=1, group_by_task=False)
-        times.append(time.perf_counter() - t0)
+        times["claim_s"].append(time.perf_counter() - t0)
         assert claimed and all(c.prompt_token_ids for c in claimed[0].calls)
+        whole = [dataclasses.replace(s, calls=[dataclasses.replace(c, base_call_id=None, prompt_prefix_len=None)
+                                               for c in s.calls]) for s in claimed]
+        built = {}
+        for key, sessions in (("trajectory_s", claimed), ("trajectory_compared_s", whole)):
+            t0 = time.perf_counter()
+            built[key] = build_samples(sessions, mode="trajectory")
+            times[key].append(time.perf_counter() - t0)
+        assert built["trajectory_s"].samples == built["trajectory_compared_s"].samples
     await engine.dispose()
-    return sum(times) / len(times)
+    return {k: round(sum(v) / len(v), 4) for k, v in times.items()}
 
 
 def session_shape(args, calls: int) -> dict:
@@ -278,7 +294,7 @@ async def measure(cluster, args) -> dict:
             size["bytes_per_session"] = round(size["total_bytes"] / n_sessions)
             size["x_unique"] = round(size["bytes_per_session"] / unique, 2)
             if calls == args.read_calls:
-                size["claim_s"] = round(await read_time(url, min(args.read_sessions, n_sessions)), 4)
+                size.update(await read_time(url, min(args.read_sessions, n_sessions)))
             row[layout] = size
         results["layouts"][calls] = row
     calls = sorted(results["layouts"])
@@ -313,6 +329,10 @@ def report(r: dict) -> str:
             lines.append("")
             lines.append(f"trainer's read of one {calls}-call session (claim + full prompts): full "
                          f"{row['full']['claim_s'] * 1000:.1f} ms, deltas {row['deltas']['claim_s'] * 1000:.1f} ms")
+            d = row["deltas"]
+            lines.append(f"its trajectory samples (rl/transitions.py), from the deltas' claim: merged by the stored "
+                         f"structure {d['trajectory_s'] * 1000:.1f} ms, by comparing prefixes "
+                         f"{d['trajectory_compared_s'] * 1000:.1f} ms")
     lines.append("")
     lines.append("stored column bytes per call (mean, after TOAST) at each length, full -> deltas:")
     for calls, row in r["layouts"].items():

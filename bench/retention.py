@@ -115,8 +115,8 @@ async def scenario(url: str, cycles: list[list[list[dict]]], *, do_prune: bool, 
             engine = make_engine(url)
             try:
                 t0 = time.perf_counter()
-                # "now" is this cycle's day: every session of an earlier cycle is over half a day old.
-                report = await prune(engine, older_than_days=0.5, now=start + timedelta(days=c, hours=6),
+                # "now" is this cycle's day + 6 h: every session of an earlier cycle is over a day old.
+                report = await prune(engine, older_than_days=1, now=start + timedelta(days=c, hours=6),
                                      batch_sessions=50, say=lambda m: None)
                 step["prune_s"] = round(time.perf_counter() - t0, 2)
                 step["pruned_sessions"] = report.sessions

@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from trainwire.proxy.errors import ApiError, responses
 from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
-from trainwire.store import queries, retention
+from trainwire.store import queries
 from trainwire.store.journal import count_rejected, rejected_files
 from trainwire.store.read_models import (
     CallDetail,
@@ -144,8 +144,6 @@ async def get_session(request: Request, session_id: str, tokens: bool = False) -
     if found is None:
         raise ApiError(404, f"no session {session_id!r}: no calls and no rewards were recorded for it",
                        param="session_id", code="session_not_found")
-    if isinstance(found, SessionDetail):
-        found = retention.with_pruned_at(found, await retention.pruned_at(state_of(request).engine, session_id))
     return _answer(found)
 
 

@@ -96,8 +96,8 @@ def build_sft_samples(sessions: Sequence[ClaimedSession], *, renderer: ChatRende
                 completion = list(call.completion_token_ids)
                 logprobs = [float(x) for x in call.logprobs] if call.logprobs and len(call.logprobs) == len(
                     completion) else [0.0] * len(completion)
-                picked = CallTokens(i, call.id, call.policy_version or 0, list(call.prompt_token_ids), completion,
-                                    logprobs)
+                picked = CallTokens(i, call.id, call.policy_version or 0, call.prompt_token_ids, completion,
+                                    logprobs, base=call.base_call_id, prefix_len=call.prompt_prefix_len)
                 counters["own_calls"] += 1
             if picked is not None:
                 tokens.append(picked)
@@ -139,4 +139,5 @@ def _teacher_tokens(call: ClaimedCall, index: int, renderer: ChatRenderer | None
         reasons[why] = reasons.get(why, 0) + 1
         return None
     counters["teacher_calls"] += 1
-    return CallTokens(index, call.id, call.policy_version or 0, prompt, completion, [0.0] * len(completion))
+    return CallTokens(index, call.id, call.policy_version or 0, prompt, completion, [0.0] * len(completion),
+                      recorded=False)

@@ -13,8 +13,16 @@ Modes
   recorded logprobs. A call that extends no earlier sample (the chat template re-rendered history
   differently, the context was compacted, another agent's call) starts a new sample ("chain break").
   In a single-agent episode this merges consecutive calls; when several agents interleave, each call
-  extends the sample whose sequence it continues (the longest such). Score = the return of the sample's
-  first call (the discounted sum of everything from there on).
+  extends the sample whose sequence it continues (the longest such; the later sample of two equal ones).
+  Score = the return of the sample's first call (the discounted sum of everything from there on).
+
+  Merging uses how the store keeps a call (``ClaimedCall.base_call_id`` and ``prompt_prefix_len``,
+  :mod:`trainwire.store.call_deltas`): a call whose prompt is stored as the whole of its base's prompt +
+  completion, then a tail, continues the sample that base ended, and the tail is what it appends. Only the
+  other samples at least as long are checked (their last token first: O(1) each unless one really continues
+  the same sequence), so merging a session is linear in its tokens. Calls stored without that structure (whole
+  rows, a base on another writer, a base that is not the end of a sample, SFT's re-rendered calls) are compared
+  with every sample as before; both ways give the same samples.
 
 Skipped calls
 -------------
@@ -146,10 +154,12 @@ def usable_call(call: ClaimedCall, temperature: float = 1.0) -> str | None:
     return None
 
 
-def _tokens(call: ClaimedCall) -> tuple[list[int], list[int], list[float]]:
-    """Prompt ids, completion ids and logprobs of a call :func:`usable_call` accepted (so none is missing)."""
+def _tokens(index: int, call: ClaimedCall) -> CallTokens:
+    """The tokens of a call :func:`usable_call` accepted (so none is missing), with how the store keeps them. The
+    prompt is the claimed list itself, not a copy: chains copy the first call's and slice the others'."""
     assert call.prompt_token_ids is not None and call.completion_token_ids is not None and call.logprobs is not None
-    return list(call.prompt_token_ids), list(call.completion_token_ids), [float(x) for x in call.logprobs]
+    return CallTokens(index, call.id, call.policy_version or 0, call.prompt_token_ids, list(call.completion_token_ids),
+                      [float(x) for x in call.logprobs], base=call.base_call_id, prefix_len=call.prompt_prefix_len)
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,13 @@ class CallTokens:
     prompt: list[int]
     completion: list[int]
     logprobs: list[float]
+    # How the store keeps the call (ClaimedCall.base_call_id, prompt_prefix_len): the prompt's first `prefix_len`
+    # tokens are the first ones of call `base`'s prompt + completion. None: no such structure (compared instead).
+    base: str | None = None
+    prefix_len: int | None = None
+    # False for tokens that are not the ones the store holds (SFT's re-rendered frozen calls): a call stored on top
+    # of such a call is compared, not merged by its structure.
+    recorded: bool = True
 
 
 class Chain:
@@ -177,20 +194,34 @@ class Chain:
         self.response = list(t.completion)
         self.mask = [1] * len(self.response)
         self.logprobs: list[float | None] = list(t.logprobs)
-        self.tokens = self.prompt + self.response  # the whole sequence so far
+        self.tokens = self.prompt + self.response  # the whole sequence so far: the last call's prompt + completion
         self.calls = [t.call_id]
         self.versions = [t.version]
 
-    def continued_by(self, prompt: list[int]) -> bool:
+    def continued_by(self, prompt: Sequence[int], work: dict[str, int] | None = None) -> bool:
+        """Whether ``prompt`` starts with this sample's whole sequence (``work`` counts the full comparisons and
+        the tokens they compare)."""
         n = len(self.tokens)
-        return len(prompt) >= n and prompt[n - 1] == self.tokens[-1] and prompt[:n] == self.tokens
+        if len(prompt) < n or prompt[n - 1] != self.tokens[-1]:
+            return False
+        if work is not None:
+            work["compared"] = work.get("compared", 0) + 1
+            work["compared_tokens"] = work.get("compared_tokens", 0) + n
+        return prompt[:n] == self.tokens
 
     def extend(self, t: CallTokens) -> None:
+        """Append call ``t``, whose prompt continues this sample: what its prompt adds (mask 0), its completion."""
         extra = t.prompt[len(self.tokens):]
-        self.response += extra + t.completion
-        self.mask += [0] * len(extra) + [1] * len(t.completion)
-        self.logprobs += [0.0] * len(extra) + list(t.logprobs)
-        self.tokens = list(t.prompt) + list(t.completion)
+        completion = t.completion
+        # In place: the sequence only ever grows (the prompt starts with it), so nothing is copied whole.
+        self.response += extra
+        self.response += completion
+        self.mask += [0] * len(extra)
+        self.mask += [1] * len(completion)
+        self.logprobs += [0.0] * len(extra)
+        self.logprobs += t.logprobs
+        self.tokens += extra
+        self.tokens += completion
         self.calls.append(t.call_id)
         self.versions.append(t.version)
 
@@ -199,24 +230,58 @@ class Chain:
                       old_logprobs=self.logprobs, advantage=0.0, weight=weight)
 
 
-def chain_calls(calls: Sequence[CallTokens], mode: str, counters: dict[str, int]) -> list[Chain]:
+def _by_structure(t: CallTokens, ends: dict[str, Chain], chains: list[Chain],
+                  work: dict[str, int] | None) -> Chain | None:
+    """The chain ``t`` continues by how it is stored, when that is the chain the comparison would pick: its base
+    ended the chain, its prompt starts with all of the chain's sequence, and no other chain at least as long
+    (equally long and later: ties go to the later one) is continued by the prompt. None: compare instead."""
+    chain = ends.get(t.base) if t.base is not None else None
+    if chain is None or t.prefix_len != len(chain.tokens) or len(t.prompt) < t.prefix_len:
+        return None
+    n, later = len(chain.tokens), False
+    for other in chains:
+        if other is chain:
+            later = True
+        elif (len(other.tokens) > n or (later and len(other.tokens) == n)) and other.continued_by(t.prompt, work):
+            return None
+    return chain
+
+
+def chain_calls(calls: Sequence[CallTokens], mode: str, counters: dict[str, int],
+                work: dict[str, int] | None = None) -> list[Chain]:
     """One chain per call (transition mode), or calls merged into the longest chain their prompt continues
-    (trajectory mode; later wins ties), counting ``merged`` and ``chain_breaks`` in ``counters``."""
+    (trajectory mode; later wins ties), counting ``merged`` and ``chain_breaks`` in ``counters``. A call with
+    its stored structure (``CallTokens.base``, ``prefix_len``) continues the chain its base ended without being
+    compared (see the module docstring). ``work``, when given, counts what merging did: ``by_structure`` and
+    ``by_comparison`` calls, full prefix comparisons (``compared``), the tokens they compared
+    (``compared_tokens``) and the tokens appended to chains (``appended_tokens``)."""
     if mode == "transition":
         return [Chain(t) for t in calls]
     chains: list[Chain] = []
+    ends: dict[str, Chain] = {}   # each chain by the id of its last call
     for t in calls:
-        best = None
-        for chain in chains:
-            if chain.continued_by(t.prompt) and (best is None or len(chain.tokens) >= len(best.tokens)):
-                best = chain
+        best = _by_structure(t, ends, chains, work)
+        how = "by_structure"
+        if best is None:
+            how = "by_comparison"
+            for chain in chains:
+                if chain.continued_by(t.prompt, work) and (best is None or len(chain.tokens) >= len(best.tokens)):
+                    best = chain
         if best is not None:
+            if work is not None:
+                work[how] = work.get(how, 0) + 1
+                work["appended_tokens"] = (work.get("appended_tokens", 0) + len(t.prompt) - len(best.tokens)
+                                           + len(t.completion))
+            ends.pop(best.calls[-1], None)
             best.extend(t)
             counters["merged"] = counters.get("merged", 0) + 1
         else:
             if chains:
                 counters["chain_breaks"] = counters.get("chain_breaks", 0) + 1
-            chains.append(Chain(t))
+            best = Chain(t)
+            chains.append(best)
+        if t.recorded:
+            ends[t.call_id] = best
     return chains
 
 
@@ -261,7 +326,7 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
             out.skipped_sessions.append(sess.id)
             continue
 
-        tokens = [CallTokens(i, c.id, c.policy_version or 0, *_tokens(c)) for i, c in usable]
+        tokens = [_tokens(i, c) for i, c in usable]
         chains = chain_calls(tokens, mode, counters)
 
         weight = 1.0 / len(chains)

@@ -16,7 +16,8 @@ reorders keys; `True` and `1`, equal in Python, are different JSON).
 - `encode_call(bases, record)`: the record to store (the record itself, or a copy with the delta fields set), and
   what the write path keeps of the call (a `BaseCall`: its full prompt + completion ids as JSON text, its
   messages' digests) to encode later calls against; `remember(record)` is the latter alone.
-- `expand(rows, wanted)`: the full prompt token ids and request of stored rows, linear in the output size.
+- `expand(rows, wanted)`: the full prompt token ids and request of stored rows, linear in the output size; a
+  delta whose bases do not hold what it shares raises `MissingBase`, never returns a shorter value.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ _DUMPS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
 class MissingBase(LookupError):
-    """A stored delta whose base call is not in the database (it never is, unless rows were deleted by hand)."""
+    """A stored delta that cannot be rebuilt: its base call is not in the database, or holds fewer tokens or
+    messages than the delta shares with it (a base whose body was dropped). Neither is ever written by
+    trainwire: rows deleted by hand, or a delta against a pruned call, which the writer's cache expiry rules
+    out (store/writer.py). A reader raises rather than return a shorter prompt."""
 
 
 def list_key(kind: str | None) -> str | None:
@@ -70,6 +74,7 @@ class BaseCall:
     message_sizes: tuple[int, ...] = ()     # each message's JSON size (what sharing it saves)
     messages_digest: bytes | None = None    # a digest of the whole list's JSON (the fast check of an extension)
     n_tokens: int = 0                       # how many token ids `tokens` holds
+    started: float = 0.0                    # when the call started (epoch seconds): the writer's cache expires it
 
     @property
     def size(self) -> int:
@@ -118,16 +123,22 @@ def _list_digest(raws: list[bytes]) -> bytes:
     return _digest(b"[" + b",".join(raws) + b"]")
 
 
+def _started(record: CallRecord) -> float:
+    return record.started_at.timestamp() if record.started_at is not None else 0.0
+
+
 def remember(record: CallRecord) -> BaseCall:
     """A written call (with its full values) as a base for the session's later calls."""
     tokens, n_tokens = _seq(record)
     messages = message_list(record.kind, record.request)
     found = _per_message(messages) if messages is not None else None
     if found is None:
-        return BaseCall(id=record.id, kind=record.kind, tokens=tokens, messages=None, n_tokens=n_tokens)
+        return BaseCall(id=record.id, kind=record.kind, tokens=tokens, messages=None, n_tokens=n_tokens,
+                        started=_started(record))
     digests, sizes, raws = found
     return BaseCall(id=record.id, kind=record.kind, tokens=tokens, messages=tuple(digests),
-                    message_sizes=tuple(sizes), messages_digest=_list_digest(raws), n_tokens=n_tokens)
+                    message_sizes=tuple(sizes), messages_digest=_list_digest(raws), n_tokens=n_tokens,
+                    started=_started(record))
 
 
 def _seq(record: CallRecord, prompt: bytes | None = None) -> tuple[bytes | None, int]:
@@ -199,7 +210,7 @@ def encode_call(bases: Iterable[BaseCall], record: CallRecord) -> tuple[CallReco
         head.update(b"".join(b"," + r for r in raws) + b"]")
         mine = BaseCall(id=record.id, kind=kind, tokens=seq, messages=base.messages + tuple(digests),
                         message_sizes=base.message_sizes + tuple(sizes), messages_digest=head.digest(),
-                        n_tokens=n_seq)
+                        n_tokens=n_seq, started=_started(record))
         shared[base.id] = n
         break
     if mine is None:
@@ -316,14 +327,22 @@ def expand(rows: Mapping[str, Stored], wanted: Iterable[str], *, tokens: bool = 
         row = rows[cid]
         prompt = row.prompt_token_ids
         if tokens and row.prompt_prefix_len is not None:
-            prompt = _token_prefix(rows, prompts, row.base_call_id, row.prompt_prefix_len) + list(prompt or ())
+            head = _token_prefix(rows, prompts, row.base_call_id, row.prompt_prefix_len)
+            if len(head) != row.prompt_prefix_len:
+                raise MissingBase(f"call {cid!r} shares {row.prompt_prefix_len} tokens with its base "
+                                  f"{row.base_call_id!r}, whose stored values hold {len(head)} (a pruned body?)")
+            prompt = head + list(prompt or ())
         req = row.request
         if request and row.messages_prefix_len is not None:
             key = list_key(row.kind)
             tail = message_list(row.kind, req)
             if key is None or tail is None:
                 raise MissingBase(f"call {cid!r} stores a message delta without a message list")
-            full = _message_prefix(rows, lists, row.base_call_id, row.messages_prefix_len) + tail
+            head = _message_prefix(rows, lists, row.base_call_id, row.messages_prefix_len)
+            if len(head) != row.messages_prefix_len:
+                raise MissingBase(f"call {cid!r} shares {row.messages_prefix_len} messages with its base "
+                                  f"{row.base_call_id!r}, whose stored values hold {len(head)} (a pruned body?)")
+            full = head + tail
             lists[cid] = full
             req = {**req, key: full}
         elif request:

@@ -92,6 +92,12 @@ class ClaimedCall:
     # have no token ids of the policy's (the trainer renders them with the policy's chat template).
     request: dict | None = None
     response: dict | None = None
+    # How the store keeps the call (store/call_deltas.py): an earlier call of the session it was stored against
+    # (None: stored whole), and how many of that call's prompt + completion tokens its prompt starts with (None: no
+    # tokens shared). The trainer merges trajectories by it (rl/transitions.py). Not part of equality: the same
+    # call stored whole or as a delta is the same call.
+    base_call_id: str | None = field(default=None, compare=False)
+    prompt_prefix_len: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -311,7 +317,8 @@ async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str],
                                started_at=_aware(c.started_at), sampling=c.sampling,
                                untrainable_reason=c.untrainable_reason, route=c.route,
                                model_requested=c.model_requested, kind=c.kind,
-                               request=getattr(c, "request", None), response=getattr(c, "response", None))
+                               request=getattr(c, "request", None), response=getattr(c, "response", None),
+                               base_call_id=c.base_call_id, prompt_prefix_len=c.prompt_prefix_len)
                    for c in calls_of.get(r.id, [])]))
     return out
 

@@ -159,7 +159,7 @@ def _depends_on(base_of: dict[str, str | None], start: str | None, call_id: str)
 
 def _encode_session(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The updates that store the whole rows of one session (full values, in order) as deltas."""
-    cache = DeltaCache(max_sessions=1)
+    cache = DeltaCache(max_sessions=1, max_age_s=None)   # the session's calls, read in this transaction
     sid = rows[0]["session_id"] if rows else ""
     base_of: dict[str, str | None] = {r["id"]: r["base_call_id"] for r in rows
                                       if r["prompt_prefix_len"] is not None or r["messages_prefix_len"] is not None}
@@ -201,7 +201,9 @@ def _update(tokens: bool, request: bool):
     if request:
         values["request"] = bindparam("b_request")
     later = C.alias("later")
-    return (update(C).where(C.c.id == bindparam("b_id"), C.c.base_call_id.is_(None),
+    # `request IS NOT NULL`: a row prune dropped the body of meanwhile (its whole session, in one transaction;
+    # Postgres rechecks the WHERE on the row as prune left it) is left as it is, never turned into a delta.
+    return (update(C).where(C.c.id == bindparam("b_id"), C.c.request.is_not(None), C.c.base_call_id.is_(None),
                             C.c.prompt_prefix_len.is_(None), C.c.messages_prefix_len.is_(None),
                             ~exists().where(later.c.session_id == C.c.session_id, later.c.base_call_id == C.c.id))
             .values(values))

@@ -56,12 +56,32 @@ async def full_rows(conn, rows: Sequence[Mapping[Any, Any]], *, tokens: bool = F
     return out
 
 
+# How many times `_load_bases` goes back for bases a round's rows revealed. A round only finds some when a
+# maintenance command rewrote rows between the round's queries; each round loads at least one new row.
+LOAD_ROUNDS = 8
+
+
 async def _load_bases(conn, stored: dict[str, Stored], *, tokens: bool, request: bool) -> None:
-    """Add to `stored` every row the deltas in it are built on, transitively."""
-    missing = {s.base_call_id for s in stored.values()
-               if s.is_delta and s.base_call_id is not None and s.base_call_id not in stored}
-    if not missing:
-        return
+    """Add to `stored` every row the deltas in it are built on, transitively.
+
+    The graph and the rows are separate queries, and on Postgres (READ COMMITTED) and SQLite alike each one can
+    see a later commit than the one before: `trainwire compact-calls` may rewrite a row the graph saw whole into
+    a delta of a call the graph did not lead to. Rather than require a snapshot (REPEATABLE READ on Postgres,
+    one transaction on SQLite: the callers' connections are in whatever state their caller left them, and a
+    long snapshot holds back vacuum), this goes back for the bases the loaded rows still lack, until there are
+    none. That is correct whatever each query saw, because a row's full values never change: a row as stored
+    before a rewrite and as stored after expand to the same values, each against its own base. It ends after
+    `LOAD_ROUNDS` rounds or when a round finds nothing new; a base still missing then is `MissingBase` in
+    `expand`, as it should be."""
+    for _ in range(LOAD_ROUNDS):
+        missing = {s.base_call_id for s in stored.values()
+                   if s.is_delta and s.base_call_id is not None and s.base_call_id not in stored}
+        if not missing or not await _load_round(conn, stored, missing, tokens=tokens, request=request):
+            return
+
+
+async def _load_round(conn, stored: dict[str, Stored], missing: set[str], *, tokens: bool, request: bool) -> int:
+    """Load the rows `missing` leads to (by the graph as this round reads it); how many new rows it added."""
     sessions = (await conn.execute(select(C.c.session_id).where(C.c.id.in_(missing)).distinct())).scalars().all()
     graph = dict((await conn.execute(select(C.c.id, C.c.base_call_id).where(
         C.c.session_id.in_(list(sessions)), C.c.base_call_id.is_not(None)))).all())
@@ -80,5 +100,9 @@ async def _load_bases(conn, stored: dict[str, Stored], *, tokens: bool, request:
         cols += [C.c.prompt_token_ids, C.c.completion_token_ids]
     if request:
         cols.append(C.c.request)
+    added = 0
     for row in (await conn.execute(select(*cols).where(C.c.id.in_(list(need))))).all():
-        stored[row.id] = Stored.of(row._mapping)
+        if row.id not in stored:
+            stored[row.id] = Stored.of(row._mapping)
+            added += 1
+    return added

@@ -51,7 +51,7 @@ FINAL_EXISTS = exists().where(R.c.session_id == S.c.id, R.c.final.is_(True))
 STATUS = case((S.c.status != "open", S.c.status), (FINAL_EXISTS, "finished"), else_="open")
 ORPHANED = ~exists().where(S.c.id == R.c.session_id)
 
-__all__ = ["HAS", "UNTRAINED", "BadQuery", "Page", "ProducerCandidate", "call_api", "call_input", "call_output",
+__all__ = ["HAS", "PRUNED_REASON", "UNTRAINED", "BadQuery", "Page", "ProducerCandidate", "call_api", "call_input", "call_output",
            "check_text", "content_text", "decode_cursor", "encode_cursor", "find_tool_call_producers", "get_call",
            "get_session", "input_messages", "list_policy_versions", "list_rewards", "list_sessions",
            "list_train_steps", "message_text", "stats", "storable_text", "tool_names", "train_status"]
@@ -481,14 +481,20 @@ def call_output(kind: str, response: Any) -> dict[str, Any] | None:
 
 # --- will a call be trained on? ------------------------------------------------------------------------------
 
+# The train reason of a call whose token ids `trainwire prune` dropped: recorded fine, never trained on again,
+# and not counted as untrainable (`n_untrainable`, `has=untrainable`).
+PRUNED_REASON = "pruned (its session's bodies were dropped by trainwire prune)"
+
+
 def train_status(*, trainable: bool, route: str | None, kind: str, model: str | None, status_code: int,
                  aborted: bool, prompt_tokens: int | None, completion_tokens: int | None,
-                 n_logprobs: int | None, untrainable_reason: str | None) -> dict[str, Any]:
+                 n_logprobs: int | None, untrainable_reason: str | None, pruned: bool = False) -> dict[str, Any]:
     """`{"trainable": bool, "reason": str | None}`: whether the trainer will train on this call's tokens, and
     when it will not, why. `trainable` is the call's flag (false for evaluation, frozen and pass-through calls);
     a trainable call is still not trained on when it failed, has no token ids or logprobs (the trainer's
     skipped_no_tokens), or the proxy stored an `untrainable_reason` (sampling it cannot reproduce, token ids
-    that disagree with the upstream's usage). `UNTRAINED` below is the same rule in SQL."""
+    that disagree with the upstream's usage). A call of a pruned session (`pruned`) has no token ids left
+    either: its reason is `PRUNED_REASON`, which the counts leave out. `UNTRAINED` below is the same rule in SQL."""
     reason: str | None
     if not trainable:
         if route == "passthrough" or kind == "other":
@@ -499,6 +505,8 @@ def train_status(*, trainable: bool, route: str | None, kind: str, model: str | 
             reason = "evaluation call (X-Trainwire-Train: false)"
     elif status_code != 200:
         reason = f"failed upstream call (status {status_code})"
+    elif pruned and not (prompt_tokens and completion_tokens and n_logprobs):
+        reason = untrainable_reason or PRUNED_REASON
     elif not prompt_tokens or not completion_tokens:
         reason = "aborted without tokens" if aborted else "no token ids recorded"
     elif not n_logprobs:
@@ -551,10 +559,14 @@ def _no_values_sqlite(element, compiler, **kw):
 
 
 # A trainable call that will not be trained on (train_status's rule): evaluation, frozen and pass-through calls
-# are not counted, they were never meant to be trained.
+# are not counted, they were never meant to be trained; nor are the missing token ids of a pruned session's
+# calls (they were recorded; prune dropped them). It reads the call's session row (`S`): a query over calls
+# joins or correlates `sessions`.
+_NO_TOKENS = or_(prompt_missing(_NoValues(C.c.prompt_token_ids)), _NoValues(C.c.completion_token_ids),
+                 _NoValues(C.c.logprobs))
 UNTRAINED = and_(C.c.trainable.is_(True), or_(
-    C.c.status_code != 200, prompt_missing(_NoValues(C.c.prompt_token_ids)), _NoValues(C.c.completion_token_ids),
-    _NoValues(C.c.logprobs), C.c.untrainable_reason.is_not(None)))
+    C.c.status_code != 200, and_(S.c.pruned_at.is_(None), _NO_TOKENS), C.c.untrainable_reason.is_not(None)))
+# A failed call: its status code, which prune keeps, so a pruned session's failed calls still count.
 FAILED = C.c.status_code != 200
 
 
@@ -572,7 +584,7 @@ def _response_message(response: Any) -> dict[str, Any]:
 
 _SESSION_COLS = [S.c.id, S.c.task_id, S.c.status.label("raw_status"), STATUS.label("status"), S.c.n_calls,
                  S.c.first_call_at, S.c.last_call_at, S.c.claimed_by, S.c.claimed_at, S.c.train_step,
-                 S.c.skip_reason]
+                 S.c.skip_reason, S.c.pruned_at]
 
 # `has=` filters of the session list: sessions with at least one such call.
 HAS = {"failed": FAILED, "untrainable": UNTRAINED}
@@ -594,7 +606,7 @@ def _session_fields(m) -> dict[str, Any]:
             "first_call_at": m["first_call_at"], "last_call_at": m["last_call_at"],
             "finished_at": final.created_at if final else None, "final_reward": final.value if final else None,
             "final": final, "claimed_by": m["claimed_by"], "claimed_at": m["claimed_at"],
-            "train_step": m["train_step"], "skip_reason": m["skip_reason"]}
+            "train_step": m["train_step"], "skip_reason": m["skip_reason"], "pruned_at": m["pruned_at"]}
 
 
 async def _agents_of(conn, session_ids: list[str]) -> dict[str, list[str]]:
@@ -619,6 +631,7 @@ async def _problems_of(conn, session_ids: list[str]) -> dict[str, tuple[int, int
     if not session_ids:
         return out
     rows = (await conn.execute(select(C.c.session_id, _count_of(FAILED), _count_of(UNTRAINED))
+                               .select_from(C.join(S, S.c.id == C.c.session_id))
                                .where(C.c.session_id.in_(session_ids)).group_by(C.c.session_id))).all()
     for sid, failed, untrained in rows:
         out[sid] = (int(failed), int(untrained))
@@ -671,6 +684,7 @@ _CALL_COLS = [C.c.id, C.c.session_id, C.c.seq, C.c.task_id, C.c.agent_name, C.c.
               C.c.finish_reason, C.c.usage, C.c.status_code, C.c.error, C.c.aborted, C.c.started_at,
               C.c.finished_at, C.c.upstream_ms, C.c.ttft_ms, C.c.overhead_ms, C.c.request, C.c.response,
               C.c.sampling, C.c.untrainable_reason, *DELTA_COLS,
+              select(S.c.pruned_at).where(S.c.id == C.c.session_id).scalar_subquery().label("session_pruned_at"),
               prompt_tokens(_TokenCount(C.c.prompt_token_ids)).label("n_prompt_tokens"),
               _TokenCount(C.c.completion_token_ids).label("n_completion_tokens"),
               _TokenCount(C.c.logprobs).label("n_logprobs")]
@@ -682,7 +696,7 @@ def _call_fields(m, rewards: list[RewardOut]) -> dict[str, Any]:
                          model=m["model_requested"] or m["model_served"], status_code=m["status_code"],
                          aborted=bool(m["aborted"]), prompt_tokens=m["n_prompt_tokens"],
                          completion_tokens=m["n_completion_tokens"], n_logprobs=m["n_logprobs"],
-                         untrainable_reason=m["untrainable_reason"])
+                         untrainable_reason=m["untrainable_reason"], pruned=m["session_pruned_at"] is not None)
     return {"id": m["id"], "session_id": m["session_id"], "seq": m["seq"], "task_id": m["task_id"],
             "agent_name": m["agent_name"], "trainable": bool(m["trainable"]), "kind": m["kind"], "path": m["path"],
             "stream": bool(m["stream"]), "model_requested": m["model_requested"],
@@ -735,7 +749,8 @@ async def get_session(engine: AsyncEngine, session_id: str, *,
     return SessionDetail(
         **_session_fields(srow._mapping), agents=sorted({c["agent_name"] for c in calls if c["agent_name"]}),
         n_failed=sum(1 for c in summaries if c.status_code != 200),
-        n_untrainable=sum(1 for c in summaries if c.trainable and not c.train.trainable),
+        n_untrainable=sum(1 for c in summaries
+                          if c.trainable and not c.train.trainable and c.train.reason != PRUNED_REASON),
         calls=summaries, rewards=rewards)
 
 
@@ -840,7 +855,8 @@ async def stats(engine: AsyncEngine) -> Stats:
         by_status: dict[str, int] = dict((await conn.execute(select(STATUS, func.count()).group_by(STATUS))).all())
         kinds = (await conn.execute(select(
             C.c.kind, C.c.route, func.count(), _count_of(C.c.trainable.is_(True)), _count_of(FAILED),
-            _count_of(UNTRAINED)).group_by(C.c.kind, C.c.route))).all()
+            _count_of(UNTRAINED)).select_from(C.outerjoin(S, S.c.id == C.c.session_id))
+            .group_by(C.c.kind, C.c.route))).all()
         by_source = (await conn.execute(select(
             R.c.source, R.c.final, func.count(), func.avg(R.c.value), func.count(R.c.value))
             .group_by(R.c.source, R.c.final).order_by(R.c.source, R.c.final))).all()

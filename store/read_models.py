@@ -228,15 +228,17 @@ class SessionSummary(Record):
     train_step: int | None
     skip_reason: str | None
     agents: list[str]
-    n_failed: int           # calls whose status is not 200
-    n_untrainable: int      # trainable calls that will not be trained on (failed, no tokens, stored reason)
+    n_failed: int           # calls whose status is not 200 (a pruned session's too: status codes are kept)
+    n_untrainable: int      # trainable calls that will not be trained on (failed, no tokens, stored reason; not
+                            # the token ids a pruned session lost)
+    # When `trainwire prune` dropped the bodies of its calls (store/retention.py), whose input, output and token
+    # ids then read as null; null: never.
+    pruned_at: UtcDatetime | None = None
 
 
 class SessionDetail(SessionSummary):
-    """One session with its calls in order and every reward. `pruned_at`: when `trainwire prune` dropped the
-    bodies of its calls (store/retention.py), whose input, output and token ids then read as null."""
+    """One session with its calls in order and every reward (`pruned_at`: see SessionSummary)."""
 
-    pruned_at: UtcDatetime | None = None
     calls: list[CallSummary]
     rewards: list[RewardOut]
 

@@ -1,8 +1,9 @@
 """`trainwire prune --older-than-days N [--archive-dir DIR] [--dry-run]`: drop the bodies of sessions the
 trainer is done with, so the calls table stops growing with history.
 
-Which sessions: status trained or skipped (the trainer never reads them again), last call older than N days,
-not pruned yet. Whole sessions at a time: a call stored as a delta (store/call_deltas.py) is read through
+Which sessions: status trained or skipped (the trainer never reads them again), last call older than N days
+(N >= `MIN_OLDER_THAN_DAYS`, one day: far beyond the age at which the proxy's writer stops storing calls as
+deltas of a cached call, store/writer.MAX_BASE_AGE_S), not pruned yet. Whole sessions at a time: a call stored as a delta (store/call_deltas.py) is read through
 earlier calls of its own session only, so no call that keeps its body can depend on a pruned one.
 
 What is dropped: each call's request, response, prompt and completion token ids and logprobs (and its delta
@@ -40,7 +41,7 @@ from trainwire.store.compact import StopOnSignal, write_tx
 from trainwire.store.export import ARCHIVE_COLUMNS, ParquetSink, pages
 from trainwire.store.models import Call, Session
 
-__all__ = ["BODY_COLUMNS", "PRUNABLE", "PruneReport", "prune", "pruned_at", "with_pruned_at"]
+__all__ = ["BODY_COLUMNS", "MIN_OLDER_THAN_DAYS", "PRUNABLE", "PruneReport", "prune"]
 
 C: Table = Call.__table__  # type: ignore[assignment]
 S: Table = Session.__table__  # type: ignore[assignment]
@@ -49,6 +50,10 @@ PRUNABLE = ("trained", "skipped")
 BODY_COLUMNS = ("request", "response", "prompt_token_ids", "completion_token_ids", "logprobs", "base_call_id",
                 "prompt_prefix_len", "messages_prefix_len")
 _LOCK_ID = 0x7472_7072_756E  # "trprun"
+# The smallest --older-than-days (PruneSettings enforces it too). A proxy's writer stores a call as a delta only
+# of a call of its session that started less than store/writer.MAX_BASE_AGE_S (an hour) ago; a session prune
+# may prune has had no call for a day, so no delta is ever written against a call whose body is dropped.
+MIN_OLDER_THAN_DAYS = 1.0
 
 
 @dataclass(slots=True)
@@ -113,21 +118,11 @@ async def _archive(engine: AsyncEngine, session_ids: list[str], path: Path) -> d
     return written
 
 
-async def pruned_at(engine: AsyncEngine, session_id: str) -> datetime | None:
-    """When the session's bodies were pruned; None when they were not (or there is no such session)."""
-    async with engine.connect() as conn:
-        value = (await conn.execute(select(S.c.pruned_at).where(S.c.id == session_id))).scalar()
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
-
-
-def with_pruned_at(detail, when: datetime | None):
-    """A session detail (store/read_models.SessionDetail) with its `pruned_at`."""
-    return detail.model_copy(update={"pruned_at": when}) if when is not None else detail
-
-
 async def prune(engine: AsyncEngine, *, older_than_days: float, archive_dir: Path | None = None,
                 batch_sessions: int = 50, dry_run: bool = False, now: datetime | None = None,
                 say: Callable[[str], None] = print, should_stop: Callable[[], bool] = lambda: False) -> PruneReport:
+    if not older_than_days >= MIN_OLDER_THAN_DAYS:
+        raise ValueError(f"older_than_days must be at least {MIN_OLDER_THAN_DAYS:g}; got {older_than_days!r}")
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=older_than_days)
     report = PruneReport(dry_run=dry_run, files=[])

@@ -46,6 +46,10 @@ log = logging.getLogger("trainwire.writer")
 
 REPLAY_BATCH = 500
 ENCODE_SLICE_S = 0.002
+# How old (since it started) a cached call may be for the writer to store a delta against it. Far below the
+# smallest `trainwire prune --older-than-days` (store/retention.MIN_OLDER_THAN_DAYS, one day), so no delta is
+# written against a call of a session prune may have pruned (see DeltaCache).
+MAX_BASE_AGE_S = 3600.0
 
 
 class DeltaCache:
@@ -54,10 +58,19 @@ class DeltaCache:
     token ids and message digests, least recently written evicted first. A call that its successor extends (its
     tokens and messages are a prefix of the successor's) is dropped: the successor serves every later call at
     least as well. So a session that only grows holds one call, and a retried turn or interleaved agents keep
-    the calls they branch from."""
+    the calls they branch from.
 
-    def __init__(self, max_sessions: int = 10_000, max_bytes: int = 512 << 20, per_session: int = 4) -> None:
+    A call is offered as a base only while it started less than `max_age_s` ago (None: always, for
+    compact-calls, which reads a session's calls in its own transaction). `trainwire prune` only prunes a
+    session whose last call started `MIN_OLDER_THAN_DAYS` (a day) or more ago, and a cached call started no
+    later than that last call; so by the time prune may have dropped a cached call's body, that call has long
+    expired here, and the session's next call is stored whole. The writer checks the age again before each
+    attempt to write a batch (a batch retried while the database is away could otherwise outlive it)."""
+
+    def __init__(self, max_sessions: int = 10_000, max_bytes: int = 512 << 20, per_session: int = 4,
+                 max_age_s: float | None = MAX_BASE_AGE_S) -> None:
         self.max_sessions, self.max_bytes, self.per_session = max_sessions, max_bytes, per_session
+        self.max_age_s = max_age_s
         self._sessions: collections.OrderedDict[str, list[BaseCall]] = collections.OrderedDict()
         self.bytes = 0
 
@@ -71,8 +84,23 @@ class DeltaCache:
             return b is None or (a is not None and a[:len(b)] == b)
         return new.kind == old.kind and prefix(new.tokens, old.tokens) and prefix(new.messages, old.messages)
 
-    def bases(self, session_id: str) -> list[BaseCall]:
-        return list(self._sessions.get(session_id, ()))
+    def bases(self, session_id: str, now: float | None = None) -> list[BaseCall]:
+        """The session's cached calls that have not expired (`now`: epoch seconds, the current time by
+        default)."""
+        calls = self._sessions.get(session_id)
+        if not calls:
+            return []
+        if self.max_age_s is None:
+            return list(calls)
+        oldest = (time.time() if now is None else now) - self.max_age_s
+        fresh = [c for c in calls if c.started >= oldest]
+        if len(fresh) < len(calls):   # expired calls never come back: drop them
+            self.bytes -= sum(self._size(c) for c in calls if c.started < oldest)
+            if fresh:
+                self._sessions[session_id] = fresh
+            else:
+                del self._sessions[session_id]
+        return fresh
 
     def add(self, session_id: str, base: BaseCall) -> None:
         calls = self._sessions.pop(session_id, None) or []
@@ -94,7 +122,7 @@ class BatchWriter:
                  delta_cache: DeltaCache | None = None) -> None:
         self.engine = engine
         # Where calls are stored as deltas: the committed calls they may refer to (None: every call whole).
-        self.deltas = (delta_cache or DeltaCache()) if call_deltas else None
+        self.deltas = (delta_cache if delta_cache is not None else DeltaCache()) if call_deltas else None
         self.delta_total = 0
         self.batch_size = batch_size
         self.interval = interval_ms / 1000
@@ -241,8 +269,8 @@ class BatchWriter:
             rewards = list(_head(self._rewards, 4 * self.batch_size))
             if not batch and not rewards:
                 continue
-            stored, remembered = await self._encode(batch)
-            written = await self._write_with_retry(stored, rewards, whole=batch)
+            stored, remembered, oldest = await self._encode(batch)
+            written = await self._write_with_retry(stored, rewards, whole=batch, oldest_base=oldest)
             if written is None:
                 return  # stopping while the database is away: the journal keeps them
             self._remember(batch, remembered, written)
@@ -273,28 +301,35 @@ class BatchWriter:
         async with self.engine.begin() as conn:
             await write_batch(conn, calls, rewards, dedupe=dedupe)
 
-    async def _encode(self, batch: list[CallRecord]) -> tuple[list[CallRecord], list[BaseCall | None]]:
+    async def _encode(self, batch: list[CallRecord]) -> tuple[list[CallRecord], list[BaseCall | None], float | None]:
         """The rows to write for a batch (deltas against calls of earlier committed batches, or the records
-        themselves), and what to remember of each call once it is committed. Encoding a long session's call
+        themselves), what to remember of each call once it is committed, and when the oldest base a delta of
+        the batch refers to started (None: no delta). Encoding a long session's call
         takes a fraction of a millisecond (serializing its token ids and messages once); the event loop gets
         a turn every `ENCODE_SLICE_S`, so requests never wait for a whole batch to be encoded."""
         if self.deltas is None:
-            return batch, []
+            return batch, [], None
         stored: list[CallRecord] = []
         remembered: list[BaseCall | None] = []
+        oldest: float | None = None
+        now = time.time()
         since = time.perf_counter()
         for record in batch:
             if time.perf_counter() - since > ENCODE_SLICE_S:
                 await asyncio.sleep(0)
                 since = time.perf_counter()
             try:
-                row, mine = encode_call(self.deltas.bases(record.session_id), record)
+                bases = self.deltas.bases(record.session_id, now)
+                row, mine = encode_call(bases, record)
             except Exception:   # never let the encoding stop the write path: this call is stored whole
                 log.exception("could not encode call %s as a delta; storing it whole", record.id)
                 row, mine = record, None
+            if row.base_call_id is not None:
+                at = next(b.started for b in bases if b.id == row.base_call_id)
+                oldest = at if oldest is None else min(oldest, at)
             stored.append(row)
             remembered.append(mine)
-        return stored, remembered
+        return stored, remembered, oldest
 
     def _remember(self, batch: list[CallRecord], remembered: list[BaseCall | None], written: set[str]) -> None:
         if self.deltas is None:
@@ -304,12 +339,15 @@ class BatchWriter:
                 self.deltas.add(record.session_id, mine)
 
     async def _write_with_retry(self, calls: list[CallRecord], rewards: list[RewardRecord],
-                                whole: Sequence[CallRecord] | None = None) -> set[str] | None:
+                                whole: Sequence[CallRecord] | None = None,
+                                oldest_base: float | None = None) -> set[str] | None:
         """The ids of the calls in the database once the batch is written (rows refused as data set aside as
         rejected); None when the writer is stopping and the database is still away. While the database is
         away this retries forever, with backoff, and the queue behind it applies backpressure at admission.
         `whole`: the batch's records with their full values when `calls` holds deltas; a batch the database
-        refuses as data is written row by row from these, so no delta can refer to a row that was refused."""
+        refuses as data is written row by row from these, so no delta can refer to a row that was refused.
+        `oldest_base`: when the oldest base of `calls`' deltas started; an attempt that begins once it is past
+        the cache's age limit writes `whole` instead (a base that old may belong to a pruned session)."""
         retrying = AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5), retry=retry_if_exception(is_transient),
                                  stop=self._give_up, reraise=True)
         try:
@@ -324,6 +362,12 @@ class BatchWriter:
                         if n == 2 or n % 20 == 0:
                             log.warning("the database is away (%s); retrying a batch of %d calls (attempt %d); "
                                         "the journal holds them meanwhile", exc, len(calls), n)
+                    if (oldest_base is not None and whole is not None and self.deltas is not None
+                            and self.deltas.max_age_s is not None
+                            and time.time() - oldest_base > self.deltas.max_age_s):
+                        log.info("a batch's delta bases expired while it waited; writing its %d calls whole",
+                                 len(calls))
+                        calls, oldest_base = list(whole), None
                     # A retry may follow a commit whose answer was lost: skip rows already stored.
                     await self._write_once(calls, rewards, dedupe=n > 1)
             self.delta_total += sum(1 for c in calls if c.base_call_id is not None)

@@ -1,7 +1,8 @@
 """Calls stored as deltas, through the real write path into Postgres and SQLite: the same sessions written by a
 writer with `call_deltas` and by one without, into two stores; every reader (session and call reads with and
-without tokens, lists with their token counts and `has=` filters, stats, export pages, the trainer's claim, the
-tool-call producer lookup) returns the same from both, while the first store's raw rows are mostly deltas."""
+without tokens, lists with their token counts and `has=` filters, stats, export pages, the trainer's claim and the
+trajectory samples built from it, the tool-call producer lookup) returns the same from both, while the first store's
+raw rows are mostly deltas."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import pytest
 from tests.support import dbread
 from tests.unit.test_call_deltas import NOW, Sim
 from trainwire.records import CallRecord
+from trainwire.rl.transitions import build_samples
 from trainwire.store.claims import claim_batch
 from trainwire.store.db import make_engine
 from trainwire.store.export import _filters, pages
 from trainwire.store.migrate import upgrade_head
 from trainwire.store.queries import find_tool_call_producers, get_call, get_session, list_sessions, stats
 from trainwire.store.rewards import NewReward, store_reward
-from trainwire.store.writer import BatchWriter
+from trainwire.store.writer import BatchWriter, DeltaCache
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -59,7 +61,9 @@ def sessions(seed: int) -> list[CallRecord]:
 
 async def write(url: str, records: list[CallRecord], deltas: bool, rng: random.Random) -> BatchWriter:
     engine = make_engine(url)
-    writer = BatchWriter(engine, interval_ms=2, call_deltas=deltas)
+    # The sessions are dated in the past (NOW, 2026-01-01): a cache that never expires, or every call would be
+    # whole (the expiry itself: tests/test_call_deltas_safety.py).
+    writer = BatchWriter(engine, interval_ms=2, call_deltas=deltas, delta_cache=DeltaCache(max_age_s=None))
     await writer.start()
     try:
         for r in records:
@@ -94,6 +98,10 @@ async def everything(url: str, records: list[CallRecord]) -> dict:
             await store_reward(engine, NewReward(session_id=sid, value=1.0, final=True))
         claimed = await claim_batch(engine, worker_id="w", batch_size=10)
         out["claim"] = sorted(([c.id, c.calls] for c in claimed), key=lambda x: x[0])
+        # Trajectory samples: merged by the calls' stored structure from one store, by comparing prefixes from the
+        # other; the same either way.
+        built = build_samples(sorted(claimed, key=lambda c: c.id), mode="trajectory")
+        out["trajectory"] = (built.samples, built.call_ids, built.counters)
         return out
     finally:
         await engine.dispose()
@@ -128,6 +136,10 @@ def test_readers_see_the_same_calls_whether_stored_as_deltas_or_whole(two_urls, 
     for key in a:
         assert a[key] == b[key], key
     assert any(c.prompt_token_ids for _, calls in a["claim"] for c in calls)
+    # The claim carries how the calls are stored (equality leaves it out): the trainer merges trajectories by it.
+    assert any(c.prompt_prefix_len is not None and c.base_call_id for _, calls in a["claim"] for c in calls)
+    assert all(c.base_call_id is None for _, calls in b["claim"] for c in calls)
+    assert a["trajectory"][2]["merged"] > 0
 
 
 def test_a_batch_refused_as_data_is_written_whole_and_no_delta_points_at_a_refused_row(pg_url, tmp_path):
@@ -147,7 +159,8 @@ def test_a_batch_refused_as_data_is_written_whole_and_no_delta_points_at_a_refus
 
     async def go():
         engine = make_engine(pg_url)
-        writer = BatchWriter(engine, interval_ms=20, journal=Journal(tmp_path / "journal"))
+        writer = BatchWriter(engine, interval_ms=20, journal=Journal(tmp_path / "journal"),
+                             delta_cache=DeltaCache(max_age_s=None))
         await writer.start()
         try:
             writer.submit(c1)

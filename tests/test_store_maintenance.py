@@ -37,7 +37,7 @@ from trainwire.store.db import make_engine
 from trainwire.store.export import _filters, pages
 from trainwire.store.migrate import upgrade_head
 from trainwire.store.models import Session, StoreInfo
-from trainwire.store.queries import get_call, get_session, list_sessions, stats
+from trainwire.store.queries import PRUNED_REASON, get_call, get_session, list_sessions, stats
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -250,6 +250,8 @@ async def _reads(url: str, sids) -> dict:
                     call = await get_call(engine, c.id, tokens=tokens)
                     out[f"call {c.id} {tokens}"] = call.model_dump() if call else None
         out["list"] = (await list_sessions(engine, limit=100)).model_dump()
+        out["has"] = {has: sorted(x.id for x in (await list_sessions(engine, limit=100, has=[has])).data)
+                      for has in ("failed", "untrainable")}
         out["stats"] = (await stats(engine)).model_dump()
         out["export"] = [row async for page in pages(engine, _filters(None, None, None, None, True)) for row in page]
         return out
@@ -308,6 +310,23 @@ def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_u
     assert detail["calls"] and all(c["input"] is None and c["output"] is None and c["prompt_token_ids"] is None
                                    for c in detail["calls"])
     assert {s["id"] for s in after["list"]["data"]} == set(roles)
+    # The list says which sessions were pruned. Pruning drops bodies; it does not make a call failed or
+    # untrainable: a pruned session's failed calls count as before, and its untrainable ones are those its kept
+    # columns tell (failed, a stored reason), never the token ids prune dropped. has= agrees.
+    listed = {s["id"]: s for s in after["list"]["data"]}
+    listed_before = {s["id"]: s for s in kept_before["list"]["data"]}
+    assert {sid for sid, s in listed.items() if s["pruned_at"] is not None} == pruned
+    for sid in roles:
+        assert listed[sid]["n_failed"] == listed_before[sid]["n_failed"], sid
+        expected = listed_before[sid]["n_untrainable"] if sid in kept else sum(
+            1 for c in full.values() if c["session_id"] == sid and c["trainable"]
+            and (c["status_code"] != 200 or c["untrainable_reason"]))
+        assert listed[sid]["n_untrainable"] == expected <= listed_before[sid]["n_untrainable"], sid
+        assert after[f"session {sid} False"]["n_untrainable"] == expected, sid
+    assert after["has"]["failed"] == kept_before["has"]["failed"]
+    assert after["has"]["untrainable"] == sorted(sid for sid, s in listed.items() if s["n_untrainable"])
+    assert all(c["train"]["reason"] in (None, PRUNED_REASON) or c["status_code"] != 200
+               for c in detail["calls"] if c["trainable"])
     assert [r for r in after["export"] if r["session_id"] in kept] == \
         [r for r in kept_before["export"] if r["session_id"] in kept]
     assert not any(r["session_id"] in pruned for r in after["export"])  # they are in the archive
@@ -320,7 +339,9 @@ def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_u
     assert httpx.get(f"{proxy.url}/sessions/new-trained").json()["pruned_at"] is None
     first = pruned_detail["calls"][0]["id"]
     assert httpx.get(f"{proxy.url}/calls/{first}").json()["request"] is None
-    assert httpx.get(f"{proxy.url}/sessions").status_code == 200
+    page = httpx.get(f"{proxy.url}/sessions?limit=100")
+    assert page.status_code == 200
+    assert {x["id"] for x in page.json()["data"] if x["pruned_at"]} == pruned
     proxy.stop()
 
     again = cli("prune", "--database-url", db_url, "--older-than-days", "30", "--archive-dir", str(archive))

@@ -117,8 +117,9 @@ class CompactSettings(MaintenanceSettings):
 class PruneSettings(MaintenanceSettings):
     """`trainwire prune`."""
 
-    older_than_days: float | None = Field(None, gt=0, description="Prune trained and skipped sessions whose last "
-                                          "call is older than this many days (required)")
+    # ge=1: store/retention.MIN_OLDER_THAN_DAYS (the writer's delta bases expire after an hour).
+    older_than_days: float | None = Field(None, ge=1, description="Prune trained and skipped sessions whose last "
+                                          "call is older than this many days (required; at least 1)")
     archive_dir: Path | None = Field(None, description="Write the calls of each batch of sessions to a Parquet "
                                      "file here (the export's columns, plus request and response), fsynced before "
                                      "their bodies are dropped")

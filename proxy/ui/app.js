@@ -302,7 +302,8 @@ function renderSessions(page) {
   st.nextCursor = page.next_cursor;
   fill("sessions-table", page.data.map((x) => h("tr", { "data-session": x.id, class: x.id === st.detailId ? "sel" : null },
     h("td", {}, h("a", { href: sessionHref(x.id) }, x.id)),
-    h("td", {}, h("span", { class: "pill " + x.status }, x.status)),
+    h("td", {}, h("span", { class: "pill " + x.status }, x.status),
+      x.pruned_at ? [" ", h("span", { class: "pill pruned", title: "bodies dropped by trainwire prune " + when(x.pruned_at) }, "pruned")] : null),
     h("td", {}, x.task_id || "—"), h("td", {}, (x.agents || []).join(", ") || "—"),
     h("td", { class: "num" }, x.n_calls),
     h("td", { class: "num" + (x.n_failed ? " bad" : ""), "data-failed": x.n_failed }, x.n_failed || 0),
@@ -406,6 +407,7 @@ function renderDetail(d) {
     h("div", { class: "detail-head" }, h("h2", {}, "Session ", h("code", { id: "detail-id" }, d.id)),
       h("a", { href: hashWith({ session: null }), class: "close" }, "close ✕")),
     h("p", {}, h("span", { class: "pill " + d.status }, d.status), " ",
+      d.pruned_at ? [h("span", { class: "pill pruned", title: "bodies dropped by trainwire prune" }, "pruned " + when(d.pruned_at)), " "] : null,
       `task ${d.task_id || "—"} · agents ${(d.agents || []).join(", ") || "—"} · ${d.n_calls} call${d.n_calls === 1 ? "" : "s"}` +
       (d.n_failed ? ` · ${d.n_failed} failed` : "") + (d.n_untrainable ? ` · ${d.n_untrainable} untrainable` : "") +
       ` · final reward ${num(d.final_reward)}` + (d.train_step !== null && d.train_step !== undefined ? ` · train step ${d.train_step}` : "") +

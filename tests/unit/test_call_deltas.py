@@ -208,7 +208,7 @@ def test_every_call_rebuilt_from_the_stored_rows_equals_the_recorded_one(seed, o
 def test_the_cache_keeps_what_later_calls_can_branch_from():
     from trainwire.store.writer import DeltaCache
 
-    cache = DeltaCache(per_session=3)
+    cache = DeltaCache(per_session=3, max_age_s=None)
     m = [{"role": "user", "content": "x"}]
     a = remember(rec("a", [1, 2], [3], m))
     b = remember(rec("b", [1, 2, 3, 4], [5], [*m, {"role": "user", "content": "y"}]))   # extends a
@@ -227,11 +227,45 @@ def test_the_cache_keeps_what_later_calls_can_branch_from():
 def test_the_cache_evicts_the_least_recently_written_sessions():
     from trainwire.store.writer import DeltaCache
 
-    cache = DeltaCache(max_sessions=2)
+    cache = DeltaCache(max_sessions=2, max_age_s=None)
     for sid in ("s1", "s2", "s1", "s3"):
         cache.add(sid, remember(rec(f"{sid}-c", [1], [2], [])))
     assert len(cache) == 2 and cache.bases("s2") == [] and cache.bases("s1") and cache.bases("s3")
-    small = DeltaCache(max_bytes=DeltaCache._size(remember(rec("x", [1] * 100, [2], []))) + 1)
+    small = DeltaCache(max_age_s=None, max_bytes=DeltaCache._size(remember(rec("x", [1] * 100, [2], []))) + 1)
     small.add("s1", remember(rec("x", [1] * 100, [2], [])))
     small.add("s2", remember(rec("y", [1] * 100, [2], [])))
     assert len(small) == 1 and small.bases("s2")
+
+
+def test_the_cache_offers_no_call_older_than_its_age_limit():
+    """No delta against a call that prune may have pruned: a cached call is a base only while it started less
+    than `max_age_s` ago (by its own start, so also a call replayed from the journal long after)."""
+    from trainwire.store.writer import DeltaCache
+
+    cache = DeltaCache(max_age_s=3600)
+    t = NOW.timestamp()
+    cache.add("s", remember(rec("a", [1, 2], [3], [])))
+    assert [x.id for x in cache.bases("s", now=t + 3599)] == ["a"]
+    assert cache.bases("s", now=t + 3601) == [] and len(cache) == 0 and cache.bytes == 0
+    cache.add("s", remember(rec("b", [1, 2], [3], [])))
+    assert cache.bases("s") == []          # by default against the clock: NOW is long past
+
+
+def test_a_base_without_its_body_is_an_error_not_a_shorter_prompt():
+    """A delta whose base holds fewer tokens or messages than it shares (a body `trainwire prune` dropped):
+    `expand` raises instead of returning the delta's tail as if it were the whole prompt or message list."""
+    m = [{"role": "user", "content": "x"}]
+    a = rec("a", [1, 2], [3], m)
+    b = encode([remember(a)], rec("b", [1, 2, 3, 4], [5], [*m, {"role": "user", "content": "y"}]))
+    assert (b.prompt_prefix_len, b.messages_prefix_len) == (3, 1)
+    pruned = Stored(id="a", kind="chat")   # what prune leaves: every body column null
+    with pytest.raises(MissingBase, match="3 tokens"):
+        expand({"a": pruned, "b": stored(b)}, ["b"])
+    with pytest.raises(MissingBase, match="1 messages"):
+        expand({"a": pruned, "b": stored(b)}, ["b"], tokens=False)
+    short = stored(a)
+    short.completion_token_ids = []        # a base holding 2 of the 3 tokens shared
+    with pytest.raises(MissingBase):
+        expand({"a": short, "b": stored(b)}, ["b"], request=False)
+    full = expand({"a": stored(a), "b": stored(b)}, ["b"])["b"]
+    assert full.prompt_token_ids == [1, 2, 3, 4]

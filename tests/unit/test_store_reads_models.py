@@ -134,7 +134,7 @@ def test_session_summary_and_detail():
     summary = orjson.loads(render(SessionSummary(**session_fields())))
     assert list(summary) == ["object", "id", "task_id", "status", "n_calls", "first_call_at", "last_call_at",
                              "finished_at", "final_reward", "final", "claimed_by", "claimed_at", "train_step",
-                             "skip_reason", "agents", "n_failed", "n_untrainable"]
+                             "skip_reason", "agents", "n_failed", "n_untrainable", "pruned_at"]
     assert summary["final"] == {"id": 3, "value": None, "source": "user", "created_at": "2026-03-01T12:00:02.123456Z"}
     detail = SessionDetail(**session_fields(), calls=[CallSummary(**call_fields())], rewards=[reward()])
     assert list(orjson.loads(render(detail)))[-4:] == ["n_untrainable", "pruned_at", "calls", "rewards"]
