@@ -189,6 +189,8 @@ def encode_call(bases: Iterable[BaseCall], record: CallRecord) -> tuple[CallReco
     serialization of its messages and of its prompt's ids, in C; only a branch or a compaction compares
     message by message."""
     bases = [b for b in bases if b.id != record.id]
+    if not bases:  # a session's first call (or the first this writer sees): nothing to compare, only remember
+        return record, remember(record)
     kind = record.kind
     messages = message_list(kind, record.request)
     prompt = _ids_text(record.prompt_token_ids)

@@ -103,11 +103,16 @@ class DeltaCache:
         return fresh
 
     def add(self, session_id: str, base: BaseCall) -> None:
-        calls = self._sessions.pop(session_id, None) or []
-        kept = [c for c in calls if not self._extends(base, c)]
-        kept = kept[max(0, len(kept) - (self.per_session - 1)):]
-        self.bytes += self._size(base) - sum(self._size(c) for c in calls) + sum(self._size(c) for c in kept)
-        self._sessions[session_id] = [*kept, base]
+        calls = self._sessions.pop(session_id, None)
+        if calls:
+            kept = [c for c in calls if not self._extends(base, c)]
+            kept = kept[max(0, len(kept) - (self.per_session - 1)):]
+            self.bytes += sum(self._size(c) for c in kept) - sum(self._size(c) for c in calls)
+            kept.append(base)
+        else:  # most sessions are new to the cache: no list to filter
+            kept = [base]
+        self.bytes += self._size(base)
+        self._sessions[session_id] = kept
         while self._sessions and (len(self._sessions) > self.max_sessions or self.bytes > self.max_bytes):
             _, evicted = self._sessions.popitem(last=False)
             self.bytes -= sum(self._size(b) for b in evicted)
