@@ -44,8 +44,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -53,6 +52,7 @@ from types import SimpleNamespace
 from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from trainwire.store.db import write_tx
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Reward, Session, utcnow
 
@@ -121,25 +121,6 @@ def _utc(dt: datetime) -> datetime:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
-@asynccontextmanager
-async def _write_tx(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A transaction that writes. On SQLite it takes the write lock at BEGIN (``BEGIN IMMEDIATE``): the
-    reads inside it see the latest committed state and no other writer can slip in before our UPDATEs;
-    contention waits on the busy timeout instead of failing with 'database is locked' at upgrade time."""
-    if engine.dialect.name == "sqlite":
-        async with engine.connect() as conn:
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.rollback()
-                raise
-            await conn.commit()
-    else:
-        async with engine.begin() as conn:
-            yield conn
-
-
 def _finished(settle_cutoff: datetime):
     """Finished, unclaimed sessions whose final reward is at least settle_s old."""
     return (select(S.c.id, S.c.task_id, R.c.created_at.label("finished_at"), R.c.value.label("final_value"))
@@ -162,7 +143,7 @@ async def claim_batch(engine: AsyncEngine, *, worker_id: str, batch_size: int,
     grouping = group_by_task and group_size > 0
     postgres = engine.dialect.name == "postgresql"
 
-    async with _write_tx(engine) as conn:
+    async with write_tx(engine) as conn:
         if grouping:
             rows = await _locked_group_candidates(conn, settle_cutoff, timeout_cutoff, batch_size, group_size)
             picked = pick_groups(rows, batch_size=batch_size, group_size=group_size, timeout_cutoff=timeout_cutoff)
@@ -335,7 +316,7 @@ async def _set(engine: AsyncEngine, session_ids: Sequence[str], *, from_status: 
     stmt = update(S).where(S.c.id.in_(ids), S.c.status == from_status)
     if worker_id is not None:
         stmt = stmt.where(S.c.claimed_by == worker_id)
-    async with _write_tx(engine) as conn:
+    async with write_tx(engine) as conn:
         return (await conn.execute(stmt.values(**values))).rowcount
 
 
@@ -371,7 +352,7 @@ async def renew(engine: AsyncEngine, session_ids: Sequence[str], *, worker_id: s
 async def release_stale_claims(engine: AsyncEngine, older_than_s: float) -> int:
     """Claims older than ``older_than_s`` (their trainer crashed) go back to ``open``. Returns the count."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    async with _write_tx(engine) as conn:
+    async with write_tx(engine) as conn:
         res = await conn.execute(update(S).where(S.c.status == "claimed", S.c.claimed_at < cutoff)
                                  .values(status="open", claimed_by=None, claimed_at=None))
         return res.rowcount

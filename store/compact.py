@@ -35,23 +35,23 @@ import itertools
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, and_, bindparam, delete, exists, func, insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy import Table, and_, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trainwire.records import CallRecord
 from trainwire.store.call_deltas import encode, remember
+from trainwire.store.db import write_tx
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Session, StoreInfo
 from trainwire.store.writer import DeltaCache
 
-__all__ = ["CompactReport", "RESCAN_MARGIN", "StopOnSignal", "compact_calls", "stored_bytes", "write_tx"]
+__all__ = ["CompactReport", "RESCAN_MARGIN", "StopOnSignal", "compact_calls", "stored_bytes"]
 
 C: Table = Call.__table__  # type: ignore[assignment]
 S: Table = Session.__table__  # type: ignore[assignment]
@@ -91,25 +91,6 @@ class CompactReport:
     interrupted: bool = False
     dry_run: bool = False
     batches: list[int] = field(default_factory=list)
-
-
-@asynccontextmanager
-async def write_tx(engine: AsyncEngine, lock_id: int) -> AsyncIterator[AsyncConnection]:
-    """A transaction holding the lock that serializes runs of one maintenance command: on SQLite the write lock
-    from BEGIN (BEGIN IMMEDIATE), on Postgres the transaction-scoped advisory lock `lock_id`."""
-    if engine.dialect.name == "sqlite":
-        async with engine.connect() as conn:
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.rollback()
-                raise
-            await conn.commit()
-    else:
-        async with engine.begin() as conn:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id})
-            yield conn
 
 
 async def _info(conn, key: str) -> str | None:

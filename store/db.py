@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import orjson
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 
 
 def is_sqlite(url: str) -> bool:
@@ -64,3 +66,25 @@ async def ping(engine: AsyncEngine) -> None:
 
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
+
+
+@asynccontextmanager
+async def write_tx(engine: AsyncEngine, lock_id: int | None = None) -> AsyncIterator[AsyncConnection]:
+    """A transaction that writes. On SQLite it takes the write lock at BEGIN (``BEGIN IMMEDIATE``): the reads
+    inside it see the latest committed state and no other writer slips in before its UPDATEs; contention waits on
+    the busy timeout instead of failing with 'database is locked' at upgrade time. That lock also serializes runs
+    of a maintenance command; on Postgres ``lock_id`` takes the transaction-scoped advisory lock for that."""
+    if engine.dialect.name == "sqlite":
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.rollback()
+                raise
+            await conn.commit()
+    else:
+        async with engine.begin() as conn:
+            if lock_id is not None:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id})
+            yield conn

@@ -37,7 +37,8 @@ from typing import Any
 from sqlalchemy import Table, and_, func, null, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from trainwire.store.compact import StopOnSignal, write_tx
+from trainwire.store.compact import StopOnSignal
+from trainwire.store.db import write_tx
 from trainwire.store.export import ARCHIVE_COLUMNS, ParquetSink, pages
 from trainwire.store.models import Call, Session
 
