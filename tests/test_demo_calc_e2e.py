@@ -34,11 +34,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from tests.support import dbread
 from tests.support.vllm_support import require_vllm_venv
 from tests.test_demo_e2e import processes_mentioning
 from trainwire.rl.retokenize import ChatRenderer, RenderError
 from trainwire.store.db import make_engine
-from trainwire.store.models import Call, PolicyVersion, Session, TrainStep
+from trainwire.store.models import PolicyVersion, Session, TrainStep
 
 pytestmark = pytest.mark.vllm
 
@@ -100,7 +101,7 @@ def test_sft_then_rl_on_postgres(pg_url, tmp_path):
     rl_log = (work / "logs" / "trainer-rl.log").read_text()
     assert f"resumed from {(work / 'checkpoints' / 'state' / f'global_step_{max(sft_steps)}').resolve()}" in rl_log
 
-    calls = rows(pg_url, Call.__table__)
+    calls = dbread.calls(pg_url)  # as readers see them: a call stored as a delta comes back whole
     sessions = {s["id"]: s for s in rows(pg_url, Session.__table__)}
     teacher_sessions = {c["session_id"] for c in calls if c["session_id"].startswith("calc-teacher-train-")}
     rl_sessions = {c["session_id"] for c in calls if c["session_id"].startswith("calc-rl-train-")}
