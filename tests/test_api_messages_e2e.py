@@ -243,10 +243,10 @@ def test_one_training_step_on_a_messages_session(proxy, vllm, model_dir, tmp_pat
 
     out = one_step.run_trainer(proxy, vllm, model_dir, tmp_path, batch_size=1)
     assert "step 1 -> v1 | sessions 1 samples 2" in out, out[-3000:]
-    (sess,) = [s for s in asyncio.run(one_step.table(proxy.db_url, Session.__table__)) if s["id"] == session]
+    (sess,) = [s for s in dbread.rows(proxy.db_url, Session.__table__) if s["id"] == session]
     assert (sess["status"], sess["train_step"]) == ("trained", 1)
-    (step,) = asyncio.run(one_step.table(proxy.db_url, TrainStep.__table__))
+    (step,) = dbread.rows(proxy.db_url, TrainStep.__table__)
     assert (step["step"], step["n_sessions"], step["n_samples"]) == (1, 1, 2)
     assert step["metrics"]["batch/tokens"] == sum(len(r["completion_token_ids"]) for r in rows)
-    (pv,) = asyncio.run(one_step.table(proxy.db_url, PolicyVersion.__table__))
+    (pv,) = dbread.rows(proxy.db_url, PolicyVersion.__table__)
     assert (pv["version"], pv["status"], pv["train_step"]) == (1, "published", 1)

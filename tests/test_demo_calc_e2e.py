@@ -23,7 +23,6 @@ Skipped when the vLLM venv is missing; TRAINWIRE_REQUIRE_VLLM=1 makes that an er
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -32,13 +31,11 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from tests.support import dbread
 from tests.support.vllm_support import require_vllm_venv
 from tests.test_demo_e2e import processes_mentioning
 from trainwire.rl.retokenize import ChatRenderer, RenderError
-from trainwire.store.db import make_engine
 from trainwire.store.models import PolicyVersion, Session, TrainStep
 
 pytestmark = pytest.mark.vllm
@@ -48,19 +45,6 @@ require_vllm_venv()
 ROOT = Path(__file__).resolve().parent.parent
 MIN_Z = 3.0
 MIN_COMPLETIONS_EQUAL = 0.95
-
-
-async def _select(url: str, table) -> list[dict]:
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return [dict(r) for r in (await conn.execute(select(table))).mappings().all()]
-    finally:
-        await engine.dispose()
-
-
-def rows(url: str, table) -> list[dict]:
-    return asyncio.run(_select(url, table))
 
 
 def test_sft_then_rl_on_postgres(pg_url, tmp_path):
@@ -90,19 +74,19 @@ def test_sft_then_rl_on_postgres(pg_url, tmp_path):
     assert phases["sft"]["validity"] > 0.5 and phases["base"]["accuracy"] < phases["sft"]["accuracy"]
 
     # One run: SFT's steps and versions, then RL's, from the SFT checkpoint.
-    steps = sorted(rows(pg_url, TrainStep.__table__), key=lambda s: s["step"])
+    steps = sorted(dbread.rows(pg_url, TrainStep.__table__), key=lambda s: s["step"])
     sft_steps = [s["step"] for s in steps if "advantage/mean" not in s["metrics"]]
     rl_steps = [s["step"] for s in steps if "advantage/mean" in s["metrics"]]
     assert sft_steps and rl_steps and max(sft_steps) < min(rl_steps)
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
-    versions = sorted(rows(pg_url, PolicyVersion.__table__), key=lambda v: v["version"])
+    versions = sorted(dbread.rows(pg_url, PolicyVersion.__table__), key=lambda v: v["version"])
     assert [v["version"] for v in versions] == list(range(1, len(steps) + 1))
     assert all(v["kind"] == "full" and v["status"] == "published" for v in versions)
     rl_log = (work / "logs" / "trainer-rl.log").read_text()
     assert f"resumed from {(work / 'checkpoints' / 'state' / f'global_step_{max(sft_steps)}').resolve()}" in rl_log
 
     calls = dbread.calls(pg_url)  # as readers see them: a call stored as a delta comes back whole
-    sessions = {s["id"]: s for s in rows(pg_url, Session.__table__)}
+    sessions = {s["id"]: s for s in dbread.rows(pg_url, Session.__table__)}
     teacher_sessions = {c["session_id"] for c in calls if c["session_id"].startswith("calc-teacher-train-")}
     rl_sessions = {c["session_id"] for c in calls if c["session_id"].startswith("calc-rl-train-")}
     assert len(teacher_sessions) == results["teacher_episodes"]

@@ -20,7 +20,6 @@ Skipped when the vLLM venv is missing; TRAINWIRE_REQUIRE_VLLM=1 makes that an er
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import subprocess
@@ -30,11 +29,10 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from demo.run import first_last, per_version, read_log
+from tests.support import dbread
 from tests.support.vllm_support import require_vllm_venv
-from trainwire.store.db import make_engine
 from trainwire.store.models import Call, PolicyVersion, Session, TrainStep
 
 pytestmark = pytest.mark.vllm
@@ -45,15 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DURATION_S = 90
 MIN_GAIN = 0.15
 MIN_Z = 5.0
-
-
-async def _select(url: str, table) -> list[dict]:
-    engine = make_engine(url)
-    try:
-        async with engine.connect() as conn:
-            return [dict(r) for r in (await conn.execute(select(table))).mappings().all()]
-    finally:
-        await engine.dispose()
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -99,8 +88,8 @@ def test_demo_learns_on_postgres(pg_url, tmp_path):
     assert all(e["ok"] for e in episodes)
 
     # Versions: published by the trainer, and served to the agent.
-    versions = sorted(asyncio.run(_select(pg_url, PolicyVersion.__table__)), key=lambda v: v["version"])
-    steps = {s["step"]: s for s in asyncio.run(_select(pg_url, TrainStep.__table__))}
+    versions = sorted(dbread.rows(pg_url, PolicyVersion.__table__), key=lambda v: v["version"])
+    steps = {s["step"]: s for s in dbread.rows(pg_url, TrainStep.__table__)}
     assert len(versions) >= 2, versions
     assert [v["version"] for v in versions] == list(range(1, len(versions) + 1))
     assert all(v["kind"] == "lora" and v["status"] == "published" for v in versions)
@@ -121,14 +110,14 @@ def test_demo_learns_on_postgres(pg_url, tmp_path):
     assert swaps_with_traffic >= 1
 
     # Every call of every episode is in the store, as the agent saw it.
-    calls = {c["id"]: c for c in asyncio.run(_select(pg_url, Call.__table__))}
+    calls = {c["id"]: c for c in dbread.rows(pg_url, Call.__table__)}
     for r in chats:
         c = calls.get(r["call_id"])
         assert c is not None, f"call {r['call_id']} of {r['session_id']} is not in the store"
         assert (c["session_id"], c["status_code"], c["policy_version"], c["task_id"]) == \
             (r["session_id"], 200, r["policy_version"], r["task_id"])
         assert c["completion_token_ids"] and len(c["logprobs"]) == len(c["completion_token_ids"])
-    sessions = {s["id"]: s for s in asyncio.run(_select(pg_url, Session.__table__))}
+    sessions = {s["id"]: s for s in dbread.rows(pg_url, Session.__table__)}
     for e in episodes:
         s = sessions[e["session_id"]]
         assert s["n_calls"] == 2 and s["final_reward"] == pytest.approx(e["reward"])

@@ -20,6 +20,11 @@ async def _fetch(url: str, stmt):
         await engine.dispose()
 
 
+def rows(url: str, table) -> list[dict]:
+    """Every row of a table, as stored."""
+    return [dict(r) for r in asyncio.run(_fetch(url, select(table)))]
+
+
 def raw_calls(url: str, session_id: str | None = None) -> list[dict]:
     """The rows as stored: a call stored as a delta (store/call_deltas.py) holds only what it adds."""
     stmt = select(Call.__table__).order_by(Call.started_at, Call.seq)

@@ -1,5 +1,5 @@
 """One training step on what a test recorded: the trainer's first two stages in-process (to inspect the samples),
-then the real `trainwire train --max-steps 1`, and the tables it wrote."""
+then the real `trainwire train --max-steps 1`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from sqlalchemy import select
 
 from trainwire.store.db import make_engine
 
@@ -28,15 +26,6 @@ async def claim_and_build(db_url: str):
         built = build_samples(batch)
         assert await claims.release(engine, [s.id for s in batch], worker_id="test-inspect") == len(batch)
         return batch, built
-    finally:
-        await engine.dispose()
-
-
-async def table(db_url: str, table) -> list[dict]:
-    engine = make_engine(db_url)
-    try:
-        async with engine.connect() as conn:
-            return [dict(r) for r in (await conn.execute(select(table))).mappings().all()]
     finally:
         await engine.dispose()
 
