@@ -166,10 +166,11 @@ def _replay_rejected(settings: JournalSettings, args: argparse.Namespace) -> int
     return 1 if refused else 0
 
 
-def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
+def _on_store(settings, work):
+    """`work(engine)` on the settings' store once its schema is current; None, after one error line, when a
+    Postgres store is behind (SQLite upgrades itself)."""
     import asyncio
 
-    from trainwire.store.compact import compact_calls
     from trainwire.store.db import make_engine
     from trainwire.store.migrate import SchemaBehind, ensure_schema
 
@@ -177,17 +178,24 @@ def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
         engine = make_engine(settings.resolved_database_url)
         try:
             await ensure_schema(engine, settings.resolved_database_url)
-            return await compact_calls(engine, batch_sessions=settings.batch_sessions,
-                                       max_sessions=settings.max_sessions, dry_run=args.dry_run,
-                                       restart=args.restart, say=lambda m: print(f"trainwire compact-calls: {m}",
-                                                                                 flush=True))
+            return await work(engine)
         finally:
             await engine.dispose()
 
     try:
-        report = asyncio.run(run())
+        return asyncio.run(run())
     except SchemaBehind as exc:
         print(f"trainwire: error: {exc}", file=sys.stderr)
+        return None
+
+
+def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
+    from trainwire.store.compact import compact_calls
+
+    report = _on_store(settings, lambda engine: compact_calls(
+        engine, batch_sessions=settings.batch_sessions, max_sessions=settings.max_sessions, dry_run=args.dry_run,
+        restart=args.restart, say=lambda m: print(f"trainwire compact-calls: {m}", flush=True)))
+    if report is None:
         return 2
     if report.interrupted or not report.complete:
         print("trainwire compact-calls: stopped; run it again to go on after the last committed batch")
@@ -196,31 +204,16 @@ def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
 
 
 def _prune(settings: PruneSettings, args: argparse.Namespace) -> int:
-    import asyncio
-
-    from trainwire.store.db import make_engine
-    from trainwire.store.migrate import SchemaBehind, ensure_schema
     from trainwire.store.retention import prune
 
     if settings.older_than_days is None:
         print("trainwire: error: --older-than-days is required", file=sys.stderr)
         return 2
     days = settings.older_than_days
-
-    async def run():
-        engine = make_engine(settings.resolved_database_url)
-        try:
-            await ensure_schema(engine, settings.resolved_database_url)
-            return await prune(engine, older_than_days=days, archive_dir=settings.archive_dir,
-                               batch_sessions=settings.batch_sessions, dry_run=args.dry_run,
-                               say=lambda m: print(f"trainwire prune: {m}", flush=True))
-        finally:
-            await engine.dispose()
-
-    try:
-        report = asyncio.run(run())
-    except SchemaBehind as exc:
-        print(f"trainwire: error: {exc}", file=sys.stderr)
+    report = _on_store(settings, lambda engine: prune(
+        engine, older_than_days=days, archive_dir=settings.archive_dir, batch_sessions=settings.batch_sessions,
+        dry_run=args.dry_run, say=lambda m: print(f"trainwire prune: {m}", flush=True)))
+    if report is None:
         return 2
     return 130 if report.interrupted else 0
 
