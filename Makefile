@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv vllm-venv test test-fast test-unit lint demo demo-calc bench clean
+.PHONY: venv vllm-venv test test-fast test-unit lint fmt demo demo-calc bench clean
 
 # Project venv: proxy, store, trainer (torch CPU + verl) and test tools. Re-installs only when pyproject changes.
 $(BIN)/.installed: pyproject.toml
@@ -30,13 +30,18 @@ test-fast: venv
 test-unit: venv
 	$(BIN)/python -m pytest tests/unit -q $(PYTEST_ARGS)
 
-# ruff (style, imports), mypy (types) and import-linter (the layers in docs/architecture.md). mypy and
-# import-linter read the package as it installs, through a view of symlinks (scripts/lint_view.py).
+# ruff (style, imports, format), mypy (types) and import-linter (the layers in docs/architecture.md), each run on
+# the tree as it is: trainwire/proxy, /store, /rl and /migrations are committed symlinks to the top-level folders.
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/python scripts/lint_view.py build/lint >/dev/null
-	cd build/lint && $(abspath $(BIN))/mypy --config-file $(CURDIR)/pyproject.toml -p trainwire
-	cd build/lint && $(abspath $(BIN))/lint-imports --config $(CURDIR)/pyproject.toml
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p trainwire
+	$(BIN)/lint-imports
+
+# Rewrite the tree in the project's style: ruff's safe fixes (import order, pyupgrade), then ruff format.
+fmt: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 demo: venv vllm-venv
 	$(BIN)/python -m demo.run $(DEMO_ARGS)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -140,14 +141,21 @@ def _proxy(cwd: Path, port: int, upstream: str, db: str, args, tmp: Path, name: 
 
 
 def _own_code(cwd: Path, view: Path) -> Path:
-    """The directory to run a checkout's `trainwire` from (`-m` puts it first on sys.path). A checkout with
-    top-level packages runs from itself. One that maps `trainwire.proxy` to `proxy/` (pyproject's package-dir)
-    cannot: its `trainwire/` has no `proxy/`, so the editable install would serve this checkout's code instead.
-    It runs from a view of symlinks laid out as it installs (its own scripts/lint_view.py)."""
-    if not (cwd / "scripts" / "lint_view.py").exists():
+    """The directory to run a checkout's `trainwire` from (`-m` puts it first on sys.path). A checkout whose
+    trainwire/ holds its subpackages (top-level modules, or the committed symlinks trainwire/proxy -> ../proxy)
+    runs from itself. An older one that mapped `trainwire.proxy` to `proxy/` only through pyproject's package-dir
+    cannot: from it, the editable install would serve this checkout's code instead. It runs from a view of
+    symlinks laid out as it installs."""
+    if (cwd / "trainwire" / "proxy").exists() or not (cwd / "proxy").is_dir():
         return cwd
-    subprocess.run([sys.executable, str(cwd / "scripts" / "lint_view.py"), str(view)], check=True,
-                   stdout=subprocess.DEVNULL)
+    mapping = tomllib.loads((cwd / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    shutil.rmtree(view, ignore_errors=True)
+    (view / "trainwire").mkdir(parents=True)
+    for entry in (cwd / mapping.get("trainwire", "trainwire")).iterdir():
+        os.symlink(entry, view / "trainwire" / entry.name)
+    for package, folder in mapping.items():
+        if package.startswith("trainwire."):
+            os.symlink(cwd / folder, view / package.replace(".", "/"))
     return view
 
 
