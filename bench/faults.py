@@ -71,9 +71,15 @@ def _scenario(name: str, pg: PgCluster, upstream: ScriptedUpstream, tmp: Path, a
     again = ProxyProcess(base, log_path=tmp / f"{name}-restart.log").start()
     stored = _wait_stored(url, acked)
     again.stop(signal.SIGTERM)
-    return {"scenario": name, "acknowledged": len(acked), "stored": len(acked & stored),
-            "lost": len(acked - stored), "waiting_in_journal_before_restart": lost_before_restart,
-            "failed_requests": load.failed, "seconds": round(time.time() - t0, 1)}
+    return {
+        "scenario": name,
+        "acknowledged": len(acked),
+        "stored": len(acked & stored),
+        "lost": len(acked - stored),
+        "waiting_in_journal_before_restart": lost_before_restart,
+        "failed_requests": load.failed,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def main() -> int:

@@ -38,25 +38,58 @@ from tests.support.pgcluster import PgCluster  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 COMPLETION = {
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "base-model",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "The answer is 42.", "tool_calls": []},
-                 "logprobs": {"content": [{"token": t, "logprob": -0.25, "bytes": [1], "top_logprobs": []}
-                                          for t in ["The", " answer", " is", " 42", "."]]},
-                 "finish_reason": "stop", "stop_reason": None, "token_ids": [101, 102, 103, 104, 105]}],
+    "id": "chatcmpl-bench",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "base-model",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "The answer is 42.", "tool_calls": []},
+            "logprobs": {
+                "content": [
+                    {"token": t, "logprob": -0.25, "bytes": [1], "top_logprobs": []}
+                    for t in ["The", " answer", " is", " 42", "."]
+                ]
+            },
+            "finish_reason": "stop",
+            "stop_reason": None,
+            "token_ids": [101, 102, 103, 104, 105],
+        }
+    ],
     "usage": {"prompt_tokens": 12, "total_tokens": 17, "completion_tokens": 5},
     "prompt_token_ids": list(range(1, 13)),
 }
 MODELS = {"object": "list", "data": [{"id": "base-model", "object": "model", "parent": None}]}
-REQUEST = {"model": "policy", "messages": [{"role": "system", "content": "You are terse."},
-                                           {"role": "user", "content": "What is six times seven?"}],
-           "max_tokens": 16}
+REQUEST = {
+    "model": "policy",
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is six times seven?"},
+    ],
+    "max_tokens": 16,
+}
 # The same question in each API's request shape.
 ROUTES = {
     "chat": ("/v1/chat/completions", REQUEST),
-    "responses": ("/v1/responses", {"model": "policy", "instructions": "You are terse.",
-                                    "input": "What is six times seven?", "max_output_tokens": 16}),
-    "messages": ("/v1/messages", {"model": "policy", "system": "You are terse.", "max_tokens": 16,
-                                  "messages": [{"role": "user", "content": "What is six times seven?"}]}),
+    "responses": (
+        "/v1/responses",
+        {
+            "model": "policy",
+            "instructions": "You are terse.",
+            "input": "What is six times seven?",
+            "max_output_tokens": 16,
+        },
+    ),
+    "messages": (
+        "/v1/messages",
+        {
+            "model": "policy",
+            "system": "You are terse.",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "What is six times seven?"}],
+        },
+    ),
 }
 
 
@@ -87,11 +120,17 @@ http {{
 
 def wrk(url: str, connections: int, duration: int, tmp: Path, body: dict | None = None) -> dict:
     script = tmp / "post.lua"
-    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      f"wrk.body = [[{json.dumps(body or REQUEST)}]]\n")
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [[{json.dumps(body or REQUEST)}]]\n"
+    )
     threads = min(connections, 2)
-    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--latency",
-                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
     def ms(label: str) -> float:
         m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -100,8 +139,14 @@ def wrk(url: str, connections: int, duration: int, tmp: Path, body: dict | None 
 
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"connections": connections, "requests": total, "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
-            "p50_ms": ms("50"), "p99_ms": ms("99"), "non_2xx": int(errors.group(1)) if errors else 0}
+    return {
+        "connections": connections,
+        "requests": total,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": ms("50"),
+        "p99_ms": ms("99"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
 
 
 async def count_calls(url: str) -> int:
@@ -135,9 +180,28 @@ def _proxy(cwd: Path, port: int, upstream: str, db: str, args, tmp: Path, name: 
     else:  # a checkout from before the journal
         journal = ["--spool-dir", str(tmp / f"spool-{name}")]
     return subprocess.Popen(
-        [sys.executable, "-m", "trainwire.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--upstream", upstream, "--database-url", db, "--workers", str(args.workers), "--log-level", "warning",
-         *journal], cwd=_own_code(cwd, tmp / f"view-{name}"), start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "trainwire.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--database-url",
+            db,
+            "--workers",
+            str(args.workers),
+            "--log-level",
+            "warning",
+            *journal,
+        ],
+        cwd=_own_code(cwd, tmp / f"view-{name}"),
+        start_new_session=True,
+    )
 
 
 def _own_code(cwd: Path, view: Path) -> Path:
@@ -183,25 +247,37 @@ def main() -> int:
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="trainwire-bench-"))
     nginx_port = free_port()
-    checkouts = [("trainwire", ROOT)] + ([(f"trainwire@{args.compare_with.name}", args.compare_with.resolve())]
-                                         if args.compare_with else [])
+    checkouts = [("trainwire", ROOT)] + (
+        [(f"trainwire@{args.compare_with.name}", args.compare_with.resolve())] if args.compare_with else []
+    )
     procs: list[subprocess.Popen] = []
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-                     "duration_s": args.duration, "proxy_workers": args.workers, "journal_fsync": args.journal_fsync,
-                     "runs": [], "recorded": {}}
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "duration_s": args.duration,
+        "proxy_workers": args.workers,
+        "journal_fsync": args.journal_fsync,
+        "runs": [],
+        "recorded": {},
+    }
     ok = True
     with PgCluster() as pg:
         try:
             nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-            procs.append(subprocess.Popen([nginx, "-c", str(nginx_conf(nginx_port, tmp)), "-p", str(tmp)],
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [nginx, "-c", str(nginx_conf(nginx_port, tmp)), "-p", str(tmp)], start_new_session=True
+                )
+            )
             _wait_healthy(f"http://127.0.0.1:{nginx_port}/v1/models")
             for conns in (1, 8):
                 r = wrk(f"http://127.0.0.1:{nginx_port}/v1/chat/completions", conns, args.duration, tmp)
                 r.update(target="upstream direct", route="chat")
                 results["runs"].append(r)
-                print(f"{'upstream direct':24} chat      c={conns}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
-                      f"p99 {r['p99_ms']:.3f} ms", flush=True)
+                print(
+                    f"{'upstream direct':24} chat      c={conns}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                    f"p99 {r['p99_ms']:.3f} ms",
+                    flush=True,
+                )
             for route in routes:
                 path, body = ROUTES[route]
                 for conns in (1, 8):
@@ -209,10 +285,16 @@ def main() -> int:
                         if route != "chat" and cwd != ROOT:
                             continue  # an older checkout may not serve the route
                         db = pg.create_database(f"b_{len(results['runs'])}")
-                        subprocess.run([sys.executable, "-m", "trainwire.cli", "migrate", "--database-url", db],
-                                       cwd=_own_code(cwd, tmp / f"view-{name}"), check=True, capture_output=True)
+                        subprocess.run(
+                            [sys.executable, "-m", "trainwire.cli", "migrate", "--database-url", db],
+                            cwd=_own_code(cwd, tmp / f"view-{name}"),
+                            check=True,
+                            capture_output=True,
+                        )
                         port = free_port()
-                        proc = _proxy(cwd, port, f"http://127.0.0.1:{nginx_port}", db, args, tmp, f"{name}-{route}-{conns}")
+                        proc = _proxy(
+                            cwd, port, f"http://127.0.0.1:{nginx_port}", db, args, tmp, f"{name}-{route}-{conns}"
+                        )
                         try:
                             _wait_healthy(f"http://127.0.0.1:{port}/healthz")
                             httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=10)  # warm-up
@@ -225,9 +307,12 @@ def main() -> int:
                         results["runs"].append(r)
                         complete = recorded >= r["requests"] + 1 and r["non_2xx"] == 0
                         ok = ok and complete
-                        print(f"{name:24} {route:9} c={conns}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
-                              f"p99 {r['p99_ms']:.3f} ms  non-2xx {r['non_2xx']}  recorded {recorded}/"
-                              f"{r['requests'] + 1}{'' if complete else '  MISSING ROWS'}", flush=True)
+                        print(
+                            f"{name:24} {route:9} c={conns}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  "
+                            f"p99 {r['p99_ms']:.3f} ms  non-2xx {r['non_2xx']}  recorded {recorded}/"
+                            f"{r['requests'] + 1}{'' if complete else '  MISSING ROWS'}",
+                            flush=True,
+                        )
         finally:
             for p in reversed(procs):
                 os.killpg(p.pid, signal.SIGTERM)

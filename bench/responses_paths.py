@@ -32,16 +32,25 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.ports import free_port  # noqa: E402
 
-TOOLS = [{"type": "function", "name": "calculator", "description": "Evaluate an arithmetic expression",
-          "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                         "required": ["expression"]}}]
+TOOLS = [
+    {
+        "type": "function",
+        "name": "calculator",
+        "description": "Evaluate an arithmetic expression",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+    }
+]
 
 
 def requests(n: int) -> list[dict]:
     out = []
     for i in range(n):
-        body = {"input": f"What is {i + 3} * {i + 7}?", "instructions": "Use the calculator.", "tools": TOOLS,
-                "max_output_tokens": 48}
+        body = {
+            "input": f"What is {i + 3} * {i + 7}?",
+            "instructions": "Use the calculator.",
+            "tools": TOOLS,
+            "max_output_tokens": 48,
+        }
         if i % 2:
             body["max_output_tokens"] = 400  # a grammar-decoded tool call from a random model runs long
         if i % 2:
@@ -51,41 +60,53 @@ def requests(n: int) -> list[dict]:
 
 
 def native(url: str, model: str, body: dict) -> dict:
-    payload = {**body, "model": model, "enable_response_messages": True,
-               "include": ["message.output_text.logprobs"]}
+    payload = {**body, "model": model, "enable_response_messages": True, "include": ["message.output_text.logprobs"]}
     t0 = time.perf_counter()
     r = httpx.post(f"{url}/v1/responses", json=payload, timeout=120).json()
     ms = (time.perf_counter() - t0) * 1000
     ins, outs = r.get("input_messages") or [], r.get("output_messages") or []
     prompt = bool(ins and ins[0].get("tokens"))
     completion = [t for m in outs for t in (m.get("tokens") or [])]
-    logprobs = [lp for item in r.get("output", []) for part in item.get("content") or []
-                for lp in part.get("logprobs") or []]
+    logprobs = [
+        lp for item in r.get("output", []) for part in item.get("content") or [] for lp in part.get("logprobs") or []
+    ]
     calls = [item for item in r.get("output", []) if item.get("type") == "function_call"]
-    return {"ms": ms, "ids": prompt and bool(completion), "logprobs_cover": bool(completion) and
-            len(logprobs) == len(completion), "function_call": bool(calls)}
+    return {
+        "ms": ms,
+        "ids": prompt and bool(completion),
+        "logprobs_cover": bool(completion) and len(logprobs) == len(completion),
+        "function_call": bool(calls),
+    }
 
 
 def translated(proxy: str, db: str, body: dict, i: int) -> dict:
     sid = f"bench-resp-{i}"
     t0 = time.perf_counter()
-    r = httpx.post(f"{proxy}/v1/responses", json={**body, "model": "policy"}, headers={"X-Session-Id": sid},
-                   timeout=120).json()
+    r = httpx.post(
+        f"{proxy}/v1/responses", json={**body, "model": "policy"}, headers={"X-Session-Id": sid}, timeout=120
+    ).json()
     ms = (time.perf_counter() - t0) * 1000
     from tests.support import dbread
 
     (row,) = dbread.wait_calls(db, 1, sid)
     completion = row["completion_token_ids"] or []
-    return {"ms": ms, "ids": bool(row["prompt_token_ids"]) and bool(completion),
-            "logprobs_cover": bool(completion) and len(row["logprobs"] or []) == len(completion),
-            "function_call": any(item.get("type") == "function_call" for item in r.get("output", []))}
+    return {
+        "ms": ms,
+        "ids": bool(row["prompt_token_ids"]) and bool(completion),
+        "logprobs_cover": bool(completion) and len(row["logprobs"] or []) == len(completion),
+        "function_call": any(item.get("type") == "function_call" for item in r.get("output", [])),
+    }
 
 
 def summary(rows: list[dict], tool_rows: list[dict]) -> dict:
     share = lambda rs, k: sum(r[k] for r in rs) / max(1, len(rs))  # noqa: E731
-    return {"turns": len(rows), "token_ids": share(rows, "ids"), "logprobs_cover_completion": share(rows, "logprobs_cover"),
-            "tool_turns_as_function_call": share(tool_rows, "function_call"),
-            "p50_ms": round(statistics.median(r["ms"] for r in rows), 1)}
+    return {
+        "turns": len(rows),
+        "token_ids": share(rows, "ids"),
+        "logprobs_cover_completion": share(rows, "logprobs_cover"),
+        "tool_turns_as_function_call": share(tool_rows, "function_call"),
+        "p50_ms": round(statistics.median(r["ms"] for r in rows), 1),
+    }
 
 
 def main() -> int:
@@ -101,15 +122,34 @@ def main() -> int:
             from demo.tiny_model import build_tiny_model
             from demo.vllm_server import start_vllm
 
-            vllm = start_vllm(build_tiny_model(tmp / "tiny"), free_port(), served_model_name="tiny",
-                              log_path=tmp / "vllm.log")
+            vllm = start_vllm(
+                build_tiny_model(tmp / "tiny"), free_port(), served_model_name="tiny", log_path=tmp / "vllm.log"
+            )
             url = vllm.url
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         db = f"sqlite+aiosqlite:///{tmp}/bench.db"
         port = free_port()
-        proxy = subprocess.Popen([sys.executable, "-m", "trainwire.cli", "serve", "--host", "127.0.0.1", "--port",
-                                  str(port), "--upstream", url, "--database-url", db, "--journal-dir",
-                                  str(tmp / "journal"), "--log-level", "warning"], cwd=ROOT)
+        proxy = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trainwire.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--upstream",
+                url,
+                "--database-url",
+                db,
+                "--journal-dir",
+                str(tmp / "journal"),
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+        )
         try:
             for _ in range(200):
                 try:
@@ -119,9 +159,10 @@ def main() -> int:
                     time.sleep(0.1)
             bodies = requests(args.n)
             results = {}
-            for name, run in (("native vLLM /v1/responses", lambda b, i: native(url, model, b)),
-                              ("trainwire /v1/responses (via chat)",
-                               lambda b, i: translated(f"http://127.0.0.1:{port}", db, b, i))):
+            for name, run in (
+                ("native vLLM /v1/responses", lambda b, i: native(url, model, b)),
+                ("trainwire /v1/responses (via chat)", lambda b, i: translated(f"http://127.0.0.1:{port}", db, b, i)),
+            ):
                 rows = [run(b, i) for i, b in enumerate(bodies)]
                 tools = [r for r, b in zip(rows, bodies) if b.get("tool_choice") == "required"]
                 results[name] = summary(rows, tools)

@@ -52,13 +52,22 @@ async def table_size(url: str) -> dict:
     engine = make_engine(url)
     try:
         async with engine.connect() as conn:
-            row = (await conn.execute(text(
-                "SELECT pg_total_relation_size(c.oid) AS total, pg_relation_size(c.oid) AS heap, "
-                "COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0) AS toast, "
-                "pg_indexes_size(c.oid) AS indexes, "
-                "(SELECT count(*) FROM calls) AS n_calls, "
-                "(SELECT count(*) FROM calls WHERE request IS NOT NULL) AS n_with_bodies "
-                "FROM pg_class c WHERE c.relname = 'calls'"))).mappings().one()
+            row = (
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT pg_total_relation_size(c.oid) AS total, pg_relation_size(c.oid) AS heap, "
+                            "COALESCE(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0) AS toast, "
+                            "pg_indexes_size(c.oid) AS indexes, "
+                            "(SELECT count(*) FROM calls) AS n_calls, "
+                            "(SELECT count(*) FROM calls WHERE request IS NOT NULL) AS n_with_bodies "
+                            "FROM pg_class c WHERE c.relname = 'calls'"
+                        )
+                    )
+                )
+                .mappings()
+                .one()
+            )
         return {k: int(v) for k, v in row.items()}
     finally:
         await engine.dispose()
@@ -94,9 +103,20 @@ def make_cycles(args) -> list[list[list[dict]]]:
 
     t = Text(args.seed)
     start = datetime(2026, 1, 1, tzinfo=UTC)
-    return [[make_session(t, calls=args.calls, completion_tokens=200, tool_result_tokens=300, system_tokens=400,
-                          start=start + timedelta(days=c, seconds=i)) for i in range(args.sessions)]
-            for c in range(args.cycles)]
+    return [
+        [
+            make_session(
+                t,
+                calls=args.calls,
+                completion_tokens=200,
+                tool_result_tokens=300,
+                system_tokens=400,
+                start=start + timedelta(days=c, seconds=i),
+            )
+            for i in range(args.sessions)
+        ]
+        for c in range(args.cycles)
+    ]
 
 
 async def scenario(url: str, cycles: list[list[list[dict]]], *, do_prune: bool, vacuum: bool) -> list[dict]:
@@ -116,8 +136,13 @@ async def scenario(url: str, cycles: list[list[list[dict]]], *, do_prune: bool, 
             try:
                 t0 = time.perf_counter()
                 # "now" is this cycle's day + 6 h: every session of an earlier cycle is over a day old.
-                report = await prune(engine, older_than_days=1, now=start + timedelta(days=c, hours=6),
-                                     batch_sessions=50, say=lambda m: None)
+                report = await prune(
+                    engine,
+                    older_than_days=1,
+                    now=start + timedelta(days=c, hours=6),
+                    batch_sessions=50,
+                    say=lambda m: None,
+                )
                 step["prune_s"] = round(time.perf_counter() - t0, 2)
                 step["pruned_sessions"] = report.sessions
             finally:
@@ -151,8 +176,12 @@ async def compaction(url: str, sessions: list[list[dict]]) -> dict:
     await _sql(url, "VACUUM calls", autocommit=True)
     out["vacuumed"] = await table_size(url)
     # The same sessions again, under new ids, stored as deltas: do they go into the space compaction freed?
-    await write_sessions(url, [[{**r, "id": r["id"] + "-again", "session_id": r["session_id"] + "-again"} for r in s]
-                               for s in sessions], deltas=True, batch=256)
+    await write_sessions(
+        url,
+        [[{**r, "id": r["id"] + "-again", "session_id": r["session_id"] + "-again"} for r in s] for s in sessions],
+        deltas=True,
+        batch=256,
+    )
     out["then_written_as_deltas"] = await table_size(url)
     await _sql(url, "VACUUM FULL calls", autocommit=True)
     out["vacuum_full"] = await table_size(url)
@@ -178,28 +207,45 @@ def _mb(n: int) -> str:
 
 def report(r: dict) -> str:
     s = r["shape"]
-    lines = [f"calls table (MB: total = heap + TOAST + indexes) after each cycle of {s['sessions']} sessions x "
-             f"{s['calls']} calls ({s['sessions'] * s['calls']} calls a cycle), Postgres 15", "",
-             "| scenario | cycle | calls (with bodies) | total | heap | TOAST | indexes | prune s | vacuum s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"calls table (MB: total = heap + TOAST + indexes) after each cycle of {s['sessions']} sessions x "
+        f"{s['calls']} calls ({s['sessions'] * s['calls']} calls a cycle), Postgres 15",
+        "",
+        "| scenario | cycle | calls (with bodies) | total | heap | TOAST | indexes | prune s | vacuum s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, steps in r["scenarios"].items():
         for st in steps:
             end = st.get("vacuumed") or st.get("pruned") or st["written"]
-            lines.append(f"| {name} | {st['cycle']} | {end['n_calls']} ({end['n_with_bodies']}) | "
-                         f"{_mb(end['total'])} | {_mb(end['heap'])} | {_mb(end['toast'])} | {_mb(end['indexes'])} | "
-                         f"{st.get('prune_s', '')} | {st.get('vacuum_s', '')} |")
+            lines.append(
+                f"| {name} | {st['cycle']} | {end['n_calls']} ({end['n_with_bodies']}) | "
+                f"{_mb(end['total'])} | {_mb(end['heap'])} | {_mb(end['toast'])} | {_mb(end['indexes'])} | "
+                f"{st.get('prune_s', '')} | {st.get('vacuum_s', '')} |"
+            )
     c = r.get("compaction")
     if c:
-        lines += ["", f"compact-calls on one cycle's sessions written whole ({c['rewritten']} rows rewritten in "
-                  f"{c['compact_s']} s), calls table MB:", "",
-                  "| step | calls | total | heap | TOAST | indexes |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"compact-calls on one cycle's sessions written whole ({c['rewritten']} rows rewritten in "
+            f"{c['compact_s']} s), calls table MB:",
+            "",
+            "| step | calls | total | heap | TOAST | indexes |",
+            "|---|---|---|---|---|---|",
+        ]
         for step in ("whole", "compacted", "vacuumed", "then_written_as_deltas", "vacuum_full"):
             z = c[step]
-            lines.append(f"| {step.replace('_', ' ')} | {z['n_calls']} | {_mb(z['total'])} | {_mb(z['heap'])} | "
-                         f"{_mb(z['toast'])} | {_mb(z['indexes'])} |")
+            lines.append(
+                f"| {step.replace('_', ' ')} | {z['n_calls']} | {_mb(z['total'])} | {_mb(z['heap'])} | "
+                f"{_mb(z['toast'])} | {_mb(z['indexes'])} |"
+            )
     lines.append("")
-    lines.append("peak (right after each cycle's writes, before its prune), MB: " + "; ".join(
-        f"{name}: " + ", ".join(_mb(st["written"]["total"]) for st in steps) for name, steps in r["scenarios"].items()))
+    lines.append(
+        "peak (right after each cycle's writes, before its prune), MB: "
+        + "; ".join(
+            f"{name}: " + ", ".join(_mb(st["written"]["total"]) for st in steps)
+            for name, steps in r["scenarios"].items()
+        )
+    )
     return "\n".join(lines)
 
 

@@ -129,17 +129,29 @@ def run_episode(client, rec: Recorder, *, root: str, task_id: str, prompt: str, 
         record = {"kind": "chat", "session_id": session_id, "task_id": task_id, "turn": turn, "t": t0}
         try:
             raw = client.chat.completions.with_raw_response.create(
-                model=args.model, messages=messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                extra_headers=headers)
+                model=args.model,
+                messages=messages,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                extra_headers=headers,
+            )
             completion = raw.parse()
             text = completion.choices[0].message.content or ""
             version = int(raw.headers.get("x-policy-version", "0"))
-            record.update(status=raw.status_code, policy_version=version, call_id=raw.headers.get("x-call-id"),
-                          latency_s=time.time() - t0, tokens=completion.usage.completion_tokens if completion.usage
-                          else None)
+            record.update(
+                status=raw.status_code,
+                policy_version=version,
+                call_id=raw.headers.get("x-call-id"),
+                latency_s=time.time() - t0,
+                tokens=completion.usage.completion_tokens if completion.usage else None,
+            )
         except APIStatusError as exc:
-            record.update(status=exc.status_code, error=str(exc)[:300], latency_s=time.time() - t0,
-                          call_id=exc.response.headers.get("x-call-id"))
+            record.update(
+                status=exc.status_code,
+                error=str(exc)[:300],
+                latency_s=time.time() - t0,
+                call_id=exc.response.headers.get("x-call-id"),
+            )
             rec.write(record)
             ok = False
             break
@@ -156,11 +168,28 @@ def run_episode(client, rec: Recorder, *, root: str, task_id: str, prompt: str, 
     reward = digit_reward(" ".join(answers)) if ok else 0.0
     t0 = time.time()
     status = post_reward(root, session_id, reward, args.admin_key)
-    rec.write({"kind": "reward", "session_id": session_id, "status": status, "t": t0, "latency_s": time.time() - t0,
-               "reward": reward})
-    episode = {"kind": "episode", "session_id": session_id, "task_id": task_id, "reward": reward, "ok": ok,
-               "versions": versions, "policy_version": max(versions) if versions else -1, "call_ids": call_ids,
-               "answers": answers, "t": time.time()}
+    rec.write(
+        {
+            "kind": "reward",
+            "session_id": session_id,
+            "status": status,
+            "t": t0,
+            "latency_s": time.time() - t0,
+            "reward": reward,
+        }
+    )
+    episode = {
+        "kind": "episode",
+        "session_id": session_id,
+        "task_id": task_id,
+        "reward": reward,
+        "ok": ok,
+        "versions": versions,
+        "policy_version": max(versions) if versions else -1,
+        "call_ids": call_ids,
+        "answers": answers,
+        "t": time.time(),
+    }
     rec.write(episode)
     return episode
 
@@ -190,8 +219,10 @@ def progress_line(rec: Recorder, elapsed: float) -> str:
     rows = summarize(rec.by_version)
     shown = rows if len(rows) <= 6 else rows[:2] + rows[-4:]
     per_version = "  ".join(f"v{r['version']}:{r['mean']:.2f}(n={r['episodes']})" for r in shown)
-    return (f"[agent {elapsed:5.0f}s] episodes {rec.episodes:4d} | requests {rec.requests} failed {rec.failed} | "
-            f"versions seen {len(rec.versions_seen)} | reward by version {per_version}")
+    return (
+        f"[agent {elapsed:5.0f}s] episodes {rec.episodes:4d} | requests {rec.requests} failed {rec.failed} | "
+        f"versions seen {len(rec.versions_seen)} | reward by version {per_version}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--model", default="policy")
-    p.add_argument("--max-backlog", type=int, default=0,
-                   help="hold back while more finished sessions than this wait for the trainer (0 = off)")
+    p.add_argument(
+        "--max-backlog",
+        type=int,
+        default=0,
+        help="hold back while more finished sessions than this wait for the trainer (0 = off)",
+    )
     p.add_argument("--log", type=Path, default=None, help="JSON lines of every request and episode")
     p.add_argument("--progress-s", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--admin-key", default=os.environ.get("TRAINWIRE_ADMIN_KEY"))
@@ -218,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     root = proxy_root(str(client.base_url))
     rec = Recorder(args.log)
     run_id = uuid.uuid4().hex[:6]
-    print(f"[agent] policy at {client.base_url}; rewards: curl -X POST {root}/reward "
-          "-H 'Content-Type: application/json' -d '{\"session_id\": \"...\", \"reward\": R}'", flush=True)
+    print(
+        f"[agent] policy at {client.base_url}; rewards: curl -X POST {root}/reward "
+        '-H \'Content-Type: application/json\' -d \'{"session_id": "...", "reward": R}\'',
+        flush=True,
+    )
     t_start = time.time()
     last_progress = t_start
     rounds = 0
@@ -241,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
                 for g in range(args.groups_per_round):
                     prompt = PROMPTS[(rounds * args.groups_per_round + g) % len(PROMPTS)]
                     task_id = f"digits-{run_id}-r{rounds}-g{g}"
-                    jobs += [pool.submit(run_episode, client, rec, root=root, task_id=task_id, prompt=prompt,
-                                         args=args) for _ in range(args.group_size)]
+                    jobs += [
+                        pool.submit(run_episode, client, rec, root=root, task_id=task_id, prompt=prompt, args=args)
+                        for _ in range(args.group_size)
+                    ]
                 for job in jobs:
                     job.result()
                 rounds += 1

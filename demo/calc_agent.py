@@ -41,8 +41,9 @@ from demo import calc_task  # noqa: E402
 from demo.agent import backlog, post_reward, proxy_root  # noqa: E402
 
 
-def run_episode(client, q: calc_task.Question, *, phase: str, model: str, train: bool, task_id: str | None,
-                args) -> dict:
+def run_episode(
+    client, q: calc_task.Question, *, phase: str, model: str, train: bool, task_id: str | None, args
+) -> dict:
     from openai import APIConnectionError, APIStatusError
 
     session_id = f"calc-{phase}-{uuid.uuid4().hex[:12]}"
@@ -52,14 +53,32 @@ def run_episode(client, q: calc_task.Question, *, phase: str, model: str, train:
     if not train:
         headers["X-Trainwire-Train"] = "false"
     messages = q.messages()
-    episode = {"kind": "episode", "phase": phase, "model": model, "session_id": session_id, "question": q.text,
-               "expected": q.answer, "answer": None, "turns": 0, "attempts": 0, "valid": 0, "versions": [],
-               "ok": True, "error": None, "t0": time.time()}
+    episode = {
+        "kind": "episode",
+        "phase": phase,
+        "model": model,
+        "session_id": session_id,
+        "question": q.text,
+        "expected": q.answer,
+        "answer": None,
+        "turns": 0,
+        "attempts": 0,
+        "valid": 0,
+        "versions": [],
+        "ok": True,
+        "error": None,
+        "t0": time.time(),
+    }
     for _ in range(args.max_turns):
         try:
             raw = client.chat.completions.with_raw_response.create(
-                model=model, messages=messages, tools=[calc_task.TOOL], max_tokens=args.max_tokens,
-                temperature=args.temperature, extra_headers=headers)
+                model=model,
+                messages=messages,
+                tools=[calc_task.TOOL],
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                extra_headers=headers,
+            )
             completion = raw.parse()
         except (APIStatusError, APIConnectionError) as exc:
             episode.update(ok=False, error=str(exc)[:300])
@@ -68,8 +87,13 @@ def run_episode(client, q: calc_task.Question, *, phase: str, model: str, train:
         episode["versions"].append(int(raw.headers.get("x-policy-version", "0")))
         msg = completion.choices[0].message
         if msg.tool_calls:
-            messages.append({"role": "assistant", "content": msg.content,
-                             "tool_calls": [tc.model_dump(include={"id", "type", "function"}) for tc in msg.tool_calls]})
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": msg.content,
+                    "tool_calls": [tc.model_dump(include={"id", "type", "function"}) for tc in msg.tool_calls],
+                }
+            )
             for tc in msg.tool_calls:
                 fn = getattr(tc, "function", None)
                 result, valid = calc_task.run_tool(getattr(fn, "name", None), getattr(fn, "arguments", None))
@@ -111,10 +135,18 @@ def summarize(episodes: list[dict]) -> dict:
     mean_turns = sum(turns) / n
     turns_sd = math.sqrt(sum((x - mean_turns) ** 2 for x in turns) / (n - 1)) if n > 1 else float("nan")
     used = sum(1 for e in episodes if e["valid"]) / n
-    return {"n": n, "accuracy": acc, "accuracy_sem": _sem(acc, n), "attempts": attempts,
-            "validity": validity, "validity_sem": _sem(validity, attempts) if attempts else float("nan"),
-            "tool_use": used, "tool_use_sem": _sem(used, n),
-            "turns": mean_turns, "turns_sem": turns_sd / math.sqrt(n) if n > 1 else float("nan")}
+    return {
+        "n": n,
+        "accuracy": acc,
+        "accuracy_sem": _sem(acc, n),
+        "attempts": attempts,
+        "validity": validity,
+        "validity_sem": _sem(validity, attempts) if attempts else float("nan"),
+        "tool_use": used,
+        "tool_use_sem": _sem(used, n),
+        "turns": mean_turns,
+        "turns_sem": turns_sd / math.sqrt(n) if n > 1 else float("nan"),
+    }
 
 
 def progress_line(phase: str, episodes: list[dict], elapsed: float, total: int | None) -> str:
@@ -124,10 +156,12 @@ def progress_line(phase: str, episodes: list[dict], elapsed: float, total: int |
     versions = sorted({v for e in episodes for v in e["versions"]})
     shown = f"v{versions[0]}" + (f"..v{versions[-1]}" if len(versions) > 1 else "") if versions else "-"
     validity = f"{s['validity']:.0%} of {s['attempts']}" if s["attempts"] else "no attempts"
-    return (f"[calc {phase} {elapsed:5.0f}s] episodes {s['n']}{f'/{total}' if total else ''} | accuracy "
-            f"{s['accuracy']:.3f} ± {s['accuracy_sem']:.3f} | tool calls valid {validity} | turns {s['turns']:.2f} | "
-            f"served by {shown}" + (f" | {sum(not e['ok'] for e in episodes)} failed" if any(not e["ok"] for e in
-                                                                                            episodes) else ""))
+    return (
+        f"[calc {phase} {elapsed:5.0f}s] episodes {s['n']}{f'/{total}' if total else ''} | accuracy "
+        f"{s['accuracy']:.3f} ± {s['accuracy_sem']:.3f} | tool calls valid {validity} | turns {s['turns']:.2f} | "
+        f"served by {shown}"
+        + (f" | {sum(not e['ok'] for e in episodes)} failed" if any(not e["ok"] for e in episodes) else "")
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -137,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="trainwire calculator agent")
     p.add_argument("--phase", default="run", help="label of this run in the log and the session ids")
     p.add_argument("--model", default="policy", help="model name to request (policy, or a frozen route)")
-    p.add_argument("--eval", type=int, default=0, metavar="N",
-                   help="evaluate on the first N held-out questions (X-Trainwire-Train: false, no rewards)")
+    p.add_argument(
+        "--eval",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate on the first N held-out questions (X-Trainwire-Train: false, no rewards)",
+    )
     p.add_argument("--episodes", type=int, default=0, help="training episodes to run (0 = until --duration)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds of training episodes (0 = no limit)")
     p.add_argument("--seed", type=int, default=1, help="which training questions (a seeded draw)")
@@ -148,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-turns", type=int, default=3, help="model calls per episode at most")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-backlog", type=int, default=0,
-                   help="hold back while more finished sessions than this wait for the trainer (0 = off)")
+    p.add_argument(
+        "--max-backlog",
+        type=int,
+        default=0,
+        help="hold back while more finished sessions than this wait for the trainer (0 = off)",
+    )
     p.add_argument("--log", type=Path, default=None, help="JSON lines, one per episode")
     p.add_argument("--progress-s", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--admin-key", default=os.environ.get("TRAINWIRE_ADMIN_KEY"))
@@ -178,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             if args.eval:
-                jobs = [pool.submit(run_episode, client, q, phase=args.phase, model=args.model, train=False,
-                                    task_id=None, args=args) for q in calc_task.eval_set(args.eval)]
+                jobs = [
+                    pool.submit(
+                        run_episode, client, q, phase=args.phase, model=args.model, train=False, task_id=None, args=args
+                    )
+                    for q in calc_task.eval_set(args.eval)
+                ]
                 for job in jobs:
                     done(job.result())
             else:
@@ -193,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     if args.max_backlog:
                         waited = 0.0
-                        while waited < 30 and (b := backlog(args.root, args.admin_key)) is not None \
-                                and b > args.max_backlog:
+                        while (
+                            waited < 30
+                            and (b := backlog(args.root, args.admin_key)) is not None
+                            and b > args.max_backlog
+                        ):
                             time.sleep(0.25)
                             waited += 0.25
                     jobs = []
@@ -204,8 +254,19 @@ def main(argv: list[str] | None = None) -> int:
                         n = args.group_size
                         if args.episodes:
                             n = min(n, args.episodes - len(episodes) - len(jobs))
-                        jobs += [pool.submit(run_episode, client, q, phase=args.phase, model=args.model, train=True,
-                                             task_id=task, args=args) for _ in range(max(0, n))]
+                        jobs += [
+                            pool.submit(
+                                run_episode,
+                                client,
+                                q,
+                                phase=args.phase,
+                                model=args.model,
+                                train=True,
+                                task_id=task,
+                                args=args,
+                            )
+                            for _ in range(max(0, n))
+                        ]
                     for job in jobs:
                         done(job.result())
                     rounds += 1

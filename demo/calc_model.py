@@ -47,8 +47,14 @@ MAX_POSITION_EMBEDDINGS = 1024  # = demo/vllm_server.py's --max-model-len
 MARKER = "trainwire_calc_model.json"
 # Bump when the produced model changes in any way, so old caches are rebuilt.
 FORMAT_VERSION = 2
-SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 4, "head_dim": 64}
+SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+}
 
 PAD = "<|pad|>"
 IM_START = "<|im_start|>"
@@ -87,7 +93,7 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'assistant' and message.get('tool_calls') -%}"
     "{%- for tc in message['tool_calls'] -%}"
     "{%- set fn = tc['function'] if tc.get('function') else tc -%}"
-    "<tool_call>{\"name\": {{ fn['name'] | tojson }}, \"arguments\": "
+    '<tool_call>{"name": {{ fn[\'name\'] | tojson }}, "arguments": '
     "{%- if fn['arguments'] is string %} {{ fn['arguments'] }}{% else %} {{ fn['arguments'] | tojson(sort_keys=True) }}"
     "{% endif -%}"
     "}</tool_call>"
@@ -102,18 +108,33 @@ CHAT_TEMPLATE = (
 
 def _episode_texts(rng: random.Random) -> list[str]:
     """Text shaped like the task's episodes, for the BPE merges (no special tokens: the template adds them)."""
-    tool = json.dumps({"name": calc_task.TOOL["function"]["name"],
-                       "description": calc_task.TOOL["function"]["description"],
-                       "parameters": calc_task.TOOL["function"]["parameters"]}, sort_keys=True)
+    tool = json.dumps(
+        {
+            "name": calc_task.TOOL["function"]["name"],
+            "description": calc_task.TOOL["function"]["description"],
+            "parameters": calc_task.TOOL["function"]["parameters"],
+        },
+        sort_keys=True,
+    )
     lines = []
     for q in calc_task.questions(400, held_out=False, seed=12345):
         args = json.dumps({"expression": q.expression})
         call = f'{{"name": "{calc_task.TOOL_NAME}", "arguments": {args}}}'
-        lines += [f"system\n{calc_task.SYSTEM_PROMPT}\n<tools>{tool}</tools>", f"user\n{q.text}",
-                  f"assistant\n<tool_call>{call}</tool_call>", f"tool\n{q.answer}", f"assistant\n{q.answer}",
-                  f"tool\nError: cannot parse {q.expression[:rng.randint(1, 8)]!r}"]
-    lines += ["The quick brown fox jumps over the lazy dog.", "Hello, world! How can I help you today?",
-              "0123456789 +-*/=()[]{}<>.,;:!?'\"", "Error: unknown tool", "Error: arguments are not JSON"]
+        lines += [
+            f"system\n{calc_task.SYSTEM_PROMPT}\n<tools>{tool}</tools>",
+            f"user\n{q.text}",
+            f"assistant\n<tool_call>{call}</tool_call>",
+            f"tool\n{q.answer}",
+            f"assistant\n{q.answer}",
+            f"tool\nError: cannot parse {q.expression[: rng.randint(1, 8)]!r}",
+        ]
+    lines += [
+        "The quick brown fox jumps over the lazy dog.",
+        "Hello, world! How can I help you today?",
+        "0123456789 +-*/=()[]{}<>.,;:!?'\"",
+        "Error: unknown tool",
+        "Error: arguments are not JSON",
+    ]
     return lines
 
 
@@ -121,12 +142,20 @@ def _train_tokenizer():
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(ADDED_TOKENS), min_frequency=2,
-                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(ADDED_TOKENS),
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_episode_texts(random.Random(0)), trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
     n = tok.get_vocab_size()
@@ -138,9 +167,14 @@ def _train_tokenizer():
 
     from transformers import PreTrainedTokenizerFast
 
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD,
-                                   model_max_length=MAX_POSITION_EMBEDDINGS, padding_side="left",
-                                   clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=PAD,
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -149,20 +183,36 @@ def _build_model(tokenizer, seed: int):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_POSITION_EMBEDDINGS, rms_norm_eps=1e-5,
-                         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         initializer_range=0.02, **SHAPE)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.02,
+        **SHAPE,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return model
 
 
 def _fingerprint() -> str:
-    what = json.dumps({"template": CHAT_TEMPLATE, "shape": SHAPE, "vocab": VOCAB_SIZE, "tool": calc_task.TOOL,
-                       "system": calc_task.SYSTEM_PROMPT, "added": ADDED_TOKENS}, sort_keys=True)
+    what = json.dumps(
+        {
+            "template": CHAT_TEMPLATE,
+            "shape": SHAPE,
+            "vocab": VOCAB_SIZE,
+            "tool": calc_task.TOOL,
+            "system": calc_task.SYSTEM_PROMPT,
+            "added": ADDED_TOKENS,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(what.encode()).hexdigest()
 
 

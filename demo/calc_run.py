@@ -128,30 +128,57 @@ class Demo:
         """One run of the calculator agent; its episodes."""
         log = self.work / f"episodes-{phase}.jsonl"
         log.unlink(missing_ok=True)
-        env = {**os.environ, "OPENAI_BASE_URL": f"{self.proxy_url}/v1", "OPENAI_API_KEY": "not-needed",
-               "PYTHONUNBUFFERED": "1"}
-        child = Child(f"agent-{phase}", [sys.executable, "-m", "demo.calc_agent", "--phase", phase, "--log",
-                                         str(log), *argv],
-                      env=env, log_path=self.logs / f"agent-{phase}.log", echo=lambda line: True)
+        env = {
+            **os.environ,
+            "OPENAI_BASE_URL": f"{self.proxy_url}/v1",
+            "OPENAI_API_KEY": "not-needed",
+            "PYTHONUNBUFFERED": "1",
+        }
+        child = Child(
+            f"agent-{phase}",
+            [sys.executable, "-m", "demo.calc_agent", "--phase", phase, "--log", str(log), *argv],
+            env=env,
+            log_path=self.logs / f"agent-{phase}.log",
+            echo=lambda line: True,
+        )
         STACK.push(f"agent-{phase}", child)
         child.wait()
         STACK.stop(f"agent-{phase}")
         return read_episodes(log)
 
     def evaluate(self, key: str, model: str = "policy") -> dict:
-        say(f"held-out evaluation ({LABELS[key]}): {self.args.eval_n} questions never used in training, "
-            f"X-Trainwire-Train: false, temperature 1")
-        result = summarize(self.agent(f"eval-{key}", "--model", model, "--eval", str(self.args.eval_n),
-                                      "--concurrency", "16"))
+        say(
+            f"held-out evaluation ({LABELS[key]}): {self.args.eval_n} questions never used in training, "
+            f"X-Trainwire-Train: false, temperature 1"
+        )
+        result = summarize(
+            self.agent(f"eval-{key}", "--model", model, "--eval", str(self.args.eval_n), "--concurrency", "16")
+        )
         result["t"] = time.time()
         self.results[key] = result
         say(f"{LABELS[key]}: accuracy {result['accuracy']:.3f} ± {result['accuracy_sem']:.3f}")
         return result
 
     def trainer(self, name: str, *argv: str) -> Child:
-        argv_all = [*self.trainwire, "train", "--upstream", self.vllm.url, "--model", str(self.model),
-                    "--lora-rank", "0", "--checkpoint-dir", str(self.ckpt), "--mode", "trajectory",
-                    "--settle-s", "0.3", "--poll-s", "0.3", *argv]
+        argv_all = [
+            *self.trainwire,
+            "train",
+            "--upstream",
+            self.vllm.url,
+            "--model",
+            str(self.model),
+            "--lora-rank",
+            "0",
+            "--checkpoint-dir",
+            str(self.ckpt),
+            "--mode",
+            "trajectory",
+            "--settle-s",
+            "0.3",
+            "--poll-s",
+            "0.3",
+            *argv,
+        ]
         # One OpenMP thread: vLLM's CPU engine spins on core 0 while it serves (demo/run.py), and the agents, the
         # proxy and the teacher share the other core; two threads made SFT steps several times slower here.
         env = {**self.env, "OMP_NUM_THREADS": os.environ.get("TRAINWIRE_DEMO_TRAINER_THREADS", "1")}
@@ -169,19 +196,38 @@ class Demo:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not ensure_vllm_venv():
             return 1
-        say(f"building the calculator model into {self.work / 'model'} (random weights, a tokenizer with "
-            "single-digit tokens and tool-call markers, no downloads)")
+        say(
+            f"building the calculator model into {self.work / 'model'} (random weights, a tokenizer with "
+            "single-digit tokens and tool-call markers, no downloads)"
+        )
         self.model = build_calc_model(self.work / "model")
         vllm_port, proxy_port, teacher_port = free_ports(args.vllm_port, args.proxy_port, args.teacher_port)
 
-        teacher = Child("teacher", [sys.executable, "-m", "demo.teacher_server", "--port", str(teacher_port),
-                                    "--direct-share", str(args.direct_share)],
-                        log_path=self.logs / "teacher.log")
+        teacher = Child(
+            "teacher",
+            [
+                sys.executable,
+                "-m",
+                "demo.teacher_server",
+                "--port",
+                str(teacher_port),
+                "--direct-share",
+                str(args.direct_share),
+            ],
+            log_path=self.logs / "teacher.log",
+        )
         STACK.push("teacher", teacher)
         say(f"starting vLLM on :{vllm_port} (hermes tool-call parser, dev-mode weight reloads, processed logprobs)")
         # --enforce-eager: no torch.compile warm-up (25 s of start-up here), and no slower for a model this small
-        self.vllm = start_vllm(self.model, vllm_port, served_model_name="calc", lora=False,
-                               log_path=self.logs / "vllm.log", timeout=600, extra_args=["--enforce-eager"])
+        self.vllm = start_vllm(
+            self.model,
+            vllm_port,
+            served_model_name="calc",
+            lora=False,
+            log_path=self.logs / "vllm.log",
+            timeout=600,
+            extra_args=["--enforce-eager"],
+        )
         STACK.push("vllm", self.vllm)
         say(f"vLLM ready in {self.vllm.startup_s:.0f}s at {self.vllm.url}")
         if not teacher.wait_for_line("teacher ready", 30):
@@ -194,25 +240,61 @@ class Demo:
         self.env = {**os.environ, "TRAINWIRE_DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
         self.env.pop("TRAINWIRE_UPSTREAM", None)
         routes = self.work / "routes.yaml"
-        routes.write_text(f"teacher:\n  model: openai/teacher\n  api_base: http://127.0.0.1:{teacher_port}/v1\n"
-                          f"  api_key: not-needed\n")
+        routes.write_text(
+            f"teacher:\n  model: openai/teacher\n  api_base: http://127.0.0.1:{teacher_port}/v1\n"
+            f"  api_key: not-needed\n"
+        )
         self.proxy_url = f"http://127.0.0.1:{proxy_port}"
-        proxy = Child("proxy", [*self.trainwire, "serve", "--host", "127.0.0.1", "--port", str(proxy_port),
-                                "--upstream", self.vllm.url, "--journal-dir", str(self.work / "journal"),
-                                "--routes-file", str(routes), "--air-invalid-tool-call", "-0.5",
-                                "--air-tool-error", "-0.2", "--air-truncated", "-0.2"],
-                      env=self.env, log_path=self.logs / "proxy.log")
+        proxy = Child(
+            "proxy",
+            [
+                *self.trainwire,
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(proxy_port),
+                "--upstream",
+                self.vllm.url,
+                "--journal-dir",
+                str(self.work / "journal"),
+                "--routes-file",
+                str(routes),
+                "--air-invalid-tool-call",
+                "-0.5",
+                "--air-tool-error",
+                "-0.2",
+                "--air-truncated",
+                "-0.2",
+            ],
+            env=self.env,
+            log_path=self.logs / "proxy.log",
+        )
         STACK.push("proxy", proxy)
         # The SFT trainer loads verl's engine while the base model is evaluated; it trains on teacher sessions
         # as soon as they are rewarded.
-        sft = self.trainer("trainer-sft", "--objective", "sft", "--sft-from", "teacher", "--lr", str(args.sft_lr),
-                           "--batch-size", str(args.sft_batch), "--mini-batch-size", str(args.sft_mini_batch),
-                           "--epochs", str(args.sft_epochs))
+        sft = self.trainer(
+            "trainer-sft",
+            "--objective",
+            "sft",
+            "--sft-from",
+            "teacher",
+            "--lr",
+            str(args.sft_lr),
+            "--batch-size",
+            str(args.sft_batch),
+            "--mini-batch-size",
+            str(args.sft_mini_batch),
+            "--epochs",
+            str(args.sft_epochs),
+        )
         if not wait_healthy(f"{self.proxy_url}/healthz", proxy):
             say(f"the proxy did not start; see {self.logs / 'proxy.log'}")
             return 1
-        say(f"proxy ready at {self.proxy_url} (store {db_url}; frozen route teacher -> "
-            f"http://127.0.0.1:{teacher_port}/v1)")
+        say(
+            f"proxy ready at {self.proxy_url} (store {db_url}; frozen route teacher -> "
+            f"http://127.0.0.1:{teacher_port}/v1)"
+        )
 
         # 1. the base model -------------------------------------------------------------------------------
         self.mark("phase 1/4: the base model (random weights) on held-out questions", "base")
@@ -224,39 +306,82 @@ class Demo:
         if not sft.wait_for_line("waiting for rewarded sessions", timeout=300):
             say(f"the SFT trainer did not start; see {self.logs / 'trainer-sft.log'}")
             return 1
-        say(f"teacher episodes: {args.teacher_episodes} training questions through the proxy, rewards posted; "
-            "the SFT trainer learns from them as they finish")
-        self.teacher_train = self.agent("teacher-train", "--model", "teacher", "--episodes",
-                                        str(args.teacher_episodes), "--groups-per-round", "16",
-                                        "--concurrency", "16", "--seed", "1", "--progress-s", "5")
+        say(
+            f"teacher episodes: {args.teacher_episodes} training questions through the proxy, rewards posted; "
+            "the SFT trainer learns from them as they finish"
+        )
+        self.teacher_train = self.agent(
+            "teacher-train",
+            "--model",
+            "teacher",
+            "--episodes",
+            str(args.teacher_episodes),
+            "--groups-per-round",
+            "16",
+            "--concurrency",
+            "16",
+            "--seed",
+            "1",
+            "--progress-s",
+            "5",
+        )
 
         # 3. SFT ----------------------------------------------------------------------------------------------
-        self.mark("phase 3/4: supervised fine-tuning on the teacher's calls (trainwire train --objective sft "
-                  "--sft-from teacher)", "sft")
+        self.mark(
+            "phase 3/4: supervised fine-tuning on the teacher's calls (trainwire train --objective sft "
+            "--sft-from teacher)",
+            "sft",
+        )
         if not self.wait_trained(sft, args.teacher_episodes):
             return 1
         sft.stop()
         STACK.stop("trainer-sft")
         steps = [line for line in sft.seen if "] step " in line]
         say(f"SFT done: {len(steps)} steps; the last: {steps[-1] if steps else '-'}")
-        rl = self.trainer("trainer-rl", "--objective", "rl", "--lr", str(args.rl_lr), "--batch-size",
-                          str(args.group_size * args.groups_per_step), "--group-size", str(args.group_size),
-                          "--group-timeout-s", "20")
+        rl = self.trainer(
+            "trainer-rl",
+            "--objective",
+            "rl",
+            "--lr",
+            str(args.rl_lr),
+            "--batch-size",
+            str(args.group_size * args.groups_per_step),
+            "--group-size",
+            str(args.group_size),
+            "--group-timeout-s",
+            "20",
+        )
         self.evaluate("sft")
 
         # 4. RL ---------------------------------------------------------------------------------------------
-        self.mark("phase 4/4: RL on the correctness reward (trainwire train --objective rl, from the SFT "
-                  "checkpoint)", "rl")
+        self.mark(
+            "phase 4/4: RL on the correctness reward (trainwire train --objective rl, from the SFT checkpoint)", "rl"
+        )
         if not rl.wait_for_line("waiting for rewarded sessions", timeout=300):
             say(f"the RL trainer did not start; see {self.logs / 'trainer-rl.log'}")
             return 1
         resumed = [line for line in rl.seen if "resumed from" in line]
         say(f"RL trainer: {resumed[-1].split('; ', 1)[-1] if resumed else 'did not resume a checkpoint'}")
         batch = args.group_size * args.groups_per_step
-        self.rl_train = self.agent("rl-train", "--model", "policy", "--duration", str(args.rl_duration),
-                                   "--group-size", str(args.group_size), "--groups-per-round",
-                                   str(args.groups_per_step), "--concurrency", "16", "--max-backlog", str(batch),
-                                   "--seed", "2", "--progress-s", "10")
+        self.rl_train = self.agent(
+            "rl-train",
+            "--model",
+            "policy",
+            "--duration",
+            str(args.rl_duration),
+            "--group-size",
+            str(args.group_size),
+            "--groups-per-round",
+            str(args.groups_per_step),
+            "--concurrency",
+            "16",
+            "--max-backlog",
+            str(batch),
+            "--seed",
+            "2",
+            "--progress-s",
+            "10",
+        )
         rl.stop()
         STACK.stop("trainer-rl")
         steps = [line for line in rl.seen if "] step " in line]
@@ -289,10 +414,16 @@ class Demo:
         print(f"  {'':12s} {'accuracy':>16s} {'tool calls valid':>22s} {'mean turns':>14s}", flush=True)
         for key in PHASES:
             x = r[key]
-            validity = (f"{x['validity']:.3f} ± {x['validity_sem']:.3f} ({x['attempts']})" if x["attempts"]
-                        else "- (no tool calls)")
-            print(f"  {LABELS[key]:12s} {x['accuracy']:8.3f} ± {x['accuracy_sem']:.3f} {validity:>22s} "
-                  f"{x['turns']:7.2f} ± {x['turns_sem']:.2f}", flush=True)
+            validity = (
+                f"{x['validity']:.3f} ± {x['validity_sem']:.3f} ({x['attempts']})"
+                if x["attempts"]
+                else "- (no tool calls)"
+            )
+            print(
+                f"  {LABELS[key]:12s} {x['accuracy']:8.3f} ± {x['accuracy_sem']:.3f} {validity:>22s} "
+                f"{x['turns']:7.2f} ± {x['turns_sem']:.2f}",
+                flush=True,
+            )
         margins = {}
         for a, b in (("sft", "base"), ("rl", "sft"), ("rl", "teacher")):
             gain = r[a]["accuracy"] - r[b]["accuracy"]
@@ -301,9 +432,15 @@ class Demo:
             margins[f"{a}-{b}"] = {"gain": gain, "se": se, "z": z}
             say(f"{LABELS[a]} vs {LABELS[b]}: {gain:+.3f} accuracy = {z:.1f} standard errors")
         wall = time.monotonic() - T0
-        out = {"phases": r, "margins": margins, "wall_s": wall, "eval_n": self.args.eval_n,
-               "teacher_episodes": self.args.teacher_episodes, "rl_episodes": len(self.rl_train),
-               "marks": self.marks}
+        out = {
+            "phases": r,
+            "margins": margins,
+            "wall_s": wall,
+            "eval_n": self.args.eval_n,
+            "teacher_episodes": self.args.teacher_episodes,
+            "rl_episodes": len(self.rl_train),
+            "marks": self.marks,
+        }
         (self.work / "results.json").write_text(json.dumps(out, indent=2) + "\n")
         png = plot(self.work, self.marks, r)
         say(f"plot: {png}; numbers: {self.work / 'results.json'}; logs: {self.logs}/")
@@ -328,30 +465,48 @@ def plot(work: Path, marks: list[tuple[str, float]], results: dict[str, dict]) -
         return out
     t0 = marks[0][1] if marks else time.time()
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    for name, color, label in (("teacher-train", "tab:green", "teacher episodes (training questions)"),
-                               ("rl-train", "tab:blue", "policy RL episodes (training questions)")):
+    for name, color, label in (
+        ("teacher-train", "tab:green", "teacher episodes (training questions)"),
+        ("rl-train", "tab:blue", "policy RL episodes (training questions)"),
+    ):
         eps = sorted(read_episodes(work / f"episodes-{name}.jsonl"), key=lambda e: e["t"])
         k = max(16, len(eps) // 30)
         if len(eps) < k:
             continue
-        xs = [e["t"] - t0 for e in eps[k - 1:]]
-        ys = [sum(x["correct"] for x in eps[i - k + 1: i + 1]) / k for i in range(k - 1, len(eps))]
+        xs = [e["t"] - t0 for e in eps[k - 1 :]]
+        ys = [sum(x["correct"] for x in eps[i - k + 1 : i + 1]) / k for i in range(k - 1, len(eps))]
         ax.plot(xs, ys, color=color, lw=1.5, label=f"{label}, moving average of {k}")
     for key in PHASES:
         res = results.get(key)
         if res:
-            ax.errorbar([res["t"] - t0], [res["accuracy"]], yerr=[2 * res["accuracy_sem"]], fmt="o", color="black",
-                        capsize=4)
-            ax.annotate(f"{LABELS[key]}: {res['accuracy']:.2f}", (res["t"] - t0, res["accuracy"]),
-                        textcoords="offset points", xytext=(6, -12), fontsize=8)
+            ax.errorbar(
+                [res["t"] - t0], [res["accuracy"]], yerr=[2 * res["accuracy_sem"]], fmt="o", color="black", capsize=4
+            )
+            ax.annotate(
+                f"{LABELS[key]}: {res['accuracy']:.2f}",
+                (res["t"] - t0, res["accuracy"]),
+                textcoords="offset points",
+                xytext=(6, -12),
+                fontsize=8,
+            )
     names = {"base": "1 base model", "teacher": "2 teacher", "sft": "3 SFT", "rl": "4 RL"}
     for i, (key, t) in enumerate(marks):
         ax.axvline(t - t0, color="tab:orange", lw=0.8, ls="--")
-        ax.annotate(names.get(key, key), (t - t0, 1.03 - 0.04 * (i % 2)), textcoords="offset points",
-                    xytext=(3, 0), fontsize=8, color="tab:orange")
+        ax.annotate(
+            names.get(key, key),
+            (t - t0, 1.03 - 0.04 * (i % 2)),
+            textcoords="offset points",
+            xytext=(3, 0),
+            fontsize=8,
+            color="tab:orange",
+        )
     ax.plot([], [], "o", color="black", label="held-out evaluation ± 2 SE")
-    ax.set(xlabel="seconds since phase 1 started", ylabel="accuracy", ylim=(-0.02, 1.1),
-           title="trainwire demo-calc: held-out accuracy through SFT from a teacher, then RL")
+    ax.set(
+        xlabel="seconds since phase 1 started",
+        ylabel="accuracy",
+        ylim=(-0.02, 1.1),
+        title="trainwire demo-calc: held-out accuracy through SFT from a teacher, then RL",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -32,8 +32,7 @@ TOOL = {
     "function": {
         "name": TOOL_NAME,
         "description": "Evaluate an arithmetic expression.",
-        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                       "required": ["expression"]},
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
     },
 }
 # The shapes of the expressions, each with three two-digit operands (10..99); only those worth 1000..9999.
@@ -133,7 +132,7 @@ def run_tool(name: str | None, arguments: str | None) -> tuple[str, bool]:
     except ValueError:
         return "Error: arguments are not JSON", False
     if not isinstance(args, dict) or not isinstance(args.get("expression"), str):
-        return "Error: expected {\"expression\": \"...\"}", False
+        return 'Error: expected {"expression": "..."}', False
     try:
         return str(calculate(args["expression"])), True
     except ValueError as exc:

@@ -59,16 +59,26 @@ def free_ports(*preferred: int) -> list[int]:
 class Child:
     """A process started in its own session (process group): stop() reaches everything it started."""
 
-    def __init__(self, name: str, argv: list[str], *, env: dict | None = None, log_path: Path,
-                 echo=None, cwd: Path = ROOT) -> None:
+    def __init__(
+        self, name: str, argv: list[str], *, env: dict | None = None, log_path: Path, echo=None, cwd: Path = ROOT
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self.echo = echo  # line -> bool: print this line on the console
         self.seen: list[str] = []
         self.lines = threading.Condition()
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True, bufsize=1, text=True,
-                                     errors="replace")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            bufsize=1,
+            text=True,
+            errors="replace",
+        )
         self.reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
         self.reader.start()
 
@@ -187,8 +197,9 @@ def run_demo(body: Callable[..., int], args, tag: str = "demo") -> int:
 def ensure_vllm_venv() -> bool:
     """scripts/setup_vllm_venv.sh (cached after the first run); exports TRAINWIRE_VLLM_VENV. False on failure."""
     say("preparing the CPU vLLM venv (scripts/setup_vllm_venv.sh; cached after the first run)")
-    setup = subprocess.run(["bash", str(ROOT / "scripts" / "setup_vllm_venv.sh")], cwd=ROOT,
-                           stdout=subprocess.PIPE, text=True)
+    setup = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup_vllm_venv.sh")], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     if setup.returncode != 0:
         say("setting up the vLLM venv failed (see the messages above)")
         return False
@@ -204,8 +215,14 @@ def fresh_store(work: Path) -> str:
             f.unlink()
         db_url = f"sqlite:///{work / 'trainwire.db'}"
     env = {**os.environ, "TRAINWIRE_DATABASE_URL": db_url}
-    subprocess.run([sys.executable, "-m", "trainwire.cli", "migrate"], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "trainwire.cli", "migrate"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return db_url
 
 

@@ -85,8 +85,10 @@ def version_table(episodes: list[dict], max_rows: int = 10) -> list[dict]:
         if not chunks or sum(len(by[u]) for u in chunks[-1]) >= target:
             chunks.append([])
         chunks[-1].append(v)
-    return [{"label": f"v{g[0]}" if len(g) == 1 else f"v{g[0]}-v{g[-1]}", **mean_sem([x for v in g for x in by[v]])}
-            for g in head + chunks]
+    return [
+        {"label": f"v{g[0]}" if len(g) == 1 else f"v{g[0]}-v{g[-1]}", **mean_sem([x for v in g for x in by[v]])}
+        for g in head + chunks
+    ]
 
 
 def plot(episodes: list[dict], rows: list[dict], out: Path, title: str) -> Path:
@@ -105,7 +107,7 @@ def plot(episodes: list[dict], rows: list[dict], out: Path, title: str) -> Path:
     xs, ys = [xs[i] for i in order], [ys[i] for i in order]
     vs = [episodes[i]["policy_version"] for i in order]
     k = max(8, len(ys) // 25)
-    avg = [statistics.fmean(ys[max(0, i - k + 1): i + 1]) for i in range(len(ys))]
+    avg = [statistics.fmean(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     a.scatter(xs, ys, s=4, alpha=0.25, color="tab:gray", label="episode reward")
     a.plot(xs, avg, color="tab:blue", lw=2, label=f"moving average ({k} episodes)")
@@ -115,13 +117,23 @@ def plot(episodes: list[dict], rows: list[dict], out: Path, title: str) -> Path:
             newest = vs[i]
             a.axvline(xs[i], color="tab:orange", lw=0.5, alpha=0.35)
     a.plot([], [], color="tab:orange", lw=0.6, label="new policy version served")
-    a.set(xlabel="seconds since the agent started", ylabel="reward (fraction of digits)", ylim=(-0.02, 1.02),
-          title=title)
+    a.set(
+        xlabel="seconds since the agent started", ylabel="reward (fraction of digits)", ylim=(-0.02, 1.02), title=title
+    )
     a.legend(loc="lower right", fontsize=8)
-    b.errorbar([r["version"] for r in rows], [r["mean"] for r in rows],
-               yerr=[0 if math.isnan(r["sem"]) else 2 * r["sem"] for r in rows], fmt="o-", capsize=3)
-    b.set(xlabel="policy version (X-Policy-Version)", ylabel="mean reward ± 2 SE", ylim=(-0.02, 1.02),
-          title="mean reward per policy version")
+    b.errorbar(
+        [r["version"] for r in rows],
+        [r["mean"] for r in rows],
+        yerr=[0 if math.isnan(r["sem"]) else 2 * r["sem"] for r in rows],
+        fmt="o-",
+        capsize=3,
+    )
+    b.set(
+        xlabel="policy version (X-Policy-Version)",
+        ylabel="mean reward ± 2 SE",
+        ylim=(-0.02, 1.02),
+        title="mean reward per policy version",
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -150,8 +162,12 @@ def _plot_plain(rows: list[dict], out: Path) -> Path:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
     out.write_bytes(png)
     return out
 
@@ -169,8 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups-per-step", type=int, default=4, help="groups per training step")
     p.add_argument("--vllm-port", type=int, default=8000)
     p.add_argument("--proxy-port", type=int, default=8100)
-    p.add_argument("--keep-serving", action="store_true",
-                   help="after the run keep vLLM and the proxy up (Ctrl-C to stop) to look at the data")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="after the run keep vLLM and the proxy up (Ctrl-C to stop) to look at the data",
+    )
     p.add_argument("--agent-log", type=Path, default=None, help="agent JSON lines (default: WORKDIR/agent.jsonl)")
     args = p.parse_args(argv)
     return run_demo(run, args)
@@ -212,14 +231,50 @@ def run(args) -> int:
     env = {**os.environ, "TRAINWIRE_DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"}
     env.pop("TRAINWIRE_UPSTREAM", None)
     proxy_url = f"http://127.0.0.1:{proxy_port}"
-    proxy = Child("proxy", [*trainwire, "serve", "--host", "127.0.0.1", "--port", str(proxy_port),
-                            "--upstream", vllm.url, "--journal-dir", str(work / "journal")],
-                  env=env, log_path=logs / "proxy.log")
+    proxy = Child(
+        "proxy",
+        [
+            *trainwire,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(proxy_port),
+            "--upstream",
+            vllm.url,
+            "--journal-dir",
+            str(work / "journal"),
+        ],
+        env=env,
+        log_path=logs / "proxy.log",
+    )
     STACK.push("proxy", proxy)
-    train_argv = [*trainwire, "train", "--upstream", vllm.url, "--model", str(model),
-                  "--lora-rank", str(args.lora_rank), "--lr", str(lr), "--batch-size", str(batch),
-                  "--group-size", str(args.group_size), "--group-timeout-s", "20", "--checkpoint-dir", str(ckpt),
-                  "--settle-s", "0.3", "--poll-s", "0.3", "--lora-grace-s", "20"]
+    train_argv = [
+        *trainwire,
+        "train",
+        "--upstream",
+        vllm.url,
+        "--model",
+        str(model),
+        "--lora-rank",
+        str(args.lora_rank),
+        "--lr",
+        str(lr),
+        "--batch-size",
+        str(batch),
+        "--group-size",
+        str(args.group_size),
+        "--group-timeout-s",
+        "20",
+        "--checkpoint-dir",
+        str(ckpt),
+        "--settle-s",
+        "0.3",
+        "--poll-s",
+        "0.3",
+        "--lora-grace-s",
+        "20",
+    ]
     # vLLM's CPU engine binds its OpenMP thread to core 0 and spins there while it serves; a trainer whose
     # OpenMP team also wants that core waits on its barriers (steps got 10x slower on 2 cores). One thread.
     trainer_env = {**env, "OMP_NUM_THREADS": env.get("TRAINWIRE_DEMO_TRAINER_THREADS", "1")}
@@ -236,14 +291,37 @@ def run(args) -> int:
     # 4. the agent -----------------------------------------------------------------------------------------
     agent_log = (args.agent_log or work / "agent.jsonl").resolve()
     agent_log.unlink(missing_ok=True)
-    agent_env = {**os.environ, "OPENAI_BASE_URL": f"{proxy_url}/v1", "OPENAI_API_KEY": "not-needed",
-                 "PYTHONUNBUFFERED": "1"}
-    say(f"agent: OPENAI_BASE_URL={proxy_url}/v1, {args.duration:.0f}s of episodes, groups of "
-        f"{args.group_size} per prompt (X-Task-Id), reward = fraction of digits in the answers")
-    agent = Child("agent", [sys.executable, "-m", "demo.agent", "--duration", str(args.duration),
-                            "--group-size", str(args.group_size), "--groups-per-round", str(args.groups_per_step),
-                            "--max-backlog", str(batch), "--log", str(agent_log)],
-                  env=agent_env, log_path=logs / "agent.log", echo=lambda line: True)
+    agent_env = {
+        **os.environ,
+        "OPENAI_BASE_URL": f"{proxy_url}/v1",
+        "OPENAI_API_KEY": "not-needed",
+        "PYTHONUNBUFFERED": "1",
+    }
+    say(
+        f"agent: OPENAI_BASE_URL={proxy_url}/v1, {args.duration:.0f}s of episodes, groups of "
+        f"{args.group_size} per prompt (X-Task-Id), reward = fraction of digits in the answers"
+    )
+    agent = Child(
+        "agent",
+        [
+            sys.executable,
+            "-m",
+            "demo.agent",
+            "--duration",
+            str(args.duration),
+            "--group-size",
+            str(args.group_size),
+            "--groups-per-round",
+            str(args.groups_per_step),
+            "--max-backlog",
+            str(batch),
+            "--log",
+            str(agent_log),
+        ],
+        env=agent_env,
+        log_path=logs / "agent.log",
+        echo=lambda line: True,
+    )
     STACK.push("agent", agent)
     agent.wait()
     STACK.stop("agent")
@@ -258,8 +336,10 @@ def run(args) -> int:
     rows = per_version(episodes)
     swaps = [line for line in trainer.seen if "[trainwire train] step" in line]
     print("", flush=True)
-    say(f"{len(episodes)} episodes, {len(requests)} HTTP requests ({len(failed)} failed), "
-        f"{len(swaps)} policy versions published by the trainer")
+    say(
+        f"{len(episodes)} episodes, {len(requests)} HTTP requests ({len(failed)} failed), "
+        f"{len(swaps)} policy versions published by the trainer"
+    )
     print("  policy versions  episodes  mean reward  ± SE", flush=True)
     for r in version_table(episodes):
         print(f"  {r['label']:<15s} {r['episodes']:9d}  {r['mean']:11.3f}  {r['sem']:.3f}", flush=True)
@@ -267,23 +347,28 @@ def run(args) -> int:
     if first and last and last is not first:
         se = math.hypot(first["sem"], last["sem"])
         gain = last["mean"] - first["mean"]
-        say(f"mean reward v{first['version']} {first['mean']:.3f} (n={first['episodes']}) -> v{last['version']} "
+        say(
+            f"mean reward v{first['version']} {first['mean']:.3f} (n={first['episodes']}) -> v{last['version']} "
             f"{last['mean']:.3f} (n={last['episodes']}): {gain:+.3f}, "
-            f"{gain / se if se else float('inf'):.1f} standard errors")
+            f"{gain / se if se else float('inf'):.1f} standard errors"
+        )
     if episodes:
         kind = f"LoRA rank {args.lora_rank}" if args.lora_rank else "full fine-tuning"
         png = plot(episodes, rows, work / "reward_curve.png", f"trainwire demo: {kind}, lr {lr:g}")
         say(f"reward curve: {png}")
     cli = f"{bin_dir / 'trainwire'}"
-    print(f"""
+    print(
+        f"""
 Look at the recorded data (the proxy reads the store; vLLM is not needed for this):
   {cli} serve --database-url {db_url} --port {proxy_port} &
   curl -s '{proxy_url}/sessions?limit=3' | python -m json.tool
   curl -s {proxy_url}/stats | python -m json.tool
   curl -s '{proxy_url}/sessions/<session id>?tokens=true' | python -m json.tool
-  {cli} export --database-url {db_url} --out {work / 'calls.jsonl'}
-Logs: {logs}/ (vllm, proxy, trainer, agent); TensorBoard: {ckpt / 'tensorboard'}
-""", flush=True)
+  {cli} export --database-url {db_url} --out {work / "calls.jsonl"}
+Logs: {logs}/ (vllm, proxy, trainer, agent); TensorBoard: {ckpt / "tensorboard"}
+""",
+        flush=True,
+    )
     if args.keep_serving:
         say(f"--keep-serving: vLLM {vllm.url} and the proxy {proxy_url} stay up; Ctrl-C to stop them")
         while proxy.alive() and vllm.alive():

@@ -56,8 +56,9 @@ def answer(body: dict, *, direct_share: float, seed: int) -> tuple[dict, str]:
         result = _text(last.get("content")).strip()
         text = result if not result.startswith("Error") else "I cannot compute that."
         return {"role": "assistant", "content": text}, "stop"
-    question = next((_text(m.get("content")) for m in reversed(messages)
-                     if isinstance(m, dict) and m.get("role") == "user"), "")
+    question = next(
+        (_text(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"), ""
+    )
     found = _EXPRESSION.findall(question)
     if not found:
         return {"role": "assistant", "content": "Please ask me an arithmetic question."}, "stop"
@@ -67,8 +68,11 @@ def answer(body: dict, *, direct_share: float, seed: int) -> tuple[dict, str]:
     except ValueError:
         return {"role": "assistant", "content": "I cannot compute that."}, "stop"
     if body.get("tools") and calc_task.teacher_uses_tool(question, direct_share=direct_share, seed=seed):
-        call = {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-                "function": {"name": calc_task.TOOL_NAME, "arguments": json.dumps({"expression": expression})}}
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:12]}",
+            "type": "function",
+            "function": {"name": calc_task.TOOL_NAME, "arguments": json.dumps({"expression": expression})},
+        }
         return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
     return {"role": "assistant", "content": str(calc_task.estimate(value))}, "stop"
 
@@ -108,12 +112,24 @@ class _Handler(BaseHTTPRequestHandler):
         message, finish = answer(body, direct_share=opts["direct_share"], seed=opts["seed"])
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
         words = len(json.dumps(message)) // 4
-        usage = {"prompt_tokens": sum(len(json.dumps(m)) for m in body.get("messages") or []) // 4,
-                 "completion_tokens": words, "total_tokens": 0}
+        usage = {
+            "prompt_tokens": sum(len(json.dumps(m)) for m in body.get("messages") or []) // 4,
+            "completion_tokens": words,
+            "total_tokens": 0,
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + words
         if not body.get("stream"):
-            self._json(200, {"id": cid, "object": "chat.completion", "created": created, "model": MODEL,
-                             "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage})
+            self._json(
+                200,
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": MODEL,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": usage,
+                },
+            )
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -122,8 +138,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
         def chunk(delta: dict, finish_reason: str | None = None, **extra) -> None:
-            payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": MODEL,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+            payload = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": MODEL,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                **extra,
+            }
             self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
         chunk({"role": "assistant", "content": ""})
@@ -134,8 +156,14 @@ class _Handler(BaseHTTPRequestHandler):
             chunk({"content": message["content"]})
         chunk({}, finish)
         if (body.get("stream_options") or {}).get("include_usage"):
-            payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": MODEL,
-                       "choices": [], "usage": usage}
+            payload = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": MODEL,
+                "choices": [],
+                "usage": usage,
+            }
             self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
@@ -155,13 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=8300)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--direct-share", type=float, default=0.3,
-                   help="share of questions answered without the tool, with an estimate")
+    p.add_argument(
+        "--direct-share", type=float, default=0.3, help="share of questions answered without the tool, with an estimate"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     server = serve(args.port, host=args.host, direct_share=args.direct_share, seed=args.seed)
-    print(f"teacher ready on http://{args.host}:{server.server_address[1]}/v1 (answers "
-          f"{args.direct_share:.0%} of questions without the tool)", flush=True)
+    print(
+        f"teacher ready on http://{args.host}:{server.server_address[1]}/v1 (answers "
+        f"{args.direct_share:.0%} of questions without the tool)",
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

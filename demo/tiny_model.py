@@ -69,7 +69,7 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' and message.get('tool_calls') %}"
     "{% for tc in message['tool_calls'] %}"
     "{% set fn = tc['function'] if tc.get('function') else tc %}"
-    "<tool_call>{\"name\": {{ fn['name'] | tojson }}, \"arguments\": "
+    '<tool_call>{"name": {{ fn[\'name\'] | tojson }}, "arguments": '
     "{% if fn['arguments'] is string %}{{ fn['arguments'] }}{% else %}{{ fn['arguments'] | tojson }}{% endif %}"
     "}</tool_call>"
     "{% endfor %}"
@@ -207,8 +207,12 @@ def _template_sha() -> str:
 
 
 def _marker_info(seed: int) -> dict:
-    return {"format_version": FORMAT_VERSION, "chat_template_sha256": _template_sha(), "seed": seed,
-            "vocab_size": VOCAB_SIZE}
+    return {
+        "format_version": FORMAT_VERSION,
+        "chat_template_sha256": _template_sha(),
+        "seed": seed,
+        "vocab_size": VOCAB_SIZE,
+    }
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:

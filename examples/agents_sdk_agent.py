@@ -41,11 +41,18 @@ def calculator(expression: str) -> str:
 
 async def run_episode(base_url: str, args, task_id: str, question: str) -> tuple[str, str | None]:
     session_id = f"oa-{uuid.uuid4().hex[:12]}"
-    client = AsyncOpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"),
-                         default_headers={"X-Session-Id": session_id, "X-Task-Id": task_id})  # trainwire: the episode
-    agent = Agent(name="calculator", instructions="Use the calculator tool for arithmetic.", tools=[calculator],
-                  model=OpenAIChatCompletionsModel(model=args.model, openai_client=client),
-                  model_settings=ModelSettings(temperature=1.0, max_tokens=256))
+    client = AsyncOpenAI(
+        base_url=base_url,
+        api_key=os.environ.get("OPENAI_API_KEY", "unused"),
+        default_headers={"X-Session-Id": session_id, "X-Task-Id": task_id},
+    )  # trainwire: the episode
+    agent = Agent(
+        name="calculator",
+        instructions="Use the calculator tool for arithmetic.",
+        tools=[calculator],
+        model=OpenAIChatCompletionsModel(model=args.model, openai_client=client),
+        model_settings=ModelSettings(temperature=1.0, max_tokens=256),
+    )
     try:
         result = await Runner.run(agent, question, max_turns=args.max_turns)
         return session_id, str(result.final_output)

@@ -29,8 +29,13 @@ from common import context_url, endpoints, make_task, post_reward, score
 
 SYSTEM = "Use the calculator tool for arithmetic, then reply with only the final number."
 # What AutoGen must be told about a model it has no entry for.
-MODEL_INFO = {"vision": False, "function_calling": True, "json_output": False, "family": "unknown",
-              "structured_output": False}
+MODEL_INFO = {
+    "vision": False,
+    "function_calling": True,
+    "json_output": False,
+    "family": "unknown",
+    "structured_output": False,
+}
 
 
 def calculator(expression: str) -> str:
@@ -41,11 +46,22 @@ def calculator(expression: str) -> str:
 async def run_episode(base_url: str, args, task_id: str, question: str) -> tuple[str, str | None]:
     session_id = f"ag-{uuid.uuid4().hex[:12]}"
     url = context_url(base_url.removesuffix("/v1"), session=session_id, task=task_id, agent="solver")  # trainwire
-    client = OpenAIChatCompletionClient(model=args.model, base_url=url, model_info=MODEL_INFO,
-                                        api_key=os.environ.get("OPENAI_API_KEY", "unused"), temperature=1.0,
-                                        max_tokens=args.max_tokens)
-    agent = AssistantAgent("solver", model_client=client, tools=[calculator], system_message=SYSTEM,
-                           reflect_on_tool_use=True, max_tool_iterations=max(args.max_turns - 1, 1))
+    client = OpenAIChatCompletionClient(
+        model=args.model,
+        base_url=url,
+        model_info=MODEL_INFO,
+        api_key=os.environ.get("OPENAI_API_KEY", "unused"),
+        temperature=1.0,
+        max_tokens=args.max_tokens,
+    )
+    agent = AssistantAgent(
+        "solver",
+        model_client=client,
+        tools=[calculator],
+        system_message=SYSTEM,
+        reflect_on_tool_use=True,
+        max_tool_iterations=max(args.max_turns - 1, 1),
+    )
     try:
         result = await agent.run(task=question)
     finally:

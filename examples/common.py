@@ -16,20 +16,33 @@ import re
 import urllib.parse
 import urllib.request
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-        ast.USub: operator.neg, ast.UAdd: operator.pos}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
 
 CALCULATOR_DOC = "Evaluate an arithmetic expression such as '(12 + 7) * 3' and return the result."
 # The calculator as an OpenAI tool definition, for clients that take raw JSON schemas.
-CALCULATOR_TOOL = {"type": "function", "function": {
-    "name": "calculator", "description": CALCULATOR_DOC,
-    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                   "required": ["expression"]}}}
+CALCULATOR_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": CALCULATOR_DOC,
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+    },
+}
 
 
 def safe_eval(expression: str) -> float | int:
     """Numbers, + - * / // % ** and parentheses; nothing else (no names, calls or attributes)."""
+
     def ev(node: ast.AST):
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -82,8 +95,9 @@ def score(answer: str | None, truth: int) -> float:
 def endpoints(proxy_url: str | None = None) -> tuple[str, str]:
     """(base URL for the OpenAI client, proxy root for rewards). The client uses OPENAI_BASE_URL when set, else
     --proxy-url + /v1; rewards go to --proxy-url, else to OPENAI_BASE_URL without its /v1."""
-    base = os.environ.get("OPENAI_BASE_URL") or (f"{proxy_url.rstrip('/')}/v1" if proxy_url
-                                                 else "http://localhost:8100/v1")
+    base = os.environ.get("OPENAI_BASE_URL") or (
+        f"{proxy_url.rstrip('/')}/v1" if proxy_url else "http://localhost:8100/v1"
+    )
     base = base.rstrip("/")
     root = proxy_url.rstrip("/") if proxy_url else (base[: -len("/v1")] if base.endswith("/v1") else base)
     return base, root

@@ -41,11 +41,23 @@ def calculator(expression: str) -> str:
 def run_episode(base_url: str, args, task_id: str, question: str) -> tuple[str, str | None]:
     session_id = f"crew-{uuid.uuid4().hex[:12]}"
     url = context_url(base_url.removesuffix("/v1"), session=session_id, task=task_id, agent="solver")  # trainwire
-    llm = LLM(model=f"openai/{args.model}", base_url=url, api_key=os.environ.get("OPENAI_API_KEY", "unused"),
-              temperature=1.0, max_tokens=args.max_tokens)
-    solver = Agent(role="Calculator", goal="Answer arithmetic questions exactly.",
-                   backstory="You use the calculator tool for every computation.", tools=[calculator], llm=llm,
-                   max_iter=args.max_turns, allow_delegation=False, verbose=False)
+    llm = LLM(
+        model=f"openai/{args.model}",
+        base_url=url,
+        api_key=os.environ.get("OPENAI_API_KEY", "unused"),
+        temperature=1.0,
+        max_tokens=args.max_tokens,
+    )
+    solver = Agent(
+        role="Calculator",
+        goal="Answer arithmetic questions exactly.",
+        backstory="You use the calculator tool for every computation.",
+        tools=[calculator],
+        llm=llm,
+        max_iter=args.max_turns,
+        allow_delegation=False,
+        verbose=False,
+    )
     job = Task(description=question, expected_output="Only the final number.", agent=solver)
     output = Crew(agents=[solver], tasks=[job], verbose=False).kickoff()
     return session_id, output.raw

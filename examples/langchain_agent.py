@@ -31,9 +31,14 @@ def calculator(expression: str) -> str:
 
 def run_episode(base_url: str, args, task_id: str, question: str) -> tuple[str, str | None]:
     session_id = f"lc-{uuid.uuid4().hex[:12]}"
-    llm = ChatOpenAI(model=args.model, base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "unused"),
-                     default_headers={"X-Session-Id": session_id, "X-Task-Id": task_id},  # trainwire: the episode
-                     temperature=1.0, max_tokens=256)
+    llm = ChatOpenAI(
+        model=args.model,
+        base_url=base_url,
+        api_key=os.environ.get("OPENAI_API_KEY", "unused"),
+        default_headers={"X-Session-Id": session_id, "X-Task-Id": task_id},  # trainwire: the episode
+        temperature=1.0,
+        max_tokens=256,
+    )
     agent = llm.bind_tools([calculator])
     messages = [SystemMessage("Use the calculator tool for arithmetic."), HumanMessage(question)]
     for _ in range(args.max_turns):

@@ -40,9 +40,13 @@ def calculator(expression: str) -> str:
 def run_episode(base_url: str, args, task_id: str, question: str) -> tuple[str, str | None]:
     session_id = f"lg-{uuid.uuid4().hex[:12]}"
     url = context_url(base_url.removesuffix("/v1"), session=session_id, task=task_id, agent="solver")  # trainwire
-    llm = ChatOpenAI(model=args.model, base_url=url,
-                     api_key=os.environ.get("OPENAI_API_KEY", "unused"), temperature=1.0,
-                     max_completion_tokens=args.max_tokens)
+    llm = ChatOpenAI(
+        model=args.model,
+        base_url=url,
+        api_key=os.environ.get("OPENAI_API_KEY", "unused"),
+        temperature=1.0,
+        max_completion_tokens=args.max_tokens,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         agent = create_react_agent(llm, [calculator], prompt=SYSTEM)

@@ -40,21 +40,35 @@ def run_episode(client: OpenAI, args, topic: str, word: str, max_words: int) -> 
     session_id = f"write-{uuid.uuid4().hex[:12]}"
     task_id = f"write-{topic.replace(' ', '_')}-{word}-{max_words}"
     rules = f'Write one sentence about {topic} that uses the word "{word}" and has at most {max_words} words.'
-    writer = [{"role": "system", "content": "You are a writer. Reply with the sentence only."},
-              {"role": "user", "content": rules}]
+    writer = [
+        {"role": "system", "content": "You are a writer. Reply with the sentence only."},
+        {"role": "user", "content": rules},
+    ]
     draft = ""
     for _ in range(args.rounds):
         reply = client.chat.completions.create(
-            model=args.model, messages=writer, temperature=args.temperature, max_tokens=80,
-            extra_headers={"X-Session-Id": session_id, "X-Task-Id": task_id, "X-Agent-Name": "writer"})
+            model=args.model,
+            messages=writer,
+            temperature=args.temperature,
+            max_tokens=80,
+            extra_headers={"X-Session-Id": session_id, "X-Task-Id": task_id, "X-Agent-Name": "writer"},
+        )
         draft = (reply.choices[0].message.content or "").strip()
         writer.append({"role": "assistant", "content": draft})
         review = client.chat.completions.create(
-            model=args.checker_model, temperature=0.0, max_tokens=80,
-            messages=[{"role": "system", "content": "You check a sentence against rules. Reply OK if it follows "
-                                                    "all of them, otherwise say in one line what to fix."},
-                      {"role": "user", "content": f"Rules: {rules}\nSentence: {draft}"}],
-            extra_headers={"X-Session-Id": session_id, "X-Task-Id": task_id, "X-Agent-Name": "checker"})
+            model=args.checker_model,
+            temperature=0.0,
+            max_tokens=80,
+            messages=[
+                {
+                    "role": "system",
+                    "content": "You check a sentence against rules. Reply OK if it follows "
+                    "all of them, otherwise say in one line what to fix.",
+                },
+                {"role": "user", "content": f"Rules: {rules}\nSentence: {draft}"},
+            ],
+            extra_headers={"X-Session-Id": session_id, "X-Task-Id": task_id, "X-Agent-Name": "checker"},
+        )
         verdict = (review.choices[0].message.content or "").strip()
         if verdict.upper().startswith("OK"):
             break

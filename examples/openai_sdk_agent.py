@@ -35,19 +35,32 @@ def run_episode(client: OpenAI, args, task_id: str, question: str) -> tuple[str,
     headers = {"X-Session-Id": session_id, "X-Task-Id": task_id}  # what makes this call part of an episode
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     for _ in range(args.max_turns):
-        response = client.chat.completions.create(model=args.model, messages=messages, tools=[CALCULATOR_TOOL],
-                                                  temperature=args.temperature, max_tokens=args.max_tokens,
-                                                  extra_headers=headers)
+        response = client.chat.completions.create(
+            model=args.model,
+            messages=messages,
+            tools=[CALCULATOR_TOOL],
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            extra_headers=headers,
+        )
         message = response.choices[0].message
         if not message.tool_calls:
             return session_id, message.content
-        messages.append({"role": "assistant", "content": message.content,
-                         "tool_calls": [tc.model_dump() for tc in message.tool_calls]})
+        messages.append(
+            {
+                "role": "assistant",
+                "content": message.content,
+                "tool_calls": [tc.model_dump() for tc in message.tool_calls],
+            }
+        )
         for tool_call in message.tool_calls:
             try:
                 expression = json.loads(tool_call.function.arguments or "{}").get("expression", "")
-                result = calculator(str(expression)) if tool_call.function.name == "calculator" else \
-                    f"Error: unknown tool {tool_call.function.name!r}"
+                result = (
+                    calculator(str(expression))
+                    if tool_call.function.name == "calculator"
+                    else f"Error: unknown tool {tool_call.function.name!r}"
+                )
             except (json.JSONDecodeError, AttributeError) as exc:
                 result = f"Error: arguments are not a JSON object: {exc}"
             messages.append({"role": "tool", "tool_call_id": tool_call.id, "content": result})
@@ -77,8 +90,10 @@ def main() -> None:
         reward = score(answer, truth)
         post_reward(proxy, session_id, reward)
         rewards.append(reward)
-        print(f"episode {episode}: {session_id} task {task_id} answer {answer!r} truth {truth} reward {reward}",
-              flush=True)
+        print(
+            f"episode {episode}: {session_id} task {task_id} answer {answer!r} truth {truth} reward {reward}",
+            flush=True,
+        )
     print(f"mean reward {sum(rewards) / max(len(rewards), 1):.3f} over {len(rewards)} episodes")
 
 

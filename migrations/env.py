@@ -17,8 +17,14 @@ target_metadata = Base.metadata
 def _configure(connection: Connection | None = None, url: str | None = None) -> None:
     sqlite = is_sqlite(str(connection.engine.url) if connection is not None else url or "")
     # SQLite cannot ALTER most things in place; batch mode rebuilds the table instead.
-    context.configure(connection=connection, url=url, target_metadata=target_metadata,
-                      render_as_batch=sqlite, compare_type=True, literal_binds=connection is None)
+    context.configure(
+        connection=connection,
+        url=url,
+        target_metadata=target_metadata,
+        render_as_batch=sqlite,
+        compare_type=True,
+        literal_binds=connection is None,
+    )
 
 
 def _url() -> str:

@@ -35,23 +35,42 @@ def _answer(n: int) -> Response:
     return Response(orjson.dumps(Deleted(deleted=n).model_dump()), media_type="application/json")
 
 
-@router.delete("/rewards/{reward_id}", response_model=Deleted,
-               responses=responses(400, 401, 404, 503, s404="No reward with this id that can be removed (unknown, "
-                                                            "or its session is already claimed by the trainer)"))
-async def delete_one(request: Request,
-                     reward_id: int = Path(ge=1, le=INT64_MAX, description="The reward's `id`")) -> Response:
+@router.delete(
+    "/rewards/{reward_id}",
+    response_model=Deleted,
+    responses=responses(
+        400,
+        401,
+        404,
+        503,
+        s404="No reward with this id that can be removed (unknown, or its session is already claimed by the trainer)",
+    ),
+)
+async def delete_one(
+    request: Request, reward_id: int = Path(ge=1, le=INT64_MAX, description="The reward's `id`")
+) -> Response:
     n = await delete_rewards(state_of(request).engine, reward_id=reward_id)
     if not n:
-        raise ApiError(404, f"no reward #{reward_id} that can be removed (unknown, or its session is already "
-                            f"claimed by the trainer)", param="reward_id", code="reward_not_found")
+        raise ApiError(
+            404,
+            f"no reward #{reward_id} that can be removed (unknown, or its session is already claimed by the trainer)",
+            param="reward_id",
+            code="reward_not_found",
+        )
     return _answer(n)
 
 
 @router.delete("/rewards", response_model=Deleted, responses=responses(400, 401, 503))
-async def delete_many(request: Request,
-                      source: str | None = Query(None, max_length=64, description="Rule name, or `user`"),
-                      session_id: str | None = Query(None, max_length=128)) -> Response:
+async def delete_many(
+    request: Request,
+    source: str | None = Query(None, max_length=64, description="Rule name, or `user`"),
+    session_id: str | None = Query(None, max_length=128),
+) -> Response:
     if not source and not session_id:
-        raise ApiError(400, "give source (e.g. a rule name) and/or session_id: refusing to delete every reward",
-                       param="source", code="invalid_value")
+        raise ApiError(
+            400,
+            "give source (e.g. a rule name) and/or session_id: refusing to delete every reward",
+            param="source",
+            code="invalid_value",
+        )
     return _answer(await delete_rewards(state_of(request).engine, source=source, session_id=session_id))

@@ -29,15 +29,15 @@ log = logging.getLogger("trainwire.air")
 # Idempotency keys of automatic rewards start with this; a user's key there could shadow one.
 KEY_PREFIX = "air:"
 JSON_ERROR_PATTERN = r'^\s*\{\s*"error"\s*:'
-MAX_SESSIONS = 20_000          # sessions remembered for tool_error
-MAX_PER_SESSION = 2_048        # tool calls (and judged tool messages) remembered per session
+MAX_SESSIONS = 20_000  # sessions remembered for tool_error
+MAX_PER_SESSION = 2_048  # tool calls (and judged tool messages) remembered per session
 
 
 @dataclass(slots=True)
 class _Memo:
     produced: dict[tuple[int, str], str] = field(default_factory=dict)  # (history index, tool call id) -> call
-    latest: dict[str, str] = field(default_factory=dict)                # tool call id -> newest call making it
-    judged: dict[tuple[int, str], bool] = field(default_factory=dict)   # tool messages already looked at
+    latest: dict[str, str] = field(default_factory=dict)  # tool call id -> newest call making it
+    judged: dict[tuple[int, str], bool] = field(default_factory=dict)  # tool messages already looked at
 
     @staticmethod
     def remember(d: dict, key, value) -> None:
@@ -54,8 +54,7 @@ class Air:
         self.engine = engine
         unknown = sorted(set(configured) - set(RULES))
         if unknown:
-            raise ValueError(f"unknown automatic reward rule(s) {', '.join(unknown)}; the rules are "
-                             f"{', '.join(RULES)}")
+            raise ValueError(f"unknown automatic reward rule(s) {', '.join(unknown)}; the rules are {', '.join(RULES)}")
         self.values: dict[str, float] = {}
         for name, rule in RULES.items():
             value = parse_value(rule, configured[name]) if name in configured else rule.default
@@ -121,9 +120,18 @@ class Air:
 
     def _submit(self, rule: str, value: float, call_id: str, session_id: str, f: Finding) -> None:
         key = f"{KEY_PREFIX}{rule}:{call_id}" + (f":{f.key}" if f.key else "")
-        self.writer.submit_reward(RewardRecord(session_id=session_id, call_id=call_id, value=value, final=False,
-                                               source=rule, idempotency_key=key[:256], metadata=f.metadata,
-                                               created_at=utcnow()))
+        self.writer.submit_reward(
+            RewardRecord(
+                session_id=session_id,
+                call_id=call_id,
+                value=value,
+                final=False,
+                source=rule,
+                idempotency_key=key[:256],
+                metadata=f.metadata,
+                created_at=utcnow(),
+            )
+        )
         self.submitted += 1
 
     def _spawn(self, coro) -> None:
@@ -135,8 +143,13 @@ class Air:
         """The call that produced a tool call, from the store (this process forgot it, or never saw it)."""
         assert f.tool_call_id is not None
         try:
-            found = await find_tool_call_producers(self.engine, session_id=rec.session_id, exclude_call_id=rec.id,
-                                                   started_before=rec.started_at, tool_call_id=f.tool_call_id)
+            found = await find_tool_call_producers(
+                self.engine,
+                session_id=rec.session_id,
+                exclude_call_id=rec.id,
+                started_before=rec.started_at,
+                tool_call_id=f.tool_call_id,
+            )
         except Exception:
             log.exception("tool_error: looking up the call that made tool call %r failed", f.tool_call_id)
             return
@@ -145,8 +158,11 @@ class Air:
         if best is None and found:
             best = found[0].call_id
         if best is None:
-            log.info("tool_error: no recorded call of session %r made tool call %r; no reward",
-                     rec.session_id, f.tool_call_id)
+            log.info(
+                "tool_error: no recorded call of session %r made tool call %r; no reward",
+                rec.session_id,
+                f.tool_call_id,
+            )
             return
         self._submit(rule, value, best, rec.session_id, f)
 

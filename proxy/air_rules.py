@@ -40,7 +40,7 @@ Judge = Callable[["Air", CallRecord], list[Finding]]
 @dataclass(frozen=True, slots=True)
 class Rule:
     name: str
-    default: float | None   # None: off unless configured
+    default: float | None  # None: off unless configured
     help: str
     judge: Judge
 
@@ -79,6 +79,7 @@ def parse_value(rule_: Rule, raw: Any) -> float | None:
 
 
 # --- helpers the rules share -------------------------------------------------------------------------
+
 
 def message(rec: CallRecord) -> dict[str, Any]:
     """The assistant message of choice 0 of a chat answer, or {}."""
@@ -125,8 +126,12 @@ def producer_index(messages: list[Any], i: int, tcid: str) -> int | None:
 
 # --- the rules --------------------------------------------------------------------------------------------
 
-@rule("invalid_tool_call", default=-0.5,
-      help="Reward for a tool call with bad JSON arguments or an unknown tool, or 'off'")
+
+@rule(
+    "invalid_tool_call",
+    default=-0.5,
+    help="Reward for a tool call with bad JSON arguments or an unknown tool, or 'off'",
+)
 def invalid_tool_call(air: "Air", rec: CallRecord) -> list[Finding]:
     """A tool call whose arguments are not a JSON object (invalid JSON included), or that names a tool the
     request did not offer in `tools` (or legacy `functions`). One reward per offending tool call."""
@@ -142,8 +147,9 @@ def invalid_tool_call(air: "Air", rec: CallRecord) -> list[Finding]:
         name, args = fn.get("name"), fn.get("arguments")
         problems = []
         if name not in offered:
-            problems.append(f"tool {name!r} is not among the request's tools "
-                            f"({', '.join(sorted(offered)) or 'none offered'})")
+            problems.append(
+                f"tool {name!r} is not among the request's tools ({', '.join(sorted(offered)) or 'none offered'})"
+            )
         try:
             parsed = json.loads(args) if isinstance(args, str) else args
             if not isinstance(parsed, dict):
@@ -151,8 +157,13 @@ def invalid_tool_call(air: "Air", rec: CallRecord) -> list[Finding]:
         except ValueError as exc:
             problems.append(f"arguments are not valid JSON ({exc}): {str(args)[:200]!r}")
         if problems:
-            out.append(Finding(key=str(i), call_id=rec.id,
-                               metadata={"tool_call_id": (tc or {}).get("id"), "name": name, "problems": problems}))
+            out.append(
+                Finding(
+                    key=str(i),
+                    call_id=rec.id,
+                    metadata={"tool_call_id": (tc or {}).get("id"), "name": name, "problems": problems},
+                )
+            )
     return out
 
 
@@ -182,9 +193,15 @@ def tool_error(air: "Air", rec: CallRecord) -> list[Finding]:
         call_id = memo.produced.get((j, tcid)) if j is not None else None
         if call_id is None and j is None:
             call_id = memo.latest.get(tcid)
-        out.append(Finding(key=tcid, call_id=call_id, tool_call_id=tcid, message_index=j,
-                           metadata={"tool_call_id": tcid, "answered_in": rec.id,
-                                     "tool_message": (text or "")[:500]}))
+        out.append(
+            Finding(
+                key=tcid,
+                call_id=call_id,
+                tool_call_id=tcid,
+                message_index=j,
+                metadata={"tool_call_id": tcid, "answered_in": rec.id, "tool_message": (text or "")[:500]},
+            )
+        )
     return out
 
 
@@ -201,6 +218,14 @@ def truncated(air: "Air", rec: CallRecord) -> list[Finding]:
         return []
     usage = rec.usage or {}
     request = rec.request if isinstance(rec.request, dict) else {}
-    return [Finding(key="", call_id=rec.id, metadata={
-        "finish_reason": "length", "completion_tokens": usage.get("completion_tokens"),
-        "max_tokens": request.get("max_completion_tokens") or request.get("max_tokens")})]
+    return [
+        Finding(
+            key="",
+            call_id=rec.id,
+            metadata={
+                "finish_reason": "length",
+                "completion_tokens": usage.get("completion_tokens"),
+                "max_tokens": request.get("max_completion_tokens") or request.get("max_tokens"),
+            },
+        )
+    ]

@@ -26,10 +26,19 @@ from trainwire.proxy.litellm_json import drop_none
 
 log = logging.getLogger("trainwire.messages")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large",
-               422: "invalid_request_error", 429: "rate_limit_error", 502: "api_error", 503: "overloaded_error",
-               504: "api_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+}
 
 _lock = threading.Lock()
 _adapter: Any = None
@@ -52,8 +61,11 @@ def _load():
                         AnthropicAdapter,
                     )
             except ImportError as exc:
-                raise ApiError(501, f"/v1/messages needs litellm, which is not installed ({exc}); "
-                                    f"pip install 'trainwire[routes]'", code="not_implemented") from None
+                raise ApiError(
+                    501,
+                    f"/v1/messages needs litellm, which is not installed ({exc}); pip install 'trainwire[routes]'",
+                    code="not_implemented",
+                ) from None
             litellm.suppress_debug_info = True
             for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
                 logging.getLogger(name).setLevel(logging.WARNING)
@@ -81,16 +93,19 @@ async def ready() -> None:
 
 
 def error_body(status: int, message: str) -> bytes:
-    return orjson.dumps({"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"),
-                                                    "message": message}})
+    return orjson.dumps({"type": "error", "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": message}})
 
 
 def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """A Messages request -> the chat-completions request for vLLM."""
     for name, kind in (("messages", list), ("max_tokens", int)):
         if not isinstance(body.get(name), kind) or isinstance(body.get(name), bool):
-            raise ApiError(400, f"{name}: Field required ({'a list of messages' if kind is list else 'an integer'})",
-                           param=name, code="invalid_value")
+            raise ApiError(
+                400,
+                f"{name}: Field required ({'a list of messages' if kind is list else 'an integer'})",
+                param=name,
+                code="invalid_value",
+            )
     if not body["messages"]:
         raise ApiError(400, "messages: at least one message is required", param="messages", code="invalid_value")
     try:
@@ -98,8 +113,9 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     except ApiError:
         raise
     except Exception as exc:  # litellm's validation: the request is not a Messages request it understands
-        raise ApiError(400, f"not a valid Messages request: {str(exc).splitlines()[0][:300]}",
-                       code="invalid_value") from None
+        raise ApiError(
+            400, f"not a valid Messages request: {str(exc).splitlines()[0][:300]}", code="invalid_value"
+        ) from None
     # litellm leaves None-valued keys (thinking_blocks, ...) that a chat server need not accept.
     out = drop_none(dict(chat))
     out.pop("metadata", None)
@@ -138,7 +154,7 @@ def with_message_id(event: bytes, message_id: str) -> bytes:
     head, sep, data = event.partition(b"data: ")
     if not sep or b'"message_start"' not in head + data[:40]:
         return event
-    body, tail = data.rstrip(b"\n"), data[len(data.rstrip(b"\n")):]
+    body, tail = data.rstrip(b"\n"), data[len(data.rstrip(b"\n")) :]
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -26,15 +26,58 @@ from trainwire.proxy.errors import ApiError
 # Hints with no effect on generation here (or only on OpenAI's own storage, caching and billing): accepted, like
 # OpenAI accepts them, so that unchanged agents work, but not forwarded, because vLLM's chat route has no such field.
 # `include` and `top_logprobs` only ask for output logprobs, which this route does not return (always []).
-_IGNORED = frozenset({"store", "metadata", "reasoning", "truncation", "include", "service_tier", "prompt_cache_key",
-                      "safety_identifier", "stream_options", "top_logprobs", "max_tool_calls",
-                      "prompt_cache_retention"})
+_IGNORED = frozenset(
+    {
+        "store",
+        "metadata",
+        "reasoning",
+        "truncation",
+        "include",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+        "stream_options",
+        "top_logprobs",
+        "max_tool_calls",
+        "prompt_cache_retention",
+    }
+)
 # vLLM sampling extensions that agents send through `extra_body`: they mean the same on chat, so they pass.
-_PASSTHROUGH = frozenset({"seed", "stop", "frequency_penalty", "presence_penalty", "logit_bias", "top_k", "min_p",
-                          "repetition_penalty", "min_tokens", "stop_token_ids", "chat_template_kwargs"})
-_HANDLED = frozenset({"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "temperature",
-                      "top_p", "max_output_tokens", "stream", "user", "text", "background", "previous_response_id",
-                      "conversation", "prompt"})
+_PASSTHROUGH = frozenset(
+    {
+        "seed",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "stop_token_ids",
+        "chat_template_kwargs",
+    }
+)
+_HANDLED = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "temperature",
+        "top_p",
+        "max_output_tokens",
+        "stream",
+        "user",
+        "text",
+        "background",
+        "previous_response_id",
+        "conversation",
+        "prompt",
+    }
+)
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _NO_STORAGE = "trainwire stores no responses"
@@ -50,6 +93,7 @@ def _unsupported(message: str, param: str | None) -> ApiError:
 
 # --- request: Responses -> chat ------------------------------------------------------------------------------
 
+
 def to_chat(body: dict) -> dict:
     """A Responses request -> the chat-completions request for vLLM. Raises ApiError(400) for bad or unsupported
     input, naming the parameter."""
@@ -61,8 +105,9 @@ def to_chat(body: dict) -> dict:
     for name in given:
         if name not in _HANDLED and name not in _IGNORED and name not in _PASSTHROUGH:
             # Refused, not dropped: a silently ignored option would change what the agent gets without a trace.
-            raise _unsupported(f"Unsupported parameter: '{name}' (not a Responses API parameter trainwire supports)",
-                               name)
+            raise _unsupported(
+                f"Unsupported parameter: '{name}' (not a Responses API parameter trainwire supports)", name
+            )
 
     chat: dict[str, Any] = {}
     if "model" in given:
@@ -96,18 +141,28 @@ def to_chat(body: dict) -> dict:
 
 def _refuse_stored_state(given: dict) -> None:
     if "previous_response_id" in given:
-        raise _unsupported(f"previous_response_id is not supported: {_NO_STORAGE}. Send the whole conversation in "
-                           "`input` (the earlier input, the previous response's output items, then the new input)",
-                           "previous_response_id")
+        raise _unsupported(
+            f"previous_response_id is not supported: {_NO_STORAGE}. Send the whole conversation in "
+            "`input` (the earlier input, the previous response's output items, then the new input)",
+            "previous_response_id",
+        )
     if "conversation" in given:
-        raise _unsupported(f"conversation is not supported: {_NO_STORAGE} or conversations. Send the whole "
-                           "conversation in `input`", "conversation")
+        raise _unsupported(
+            f"conversation is not supported: {_NO_STORAGE} or conversations. Send the whole conversation in `input`",
+            "conversation",
+        )
     if given.get("background", False) is not False:
-        raise _unsupported(f"background mode is not supported: {_NO_STORAGE} to poll later; send the request "
-                           "without background (streaming works)", "background")
+        raise _unsupported(
+            f"background mode is not supported: {_NO_STORAGE} to poll later; send the request "
+            "without background (streaming works)",
+            "background",
+        )
     if "prompt" in given:
-        raise _unsupported("stored prompts (prompt) are not supported: trainwire has no prompt templates; send the "
-                           "text in `instructions` and `input`", "prompt")
+        raise _unsupported(
+            "stored prompts (prompt) are not supported: trainwire has no prompt templates; send the "
+            "text in `instructions` and `input`",
+            "prompt",
+        )
 
 
 def _messages(given: dict) -> list[dict]:
@@ -154,25 +209,36 @@ def _input_items(items: list) -> list[dict]:
             call_id = item.get("call_id")
             if not isinstance(call_id, str) or not call_id:
                 raise _invalid(f"{where}.call_id is required", f"{where}.call_id")
-            messages.append({"role": "tool", "tool_call_id": call_id,
-                             "content": _tool_output(item.get("output"), f"{where}.output")})
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call_id,
+                    "content": _tool_output(item.get("output"), f"{where}.output"),
+                }
+            )
         elif kind == "reasoning":
             # Chat templates drop earlier turns' reasoning anyway, and encrypted reasoning could not be read back.
             continue
         elif kind == "item_reference":
-            raise _unsupported(f"{where}: item_reference is not supported: {_NO_STORAGE} or items; send the item "
-                               "itself", f"{where}.type")
+            raise _unsupported(
+                f"{where}: item_reference is not supported: {_NO_STORAGE} or items; send the item itself",
+                f"{where}.type",
+            )
         else:
-            raise _unsupported(f"{where}: input item type {kind!r} is not supported (supported: message, "
-                               "function_call, function_call_output, reasoning)", f"{where}.type")
+            raise _unsupported(
+                f"{where}: input item type {kind!r} is not supported (supported: message, "
+                "function_call, function_call_output, reasoning)",
+                f"{where}.type",
+            )
     return messages
 
 
 def _message(item: dict, where: str) -> dict:
     role = item.get("role")
     if role not in _ROLES:
-        raise _invalid(f"{where}.role must be one of user, assistant, system, developer (got {role!r})",
-                       f"{where}.role")
+        raise _invalid(
+            f"{where}.role must be one of user, assistant, system, developer (got {role!r})", f"{where}.role"
+        )
     if "content" not in item or item["content"] is None:
         raise _invalid(f"{where}.content is required", f"{where}.content")
     return {"role": _ROLES[role], "content": _content(item["content"], f"{where}.content")}
@@ -196,8 +262,11 @@ def _content(content: Any, where: str) -> str | list[dict]:
         elif kind == "input_image":
             parts.append({"type": "image_url", "image_url": _image(part, at)})
         elif kind in ("input_file", "input_audio"):
-            raise _unsupported(f"{at}: content type {kind} is not supported (supported: input_text, output_text, "
-                               "input_image, refusal)", f"{at}.type")
+            raise _unsupported(
+                f"{at}: content type {kind} is not supported (supported: input_text, output_text, "
+                "input_image, refusal)",
+                f"{at}.type",
+            )
         else:
             raise _invalid(f"{at}: unknown content type {kind!r}", f"{at}.type")
     # A single text part is sent as a plain string: some chat templates only handle string content, and vLLM
@@ -211,8 +280,11 @@ def _image(part: dict, at: str) -> dict:
     url = part.get("image_url")
     if not isinstance(url, str) or not url:
         if part.get("file_id"):
-            raise _unsupported(f"{at}: images by file_id are not supported (trainwire has no Files API); send "
-                               "image_url, a URL or a data: URL", f"{at}.file_id")
+            raise _unsupported(
+                f"{at}: images by file_id are not supported (trainwire has no Files API); send "
+                "image_url, a URL or a data: URL",
+                f"{at}.file_id",
+            )
         raise _invalid(f"{at}.image_url is required", f"{at}.image_url")
     image = {"url": url}
     if part.get("detail"):
@@ -231,8 +303,11 @@ def _tool_call(item: dict, where: str) -> dict:
     for key in ("call_id", "name"):
         if not isinstance(item.get(key), str) or not item[key]:
             raise _invalid(f"{where}.{key} is required", f"{where}.{key}")
-    return {"id": item["call_id"], "type": "function",
-            "function": {"name": item["name"], "arguments": _string(item, "arguments", where)}}
+    return {
+        "id": item["call_id"],
+        "type": "function",
+        "function": {"name": item["name"], "arguments": _string(item, "arguments", where)},
+    }
 
 
 def _tool_output(output: Any, where: str) -> str:
@@ -264,13 +339,23 @@ def _function_tools(tools: Any) -> list[dict]:
             raise _invalid(f"{at} must be an object", at)
         kind = tool.get("type")
         if kind != "function":
-            raise _unsupported(f"{at}: tool type {kind!r} is not supported: the policy model runs only function "
-                               "tools, which the agent executes (hosted tools such as web_search, file_search, "
-                               "computer or mcp need OpenAI's servers)", f"{at}.type")
+            raise _unsupported(
+                f"{at}: tool type {kind!r} is not supported: the policy model runs only function "
+                "tools, which the agent executes (hosted tools such as web_search, file_search, "
+                "computer or mcp need OpenAI's servers)",
+                f"{at}.type",
+            )
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise _invalid(f"{at}.name is required", f"{at}.name")
-        out.append({"type": "function", "name": tool["name"], "description": tool.get("description"),
-                    "parameters": tool.get("parameters"), "strict": tool.get("strict")})
+        out.append(
+            {
+                "type": "function",
+                "name": tool["name"],
+                "description": tool.get("description"),
+                "parameters": tool.get("parameters"),
+                "strict": tool.get("strict"),
+            }
+        )
     return out
 
 
@@ -300,8 +385,11 @@ def _chat_tool_choice(choice: Any, *, has_tools: bool) -> Any:
             raise _invalid("tool_choice.name is required", "tool_choice.name")
         return {"type": "function", "function": {"name": choice["name"]}}
     if isinstance(choice, dict):
-        raise _unsupported(f"tool_choice of type {choice.get('type')!r} is not supported (supported: auto, none, "
-                           "required, {\"type\": \"function\", \"name\": ...})", "tool_choice")
+        raise _unsupported(
+            f"tool_choice of type {choice.get('type')!r} is not supported (supported: auto, none, "
+            'required, {"type": "function", "name": ...})',
+            "tool_choice",
+        )
     raise _invalid(f"tool_choice {choice!r} is not valid (auto, none, required or a function)", "tool_choice")
 
 
@@ -325,11 +413,13 @@ def _response_format(text: Any) -> dict | None:
             raise _invalid("text.format.schema must be an object", "text.format.schema")
         schema = {key: fmt[key] for key in ("name", "schema", "description", "strict") if fmt.get(key) is not None}
         return {"type": "json_schema", "json_schema": schema}
-    raise _unsupported(f"text.format type {kind!r} is not supported (supported: text, json_object, json_schema)",
-                       "text.format.type")
+    raise _unsupported(
+        f"text.format type {kind!r} is not supported (supported: text, json_object, json_schema)", "text.format.type"
+    )
 
 
 # --- answer: chat -> Responses -------------------------------------------------------------------------------
+
 
 class _Ids:
     def __init__(self, response_id: str) -> None:
@@ -347,9 +437,13 @@ def _usage(usage: Any) -> dict | None:
     total = usage.get("total_tokens")
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
     reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": total if total is not None else prompt + completion}
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": total if total is not None else prompt + completion,
+    }
 
 
 def _status(finish_reason: Any) -> tuple[str, dict | None]:
@@ -360,20 +454,43 @@ def _status(finish_reason: Any) -> tuple[str, dict | None]:
     return "completed", None
 
 
-def _response(request: dict, response_id: str, created_at: int, *, status: str, output: list[dict],
-              usage: dict | None, model: Any = None, error: dict | None = None,
-              incomplete_details: dict | None = None) -> dict:
+def _response(
+    request: dict,
+    response_id: str,
+    created_at: int,
+    *,
+    status: str,
+    output: list[dict],
+    usage: dict | None,
+    model: Any = None,
+    error: dict | None = None,
+    incomplete_details: dict | None = None,
+) -> dict:
     parallel = request.get("parallel_tool_calls")
     return {
-        "id": response_id, "object": "response", "created_at": created_at, "status": status,
-        "background": False, "error": error, "incomplete_details": incomplete_details,
-        "instructions": request.get("instructions"), "max_output_tokens": request.get("max_output_tokens"),
-        "model": request.get("model") or model or "", "output": output,
-        "parallel_tool_calls": True if parallel is None else parallel, "previous_response_id": None,
-        "reasoning": None, "store": False, "temperature": request.get("temperature"),
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "background": False,
+        "error": error,
+        "incomplete_details": incomplete_details,
+        "instructions": request.get("instructions"),
+        "max_output_tokens": request.get("max_output_tokens"),
+        "model": request.get("model") or model or "",
+        "output": output,
+        "parallel_tool_calls": True if parallel is None else parallel,
+        "previous_response_id": None,
+        "reasoning": None,
+        "store": False,
+        "temperature": request.get("temperature"),
         "text": request.get("text") or {"format": {"type": "text"}},
-        "tool_choice": request.get("tool_choice") or "auto", "tools": _echo_tools(request.get("tools")),
-        "top_p": request.get("top_p"), "truncation": "disabled", "usage": usage, "user": request.get("user"),
+        "tool_choice": request.get("tool_choice") or "auto",
+        "tools": _echo_tools(request.get("tools")),
+        "top_p": request.get("top_p"),
+        "truncation": "disabled",
+        "usage": usage,
+        "user": request.get("user"),
         "metadata": request.get("metadata") or {},
     }
 
@@ -387,18 +504,34 @@ def _echo_tools(tools: Any) -> list[dict]:
 
 
 def _message_item(item_id: str, text: str, status: str) -> dict:
-    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
 
 
 def _reasoning_item(item_id: str, text: str, status: str) -> dict:
-    return {"id": item_id, "type": "reasoning", "summary": [], "status": status,
-            "content": [{"type": "reasoning_text", "text": text}]}
+    return {
+        "id": item_id,
+        "type": "reasoning",
+        "summary": [],
+        "status": status,
+        "content": [{"type": "reasoning_text", "text": text}],
+    }
 
 
 def _function_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
-    return {"id": item_id, "type": "function_call", "status": status, "call_id": call_id, "name": name,
-            "arguments": arguments}
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
 
 
 def _reasoning_of(message: dict) -> Any:
@@ -422,17 +555,33 @@ def from_chat(chat: dict, request: dict, *, response_id: str, created_at: int) -
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         index = len(output)
-        output.append(_function_item(ids.item("fc", index), call.get("id") or ids.item("call", index),
-                                     function.get("name") or "", function.get("arguments") or "", "completed"))
+        output.append(
+            _function_item(
+                ids.item("fc", index),
+                call.get("id") or ids.item("call", index),
+                function.get("name") or "",
+                function.get("arguments") or "",
+                "completed",
+            )
+        )
     status, incomplete = _status(choice.get("finish_reason"))
     if status == "incomplete" and output:
         # Generation stopped inside the last item (OpenAI marks that item incomplete too).
         output[-1]["status"] = "incomplete"
-    return _response(request, response_id, created_at, status=status, output=output, usage=_usage(chat.get("usage")),
-                     model=chat.get("model"), incomplete_details=incomplete)
+    return _response(
+        request,
+        response_id,
+        created_at,
+        status=status,
+        output=output,
+        usage=_usage(chat.get("usage")),
+        model=chat.get("model"),
+        incomplete_details=incomplete,
+    )
 
 
 # --- stream: chat chunks -> Responses events ------------------------------------------------------------------
+
 
 class ResponsesStream:
     """Chat-completion stream chunks (dicts, the proxy's injected fields removed) -> Responses SSE events as bytes.
@@ -446,8 +595,8 @@ class ResponsesStream:
         self._ids = _Ids(response_id)
         self._sequence = 0
         self._output: list[dict] = []
-        self._open: int | None = None          # output index of the item still receiving deltas
-        self._calls: dict[int, int] = {}       # chat tool-call index -> output index
+        self._open: int | None = None  # output index of the item still receiving deltas
+        self._calls: dict[int, int] = {}  # chat tool-call index -> output index
         self._usage: dict | None = None
         self._model: Any = None
         self._finish_reason: Any = None
@@ -460,8 +609,9 @@ class ResponsesStream:
         if self._started:
             return b""
         self._started = True
-        return (self._event("response.created", response=self.response())
-                + self._event("response.in_progress", response=self.response()))
+        return self._event("response.created", response=self.response()) + self._event(
+            "response.in_progress", response=self.response()
+        )
 
     def feed(self, chunk: dict) -> bytes:
         if self._done:
@@ -499,9 +649,17 @@ class ResponsesStream:
         return out + self._event(kind, response=self.response())
 
     def response(self) -> dict:
-        return _response(self._request, self._response_id, self._created_at, status=self._status,
-                         output=copy.deepcopy(self._output), usage=_usage(self._usage), model=self._model,
-                         error=self._error, incomplete_details=self._incomplete)
+        return _response(
+            self._request,
+            self._response_id,
+            self._created_at,
+            status=self._status,
+            output=copy.deepcopy(self._output),
+            usage=_usage(self._usage),
+            model=self._model,
+            error=self._error,
+            incomplete_details=self._incomplete,
+        )
 
     # -- internals --
 
@@ -518,8 +676,9 @@ class ResponsesStream:
         out += self._event("response.output_item.added", output_index=index, item=item)
         if part is not None:
             item["content"].append(part)
-            out += self._event("response.content_part.added", item_id=item["id"], output_index=index,
-                               content_index=0, part=part)
+            out += self._event(
+                "response.content_part.added", item_id=item["id"], output_index=index, content_index=0, part=part
+            )
         return out
 
     def _text(self, kind: str, delta: str) -> bytes:
@@ -536,10 +695,17 @@ class ResponsesStream:
         part = item["content"][0]
         part["text"] += delta
         if kind == "message":
-            return out + self._event("response.output_text.delta", item_id=item["id"], output_index=self._open,
-                                     content_index=0, delta=delta, logprobs=[])
-        return out + self._event("response.reasoning_text.delta", item_id=item["id"], output_index=self._open,
-                                 content_index=0, delta=delta)
+            return out + self._event(
+                "response.output_text.delta",
+                item_id=item["id"],
+                output_index=self._open,
+                content_index=0,
+                delta=delta,
+                logprobs=[],
+            )
+        return out + self._event(
+            "response.reasoning_text.delta", item_id=item["id"], output_index=self._open, content_index=0, delta=delta
+        )
 
     def _tool_call(self, call: dict) -> bytes:
         out = b""
@@ -548,8 +714,13 @@ class ResponsesStream:
         index = self._calls.get(chat_index)
         if index is None:
             index = len(self._output)
-            item = _function_item(self._ids.item("fc", index), call.get("id") or self._ids.item("call", index),
-                                  function.get("name") or "", "", "in_progress")
+            item = _function_item(
+                self._ids.item("fc", index),
+                call.get("id") or self._ids.item("call", index),
+                function.get("name") or "",
+                "",
+                "in_progress",
+            )
             out += self._add(item)
             self._calls[chat_index] = index
         else:
@@ -561,8 +732,9 @@ class ResponsesStream:
             # vLLM streams one call at a time; a late piece for a call already done still reaches the final
             # response and a client that sums deltas, only that call's earlier `done` event would be short.
             item["arguments"] += arguments
-            out += self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                               delta=arguments)
+            out += self._event(
+                "response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=arguments
+            )
         return out
 
     def _close(self, status: str) -> bytes:
@@ -573,18 +745,35 @@ class ResponsesStream:
         item["status"] = status
         out = b""
         if item["type"] == "function_call":
-            out += self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                               name=item["name"], arguments=item["arguments"])
+            out += self._event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
         else:
             part = item["content"][0]
             if item["type"] == "message":
-                out += self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=part["text"], logprobs=[])
+                out += self._event(
+                    "response.output_text.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=part["text"],
+                    logprobs=[],
+                )
             else:
-                out += self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=part["text"])
-            out += self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                               content_index=0, part=part)
+                out += self._event(
+                    "response.reasoning_text.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=part["text"],
+                )
+            out += self._event(
+                "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part
+            )
         return out + self._event("response.output_item.done", output_index=index, item=item)
 
     def _fail(self, error: Any) -> bytes:
@@ -598,5 +787,6 @@ class ResponsesStream:
         self._status = "failed"
         self._error = {"code": "server_error", "message": message}
         self._done = True
-        return (self._event("error", code="server_error", message=message, param=None)
-                + self._event("response.failed", response=self.response()))
+        return self._event("error", code="server_error", message=message, param=None) + self._event(
+            "response.failed", response=self.response()
+        )

@@ -22,9 +22,9 @@ Chunks = AsyncIterator[dict[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class Api:
-    kind: str                # calls.kind
-    upstream_path: str       # what the proxy sends to vLLM
-    upstream_kind: str       # the shape of vLLM's answer: chat | completion
+    kind: str  # calls.kind
+    upstream_path: str  # what the proxy sends to vLLM
+    upstream_kind: str  # the shape of vLLM's answer: chat | completion
     error_body: Callable[[int, str, str | None, str | None], bytes]
     # Translated APIs only: the client's request -> vLLM's; vLLM's answer -> the client's; a stream of vLLM's
     # chunks -> the client's SSE bytes. `ids` are the call's (response id, created time).
@@ -82,11 +82,29 @@ async def _messages_stream(chunks: Chunks, request: dict[str, Any], ids: Ids) ->
 
 CHAT = Api("chat", "/v1/chat/completions", "chat", openai_error_body)
 COMPLETIONS = Api("completion", "/v1/completions", "completion", openai_error_body)
-RESPONSES = Api("responses", "/v1/chat/completions", "chat", openai_error_body, to_upstream=api_responses.to_chat,
-                from_upstream=_responses_from, stream=_responses_stream)
-MESSAGES = Api("messages", "/v1/chat/completions", "chat", _anthropic_error, to_upstream=api_messages.to_chat,
-               from_upstream=lambda chat, request, ids: {**api_messages.from_chat(chat, request), "id": ids.message_id},
-               stream=_messages_stream, ready=api_messages.ready)
+RESPONSES = Api(
+    "responses",
+    "/v1/chat/completions",
+    "chat",
+    openai_error_body,
+    to_upstream=api_responses.to_chat,
+    from_upstream=_responses_from,
+    stream=_responses_stream,
+)
+MESSAGES = Api(
+    "messages",
+    "/v1/chat/completions",
+    "chat",
+    _anthropic_error,
+    to_upstream=api_messages.to_chat,
+    from_upstream=lambda chat, request, ids: {**api_messages.from_chat(chat, request), "id": ids.message_id},
+    stream=_messages_stream,
+    ready=api_messages.ready,
+)
 
-BY_PATH: dict[str, Api] = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS,
-                           "/v1/responses": RESPONSES, "/v1/messages": MESSAGES}
+BY_PATH: dict[str, Api] = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": COMPLETIONS,
+    "/v1/responses": RESPONSES,
+    "/v1/messages": MESSAGES,
+}

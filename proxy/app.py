@@ -73,9 +73,13 @@ def create_app(settings: ProxySettings) -> TrainwireApp:
         # The pid tells apart the workers of `--workers N`, for operators and for the tests.
         return {"status": "ok", "pid": os.getpid()}
 
-    @app.get("/readyz", response_model=Readiness,
-             responses={503: {"model": Readiness, "description": "Not ready: the database or every upstream is "
-                                                                 "unreachable"}})
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={
+            503: {"model": Readiness, "description": "Not ready: the database or every upstream is unreachable"}
+        },
+    )
     async def readyz(request: Request):
         problems = []
         try:
@@ -86,8 +90,11 @@ def create_app(settings: ProxySettings) -> TrainwireApp:
         if pool is None or not await pool.any_reachable():
             # No addresses: this answer needs no key, and they are the operator's.
             problems.append(f"no upstream reachable (none of the {len(settings.upstream)} in --upstream)")
-        body = {"status": "ok" if not problems else "unavailable", "problems": problems,
-                "write_queue": state.writer.depth}
+        body = {
+            "status": "ok" if not problems else "unavailable",
+            "problems": problems,
+            "write_queue": state.writer.depth,
+        }
         return JSONResponse(body, status_code=200 if not problems else 503)
 
     from trainwire.proxy import metrics as metrics_module
@@ -118,9 +125,13 @@ def _optional_routers():
     """Routers of the reward, read, admin and UI modules, where present."""
     import importlib
 
-    for name in ("trainwire.proxy.reward_routes", "trainwire.proxy.read_routes", "trainwire.proxy.admin_routes",
-                 "trainwire.proxy.train_routes",
-                 "trainwire.proxy.ui_routes"):
+    for name in (
+        "trainwire.proxy.reward_routes",
+        "trainwire.proxy.read_routes",
+        "trainwire.proxy.admin_routes",
+        "trainwire.proxy.train_routes",
+        "trainwire.proxy.ui_routes",
+    ):
         try:
             yield importlib.import_module(name)
         except ModuleNotFoundError as exc:

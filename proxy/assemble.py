@@ -32,10 +32,12 @@ def tokens_of(body: dict[str, Any] | None) -> Tokens:
         return Tokens()
     choices = body.get("choices") or [{}]
     first = choices[0] if isinstance(choices[0], dict) else {}
-    return Tokens(prompt_token_ids=body.get("prompt_token_ids") or first.get("prompt_token_ids"),
-                  completion_token_ids=first.get("token_ids"),
-                  logprobs=_sampled_logprobs(first.get("logprobs")),
-                  finish_reason=first.get("finish_reason"))
+    return Tokens(
+        prompt_token_ids=body.get("prompt_token_ids") or first.get("prompt_token_ids"),
+        completion_token_ids=first.get("token_ids"),
+        logprobs=_sampled_logprobs(first.get("logprobs")),
+        finish_reason=first.get("finish_reason"),
+    )
 
 
 @dataclass
@@ -47,7 +49,7 @@ class _Choice:
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
     prompt_token_ids: list[int] | None = None
-    logprob_entries: list[Any] = field(default_factory=list)          # chat: logprobs.content entries
+    logprob_entries: list[Any] = field(default_factory=list)  # chat: logprobs.content entries
     completion_logprobs: dict[str, list[Any]] = field(default_factory=dict)  # completions: its parallel lists
     finish_reason: str | None = None
     stop_reason: Any = None
@@ -110,8 +112,9 @@ class StreamAssembler:
                 if delta.get(key):
                     c.reasoning.append(delta[key])
             for tc in delta.get("tool_calls") or ():
-                slot = c.tool_calls.setdefault(tc.get("index", 0), {"id": None, "type": "function",
-                                                                     "function": {"name": "", "arguments": ""}})
+                slot = c.tool_calls.setdefault(
+                    tc.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
                 if tc.get("id"):
                     slot["id"] = tc["id"]
                 if tc.get("type"):

@@ -18,9 +18,12 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
 def _check(headers: Mapping[str, str], key: str, what: str) -> None:
     given = _bearer(headers)
     if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-        raise ApiError(401, f"missing or wrong {what}: send it as 'Authorization: Bearer <key>' "
-                            f"(or 'x-api-key: <key>')",
-                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            f"missing or wrong {what}: send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def require_agent_key(headers: Mapping[str, str], settings) -> None:

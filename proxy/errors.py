@@ -25,18 +25,35 @@ from trainwire.store.db_errors import is_transient
 
 log = logging.getLogger("trainwire.proxy")
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-         422: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error", 503: "service_unavailable",
-         504: "upstream_timeout"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "upstream_timeout",
+}
 
 # Seconds a client should wait before retrying when the database is away (the pool reconnects on its own).
 RETRY_AFTER_S = 2
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
@@ -53,10 +70,17 @@ def _printable(value: str | None) -> str | None:
     return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-    return Response(error_body(status, message, param, code), status_code=status,
-                    media_type="application/json", headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    return Response(
+        error_body(status, message, param, code), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def api_error_response(exc: ApiError) -> Response:
@@ -64,8 +88,12 @@ def api_error_response(exc: ApiError) -> Response:
 
 
 def database_unavailable(headers: dict[str, str] | None = None) -> Response:
-    return error_response(503, "the database is unavailable; nothing was changed, retry shortly",
-                          code="database_unavailable", headers={"Retry-After": str(RETRY_AFTER_S), **(headers or {})})
+    return error_response(
+        503,
+        "the database is unavailable; nothing was changed, retry shortly",
+        code="database_unavailable",
+        headers={"Retry-After": str(RETRY_AFTER_S), **(headers or {})},
+    )
 
 
 def internal_error() -> Response:
@@ -74,10 +102,13 @@ def internal_error() -> Response:
 
 # --- the OpenAPI declarations -----------------------------------------------------------------------------
 
+
 class ErrorDetail(BaseModel):
     message: str = Field(description="What is wrong, in words")
-    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, conflict_error, "
-                                  "service_unavailable, ...")
+    type: str = Field(
+        description="invalid_request_error, authentication_error, not_found_error, conflict_error, "
+        "service_unavailable, ..."
+    )
     param: str | None = Field(description="The parameter, path id, header or body field at fault, if one is")
     code: str | None = Field(description="A stable machine-readable code (invalid_value, invalid_json, ...)")
 
@@ -99,8 +130,7 @@ DESCRIPTIONS = {
     501: "A feature this server was installed without",
     502: "The policy server failed or is unreachable",
     504: "The policy server did not answer in time (--upstream-timeout-s)",
-    503: "The database is unavailable, or the session's calls are still being written: retry after Retry-After "
-         "seconds",
+    503: "The database is unavailable, or the session's calls are still being written: retry after Retry-After seconds",
 }
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
@@ -114,8 +144,10 @@ def responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, 
     (`s404="no such reward"`)."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
-        entry: dict[str, Any] = {"model": ErrorBody,
-                                 "description": descriptions.get(f"s{status}") or DESCRIPTIONS[status]}
+        entry: dict[str, Any] = {
+            "model": ErrorBody,
+            "description": descriptions.get(f"s{status}") or DESCRIPTIONS[status],
+        }
         if status in _HEADERS:
             entry["headers"] = _HEADERS[status]
         out[status] = entry
@@ -123,6 +155,7 @@ def responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, 
 
 
 # --- handlers ---------------------------------------------------------------------------------------------
+
 
 async def _api_error(_request: Request, exc: ApiError) -> Response:
     return api_error_response(exc)
@@ -171,8 +204,12 @@ class Guard:
                 raise
             where = f"{scope.get('method')} {scope.get('path')}"
             if is_transient(exc):
-                log.warning("%s: the database is unavailable (%s: %s); answered 503", where, type(exc).__name__,
-                            _first_line(exc))
+                log.warning(
+                    "%s: the database is unavailable (%s: %s); answered 503",
+                    where,
+                    type(exc).__name__,
+                    _first_line(exc),
+                )
                 response = database_unavailable()
             else:
                 log.error("unexpected error serving %s", where, exc_info=exc)

@@ -46,16 +46,16 @@ class Call:
     """Everything known about one call while it is being served."""
 
     ctx: CallContext
-    kind: str                     # chat | completion | responses | messages | other
-    path: str                     # the client's path
+    kind: str  # chat | completion | responses | messages | other
+    path: str  # the client's path
 
-    request: Any                  # the client's body, as sent (before injection)
+    request: Any  # the client's body, as sent (before injection)
     stream: bool
     model_requested: str | None
-    route: str = "policy"         # policy | frozen | passthrough
-    upstream_path: str = ""       # what vLLM was asked: the API's chat or completions path
-    sampling: dict[str, Any] | None = None   # proxy.sampling.Outcome.record()
-    untrainable: str | None = None           # why this call's tokens must not be trained on
+    route: str = "policy"  # policy | frozen | passthrough
+    upstream_path: str = ""  # what vLLM was asked: the API's chat or completions path
+    sampling: dict[str, Any] | None = None  # proxy.sampling.Outcome.record()
+    untrainable: str | None = None  # why this call's tokens must not be trained on
     enforced: list[str] = field(default_factory=list)  # sampling settings the proxy replaced
     call_id: str = field(default_factory=new_call_id)
     seq: int = 0
@@ -71,14 +71,25 @@ class Call:
     processing_s: float = 0.0
 
     def headers(self) -> dict[str, str]:
-        out = {"X-Session-Id": self.ctx.session_id, "X-Call-Id": self.call_id,
-               "X-Policy-Version": str(self.policy_version or 0)}
+        out = {
+            "X-Session-Id": self.ctx.session_id,
+            "X-Call-Id": self.call_id,
+            "X-Policy-Version": str(self.policy_version or 0),
+        }
         if self.enforced:
             out["X-Trainwire-Sampling"] = "enforced " + ",".join(self.enforced)
         return out
 
-    def record(self, *, status: int, response: Any, error: str | None = None, aborted: bool = False,
-               tokens=None, usage: dict | None = None) -> CallRecord:
+    def record(
+        self,
+        *,
+        status: int,
+        response: Any,
+        error: str | None = None,
+        aborted: bool = False,
+        tokens=None,
+        usage: dict | None = None,
+    ) -> CallRecord:
         now = time.perf_counter()
         upstream_ms = (self.t_upstream_done - self.t_sent) * 1000 if self.t_sent and self.t_upstream_done else None
         pre_ms = ((self.t_sent or now) - self.started) * 1000
@@ -91,20 +102,38 @@ class Call:
             # Said for every route: a frozen teacher's evaluation calls must stay out of fine-tuning too.
             untrainable = "evaluation call (X-Trainwire-Train: false)"
         if untrainable is None and tokens is not None and status == 200:
-            untrainable = token_problem(tokens.prompt_token_ids, tokens.completion_token_ids, tokens.logprobs,
-                                        usage, aborted)
+            untrainable = token_problem(
+                tokens.prompt_token_ids, tokens.completion_token_ids, tokens.logprobs, usage, aborted
+            )
         return CallRecord(
-            id=self.call_id, session_id=self.ctx.session_id, seq=self.seq, task_id=self.ctx.task_id,
-            agent_name=self.ctx.agent_name, trainable=self.ctx.trainable and self.route == "policy",
-            kind=self.kind, path=self.path, stream=self.stream, model_requested=self.model_requested,
-            model_served=self.model_served, route=self.route, upstream=self.upstream,
-            policy_version=self.policy_version, request=self.request, response=response,
+            id=self.call_id,
+            session_id=self.ctx.session_id,
+            seq=self.seq,
+            task_id=self.ctx.task_id,
+            agent_name=self.ctx.agent_name,
+            trainable=self.ctx.trainable and self.route == "policy",
+            kind=self.kind,
+            path=self.path,
+            stream=self.stream,
+            model_requested=self.model_requested,
+            model_served=self.model_served,
+            route=self.route,
+            upstream=self.upstream,
+            policy_version=self.policy_version,
+            request=self.request,
+            response=response,
             prompt_token_ids=tokens.prompt_token_ids if tokens else None,
             completion_token_ids=tokens.completion_token_ids if tokens else None,
             logprobs=tokens.logprobs if tokens else None,
             finish_reason=tokens.finish_reason if tokens else None,
-            usage=usage, status_code=status, error=error, sampling=self.sampling, untrainable_reason=untrainable,
-            aborted=aborted, started_at=self.started_at, finished_at=datetime.now(UTC),
+            usage=usage,
+            status_code=status,
+            error=error,
+            sampling=self.sampling,
+            untrainable_reason=untrainable,
+            aborted=aborted,
+            started_at=self.started_at,
+            finished_at=datetime.now(UTC),
             upstream_ms=upstream_ms,
             ttft_ms=(self.t_first - self.t_sent) * 1000 if self.t_first and self.t_sent else None,
             overhead_ms=pre_ms + post_ms + self.processing_s * 1000,
@@ -115,8 +144,15 @@ class UpstreamUnavailable(Exception):
     pass
 
 
-async def open_upstream(pool, http: aiohttp.ClientSession, call: Call, body: bytes, headers: dict[str, str],
-                        timeout: aiohttp.ClientTimeout, prepare_for) -> aiohttp.ClientResponse:
+async def open_upstream(
+    pool,
+    http: aiohttp.ClientSession,
+    call: Call,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: aiohttp.ClientTimeout,
+    prepare_for,
+) -> aiohttp.ClientResponse:
     """POST to the session's upstream. Only a refused connection (nothing was sent) moves on to the next
     upstream: retrying anything later could run the generation twice."""
     order = pool.order(call.ctx.session_id)
@@ -130,7 +166,9 @@ async def open_upstream(pool, http: aiohttp.ClientSession, call: Call, body: byt
         call.upstream = upstream.url
         call.t_sent = time.perf_counter()
         try:
-            return await http.post(f"{upstream.url}{call.upstream_path or call.path}", data=payload, headers=headers, timeout=timeout)
+            return await http.post(
+                f"{upstream.url}{call.upstream_path or call.path}", data=payload, headers=headers, timeout=timeout
+            )
         except aiohttp.ClientConnectorError:
             pool.mark_dead(upstream)
             raise
@@ -141,9 +179,11 @@ async def open_upstream(pool, http: aiohttp.ClientSession, call: Call, body: byt
         if len(order) == 1:
             raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
     try:
-        async for attempt in AsyncRetrying(stop=stop_after_attempt(len(order)),
-                                           retry=retry_if_exception_type(aiohttp.ClientConnectorError),
-                                           reraise=True):
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(len(order)),
+            retry=retry_if_exception_type(aiohttp.ClientConnectorError),
+            reraise=True,
+        ):
             with attempt:
                 return await once()
     except aiohttp.ClientConnectorError as exc:
@@ -182,8 +222,11 @@ async def complete(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -
             return _translated_error(api, resp.status, error, call)
         return Response(raw, status_code=resp.status, headers=headers)
     content_type = resp.headers.get("content-type") or ""
-    if (not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list)
-            or "json" not in content_type.lower()):
+    if (
+        not isinstance(parsed, dict)
+        or not isinstance(parsed.get("choices"), list)
+        or "json" not in content_type.lower()
+    ):
         return _not_an_answer(call, submit, api, raw, content_type or None)
     tokens = tokens_of(parsed)
     if api.from_upstream is not None:
@@ -206,14 +249,26 @@ def _not_an_answer(call: Call, submit, api: Api, raw: bytes, content_type: str |
     what = f"{len(raw)} bytes of {content_type or 'no content type'}"
     detail = f"upstream answered 200 with a body that is not a completion ({what}): {raw[:300]!r}"
     submit(call.record(status=502, response=None, error=detail))
-    return Response(api.error_body(502, f"the policy server answered 200 with a body that is not a completion "
-                                        f"({what})", None, "upstream_bad_response"),
-                    status_code=502, media_type="application/json", headers=call.headers())
+    return Response(
+        api.error_body(
+            502,
+            f"the policy server answered 200 with a body that is not a completion ({what})",
+            None,
+            "upstream_bad_response",
+        ),
+        status_code=502,
+        media_type="application/json",
+        headers=call.headers(),
+    )
 
 
 def _translated_error(api: Api, status: int, message: str, call: Call) -> Response:
-    return Response(api.error_body(status, message, None, None), status_code=status, media_type="application/json",
-                    headers=call.headers())
+    return Response(
+        api.error_body(status, message, None, None),
+        status_code=status,
+        media_type="application/json",
+        headers=call.headers(),
+    )
 
 
 def _error_text(parsed: Any, raw: bytes) -> str:
@@ -232,11 +287,11 @@ def _split_events(buf: bytes) -> tuple[list[bytes], bytes]:
         if i < 0 and j < 0:
             return events, buf
         if j >= 0 and (i < 0 or j < i):
-            events.append(buf[:j + 4])
-            buf = buf[j + 4:]
+            events.append(buf[: j + 4])
+            buf = buf[j + 4 :]
         else:
-            events.append(buf[:i + 2])
-            buf = buf[i + 2:]
+            events.append(buf[: i + 2])
+            buf = buf[i + 2 :]
 
 
 def _data_of(event: bytes) -> bytes | None:
@@ -266,7 +321,7 @@ class _StreamState:
 
     def __init__(self, kind: str) -> None:
         self.asm = StreamAssembler(kind)
-        self.completed = False   # the upstream's body was read to its end
+        self.completed = False  # the upstream's body was read to its end
         self.error: str | None = None
         self.recorded = False
 
@@ -296,7 +351,9 @@ def stream(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -> Respon
         aborted = not (asm.finished() or (state.completed and asm.done))
         error = state.error
         if aborted and error is None:
-            error = "client disconnected before the stream ended" if not state.completed else "stream ended without [DONE]"
+            error = (
+                "client disconnected before the stream ended" if not state.completed else "stream ended without [DONE]"
+            )
         if api.translated:
             response = _translated_record(api, assembled, usage, call)
         else:
@@ -316,8 +373,9 @@ def _translated_record(api: Api, assembled: dict[str, Any], usage: Any, call: Ca
         return None
     try:
         assert api.from_upstream is not None
-        return api.from_upstream({**assembled, "usage": usage} if usage else assembled, call.request,
-                                 Ids.of(call.call_id))
+        return api.from_upstream(
+            {**assembled, "usage": usage} if usage else assembled, call.request, Ids.of(call.call_id)
+        )
     except Exception:
         log.exception("could not translate the assembled stream of call %s; recording vLLM's answer", call.call_id)
         return assembled
@@ -379,8 +437,9 @@ async def _relayed_body(resp: aiohttp.ClientResponse, call: Call, state: _Stream
         yield b"data: " + error_body(502, "the policy server's stream broke off") + b"\n\n"
 
 
-async def _translated_body(resp: aiohttp.ClientResponse, call: Call, state: _StreamState,
-                           api: Api) -> AsyncIterator[bytes]:
+async def _translated_body(
+    resp: aiohttp.ClientResponse, call: Call, state: _StreamState, api: Api
+) -> AsyncIterator[bytes]:
     """vLLM's chat stream, stripped of what the proxy injected, as the client API's events."""
 
     # The usage chunk the proxy asked for is part of these APIs' own answers (Responses' usage, Anthropic's
@@ -427,6 +486,7 @@ def _stream_error(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) ->
 
 def _not_a_stream(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -> Response:
     """A 200 that is not an event stream (an HTML page, a JSON body): an upstream error, recorded as one."""
+
     async def body() -> AsyncIterator[bytes]:
         try:
             raw = await resp.read()

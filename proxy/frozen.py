@@ -39,13 +39,43 @@ log = logging.getLogger("trainwire.frozen")
 
 # OpenAI request fields handed to litellm as arguments. Everything else a client sends goes to the provider
 # as `extra_body`, so a request can never set litellm's own arguments (api_base, api_key, mock_response...).
-_OPENAI_PARAMS = frozenset({
-    "audio", "best_of", "echo", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
-    "max_completion_tokens", "max_tokens", "modalities", "n", "parallel_tool_calls", "prediction",
-    "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
-    "service_tier", "stop", "store", "stream_options", "suffix", "temperature", "tool_choice", "tools",
-    "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
-})
+_OPENAI_PARAMS = frozenset(
+    {
+        "audio",
+        "best_of",
+        "echo",
+        "frequency_penalty",
+        "function_call",
+        "functions",
+        "logit_bias",
+        "logprobs",
+        "max_completion_tokens",
+        "max_tokens",
+        "modalities",
+        "n",
+        "parallel_tool_calls",
+        "prediction",
+        "presence_penalty",
+        "prompt_cache_key",
+        "reasoning_effort",
+        "response_format",
+        "safety_identifier",
+        "seed",
+        "service_tier",
+        "stop",
+        "store",
+        "stream_options",
+        "suffix",
+        "temperature",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "user",
+        "verbosity",
+        "web_search_options",
+    }
+)
 # Fields litellm adds to its response objects that OpenAI's format does not have.
 _LITELLM_EXTRAS = ("provider_specific_fields", "citations", "moderation", "obfuscation")
 
@@ -74,12 +104,15 @@ def parse_routes(model_route: list[str], routes_file: Path | None, policy_model:
         name, sep, target = spec.partition("=")
         name, target = name.strip(), target.strip()
         if not sep or not name or not target:
-            raise RouteConfigError(f"--model-route {spec!r}: expected NAME=litellm-model-string, "
-                                   f"e.g. checker=openai/gpt-4o-mini")
+            raise RouteConfigError(
+                f"--model-route {spec!r}: expected NAME=litellm-model-string, e.g. checker=openai/gpt-4o-mini"
+            )
         routes[name] = _deployments(name, target, "--model-route")
     if policy_model in routes:
-        raise RouteConfigError(f"model route {policy_model!r} has the policy model's name; "
-                               f"the policy is always served by the upstream vLLM")
+        raise RouteConfigError(
+            f"model route {policy_model!r} has the policy model's name; "
+            f"the policy is always served by the upstream vLLM"
+        )
     return routes
 
 
@@ -92,8 +125,9 @@ def _deployments(name: str, value: Any, where: str) -> list[dict]:
         elif isinstance(item, dict) and isinstance(item.get("model"), str) and item["model"].strip():
             out.append(dict(item))
         else:
-            raise RouteConfigError(f"{where}: route {name!r} must be a litellm model string or a mapping "
-                                   f"with a 'model' key; got {item!r}")
+            raise RouteConfigError(
+                f"{where}: route {name!r} must be a litellm model string or a mapping with a 'model' key; got {item!r}"
+            )
     if not out:
         raise RouteConfigError(f"{where}: route {name!r} has no deployment")
     return out
@@ -124,16 +158,21 @@ class FrozenRoutes:
             for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
                 logging.getLogger(name).setLevel(logging.WARNING)
         self.routes = routes
-        model_list = [{"model_name": name, "litellm_params": params}
-                      for name, deployments in routes.items() for params in deployments]
+        model_list = [
+            {"model_name": name, "litellm_params": params}
+            for name, deployments in routes.items()
+            for params in deployments
+        ]
         # No retries and no cooldowns: retrying a generation can run it twice, and a cooled-down deployment
         # would turn one provider hiccup into minutes of errors for a frozen agent.
-        self.router = litellm.Router(model_list=model_list, num_retries=0, disable_cooldowns=True,
-                                     timeout=timeout_s)
-        self._where = {name: ", ".join(d.get("api_base") or d["model"] for d in deployments)
-                       for name, deployments in routes.items()}
-        log.info("model routes: %s", ", ".join(f"{n} -> {', '.join(d['model'] for d in ds)}"
-                                               for n, ds in routes.items()))
+        self.router = litellm.Router(model_list=model_list, num_retries=0, disable_cooldowns=True, timeout=timeout_s)
+        self._where = {
+            name: ", ".join(d.get("api_base") or d["model"] for d in deployments)
+            for name, deployments in routes.items()
+        }
+        log.info(
+            "model routes: %s", ", ".join(f"{n} -> {', '.join(d['model'] for d in ds)}" for n, ds in routes.items())
+        )
 
     @classmethod
     def from_settings(cls, settings) -> "FrozenRoutes":
@@ -157,22 +196,30 @@ class FrozenRoutes:
         if call.kind == "completion" and body.get("prompt") is None:
             return self._reject(call, once, "'prompt' is required", "prompt")
         kwargs: dict[str, Any] = {k: v for k, v in body.items() if k in _OPENAI_PARAMS}
-        extra = {k: v for k, v in body.items()
-                 if k not in _OPENAI_PARAMS and k not in ("model", "messages", "prompt", "stream")}
+        extra = {
+            k: v
+            for k, v in body.items()
+            if k not in _OPENAI_PARAMS and k not in ("model", "messages", "prompt", "stream")
+        }
         if extra:
             kwargs["extra_body"] = extra
         call.t_sent = time.perf_counter()
         try:
             if call.kind == "chat":
-                result = await self.router.acompletion(model=call.model_requested, messages=body["messages"],
-                                                       stream=call.stream, **kwargs)
+                result = await self.router.acompletion(
+                    model=call.model_requested, messages=body["messages"], stream=call.stream, **kwargs
+                )
             else:
-                result = await self.router.atext_completion(model=call.model_requested, prompt=body["prompt"],
-                                                            stream=call.stream, **kwargs)
+                result = await self.router.atext_completion(
+                    model=call.model_requested, prompt=body["prompt"], stream=call.stream, **kwargs
+                )
         except asyncio.CancelledError:
             call.t_upstream_done = time.perf_counter()
-            once(lambda: call.record(status=499, response=None, aborted=True,
-                                     error="client disconnected before the provider answered"))
+            once(
+                lambda: call.record(
+                    status=499, response=None, aborted=True, error="client disconnected before the provider answered"
+                )
+            )
             raise
         except Exception as exc:  # noqa: BLE001 - every provider failure becomes an OpenAI-format error
             call.t_upstream_done = time.perf_counter()
@@ -188,8 +235,7 @@ class FrozenRoutes:
         except Exception as exc:  # noqa: BLE001 - an answer litellm cannot represent is still recorded
             return self._provider_error(call, once, exc)
         once(lambda: call.record(status=200, response=data, tokens=tokens_of(data)))
-        return Response(orjson.dumps(data), status_code=200, media_type="application/json",
-                        headers=call.headers())
+        return Response(orjson.dumps(data), status_code=200, media_type="application/json", headers=call.headers())
 
     def _stream(self, call, once: _Once, result) -> Response:
         asm = StreamAssembler(call.kind)
@@ -203,8 +249,16 @@ class FrozenRoutes:
             assembled["model"] = call.model_requested
             aborted = not state["completed"]
             error = state["error"] or ("client disconnected before the stream ended" if aborted else None)
-            once(lambda: call.record(status=200, response=assembled, tokens=tokens_of(assembled), aborted=aborted,
-                                     error=error, usage=assembled.get("usage")))
+            once(
+                lambda: call.record(
+                    status=200,
+                    response=assembled,
+                    tokens=tokens_of(assembled),
+                    aborted=aborted,
+                    error=error,
+                    usage=assembled.get("usage"),
+                )
+            )
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -237,21 +291,22 @@ class FrozenRoutes:
                 except Exception:  # noqa: BLE001 - closing a dead provider stream must not mask anything
                     pass
 
-        return RecordedStream(events(), close, status_code=200, media_type="text/event-stream",
-                               headers=call.headers())
+        return RecordedStream(events(), close, status_code=200, media_type="text/event-stream", headers=call.headers())
 
     def _provider_error(self, call, once: _Once, exc: Exception) -> Response:
         status, err = _error_of(exc)
         log.info("frozen route %r failed with %s: %s", call.model_requested, status, err["message"])
         once(lambda: call.record(status=status, response={"error": err}, error=err["message"]))
-        return Response(orjson.dumps({"error": err}), status_code=status, media_type="application/json",
-                        headers=call.headers())
+        return Response(
+            orjson.dumps({"error": err}), status_code=status, media_type="application/json", headers=call.headers()
+        )
 
     def _reject(self, call, once: _Once, message: str, param: str) -> Response:
         err = {"message": message, "type": TYPES[400], "param": param, "code": "invalid_value"}
         once(lambda: call.record(status=400, response={"error": err}, error=message))
-        return Response(orjson.dumps({"error": err}), status_code=400, media_type="application/json",
-                        headers=call.headers())
+        return Response(
+            orjson.dumps({"error": err}), status_code=400, media_type="application/json", headers=call.headers()
+        )
 
 
 def _clean(obj: dict[str, Any], delta: bool = False) -> dict[str, Any]:
@@ -282,7 +337,8 @@ def _error_of(exc: Exception) -> tuple[int, dict[str, Any]]:
     provider_status = getattr(exc, "provider_status_code", None)
     status = getattr(exc, "status_code", None)
     timeout = isinstance(exc, asyncio.TimeoutError) or any(
-        c.__name__ in ("Timeout", "APITimeoutError") for c in type(exc).__mro__)
+        c.__name__ in ("Timeout", "APITimeoutError") for c in type(exc).__mro__
+    )
     if isinstance(provider_status, int) and provider_status >= 400:
         status = provider_status
     elif timeout:
@@ -305,5 +361,9 @@ def _error_of(exc: Exception) -> tuple[int, dict[str, Any]]:
             code = "upstream_timeout"
     if not (isinstance(etype, str) and etype.islower() and etype.endswith("_error")):
         etype = TYPES.get(status, "api_error")  # vLLM's "BadRequestError" and the like: OpenAI's names instead
-    return status, {"message": message or "provider error", "type": etype, "param": param,
-                    "code": code if isinstance(code, (str, type(None))) else str(code)}
+    return status, {
+        "message": message or "provider error",
+        "type": etype,
+        "param": param,
+        "code": code if isinstance(code, (str, type(None))) else str(code),
+    }

@@ -40,8 +40,15 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-async def generate(tw, headers: Mapping[str, str], raw: bytes, api: Api, path: str, session_id: str | None,
-                   path_values: Mapping[str, str] | None = None) -> Response:
+async def generate(
+    tw,
+    headers: Mapping[str, str],
+    raw: bytes,
+    api: Api,
+    path: str,
+    session_id: str | None,
+    path_values: Mapping[str, str] | None = None,
+) -> Response:
     """`path` is the API's path (/v1/chat/completions, /v1/responses, ...); `session_id` the one from a
     /sessions/{id}/ URL and `path_values` what a /tw/.../ URL said, if the client put them there."""
     require_agent_key(headers, tw.settings)
@@ -50,23 +57,38 @@ async def generate(tw, headers: Mapping[str, str], raw: bytes, api: Api, path: s
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", param="model", code="invalid_type")
-    call = Call(ctx=ctx, kind=api.kind, path=path, request=body, stream=bool(body.get("stream")),
-                model_requested=model, upstream_path=api.upstream_path)
+    call = Call(
+        ctx=ctx,
+        kind=api.kind,
+        path=path,
+        request=body,
+        stream=bool(body.get("stream")),
+        model_requested=model,
+        upstream_path=api.upstream_path,
+    )
     if model is not None and model != tw.settings.policy_model:
         if tw.frozen is None or not tw.frozen.knows(model):
             known = [tw.settings.policy_model, *(tw.frozen.names() if tw.frozen else [])]
-            raise ApiError(404, f"The model '{model}' does not exist. Known models: {', '.join(known)}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist. Known models: {', '.join(known)}",
+                param="model",
+                code="model_not_found",
+            )
         if api.translated:
-            raise ApiError(400, f"model routes serve chat and completions; {path} serves the policy "
-                                f"({tw.settings.policy_model!r}) only", param="model", code="model_not_supported")
+            raise ApiError(
+                400,
+                f"model routes serve chat and completions; {path} serves the policy "
+                f"({tw.settings.policy_model!r}) only",
+                param="model",
+                code="model_not_supported",
+            )
         call.route = "frozen"
     if api.ready is not None:
         await api.ready()
     upstream_body = api.to_upstream(body) if api.to_upstream is not None else dict(body)
     if call.route == "policy" and ctx.trainable:
-        outcome = sampling.apply(upstream_body, policy=tw.settings.sampling_policy,
-                                 temperature=tw.settings.temperature)
+        outcome = sampling.apply(upstream_body, policy=tw.settings.sampling_policy, temperature=tw.settings.temperature)
         call.sampling, call.untrainable = outcome.record(), outcome.untrainable
         call.enforced = outcome.changed
     else:
@@ -77,8 +99,9 @@ async def generate(tw, headers: Mapping[str, str], raw: bytes, api: Api, path: s
     return await _serve_policy(tw, tw.upstream_headers(headers), call, api, upstream_body)
 
 
-async def _serve_policy(tw, upstream_headers: dict[str, str], call: Call, api: Api,
-                        upstream_body: dict[str, Any]) -> Response:
+async def _serve_policy(
+    tw, upstream_headers: dict[str, str], call: Call, api: Api, upstream_body: dict[str, Any]
+) -> Response:
     call.injected = prepare(api.upstream_kind, upstream_body)
 
     def payload_for(url: str) -> bytes:
@@ -95,7 +118,9 @@ async def _serve_policy(tw, upstream_headers: dict[str, str], call: Call, api: A
     except UpstreamUnavailable as exc:
         return fail(tw, call, api, 502, "the policy server is unreachable", str(exc))
     except TimeoutError:
-        return fail(tw, call, api, 504, f"the policy server did not answer within {tw.settings.upstream_timeout_s:.0f}s")
+        return fail(
+            tw, call, api, 504, f"the policy server did not answer within {tw.settings.upstream_timeout_s:.0f}s"
+        )
     except aiohttp.ClientError as exc:
         return fail(tw, call, api, 502, "the policy server failed", f"upstream error: {exc!r}")
     if resp.status == 404 and call.policy_version and call.model_served != tw.policy.base_model:
@@ -119,13 +144,18 @@ async def _retry_on_base(tw, upstream_headers: dict[str, str], call: Call, api: 
         call.t_upstream_done = time.perf_counter()
         text = body[:2000].decode("utf-8", "replace")
         tw.record(call.record(status=404, response={"raw": text}, error=text))
-        return Response(api.error_body(404, f"the policy server answered 404: {text[:500]}", None, "upstream_error"),
-                        status_code=404, headers=call.headers(), media_type="application/json")
+        return Response(
+            api.error_body(404, f"the policy server answered 404: {text[:500]}", None, "upstream_error"),
+            status_code=404,
+            headers=call.headers(),
+            media_type="application/json",
+        )
     tw.policy.mark_missing(call.upstream)
     url = call.upstream
     try:
-        return await tw.http.post(f"{url}{call.upstream_path}", data=payload_for(url), headers=upstream_headers,
-                                  timeout=tw.timeout)
+        return await tw.http.post(
+            f"{url}{call.upstream_path}", data=payload_for(url), headers=upstream_headers, timeout=tw.timeout
+        )
     except (TimeoutError, aiohttp.ClientError) as exc:
         return fail(tw, call, api, 502, "the policy server failed", f"upstream error: {exc!r}")
 
@@ -135,5 +165,9 @@ def fail(tw, call: Call, api: Api, status: int, message: str, detail: str | None
     upstream's address, goes only into the record (and the read API, behind the admin key)."""
     call.t_upstream_done = time.perf_counter()
     tw.record(call.record(status=status, response=None, error=detail or message))
-    return Response(api.error_body(status, message, None, "upstream_timeout" if status == 504 else "upstream_unavailable"),
-                    status_code=status, media_type="application/json", headers=call.headers())
+    return Response(
+        api.error_body(status, message, None, "upstream_timeout" if status == 504 else "upstream_unavailable"),
+        status_code=status,
+        media_type="application/json",
+        headers=call.headers(),
+    )

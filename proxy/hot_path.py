@@ -24,8 +24,9 @@ log = logging.getLogger("trainwire.proxy")
 
 _IN_SESSION = re.compile(rf"/sessions/({SESSION_IN_PATH})({'|'.join(re.escape(p) for p in BY_PATH)})")
 # The request headers generation reads; the rest are not decoded.
-_READ = frozenset({b"authorization", b"x-api-key", b"x-session-id", b"x-task-id", b"x-agent-name",
-                   b"x-trainwire-train"})
+_READ = frozenset(
+    {b"authorization", b"x-api-key", b"x-session-id", b"x-task-id", b"x-agent-name", b"x-trainwire-train"}
+)
 # Route templates, as the metrics label them.
 ROUTE_KEY = "trainwire.route"
 # What a /tw/KEY=VALUE/.../v1 base URL said (header names -> values), for every route behind it.
@@ -61,8 +62,12 @@ class _TooLarge(Exception):
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"request body is larger than {limit} bytes (--max-request-bytes); nothing was sent "
-                         f"upstream", code="request_too_large", headers={"Connection": "close"})
+    return ApiError(
+        413,
+        f"request body is larger than {limit} bytes (--max-request-bytes); nothing was sent upstream",
+        code="request_too_large",
+        headers={"Connection": "close"},
+    )
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -131,8 +136,9 @@ class HotPath:
         scope[ROUTE_KEY] = (f"{CONTEXT_PREFIX}{{context}}" + template) if CONTEXT_KEY in scope else template
         api = BY_PATH[path]
         try:
-            response = await generate(self.state, _headers(scope), await _body(receive, limit), api, path,
-                                      session_id, scope.get(CONTEXT_KEY))
+            response = await generate(
+                self.state, _headers(scope), await _body(receive, limit), api, path, session_id, scope.get(CONTEXT_KEY)
+            )
         except _ClientGone:
             return  # gone before its request arrived whole: nothing was sent upstream, nothing to record
         except _TooLarge:
@@ -141,8 +147,10 @@ class HotPath:
             response = _error(api, exc)
         except Exception:
             log.exception("unexpected error serving %s", scope["path"])
-            response = _error(api, ApiError(500, "internal error in trainwire; the proxy's log has the details",
-                                            code="internal_error"))
+            response = _error(
+                api,
+                ApiError(500, "internal error in trainwire; the proxy's log has the details", code="internal_error"),
+            )
         await response(scope, receive, send)
 
     async def _framework(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -163,8 +171,10 @@ class HotPath:
                 log.debug("error after the answer started on %s", scope["path"], exc_info=True)
                 return
             log.exception("unexpected error serving %s", scope["path"])
-            await _error(_api_of(scope["path"]), ApiError(500, "internal error in trainwire; the proxy's log has "
-                                                               "the details", code="internal_error"))(scope, receive, send)
+            await _error(
+                _api_of(scope["path"]),
+                ApiError(500, "internal error in trainwire; the proxy's log has the details", code="internal_error"),
+            )(scope, receive, send)
 
     @staticmethod
     def _enter_context(scope: Scope) -> None:
@@ -183,5 +193,9 @@ def _api_of(path: str):
 
 def _error(api, exc: ApiError) -> Response:
     """An error in the API's own format (Anthropic's on /v1/messages, OpenAI's elsewhere)."""
-    return Response(api.error_body(exc.status, exc.message, exc.param, exc.code), status_code=exc.status,
-                    media_type="application/json", headers=exc.headers)
+    return Response(
+        api.error_body(exc.status, exc.message, exc.param, exc.code),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers,
+    )

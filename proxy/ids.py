@@ -14,7 +14,7 @@ _pool: list[str] = []
 
 def _refill() -> None:
     raw = os.urandom(16 * _BATCH).hex()
-    _pool.extend(raw[i:i + 32] for i in range(0, len(raw), 32))
+    _pool.extend(raw[i : i + 32] for i in range(0, len(raw), 32))
 
 
 def random_hex() -> str:

@@ -45,25 +45,36 @@ class Metrics:
         self.state = state
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queue = Gauge("trainwire_write_queue_depth", "Calls waiting to be written", registry=r,
-                           multiprocess_mode="livesum")
+        self.queue = Gauge(
+            "trainwire_write_queue_depth", "Calls waiting to be written", registry=r, multiprocess_mode="livesum"
+        )
         self.written = Counter("trainwire_calls_written", "Calls written to the store", registry=r)
         self.retries = Counter("trainwire_write_retries", "Batch write retries", registry=r)
         self.requests = Counter("trainwire_requests", "Requests by path and status", ["path", "status"], registry=r)
-        self.latency = Histogram("trainwire_request_seconds", "Request time in the proxy (to the response head)",
-                                 ["path"], registry=r,
-                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.version = Gauge("trainwire_policy_version",
-                             "Policy version served, per upstream (its index in --upstream order)", ["upstream"],
-                             registry=r, multiprocess_mode="livemostrecent")
+        self.latency = Histogram(
+            "trainwire_request_seconds",
+            "Request time in the proxy (to the response head)",
+            ["path"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.version = Gauge(
+            "trainwire_policy_version",
+            "Policy version served, per upstream (its index in --upstream order)",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self._seen = {"written": 0, "retries": 0}
         self._task: asyncio.Task | None = None
 
     def sample(self) -> None:
         writer = self.state.writer
         self.queue.set(writer.depth)
-        for name, counter, now in (("written", self.written, writer.written_total),
-                                   ("retries", self.retries, writer.failed_batches)):
+        for name, counter, now in (
+            ("written", self.written, writer.written_total),
+            ("retries", self.retries, writer.failed_batches),
+        ):
             if now > self._seen[name]:
                 counter.inc(now - self._seen[name])
                 self._seen[name] = now
@@ -122,9 +133,14 @@ def install(app: FastAPI, state) -> Metrics:
     """The /metrics route; `Metrics.count` is the middleware that counts requests (proxy/app.py places it)."""
     metrics = Metrics(state)
 
-    @app.get("/metrics", response_class=Response, responses={
-        200: {"description": "Prometheus text exposition", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
-        **responses(401, s401="Missing or wrong key (the admin key when one is set; see --metrics-public)")})
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {"description": "Prometheus text exposition", "content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}},
+            **responses(401, s401="Missing or wrong key (the admin key when one is set; see --metrics-public)"),
+        },
+    )
     async def metrics_endpoint(request: Request) -> Response:
         """Prometheus metrics, summed over the workers."""
         settings = state.settings

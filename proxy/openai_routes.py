@@ -27,8 +27,12 @@ passthrough_router = APIRouter()
 def _models_body(tw) -> bytes:
     created = int(tw.started_at)
     names = [tw.settings.policy_model, *(tw.frozen.names() if tw.frozen else [])]
-    return orjson.dumps({"object": "list", "data": [
-        {"id": name, "object": "model", "created": created, "owned_by": "trainwire"} for name in names]})
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "trainwire"} for name in names],
+        }
+    )
 
 
 @router.get("/v1/models")
@@ -69,8 +73,15 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
         body = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         body = {"raw": raw.decode("utf-8", "replace")}
-    call = Call(ctx=ctx, kind="other", path=path, request=body, stream=False,
-                model_requested=body.get("model") if isinstance(body, dict) else None, route="passthrough")
+    call = Call(
+        ctx=ctx,
+        kind="other",
+        path=path,
+        request=body,
+        stream=False,
+        model_requested=body.get("model") if isinstance(body, dict) else None,
+        route="passthrough",
+    )
     call.seq = await admit(tw, ctx)
     upstream = tw.pool.order(ctx.session_id)[0]
     served, version = tw.policy.resolve(upstream.url)
@@ -82,8 +93,14 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
     headers = tw.upstream_headers(request.headers)
     call.t_sent = time.perf_counter()
     try:
-        resp = await tw.http.request(request.method, f"{upstream.url}{path}", params=request.query_params,
-                                     data=raw or None, headers=headers, timeout=tw.timeout)
+        resp = await tw.http.request(
+            request.method,
+            f"{upstream.url}{path}",
+            params=request.query_params,
+            data=raw or None,
+            headers=headers,
+            timeout=tw.timeout,
+        )
     except (TimeoutError, aiohttp.ClientError) as exc:
         return fail(tw, call, CHAT, 502, "the policy server failed", f"upstream error: {exc!r}")
     out_headers = response_headers(resp, call)
@@ -102,7 +119,12 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
                 parsed = orjson.loads(text) if text else None
             except orjson.JSONDecodeError:
                 parsed = {"raw": text.decode("utf-8", "replace")}
-            tw.record(call.record(status=resp.status, response=parsed,
-                                  error=None if resp.status < 400 else text[:2000].decode("utf-8", "replace")))
+            tw.record(
+                call.record(
+                    status=resp.status,
+                    response=parsed,
+                    error=None if resp.status < 400 else text[:2000].decode("utf-8", "replace"),
+                )
+            )
 
     return StreamingResponse(relay(), status_code=resp.status, headers=out_headers)

@@ -23,16 +23,22 @@ from trainwire.proxy.errors import responses
 
 GENERATION = {
     "/v1/chat/completions": "Chat Completions, as vLLM serves them (token ids and logprobs recorded, and removed "
-                            "from the answer unless asked for)",
+    "from the answer unless asked for)",
     "/v1/completions": "Completions, as vLLM serves them",
     "/v1/responses": "OpenAI's Responses API, translated to chat completions (no server-side state)",
     "/v1/messages": "Anthropic's Messages API, translated to chat completions (errors in Anthropic's format)",
 }
-_HEADERS = ("`X-Session-Id`, `X-Task-Id`, `X-Agent-Name`, `X-Trainwire-Train` (or `/sessions/{session_id}/v1/...`, or "
-            "a `/tw/session=.../v1` base URL); every answer carries `X-Session-Id`, `X-Call-Id` and "
-            "`X-Policy-Version`.")
-_PASSTHROUGH = {"default": {"description": "vLLM's answer, relayed as it is (its status and body); 401 without the "
-                                           "API key, 502 when vLLM is unreachable"}}
+_HEADERS = (
+    "`X-Session-Id`, `X-Task-Id`, `X-Agent-Name`, `X-Trainwire-Train` (or `/sessions/{session_id}/v1/...`, or "
+    "a `/tw/session=.../v1` base URL); every answer carries `X-Session-Id`, `X-Call-Id` and "
+    "`X-Policy-Version`."
+)
+_PASSTHROUGH = {
+    "default": {
+        "description": "vLLM's answer, relayed as it is (its status and body); 401 without the "
+        "API key, 502 when vLLM is unreachable"
+    }
+}
 # Routes of proxy/openai_routes.py that answer themselves, with the errors they answer.
 _OWN_ERRORS = {("/v1/models", "get"): (401,), ("/sessions/{session_id}/v1/models", "get"): (401, 404)}
 
@@ -43,35 +49,73 @@ async def _documentation_only() -> None:  # pragma: no cover - never routed
 
 def generation_routes() -> list[Any]:
     router = APIRouter(tags=["generation"])
-    body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "type": "object", "required": ["model"],
-        "properties": {"model": {"type": "string", "description": "The policy's name (--policy-model) or a "
-                                                                 "--model-route name"},
-                       "stream": {"type": "boolean"}},
-        "additionalProperties": True}}}}}
-    errors = responses(400, 401, 404, 413, 501, 502, 504,
-                       s404="Unknown model (or vLLM's 404 for a model it does not serve)",
-                       s501="/v1/messages without litellm installed")
-    ok: dict[int | str, dict[str, Any]] = {200: {"description": "The API's answer: JSON, or `text/event-stream` when `stream` is true",
-                     "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}}}}
+    body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["model"],
+                        "properties": {
+                            "model": {
+                                "type": "string",
+                                "description": "The policy's name (--policy-model) or a --model-route name",
+                            },
+                            "stream": {"type": "boolean"},
+                        },
+                        "additionalProperties": True,
+                    }
+                }
+            },
+        }
+    }
+    errors = responses(
+        400,
+        401,
+        404,
+        413,
+        501,
+        502,
+        504,
+        s404="Unknown model (or vLLM's 404 for a model it does not serve)",
+        s501="/v1/messages without litellm installed",
+    )
+    ok: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": "The API's answer: JSON, or `text/event-stream` when `stream` is true",
+            "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+        }
+    }
     for path, what in GENERATION.items():
         for full in (path, "/sessions/{session_id}" + path):
-            router.add_api_route(full, _documentation_only, methods=["POST"], summary=what,
-                                 description=f"Served in front of the framework and recorded. {_HEADERS}",
-                                 responses={**ok, **errors, "default": {
-                                     "description": "vLLM's error status and body, relayed"}},
-                                 openapi_extra=body,
-                                 operation_id="generate" + re.sub(r"[^A-Za-z0-9]+", "_", full).rstrip("_"))
+            router.add_api_route(
+                full,
+                _documentation_only,
+                methods=["POST"],
+                summary=what,
+                description=f"Served in front of the framework and recorded. {_HEADERS}",
+                responses={**ok, **errors, "default": {"description": "vLLM's error status and body, relayed"}},
+                openapi_extra=body,
+                operation_id="generate" + re.sub(r"[^A-Za-z0-9]+", "_", full).rstrip("_"),
+            )
     return list(router.routes)
 
 
 def document(app) -> dict[str, Any]:
     with warnings.catch_warnings():  # the duplicate operation ids of multi-method routes, made unique below
         warnings.filterwarnings("ignore", message="Duplicate Operation ID", category=UserWarning)
-        schema = get_openapi(title=app.title, version=app.version, openapi_version=app.openapi_version,
-                             summary=app.summary, description=app.description,
-                             routes=[*app.routes, *generation_routes()], tags=app.openapi_tags, servers=app.servers,
-                             separate_input_output_schemas=app.separate_input_output_schemas)
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            openapi_version=app.openapi_version,
+            summary=app.summary,
+            description=app.description,
+            routes=[*app.routes, *generation_routes()],
+            tags=app.openapi_tags,
+            servers=app.servers,
+            separate_input_output_schemas=app.separate_input_output_schemas,
+        )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     seen: set[str] = set()
     for path, item in schema.get("paths", {}).items():
@@ -97,8 +141,10 @@ def document(app) -> dict[str, Any]:
 
 def _error_response(status: int) -> dict[str, Any]:
     (entry,) = responses(status).values()
-    out = {"description": entry["description"],
-           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    out = {
+        "description": entry["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
     if "headers" in entry:
         out["headers"] = entry["headers"]
     return out

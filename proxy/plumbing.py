@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 # The ranges of the store's integer columns: a value outside one can name no row, and the database refuses it
 # as a parameter.
-INT32_MAX = 2**31 - 1   # Integer columns (train step, policy version)
-INT64_MAX = 2**63 - 1   # BigInteger columns (reward id)
+INT32_MAX = 2**31 - 1  # Integer columns (train step, policy version)
+INT64_MAX = 2**63 - 1  # BigInteger columns (reward id)
 
 # Page sizes and offsets of every list route.
 Limit = Query(50, ge=1, le=1000, description="Items per page (1-1000)")
@@ -78,8 +78,12 @@ def int_cursor(cursor: str | None, top: int = INT32_MAX) -> str | None:
     except queries.BadQuery as exc:
         raise ApiError(400, str(exc), param="cursor", code="invalid_value") from None
     if not isinstance(last, int) or isinstance(last, bool) or not -top - 1 <= last <= top:
-        raise ApiError(400, "cursor is not a cursor this API returned (use next_cursor as given)", param="cursor",
-                       code="invalid_value")
+        raise ApiError(
+            400,
+            "cursor is not a cursor this API returned (use next_cursor as given)",
+            param="cursor",
+            code="invalid_value",
+        )
     return cursor
 
 

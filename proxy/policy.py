@@ -33,8 +33,13 @@ class PolicyState:
     def mark_missing(self, upstream: str) -> None:
         entry = self.by_upstream.get(upstream)
         if entry is not None:
-            log.warning("%s no longer serves %r (policy v%d; restarted?); serving the base model there until "
-                        "the trainer publishes again", upstream, entry.served_model, entry.version)
+            log.warning(
+                "%s no longer serves %r (policy v%d; restarted?); serving the base model there until "
+                "the trainer publishes again",
+                upstream,
+                entry.served_model,
+                entry.version,
+            )
             self.missing[upstream] = entry.version
 
     async def refresh(self) -> None:
@@ -47,8 +52,9 @@ class PolicyState:
 
     async def start(self) -> None:
         await self.refresh()
-        self._task = asyncio.create_task(watch_versions(self.engine, self.refresh, self.poll_s),
-                                         name="trainwire-policy-watch")
+        self._task = asyncio.create_task(
+            watch_versions(self.engine, self.refresh, self.poll_s), name="trainwire-policy-watch"
+        )
 
     async def stop(self) -> None:
         if self._task:

@@ -45,8 +45,11 @@ from trainwire.store.read_models import (
 router = APIRouter(dependencies=[Depends(admin)])
 
 STATUSES = ("open", "finished", "claimed", "trained", "skipped")
-HasQuery = Query(None, description="Sessions with at least one failed / untrainable call: failed, untrainable "
-                                   "(repeated or comma-separated; each must hold)")
+HasQuery = Query(
+    None,
+    description="Sessions with at least one failed / untrainable call: failed, untrainable "
+    "(repeated or comma-separated; each must hold)",
+)
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:
@@ -61,8 +64,13 @@ def parse_time(value: str | None, name: str) -> datetime | None:
         # Inside the try: a time near the calendar's ends in another zone has no UTC datetime.
         return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
-        raise ApiError(400, f"{name} must be an ISO 8601 time (2025-01-31T12:00:00Z) or Unix seconds between the "
-                            f"years 1 and 9999; got {value[:40]!r}", param=name, code="invalid_value") from None
+        raise ApiError(
+            400,
+            f"{name} must be an ISO 8601 time (2025-01-31T12:00:00Z) or Unix seconds between the "
+            f"years 1 and 9999; got {value[:40]!r}",
+            param=name,
+            code="invalid_value",
+        ) from None
 
 
 def parse_has(values: list[str] | None) -> list[str]:
@@ -70,8 +78,12 @@ def parse_has(values: list[str] | None) -> list[str]:
     names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
     for name in names:
         if name not in queries.HAS:
-            raise ApiError(400, f"has must be one of {', '.join(queries.HAS)} (repeated or comma-separated); got "
-                                f"{name[:40]!r}", param="has", code="invalid_value")
+            raise ApiError(
+                400,
+                f"has must be one of {', '.join(queries.HAS)} (repeated or comma-separated); got {name[:40]!r}",
+                param="has",
+                code="invalid_value",
+            )
     return names
 
 
@@ -120,30 +132,58 @@ class StatsAnswer(Stats):
 
 
 @router.get("/sessions", response_model=Page[SessionSummary], responses=responses(400, 401, 503))
-async def list_sessions(request: Request, status: str | None = None, task: str | None = None,
-                        agent: str | None = None, since: str | None = None, until: str | None = None,
-                        has: list[str] | None = HasQuery, limit: int = Limit, cursor: str | None = None,
-                        offset: int | None = Offset) -> Response:
+async def list_sessions(
+    request: Request,
+    status: str | None = None,
+    task: str | None = None,
+    agent: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    has: list[str] | None = HasQuery,
+    limit: int = Limit,
+    cursor: str | None = None,
+    offset: int | None = Offset,
+) -> Response:
     if status is not None and status not in STATUSES:
-        raise ApiError(400, f"status must be one of {', '.join(STATUSES)}; got {status[:40]!r}", param="status",
-                       code="invalid_value")
+        raise ApiError(
+            400,
+            f"status must be one of {', '.join(STATUSES)}; got {status[:40]!r}",
+            param="status",
+            code="invalid_value",
+        )
     try:
-        page = await queries.list_sessions(state_of(request).engine, status=status, task=task, agent=agent,
-                                           since=parse_time(since, "since"), until=parse_time(until, "until"),
-                                           has=parse_has(has), limit=limit, cursor=cursor, offset=offset)
+        page = await queries.list_sessions(
+            state_of(request).engine,
+            status=status,
+            task=task,
+            agent=agent,
+            since=parse_time(since, "since"),
+            until=parse_time(until, "until"),
+            has=parse_has(has),
+            limit=limit,
+            cursor=cursor,
+            offset=offset,
+        )
     except queries.BadQuery as exc:
         raise _bad_query(exc) from None
     return _answer(page)
 
 
-@router.get("/sessions/{session_id:twsession}", response_model=SessionDetail | OrphanedSession,
-            responses=responses(400, 401, 404, 405, 503, s405="GET on /sessions/{id}/reward or /finish (they take POST)"))
+@router.get(
+    "/sessions/{session_id:twsession}",
+    response_model=SessionDetail | OrphanedSession,
+    responses=responses(400, 401, 404, 405, 503, s405="GET on /sessions/{id}/reward or /finish (they take POST)"),
+)
 async def get_session(request: Request, session_id: str, tokens: bool = False) -> Response:
     await _flush(request, session_id)
     found = await queries.get_session(state_of(request).engine, session_id, tokens=tokens)
     if found is None:
-        raise ApiError(404, f"no session {session_id!r}: no calls and no rewards were recorded for it",
-                       param="session_id", code="session_not_found")
+        raise ApiError(
+            404,
+            f"no session {session_id!r}: no calls and no rewards were recorded for it",
+            param="session_id",
+            code="session_not_found",
+        )
     return _answer(found)
 
 
@@ -155,19 +195,37 @@ async def get_call(request: Request, call_id: str, tokens: bool = False) -> Resp
         await _flush(request, session_id)
     found = await queries.get_call(tw.engine, call_id, tokens=tokens)
     if found is None:
-        raise ApiError(404, f"no call {call_id!r} (call ids are the X-Call-Id response header)", param="call_id",
-                       code="call_not_found")
+        raise ApiError(
+            404,
+            f"no call {call_id!r} (call ids are the X-Call-Id response header)",
+            param="call_id",
+            code="call_not_found",
+        )
     return _answer(found)
 
 
 @router.get("/rewards", response_model=Page[RewardListItem], responses=responses(400, 401, 503))
-async def list_rewards(request: Request, session_id: str | None = None, source: str | None = None,
-                       final: bool | None = None, orphaned: bool | None = None, limit: int = Limit,
-                       cursor: str | None = None, offset: int | None = Offset) -> Response:
+async def list_rewards(
+    request: Request,
+    session_id: str | None = None,
+    source: str | None = None,
+    final: bool | None = None,
+    orphaned: bool | None = None,
+    limit: int = Limit,
+    cursor: str | None = None,
+    offset: int | None = Offset,
+) -> Response:
     try:
-        page = await queries.list_rewards(state_of(request).engine, session_id=session_id, source=source,
-                                          final=final, orphaned=orphaned, limit=limit, cursor=cursor,
-                                          offset=offset)
+        page = await queries.list_rewards(
+            state_of(request).engine,
+            session_id=session_id,
+            source=source,
+            final=final,
+            orphaned=orphaned,
+            limit=limit,
+            cursor=cursor,
+            offset=offset,
+        )
     except queries.BadQuery as exc:
         raise _bad_query(exc) from None
     return _answer(page)
@@ -179,10 +237,17 @@ async def stats(request: Request) -> Response:
     counts = await queries.stats(tw.engine)
     journal_dir = tw.settings.journal_dir
     writer = tw.writer
-    return _answer(StatsAnswer(
-        **dict(counts), write_queue=WriteQueue(calls=writer.depth, rewards=writer.reward_depth),
-        rejected=Rejected(rows=count_rejected(journal_dir), files=len(rejected_files(journal_dir)),
-                          journal_dir=str(journal_dir)),
-        write_path=WritePath(database_down_since=writer.database_down_since,
-                             journal_appended=writer.journal.appended if writer.journal else 0,
-                             replayed=writer.replayed_total)))
+    return _answer(
+        StatsAnswer(
+            **dict(counts),
+            write_queue=WriteQueue(calls=writer.depth, rewards=writer.reward_depth),
+            rejected=Rejected(
+                rows=count_rejected(journal_dir), files=len(rejected_files(journal_dir)), journal_dir=str(journal_dir)
+            ),
+            write_path=WritePath(
+                database_down_since=writer.database_down_since,
+                journal_appended=writer.journal.appended if writer.journal else 0,
+                replayed=writer.replayed_total,
+            ),
+        )
+    )

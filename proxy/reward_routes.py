@@ -88,8 +88,10 @@ def _id(v: Any, what: str) -> str:
     if not isinstance(v, str):
         raise _fail(f"must be a string; got {_describe(v)}")
     if not ID_PATTERN.fullmatch(v):
-        raise _fail(f"must be 1-128 characters of letters, digits and ._:@/+=- (starting with a letter or "
-                    f"digit); got {v[:64]!r}")
+        raise _fail(
+            f"must be 1-128 characters of letters, digits and ._:@/+=- (starting with a letter or "
+            f"digit); got {v[:64]!r}"
+        )
     return v
 
 
@@ -100,25 +102,59 @@ class RewardBody(BaseModel):
 
     # The field types are loose so that the validators below can say exactly what is wrong with a value; the
     # schemas say what to send (the OpenAPI document shows them).
-    session_id: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "pattern": _ID_DOC, "maxLength": 128,
-         "description": "The episode: the X-Session-Id of its calls"})] = None
-    reward: Annotated[float | None, WithJsonSchema(
-        {"type": "number", "minimum": -MAX_ABS_REWARD, "maximum": MAX_ABS_REWARD, "description": "A finite number"})
+    session_id: Annotated[
+        str | None,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "pattern": _ID_DOC,
+                "maxLength": 128,
+                "description": "The episode: the X-Session-Id of its calls",
+            }
+        ),
     ] = None
-    call_id: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "pattern": _ID_DOC, "maxLength": 128,
-         "description": "The X-Call-Id of one call of the session: the reward is then intermediate unless `final` "
-                        "says otherwise"})] = None
-    final: Annotated[bool | None, WithJsonSchema(
-        {"type": "boolean", "description": "Default: true without call_id, false with it"})] = None
-    idempotency_key: Annotated[str | None, WithJsonSchema(
-        {"type": "string", "minLength": 1, "maxLength": 256,
-         "description": "Posting the same key again answers the stored reward (or the Idempotency-Key header)"})
+    reward: Annotated[
+        float | None,
+        WithJsonSchema(
+            {"type": "number", "minimum": -MAX_ABS_REWARD, "maximum": MAX_ABS_REWARD, "description": "A finite number"}
+        ),
     ] = None
-    metadata: Annotated[dict[str, Any] | None, WithJsonSchema(
-        {"type": "object", "description": f"Any JSON object, at most {MAX_METADATA_BYTES} bytes, nested at most "
-                                          f"{MAX_JSON_DEPTH} levels"})] = None
+    call_id: Annotated[
+        str | None,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "pattern": _ID_DOC,
+                "maxLength": 128,
+                "description": "The X-Call-Id of one call of the session: the reward is then intermediate unless `final` "
+                "says otherwise",
+            }
+        ),
+    ] = None
+    final: Annotated[
+        bool | None, WithJsonSchema({"type": "boolean", "description": "Default: true without call_id, false with it"})
+    ] = None
+    idempotency_key: Annotated[
+        str | None,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 256,
+                "description": "Posting the same key again answers the stored reward (or the Idempotency-Key header)",
+            }
+        ),
+    ] = None
+    metadata: Annotated[
+        dict[str, Any] | None,
+        WithJsonSchema(
+            {
+                "type": "object",
+                "description": f"Any JSON object, at most {MAX_METADATA_BYTES} bytes, nested at most "
+                f"{MAX_JSON_DEPTH} levels",
+            }
+        ),
+    ] = None
 
     @field_validator("session_id", mode="before")
     @classmethod
@@ -200,8 +236,11 @@ async def _body(request: Request, *, required: bool) -> dict[str, Any]:
     raw = await request.body()
     if not raw.strip():
         if required:
-            raise ApiError(400, 'request body is empty; expected a JSON object like {"session_id": "abc", '
-                                '"reward": 1.0}', code="invalid_json")
+            raise ApiError(
+                400,
+                'request body is empty; expected a JSON object like {"session_id": "abc", "reward": 1.0}',
+                code="invalid_json",
+            )
         return {}
     try:
         # orjson, as on the generation routes: it refuses NaN/Infinity literals, numbers that overflow a double
@@ -225,8 +264,12 @@ def _unparsable(raw: bytes, exc: orjson.JSONDecodeError) -> ApiError:
     if isinstance(lenient, dict):
         where = _surrogate_in(lenient, "")
         if where is not None:
-            return ApiError(400, f"{where or 'a field name'} contains a lone surrogate, which is not valid Unicode",
-                            param=where.split(".")[0].split("[")[0] or None, code="invalid_json")
+            return ApiError(
+                400,
+                f"{where or 'a field name'} contains a lone surrogate, which is not valid Unicode",
+                param=where.split(".")[0].split("[")[0] or None,
+                code="invalid_json",
+            )
         try:
             _validate(lenient)
         except ApiError as found:
@@ -261,13 +304,15 @@ def _validate(body: dict[str, Any]) -> RewardBody:
         raise ApiError(400, message, param=param, code="invalid_value") from None
 
 
-
-
 def _idempotency_key(request: Request, body: RewardBody) -> str | None:
     key = _raw_idempotency_key(request, body)
     if key is not None and key.startswith(AIR_KEY_PREFIX):
-        raise ApiError(400, f"idempotency keys starting with {AIR_KEY_PREFIX!r} are reserved for automatic "
-                            f"rewards; got {key[:64]!r}", param="idempotency_key", code="invalid_value")
+        raise ApiError(
+            400,
+            f"idempotency keys starting with {AIR_KEY_PREFIX!r} are reserved for automatic rewards; got {key[:64]!r}",
+            param="idempotency_key",
+            code="invalid_value",
+        )
     return key
 
 
@@ -275,15 +320,20 @@ def _raw_idempotency_key(request: Request, body: RewardBody) -> str | None:
     header = request.headers.get("idempotency-key")
     if header is not None:
         if not 1 <= len(header) <= 256:
-            raise ApiError(400, "Idempotency-Key header must be 1-256 characters", param="Idempotency-Key",
-                           code="invalid_header")
+            raise ApiError(
+                400, "Idempotency-Key header must be 1-256 characters", param="Idempotency-Key", code="invalid_header"
+            )
         problem = text_problem(header)
         if problem:
             raise ApiError(400, f"Idempotency-Key header {problem}", param="Idempotency-Key", code="invalid_header")
         if body.idempotency_key is not None and body.idempotency_key != header:
-            raise ApiError(400, f"idempotency_key in the body ({body.idempotency_key!r}) differs from the "
-                                f"Idempotency-Key header ({header!r}); send one", param="idempotency_key",
-                           code="invalid_value")
+            raise ApiError(
+                400,
+                f"idempotency_key in the body ({body.idempotency_key!r}) differs from the "
+                f"Idempotency-Key header ({header!r}); send one",
+                param="idempotency_key",
+                code="invalid_value",
+            )
         return header
     return body.idempotency_key
 
@@ -291,12 +341,20 @@ def _raw_idempotency_key(request: Request, body: RewardBody) -> str | None:
 def _session_id(path_session: str | None, body: RewardBody) -> str:
     if path_session is not None:
         if body.session_id is not None and body.session_id != path_session:
-            raise ApiError(400, f"session_id in the body ({body.session_id!r}) differs from the one in the path "
-                                f"({path_session!r})", param="session_id", code="invalid_value")
+            raise ApiError(
+                400,
+                f"session_id in the body ({body.session_id!r}) differs from the one in the path ({path_session!r})",
+                param="session_id",
+                code="invalid_value",
+            )
         return path_session
     if body.session_id is None:
-        raise ApiError(400, "missing required field 'session_id' (the X-Session-Id of the episode)",
-                       param="session_id", code="invalid_value")
+        raise ApiError(
+            400,
+            "missing required field 'session_id' (the X-Session-Id of the episode)",
+            param="session_id",
+            code="invalid_value",
+        )
     return body.session_id
 
 
@@ -311,8 +369,12 @@ async def _visible(tw, check, grace_s: float) -> Any:
 
 
 def _not_written(session_id: str) -> ApiError:
-    return ApiError(503, f"calls of session {session_id!r} are still being served or written; retry shortly",
-                    code="session_not_written", headers={"Retry-After": "1"})
+    return ApiError(
+        503,
+        f"calls of session {session_id!r} are still being served or written; retry shortly",
+        code="session_not_written",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _store(request: Request, new: NewReward) -> Response:
@@ -327,12 +389,20 @@ async def _store(request: Request, new: NewReward) -> Response:
         if owner is None:
             if not flushed:
                 raise _not_written(new.session_id)
-            raise ApiError(404, f"call_id {new.call_id!r} is not a recorded call (use the X-Call-Id response "
-                                f"header of a call of session {new.session_id!r})", param="call_id",
-                           code="call_not_found")
+            raise ApiError(
+                404,
+                f"call_id {new.call_id!r} is not a recorded call (use the X-Call-Id response "
+                f"header of a call of session {new.session_id!r})",
+                param="call_id",
+                code="call_not_found",
+            )
         if owner != new.session_id:
-            raise ApiError(400, f"call_id {new.call_id!r} belongs to session {owner!r}, not {new.session_id!r}",
-                           param="call_id", code="call_session_mismatch")
+            raise ApiError(
+                400,
+                f"call_id {new.call_id!r} belongs to session {owner!r}, not {new.session_id!r}",
+                param="call_id",
+                code="call_session_mismatch",
+            )
     elif not await session_exists(tw.engine, new.session_id):
         if not flushed:
             raise _not_written(new.session_id)
@@ -343,8 +413,11 @@ async def _store(request: Request, new: NewReward) -> Response:
     except RewardError as exc:
         raise ApiError(exc.status, exc.message, param=exc.param, code=exc.code) from None
     if stored.orphaned and not stored.duplicate:
-        log.warning("reward #%s for session %r, which has no recorded calls: kept as orphaned",
-                    stored.reward["id"], new.session_id)
+        log.warning(
+            "reward #%s for session %r, which has no recorded calls: kept as orphaned",
+            stored.reward["id"],
+            new.session_id,
+        )
     body = {**stored.reward, "orphaned": stored.orphaned, "duplicate": stored.duplicate}
     return json_response(body)
 
@@ -353,11 +426,22 @@ async def _reward(request: Request, path_session: str | None) -> Response:
     body = _validate(await _body(request, required=True))
     session_id = _session_id(path_session, body)
     if body.reward is None:
-        raise ApiError(400, "missing required field 'reward' (a finite number; to close a session without a "
-                            "reward use POST /sessions/{session_id}/finish)", param="reward", code="invalid_value")
+        raise ApiError(
+            400,
+            "missing required field 'reward' (a finite number; to close a session without a "
+            "reward use POST /sessions/{session_id}/finish)",
+            param="reward",
+            code="invalid_value",
+        )
     final = body.final if body.final is not None else body.call_id is None
-    new = NewReward(session_id=session_id, value=body.reward, final=final, call_id=body.call_id,
-                    idempotency_key=_idempotency_key(request, body), metadata=body.metadata)
+    new = NewReward(
+        session_id=session_id,
+        value=body.reward,
+        final=final,
+        call_id=body.call_id,
+        idempotency_key=_idempotency_key(request, body),
+        metadata=body.metadata,
+    )
     return await _store(request, new)
 
 
@@ -378,43 +462,74 @@ def _request_body(*, required: list[str], without: tuple[str, ...] = (), body_re
     return {"requestBody": {"required": body_required, "content": {"application/json": {"schema": schema}}}}
 
 
-REWARD_ERRORS = responses(400, 401, 404, 409, 413, 422, 503,
-                          s404="call_id is not a recorded call, or no route has this path",
-                          s503="The database is unavailable, or calls of the session are still being served or "
-                               "written: retry after Retry-After seconds")
+REWARD_ERRORS = responses(
+    400,
+    401,
+    404,
+    409,
+    413,
+    422,
+    503,
+    s404="call_id is not a recorded call, or no route has this path",
+    s503="The database is unavailable, or calls of the session are still being served or "
+    "written: retry after Retry-After seconds",
+)
 
 
 FINISH_ERRORS = {**REWARD_ERRORS, **responses(404, s404="No route has this path (a session id it cannot be)")}
 
 
-@router.post("/reward", dependencies=ADMIN, response_model=StoredReward, responses=REWARD_ERRORS,
-             openapi_extra=_request_body(required=["session_id", "reward"]))
+@router.post(
+    "/reward",
+    dependencies=ADMIN,
+    response_model=StoredReward,
+    responses=REWARD_ERRORS,
+    openapi_extra=_request_body(required=["session_id", "reward"]),
+)
 async def post_reward(request: Request) -> Response:
     """Store a reward of an episode (final by default) or, with `call_id`, of one of its calls."""
     return await _reward(request, None)
 
 
-@router.post("/sessions/{session_id:twsession}/reward", dependencies=ADMIN, response_model=StoredReward,
-             responses=REWARD_ERRORS, openapi_extra=_request_body(required=["reward"]))
+@router.post(
+    "/sessions/{session_id:twsession}/reward",
+    dependencies=ADMIN,
+    response_model=StoredReward,
+    responses=REWARD_ERRORS,
+    openapi_extra=_request_body(required=["reward"]),
+)
 async def post_session_reward(request: Request, session_id: str) -> Response:
     """`POST /reward` with the session in the path."""
     return await _reward(request, session_id)
 
 
-@router.post("/sessions/{session_id:twsession}/finish", dependencies=ADMIN, response_model=StoredReward,
-             responses=FINISH_ERRORS,
-             openapi_extra=_request_body(required=[], without=("reward", "call_id", "final"), body_required=False))
+@router.post(
+    "/sessions/{session_id:twsession}/finish",
+    dependencies=ADMIN,
+    response_model=StoredReward,
+    responses=FINISH_ERRORS,
+    openapi_extra=_request_body(required=[], without=("reward", "call_id", "final"), body_required=False),
+)
 async def finish_session(request: Request, session_id: str) -> Response:
     """Close the episode without a reward: a final row with a null value (the trainer uses its default)."""
     body = _validate(await _body(request, required=False))
     session_id = _session_id(session_id, body)
     for name in ("reward", "call_id", "final"):
         if getattr(body, name) is not None:
-            raise ApiError(400, f"/finish closes a session without a reward and takes no {name!r}; to post a "
-                                f"reward use POST /sessions/{{session_id}}/reward", param=name,
-                           code="invalid_value")
-    new = NewReward(session_id=session_id, value=None, final=True,
-                    idempotency_key=_idempotency_key(request, body), metadata=body.metadata)
+            raise ApiError(
+                400,
+                f"/finish closes a session without a reward and takes no {name!r}; to post a "
+                f"reward use POST /sessions/{{session_id}}/reward",
+                param=name,
+                code="invalid_value",
+            )
+    new = NewReward(
+        session_id=session_id,
+        value=None,
+        final=True,
+        idempotency_key=_idempotency_key(request, body),
+        metadata=body.metadata,
+    )
     return await _store(request, new)
 
 
@@ -424,5 +539,9 @@ async def finish_session(request: Request, session_id: str) -> Response:
 @router.get("/sessions/{session_id:twsession}/finish", include_in_schema=False)
 async def post_only(request: Request, session_id: str) -> Response:
     action = request.url.path.rsplit("/", 1)[-1]
-    raise ApiError(405, f"/sessions/{{session_id}}/{action} takes POST only (to read a session use GET "
-                        f"/sessions/{{session_id}})", code="method_not_allowed", headers={"Allow": "POST"})
+    raise ApiError(
+        405,
+        f"/sessions/{{session_id}}/{action} takes POST only (to read a session use GET /sessions/{{session_id}})",
+        code="method_not_allowed",
+        headers={"Allow": "POST"},
+    )

@@ -29,8 +29,15 @@ _EPS = 1e-6
 
 def neutral(temperature: float) -> dict[str, float | int]:
     """The settings under which vLLM samples from exactly softmax(logits / temperature)."""
-    return {"temperature": temperature, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+    return {
+        "temperature": temperature,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+    }
 
 
 def _same(key: str, asked: Any, value: float | int) -> bool:
@@ -72,10 +79,10 @@ def _constraint(body: dict[str, Any]) -> str | None:
 class Outcome:
     """What the proxy did with a call's sampling settings."""
 
-    requested: dict[str, Any]   # the settings the client sent (only those it set)
-    effective: dict[str, Any]   # what went upstream, every setting explicit
-    changed: list[str]          # settings enforce replaced
-    untrainable: str | None     # why this call's tokens must not be trained on, or None
+    requested: dict[str, Any]  # the settings the client sent (only those it set)
+    effective: dict[str, Any]  # what went upstream, every setting explicit
+    changed: list[str]  # settings enforce replaced
+    untrainable: str | None  # why this call's tokens must not be trained on, or None
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"requested": self.requested, "effective": self.effective}
@@ -84,9 +91,23 @@ class Outcome:
         return out
 
 
-_CONSTRAINT_KEYS = frozenset({"logit_bias", "allowed_token_ids", "bad_words", "min_tokens", "response_format",
-                              "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                              "tool_choice", "use_beam_search", "best_of"})
+_CONSTRAINT_KEYS = frozenset(
+    {
+        "logit_bias",
+        "allowed_token_ids",
+        "bad_words",
+        "min_tokens",
+        "response_format",
+        "structured_outputs",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "tool_choice",
+        "use_beam_search",
+        "best_of",
+    }
+)
 _NEUTRAL: dict[float, dict[str, float | int]] = {}
 
 
@@ -118,10 +139,14 @@ def apply(body: dict[str, Any], *, policy: str, temperature: float) -> Outcome:
     constraint = _constraint(body)
     if constraint is not None:
         if policy == "reject":
-            raise ApiError(400, f"{constraint} changes the sampling distribution, so the tokens of this call could "
-                                f"not be trained on (--sampling-policy reject); leave it out, or send the call "
-                                f"with X-Trainwire-Train: false", param=constraint.split()[0],
-                           code="sampling_not_trainable")
+            raise ApiError(
+                400,
+                f"{constraint} changes the sampling distribution, so the tokens of this call could "
+                f"not be trained on (--sampling-policy reject); leave it out, or send the call "
+                f"with X-Trainwire-Train: false",
+                param=constraint.split()[0],
+                code="sampling_not_trainable",
+            )
         untrainable = untrainable or f"sampling: {constraint} changes the distribution the trainer recomputes"
     effective = {k: body[k] for k in train}
     return Outcome(requested, effective, changed, untrainable)
@@ -135,9 +160,11 @@ def _why(key: str, asked: Any, value: Any) -> str:
 
 def _reject_message(key: str, asked: Any, value: Any) -> str:
     what = "greedy decoding (temperature 0)" if key == "temperature" and _is_zero(asked) else f"{key} {asked!r}"
-    return (f"{what} differs from the training setting {key}={value!r}, so the tokens of this call could not be "
-            f"trained on (--sampling-policy reject); send {key}={value!r} or leave it out, or send the call with "
-            f"X-Trainwire-Train: false")
+    return (
+        f"{what} differs from the training setting {key}={value!r}, so the tokens of this call could not be "
+        f"trained on (--sampling-policy reject); send {key}={value!r} or leave it out, or send the call with "
+        f"X-Trainwire-Train: false"
+    )
 
 
 def _is_zero(value: Any) -> bool:

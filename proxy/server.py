@@ -47,8 +47,11 @@ def run(settings: ProxySettings) -> int:
 
     if settings.workers > 1:
         if not workers.reuseport_available():
-            print("trainwire: error: --workers > 1 needs SO_REUSEPORT (Linux, macOS, BSD); run one worker per "
-                  "process behind a load balancer instead", file=sys.stderr)
+            print(
+                "trainwire: error: --workers > 1 needs SO_REUSEPORT (Linux, macOS, BSD); run one worker per "
+                "process behind a load balancer instead",
+                file=sys.stderr,
+            )
             return 2
         return workers.Supervisor(settings).run()
     from trainwire.proxy.app import create_app

@@ -31,9 +31,13 @@ class CallContext:
 
 def check_id(value: str, what: str) -> str:
     if not ID_PATTERN.fullmatch(value):
-        raise ApiError(400, f"{what} must be 1-128 characters of letters, digits and ._:@/+=- "
-                            f"(starting with a letter or digit); got {value[:64]!r}", param=what,
-                       code="invalid_header")
+        raise ApiError(
+            400,
+            f"{what} must be 1-128 characters of letters, digits and ._:@/+=- "
+            f"(starting with a letter or digit); got {value[:64]!r}",
+            param=what,
+            code="invalid_header",
+        )
     return value
 
 
@@ -56,13 +60,20 @@ def context_from(headers, path_session: str | None = None, path_values: Mapping[
     if train_raw is not None:
         low = train_raw.strip().lower()
         if low not in _TRUE | _FALSE:
-            raise ApiError(400, f"X-Trainwire-Train must be true or false; got {train_raw[:32]!r}",
-                           param="X-Trainwire-Train", code="invalid_header")
+            raise ApiError(
+                400,
+                f"X-Trainwire-Train must be true or false; got {train_raw[:32]!r}",
+                param="X-Trainwire-Train",
+                code="invalid_header",
+            )
         trainable = low in _TRUE
-    return CallContext(session_id=session, session_generated=generated,
-                       task_id=check_id(task, "X-Task-Id") if task is not None else None,
-                       agent_name=check_id(agent, "X-Agent-Name") if agent is not None else None,
-                       trainable=trainable)
+    return CallContext(
+        session_id=session,
+        session_generated=generated,
+        task_id=check_id(task, "X-Task-Id") if task is not None else None,
+        agent_name=check_id(agent, "X-Agent-Name") if agent is not None else None,
+        trainable=trainable,
+    )
 
 
 # A base URL that says everything the headers say, for agents that can set only OPENAI_BASE_URL:
@@ -76,7 +87,7 @@ PATH_KEYS = {"session": "x-session-id", "task": "x-task-id", "agent": "x-agent-n
 def split_context_path(raw_path: str) -> tuple[dict[str, str], str]:
     """`/tw/session=a/task=b/v1/chat/completions` -> ({"x-session-id": "a", "x-task-id": "b"},
     "/v1/chat/completions"). `raw_path` is the path as sent (percent-encoded)."""
-    segments = raw_path[len(CONTEXT_PREFIX):].split("/")
+    segments = raw_path[len(CONTEXT_PREFIX) :].split("/")
     values: dict[str, str] = {}
     for i, segment in enumerate(segments):
         if segment == "v1":
@@ -85,13 +96,20 @@ def split_context_path(raw_path: str) -> tuple[dict[str, str], str]:
         key, sep, value = segment.partition("=")
         key = unquote(key)
         if not sep or key not in PATH_KEYS:
-            raise ApiError(404, f"{CONTEXT_PREFIX}...: each part before /v1 must be KEY=VALUE with KEY one of "
-                                f"{', '.join(PATH_KEYS)}; got {unquote(segment)[:64]!r}", code="invalid_path")
+            raise ApiError(
+                404,
+                f"{CONTEXT_PREFIX}...: each part before /v1 must be KEY=VALUE with KEY one of "
+                f"{', '.join(PATH_KEYS)}; got {unquote(segment)[:64]!r}",
+                code="invalid_path",
+            )
         if PATH_KEYS[key] in values:
             raise ApiError(400, f"{CONTEXT_PREFIX}...: {key} is given twice", param=key, code="invalid_path")
         values[PATH_KEYS[key]] = unquote(value)
-    raise ApiError(404, f"a {CONTEXT_PREFIX} base URL must end in /v1, e.g. {CONTEXT_PREFIX}session=ep-7/task=t1/v1",
-                   code="invalid_path")
+    raise ApiError(
+        404,
+        f"a {CONTEXT_PREFIX} base URL must end in /v1, e.g. {CONTEXT_PREFIX}session=ep-7/task=t1/v1",
+        code="invalid_path",
+    )
 
 
 class SessionIdConvertor(Convertor):

@@ -38,10 +38,14 @@ class ProxyState:
         self.started_at = time.time()
         self.engine = make_engine(settings.resolved_database_url)
         self.sessionmaker = make_sessionmaker(self.engine)
-        self.writer = BatchWriter(self.engine, batch_size=settings.write_batch_size,
-                                  interval_ms=settings.write_interval_ms, max_queue=settings.write_queue_size,
-                                  journal=Journal(settings.journal_dir, fsync=settings.journal_fsync),
-                                  call_deltas=settings.call_deltas)
+        self.writer = BatchWriter(
+            self.engine,
+            batch_size=settings.write_batch_size,
+            interval_ms=settings.write_interval_ms,
+            max_queue=settings.write_queue_size,
+            journal=Journal(settings.journal_dir, fsync=settings.journal_fsync),
+            call_deltas=settings.call_deltas,
+        )
         self.air = Air(settings.air, settings.air_tool_error_pattern, self.writer, self.engine)
         self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
@@ -53,8 +57,9 @@ class ProxyState:
 
     async def start(self) -> None:
         # aiohttp over httpx: measured 6x the pass-through throughput here (see README, bench/).
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                                          auto_decompress=False)
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False
+        )
         self.pool = UpstreamPool(self.settings.upstream, self.http, self._base_headers)
         await self.writer.start()
         await self.policy.start()

@@ -25,22 +25,26 @@ ERRORS = responses(400, 401, 503)
 
 
 @router.get("/train/steps", response_model=Page[TrainStepRow], responses=ERRORS)
-async def train_steps(request: Request, limit: int = Limit, cursor: str | None = Cursor,
-                      offset: int | None = Offset) -> Response:
+async def train_steps(
+    request: Request, limit: int = Limit, cursor: str | None = Cursor, offset: int | None = Offset
+) -> Response:
     try:
-        page = await queries.list_train_steps(state_of(request).engine, limit=limit,
-                                              cursor=int_cursor(cursor, INT32_MAX), offset=offset)
+        page = await queries.list_train_steps(
+            state_of(request).engine, limit=limit, cursor=int_cursor(cursor, INT32_MAX), offset=offset
+        )
     except queries.BadQuery as exc:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
     return json_response(page.model_dump())
 
 
 @router.get("/policy/versions", response_model=Page[PolicyVersionRow], responses=ERRORS)
-async def policy_versions(request: Request, limit: int = Limit, cursor: str | None = Cursor,
-                          offset: int | None = Offset) -> Response:
+async def policy_versions(
+    request: Request, limit: int = Limit, cursor: str | None = Cursor, offset: int | None = Offset
+) -> Response:
     try:
-        page = await queries.list_policy_versions(state_of(request).engine, limit=limit,
-                                                  cursor=int_cursor(cursor, INT32_MAX), offset=offset)
+        page = await queries.list_policy_versions(
+            state_of(request).engine, limit=limit, cursor=int_cursor(cursor, INT32_MAX), offset=offset
+        )
     except queries.BadQuery as exc:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
     return json_response(page.model_dump())

@@ -24,10 +24,14 @@ router = APIRouter(include_in_schema=False)
 UI_DIR = files("trainwire.proxy") / "ui"  # a package resource, also in a wheel or zip
 FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 # The page must keep working offline and must not be framed by another site.
-HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
-           "Referrer-Policy": "no-referrer",
-           "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                                      "script-src 'self'; connect-src 'self'; frame-ancestors 'none'"}
+HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+    "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+}
 
 
 @cache

@@ -44,8 +44,9 @@ class UpstreamPool:
 
     async def probe(self, upstream: Upstream, timeout: float = 2.0) -> bool:
         try:
-            async with self.http.get(f"{upstream.url}/v1/models", headers=self.headers,
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self.http.get(
+                f"{upstream.url}/v1/models", headers=self.headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 ok = resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
             ok = False
@@ -58,7 +59,8 @@ class UpstreamPool:
         return any(results)
 
     async def models(self, upstream: Upstream) -> list[dict]:
-        async with self.http.get(f"{upstream.url}/v1/models", headers=self.headers,
-                                 timeout=aiohttp.ClientTimeout(total=5)) as resp:
+        async with self.http.get(
+            f"{upstream.url}/v1/models", headers=self.headers, timeout=aiohttp.ClientTimeout(total=5)
+        ) as resp:
             resp.raise_for_status()
             return (await resp.json()).get("data", [])

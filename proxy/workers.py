@@ -30,7 +30,7 @@ from trainwire.settings import ProxySettings
 
 log = logging.getLogger("trainwire.workers")
 
-DRAIN_S = 120.0       # how long a stopping worker may take: in-flight calls, then the write queue
+DRAIN_S = 120.0  # how long a stopping worker may take: in-flight calls, then the write queue
 
 
 def reuseport_available() -> bool:
@@ -55,8 +55,15 @@ def listen_sockets(host: str, port: int, n: int) -> list[socket.socket]:
 
 def uvicorn_config(app, settings: ProxySettings) -> uvicorn.Config:
     # No proxy_headers: trainwire never reads the client address, and the middleware costs time on every call.
-    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                          timeout_graceful_shutdown=60, access_log=False, proxy_headers=False)
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=60,
+        access_log=False,
+        proxy_headers=False,
+    )
 
 
 class _Server(uvicorn.Server):
@@ -74,8 +81,9 @@ class _Server(uvicorn.Server):
 
 def _worker(settings: ProxySettings, sock: socket.socket, parent: int, ready) -> None:
     os.setpgid(0, 0)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    )
     threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
     from trainwire.proxy.app import create_app
 
@@ -104,8 +112,11 @@ class Supervisor:
 
     def _start(self, i: int) -> None:
         self.ready[i].clear()
-        proc = self.ctx.Process(target=_worker, args=(self.settings, self.sockets[i], os.getpid(), self.ready[i]),
-                                name=f"trainwire-worker-{i}")
+        proc = self.ctx.Process(
+            target=_worker,
+            args=(self.settings, self.sockets[i], os.getpid(), self.ready[i]),
+            name=f"trainwire-worker-{i}",
+        )
         proc.start()
         self.procs[i] = proc
         log.info("worker %d started (pid %d)", i, proc.pid)
@@ -114,8 +125,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: self.stopping.set())
         host, port = self.sockets[0].getsockname()[:2]
-        log.info("serving on http://%s:%d with %d workers, one SO_REUSEPORT socket each", host, port,
-                 len(self.sockets))
+        log.info("serving on http://%s:%d with %d workers, one SO_REUSEPORT socket each", host, port, len(self.sockets))
         for i in range(len(self.procs)):
             self._start(i)
         code = 0

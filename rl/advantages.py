@@ -70,8 +70,9 @@ def compute_advantages(
             f"{', '.join(sorted(ADV_ESTIMATOR_REGISTRY))}"
         )
     if estimator in _UNSUPPORTED:
-        raise ValueError(f"advantage estimator {estimator!r} {_UNSUPPORTED[estimator]}; "
-                         "it cannot run on one score per rollout")
+        raise ValueError(
+            f"advantage estimator {estimator!r} {_UNSUPPORTED[estimator]}; it cannot run on one score per rollout"
+        )
     if not scores:
         return []
 
@@ -80,8 +81,11 @@ def compute_advantages(
     algo_fields = set(AlgoConfig.__dataclass_fields__)
     config_kw = {k: v for k, v in kw.items() if k in algo_fields and k not in params}
     fn_kw = {k: v for k, v in kw.items() if k not in config_kw}
-    unknown = [k for k in fn_kw if k not in params and not any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())]
+    unknown = [
+        k
+        for k in fn_kw
+        if k not in params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    ]
     if unknown:
         raise TypeError(f"estimator {estimator!r} takes no argument(s) {unknown}")
 

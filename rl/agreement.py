@@ -55,6 +55,11 @@ def agreement_metrics(sums: dict[str, float]) -> dict[str, float]:
     n = sums.get("tokens", 0.0)
     if not n:
         return {}
-    return {"agreement/mean_abs_dlogp": sums["abs"] / n, "agreement/max_abs_dlogp": sums["max"],
-            "agreement/ppo_kl": sums["diff"] / n, "agreement/kl_k3": sums["k3"] / n,
-            "agreement/tokens": float(n), "agreement/samples": float(sums["samples"])}
+    return {
+        "agreement/mean_abs_dlogp": sums["abs"] / n,
+        "agreement/max_abs_dlogp": sums["max"],
+        "agreement/ppo_kl": sums["diff"] / n,
+        "agreement/kl_k3": sums["k3"] / n,
+        "agreement/tokens": float(n),
+        "agreement/samples": float(sums["samples"]),
+    }

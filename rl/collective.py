@@ -93,9 +93,16 @@ class Collective:
     """This rank's side of the step protocol; ``policy`` is a ``PolicyEngine`` (or anything with its
     ``step``/``export``/``save_checkpoint``)."""
 
-    def __init__(self, policy, publish_root: Path, *, rank: int | None = None, world: int | None = None,
-                 broadcast: Callable[[Any], Any] = _broadcast,
-                 reduce: Callable[[dict[str, float]], dict[str, float]] = _all_reduce) -> None:
+    def __init__(
+        self,
+        policy,
+        publish_root: Path,
+        *,
+        rank: int | None = None,
+        world: int | None = None,
+        broadcast: Callable[[Any], Any] = _broadcast,
+        reduce: Callable[[dict[str, float]], dict[str, float]] = _all_reduce,
+    ) -> None:
         if rank is None or world is None:
             rank, world = _world()
         self.policy = policy
@@ -107,8 +114,9 @@ class Collective:
     def export_dir(self, version: int) -> Path:
         return self.publish_root / f"v{version}"
 
-    async def train_step(self, samples: Sequence, version: int, hooks: StepHooks | None = None,
-                         check: Sequence[bool] | None = None) -> StepOutcome:
+    async def train_step(
+        self, samples: Sequence, version: int, hooks: StepHooks | None = None, check: Sequence[bool] | None = None
+    ) -> StepOutcome:
         """The sequence every rank runs for one step: the agreement pass over the samples ``check`` marks (none:
         no pass), train on this rank's shard, export ``v<version>``, the rank-0 hook, checkpoint. ``samples`` and
         ``check`` are the whole batch's (the same on every rank)."""
@@ -116,7 +124,7 @@ class Collective:
         try:
             with hooks.guard():
                 agreement = self.agreement(samples, check)
-                metrics = self.policy.step(samples[self.rank::self.world])
+                metrics = self.policy.step(samples[self.rank :: self.world])
         except Exception:
             await hooks.step_failed()
             raise
@@ -128,8 +136,14 @@ class Collective:
         await hooks.exported(out)
         hooked_at = time.perf_counter()
         self.policy.save_checkpoint()
-        return StepOutcome(metrics=metrics, exported=out, trained_at=trained_at, exported_at=exported_at,
-                           hooked_at=hooked_at, checkpointed_at=time.perf_counter())
+        return StepOutcome(
+            metrics=metrics,
+            exported=out,
+            trained_at=trained_at,
+            exported_at=exported_at,
+            hooked_at=hooked_at,
+            checkpointed_at=time.perf_counter(),
+        )
 
     def agreement(self, samples: Sequence, check: Sequence[bool] | None) -> dict[str, float]:
         """The ``agreement/*`` metrics (:mod:`trainwire.rl.agreement`) of the marked samples, before the update:
@@ -138,7 +152,7 @@ class Collective:
         calls)."""
         if not check or not any(check):
             return {}
-        mine = [s for s, c in list(zip(samples, check))[self.rank::self.world] if c]
+        mine = [s for s, c in list(zip(samples, check))[self.rank :: self.world] if c]
         sums = agreement_sums(mine, self.policy.logprobs(mine))
         if self.world > 1:
             sums = self._reduce(sums)
@@ -150,8 +164,9 @@ class Collective:
         if self.world > 1:
             self._broadcast({"op": op, **fields})
 
-    async def step(self, samples: Sequence, version: int, hooks: StepHooks,
-                   check: Sequence[bool] | None = None) -> StepOutcome:
+    async def step(
+        self, samples: Sequence, version: int, hooks: StepHooks, check: Sequence[bool] | None = None
+    ) -> StepOutcome:
         """Rank 0: send the batch to every rank, then run the step here too."""
         try:
             self.tell(STEP, samples=list(samples), version=version, check=list(check) if check else None)

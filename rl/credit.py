@@ -37,8 +37,9 @@ from collections.abc import Sequence
 __all__ = ["call_returns"]
 
 
-def call_returns(intermediate: Sequence[float], final_reward: float | None, *, gamma: float = 1.0,
-                 default_reward: float = 0.0) -> list[float]:
+def call_returns(
+    intermediate: Sequence[float], final_reward: float | None, *, gamma: float = 1.0, default_reward: float = 0.0
+) -> list[float]:
     """Per-call returns ``G_t`` (see the module docstring) for one episode.
 
     ``intermediate[t]`` is the summed intermediate reward of call ``t`` (0 when none); ``final_reward`` is

@@ -26,8 +26,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST", "PREVIOUS_RUNS", "Refused", "RunIdentity", "check_checkpoint_dir", "has_checkpoints",
-           "model_fingerprint", "move_aside", "write_manifest"]
+__all__ = [
+    "MANIFEST",
+    "PREVIOUS_RUNS",
+    "Refused",
+    "RunIdentity",
+    "check_checkpoint_dir",
+    "has_checkpoints",
+    "model_fingerprint",
+    "move_aside",
+    "write_manifest",
+]
 
 MANIFEST = "trainwire_run.json"
 PREVIOUS_RUNS = "previous-runs"
@@ -36,8 +45,18 @@ STATE_DIR = "state"  # the engine's checkpoints (rl/engine/checkpoint.py) under 
 TRACKER = "latest_checkpointed_iteration.txt"  # verl's tracker file, as in rl/engine/checkpoint.py
 # What makes two base models the same model to the trainer, from config.json (top level, or text_config for
 # models that nest it).
-CONFIG_KEYS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
-               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+CONFIG_KEYS = (
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _WINDOW = 1 << 16
 
@@ -56,24 +75,44 @@ class RunIdentity:
     """What a checkpoint directory's run is: compared field by field, recorded with more."""
 
     store_id: str
-    base_model: dict[str, Any]   # model_fingerprint()
-    training: dict[str, Any]     # {"kind": "lora", "lora_rank", "lora_alpha", "lora_target_modules"} | {"kind": "full"}
+    base_model: dict[str, Any]  # model_fingerprint()
+    training: dict[str, Any]  # {"kind": "lora", "lora_rank", "lora_alpha", "lora_target_modules"} | {"kind": "full"}
 
     @classmethod
-    def of(cls, *, store_id: str, model: str, lora_rank: int, lora_alpha: int, lora_target_modules: Any,
-           fingerprint: dict[str, Any] | None = None) -> RunIdentity:
+    def of(
+        cls,
+        *,
+        store_id: str,
+        model: str,
+        lora_rank: int,
+        lora_alpha: int,
+        lora_target_modules: Any,
+        fingerprint: dict[str, Any] | None = None,
+    ) -> RunIdentity:
         training: dict[str, Any] = {"kind": "full"}
         if lora_rank > 0:
-            targets = sorted(lora_target_modules) if isinstance(lora_target_modules, (list, tuple, set)) \
+            targets = (
+                sorted(lora_target_modules)
+                if isinstance(lora_target_modules, (list, tuple, set))
                 else lora_target_modules
-            training = {"kind": "lora", "lora_rank": lora_rank, "lora_alpha": lora_alpha,
-                        "lora_target_modules": targets}
+            )
+            training = {
+                "kind": "lora",
+                "lora_rank": lora_rank,
+                "lora_alpha": lora_alpha,
+                "lora_target_modules": targets,
+            }
         return cls(store_id=store_id, base_model=fingerprint or model_fingerprint(model), training=training)
 
     def manifest(self) -> dict[str, Any]:
-        return {"format": FORMAT, "store_id": self.store_id, "base_model": self.base_model,
-                "training": self.training, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "trainwire_version": _version()}
+        return {
+            "format": FORMAT,
+            "store_id": self.store_id,
+            "base_model": self.base_model,
+            "training": self.training,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "trainwire_version": _version(),
+        }
 
 
 def _version() -> str:
@@ -196,8 +235,10 @@ def check_checkpoint_dir(ckpt_dir: Path, identity: RunIdentity, *, shown: str | 
     path = ckpt_dir / MANIFEST
     if not path.exists():
         if has_checkpoints(ckpt_dir):
-            raise Refused(f"{where} holds checkpoints but no {MANIFEST} (written by an older trainwire), so whose run "
-                          f"they are cannot be checked; {fix}")
+            raise Refused(
+                f"{where} holds checkpoints but no {MANIFEST} (written by an older trainwire), so whose run "
+                f"they are cannot be checked; {fix}"
+            )
         return None
     manifest = _read_json(path)
     if manifest is None or manifest.get("format") != FORMAT:
@@ -212,8 +253,9 @@ def differ(manifest: dict[str, Any], identity: RunIdentity) -> list[str]:
     """What differs between a manifest and this start, each as what the directory's run is of."""
     out = []
     if manifest.get("store_id") != identity.store_id:
-        out.append(f"another store (store {str(manifest.get('store_id'))[:12]} vs this database's "
-                   f"{identity.store_id[:12]})")
+        out.append(
+            f"another store (store {str(manifest.get('store_id'))[:12]} vs this database's {identity.store_id[:12]})"
+        )
     base = _base_model_difference(manifest.get("base_model") or {}, identity.base_model)
     if base:
         out.append(base)
@@ -242,8 +284,7 @@ def _training(t: dict[str, Any]) -> str:
     if t.get("kind") == "full":
         return "full fine-tuning"
     if t.get("kind") == "lora":
-        return (f"LoRA rank {t.get('lora_rank')} alpha {t.get('lora_alpha')} on "
-                f"{_modules(t.get('lora_target_modules'))}")
+        return f"LoRA rank {t.get('lora_rank')} alpha {t.get('lora_alpha')} on {_modules(t.get('lora_target_modules'))}"
     return "an unknown kind of training"
 
 

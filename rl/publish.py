@@ -46,8 +46,16 @@ class PublishResult:
 
 
 class Publisher:
-    def __init__(self, upstreams: list[str], *, kind: str, policy_name: str, api_key: str | None = None,
-                 lora_grace_s: float = 120.0, attempts: int = 4) -> None:
+    def __init__(
+        self,
+        upstreams: list[str],
+        *,
+        kind: str,
+        policy_name: str,
+        api_key: str | None = None,
+        lora_grace_s: float = 120.0,
+        attempts: int = 4,
+    ) -> None:
         self.upstreams = upstreams
         self.kind = kind
         self.policy_name = policy_name
@@ -72,9 +80,12 @@ class Publisher:
         return self._http
 
     async def _post(self, url: str, path: str, *, json: dict | None = None, params: dict | None = None) -> str:
-        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.attempts),
-                                           wait=wait_exponential(multiplier=0.2, max=3),
-                                           retry=retry_if_exception(_retryable), reraise=True):
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_exponential(multiplier=0.2, max=3),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        ):
             with attempt:
                 async with self.http.post(f"{url}{path}", json=json, params=params, headers=self.headers) as r:
                     text = await r.text()
@@ -131,16 +142,20 @@ class Publisher:
         found: set[str] = set()
         for url in self.upstreams:
             try:
-                found |= {m for m in await self.served_models(url)
-                          if m.startswith(prefix) and m[len(prefix):].isdigit()}
+                found |= {
+                    m for m in await self.served_models(url) if m.startswith(prefix) and m[len(prefix) :].isdigit()
+                }
             except Exception as exc:
                 log.warning("could not list adapters on %s: %s", url, exc)
         now = time.monotonic()
-        ordered = sorted(found, key=lambda n: int(n[len(prefix):]))
+        ordered = sorted(found, key=lambda n: int(n[len(prefix) :]))
         current = self.adapter_name(current_version)
         known = {n for n, _ in self.loaded}
-        self.loaded = ([(n, now) for n in ordered if n != current and n not in known] + self.loaded
-                       + ([(current, float("inf"))] if current in found and current not in known else []))
+        self.loaded = (
+            [(n, now) for n in ordered if n != current and n not in known]
+            + self.loaded
+            + ([(current, float("inf"))] if current in found and current not in known else [])
+        )
         return ordered
 
     async def unload_expired(self) -> list[str]:
@@ -165,8 +180,9 @@ class Publisher:
                 paused.append(url)
             for url in self.upstreams:
                 try:
-                    await self._post(url, "/collective_rpc", json={"method": "reload_weights",
-                                                                  "kwargs": {"weights_path": path}})
+                    await self._post(
+                        url, "/collective_rpc", json={"method": "reload_weights", "kwargs": {"weights_path": path}}
+                    )
                     await self._post(url, "/reset_prefix_cache")
                     await self._post(url, "/update_weight_version", json={"new_version": str(version)})
                     result.reached.append(url)
@@ -207,11 +223,14 @@ class Publisher:
         (``vllm_config.model_config.logprobs_mode``)."""
         for url in self.upstreams:
             try:
-                async with self.http.get(f"{url}/server_info", params={"config_format": "json"},
-                                          headers=self.headers) as r:
+                async with self.http.get(
+                    f"{url}/server_info", params={"config_format": "json"}, headers=self.headers
+                ) as r:
                     if r.status != 200:
-                        return (f"cannot check --logprobs-mode on {url} (/server_info: HTTP {r.status}; it needs "
-                                "VLLM_SERVER_DEV_MODE=1); start vLLM with --logprobs-mode processed_logprobs")
+                        return (
+                            f"cannot check --logprobs-mode on {url} (/server_info: HTTP {r.status}; it needs "
+                            "VLLM_SERVER_DEV_MODE=1); start vLLM with --logprobs-mode processed_logprobs"
+                        )
                     info = await r.json(content_type=None)
             except Exception as exc:
                 return f"cannot check --logprobs-mode on {url}: {exc}"
@@ -222,6 +241,8 @@ class Publisher:
             elif isinstance(config, str):  # older servers: the config as one string
                 mode = "processed_logprobs" if "processed_logprobs" in config else None
             if mode != "processed_logprobs":
-                return (f"{url} runs with logprobs_mode={mode or 'unknown'}, not processed_logprobs: the recorded "
-                        "logprobs are raw, so PPO ratios are off whenever temperature != 1")
+                return (
+                    f"{url} runs with logprobs_mode={mode or 'unknown'}, not processed_logprobs: the recorded "
+                    "logprobs are raw, so PPO ratios are off whenever temperature != 1"
+                )
         return None

@@ -126,8 +126,9 @@ class ChatRenderer:
 
     def _render(self, messages: list[dict], tools: Any, generation_prompt: bool, kwargs: dict) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                                      add_generation_prompt=generation_prompt, **kwargs)
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+            )
         except Exception as exc:  # jinja raises whatever the template raises
             raise RenderError(f"the chat template failed: {exc}") from None
 
@@ -150,8 +151,8 @@ class ChatRenderer:
         full_text = self._render(messages + [_answer(response)], tools, False, kwargs)
         if not full_text.startswith(prompt_text):
             raise RenderError("the template does not render the answer as a continuation of the prompt")
-        completion = self.encode(full_text[len(prompt_text):])
+        completion = self.encode(full_text[len(prompt_text) :])
         end = next((i for i, t in enumerate(completion) if t in self.stop_ids), None)
         if end is None:
             raise RenderError("the template's assistant turn has no end-of-turn token")
-        return self.encode(prompt_text), completion[:end + 1]
+        return self.encode(prompt_text), completion[: end + 1]

@@ -56,9 +56,14 @@ def own_call_problem(call: ClaimedCall) -> str | None:
     return None
 
 
-def build_sft_samples(sessions: Sequence[ClaimedSession], *, renderer: ChatRenderer | None = None,
-                      sft_from: Sequence[str] = (), min_reward: float | None = None,
-                      mode: Literal["transition", "trajectory"] = "transition") -> BuildResult:
+def build_sft_samples(
+    sessions: Sequence[ClaimedSession],
+    *,
+    renderer: ChatRenderer | None = None,
+    sft_from: Sequence[str] = (),
+    min_reward: float | None = None,
+    mode: Literal["transition", "trajectory"] = "transition",
+) -> BuildResult:
     """SFT samples of ``sessions`` (see the module docstring). ``renderer`` is needed when ``sft_from`` names a
     frozen route. ``scores`` holds each sample's session final reward (0.0 when none); ``group_ids`` are the
     sessions."""
@@ -68,9 +73,24 @@ def build_sft_samples(sessions: Sequence[ClaimedSession], *, renderer: ChatRende
         raise ValueError("sft_from needs a renderer (the policy's tokenizer and chat template)")
     from_routes = set(sft_from)
     out = BuildResult()
-    counters = dict.fromkeys(("sessions", "calls", "samples", "own_calls", "teacher_calls", "skipped_reward",
-                              "skipped_no_tokens", "skipped_untrainable", "skipped_failed", "skipped_render",
-                              "skipped_empty", "merged", "chain_breaks"), 0)
+    counters = dict.fromkeys(
+        (
+            "sessions",
+            "calls",
+            "samples",
+            "own_calls",
+            "teacher_calls",
+            "skipped_reward",
+            "skipped_no_tokens",
+            "skipped_untrainable",
+            "skipped_failed",
+            "skipped_render",
+            "skipped_empty",
+            "merged",
+            "chain_breaks",
+        ),
+        0,
+    )
     for sess in sessions:
         counters["sessions"] += 1
         counters["calls"] += len(sess.calls)
@@ -89,15 +109,25 @@ def build_sft_samples(sessions: Sequence[ClaimedSession], *, renderer: ChatRende
                 if why:
                     counters[why] += 1
                     if why == "skipped_untrainable" and call.untrainable_reason:
-                        out.skip_reasons[call.untrainable_reason] = out.skip_reasons.get(call.untrainable_reason,
-                                                                                         0) + 1
+                        out.skip_reasons[call.untrainable_reason] = out.skip_reasons.get(call.untrainable_reason, 0) + 1
                     continue
                 assert call.prompt_token_ids is not None and call.completion_token_ids is not None
                 completion = list(call.completion_token_ids)
-                logprobs = [float(x) for x in call.logprobs] if call.logprobs and len(call.logprobs) == len(
-                    completion) else [0.0] * len(completion)
-                picked = CallTokens(i, call.id, call.policy_version or 0, call.prompt_token_ids, completion,
-                                    logprobs, base=call.base_call_id, prefix_len=call.prompt_prefix_len)
+                logprobs = (
+                    [float(x) for x in call.logprobs]
+                    if call.logprobs and len(call.logprobs) == len(completion)
+                    else [0.0] * len(completion)
+                )
+                picked = CallTokens(
+                    i,
+                    call.id,
+                    call.policy_version or 0,
+                    call.prompt_token_ids,
+                    completion,
+                    logprobs,
+                    base=call.base_call_id,
+                    prefix_len=call.prompt_prefix_len,
+                )
                 counters["own_calls"] += 1
             if picked is not None:
                 tokens.append(picked)
@@ -117,8 +147,9 @@ def build_sft_samples(sessions: Sequence[ClaimedSession], *, renderer: ChatRende
     return out
 
 
-def _teacher_tokens(call: ClaimedCall, index: int, renderer: ChatRenderer | None, counters: dict[str, int],
-                    reasons: dict[str, int]) -> CallTokens | None:
+def _teacher_tokens(
+    call: ClaimedCall, index: int, renderer: ChatRenderer | None, counters: dict[str, int], reasons: dict[str, int]
+) -> CallTokens | None:
     from trainwire.rl.retokenize import RenderError
 
     if call.status_code != 200 or call.aborted:
@@ -139,5 +170,6 @@ def _teacher_tokens(call: ClaimedCall, index: int, renderer: ChatRenderer | None
         reasons[why] = reasons.get(why, 0) + 1
         return None
     counters["teacher_calls"] += 1
-    return CallTokens(index, call.id, call.policy_version or 0, prompt, completion, [0.0] * len(completion),
-                      recorded=False)
+    return CallTokens(
+        index, call.id, call.policy_version or 0, prompt, completion, [0.0] * len(completion), recorded=False
+    )

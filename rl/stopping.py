@@ -105,8 +105,7 @@ class Stopper:
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            self.say(f"second {name}: aborting now (claims of a step in progress are released after "
-                     "--claim-timeout-s)")
+            self.say(f"second {name}: aborting now (claims of a step in progress are released after --claim-timeout-s)")
             self.abort(signum)
             return
         self.requested, self.signal_name = True, name

@@ -71,23 +71,37 @@ from trainwire.rl.credit import call_returns
 from trainwire.rl.samples import Sample
 from trainwire.store.claims import ClaimedCall, ClaimedSession
 
-__all__ = ["BuildResult", "CallTokens", "Chain", "TRAINED_SAMPLING", "build_samples", "chain_calls", "sampling_mismatch",
-           "usable_call"]
+__all__ = [
+    "BuildResult",
+    "CallTokens",
+    "Chain",
+    "TRAINED_SAMPLING",
+    "build_samples",
+    "chain_calls",
+    "sampling_mismatch",
+    "usable_call",
+]
 
 # The settings under which vLLM samples from exactly softmax(logits / temperature), besides the temperature:
 # what the trainer's log-probs assume. The proxy enforces the same table (proxy/sampling.py, which the trainer
 # does not import).
-TRAINED_SAMPLING: dict[str, float] = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
-                                      "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+TRAINED_SAMPLING: dict[str, float] = {
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
 _EPS = 1e-6
 
 
 @dataclass
 class BuildResult:
-    samples: list[Sample] = field(default_factory=list)     # advantage 0.0: set it from the scores
-    scores: list[float] = field(default_factory=list)       # per sample: its return (rl.credit)
-    group_ids: list[str] = field(default_factory=list)      # per sample
-    session_ids: list[str] = field(default_factory=list)    # per sample: its episode
+    samples: list[Sample] = field(default_factory=list)  # advantage 0.0: set it from the scores
+    scores: list[float] = field(default_factory=list)  # per sample: its return (rl.credit)
+    group_ids: list[str] = field(default_factory=list)  # per sample
+    session_ids: list[str] = field(default_factory=list)  # per sample: its episode
     call_ids: list[tuple[str, ...]] = field(default_factory=list)  # per sample: the calls it covers
     versions: list[tuple[int, ...]] = field(default_factory=list)  # per sample: its calls' policy versions
     skipped_sessions: list[str] = field(default_factory=list)  # claimed sessions with no sample (stale/empty)
@@ -147,7 +161,8 @@ def usable_call(call: ClaimedCall, temperature: float = 1.0) -> str | None:
     if call.status_code != 200 or not call.prompt_token_ids or not call.completion_token_ids or call.logprobs is None:
         return "skipped_no_tokens"
     if len(call.logprobs) != len(call.completion_token_ids) or not all(
-            lp is not None and math.isfinite(lp) for lp in call.logprobs):
+        lp is not None and math.isfinite(lp) for lp in call.logprobs
+    ):
         return "skipped_bad_logprobs"
     if sampling_mismatch(call.sampling, temperature) is not None:
         return "skipped_sampling"
@@ -158,8 +173,16 @@ def _tokens(index: int, call: ClaimedCall) -> CallTokens:
     """The tokens of a call :func:`usable_call` accepted (so none is missing), with how the store keeps them. The
     prompt is the claimed list itself, not a copy: chains copy the first call's and slice the others'."""
     assert call.prompt_token_ids is not None and call.completion_token_ids is not None and call.logprobs is not None
-    return CallTokens(index, call.id, call.policy_version or 0, call.prompt_token_ids, list(call.completion_token_ids),
-                      [float(x) for x in call.logprobs], base=call.base_call_id, prefix_len=call.prompt_prefix_len)
+    return CallTokens(
+        index,
+        call.id,
+        call.policy_version or 0,
+        call.prompt_token_ids,
+        list(call.completion_token_ids),
+        [float(x) for x in call.logprobs],
+        base=call.base_call_id,
+        prefix_len=call.prompt_prefix_len,
+    )
 
 
 @dataclass(frozen=True)
@@ -211,7 +234,7 @@ class Chain:
 
     def extend(self, t: CallTokens) -> None:
         """Append call ``t``, whose prompt continues this sample: what its prompt adds (mask 0), its completion."""
-        extra = t.prompt[len(self.tokens):]
+        extra = t.prompt[len(self.tokens) :]
         completion = t.completion
         # In place: the sequence only ever grows (the prompt starts with it), so nothing is copied whole.
         self.response += extra
@@ -226,12 +249,19 @@ class Chain:
         self.versions.append(t.version)
 
     def sample(self, weight: float) -> Sample:
-        return Sample(prompt_ids=self.prompt, response_ids=self.response, response_mask=self.mask,
-                      old_logprobs=self.logprobs, advantage=0.0, weight=weight)
+        return Sample(
+            prompt_ids=self.prompt,
+            response_ids=self.response,
+            response_mask=self.mask,
+            old_logprobs=self.logprobs,
+            advantage=0.0,
+            weight=weight,
+        )
 
 
-def _by_structure(t: CallTokens, ends: dict[str, Chain], chains: list[Chain],
-                  work: dict[str, int] | None) -> Chain | None:
+def _by_structure(
+    t: CallTokens, ends: dict[str, Chain], chains: list[Chain], work: dict[str, int] | None
+) -> Chain | None:
     """The chain ``t`` continues by how it is stored, when that is the chain the comparison would pick: its base
     ended the chain, its prompt starts with all of the chain's sequence, and no other chain at least as long
     (equally long and later: ties go to the later one) is continued by the prompt. None: compare instead."""
@@ -247,8 +277,9 @@ def _by_structure(t: CallTokens, ends: dict[str, Chain], chains: list[Chain],
     return chain
 
 
-def chain_calls(calls: Sequence[CallTokens], mode: str, counters: dict[str, int],
-                work: dict[str, int] | None = None) -> list[Chain]:
+def chain_calls(
+    calls: Sequence[CallTokens], mode: str, counters: dict[str, int], work: dict[str, int] | None = None
+) -> list[Chain]:
     """One chain per call (transition mode), or calls merged into the longest chain their prompt continues
     (trajectory mode; later wins ties), counting ``merged`` and ``chain_breaks`` in ``counters``. A call with
     its stored structure (``CallTokens.base``, ``prefix_len``) continues the chain its base ended without being
@@ -258,7 +289,7 @@ def chain_calls(calls: Sequence[CallTokens], mode: str, counters: dict[str, int]
     if mode == "transition":
         return [Chain(t) for t in calls]
     chains: list[Chain] = []
-    ends: dict[str, Chain] = {}   # each chain by the id of its last call
+    ends: dict[str, Chain] = {}  # each chain by the id of its last call
     for t in calls:
         best = _by_structure(t, ends, chains, work)
         how = "by_structure"
@@ -270,8 +301,9 @@ def chain_calls(calls: Sequence[CallTokens], mode: str, counters: dict[str, int]
         if best is not None:
             if work is not None:
                 work[how] = work.get(how, 0) + 1
-                work["appended_tokens"] = (work.get("appended_tokens", 0) + len(t.prompt) - len(best.tokens)
-                                           + len(t.completion))
+                work["appended_tokens"] = (
+                    work.get("appended_tokens", 0) + len(t.prompt) - len(best.tokens) + len(t.completion)
+                )
             ends.pop(best.calls[-1], None)
             best.extend(t)
             counters["merged"] = counters.get("merged", 0) + 1
@@ -285,33 +317,59 @@ def chain_calls(calls: Sequence[CallTokens], mode: str, counters: dict[str, int]
     return chains
 
 
-def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transition", "trajectory"] = "transition",
-                  gamma: float = 1.0, default_reward: float = 0.0, group_by_task: bool = True,
-                  current_version: int = 0, max_staleness: int | None = None,
-                  temperature: float = 1.0) -> BuildResult:
+def build_samples(
+    sessions: Sequence[ClaimedSession],
+    *,
+    mode: Literal["transition", "trajectory"] = "transition",
+    gamma: float = 1.0,
+    default_reward: float = 0.0,
+    group_by_task: bool = True,
+    current_version: int = 0,
+    max_staleness: int | None = None,
+    temperature: float = 1.0,
+) -> BuildResult:
     """Samples (advantage 0.0, weight 1/n per episode), their scores and group ids; ``temperature`` is the one
     the trainer computes log-probs at (``--temperature``). See the module docstring."""
     if mode not in ("transition", "trajectory"):
         raise ValueError(f"mode must be 'transition' or 'trajectory', got {mode!r}")
     out = BuildResult()
-    counters = dict.fromkeys(("sessions", "calls", "samples", "skipped_stale", "skipped_no_tokens",
-                              "skipped_bad_logprobs", "skipped_untrainable", "skipped_sampling", "skipped_empty",
-                              "merged", "chain_breaks"), 0)
+    counters = dict.fromkeys(
+        (
+            "sessions",
+            "calls",
+            "samples",
+            "skipped_stale",
+            "skipped_no_tokens",
+            "skipped_bad_logprobs",
+            "skipped_untrainable",
+            "skipped_sampling",
+            "skipped_empty",
+            "merged",
+            "chain_breaks",
+        ),
+        0,
+    )
     staleness: list[int] = []
     oldest_fresh = current_version - max_staleness if max_staleness is not None and max_staleness >= 0 else None
 
     for sess in sessions:
         counters["sessions"] += 1
         counters["calls"] += len(sess.calls)
-        returns = call_returns([c.reward for c in sess.calls], sess.final_reward, gamma=gamma,
-                               default_reward=default_reward)
+        returns = call_returns(
+            [c.reward for c in sess.calls], sess.final_reward, gamma=gamma, default_reward=default_reward
+        )
         usable: list[tuple[int, ClaimedCall]] = []
         for i, call in enumerate(sess.calls):
             why = usable_call(call, temperature)
             if why:
                 counters[why] += 1
-                detail = (call.untrainable_reason if why == "skipped_untrainable"
-                          else sampling_mismatch(call.sampling, temperature) if why == "skipped_sampling" else None)
+                detail = (
+                    call.untrainable_reason
+                    if why == "skipped_untrainable"
+                    else sampling_mismatch(call.sampling, temperature)
+                    if why == "skipped_sampling"
+                    else None
+                )
                 if detail:
                     out.skip_reasons[detail] = out.skip_reasons.get(detail, 0) + 1
             else:
@@ -330,8 +388,13 @@ def build_samples(sessions: Sequence[ClaimedSession], *, mode: Literal["transiti
         chains = chain_calls(tokens, mode, counters)
 
         weight = 1.0 / len(chains)
-        group = ("batch" if not group_by_task
-                 else f"task:{sess.task_id}" if sess.task_id is not None else f"session:{sess.id}")
+        group = (
+            "batch"
+            if not group_by_task
+            else f"task:{sess.task_id}"
+            if sess.task_id is not None
+            else f"session:{sess.id}"
+        )
         for chain in chains:
             out.samples.append(chain.sample(weight))
             out.scores.append(returns[chain.first])

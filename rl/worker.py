@@ -87,9 +87,16 @@ class _Publish(StepHooks):
         result = await tr.pub.publish(self.version, str(tr.vllm_root / path.name))
         served = result.served_model if tr.pub.kind == "lora" else (tr.base_model or tr.model)
         if result.reached:
-            await record_publish(tr.db, version=self.version, kind=tr.pub.kind, served_model=served,
-                                 path=str(path), train_step=tr.policy.global_step, reached=result.reached,
-                                 failed=list(result.failed))
+            await record_publish(
+                tr.db,
+                version=self.version,
+                kind=tr.pub.kind,
+                served_model=served,
+                path=str(path),
+                train_step=tr.policy.global_step,
+                reached=result.reached,
+                failed=list(result.failed),
+            )
             tr.version = self.version
             tr.weights_version = self.version
         else:
@@ -104,8 +111,9 @@ class Trainer:
         if not settings.model:
             raise Refused("--model is required (the base model path vLLM serves)")
         if settings.objective == "rl" and (settings.sft_from or settings.min_reward is not None):
-            raise Refused("--sft-from and --min-reward select calls for supervised fine-tuning: use them with "
-                          "--objective sft")
+            raise Refused(
+                "--sft-from and --min-reward select calls for supervised fine-tuning: use them with --objective sft"
+            )
         self.s = settings
         self.model: str = settings.model
         self.db = make_engine(settings.resolved_database_url)
@@ -131,13 +139,25 @@ class Trainer:
         s = self.s
         # --mini-batch-size N: N samples per optimizer update (micro-batches of up to 4 that divide it)
         mini = s.mini_batch_size or None
-        return EngineConfig(model_path=self.model, lora_rank=s.lora_rank, lora_alpha=s.lora_alpha,
-                            lora_target_modules=LORA_TARGET_MODULES, lr=s.lr, objective=s.objective,
-                            ppo_epochs=s.epochs, mini_batch_size=mini,
-                            micro_batch_size=math.gcd(mini, 4) if mini else 4, policy_loss=s.policy_loss,
-                            loss_agg_mode=s.loss_agg_mode, clip_ratio_low=s.clip_ratio,
-                            clip_ratio_high=s.clip_ratio, kl_coef=s.kl_coef, temperature=s.temperature,
-                            seed=s.seed, checkpoint_dir=str(s.checkpoint_dir / "state"))
+        return EngineConfig(
+            model_path=self.model,
+            lora_rank=s.lora_rank,
+            lora_alpha=s.lora_alpha,
+            lora_target_modules=LORA_TARGET_MODULES,
+            lr=s.lr,
+            objective=s.objective,
+            ppo_epochs=s.epochs,
+            mini_batch_size=mini,
+            micro_batch_size=math.gcd(mini, 4) if mini else 4,
+            policy_loss=s.policy_loss,
+            loss_agg_mode=s.loss_agg_mode,
+            clip_ratio_low=s.clip_ratio,
+            clip_ratio_high=s.clip_ratio,
+            kl_coef=s.kl_coef,
+            temperature=s.temperature,
+            seed=s.seed,
+            checkpoint_dir=str(s.checkpoint_dir / "state"),
+        )
 
     async def run(self) -> int:
         self.stopper.attach()
@@ -160,8 +180,9 @@ class Trainer:
             from trainwire.rl.advantages import advantage_estimator_names
 
             if s.adv_estimator not in advantage_estimator_names():
-                raise Refused(f"unknown --adv-estimator {s.adv_estimator!r}; verl has: "
-                              + ", ".join(advantage_estimator_names()))
+                raise Refused(
+                    f"unknown --adv-estimator {s.adv_estimator!r}; verl has: " + ", ".join(advantage_estimator_names())
+                )
             if s.objective == "sft" and s.sft_from:
                 from trainwire.rl.retokenize import ChatRenderer, RenderError
 
@@ -169,12 +190,18 @@ class Trainer:
                     self.renderer = ChatRenderer.from_pretrained(self.model)
                 except RenderError as exc:
                     raise Refused(f"--sft-from needs the policy's chat template: {exc}") from None
-            _say(f"loading {s.model} into verl's engine "
-                 f"({f'LoRA rank {s.lora_rank}' if s.lora_rank else 'full fine-tuning'}"
-                 + ("; supervised fine-tuning on the policy's own calls"
+            _say(
+                f"loading {s.model} into verl's engine "
+                f"({f'LoRA rank {s.lora_rank}' if s.lora_rank else 'full fine-tuning'}"
+                + (
+                    "; supervised fine-tuning on the policy's own calls"
                     + (f" and those of {', '.join(s.sft_from)}" if s.sft_from else "")
                     + (f", sessions with a final reward >= {s.min_reward:g}" if s.min_reward is not None else "")
-                    if s.objective == "sft" else "") + ")")
+                    if s.objective == "sft"
+                    else ""
+                )
+                + ")"
+            )
             t0 = time.perf_counter()
             from trainwire.rl.engine import PolicyEngine
 
@@ -185,9 +212,15 @@ class Trainer:
             self.ranks = Collective(self.policy, self.publish_root)
         if self.ranks.rank != 0:
             return await self.ranks.follow()
-        _say(f"engine ready in {time.perf_counter() - t0:.1f}s" + (f"; resumed from {resumed}" if resumed else "")
-             + (f"; {self.ranks.world} ranks (torchrun): rank 0 claims and publishes, every rank trains its shard"
-                if self.ranks.world > 1 else ""))
+        _say(
+            f"engine ready in {time.perf_counter() - t0:.1f}s"
+            + (f"; resumed from {resumed}" if resumed else "")
+            + (
+                f"; {self.ranks.world} ranks (torchrun): rank 0 claims and publishes, every rank trains its shard"
+                if self.ranks.world > 1
+                else ""
+            )
+        )
         try:
             return await self._lead()
         finally:
@@ -216,21 +249,30 @@ class Trainer:
             raise Refused(f"cannot reach the database at {redact(url)}: {str(exc).splitlines()[0]}", code=1) from None
         finally:
             alembic.setLevel(level)
-        identity = RunIdentity.of(store_id=store, model=self.model, lora_rank=s.lora_rank,
-                                  lora_alpha=s.lora_alpha, lora_target_modules=LORA_TARGET_MODULES)
+        identity = RunIdentity.of(
+            store_id=store,
+            model=self.model,
+            lora_rank=s.lora_rank,
+            lora_alpha=s.lora_alpha,
+            lora_target_modules=LORA_TARGET_MODULES,
+        )
         if s.fresh:
             moved = move_aside(s.checkpoint_dir)
             if moved:
-                _say(f"--fresh: moved what {s.checkpoint_dir} held into {moved} (delete it when it is no longer "
-                     "needed); starting at step 0")
+                _say(
+                    f"--fresh: moved what {s.checkpoint_dir} held into {moved} (delete it when it is no longer "
+                    "needed); starting at step 0"
+                )
             self._new_run = identity
             return
         found = check_checkpoint_dir(s.checkpoint_dir, identity, shown=str(s.checkpoint_dir))
         if found is None:
             self._new_run = identity
         elif (found.get("base_model") or {}).get("path") != identity.base_model.get("path"):
-            _say(f"the base model of this run was at {found['base_model'].get('path')}; the same config and "
-                 f"weights are now at {identity.base_model.get('path')}")
+            _say(
+                f"the base model of this run was at {found['base_model'].get('path')}; the same config and "
+                f"weights are now at {identity.base_model.get('path')}"
+            )
 
     async def _lead(self) -> int:
         s = self.s
@@ -240,8 +282,13 @@ class Trainer:
         self.sink = MetricsSink(s)
         kind = "lora" if s.lora_rank else "full"
         try:
-            async with Publisher(s.upstream, kind=kind, policy_name=s.policy_model, api_key=s.upstream_api_key,
-                                 lora_grace_s=s.lora_grace_s) as pub:
+            async with Publisher(
+                s.upstream,
+                kind=kind,
+                policy_name=s.policy_model,
+                api_key=s.upstream_api_key,
+                lora_grace_s=s.lora_grace_s,
+            ) as pub:
                 self.pub = pub
                 warning = await pub.logprobs_mode_warning()
                 if warning:
@@ -252,10 +299,14 @@ class Trainer:
                 self.weights_version = self.version
                 adopted = await pub.adopt_loaded(self.version)
                 if adopted:
-                    _say(f"adapters already loaded in vLLM: {', '.join(adopted)} (older ones unload after "
-                         f"{s.lora_grace_s:.0f}s)")
-                _say(f"policy version in the store: {self.version}; waiting for rewarded sessions "
-                     f"(batch {s.batch_size}, settle {s.settle_s}s)")
+                    _say(
+                        f"adapters already loaded in vLLM: {', '.join(adopted)} (older ones unload after "
+                        f"{s.lora_grace_s:.0f}s)"
+                    )
+                _say(
+                    f"policy version in the store: {self.version}; waiting for rewarded sessions "
+                    f"(batch {s.batch_size}, settle {s.settle_s}s)"
+                )
                 steps = 0
                 idle_since = time.monotonic()
                 while not self.stopper.requested:
@@ -288,19 +339,31 @@ class Trainer:
     async def _mark_skipped(self, sessions: list[claims.ClaimedSession], ids: list[str], sft: bool) -> None:
         """Claimed sessions no sample came from become ``skipped``, with the reason."""
         if not sft:
-            await claims.mark_skipped(self.db, ids, "stale, or no trainable calls (untrainable sampling or no token "
-                                      "data)", worker_id=self.worker_id)
+            await claims.mark_skipped(
+                self.db,
+                ids,
+                "stale, or no trainable calls (untrainable sampling or no token data)",
+                worker_id=self.worker_id,
+            )
             return
         bar = self.s.min_reward
         low = {x.id for x in sessions if bar is not None and (x.final_reward is None or x.final_reward < bar)}
         if low:
-            await claims.mark_skipped(self.db, [i for i in ids if i in low], f"final reward below --min-reward {bar:g}",
-                                      worker_id=self.worker_id)
+            await claims.mark_skipped(
+                self.db,
+                [i for i in ids if i in low],
+                f"final reward below --min-reward {bar:g}",
+                worker_id=self.worker_id,
+            )
         rest = [i for i in ids if i not in low]
         if rest:
-            await claims.mark_skipped(self.db, rest, "no calls to fine-tune on (own calls without token data, or "
-                                      "calls of the --sft-from routes that cannot be rendered)",
-                                      worker_id=self.worker_id)
+            await claims.mark_skipped(
+                self.db,
+                rest,
+                "no calls to fine-tune on (own calls without token data, or "
+                "calls of the --sft-from routes that cannot be rendered)",
+                worker_id=self.worker_id,
+            )
 
     async def _release_failed(self, ids: list[str]) -> None:
         await claims.release(self.db, ids, worker_id=self.worker_id)
@@ -312,10 +375,17 @@ class Trainer:
         is finished first."""
         s = self.s
         t = {"start": time.perf_counter()}
-        batch = await claims.claim_batch(self.db, worker_id=self.worker_id, batch_size=s.batch_size,
-                                         train_agents=s.train_agent, group_by_task=s.group_by_task,
-                                         group_size=s.group_size, group_timeout_s=s.group_timeout_s,
-                                         settle_s=s.settle_s, sft_from=s.sft_from if s.objective == "sft" else ())
+        batch = await claims.claim_batch(
+            self.db,
+            worker_id=self.worker_id,
+            batch_size=s.batch_size,
+            train_agents=s.train_agent,
+            group_by_task=s.group_by_task,
+            group_size=s.group_size,
+            group_timeout_s=s.group_timeout_s,
+            settle_s=s.settle_s,
+            sft_from=s.sft_from if s.objective == "sft" else (),
+        )
         if not batch:
             return None
         ids = [b.id for b in batch]
@@ -325,8 +395,9 @@ class Trainer:
                 return await self._train(batch, ids, t)
             except StopRequested:
                 released = await claims.release(self.db, ids, worker_id=self.worker_id)
-                self.stopper.say(f"stopped during step {self.policy.global_step + 1}; gave its {released} sessions "
-                                 "back")
+                self.stopper.say(
+                    f"stopped during step {self.policy.global_step + 1}; gave its {released} sessions back"
+                )
                 raise
 
     async def _train(self, batch: list[claims.ClaimedSession], ids: list[str], t: dict[str, float]) -> dict:
@@ -339,20 +410,31 @@ class Trainer:
             if sft:
                 from trainwire.rl.sft import build_sft_samples
 
-                built = build_sft_samples(batch, renderer=self.renderer, sft_from=s.sft_from,
-                                          min_reward=s.min_reward, mode=s.mode)
+                built = build_sft_samples(
+                    batch, renderer=self.renderer, sft_from=s.sft_from, min_reward=s.min_reward, mode=s.mode
+                )
             else:
-                built = build_samples(batch, mode=s.mode, gamma=s.gamma, default_reward=s.default_reward,
-                                      group_by_task=s.group_by_task, current_version=self.version,
-                                      max_staleness=s.max_staleness, temperature=s.temperature)
+                built = build_samples(
+                    batch,
+                    mode=s.mode,
+                    gamma=s.gamma,
+                    default_reward=s.default_reward,
+                    group_by_task=s.group_by_task,
+                    current_version=self.version,
+                    max_staleness=s.max_staleness,
+                    temperature=s.temperature,
+                )
             for why, n in built.skip_reasons.items():
                 log.info("skipped %d calls: %s", n, why)
             if not built.samples:
                 await self._mark_skipped(batch, ids, sft)
                 _say(f"skipped {len(ids)} sessions: nothing to train on ({built.counters})")
                 return {}
-            advantages = [0.0] * len(built.samples) if sft else compute_advantages(
-                built.scores, built.group_ids, estimator=s.adv_estimator)
+            advantages = (
+                [0.0] * len(built.samples)
+                if sft
+                else compute_advantages(built.scores, built.group_ids, estimator=s.adv_estimator)
+            )
             samples = [replace(x, advantage=a) for x, a in zip(built.samples, advantages)]
         except Exception:
             await self._release_failed(ids)
@@ -373,47 +455,77 @@ class Trainer:
         # its claim to expire and the session is trained again by the restarted trainer, from the checkpoint
         # that does not contain it yet.
         skipped = set(built.skipped_sessions)
-        await claims.mark_trained(self.db, [sid for sid in ids if sid not in skipped], step,
-                                  worker_id=self.worker_id)
+        await claims.mark_trained(self.db, [sid for sid in ids if sid not in skipped], step, worker_id=self.worker_id)
         if skipped:
             await self._mark_skipped([x for x in batch if x.id in skipped], list(skipped), sft)
         rewards = [x.final_reward for x in batch if x.final_reward is not None]
         r_mean, r_std = _stats(rewards)
         a_mean, a_std = _stats(advantages)
         if not sft:
-            metrics.update({"advantage/mean": a_mean, "advantage/std": a_std, "advantage/max": max(advantages),
-                            "advantage/min": min(advantages)})
-        metrics.update({
-            "reward/mean": r_mean, "reward/std": r_std,
-            "batch/sessions": len(ids), "batch/samples": len(samples),
-            "batch/tokens": float(sum(sum(x.response_mask) for x in samples)),
-            "staleness/mean": built.staleness_mean, **{f"batch/{k}": float(v) for k, v in built.counters.items()},
-            "policy/version": float(self.version), "publish/failed_upstreams": float(len(result.failed)),
-            "time/claim_s": t["claim"] - t["start"], "time/build_s": t["build"] - t["claim"],
-            "time/train_s": outcome.trained_at - t["build"], "time/save_s": outcome.exported_at - outcome.trained_at,
-            "time/publish_s": outcome.hooked_at - outcome.exported_at,
-            "time/checkpoint_s": outcome.checkpointed_at - outcome.hooked_at,
-        })
-        await record_train_step(self.db, step=step, policy_version=self.version, n_sessions=len(ids),
-                                n_samples=len(samples), metrics=metrics)
+            metrics.update(
+                {
+                    "advantage/mean": a_mean,
+                    "advantage/std": a_std,
+                    "advantage/max": max(advantages),
+                    "advantage/min": min(advantages),
+                }
+            )
+        metrics.update(
+            {
+                "reward/mean": r_mean,
+                "reward/std": r_std,
+                "batch/sessions": len(ids),
+                "batch/samples": len(samples),
+                "batch/tokens": float(sum(sum(x.response_mask) for x in samples)),
+                "staleness/mean": built.staleness_mean,
+                **{f"batch/{k}": float(v) for k, v in built.counters.items()},
+                "policy/version": float(self.version),
+                "publish/failed_upstreams": float(len(result.failed)),
+                "time/claim_s": t["claim"] - t["start"],
+                "time/build_s": t["build"] - t["claim"],
+                "time/train_s": outcome.trained_at - t["build"],
+                "time/save_s": outcome.exported_at - outcome.trained_at,
+                "time/publish_s": outcome.hooked_at - outcome.exported_at,
+                "time/checkpoint_s": outcome.checkpointed_at - outcome.hooked_at,
+            }
+        )
+        await record_train_step(
+            self.db,
+            step=step,
+            policy_version=self.version,
+            n_sessions=len(ids),
+            n_samples=len(samples),
+            metrics=metrics,
+        )
         self.sink.log(step, metrics)
         agree = ""
         if "agreement/mean_abs_dlogp" in metrics:
-            agree = (f" | agreement |dlogp| {metrics['agreement/mean_abs_dlogp']:.2e} max "
-                     f"{metrics['agreement/max_abs_dlogp']:.2e} ({metrics['agreement/tokens']:.0f} tokens of v{served_by})")
-        what = (f"sft: {built.counters['teacher_calls']} calls of {', '.join(s.sft_from)}, "
-                f"{built.counters['own_calls']} own, {len(skipped)} sessions skipped | "
-                if sft and s.sft_from else f"sft: {built.counters['own_calls']} own calls | " if sft else "")
-        _say(f"step {step} -> v{self.version} | sessions {len(ids)} samples {len(samples)} | {what}reward "
-             f"{r_mean:.3f}±{r_std:.3f} | loss {metrics.get('loss', float('nan')):.4f} grad "
-             f"{metrics.get('grad_norm', float('nan')):.3f} | train {metrics['time/train_s']:.2f}s publish "
-             f"{metrics['time/publish_s'] * 1000:.0f}ms{agree}")
+            agree = (
+                f" | agreement |dlogp| {metrics['agreement/mean_abs_dlogp']:.2e} max "
+                f"{metrics['agreement/max_abs_dlogp']:.2e} ({metrics['agreement/tokens']:.0f} tokens of v{served_by})"
+            )
+        what = (
+            f"sft: {built.counters['teacher_calls']} calls of {', '.join(s.sft_from)}, "
+            f"{built.counters['own_calls']} own, {len(skipped)} sessions skipped | "
+            if sft and s.sft_from
+            else f"sft: {built.counters['own_calls']} own calls | "
+            if sft
+            else ""
+        )
+        _say(
+            f"step {step} -> v{self.version} | sessions {len(ids)} samples {len(samples)} | {what}reward "
+            f"{r_mean:.3f}±{r_std:.3f} | loss {metrics.get('loss', float('nan')):.4f} grad "
+            f"{metrics.get('grad_norm', float('nan')):.3f} | train {metrics['time/train_s']:.2f}s publish "
+            f"{metrics['time/publish_s'] * 1000:.0f}ms{agree}"
+        )
         mean = metrics.get("agreement/mean_abs_dlogp")
         if mean is not None and mean > s.agreement_warn:
-            warning = (f"the trainer's log-probs of the {metrics['agreement/tokens']:.0f} tokens v{served_by} served "
-                       f"differ from vLLM's by {mean:.4f} on average (max {metrics['agreement/max_abs_dlogp']:.4f}; "
-                       f"--agreement-warn {s.agreement_warn}): weights published but not served, a --temperature "
-                       f"other than the proxy's, or vLLM without --logprobs-mode processed_logprobs?")
+            warning = (
+                f"the trainer's log-probs of the {metrics['agreement/tokens']:.0f} tokens v{served_by} served "
+                f"differ from vLLM's by {mean:.4f} on average (max {metrics['agreement/max_abs_dlogp']:.4f}; "
+                f"--agreement-warn {s.agreement_warn}): weights published but not served, a --temperature "
+                f"other than the proxy's, or vLLM without --logprobs-mode processed_logprobs?"
+            )
             log.warning(warning)
             _say(f"WARNING: {warning}")
         return metrics

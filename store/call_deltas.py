@@ -32,8 +32,18 @@ import orjson
 
 from trainwire.records import CallRecord
 
-__all__ = ["LIST_KEYS", "BaseCall", "MissingBase", "Stored", "encode", "encode_call", "expand", "list_key",
-           "message_list", "remember"]
+__all__ = [
+    "LIST_KEYS",
+    "BaseCall",
+    "MissingBase",
+    "Stored",
+    "encode",
+    "encode_call",
+    "expand",
+    "list_key",
+    "message_list",
+    "remember",
+]
 
 # The request key holding the conversation, by calls.kind. A completion's `prompt` is stored whole.
 LIST_KEYS = {"chat": "messages", "messages": "messages", "responses": "input"}
@@ -69,12 +79,12 @@ class BaseCall:
 
     id: str
     kind: str
-    tokens: bytes | None                    # its full prompt + completion token ids, "a,b,c,"
-    messages: tuple[bytes, ...] | None      # a digest of each message of its full request's list
-    message_sizes: tuple[int, ...] = ()     # each message's JSON size (what sharing it saves)
-    messages_digest: bytes | None = None    # a digest of the whole list's JSON (the fast check of an extension)
-    n_tokens: int = 0                       # how many token ids `tokens` holds
-    started: float = 0.0                    # when the call started (epoch seconds): the writer's cache expires it
+    tokens: bytes | None  # its full prompt + completion token ids, "a,b,c,"
+    messages: tuple[bytes, ...] | None  # a digest of each message of its full request's list
+    message_sizes: tuple[int, ...] = ()  # each message's JSON size (what sharing it saves)
+    messages_digest: bytes | None = None  # a digest of the whole list's JSON (the fast check of an extension)
+    n_tokens: int = 0  # how many token ids `tokens` holds
+    started: float = 0.0  # when the call started (epoch seconds): the writer's cache expires it
 
     @property
     def size(self) -> int:
@@ -133,12 +143,20 @@ def remember(record: CallRecord) -> BaseCall:
     messages = message_list(record.kind, record.request)
     found = _per_message(messages) if messages is not None else None
     if found is None:
-        return BaseCall(id=record.id, kind=record.kind, tokens=tokens, messages=None, n_tokens=n_tokens,
-                        started=_started(record))
+        return BaseCall(
+            id=record.id, kind=record.kind, tokens=tokens, messages=None, n_tokens=n_tokens, started=_started(record)
+        )
     digests, sizes, raws = found
-    return BaseCall(id=record.id, kind=record.kind, tokens=tokens, messages=tuple(digests),
-                    message_sizes=tuple(sizes), messages_digest=_list_digest(raws), n_tokens=n_tokens,
-                    started=_started(record))
+    return BaseCall(
+        id=record.id,
+        kind=record.kind,
+        tokens=tokens,
+        messages=tuple(digests),
+        message_sizes=tuple(sizes),
+        messages_digest=_list_digest(raws),
+        n_tokens=n_tokens,
+        started=_started(record),
+    )
 
 
 def _seq(record: CallRecord, prompt: bytes | None = None) -> tuple[bytes | None, int]:
@@ -155,7 +173,7 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
         return n
-    lo, hi = 0, n - 1          # a[:lo] == b[:lo] holds; a[:hi + 1] != b[:hi + 1]
+    lo, hi = 0, n - 1  # a[:lo] == b[:lo] holds; a[:hi + 1] != b[:hi + 1]
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[:mid] == b[:mid]:
@@ -169,8 +187,13 @@ def _extension(base: BaseCall, kind: str, messages: list[Any] | None) -> tuple[i
     """(n, a hash of the JSON of the first n messages as a list without its closing bracket) when `messages`
     starts with all n of the base's: one serialization of that prefix, no per-message work. None when it does
     not (or there is nothing to share)."""
-    if (messages is None or base.kind != kind or base.messages is None or base.messages_digest is None
-            or not 0 < len(base.messages) <= len(messages)):
+    if (
+        messages is None
+        or base.kind != kind
+        or base.messages is None
+        or base.messages_digest is None
+        or not 0 < len(base.messages) <= len(messages)
+    ):
         return None
     n = len(base.messages)
     raw = _dumps(messages[:n])
@@ -210,9 +233,16 @@ def encode_call(bases: Iterable[BaseCall], record: CallRecord) -> tuple[CallReco
             break
         digests, sizes, raws = found
         head.update(b"".join(b"," + r for r in raws) + b"]")
-        mine = BaseCall(id=record.id, kind=kind, tokens=seq, messages=base.messages + tuple(digests),
-                        message_sizes=base.message_sizes + tuple(sizes), messages_digest=head.digest(),
-                        n_tokens=n_seq, started=_started(record))
+        mine = BaseCall(
+            id=record.id,
+            kind=kind,
+            tokens=seq,
+            messages=base.messages + tuple(digests),
+            message_sizes=base.message_sizes + tuple(sizes),
+            messages_digest=head.digest(),
+            n_tokens=n_seq,
+            started=_started(record),
+        )
         shared[base.id] = n
         break
     if mine is None:
@@ -230,7 +260,7 @@ def encode_call(bases: Iterable[BaseCall], record: CallRecord) -> tuple[CallReco
     for base in bases:
         n_tokens = 0
         if base.tokens is not None and prompt is not None:
-            if prompt.startswith(base.tokens):   # the usual next turn: all of the base's tokens, no count
+            if prompt.startswith(base.tokens):  # the usual next turn: all of the base's tokens, no count
                 n_tokens = base.n_tokens
             else:
                 n_tokens = _tokens_in(base.tokens, _common_prefix(base.tokens, prompt))
@@ -276,10 +306,16 @@ class Stored:
 
     @classmethod
     def of(cls, m: Mapping[Any, Any]) -> Stored:
-        return cls(id=m["id"], kind=m.get("kind"), base_call_id=m.get("base_call_id"),
-                   prompt_prefix_len=m.get("prompt_prefix_len"), messages_prefix_len=m.get("messages_prefix_len"),
-                   prompt_token_ids=m.get("prompt_token_ids"), completion_token_ids=m.get("completion_token_ids"),
-                   request=m.get("request"))
+        return cls(
+            id=m["id"],
+            kind=m.get("kind"),
+            base_call_id=m.get("base_call_id"),
+            prompt_prefix_len=m.get("prompt_prefix_len"),
+            messages_prefix_len=m.get("messages_prefix_len"),
+            prompt_token_ids=m.get("prompt_token_ids"),
+            completion_token_ids=m.get("completion_token_ids"),
+            request=m.get("request"),
+        )
 
     @property
     def is_delta(self) -> bool:
@@ -301,8 +337,9 @@ def _row(rows: Mapping[str, Stored], call_id: str | None) -> Stored:
     return row
 
 
-def expand(rows: Mapping[str, Stored], wanted: Iterable[str], *, tokens: bool = True,
-           request: bool = True) -> dict[str, Full]:
+def expand(
+    rows: Mapping[str, Stored], wanted: Iterable[str], *, tokens: bool = True, request: bool = True
+) -> dict[str, Full]:
     """The full prompt token ids and request of each `wanted` row (`rows` must hold every base they reach),
     each built once from the slices it is made of: linear in what is returned, also for a single call at the
     end of a long chain. With `tokens` or `request` false that value is returned as stored."""
@@ -321,7 +358,7 @@ def expand(rows: Mapping[str, Stored], wanted: Iterable[str], *, tokens: bool = 
         for p in reversed(path):
             d += 1
             depth[p] = d
-    order.sort(key=depth.__getitem__)   # a base before the calls built on it, so theirs are one slice away
+    order.sort(key=depth.__getitem__)  # a base before the calls built on it, so theirs are one slice away
     prompts: dict[str, list[int] | None] = {}
     lists: dict[str, list[Any] | None] = {}
     out = {}
@@ -331,8 +368,10 @@ def expand(rows: Mapping[str, Stored], wanted: Iterable[str], *, tokens: bool = 
         if tokens and row.prompt_prefix_len is not None:
             head = _token_prefix(rows, prompts, row.base_call_id, row.prompt_prefix_len)
             if len(head) != row.prompt_prefix_len:
-                raise MissingBase(f"call {cid!r} shares {row.prompt_prefix_len} tokens with its base "
-                                  f"{row.base_call_id!r}, whose stored values hold {len(head)} (a pruned body?)")
+                raise MissingBase(
+                    f"call {cid!r} shares {row.prompt_prefix_len} tokens with its base "
+                    f"{row.base_call_id!r}, whose stored values hold {len(head)} (a pruned body?)"
+                )
             prompt = head + list(prompt or ())
         req = row.request
         if request and row.messages_prefix_len is not None:
@@ -342,8 +381,10 @@ def expand(rows: Mapping[str, Stored], wanted: Iterable[str], *, tokens: bool = 
                 raise MissingBase(f"call {cid!r} stores a message delta without a message list")
             head = _message_prefix(rows, lists, row.base_call_id, row.messages_prefix_len)
             if len(head) != row.messages_prefix_len:
-                raise MissingBase(f"call {cid!r} shares {row.messages_prefix_len} messages with its base "
-                                  f"{row.base_call_id!r}, whose stored values hold {len(head)} (a pruned body?)")
+                raise MissingBase(
+                    f"call {cid!r} shares {row.messages_prefix_len} messages with its base "
+                    f"{row.base_call_id!r}, whose stored values hold {len(head)} (a pruned body?)"
+                )
             full = head + tail
             lists[cid] = full
             req = {**req, key: full}
@@ -354,10 +395,11 @@ def expand(rows: Mapping[str, Stored], wanted: Iterable[str], *, tokens: bool = 
     return out
 
 
-def _token_prefix(rows: Mapping[str, Stored], done: Mapping[str, list[int] | None], cid: str | None,
-                  n: int) -> list[int]:
+def _token_prefix(
+    rows: Mapping[str, Stored], done: Mapping[str, list[int] | None], cid: str | None, n: int
+) -> list[int]:
     """The first n tokens of call `cid`'s full prompt + completion, walking down its bases as far as needed."""
-    levels: list[list[int]] = []   # the tail each level adds, top level first
+    levels: list[list[int]] = []  # the tail each level adds, top level first
     while n > 0:
         row = _row(rows, cid)
         completion = list(row.completion_token_ids or ())
@@ -367,7 +409,7 @@ def _token_prefix(rows: Mapping[str, Stored], done: Mapping[str, list[int] | Non
             break
         prefix = row.prompt_prefix_len
         if n > prefix:
-            levels.append((list(row.prompt_token_ids or ()) + completion)[:n - prefix])
+            levels.append((list(row.prompt_token_ids or ()) + completion)[: n - prefix])
         n = min(n, prefix)
         cid = row.base_call_id
     out: list[int] = []
@@ -376,8 +418,9 @@ def _token_prefix(rows: Mapping[str, Stored], done: Mapping[str, list[int] | Non
     return out
 
 
-def _message_prefix(rows: Mapping[str, Stored], done: Mapping[str, list[Any] | None], cid: str | None,
-                    n: int) -> list[Any]:
+def _message_prefix(
+    rows: Mapping[str, Stored], done: Mapping[str, list[Any] | None], cid: str | None, n: int
+) -> list[Any]:
     """The first n messages of call `cid`'s full request list."""
     levels: list[list[Any]] = []
     while n > 0:
@@ -391,7 +434,7 @@ def _message_prefix(rows: Mapping[str, Stored], done: Mapping[str, list[Any] | N
             break
         prefix = row.messages_prefix_len
         if n > prefix:
-            levels.append(stored[:n - prefix])
+            levels.append(stored[: n - prefix])
         n = min(n, prefix)
         cid = row.base_call_id
     out: list[Any] = []

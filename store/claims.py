@@ -58,8 +58,17 @@ from trainwire.store.models import Call, Reward, Session, utcnow
 
 log = logging.getLogger("trainwire.claim")
 
-__all__ = ["ClaimedCall", "ClaimedSession", "claim_batch", "pick_groups", "release", "mark_trained",
-           "mark_skipped", "release_stale_claims", "renew"]
+__all__ = [
+    "ClaimedCall",
+    "ClaimedSession",
+    "claim_batch",
+    "pick_groups",
+    "release",
+    "mark_trained",
+    "mark_skipped",
+    "release_stale_claims",
+    "renew",
+]
 
 # Tables (SQLAlchemy types __table__ as its FromClause base).
 S: Table = Session.__table__  # type: ignore[assignment]
@@ -123,15 +132,25 @@ def _utc(dt: datetime) -> datetime:
 
 def _finished(settle_cutoff: datetime):
     """Finished, unclaimed sessions whose final reward is at least settle_s old."""
-    return (select(S.c.id, S.c.task_id, R.c.created_at.label("finished_at"), R.c.value.label("final_value"))
-            .select_from(S.join(R, and_(R.c.session_id == S.c.id, R.c.final == True)))  # noqa: E712
-            .where(S.c.status == "open", R.c.created_at <= settle_cutoff))
+    return (
+        select(S.c.id, S.c.task_id, R.c.created_at.label("finished_at"), R.c.value.label("final_value"))
+        .select_from(S.join(R, and_(R.c.session_id == S.c.id, R.c.final == True)))  # noqa: E712
+        .where(S.c.status == "open", R.c.created_at <= settle_cutoff)
+    )
 
 
-async def claim_batch(engine: AsyncEngine, *, worker_id: str, batch_size: int,
-                      train_agents: Sequence[str] = (), group_by_task: bool = True, group_size: int = 0,
-                      group_timeout_s: float = 60.0, settle_s: float = 0.0,
-                      sft_from: Sequence[str] = ()) -> list[ClaimedSession]:
+async def claim_batch(
+    engine: AsyncEngine,
+    *,
+    worker_id: str,
+    batch_size: int,
+    train_agents: Sequence[str] = (),
+    group_by_task: bool = True,
+    group_size: int = 0,
+    group_timeout_s: float = 60.0,
+    settle_s: float = 0.0,
+    sft_from: Sequence[str] = (),
+) -> list[ClaimedSession]:
     """Claim up to ``batch_size`` finished sessions (whole task groups when grouping) for ``worker_id``
     and load their trainable calls (and the calls of the frozen routes in ``sft_from``). Returns [] when nothing is
     ready. See the module docstring."""
@@ -148,16 +167,24 @@ async def claim_batch(engine: AsyncEngine, *, worker_id: str, batch_size: int,
             rows = await _locked_group_candidates(conn, settle_cutoff, timeout_cutoff, batch_size, group_size)
             picked = pick_groups(rows, batch_size=batch_size, group_size=group_size, timeout_cutoff=timeout_cutoff)
         else:
-            stmt = (_finished(settle_cutoff).order_by(R.c.created_at, S.c.id).limit(batch_size)
-                    .with_for_update(of=S, skip_locked=True))
+            stmt = (
+                _finished(settle_cutoff)
+                .order_by(R.c.created_at, S.c.id)
+                .limit(batch_size)
+                .with_for_update(of=S, skip_locked=True)
+            )
             picked = list((await conn.execute(stmt)).all())
         if not picked:
             return []
         values = {"status": "claimed", "claimed_by": worker_id, "claimed_at": now}
         if postgres:
             # The rows are locked by us: the status re-check cannot fail, but costs nothing.
-            stmt = (update(S).where(S.c.id.in_([r.id for r in picked]), S.c.status == "open")
-                    .values(**values).returning(S.c.id))
+            stmt = (
+                update(S)
+                .where(S.c.id.in_([r.id for r in picked]), S.c.status == "open")
+                .values(**values)
+                .returning(S.c.id)
+            )
             claimed = set((await conn.execute(stmt)).scalars().all())
         else:
             claimed = set()
@@ -177,26 +204,36 @@ async def claim_batch(engine: AsyncEngine, *, worker_id: str, batch_size: int,
         raise
 
 
-async def _locked_group_candidates(conn: AsyncConnection, settle_cutoff: datetime, timeout_cutoff: datetime,
-                                   batch_size: int, group_size: int) -> list:
+async def _locked_group_candidates(
+    conn: AsyncConnection, settle_cutoff: datetime, timeout_cutoff: datetime, batch_size: int, group_size: int
+) -> list:
     """Rows (id, task_id, finished_at, final_value) of the oldest eligible groups, locked where the
     database has row locks. Eligibility is decided on the aggregate first (no locks), then re-checked on
     the rows actually locked by :func:`pick_groups` (a concurrent claimer may hold part of a group)."""
     fin = _finished(settle_cutoff).subquery()
     oldest = func.min(fin.c.finished_at)
-    tasks = (await conn.execute(
-        select(fin.c.task_id, oldest.label("oldest"))
-        .where(fin.c.task_id.is_not(None))
-        .group_by(fin.c.task_id)
-        .having(or_(func.count() >= group_size, oldest <= timeout_cutoff))
-        .order_by(oldest, fin.c.task_id)
-        .limit(batch_size))).all()
-    loners = (await conn.execute(
-        select(fin.c.id, fin.c.finished_at).where(fin.c.task_id.is_(None))
-        .order_by(fin.c.finished_at, fin.c.id).limit(batch_size))).all()
+    tasks = (
+        await conn.execute(
+            select(fin.c.task_id, oldest.label("oldest"))
+            .where(fin.c.task_id.is_not(None))
+            .group_by(fin.c.task_id)
+            .having(or_(func.count() >= group_size, oldest <= timeout_cutoff))
+            .order_by(oldest, fin.c.task_id)
+            .limit(batch_size)
+        )
+    ).all()
+    loners = (
+        await conn.execute(
+            select(fin.c.id, fin.c.finished_at)
+            .where(fin.c.task_id.is_(None))
+            .order_by(fin.c.finished_at, fin.c.id)
+            .limit(batch_size)
+        )
+    ).all()
     # Oldest groups first, at most batch_size groups (each has at least one session).
-    heads = sorted([(_aware(t.oldest), 0, t.task_id) for t in tasks] +
-                   [(_aware(s.finished_at), 1, s.id) for s in loners])[:batch_size]
+    heads = sorted(
+        [(_aware(t.oldest), 0, t.task_id) for t in tasks] + [(_aware(s.finished_at), 1, s.id) for s in loners]
+    )[:batch_size]
     if not heads:
         return []
     task_ids = [key for _, kind, key in heads if kind == 0]
@@ -206,8 +243,12 @@ async def _locked_group_candidates(conn: AsyncConnection, settle_cutoff: datetim
         members.append(S.c.task_id.in_(task_ids))
     if loner_ids:
         members.append(S.c.id.in_(loner_ids))
-    stmt = (_finished(settle_cutoff).where(or_(*members)).order_by(R.c.created_at, S.c.id)
-            .with_for_update(of=S, skip_locked=True))
+    stmt = (
+        _finished(settle_cutoff)
+        .where(or_(*members))
+        .order_by(R.c.created_at, S.c.id)
+        .with_for_update(of=S, skip_locked=True)
+    )
     return list((await conn.execute(stmt)).all())
 
 
@@ -227,7 +268,7 @@ def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cut
         if not eligible:
             continue  # part of it is held by another claimer, and what is left is not a group yet
         if not picked:
-            picked.extend(members[:max(batch_size, group_size)])
+            picked.extend(members[: max(batch_size, group_size)])
         elif len(picked) + len(members) <= batch_size:
             picked.extend(members)
         else:
@@ -237,26 +278,48 @@ def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cut
     return picked
 
 
-_CALL_COLUMNS = (C.c.id, C.c.session_id, C.c.seq, C.c.agent_name, C.c.policy_version, C.c.prompt_token_ids,
-                 C.c.completion_token_ids, C.c.logprobs, C.c.finish_reason, C.c.aborted, C.c.status_code, C.c.started_at,
-                 C.c.finished_at, C.c.sampling, C.c.untrainable_reason, C.c.route, C.c.model_requested, C.c.kind,
-                 *DELTA_COLS)
+_CALL_COLUMNS = (
+    C.c.id,
+    C.c.session_id,
+    C.c.seq,
+    C.c.agent_name,
+    C.c.policy_version,
+    C.c.prompt_token_ids,
+    C.c.completion_token_ids,
+    C.c.logprobs,
+    C.c.finish_reason,
+    C.c.aborted,
+    C.c.status_code,
+    C.c.started_at,
+    C.c.finished_at,
+    C.c.sampling,
+    C.c.untrainable_reason,
+    C.c.route,
+    C.c.model_requested,
+    C.c.kind,
+    *DELTA_COLS,
+)
 
 
-async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str],
-                sft_from: Sequence[str] = ()) -> list[ClaimedSession]:
+async def _load(
+    engine: AsyncEngine, picked: list, train_agents: Sequence[str], sft_from: Sequence[str] = ()
+) -> list[ClaimedSession]:
     ids = [r.id for r in picked]
     stmts = [select(*_CALL_COLUMNS).where(C.c.session_id.in_(ids), C.c.trainable == True)]  # noqa: E712
     if sft_from:
         # Frozen calls have no token ids of the policy's: the trainer renders their request and answer.
-        stmts.append(select(*_CALL_COLUMNS, C.c.request, C.c.response)
-                     .where(C.c.session_id.in_(ids), C.c.route == "frozen",
-                            C.c.model_requested.in_(list(dict.fromkeys(sft_from)))))
+        stmts.append(
+            select(*_CALL_COLUMNS, C.c.request, C.c.response).where(
+                C.c.session_id.in_(ids), C.c.route == "frozen", C.c.model_requested.in_(list(dict.fromkeys(sft_from)))
+            )
+        )
     if train_agents:
         stmts = [stmt.where(C.c.agent_name.in_(list(train_agents))) for stmt in stmts]
-    reward_stmt = (select(R.c.session_id, R.c.call_id, R.c.value, R.c.created_at)
-                   .where(R.c.session_id.in_(ids), R.c.final == False, R.c.value.is_not(None))  # noqa: E712
-                   .order_by(R.c.id))
+    reward_stmt = (
+        select(R.c.session_id, R.c.call_id, R.c.value, R.c.created_at)
+        .where(R.c.session_id.in_(ids), R.c.final == False, R.c.value.is_not(None))  # noqa: E712
+        .order_by(R.c.id)
+    )
     async with engine.connect() as conn:
         call_rows = []
         for i, stmt in enumerate(stmts):
@@ -287,20 +350,40 @@ async def _load(engine: AsyncEngine, picked: list, train_agents: Sequence[str],
 
     out = []
     for r in picked:
-        out.append(ClaimedSession(
-            id=r.id, task_id=r.task_id, final_reward=None if r.final_value is None else float(r.final_value),
-            finished_at=_aware(r.finished_at),
-            calls=[ClaimedCall(id=c.id, seq=c.seq, agent_name=c.agent_name, policy_version=c.policy_version,
-                               prompt_token_ids=_list(c.prompt_token_ids),
-                               completion_token_ids=_list(c.completion_token_ids),
-                               logprobs=_list(c.logprobs), finish_reason=c.finish_reason,
-                               reward=by_call.get(c.id, 0.0), aborted=bool(c.aborted), status_code=c.status_code,
-                               started_at=_aware(c.started_at), sampling=c.sampling,
-                               untrainable_reason=c.untrainable_reason, route=c.route,
-                               model_requested=c.model_requested, kind=c.kind,
-                               request=getattr(c, "request", None), response=getattr(c, "response", None),
-                               base_call_id=c.base_call_id, prompt_prefix_len=c.prompt_prefix_len)
-                   for c in calls_of.get(r.id, [])]))
+        out.append(
+            ClaimedSession(
+                id=r.id,
+                task_id=r.task_id,
+                final_reward=None if r.final_value is None else float(r.final_value),
+                finished_at=_aware(r.finished_at),
+                calls=[
+                    ClaimedCall(
+                        id=c.id,
+                        seq=c.seq,
+                        agent_name=c.agent_name,
+                        policy_version=c.policy_version,
+                        prompt_token_ids=_list(c.prompt_token_ids),
+                        completion_token_ids=_list(c.completion_token_ids),
+                        logprobs=_list(c.logprobs),
+                        finish_reason=c.finish_reason,
+                        reward=by_call.get(c.id, 0.0),
+                        aborted=bool(c.aborted),
+                        status_code=c.status_code,
+                        started_at=_aware(c.started_at),
+                        sampling=c.sampling,
+                        untrainable_reason=c.untrainable_reason,
+                        route=c.route,
+                        model_requested=c.model_requested,
+                        kind=c.kind,
+                        request=getattr(c, "request", None),
+                        response=getattr(c, "response", None),
+                        base_call_id=c.base_call_id,
+                        prompt_prefix_len=c.prompt_prefix_len,
+                    )
+                    for c in calls_of.get(r.id, [])
+                ],
+            )
+        )
     return out
 
 
@@ -308,8 +391,9 @@ def _list(value) -> list | None:
     return None if value is None else list(value)
 
 
-async def _set(engine: AsyncEngine, session_ids: Sequence[str], *, from_status: str, worker_id: str | None,
-               values: dict) -> int:
+async def _set(
+    engine: AsyncEngine, session_ids: Sequence[str], *, from_status: str, worker_id: str | None, values: dict
+) -> int:
     ids = list(dict.fromkeys(session_ids))
     if not ids:
         return 0
@@ -324,35 +408,54 @@ async def release(engine: AsyncEngine, session_ids: Sequence[str], *, worker_id:
     """Give claimed sessions back (``open``) after a failed step. With ``worker_id``, only the claims that
     are still this worker's (a claim released as stale may have been taken by another trainer since).
     Returns how many were released."""
-    return await _set(engine, session_ids, from_status="claimed", worker_id=worker_id,
-                      values={"status": "open", "claimed_by": None, "claimed_at": None})
+    return await _set(
+        engine,
+        session_ids,
+        from_status="claimed",
+        worker_id=worker_id,
+        values={"status": "open", "claimed_by": None, "claimed_at": None},
+    )
 
 
-async def mark_trained(engine: AsyncEngine, session_ids: Sequence[str], step: int, *,
-                       worker_id: str | None = None) -> int:
+async def mark_trained(
+    engine: AsyncEngine, session_ids: Sequence[str], step: int, *, worker_id: str | None = None
+) -> int:
     """Claimed sessions a step trained on become ``trained`` with their ``train_step``. Returns the count."""
-    return await _set(engine, session_ids, from_status="claimed", worker_id=worker_id,
-                      values={"status": "trained", "train_step": step})
+    return await _set(
+        engine,
+        session_ids,
+        from_status="claimed",
+        worker_id=worker_id,
+        values={"status": "trained", "train_step": step},
+    )
 
 
-async def mark_skipped(engine: AsyncEngine, session_ids: Sequence[str], reason: str, *,
-                       worker_id: str | None = None) -> int:
+async def mark_skipped(
+    engine: AsyncEngine, session_ids: Sequence[str], reason: str, *, worker_id: str | None = None
+) -> int:
     """Claimed sessions that will not be trained (stale, no token data...) become ``skipped`` with the
     reason. Returns the count."""
-    return await _set(engine, session_ids, from_status="claimed", worker_id=worker_id,
-                      values={"status": "skipped", "skip_reason": reason})
+    return await _set(
+        engine,
+        session_ids,
+        from_status="claimed",
+        worker_id=worker_id,
+        values={"status": "skipped", "skip_reason": reason},
+    )
 
 
 async def renew(engine: AsyncEngine, session_ids: Sequence[str], *, worker_id: str) -> int:
     """Refresh ``claimed_at`` of this worker's claims so a long step is not mistaken for a crash."""
-    return await _set(engine, session_ids, from_status="claimed", worker_id=worker_id,
-                      values={"claimed_at": utcnow()})
+    return await _set(engine, session_ids, from_status="claimed", worker_id=worker_id, values={"claimed_at": utcnow()})
 
 
 async def release_stale_claims(engine: AsyncEngine, older_than_s: float) -> int:
     """Claims older than ``older_than_s`` (their trainer crashed) go back to ``open``. Returns the count."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     async with write_tx(engine) as conn:
-        res = await conn.execute(update(S).where(S.c.status == "claimed", S.c.claimed_at < cutoff)
-                                 .values(status="open", claimed_by=None, claimed_at=None))
+        res = await conn.execute(
+            update(S)
+            .where(S.c.status == "claimed", S.c.claimed_at < cutoff)
+            .values(status="open", claimed_by=None, claimed_at=None)
+        )
         return res.rowcount

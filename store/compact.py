@@ -65,8 +65,17 @@ DONE_KEY = "compact_calls.complete"
 RESCAN_MARGIN = timedelta(hours=1)
 _LOCK_ID = 0x7472_636F_6D70  # "trcomp": the Postgres advisory lock serializing runs
 
-_LOAD = [C.c.id, C.c.session_id, C.c.seq, C.c.kind, C.c.started_at, C.c.request, C.c.prompt_token_ids,
-         C.c.completion_token_ids, *DELTA_COLS]
+_LOAD = [
+    C.c.id,
+    C.c.session_id,
+    C.c.seq,
+    C.c.kind,
+    C.c.started_at,
+    C.c.request,
+    C.c.prompt_token_ids,
+    C.c.completion_token_ids,
+    *DELTA_COLS,
+]
 
 
 def stored_bytes(prompt_token_ids: Any, request: Any) -> int:
@@ -79,12 +88,12 @@ def stored_bytes(prompt_token_ids: Any, request: Any) -> int:
 
 @dataclass(slots=True)
 class CompactReport:
-    total: int = 0             # sessions this run had to look at, when it started (resumed runs: what was left)
-    sessions: int = 0          # sessions looked at
-    calls: int = 0             # calls loaded
-    rewritten: int = 0         # whole rows now stored as deltas
-    bytes_before: int = 0      # prompt token ids + request of the rewritten rows, before
-    bytes_after: int = 0       # ... and after
+    total: int = 0  # sessions this run had to look at, when it started (resumed runs: what was left)
+    sessions: int = 0  # sessions looked at
+    calls: int = 0  # calls loaded
+    rewritten: int = 0  # whole rows now stored as deltas
+    bytes_before: int = 0  # prompt token ids + request of the rewritten rows, before
+    bytes_after: int = 0  # ... and after
     resumed_after: str | None = None
     since: datetime | None = None
     complete: bool = False
@@ -118,10 +127,19 @@ def _wanted(since: datetime | None, after: str | None):
 
 def _record(m: dict[str, Any]) -> CallRecord:
     """What encode reads of a loaded row (its full values)."""
-    return CallRecord(id=m["id"], session_id=m["session_id"], seq=m["seq"], kind=m["kind"], path="",
-                      status_code=0, started_at=m["started_at"], finished_at=m["started_at"],
-                      request=m["request"], prompt_token_ids=m["prompt_token_ids"],
-                      completion_token_ids=m["completion_token_ids"])
+    return CallRecord(
+        id=m["id"],
+        session_id=m["session_id"],
+        seq=m["seq"],
+        kind=m["kind"],
+        path="",
+        status_code=0,
+        started_at=m["started_at"],
+        finished_at=m["started_at"],
+        request=m["request"],
+        prompt_token_ids=m["prompt_token_ids"],
+        completion_token_ids=m["completion_token_ids"],
+    )
 
 
 def _depends_on(base_of: dict[str, str | None], start: str | None, call_id: str) -> bool:
@@ -140,10 +158,13 @@ def _depends_on(base_of: dict[str, str | None], start: str | None, call_id: str)
 
 def _encode_session(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The updates that store the whole rows of one session (full values, in order) as deltas."""
-    cache = DeltaCache(max_sessions=1, max_age_s=None)   # the session's calls, read in this transaction
+    cache = DeltaCache(max_sessions=1, max_age_s=None)  # the session's calls, read in this transaction
     sid = rows[0]["session_id"] if rows else ""
-    base_of: dict[str, str | None] = {r["id"]: r["base_call_id"] for r in rows
-                                      if r["prompt_prefix_len"] is not None or r["messages_prefix_len"] is not None}
+    base_of: dict[str, str | None] = {
+        r["id"]: r["base_call_id"]
+        for r in rows
+        if r["prompt_prefix_len"] is not None or r["messages_prefix_len"] is not None
+    }
     referenced = set(base_of.values())
     updates = []
     for m in rows:
@@ -160,9 +181,13 @@ def _encode_session(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if row is not record:
                 base_of[record.id] = row.base_call_id
                 u: dict[str, Any] = {
-                    "b_id": record.id, "b_base": row.base_call_id, "b_plen": row.prompt_prefix_len,
-                    "b_mlen": row.messages_prefix_len, "before": stored_bytes(m["prompt_token_ids"], m["request"]),
-                    "after": stored_bytes(row.prompt_token_ids, row.request)}
+                    "b_id": record.id,
+                    "b_base": row.base_call_id,
+                    "b_plen": row.prompt_prefix_len,
+                    "b_mlen": row.messages_prefix_len,
+                    "before": stored_bytes(m["prompt_token_ids"], m["request"]),
+                    "after": stored_bytes(row.prompt_token_ids, row.request),
+                }
                 if row.prompt_prefix_len is not None:
                     u["b_tokens"] = row.prompt_token_ids
                 if row.messages_prefix_len is not None:
@@ -175,8 +200,11 @@ def _encode_session(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _update(tokens: bool, request: bool):
     """The UPDATE of rows rewritten as deltas; only the columns that change (a value left as it is stays exactly
     as stored, a SQL NULL included)."""
-    values: dict[str, Any] = {"base_call_id": bindparam("b_base"), "prompt_prefix_len": bindparam("b_plen"),
-              "messages_prefix_len": bindparam("b_mlen")}
+    values: dict[str, Any] = {
+        "base_call_id": bindparam("b_base"),
+        "prompt_prefix_len": bindparam("b_plen"),
+        "messages_prefix_len": bindparam("b_mlen"),
+    }
     if tokens:
         values["prompt_token_ids"] = bindparam("b_tokens")
     if request:
@@ -184,17 +212,31 @@ def _update(tokens: bool, request: bool):
     later = C.alias("later")
     # `request IS NOT NULL`: a row prune dropped the body of meanwhile (its whole session, in one transaction;
     # Postgres rechecks the WHERE on the row as prune left it) is left as it is, never turned into a delta.
-    return (update(C).where(C.c.id == bindparam("b_id"), C.c.request.is_not(None), C.c.base_call_id.is_(None),
-                            C.c.prompt_prefix_len.is_(None), C.c.messages_prefix_len.is_(None),
-                            ~exists().where(later.c.session_id == C.c.session_id, later.c.base_call_id == C.c.id))
-            .values(values))
+    return (
+        update(C)
+        .where(
+            C.c.id == bindparam("b_id"),
+            C.c.request.is_not(None),
+            C.c.base_call_id.is_(None),
+            C.c.prompt_prefix_len.is_(None),
+            C.c.messages_prefix_len.is_(None),
+            ~exists().where(later.c.session_id == C.c.session_id, later.c.base_call_id == C.c.id),
+        )
+        .values(values)
+    )
 
 
 async def _batch(conn, session_ids: list[str], report: CompactReport, dry_run: bool) -> None:
     # One session at a time: what is held in memory is one session's calls with their full values.
     for sid in session_ids:
-        loaded = [r._mapping for r in (await conn.execute(
-            select(*_LOAD).where(C.c.session_id == sid).order_by(C.c.started_at, C.c.seq, C.c.id))).all()]
+        loaded = [
+            r._mapping
+            for r in (
+                await conn.execute(
+                    select(*_LOAD).where(C.c.session_id == sid).order_by(C.c.started_at, C.c.seq, C.c.id)
+                )
+            ).all()
+        ]
         rows = await full_rows(conn, loaded, tokens=True)
         report.calls += len(rows)
         updates = _encode_session(rows)
@@ -206,8 +248,7 @@ async def _batch(conn, session_ids: list[str], report: CompactReport, dry_run: b
             continue
         # In order: a row is rewritten before the rows that become deltas of it (the UPDATE leaves a row that a
         # delta refers to as it is).
-        for (tokens, request), group in itertools.groupby(updates, key=lambda u: ("b_tokens" in u,
-                                                                                  "b_request" in u)):
+        for (tokens, request), group in itertools.groupby(updates, key=lambda u: ("b_tokens" in u, "b_request" in u)):
             await conn.execute(_update(tokens, request), list(group))
 
 
@@ -236,9 +277,16 @@ class StopOnSignal:
             signal.signal(sig, old)
 
 
-async def compact_calls(engine: AsyncEngine, *, batch_sessions: int = 50, max_sessions: int = 0,
-                        dry_run: bool = False, restart: bool = False, say: Callable[[str], None] = print,
-                        should_stop: Callable[[], bool] = lambda: False) -> CompactReport:
+async def compact_calls(
+    engine: AsyncEngine,
+    *,
+    batch_sessions: int = 50,
+    max_sessions: int = 0,
+    dry_run: bool = False,
+    restart: bool = False,
+    say: Callable[[str], None] = print,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> CompactReport:
     """Compact the sessions not compacted yet, `batch_sessions` per transaction; stop after `max_sessions`
     (0: all), on SIGINT / SIGTERM (after the batch in flight) or when `should_stop()`; the next run goes on."""
     report = CompactReport(dry_run=dry_run)
@@ -258,8 +306,9 @@ async def compact_calls(engine: AsyncEngine, *, batch_sessions: int = 50, max_se
         after = None
     report.since = since
     async with engine.connect() as conn:
-        report.total = int((await conn.execute(select(func.count()).select_from(S).where(
-            _wanted(since, after)))).scalar() or 0)
+        report.total = int(
+            (await conn.execute(select(func.count()).select_from(S).where(_wanted(since, after)))).scalar() or 0
+        )
     where = f"resuming after session {after!r}, " if after else ""
     scope = f"sessions with a call since {since.isoformat()}" if since else "every session"
     say(f"{where}{report.total} sessions to look at ({scope}){' (dry run: nothing is written)' if dry_run else ''}")
@@ -275,8 +324,11 @@ async def compact_calls(engine: AsyncEngine, *, batch_sessions: int = 50, max_se
                 if limit <= 0:
                     break
             async with write_tx(engine, _LOCK_ID) as conn:
-                ids = list((await conn.execute(select(S.c.id).where(_wanted(since, after))
-                                               .order_by(S.c.id).limit(limit))).scalars())
+                ids = list(
+                    (
+                        await conn.execute(select(S.c.id).where(_wanted(since, after)).order_by(S.c.id).limit(limit))
+                    ).scalars()
+                )
                 if not ids:
                     report.complete = True
                     if not dry_run:
@@ -286,8 +338,11 @@ async def compact_calls(engine: AsyncEngine, *, batch_sessions: int = 50, max_se
                 await _batch(conn, ids, report, dry_run)
                 after = ids[-1]
                 if not dry_run:
-                    await _set_info(conn, RUN_KEY, json.dumps(
-                        {"started": started, "since": since.isoformat() if since else None, "after": after}))
+                    await _set_info(
+                        conn,
+                        RUN_KEY,
+                        json.dumps({"started": started, "since": since.isoformat() if since else None, "after": after}),
+                    )
             report.sessions += len(ids)
             report.batches.append(len(ids))
             if time.monotonic() - last_say >= 1.0:
@@ -300,5 +355,4 @@ async def compact_calls(engine: AsyncEngine, *, batch_sessions: int = 50, max_se
 def _progress(r: CompactReport, elapsed: float) -> str:
     saved = f", {r.bytes_before:,} -> {r.bytes_after:,} bytes of prompt tokens and requests" if r.rewritten else ""
     verb = "would be stored" if r.dry_run else "stored"
-    return (f"{r.sessions}/{r.total} sessions, {r.calls} calls, {r.rewritten} {verb} as deltas{saved} "
-            f"({elapsed:.1f}s)")
+    return f"{r.sessions}/{r.total} sessions, {r.calls} calls, {r.rewritten} {verb} as deltas{saved} ({elapsed:.1f}s)"

@@ -34,8 +34,9 @@ def prompt_missing(no_values):
     return and_(C.c.prompt_prefix_len.is_(None), no_values)
 
 
-async def full_rows(conn, rows: Sequence[Mapping[Any, Any]], *, tokens: bool = False,
-                    request: bool = True) -> list[dict[str, Any]]:
+async def full_rows(
+    conn, rows: Sequence[Mapping[Any, Any]], *, tokens: bool = False, request: bool = True
+) -> list[dict[str, Any]]:
     """`rows` (mappings holding `id`, `session_id`, `kind`, the `DELTA_COLS`, and `request` and/or
     `prompt_token_ids` + `completion_token_ids`) as dicts with the full `request` (with `request`) and full
     `prompt_token_ids` (with `tokens`)."""
@@ -74,8 +75,11 @@ async def _load_bases(conn, stored: dict[str, Stored], *, tokens: bool, request:
     `LOAD_ROUNDS` rounds or when a round finds nothing new; a base still missing then is `MissingBase` in
     `expand`, as it should be."""
     for _ in range(LOAD_ROUNDS):
-        missing = {s.base_call_id for s in stored.values()
-                   if s.is_delta and s.base_call_id is not None and s.base_call_id not in stored}
+        missing = {
+            s.base_call_id
+            for s in stored.values()
+            if s.is_delta and s.base_call_id is not None and s.base_call_id not in stored
+        }
         if not missing or not await _load_round(conn, stored, missing, tokens=tokens, request=request):
             return
 
@@ -83,8 +87,15 @@ async def _load_bases(conn, stored: dict[str, Stored], *, tokens: bool, request:
 async def _load_round(conn, stored: dict[str, Stored], missing: set[str], *, tokens: bool, request: bool) -> int:
     """Load the rows `missing` leads to (by the graph as this round reads it); how many new rows it added."""
     sessions = (await conn.execute(select(C.c.session_id).where(C.c.id.in_(missing)).distinct())).scalars().all()
-    graph = dict((await conn.execute(select(C.c.id, C.c.base_call_id).where(
-        C.c.session_id.in_(list(sessions)), C.c.base_call_id.is_not(None)))).all())
+    graph = dict(
+        (
+            await conn.execute(
+                select(C.c.id, C.c.base_call_id).where(
+                    C.c.session_id.in_(list(sessions)), C.c.base_call_id.is_not(None)
+                )
+            )
+        ).all()
+    )
     need: set[str] = set()
     todo = list(missing)
     while todo:

@@ -48,20 +48,65 @@ from trainwire.store.rewards import aware
 C, R, S = Call.__table__, Reward.__table__, Session.__table__
 PAGE = 500
 
-COLUMNS = ["call_id", "session_id", "seq", "task_id", "agent_name", "policy_version", "model_requested",
-           "model_served", "route", "trainable", "kind", "stream", "started_at", "finish_reason", "aborted",
-           "messages", "tools", "prompt", "response_text", "reasoning_content", "response_tool_calls",
-           "prompt_token_ids", "completion_token_ids", "logprobs", "final_reward", "session_finished",
-           "intermediate_reward", "reward", "rewards"]
+COLUMNS = [
+    "call_id",
+    "session_id",
+    "seq",
+    "task_id",
+    "agent_name",
+    "policy_version",
+    "model_requested",
+    "model_served",
+    "route",
+    "trainable",
+    "kind",
+    "stream",
+    "started_at",
+    "finish_reason",
+    "aborted",
+    "messages",
+    "tools",
+    "prompt",
+    "response_text",
+    "reasoning_content",
+    "response_tool_calls",
+    "prompt_token_ids",
+    "completion_token_ids",
+    "logprobs",
+    "final_reward",
+    "session_finished",
+    "intermediate_reward",
+    "reward",
+    "rewards",
+]
 JSON_TEXT_IN_PARQUET = ("messages", "tools", "response_tool_calls", "request", "response")
 # An archive (`trainwire prune --archive-dir`, store/retention.py): every column of the export, and the request
 # and response as recorded (JSON text), so a pruned call of any API can be read back whole.
 ARCHIVE_COLUMNS = [*COLUMNS, "request", "response"]
 
-_SELECT = [C.c.id, C.c.session_id, C.c.seq, C.c.task_id, C.c.agent_name, C.c.policy_version, C.c.model_requested,
-           C.c.model_served, C.c.route, C.c.trainable, C.c.kind, C.c.stream, C.c.started_at, C.c.finish_reason,
-           C.c.aborted, C.c.request, C.c.response, C.c.prompt_token_ids, C.c.completion_token_ids, C.c.logprobs,
-           *DELTA_COLS]
+_SELECT = [
+    C.c.id,
+    C.c.session_id,
+    C.c.seq,
+    C.c.task_id,
+    C.c.agent_name,
+    C.c.policy_version,
+    C.c.model_requested,
+    C.c.model_served,
+    C.c.route,
+    C.c.trainable,
+    C.c.kind,
+    C.c.stream,
+    C.c.started_at,
+    C.c.finish_reason,
+    C.c.aborted,
+    C.c.request,
+    C.c.response,
+    C.c.prompt_token_ids,
+    C.c.completion_token_ids,
+    C.c.logprobs,
+    *DELTA_COLS,
+]
 
 
 class ExportError(Exception):
@@ -74,8 +119,9 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ExportError(f"{flag} must be an ISO 8601 time like 2025-01-31 or 2025-01-31T12:00:00Z; "
-                          f"got {value!r}") from None
+        raise ExportError(
+            f"{flag} must be an ISO 8601 time like 2025-01-31 or 2025-01-31T12:00:00Z; got {value!r}"
+        ) from None
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
@@ -111,9 +157,9 @@ class RewardRef:
 
 @dataclass(slots=True)
 class _Page:
-    calls: list[Any]                       # row mappings of _SELECT, oldest first
-    finals: dict[str, RewardRef]           # session id -> its final reward
-    per_call: dict[str, list[RewardRef]]   # call id -> its intermediate rewards, by id
+    calls: list[Any]  # row mappings of _SELECT, oldest first
+    finals: dict[str, RewardRef]  # session id -> its final reward
+    per_call: dict[str, list[RewardRef]]  # call id -> its intermediate rewards, by id
 
 
 def _row(m, page: _Page, raw: bool = False) -> dict[str, Any]:
@@ -125,20 +171,34 @@ def _row(m, page: _Page, raw: bool = False) -> dict[str, Any]:
     final_value = final.value if final else None
     prompt = request.get("prompt") if m["kind"] == "completion" else None
     row = {
-        "call_id": m["id"], "session_id": m["session_id"], "seq": m["seq"], "task_id": m["task_id"],
-        "agent_name": m["agent_name"], "policy_version": m["policy_version"],
-        "model_requested": m["model_requested"], "model_served": m["model_served"], "route": m["route"],
-        "trainable": bool(m["trainable"]), "kind": m["kind"], "stream": bool(m["stream"]),
-        "started_at": aware(m["started_at"]), "finish_reason": m["finish_reason"], "aborted": bool(m["aborted"]),
+        "call_id": m["id"],
+        "session_id": m["session_id"],
+        "seq": m["seq"],
+        "task_id": m["task_id"],
+        "agent_name": m["agent_name"],
+        "policy_version": m["policy_version"],
+        "model_requested": m["model_requested"],
+        "model_served": m["model_served"],
+        "route": m["route"],
+        "trainable": bool(m["trainable"]),
+        "kind": m["kind"],
+        "stream": bool(m["stream"]),
+        "started_at": aware(m["started_at"]),
+        "finish_reason": m["finish_reason"],
+        "aborted": bool(m["aborted"]),
         "messages": request.get("messages") if m["kind"] == "chat" else None,
         "tools": request.get("tools") if m["kind"] == "chat" else None,
         "prompt": prompt if isinstance(prompt, str) or prompt is None else orjson.dumps(prompt).decode(),
-        "response_text": content_text(out.get("content")), "reasoning_content": out.get("reasoning_content"),
+        "response_text": content_text(out.get("content")),
+        "reasoning_content": out.get("reasoning_content"),
         "response_tool_calls": out.get("tool_calls"),
-        "prompt_token_ids": m["prompt_token_ids"], "completion_token_ids": m["completion_token_ids"],
+        "prompt_token_ids": m["prompt_token_ids"],
+        "completion_token_ids": m["completion_token_ids"],
         "logprobs": m["logprobs"],
-        "final_reward": final_value, "session_finished": final is not None,
-        "intermediate_reward": intermediate, "reward": (final_value or 0.0) + intermediate,
+        "final_reward": final_value,
+        "session_finished": final is not None,
+        "intermediate_reward": intermediate,
+        "reward": (final_value or 0.0) + intermediate,
         "rewards": [r.as_dict() for r in ([final] if final else []) + inter],
     }
     if raw:
@@ -165,12 +225,24 @@ async def _read_page(engine: AsyncEngine, cond, after: tuple[datetime, str] | No
         rows = await full_rows(conn, loaded, tokens=True)  # calls stored as deltas, whole again
         call_ids = [r["id"] for r in rows]
         session_ids = sorted({r["session_id"] for r in rows})
-        finals = {r.session_id: RewardRef(r.id, r.source, r.value, True)
-                  for r in (await conn.execute(select(R.c.id, R.c.session_id, R.c.source, R.c.value).where(
-                      R.c.session_id.in_(session_ids), R.c.final.is_(True)))).all()}
+        finals = {
+            r.session_id: RewardRef(r.id, r.source, r.value, True)
+            for r in (
+                await conn.execute(
+                    select(R.c.id, R.c.session_id, R.c.source, R.c.value).where(
+                        R.c.session_id.in_(session_ids), R.c.final.is_(True)
+                    )
+                )
+            ).all()
+        }
         per_call: dict[str, list[RewardRef]] = {}
-        for r in (await conn.execute(select(R.c.id, R.c.call_id, R.c.source, R.c.value).where(
-                R.c.call_id.in_(call_ids), R.c.final.is_(False)).order_by(R.c.id))).all():
+        for r in (
+            await conn.execute(
+                select(R.c.id, R.c.call_id, R.c.source, R.c.value)
+                .where(R.c.call_id.in_(call_ids), R.c.final.is_(False))
+                .order_by(R.c.id)
+            )
+        ).all():
             per_call.setdefault(r.call_id, []).append(RewardRef(r.id, r.source, r.value, False))
     return _Page(rows, finals, per_call)
 
@@ -191,6 +263,7 @@ async def pages(engine: AsyncEngine, cond, page_size: int = PAGE, raw: bool = Fa
 
 # --- writers ---------------------------------------------------------------------------------------------
 
+
 class JsonlSink:
     def __init__(self, path: Path) -> None:
         self.f = path.open("wb")
@@ -206,11 +279,22 @@ def parquet_schema(columns: list[str] = COLUMNS):
     import pyarrow as pa
 
     reward = pa.struct([("id", pa.int64()), ("source", pa.string()), ("value", pa.float64()), ("final", pa.bool_())])
-    types = {"seq": pa.int32(), "policy_version": pa.int32(), "trainable": pa.bool_(), "stream": pa.bool_(),
-             "aborted": pa.bool_(), "started_at": pa.timestamp("us", tz="UTC"),
-             "prompt_token_ids": pa.list_(pa.int32()), "completion_token_ids": pa.list_(pa.int32()),
-             "logprobs": pa.list_(pa.float64()), "final_reward": pa.float64(), "session_finished": pa.bool_(),
-             "intermediate_reward": pa.float64(), "reward": pa.float64(), "rewards": pa.list_(reward)}
+    types = {
+        "seq": pa.int32(),
+        "policy_version": pa.int32(),
+        "trainable": pa.bool_(),
+        "stream": pa.bool_(),
+        "aborted": pa.bool_(),
+        "started_at": pa.timestamp("us", tz="UTC"),
+        "prompt_token_ids": pa.list_(pa.int32()),
+        "completion_token_ids": pa.list_(pa.int32()),
+        "logprobs": pa.list_(pa.float64()),
+        "final_reward": pa.float64(),
+        "session_finished": pa.bool_(),
+        "intermediate_reward": pa.float64(),
+        "reward": pa.float64(),
+        "rewards": pa.list_(reward),
+    }
     return pa.schema([(name, types.get(name, pa.string())) for name in columns])
 
 
@@ -241,6 +325,7 @@ class ParquetSink:
 
 # --- command ---------------------------------------------------------------------------------------------
 
+
 class Progress:
     def __init__(self, total: int, out, every_s: float = 1.0) -> None:
         self.total, self.out, self.every_s = total, out, every_s
@@ -254,13 +339,26 @@ class Progress:
             self.last = now
             pct = 100 * self.done / max(self.total, 1)
             rate = self.done / max(now - self.t0, 1e-9)
-            print(f"trainwire export: {self.done}/{self.total} calls ({pct:.0f}%, {rate:.0f}/s)", file=self.out,
-                  flush=True)
+            print(
+                f"trainwire export: {self.done}/{self.total} calls ({pct:.0f}%, {rate:.0f}/s)",
+                file=self.out,
+                flush=True,
+            )
 
 
-async def export(url: str, fmt: str, out: Path, *, since: datetime | None = None, until: datetime | None = None,
-                 agents: list[str] | None = None, tasks: list[str] | None = None, include_eval: bool = False,
-                 page_size: int = PAGE, progress_out=sys.stderr) -> int:
+async def export(
+    url: str,
+    fmt: str,
+    out: Path,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    agents: list[str] | None = None,
+    tasks: list[str] | None = None,
+    include_eval: bool = False,
+    page_size: int = PAGE,
+    progress_out=sys.stderr,
+) -> int:
     """Write the export; returns the number of rows."""
     engine = make_engine(url)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -281,8 +379,9 @@ async def export(url: str, fmt: str, out: Path, *, since: datetime | None = None
         sink = None
         os.replace(tmp, out)
         elapsed = time.monotonic() - progress.t0
-        print(f"trainwire export: wrote {progress.done} calls to {out} in {elapsed:.1f}s", file=progress_out,
-              flush=True)
+        print(
+            f"trainwire export: wrote {progress.done} calls to {out} in {elapsed:.1f}s", file=progress_out, flush=True
+        )
         return progress.done
     finally:
         if sink is not None:
@@ -296,8 +395,18 @@ def run_export(settings, args: argparse.Namespace) -> int:
     try:
         since = parse_time(args.since, "--since")
         until = parse_time(args.until, "--until")
-        asyncio.run(export(settings.resolved_database_url, args.format, Path(args.out), since=since, until=until,
-                           agents=args.agent, tasks=args.task, include_eval=args.include_eval))
+        asyncio.run(
+            export(
+                settings.resolved_database_url,
+                args.format,
+                Path(args.out),
+                since=since,
+                until=until,
+                agents=args.agent,
+                tasks=args.task,
+                include_eval=args.include_eval,
+            )
+        )
     except ExportError as exc:
         print(f"trainwire export: error: {exc}", file=sys.stderr)
         return 2

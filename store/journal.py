@@ -46,7 +46,7 @@ _LEGACY = ("spool-*.jsonl",)
 class Segment:
     path: Path
     fd: int
-    outstanding: int = 0     # records appended and not yet in the database
+    outstanding: int = 0  # records appended and not yet in the database
     size: int = 0
     closed: bool = False
 
@@ -82,7 +82,7 @@ class Journal:
         line = orjson.dumps(record if isinstance(record, CallRecord) else _tagged(record), default=str) + b"\n"
         view = memoryview(line)
         while view:  # one write(2) in practice; a short write (signal, full disk) continues where it stopped
-            view = view[os.write(seg.fd, view):]
+            view = view[os.write(seg.fd, view) :]
         seg.size += len(line)
         seg.outstanding += 1
         self.appended += 1

@@ -131,8 +131,13 @@ class Reward(Base):
 
     __table_args__ = (
         # At most one final reward per session, enforced by the database even under concurrent posts.
-        Index("uq_rewards_one_final", "session_id", unique=True, postgresql_where=text("final"),
-              sqlite_where=text("final = 1")),
+        Index(
+            "uq_rewards_one_final",
+            "session_id",
+            unique=True,
+            postgresql_where=text("final"),
+            sqlite_where=text("final = 1"),
+        ),
     )
 
 
@@ -181,5 +186,4 @@ class StoreInfo(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-__all__ = ["Base", "Session", "Call", "Reward", "PolicyVersion", "UpstreamVersion", "TrainStep", "StoreInfo",
-           "utcnow"]
+__all__ = ["Base", "Session", "Call", "Reward", "PolicyVersion", "UpstreamVersion", "TrainStep", "StoreInfo", "utcnow"]

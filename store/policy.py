@@ -37,13 +37,15 @@ class UpstreamServing:
 async def upstream_versions(engine: AsyncEngine) -> dict[str, UpstreamServing]:
     """Upstream URL -> what it serves, for every upstream the trainer has published to."""
     async with engine.connect() as conn:
-        rows = (await conn.execute(select(UpstreamVersion.upstream, UpstreamVersion.version,
-                                          UpstreamVersion.served_model))).all()
+        rows = (
+            await conn.execute(select(UpstreamVersion.upstream, UpstreamVersion.version, UpstreamVersion.served_model))
+        ).all()
     return {r.upstream: UpstreamServing(r.version, r.served_model) for r in rows}
 
 
-async def watch_versions(engine: AsyncEngine, on_change: Callable[[], Awaitable[None]], poll_s: float, *,
-                         safety_s: float = SAFETY_REFRESH_S) -> None:
+async def watch_versions(
+    engine: AsyncEngine, on_change: Callable[[], Awaitable[None]], poll_s: float, *, safety_s: float = SAFETY_REFRESH_S
+) -> None:
     """Await `on_change()` whenever the published versions may have changed; runs until cancelled.
 
     Postgres: LISTEN on `CHANNEL` over a dedicated connection (reconnecting after a failure), on_change on
@@ -106,29 +108,50 @@ async def _listen(engine: AsyncEngine, on_change: Callable[[], Awaitable[None]],
 
 async def latest_version(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
-        value = (await conn.execute(select(PolicyVersion.version).order_by(PolicyVersion.version.desc())
-                                    .limit(1))).scalar()
+        value = (
+            await conn.execute(select(PolicyVersion.version).order_by(PolicyVersion.version.desc()).limit(1))
+        ).scalar()
     return int(value or 0)
 
 
-async def record_publish(engine: AsyncEngine, *, version: int, kind: str, served_model: str, path: str,
-                         train_step: int | None, reached: list[str], failed: list[str]) -> None:
+async def record_publish(
+    engine: AsyncEngine,
+    *,
+    version: int,
+    kind: str,
+    served_model: str,
+    path: str,
+    train_step: int | None,
+    reached: list[str],
+    failed: list[str],
+) -> None:
     """Store the new version and what each upstream now serves, then notify proxies, atomically."""
     status = "published" if not failed else "partial"
     async with engine.begin() as conn:
-        await conn.execute(insert(PolicyVersion).values(
-            version=version, kind=kind, served_model=served_model, path=path, train_step=train_step,
-            status=status, created_at=utcnow()))
+        await conn.execute(
+            insert(PolicyVersion).values(
+                version=version,
+                kind=kind,
+                served_model=served_model,
+                path=path,
+                train_step=train_step,
+                status=status,
+                created_at=utcnow(),
+            )
+        )
         for url in reached:
             await conn.execute(delete(UpstreamVersion).where(UpstreamVersion.upstream == url))
-            await conn.execute(insert(UpstreamVersion).values(
-                upstream=url, version=version, served_model=served_model, updated_at=utcnow()))
+            await conn.execute(
+                insert(UpstreamVersion).values(
+                    upstream=url, version=version, served_model=served_model, updated_at=utcnow()
+                )
+            )
         if engine.dialect.name == "postgresql":
-            await conn.execute(text("SELECT pg_notify(:channel, :payload)"),
-                               {"channel": CHANNEL, "payload": str(version)})
+            await conn.execute(
+                text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": str(version)}
+            )
 
 
 async def retire_version(engine: AsyncEngine, version: int) -> None:
     async with engine.begin() as conn:
-        await conn.execute(update(PolicyVersion).where(PolicyVersion.version == version)
-                           .values(status="retired"))
+        await conn.execute(update(PolicyVersion).where(PolicyVersion.version == version).values(status="retired"))

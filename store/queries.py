@@ -51,10 +51,34 @@ FINAL_EXISTS = exists().where(R.c.session_id == S.c.id, R.c.final.is_(True))
 STATUS = case((S.c.status != "open", S.c.status), (FINAL_EXISTS, "finished"), else_="open")
 ORPHANED = ~exists().where(S.c.id == R.c.session_id)
 
-__all__ = ["HAS", "PRUNED_REASON", "UNTRAINED", "BadQuery", "Page", "ProducerCandidate", "call_api", "call_input", "call_output",
-           "check_text", "content_text", "decode_cursor", "encode_cursor", "find_tool_call_producers", "get_call",
-           "get_session", "input_messages", "list_policy_versions", "list_rewards", "list_sessions",
-           "list_train_steps", "message_text", "stats", "storable_text", "tool_names", "train_status"]
+__all__ = [
+    "HAS",
+    "PRUNED_REASON",
+    "UNTRAINED",
+    "BadQuery",
+    "Page",
+    "ProducerCandidate",
+    "call_api",
+    "call_input",
+    "call_output",
+    "check_text",
+    "content_text",
+    "decode_cursor",
+    "encode_cursor",
+    "find_tool_call_producers",
+    "get_call",
+    "get_session",
+    "input_messages",
+    "list_policy_versions",
+    "list_rewards",
+    "list_sessions",
+    "list_train_steps",
+    "message_text",
+    "stats",
+    "storable_text",
+    "tool_names",
+    "train_status",
+]
 
 
 class BadQuery(ValueError):
@@ -88,8 +112,8 @@ def check_text(value: str | None, param: str) -> str | None:
 # --- cursors ---------------------------------------------------------------------------------------------
 
 _NOT_A_CURSOR = "cursor is not a cursor this API returned (use next_cursor as given)"
-INT32 = (-(2**31), 2**31 - 1)   # Integer columns (train step, policy version)
-INT64 = (-(2**63), 2**63 - 1)   # BigInteger columns (reward id)
+INT32 = (-(2**31), 2**31 - 1)  # Integer columns (train step, policy version)
+INT64 = (-(2**63), 2**63 - 1)  # BigInteger columns (reward id)
 
 
 def encode_cursor(*values: Any) -> str:
@@ -104,8 +128,9 @@ def decode_cursor(cursor: str, n: int) -> list[Any]:
             raise ValueError
         return values
     except Exception:
-        raise BadQuery(f"cursor {cursor[:40]!r} is not a cursor this API returned (use next_cursor as given)",
-                       "cursor") from None
+        raise BadQuery(
+            f"cursor {cursor[:40]!r} is not a cursor this API returned (use next_cursor as given)", "cursor"
+        ) from None
 
 
 def _int_cursor(cursor: str, bounds: tuple[int, int] = INT64) -> int:
@@ -153,8 +178,13 @@ def _paged(q, limit: int, offset: int | None, cursor: str | None):
 # call records whatever the client sent.
 
 # calls.kind (and calls.route) -> the API the agent spoke, as the read API names it.
-API_OF_KIND = {"chat": "chat", "completion": "completions", "responses": "responses", "messages": "messages",
-               "other": "passthrough"}
+API_OF_KIND = {
+    "chat": "chat",
+    "completion": "completions",
+    "responses": "responses",
+    "messages": "messages",
+    "other": "passthrough",
+}
 
 
 def call_api(kind: str, route: str | None = None) -> str:
@@ -278,8 +308,9 @@ def _responses_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            out.append({"role": "tool", "content": message_text(item.get("output")),
-                        "tool_call_id": item.get("call_id")})
+            out.append(
+                {"role": "tool", "content": message_text(item.get("output")), "tool_call_id": item.get("call_id")}
+            )
         elif kind == "reasoning":
             continue
         else:
@@ -302,10 +333,10 @@ def _anthropic_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(content, list):
             out.append({"role": role, "content": message_text(content)})
             continue
-        turn: list[dict[str, Any]] = []   # this message's text and tool calls, then its tool results
+        turn: list[dict[str, Any]] = []  # this message's text and tool calls, then its tool results
         blocks: list[Any] = []
         calls: list[dict[str, Any]] = []
-        for b in content + [None]:      # None: the end, where the last text and tool calls are emitted
+        for b in content + [None]:  # None: the end, where the last text and tool calls are emitted
             kind = b.get("type") if isinstance(b, dict) else None
             if kind == "tool_use":
                 calls.append({"id": b.get("id"), "name": b.get("name"), "arguments": _tool_input_text(b.get("input"))})
@@ -322,8 +353,9 @@ def _anthropic_messages(request: dict[str, Any]) -> list[dict[str, Any]]:
                 turn.append(msg)
                 blocks, calls = [], []
             if b is not None:
-                turn.append({"role": "tool", "content": message_text(b.get("content")),
-                             "tool_call_id": b.get("tool_use_id")})
+                turn.append(
+                    {"role": "tool", "content": message_text(b.get("content")), "tool_call_id": b.get("tool_use_id")}
+                )
         out.extend(turn or [{"role": role, "content": ""}])
     return out
 
@@ -486,9 +518,20 @@ def call_output(kind: str, response: Any) -> dict[str, Any] | None:
 PRUNED_REASON = "pruned (its session's bodies were dropped by trainwire prune)"
 
 
-def train_status(*, trainable: bool, route: str | None, kind: str, model: str | None, status_code: int,
-                 aborted: bool, prompt_tokens: int | None, completion_tokens: int | None,
-                 n_logprobs: int | None, untrainable_reason: str | None, pruned: bool = False) -> dict[str, Any]:
+def train_status(
+    *,
+    trainable: bool,
+    route: str | None,
+    kind: str,
+    model: str | None,
+    status_code: int,
+    aborted: bool,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    n_logprobs: int | None,
+    untrainable_reason: str | None,
+    pruned: bool = False,
+) -> dict[str, Any]:
     """`{"trainable": bool, "reason": str | None}`: whether the trainer will train on this call's tokens, and
     when it will not, why. `trainable` is the call's flag (false for evaluation, frozen and pass-through calls);
     a trainable call is still not trained on when it failed, has no token ids or logprobs (the trainer's
@@ -562,10 +605,13 @@ def _no_values_sqlite(element, compiler, **kw):
 # are not counted, they were never meant to be trained; nor are the missing token ids of a pruned session's
 # calls (they were recorded; prune dropped them). It reads the call's session row (`S`): a query over calls
 # joins or correlates `sessions`.
-_NO_TOKENS = or_(prompt_missing(_NoValues(C.c.prompt_token_ids)), _NoValues(C.c.completion_token_ids),
-                 _NoValues(C.c.logprobs))
-UNTRAINED = and_(C.c.trainable.is_(True), or_(
-    C.c.status_code != 200, and_(S.c.pruned_at.is_(None), _NO_TOKENS), C.c.untrainable_reason.is_not(None)))
+_NO_TOKENS = or_(
+    prompt_missing(_NoValues(C.c.prompt_token_ids)), _NoValues(C.c.completion_token_ids), _NoValues(C.c.logprobs)
+)
+UNTRAINED = and_(
+    C.c.trainable.is_(True),
+    or_(C.c.status_code != 200, and_(S.c.pruned_at.is_(None), _NO_TOKENS), C.c.untrainable_reason.is_not(None)),
+)
 # A failed call: its status code, which prune keeps, so a pruned session's failed calls still count.
 FAILED = C.c.status_code != 200
 
@@ -582,9 +628,20 @@ def _response_message(response: Any) -> dict[str, Any]:
 
 # --- sessions --------------------------------------------------------------------------------------------
 
-_SESSION_COLS = [S.c.id, S.c.task_id, S.c.status.label("raw_status"), STATUS.label("status"), S.c.n_calls,
-                 S.c.first_call_at, S.c.last_call_at, S.c.claimed_by, S.c.claimed_at, S.c.train_step,
-                 S.c.skip_reason, S.c.pruned_at]
+_SESSION_COLS = [
+    S.c.id,
+    S.c.task_id,
+    S.c.status.label("raw_status"),
+    STATUS.label("status"),
+    S.c.n_calls,
+    S.c.first_call_at,
+    S.c.last_call_at,
+    S.c.claimed_by,
+    S.c.claimed_at,
+    S.c.train_step,
+    S.c.skip_reason,
+    S.c.pruned_at,
+]
 
 # `has=` filters of the session list: sessions with at least one such call.
 HAS = {"failed": FAILED, "untrainable": UNTRAINED}
@@ -592,30 +649,49 @@ HAS = {"failed": FAILED, "untrainable": UNTRAINED}
 
 def _session_select():
     fr = R.alias("fr")
-    return select(*_SESSION_COLS, fr.c.id.label("fr_id"), fr.c.value.label("fr_value"),
-                  fr.c.source.label("fr_source"), fr.c.created_at.label("fr_created_at")
-                  ).select_from(S.outerjoin(fr, and_(fr.c.session_id == S.c.id, fr.c.final.is_(True))))
+    return select(
+        *_SESSION_COLS,
+        fr.c.id.label("fr_id"),
+        fr.c.value.label("fr_value"),
+        fr.c.source.label("fr_source"),
+        fr.c.created_at.label("fr_created_at"),
+    ).select_from(S.outerjoin(fr, and_(fr.c.session_id == S.c.id, fr.c.final.is_(True))))
 
 
 def _session_fields(m) -> dict[str, Any]:
     final = None
     if m["fr_id"] is not None:
-        final = FinalReward(id=m["fr_id"], value=m["fr_value"], source=m["fr_source"],
-                            created_at=m["fr_created_at"])
-    return {"id": m["id"], "task_id": m["task_id"], "status": m["status"], "n_calls": m["n_calls"],
-            "first_call_at": m["first_call_at"], "last_call_at": m["last_call_at"],
-            "finished_at": final.created_at if final else None, "final_reward": final.value if final else None,
-            "final": final, "claimed_by": m["claimed_by"], "claimed_at": m["claimed_at"],
-            "train_step": m["train_step"], "skip_reason": m["skip_reason"], "pruned_at": m["pruned_at"]}
+        final = FinalReward(id=m["fr_id"], value=m["fr_value"], source=m["fr_source"], created_at=m["fr_created_at"])
+    return {
+        "id": m["id"],
+        "task_id": m["task_id"],
+        "status": m["status"],
+        "n_calls": m["n_calls"],
+        "first_call_at": m["first_call_at"],
+        "last_call_at": m["last_call_at"],
+        "finished_at": final.created_at if final else None,
+        "final_reward": final.value if final else None,
+        "final": final,
+        "claimed_by": m["claimed_by"],
+        "claimed_at": m["claimed_at"],
+        "train_step": m["train_step"],
+        "skip_reason": m["skip_reason"],
+        "pruned_at": m["pruned_at"],
+    }
 
 
 async def _agents_of(conn, session_ids: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {sid: [] for sid in session_ids}
     if not session_ids:
         return out
-    rows = (await conn.execute(select(C.c.session_id, C.c.agent_name).where(
-        C.c.session_id.in_(session_ids), C.c.agent_name.is_not(None)).distinct()
-        .order_by(C.c.session_id, C.c.agent_name))).all()
+    rows = (
+        await conn.execute(
+            select(C.c.session_id, C.c.agent_name)
+            .where(C.c.session_id.in_(session_ids), C.c.agent_name.is_not(None))
+            .distinct()
+            .order_by(C.c.session_id, C.c.agent_name)
+        )
+    ).all()
     for sid, agent in rows:
         out[sid].append(agent)
     return out
@@ -630,18 +706,32 @@ async def _problems_of(conn, session_ids: list[str]) -> dict[str, tuple[int, int
     out = dict.fromkeys(session_ids, (0, 0))
     if not session_ids:
         return out
-    rows = (await conn.execute(select(C.c.session_id, _count_of(FAILED), _count_of(UNTRAINED))
-                               .select_from(C.join(S, S.c.id == C.c.session_id))
-                               .where(C.c.session_id.in_(session_ids)).group_by(C.c.session_id))).all()
+    rows = (
+        await conn.execute(
+            select(C.c.session_id, _count_of(FAILED), _count_of(UNTRAINED))
+            .select_from(C.join(S, S.c.id == C.c.session_id))
+            .where(C.c.session_id.in_(session_ids))
+            .group_by(C.c.session_id)
+        )
+    ).all()
     for sid, failed, untrained in rows:
         out[sid] = (int(failed), int(untrained))
     return out
 
 
-async def list_sessions(engine: AsyncEngine, *, status: str | None = None, task: str | None = None,
-                        agent: str | None = None, since: datetime | None = None, until: datetime | None = None,
-                        has: Sequence[str] = (), limit: int = 50, cursor: str | None = None,
-                        offset: int | None = None) -> Page[SessionSummary]:
+async def list_sessions(
+    engine: AsyncEngine,
+    *,
+    status: str | None = None,
+    task: str | None = None,
+    agent: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    has: Sequence[str] = (),
+    limit: int = 50,
+    cursor: str | None = None,
+    offset: int | None = None,
+) -> Page[SessionSummary]:
     """Sessions active in [since, until), newest (by first call) first; `has` keeps the sessions with at least
     one call of each kind named (`HAS`: failed, untrainable). Raises `BadQuery` for a bad cursor, an unknown
     `has` or a filter value no stored value can hold."""
@@ -671,57 +761,125 @@ async def list_sessions(engine: AsyncEngine, *, status: str | None = None, task:
         ids = [r["id"] for r in rows]
         agents = await _agents_of(conn, ids)
         problems = await _problems_of(conn, ids)
-    data = [SessionSummary(**_session_fields(r), agents=agents[r["id"]], n_failed=problems[r["id"]][0],
-                           n_untrainable=problems[r["id"]][1]) for r in rows]
+    data = [
+        SessionSummary(
+            **_session_fields(r),
+            agents=agents[r["id"]],
+            n_failed=problems[r["id"]][0],
+            n_untrainable=problems[r["id"]][1],
+        )
+        for r in rows
+    ]
     nxt = encode_cursor(aware(rows[-1]["first_call_at"]), rows[-1]["id"]) if more and rows else None
     return Page[SessionSummary].of(data, nxt)
 
 
 # --- calls -----------------------------------------------------------------------------------------------
 
-_CALL_COLS = [C.c.id, C.c.session_id, C.c.seq, C.c.task_id, C.c.agent_name, C.c.trainable, C.c.kind, C.c.path,
-              C.c.stream, C.c.model_requested, C.c.model_served, C.c.route, C.c.upstream, C.c.policy_version,
-              C.c.finish_reason, C.c.usage, C.c.status_code, C.c.error, C.c.aborted, C.c.started_at,
-              C.c.finished_at, C.c.upstream_ms, C.c.ttft_ms, C.c.overhead_ms, C.c.request, C.c.response,
-              C.c.sampling, C.c.untrainable_reason, *DELTA_COLS,
-              select(S.c.pruned_at).where(S.c.id == C.c.session_id).scalar_subquery().label("session_pruned_at"),
-              prompt_tokens(_TokenCount(C.c.prompt_token_ids)).label("n_prompt_tokens"),
-              _TokenCount(C.c.completion_token_ids).label("n_completion_tokens"),
-              _TokenCount(C.c.logprobs).label("n_logprobs")]
+_CALL_COLS = [
+    C.c.id,
+    C.c.session_id,
+    C.c.seq,
+    C.c.task_id,
+    C.c.agent_name,
+    C.c.trainable,
+    C.c.kind,
+    C.c.path,
+    C.c.stream,
+    C.c.model_requested,
+    C.c.model_served,
+    C.c.route,
+    C.c.upstream,
+    C.c.policy_version,
+    C.c.finish_reason,
+    C.c.usage,
+    C.c.status_code,
+    C.c.error,
+    C.c.aborted,
+    C.c.started_at,
+    C.c.finished_at,
+    C.c.upstream_ms,
+    C.c.ttft_ms,
+    C.c.overhead_ms,
+    C.c.request,
+    C.c.response,
+    C.c.sampling,
+    C.c.untrainable_reason,
+    *DELTA_COLS,
+    select(S.c.pruned_at).where(S.c.id == C.c.session_id).scalar_subquery().label("session_pruned_at"),
+    prompt_tokens(_TokenCount(C.c.prompt_token_ids)).label("n_prompt_tokens"),
+    _TokenCount(C.c.completion_token_ids).label("n_completion_tokens"),
+    _TokenCount(C.c.logprobs).label("n_logprobs"),
+]
 _TOKEN_COLS = [C.c.prompt_token_ids, C.c.completion_token_ids, C.c.logprobs]
 
 
 def _call_fields(m, rewards: list[RewardOut]) -> dict[str, Any]:
-    train = train_status(trainable=bool(m["trainable"]), route=m["route"], kind=m["kind"],
-                         model=m["model_requested"] or m["model_served"], status_code=m["status_code"],
-                         aborted=bool(m["aborted"]), prompt_tokens=m["n_prompt_tokens"],
-                         completion_tokens=m["n_completion_tokens"], n_logprobs=m["n_logprobs"],
-                         untrainable_reason=m["untrainable_reason"], pruned=m["session_pruned_at"] is not None)
-    return {"id": m["id"], "session_id": m["session_id"], "seq": m["seq"], "task_id": m["task_id"],
-            "agent_name": m["agent_name"], "trainable": bool(m["trainable"]), "kind": m["kind"], "path": m["path"],
-            "stream": bool(m["stream"]), "model_requested": m["model_requested"],
-            "model_served": m["model_served"], "route": m["route"], "policy_version": m["policy_version"],
-            "status_code": m["status_code"], "error": m["error"], "aborted": bool(m["aborted"]),
-            "finish_reason": m["finish_reason"], "usage": m["usage"], "started_at": m["started_at"],
-            "finished_at": m["finished_at"], "upstream_ms": m["upstream_ms"], "ttft_ms": m["ttft_ms"],
-            "overhead_ms": m["overhead_ms"], "input": call_input(m["kind"], m["request"]),
-            "output": call_output(m["kind"], m["response"]), "rewards": rewards,
-            "api": call_api(m["kind"], m["route"]), "prompt_tokens": m["n_prompt_tokens"],
-            "completion_tokens": m["n_completion_tokens"], "tools": tool_names(m["request"]),
-            "input_messages": input_messages(m["kind"], m["request"]), "sampling": m["sampling"], "train": train}
+    train = train_status(
+        trainable=bool(m["trainable"]),
+        route=m["route"],
+        kind=m["kind"],
+        model=m["model_requested"] or m["model_served"],
+        status_code=m["status_code"],
+        aborted=bool(m["aborted"]),
+        prompt_tokens=m["n_prompt_tokens"],
+        completion_tokens=m["n_completion_tokens"],
+        n_logprobs=m["n_logprobs"],
+        untrainable_reason=m["untrainable_reason"],
+        pruned=m["session_pruned_at"] is not None,
+    )
+    return {
+        "id": m["id"],
+        "session_id": m["session_id"],
+        "seq": m["seq"],
+        "task_id": m["task_id"],
+        "agent_name": m["agent_name"],
+        "trainable": bool(m["trainable"]),
+        "kind": m["kind"],
+        "path": m["path"],
+        "stream": bool(m["stream"]),
+        "model_requested": m["model_requested"],
+        "model_served": m["model_served"],
+        "route": m["route"],
+        "policy_version": m["policy_version"],
+        "status_code": m["status_code"],
+        "error": m["error"],
+        "aborted": bool(m["aborted"]),
+        "finish_reason": m["finish_reason"],
+        "usage": m["usage"],
+        "started_at": m["started_at"],
+        "finished_at": m["finished_at"],
+        "upstream_ms": m["upstream_ms"],
+        "ttft_ms": m["ttft_ms"],
+        "overhead_ms": m["overhead_ms"],
+        "input": call_input(m["kind"], m["request"]),
+        "output": call_output(m["kind"], m["response"]),
+        "rewards": rewards,
+        "api": call_api(m["kind"], m["route"]),
+        "prompt_tokens": m["n_prompt_tokens"],
+        "completion_tokens": m["n_completion_tokens"],
+        "tools": tool_names(m["request"]),
+        "input_messages": input_messages(m["kind"], m["request"]),
+        "sampling": m["sampling"],
+        "train": train,
+    }
 
 
 def _token_fields(m) -> dict[str, Any]:
-    return {"prompt_token_ids": m["prompt_token_ids"], "completion_token_ids": m["completion_token_ids"],
-            "logprobs": m["logprobs"]}
+    return {
+        "prompt_token_ids": m["prompt_token_ids"],
+        "completion_token_ids": m["completion_token_ids"],
+        "logprobs": m["logprobs"],
+    }
 
 
 async def _rewards_where(conn, cond) -> list[RewardOut]:
     return [RewardOut(**reward_dict(r)) for r in (await conn.execute(select(R).where(cond).order_by(R.c.id))).all()]
 
 
-async def get_session(engine: AsyncEngine, session_id: str, *,
-                      tokens: bool = False) -> SessionDetail | OrphanedSession | None:
+async def get_session(
+    engine: AsyncEngine, session_id: str, *, tokens: bool = False
+) -> SessionDetail | OrphanedSession | None:
     """One session with its calls in order, each with its rewards and text; None if nothing is known (an id
     no stored one can equal, with NUL or a lone surrogate, included). A session with rewards but no calls
     comes back as an `OrphanedSession`."""
@@ -735,23 +893,37 @@ async def get_session(engine: AsyncEngine, session_id: str, *,
             if not rewards:
                 return None
             final = next((r for r in rewards if r.final), None)
-            return OrphanedSession(id=session_id, finished_at=final.created_at if final else None,
-                                   final_reward=final.value if final else None, final=final, rewards=rewards)
-        loaded = [c._mapping for c in (await conn.execute(select(*cols).where(C.c.session_id == session_id)
-                                                          .order_by(C.c.started_at, C.c.seq))).all()]
+            return OrphanedSession(
+                id=session_id,
+                finished_at=final.created_at if final else None,
+                final_reward=final.value if final else None,
+                final=final,
+                rewards=rewards,
+            )
+        loaded = [
+            c._mapping
+            for c in (
+                await conn.execute(select(*cols).where(C.c.session_id == session_id).order_by(C.c.started_at, C.c.seq))
+            ).all()
+        ]
         calls = await full_rows(conn, loaded, tokens=tokens)
     by_call: dict[str, list[RewardOut]] = {}
     for r in rewards:
         if r.call_id:
             by_call.setdefault(r.call_id, []).append(r)
-    summaries = [CallSummary(**_call_fields(c, by_call.get(c["id"], [])), **(_token_fields(c) if tokens else {}))
-                 for c in calls]
+    summaries = [
+        CallSummary(**_call_fields(c, by_call.get(c["id"], [])), **(_token_fields(c) if tokens else {})) for c in calls
+    ]
     return SessionDetail(
-        **_session_fields(srow._mapping), agents=sorted({c["agent_name"] for c in calls if c["agent_name"]}),
+        **_session_fields(srow._mapping),
+        agents=sorted({c["agent_name"] for c in calls if c["agent_name"]}),
         n_failed=sum(1 for c in summaries if c.status_code != 200),
-        n_untrainable=sum(1 for c in summaries
-                          if c.trainable and not c.train.trainable and c.train.reason != PRUNED_REASON),
-        calls=summaries, rewards=rewards)
+        n_untrainable=sum(
+            1 for c in summaries if c.trainable and not c.train.trainable and c.train.reason != PRUNED_REASON
+        ),
+        calls=summaries,
+        rewards=rewards,
+    )
 
 
 async def get_call(engine: AsyncEngine, call_id: str, *, tokens: bool = False) -> CallDetail | None:
@@ -767,9 +939,14 @@ async def get_call(engine: AsyncEngine, call_id: str, *, tokens: bool = False) -
         rewards = await _rewards_where(conn, R.c.call_id == call_id)
         final = (await conn.execute(select(R).where(R.c.session_id == row.session_id, R.c.final.is_(True)))).first()
         (m,) = await full_rows(conn, [row._mapping], tokens=tokens)
-    return CallDetail(**_call_fields(m, rewards), upstream=m["upstream"], request=m["request"],
-                      response=m["response"], **(_token_fields(m) if tokens else {}),
-                      session_final=RewardOut(**reward_dict(final)) if final is not None else None)
+    return CallDetail(
+        **_call_fields(m, rewards),
+        upstream=m["upstream"],
+        request=m["request"],
+        response=m["response"],
+        **(_token_fields(m) if tokens else {}),
+        session_final=RewardOut(**reward_dict(final)) if final is not None else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -794,36 +971,66 @@ def _n_messages(request: Any, kind: str | None = None, prefix: int | None = None
     return len(messages) + (prefix or 0 if list_key(kind) == "messages" else 0)
 
 
-async def find_tool_call_producers(engine: AsyncEngine, *, session_id: str, exclude_call_id: str,
-                                   started_before: datetime, tool_call_id: str,
-                                   limit: int = 50) -> list[ProducerCandidate]:
+async def find_tool_call_producers(
+    engine: AsyncEngine,
+    *,
+    session_id: str,
+    exclude_call_id: str,
+    started_before: datetime,
+    tool_call_id: str,
+    limit: int = 50,
+) -> list[ProducerCandidate]:
     """Calls of `session_id` (other than `exclude_call_id`, started at or before `started_before`) whose
     response (choice 0) made tool call `tool_call_id`, newest first (by start time, then seq). At most `limit`
     calls whose stored response text contains the id are looked at."""
-    q = (select(C.c.id, C.c.request, C.c.response, C.c.kind, C.c.messages_prefix_len)
-         .where(C.c.session_id == session_id, C.c.id != exclude_call_id, C.c.started_at <= started_before,
-                # Cheap prefilter in the database (jsonb as text on Postgres, the JSON text on SQLite); the
-                # response is then parsed to keep only calls that really made this tool call.
-                cast(C.c.response, Text).contains(tool_call_id, autoescape=True))
-         .order_by(C.c.started_at.desc(), C.c.seq.desc()).limit(limit))
+    q = (
+        select(C.c.id, C.c.request, C.c.response, C.c.kind, C.c.messages_prefix_len)
+        .where(
+            C.c.session_id == session_id,
+            C.c.id != exclude_call_id,
+            C.c.started_at <= started_before,
+            # Cheap prefilter in the database (jsonb as text on Postgres, the JSON text on SQLite); the
+            # response is then parsed to keep only calls that really made this tool call.
+            cast(C.c.response, Text).contains(tool_call_id, autoescape=True),
+        )
+        .order_by(C.c.started_at.desc(), C.c.seq.desc())
+        .limit(limit)
+    )
     async with engine.connect() as conn:
         rows = (await conn.execute(q)).all()
     out = []
     for row in rows:
-        ids = tuple(tc["id"] for tc in _response_message(row.response).get("tool_calls") or []
-                    if isinstance(tc, dict) and isinstance(tc.get("id"), str))
+        ids = tuple(
+            tc["id"]
+            for tc in _response_message(row.response).get("tool_calls") or []
+            if isinstance(tc, dict) and isinstance(tc.get("id"), str)
+        )
         if tool_call_id not in ids:
             continue
-        out.append(ProducerCandidate(call_id=row.id, tool_call_ids=ids,
-                                     n_messages=_n_messages(row.request, row.kind, row.messages_prefix_len)))
+        out.append(
+            ProducerCandidate(
+                call_id=row.id,
+                tool_call_ids=ids,
+                n_messages=_n_messages(row.request, row.kind, row.messages_prefix_len),
+            )
+        )
     return out
 
 
 # --- rewards ---------------------------------------------------------------------------------------------
 
-async def list_rewards(engine: AsyncEngine, *, session_id: str | None = None, source: str | None = None,
-                       final: bool | None = None, orphaned: bool | None = None, limit: int = 50,
-                       cursor: str | None = None, offset: int | None = None) -> Page[RewardListItem]:
+
+async def list_rewards(
+    engine: AsyncEngine,
+    *,
+    session_id: str | None = None,
+    source: str | None = None,
+    final: bool | None = None,
+    orphaned: bool | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+    offset: int | None = None,
+) -> Page[RewardListItem]:
     """Rewards, newest (highest id) first. Raises `BadQuery` for a bad cursor or a filter value no stored value
     can hold."""
     q = select(R, ORPHANED.label("orphaned"))
@@ -848,32 +1055,60 @@ async def list_rewards(engine: AsyncEngine, *, session_id: str | None = None, so
 
 # --- stats -----------------------------------------------------------------------------------------------
 
+
 async def stats(engine: AsyncEngine) -> Stats:
     """Counts of sessions by status, calls (trainable, failed, trainable but not to be trained, by API), rewards
     by source, orphaned rewards, final reward by version."""
     async with engine.connect() as conn:
         by_status: dict[str, int] = dict((await conn.execute(select(STATUS, func.count()).group_by(STATUS))).all())
-        kinds = (await conn.execute(select(
-            C.c.kind, C.c.route, func.count(), _count_of(C.c.trainable.is_(True)), _count_of(FAILED),
-            _count_of(UNTRAINED)).select_from(C.outerjoin(S, S.c.id == C.c.session_id))
-            .group_by(C.c.kind, C.c.route))).all()
-        by_source = (await conn.execute(select(
-            R.c.source, R.c.final, func.count(), func.avg(R.c.value), func.count(R.c.value))
-            .group_by(R.c.source, R.c.final).order_by(R.c.source, R.c.final))).all()
-        n_orphaned, n_orphaned_sessions = (await conn.execute(select(
-            func.count(), func.count(R.c.session_id.distinct())).where(ORPHANED))).one()
+        kinds = (
+            await conn.execute(
+                select(
+                    C.c.kind,
+                    C.c.route,
+                    func.count(),
+                    _count_of(C.c.trainable.is_(True)),
+                    _count_of(FAILED),
+                    _count_of(UNTRAINED),
+                )
+                .select_from(C.outerjoin(S, S.c.id == C.c.session_id))
+                .group_by(C.c.kind, C.c.route)
+            )
+        ).all()
+        by_source = (
+            await conn.execute(
+                select(R.c.source, R.c.final, func.count(), func.avg(R.c.value), func.count(R.c.value))
+                .group_by(R.c.source, R.c.final)
+                .order_by(R.c.source, R.c.final)
+            )
+        ).all()
+        n_orphaned, n_orphaned_sessions = (
+            await conn.execute(select(func.count(), func.count(R.c.session_id.distinct())).where(ORPHANED))
+        ).one()
         # A session's policy version is the newest one that served any of its calls.
-        version = (select(func.max(C.c.policy_version)).where(C.c.session_id == R.c.session_id)
-                   .scalar_subquery().label("policy_version"))
+        version = (
+            select(func.max(C.c.policy_version))
+            .where(C.c.session_id == R.c.session_id)
+            .scalar_subquery()
+            .label("policy_version")
+        )
         finals = (select(version, R.c.value).where(R.c.final.is_(True), ~ORPHANED)).subquery()
-        by_version = (await conn.execute(select(
-            finals.c.policy_version, func.count(), func.count(finals.c.value), func.avg(finals.c.value))
-            .group_by(finals.c.policy_version).order_by(finals.c.policy_version))).all()
+        by_version = (
+            await conn.execute(
+                select(finals.c.policy_version, func.count(), func.count(finals.c.value), func.avg(finals.c.value))
+                .group_by(finals.c.policy_version)
+                .order_by(finals.c.policy_version)
+            )
+        ).all()
     n_calls = n_trainable = n_failed = n_untrained = 0
     by_api: dict[str, int] = {}
     for kind, route, n, trainable, failed, untrained in kinds:
-        n_calls, n_trainable, n_failed, n_untrained = (n_calls + n, n_trainable + int(trainable),
-                                                       n_failed + int(failed), n_untrained + int(untrained))
+        n_calls, n_trainable, n_failed, n_untrained = (
+            n_calls + n,
+            n_trainable + int(trainable),
+            n_failed + int(failed),
+            n_untrained + int(untrained),
+        )
         api = call_api(kind, route)
         by_api[api] = by_api.get(api, 0) + int(n)
     sessions = {k: int(by_status.get(k, 0)) for k in ("open", "finished", "claimed", "trained", "skipped")}
@@ -887,23 +1122,41 @@ async def stats(engine: AsyncEngine) -> Stats:
         totals[kind] += n
         if final:
             totals["finished_without_reward"] += n - n_valued
-        entry = sources.setdefault(source, {"final": 0, "intermediate": 0, "mean_final": None,
-                                            "mean_intermediate": None})
+        entry = sources.setdefault(
+            source, {"final": 0, "intermediate": 0, "mean_final": None, "mean_intermediate": None}
+        )
         entry[kind] = int(n)
         entry[f"mean_{kind}"] = float(mean) if mean is not None else None
     return Stats(
-        sessions=sessions, calls=CallCounts(total=int(n_calls), trainable=n_trainable, failed=n_failed,
-                                         untrainable=n_untrained, by_api=dict(sorted(by_api.items()))),
-        rewards=RewardCounts(**{k: int(v) for k, v in totals.items()}, orphaned=int(n_orphaned),
-                             orphaned_sessions=int(n_orphaned_sessions),
-                             by_source={k: SourceRewards(**v) for k, v in sources.items()}),
+        sessions=sessions,
+        calls=CallCounts(
+            total=int(n_calls),
+            trainable=n_trainable,
+            failed=n_failed,
+            untrainable=n_untrained,
+            by_api=dict(sorted(by_api.items())),
+        ),
+        rewards=RewardCounts(
+            **{k: int(v) for k, v in totals.items()},
+            orphaned=int(n_orphaned),
+            orphaned_sessions=int(n_orphaned_sessions),
+            by_source={k: SourceRewards(**v) for k, v in sources.items()},
+        ),
         orphaned_rewards=int(n_orphaned),
         reward_by_policy_version=[
-            VersionRewards(policy_version=v, sessions=int(n), rewarded=int(n_valued),
-                           mean=float(mean) if mean is not None else None) for v, n, n_valued, mean in by_version])
+            VersionRewards(
+                policy_version=v,
+                sessions=int(n),
+                rewarded=int(n_valued),
+                mean=float(mean) if mean is not None else None,
+            )
+            for v, n, n_valued, mean in by_version
+        ],
+    )
 
 
 # --- what the trainer did --------------------------------------------------------------------------------
+
 
 async def _int_keyset_page(conn, table, key, limit: int, cursor: str | None, offset: int | None):
     """Rows of `table` by `key` descending (a unique Integer column): keyset after `cursor`, or `offset`;
@@ -916,19 +1169,29 @@ async def _int_keyset_page(conn, table, key, limit: int, cursor: str | None, off
     return rows[:limit], len(rows) > limit
 
 
-async def list_train_steps(engine: AsyncEngine, *, limit: int = 50, cursor: str | None = None,
-                           offset: int | None = None) -> Page[TrainStepRow]:
+async def list_train_steps(
+    engine: AsyncEngine, *, limit: int = 50, cursor: str | None = None, offset: int | None = None
+) -> Page[TrainStepRow]:
     """The trainer's optimizer steps with their metrics, newest first. Raises `BadQuery` for a bad cursor."""
     async with engine.connect() as conn:
         rows, more = await _int_keyset_page(conn, T, T.c.step, limit, cursor, offset)
-    data = [TrainStepRow(step=m["step"], policy_version=m["policy_version"], n_sessions=m["n_sessions"],
-                         n_samples=m["n_samples"], metrics=m["metrics"] or {}, created_at=m["created_at"])
-            for m in rows]
+    data = [
+        TrainStepRow(
+            step=m["step"],
+            policy_version=m["policy_version"],
+            n_sessions=m["n_sessions"],
+            n_samples=m["n_samples"],
+            metrics=m["metrics"] or {},
+            created_at=m["created_at"],
+        )
+        for m in rows
+    ]
     return Page[TrainStepRow].of(data, encode_cursor(rows[-1]["step"]) if more and rows else None)
 
 
-async def list_policy_versions(engine: AsyncEngine, *, limit: int = 50, cursor: str | None = None,
-                               offset: int | None = None) -> Page[PolicyVersionRow]:
+async def list_policy_versions(
+    engine: AsyncEngine, *, limit: int = 50, cursor: str | None = None, offset: int | None = None
+) -> Page[PolicyVersionRow]:
     """Published weights, newest first, each with the upstreams that serve it now (sorted). Raises
     `BadQuery` for a bad cursor."""
     async with engine.connect() as conn:
@@ -937,7 +1200,17 @@ async def list_policy_versions(engine: AsyncEngine, *, limit: int = 50, cursor: 
     by_version: dict[int, list[str]] = {}
     for upstream, version in serving:
         by_version.setdefault(version, []).append(upstream)
-    data = [PolicyVersionRow(version=m["version"], kind=m["kind"], served_model=m["served_model"], path=m["path"],
-                             train_step=m["train_step"], status=m["status"], created_at=m["created_at"],
-                             serving_upstreams=by_version.get(m["version"], [])) for m in rows]
+    data = [
+        PolicyVersionRow(
+            version=m["version"],
+            kind=m["kind"],
+            served_model=m["served_model"],
+            path=m["path"],
+            train_step=m["train_step"],
+            status=m["status"],
+            created_at=m["created_at"],
+            serving_upstreams=by_version.get(m["version"], []),
+        )
+        for m in rows
+    ]
     return Page[PolicyVersionRow].of(data, encode_cursor(rows[-1]["version"]) if more and rows else None)

@@ -67,6 +67,7 @@ class Page(Record, Generic[T]):
 
 # --- rewards ---------------------------------------------------------------------------------------------
 
+
 class RewardOut(Record):
     """A stored reward, as the API shows it."""
 
@@ -98,6 +99,7 @@ class FinalReward(Record):
 
 
 # --- calls -----------------------------------------------------------------------------------------------
+
 
 class CallInput(Record):
     """What a call answered: the last user or tool message of a chat request, or a completion's prompt."""
@@ -176,12 +178,12 @@ class _CallBase(Record):
     input: CallInput | None
     output: CallOutput | None
     rewards: list[RewardOut]
-    api: str                                # chat | completions | responses | messages | passthrough
-    prompt_tokens: int | None               # how many token ids were recorded (null: none)
+    api: str  # chat | completions | responses | messages | passthrough
+    prompt_tokens: int | None  # how many token ids were recorded (null: none)
     completion_tokens: int | None
-    tools: list[str]                        # names of the tools the request offered
-    input_messages: list[InputMessage]      # the whole input, system prompt first
-    sampling: Any                           # {"requested", "effective", "enforced"?} or null
+    tools: list[str]  # names of the tools the request offered
+    input_messages: list[InputMessage]  # the whole input, system prompt first
+    sampling: Any  # {"requested", "effective", "enforced"?} or null
     train: TrainStatus
 
 
@@ -209,6 +211,7 @@ class CallDetail(_CallBase):
 
 # --- sessions --------------------------------------------------------------------------------------------
 
+
 class SessionSummary(Record):
     """A session in `GET /sessions`. `status` is derived: the trainer's claimed / trained / skipped, else
     finished (a final reward row exists), else open."""
@@ -228,9 +231,9 @@ class SessionSummary(Record):
     train_step: int | None
     skip_reason: str | None
     agents: list[str]
-    n_failed: int           # calls whose status is not 200 (a pruned session's too: status codes are kept)
-    n_untrainable: int      # trainable calls that will not be trained on (failed, no tokens, stored reason; not
-                            # the token ids a pruned session lost)
+    n_failed: int  # calls whose status is not 200 (a pruned session's too: status codes are kept)
+    n_untrainable: int  # trainable calls that will not be trained on (failed, no tokens, stored reason; not
+    # the token ids a pruned session lost)
     # When `trainwire prune` dropped the bodies of its calls (store/retention.py), whose input, output and token
     # ids then read as null; null: never.
     pruned_at: UtcDatetime | None = None
@@ -262,6 +265,7 @@ class OrphanedSession(Record):
 
 
 # --- stats -----------------------------------------------------------------------------------------------
+
 
 class CallCounts(Record):
     """Calls recorded: `trainable` (not evaluation, frozen or pass-through), `failed` (status not 200),
@@ -310,6 +314,7 @@ class Stats(Record):
 
 
 # --- trainer ---------------------------------------------------------------------------------------------
+
 
 class TrainStepRow(Record):
     """One optimizer step of the trainer."""

@@ -48,8 +48,16 @@ C: Table = Call.__table__  # type: ignore[assignment]
 S: Table = Session.__table__  # type: ignore[assignment]
 
 PRUNABLE = ("trained", "skipped")
-BODY_COLUMNS = ("request", "response", "prompt_token_ids", "completion_token_ids", "logprobs", "base_call_id",
-                "prompt_prefix_len", "messages_prefix_len")
+BODY_COLUMNS = (
+    "request",
+    "response",
+    "prompt_token_ids",
+    "completion_token_ids",
+    "logprobs",
+    "base_call_id",
+    "prompt_prefix_len",
+    "messages_prefix_len",
+)
 _LOCK_ID = 0x7472_7072_756E  # "trprun"
 # The smallest --older-than-days (PruneSettings enforces it too). A proxy's writer stores a call as a delta only
 # of a call of its session that started less than store/writer.MAX_BASE_AGE_S (an hour) ago; a session prune
@@ -59,15 +67,15 @@ MIN_OLDER_THAN_DAYS = 1.0
 
 @dataclass(slots=True)
 class PruneReport:
-    total: int = 0          # sessions to prune when the run started
-    sessions: int = 0       # sessions pruned (dry run: that would be)
-    calls: int = 0          # their calls
-    archived: int = 0       # calls written to archive files
+    total: int = 0  # sessions to prune when the run started
+    sessions: int = 0  # sessions pruned (dry run: that would be)
+    calls: int = 0  # their calls
+    archived: int = 0  # calls written to archive files
     files: list[Path] | None = None
-    deferred: int = 0       # sessions left to the next run (a call recorded while their batch was archived)
+    deferred: int = 0  # sessions left to the next run (a call recorded while their batch was archived)
     interrupted: bool = False
     dry_run: bool = False
-    table_bytes_before: int | None = None   # Postgres: pg_total_relation_size('calls')
+    table_bytes_before: int | None = None  # Postgres: pg_total_relation_size('calls')
     table_bytes_after: int | None = None
 
 
@@ -119,21 +127,32 @@ async def _archive(engine: AsyncEngine, session_ids: list[str], path: Path) -> d
     return written
 
 
-async def prune(engine: AsyncEngine, *, older_than_days: float, archive_dir: Path | None = None,
-                batch_sessions: int = 50, dry_run: bool = False, now: datetime | None = None,
-                say: Callable[[str], None] = print, should_stop: Callable[[], bool] = lambda: False) -> PruneReport:
+async def prune(
+    engine: AsyncEngine,
+    *,
+    older_than_days: float,
+    archive_dir: Path | None = None,
+    batch_sessions: int = 50,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    say: Callable[[str], None] = print,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> PruneReport:
     if not older_than_days >= MIN_OLDER_THAN_DAYS:
         raise ValueError(f"older_than_days must be at least {MIN_OLDER_THAN_DAYS:g}; got {older_than_days!r}")
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(days=older_than_days)
     report = PruneReport(dry_run=dry_run, files=[])
     async with engine.connect() as conn:
-        report.total = int((await conn.execute(select(func.count()).select_from(S).where(
-            _due(cutoff, None)))).scalar() or 0)
+        report.total = int(
+            (await conn.execute(select(func.count()).select_from(S).where(_due(cutoff, None)))).scalar() or 0
+        )
     report.table_bytes_before = await _table_bytes(engine)
     where = f", archived to {archive_dir}" if archive_dir else ""
-    say(f"{report.total} trained or skipped sessions with no call since {cutoff.isoformat()}{where}"
-        f"{' (dry run: nothing is written)' if dry_run else ''}")
+    say(
+        f"{report.total} trained or skipped sessions with no call since {cutoff.isoformat()}{where}"
+        f"{' (dry run: nothing is written)' if dry_run else ''}"
+    )
     if archive_dir is not None and not dry_run:
         archive_dir.mkdir(parents=True, exist_ok=True)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
@@ -145,15 +164,24 @@ async def prune(engine: AsyncEngine, *, older_than_days: float, archive_dir: Pat
                 report.interrupted = True
                 break
             async with engine.connect() as conn:
-                ids = list((await conn.execute(select(S.c.id).where(_due(cutoff, after)).order_by(S.c.id)
-                                               .limit(batch_sessions))).scalars())
+                ids = list(
+                    (
+                        await conn.execute(
+                            select(S.c.id).where(_due(cutoff, after)).order_by(S.c.id).limit(batch_sessions)
+                        )
+                    ).scalars()
+                )
             if not ids:
                 break
             after = ids[-1]
             if dry_run:
                 async with engine.connect() as conn:
-                    report.calls += int((await conn.execute(select(func.count()).select_from(C).where(
-                        C.c.session_id.in_(ids)))).scalar() or 0)
+                    report.calls += int(
+                        (
+                            await conn.execute(select(func.count()).select_from(C).where(C.c.session_id.in_(ids)))
+                        ).scalar()
+                        or 0
+                    )
                 report.sessions += len(ids)
                 continue
             archived: dict[str, set[str]] | None = None
@@ -169,15 +197,18 @@ async def prune(engine: AsyncEngine, *, older_than_days: float, archive_dir: Pat
                     lock = lock.with_for_update()
                 still = set((await conn.execute(lock)).scalars())
                 calls: dict[str, set[str]] = {}
-                for sid, cid in (await conn.execute(select(C.c.session_id, C.c.id).where(
-                        C.c.session_id.in_(list(still))))).all():
+                for sid, cid in (
+                    await conn.execute(select(C.c.session_id, C.c.id).where(C.c.session_id.in_(list(still))))
+                ).all():
                     calls.setdefault(sid, set()).add(cid)
-                ok = sorted(sid for sid in still
-                            if archived is None or calls.get(sid, set()) <= archived.get(sid, set()))
+                ok = sorted(
+                    sid for sid in still if archived is None or calls.get(sid, set()) <= archived.get(sid, set())
+                )
                 report.deferred += len(still) - len(ok)
                 if ok:
-                    await conn.execute(update(C).where(C.c.session_id.in_(ok))
-                                       .values({c: null() for c in BODY_COLUMNS}))
+                    await conn.execute(
+                        update(C).where(C.c.session_id.in_(ok)).values({c: null() for c in BODY_COLUMNS})
+                    )
                     await conn.execute(update(S).where(S.c.id.in_(ok)).values(pruned_at=now))
             report.sessions += len(ok)
             report.calls += sum(len(calls.get(sid, ())) for sid in ok)
@@ -201,6 +232,8 @@ def _progress(r: PruneReport, elapsed: float) -> str:
         out += f", {r.deferred} left to the next run: calls recorded while they were archived"
     out += f", {elapsed:.1f}s)"
     if r.table_bytes_after is not None and r.table_bytes_before is not None:
-        out += (f"; calls table {r.table_bytes_before:,} -> {r.table_bytes_after:,} bytes (the space dropped "
-                "bodies held is reused once autovacuum has run)")
+        out += (
+            f"; calls table {r.table_bytes_before:,} -> {r.table_bytes_after:,} bytes (the space dropped "
+            "bodies held is reused once autovacuum has run)"
+        )
     return out

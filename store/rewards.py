@@ -56,9 +56,14 @@ class NewReward:
     def same_as(self, row) -> bool:
         """Does a stored reward record exactly this request (for idempotent replays)?"""
         m = row._mapping
-        return (m["session_id"] == self.session_id and m["call_id"] == self.call_id
-                and bool(m["final"]) == self.final and _same_value(m["value"], self.value)
-                and m["source"] == self.source and (m["metadata"] or None) == (self.metadata or None))
+        return (
+            m["session_id"] == self.session_id
+            and m["call_id"] == self.call_id
+            and bool(m["final"]) == self.final
+            and _same_value(m["value"], self.value)
+            and m["source"] == self.source
+            and (m["metadata"] or None) == (self.metadata or None)
+        )
 
 
 @dataclass(slots=True)
@@ -83,10 +88,18 @@ def aware(dt: datetime | None) -> datetime | None:
 
 def reward_dict(row) -> dict[str, Any]:
     m = row._mapping if hasattr(row, "_mapping") else row
-    return {"object": "reward", "id": m["id"], "session_id": m["session_id"], "call_id": m["call_id"],
-            "final": bool(m["final"]), "value": None if m["value"] is None else float(m["value"]),
-            "source": m["source"],
-            "idempotency_key": m["idempotency_key"], "metadata": m["metadata"], "created_at": aware(m["created_at"])}
+    return {
+        "object": "reward",
+        "id": m["id"],
+        "session_id": m["session_id"],
+        "call_id": m["call_id"],
+        "final": bool(m["final"]),
+        "value": None if m["value"] is None else float(m["value"]),
+        "source": m["source"],
+        "idempotency_key": m["idempotency_key"],
+        "metadata": m["metadata"],
+        "created_at": aware(m["created_at"]),
+    }
 
 
 async def call_session(engine: AsyncEngine, call_id: str) -> str | None:
@@ -106,20 +119,27 @@ async def by_key(conn, key: str):
 def _replay(row, new: NewReward, orphaned: bool) -> Stored:
     if not new.same_as(row):
         raise RewardError(
-            422, f"idempotency key {new.idempotency_key!r} was already used for a different reward "
-                 f"(#{row.id}: session {row.session_id!r}, call {row.call_id!r}, value {row.value!r}, "
-                 f"final {bool(row.final)}, source {row.source!r}); send a new key for a new reward",
-            code="idempotency_key_reused", param="idempotency_key")
+            422,
+            f"idempotency key {new.idempotency_key!r} was already used for a different reward "
+            f"(#{row.id}: session {row.session_id!r}, call {row.call_id!r}, value {row.value!r}, "
+            f"final {bool(row.final)}, source {row.source!r}); send a new key for a new reward",
+            code="idempotency_key_reused",
+            param="idempotency_key",
+        )
     return Stored(reward_dict(row), duplicate=True, orphaned=orphaned)
 
 
 def _closed(session_id: str, row) -> RewardError:
     what = f"final reward {row.value!r}" if row.value is not None else "a close without a reward (/finish)"
     created = aware(row.created_at)
-    return RewardError(409, f"session {session_id!r} is already closed: it has {what} (#{row.id}, "
-                            f"{created.isoformat() if created else 'unknown time'}); a session takes one final "
-                            f"reward",
-                       code="session_closed", param="session_id")
+    return RewardError(
+        409,
+        f"session {session_id!r} is already closed: it has {what} (#{row.id}, "
+        f"{created.isoformat() if created else 'unknown time'}); a session takes one final "
+        f"reward",
+        code="session_closed",
+        param="session_id",
+    )
 
 
 async def store_reward(engine: AsyncEngine, new: NewReward) -> Stored:
@@ -134,19 +154,23 @@ async def store_reward(engine: AsyncEngine, new: NewReward) -> Stored:
         async with engine.begin() as conn:
             # Lock the session row: a trainer claiming it (FOR UPDATE SKIP LOCKED) waits for this reward or
             # this reward sees the claim. (SQLite serializes writers instead.)
-            session = (await conn.execute(select(S.c.status).where(S.c.id == new.session_id)
-                                          .with_for_update())).first()
+            session = (await conn.execute(select(S.c.status).where(S.c.id == new.session_id).with_for_update())).first()
             if new.idempotency_key:
                 row = await by_key(conn, new.idempotency_key)  # a concurrent post won while we waited
                 if row is not None:
                     return _replay(row, new, session is None)
             if session is not None and session.status in TRAINER_STATES:
-                raise RewardError(409, f"session {new.session_id!r} is already {session.status} by the trainer; "
-                                       f"a reward can no longer change what it trained on",
-                                  code="session_claimed", param="session_id")
+                raise RewardError(
+                    409,
+                    f"session {new.session_id!r} is already {session.status} by the trainer; "
+                    f"a reward can no longer change what it trained on",
+                    code="session_claimed",
+                    param="session_id",
+                )
             if new.final:
-                closed = (await conn.execute(select(R).where(R.c.session_id == new.session_id,
-                                                             R.c.final.is_(True)))).first()
+                closed = (
+                    await conn.execute(select(R).where(R.c.session_id == new.session_id, R.c.final.is_(True)))
+                ).first()
                 if closed is not None:
                     if new.idempotency_key and closed.idempotency_key == new.idempotency_key:
                         # Without row locks (SQLite) a concurrent post with this key can commit between the
@@ -154,13 +178,26 @@ async def store_reward(engine: AsyncEngine, new: NewReward) -> Stored:
                         return _replay(closed, new, session is None)
                     raise _closed(new.session_id, closed)
             now = utcnow()
-            row = (await conn.execute(R.insert().values(
-                session_id=new.session_id, call_id=new.call_id, value=new.value, final=new.final,
-                source=new.source, idempotency_key=new.idempotency_key, metadata=new.metadata, created_at=now)
-                .returning(*R.c))).first()
+            row = (
+                await conn.execute(
+                    R.insert()
+                    .values(
+                        session_id=new.session_id,
+                        call_id=new.call_id,
+                        value=new.value,
+                        final=new.final,
+                        source=new.source,
+                        idempotency_key=new.idempotency_key,
+                        metadata=new.metadata,
+                        created_at=now,
+                    )
+                    .returning(*R.c)
+                )
+            ).first()
             if new.final and session is not None:
-                await conn.execute(update(S).where(S.c.id == new.session_id)
-                                   .values(finished_at=now, final_reward=new.value))
+                await conn.execute(
+                    update(S).where(S.c.id == new.session_id).values(finished_at=now, final_reward=new.value)
+                )
             return Stored(reward_dict(row), duplicate=False, orphaned=session is None)
     except IntegrityError:
         # A concurrent post got there first: the same key (answer as it was answered), or another final.
@@ -170,8 +207,9 @@ async def store_reward(engine: AsyncEngine, new: NewReward) -> Stored:
                 if row is not None:
                     return _replay(row, new, not await session_exists(engine, row.session_id))
             if new.final:
-                closed = (await conn.execute(select(R).where(R.c.session_id == new.session_id,
-                                                             R.c.final.is_(True)))).first()
+                closed = (
+                    await conn.execute(select(R).where(R.c.session_id == new.session_id, R.c.final.is_(True)))
+                ).first()
                 if closed is not None:
                     raise _closed(new.session_id, closed) from None
         raise
@@ -193,8 +231,10 @@ def check_storable_json(value: Any, where: str, depth: int = 0) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= 2**63:
         # Postgres keeps JSON numbers as exact decimals: 1e30 comes back as a 31-digit integer, which no JSON
         # encoder of the read API, the export or the trainer takes.
-        raise ValueError(f"{where} is a number of magnitude 2**63 or more ({value!r}), which does not round-trip "
-                         f"through the database; send it as a string")
+        raise ValueError(
+            f"{where} is a number of magnitude 2**63 or more ({value!r}), which does not round-trip "
+            f"through the database; send it as a string"
+        )
     if isinstance(value, str):
         _check_text(value, where)
     elif isinstance(value, dict):
@@ -217,8 +257,10 @@ def _check_text(text: str, where: str) -> None:
 
 # --- admin: removing rewards -----------------------------------------------------------------------------
 
-async def delete_rewards(engine: AsyncEngine, *, reward_id: int | None = None, source: str | None = None,
-                         session_id: str | None = None) -> int:
+
+async def delete_rewards(
+    engine: AsyncEngine, *, reward_id: int | None = None, source: str | None = None, session_id: str | None = None
+) -> int:
     """Remove rewards (e.g. all of one AIR rule). Rewards of sessions the trainer has claimed stay: they are
     history. Removing a final reward reopens its session."""
     claimed = exists().where(S.c.id == R.c.session_id, S.c.status.in_(TRAINER_STATES))

@@ -25,8 +25,10 @@ _COLUMNS = tuple(Call.__table__.columns)
 _NAMES = tuple(c.name for c in _COLUMNS)
 _JSON = frozenset(c.name for c in _COLUMNS if isinstance(c.type.dialect_impl(postgresql.dialect()), JSONB))
 
-INSERT_CALLS = (f"INSERT INTO calls ({', '.join(_NAMES)}) "
-                f"VALUES ({', '.join(f'${i}' for i in range(1, len(_NAMES) + 1))}) ON CONFLICT (id) DO NOTHING")
+INSERT_CALLS = (
+    f"INSERT INTO calls ({', '.join(_NAMES)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(_NAMES) + 1))}) ON CONFLICT (id) DO NOTHING"
+)
 
 # Rows go in id order, so concurrent writers (several workers or replicas) lock sessions in the same order.
 UPSERT_SESSIONS = """
@@ -83,9 +85,16 @@ async def write_calls(conn, calls: Sequence[CallRecord]) -> None:
 
 
 async def _upsert_sessions(conn, rows: list[SessionRow]) -> None:
-    await conn.exec_driver_sql(UPSERT_SESSIONS, ([r.id for r in rows], [r.task_id for r in rows],
-                                                 [r.n_calls for r in rows], [r.first_call_at for r in rows],
-                                                 [r.last_call_at for r in rows]))
+    await conn.exec_driver_sql(
+        UPSERT_SESSIONS,
+        (
+            [r.id for r in rows],
+            [r.task_id for r in rows],
+            [r.n_calls for r in rows],
+            [r.first_call_at for r in rows],
+            [r.last_call_at for r in rows],
+        ),
+    )
 
 
 async def _adopt_final_rewards(conn, session_ids: list[str]) -> None:
@@ -96,5 +105,6 @@ async def _adopt_final_rewards(conn, session_ids: list[str]) -> None:
 
 async def write_rewards(conn, rewards: Sequence[RewardRecord]) -> None:
     """Insert automatic rewards; one whose idempotency key is already stored is skipped."""
-    await conn.execute(insert(REWARDS).on_conflict_do_nothing(index_elements=["idempotency_key"]),
-                       [as_row(r) for r in rewards])
+    await conn.execute(
+        insert(REWARDS).on_conflict_do_nothing(index_elements=["idempotency_key"]), [as_row(r) for r in rewards]
+    )

@@ -50,8 +50,9 @@ def dialect(name: str) -> ModuleType:
     return found
 
 
-async def write_batch(conn, calls: Sequence[CallRecord], rewards: Sequence[RewardRecord] = (), *,
-                      dedupe: bool = False) -> None:
+async def write_batch(
+    conn, calls: Sequence[CallRecord], rewards: Sequence[RewardRecord] = (), *, dedupe: bool = False
+) -> None:
     """Calls first, then automatic rewards: a rule's reward is queued just before its call, so both normally
     land in one transaction (rewards have no foreign key either way).
 

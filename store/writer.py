@@ -67,8 +67,13 @@ class DeltaCache:
     expired here, and the session's next call is stored whole. The writer checks the age again before each
     attempt to write a batch (a batch retried while the database is away could otherwise outlive it)."""
 
-    def __init__(self, max_sessions: int = 10_000, max_bytes: int = 512 << 20, per_session: int = 4,
-                 max_age_s: float | None = MAX_BASE_AGE_S) -> None:
+    def __init__(
+        self,
+        max_sessions: int = 10_000,
+        max_bytes: int = 512 << 20,
+        per_session: int = 4,
+        max_age_s: float | None = MAX_BASE_AGE_S,
+    ) -> None:
         self.max_sessions, self.max_bytes, self.per_session = max_sessions, max_bytes, per_session
         self.max_age_s = max_age_s
         self._sessions: collections.OrderedDict[str, list[BaseCall]] = collections.OrderedDict()
@@ -81,7 +86,8 @@ class DeltaCache:
     @staticmethod
     def _extends(new: BaseCall, old: BaseCall) -> bool:
         def prefix(a, b) -> bool:
-            return b is None or (a is not None and a[:len(b)] == b)
+            return b is None or (a is not None and a[: len(b)] == b)
+
         return new.kind == old.kind and prefix(new.tokens, old.tokens) and prefix(new.messages, old.messages)
 
     def bases(self, session_id: str, now: float | None = None) -> list[BaseCall]:
@@ -94,7 +100,7 @@ class DeltaCache:
             return list(calls)
         oldest = (time.time() if now is None else now) - self.max_age_s
         fresh = [c for c in calls if c.started >= oldest]
-        if len(fresh) < len(calls):   # expired calls never come back: drop them
+        if len(fresh) < len(calls):  # expired calls never come back: drop them
             self.bytes -= sum(self._size(c) for c in calls if c.started < oldest)
             if fresh:
                 self._sessions[session_id] = fresh
@@ -106,7 +112,7 @@ class DeltaCache:
         calls = self._sessions.pop(session_id, None)
         if calls:
             kept = [c for c in calls if not self._extends(base, c)]
-            kept = kept[max(0, len(kept) - (self.per_session - 1)):]
+            kept = kept[max(0, len(kept) - (self.per_session - 1)) :]
             self.bytes += sum(self._size(c) for c in kept) - sum(self._size(c) for c in calls)
             kept.append(base)
         else:  # most sessions are new to the cache: no list to filter
@@ -122,9 +128,17 @@ class DeltaCache:
 
 
 class BatchWriter:
-    def __init__(self, engine: AsyncEngine, *, batch_size: int = 256, interval_ms: int = 50,
-                 max_queue: int = 10000, journal: Journal | None = None, call_deltas: bool = True,
-                 delta_cache: DeltaCache | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        batch_size: int = 256,
+        interval_ms: int = 50,
+        max_queue: int = 10000,
+        journal: Journal | None = None,
+        call_deltas: bool = True,
+        delta_cache: DeltaCache | None = None,
+    ) -> None:
         self.engine = engine
         # Where calls are stored as deltas: the committed calls they may refer to (None: every call whole).
         self.deltas = (delta_cache if delta_cache is not None else DeltaCache()) if call_deltas else None
@@ -141,9 +155,9 @@ class BatchWriter:
         self._wake = asyncio.Event()
         self._room = asyncio.Condition()
         self._written = asyncio.Condition()
-        self._pending: collections.Counter[str] = collections.Counter()   # session -> queued calls
+        self._pending: collections.Counter[str] = collections.Counter()  # session -> queued calls
         self._inflight: collections.Counter[str] = collections.Counter()  # session -> calls being served
-        self._pending_calls: dict[str, str] = {}                          # call id -> session id, while queued
+        self._pending_calls: dict[str, str] = {}  # call id -> session id, while queued
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.database_down_since: float | None = None
@@ -174,8 +188,7 @@ class BatchWriter:
         left = self.journal.close() if self.journal else len(self._queue) + len(self._rewards)
         if left:
             where = f"kept in the journal at {self.journal.dir}" if self.journal else "LOST (no journal)"
-            log.error("the database is still away at shutdown: %d records %s; the next start writes them",
-                      left, where)
+            log.error("the database is still away at shutdown: %d records %s; the next start writes them", left, where)
 
     # --- producer side --------------------------------------------------------------------------
     @property
@@ -230,6 +243,7 @@ class BatchWriter:
     async def flush_session(self, session_id: str, timeout: float = 10.0, *, inflight: bool = True) -> bool:
         """Wait until every call of this session that this process served or is serving is written.
         `inflight=False` waits only for calls already queued (a read must not wait for a live stream)."""
+
         def busy() -> bool:
             return self.knows_session(session_id) if inflight else self._pending[session_id] > 0
 
@@ -326,7 +340,7 @@ class BatchWriter:
             try:
                 bases = self.deltas.bases(record.session_id, now)
                 row, mine = encode_call(bases, record)
-            except Exception:   # never let the encoding stop the write path: this call is stored whole
+            except Exception:  # never let the encoding stop the write path: this call is stored whole
                 log.exception("could not encode call %s as a delta; storing it whole", record.id)
                 row, mine = record, None
             if row.base_call_id is not None:
@@ -343,9 +357,13 @@ class BatchWriter:
             if mine is not None and record.id in written:
                 self.deltas.add(record.session_id, mine)
 
-    async def _write_with_retry(self, calls: list[CallRecord], rewards: list[RewardRecord],
-                                whole: Sequence[CallRecord] | None = None,
-                                oldest_base: float | None = None) -> set[str] | None:
+    async def _write_with_retry(
+        self,
+        calls: list[CallRecord],
+        rewards: list[RewardRecord],
+        whole: Sequence[CallRecord] | None = None,
+        oldest_base: float | None = None,
+    ) -> set[str] | None:
         """The ids of the calls in the database once the batch is written (rows refused as data set aside as
         rejected); None when the writer is stopping and the database is still away. While the database is
         away this retries forever, with backoff, and the queue behind it applies backpressure at admission.
@@ -353,8 +371,12 @@ class BatchWriter:
         refuses as data is written row by row from these, so no delta can refer to a row that was refused.
         `oldest_base`: when the oldest base of `calls`' deltas started; an attempt that begins once it is past
         the cache's age limit writes `whole` instead (a base that old may belong to a pruned session)."""
-        retrying = AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5), retry=retry_if_exception(is_transient),
-                                 stop=self._give_up, reraise=True)
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=0.1, max=5),
+            retry=retry_if_exception(is_transient),
+            stop=self._give_up,
+            reraise=True,
+        )
         try:
             async for attempt in retrying:
                 with attempt:
@@ -365,13 +387,23 @@ class BatchWriter:
                         if self.database_down_since is None:
                             self.database_down_since = time.time()
                         if n == 2 or n % 20 == 0:
-                            log.warning("the database is away (%s); retrying a batch of %d calls (attempt %d); "
-                                        "the journal holds them meanwhile", exc, len(calls), n)
-                    if (oldest_base is not None and whole is not None and self.deltas is not None
-                            and self.deltas.max_age_s is not None
-                            and time.time() - oldest_base > self.deltas.max_age_s):
-                        log.info("a batch's delta bases expired while it waited; writing its %d calls whole",
-                                 len(calls))
+                            log.warning(
+                                "the database is away (%s); retrying a batch of %d calls (attempt %d); "
+                                "the journal holds them meanwhile",
+                                exc,
+                                len(calls),
+                                n,
+                            )
+                    if (
+                        oldest_base is not None
+                        and whole is not None
+                        and self.deltas is not None
+                        and self.deltas.max_age_s is not None
+                        and time.time() - oldest_base > self.deltas.max_age_s
+                    ):
+                        log.info(
+                            "a batch's delta bases expired while it waited; writing its %d calls whole", len(calls)
+                        )
                         calls, oldest_base = list(whole), None
                     # A retry may follow a commit whose answer was lost: skip rows already stored.
                     await self._write_once(calls, rewards, dedupe=n > 1)
@@ -400,8 +432,9 @@ class BatchWriter:
         singles: list[tuple[list[CallRecord], list[RewardRecord]]] = [([c], []) for c in calls]
         singles += [([], [r]) for r in rewards]
         for one_call, one_reward in singles:
-            async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5),
-                                               retry=retry_if_exception(is_transient), reraise=True):
+            async for attempt in AsyncRetrying(
+                wait=wait_exponential(multiplier=0.1, max=5), retry=retry_if_exception(is_transient), reraise=True
+            ):
                 with attempt:
                     try:
                         await self._write_once(one_call, one_reward, dedupe=True)
@@ -414,8 +447,12 @@ class BatchWriter:
             self.rejected_total += len(rejected)
             if self.journal:
                 path = self.journal.reject(rejected)
-                log.error("the database refused %d rows as data; kept in %s with the error (fix, then "
-                          "`trainwire replay-rejected`)", len(rejected), path)
+                log.error(
+                    "the database refused %d rows as data; kept in %s with the error (fix, then "
+                    "`trainwire replay-rejected`)",
+                    len(rejected),
+                    path,
+                )
             else:
                 log.error("the database refused %d rows as data and there is no journal: lost", len(rejected))
         return {row.id for row, _ in rejected if isinstance(row, CallRecord)}
@@ -424,9 +461,13 @@ class BatchWriter:
         """Write a claimed journal segment (of a process that stopped or died), then delete it."""
         calls, rewards = read_records(path)
         for i in range(0, max(len(calls), len(rewards)), REPLAY_BATCH):
-            part_calls, part_rewards = calls[i:i + REPLAY_BATCH], rewards[i:i + REPLAY_BATCH]
-            retrying = AsyncRetrying(wait=wait_exponential(multiplier=0.1, max=5),
-                                     retry=retry_if_exception(is_transient), stop=self._give_up, reraise=True)
+            part_calls, part_rewards = calls[i : i + REPLAY_BATCH], rewards[i : i + REPLAY_BATCH]
+            retrying = AsyncRetrying(
+                wait=wait_exponential(multiplier=0.1, max=5),
+                retry=retry_if_exception(is_transient),
+                stop=self._give_up,
+                reraise=True,
+            )
             try:
                 async for attempt in retrying:
                     with attempt:

@@ -25,9 +25,13 @@ def _air(url: str) -> list[dict]:
 def _stream_chat(proxy, session: str, **body) -> str:
     import httpx
 
-    with httpx.stream("POST", f"{proxy.v1}/chat/completions", headers={"X-Session-Id": session}, timeout=30,
-                      json={"model": "policy", "stream": True, "messages": [{"role": "user", "content": "go"}],
-                            **body}) as r:
+    with httpx.stream(
+        "POST",
+        f"{proxy.v1}/chat/completions",
+        headers={"X-Session-Id": session},
+        timeout=30,
+        json={"model": "policy", "stream": True, "messages": [{"role": "user", "content": "go"}], **body},
+    ) as r:
         assert r.status_code == 200
         b"".join(r.iter_raw())
         return r.headers["x-call-id"]
@@ -81,8 +85,15 @@ def test_truncated_responses(pg_proxy, upstream, pg_url):
     assert whole not in {r["call_id"] for r in rows}
 
 
-def _turn(proxy, upstream, session: str, messages: list[dict], *, answer_tool: tuple[str, str] | None = None,
-          answer_text: str = "done") -> str:
+def _turn(
+    proxy,
+    upstream,
+    session: str,
+    messages: list[dict],
+    *,
+    answer_tool: tuple[str, str] | None = None,
+    answer_text: str = "done",
+) -> str:
     if answer_tool:
         upstream.script(tool_calls=[{"name": answer_tool[0], "arguments": answer_tool[1]}])
     else:
@@ -98,23 +109,32 @@ def test_tool_error_goes_to_the_call_that_made_the_tool_call(pg_proxy, upstream,
     # The scripted upstream names every first tool call "chatcmpl-tool-0", so ids repeat across calls: the
     # rule must tell the calls apart by where the tool call sits in the history.
     call1 = _turn(pg_proxy, upstream, s, h, answer_tool=("calculator", '{"expression": "1/0"}'))
-    h += [tool_call_msg("chatcmpl-tool-0", "calculator", '{"expression": "1/0"}'),
-          {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": "Error: division by zero"}]
+    h += [
+        tool_call_msg("chatcmpl-tool-0", "calculator", '{"expression": "1/0"}'),
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": "Error: division by zero"},
+    ]
     call2 = _turn(pg_proxy, upstream, s, h, answer_tool=("search", '{"q": "x"}'))
-    h += [tool_call_msg("chatcmpl-tool-0", "search", '{"q": "x"}'),
-          {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": '{"results": [], "error": "timeout"}'}]
+    h += [
+        tool_call_msg("chatcmpl-tool-0", "search", '{"q": "x"}'),
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": '{"results": [], "error": "timeout"}'},
+    ]
     call3 = _turn(pg_proxy, upstream, s, h, answer_tool=("calculator", '{"expression": "3"}'))
-    h += [tool_call_msg("chatcmpl-tool-0", "calculator", '{"expression": "3"}'),
-          {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": '{"error": null, "result": 3}'}]
+    h += [
+        tool_call_msg("chatcmpl-tool-0", "calculator", '{"expression": "3"}'),
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": '{"error": null, "result": 3}'},
+    ]
     call4 = _turn(pg_proxy, upstream, s, h, answer_tool=("search", '{"q": "y"}'))
-    h += [tool_call_msg("chatcmpl-tool-0", "search", '{"q": "y"}'),
-          {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": [{"type": "text", "text": "3 results"}]}]
+    h += [
+        tool_call_msg("chatcmpl-tool-0", "search", '{"q": "y"}'),
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": [{"type": "text", "text": "3 results"}]},
+    ]
     call5 = _turn(pg_proxy, upstream, s, h)
     dbread.wait_calls(pg_url, 5, s)
     rows = [r for r in _air(pg_url) if r["source"] == "tool_error"]
     # Every later request resent the earlier error messages: still one reward per failed tool call.
-    assert sorted((r["call_id"], r["metadata"]["answered_in"]) for r in rows) == sorted([(call1, call2),
-                                                                                         (call2, call3)])
+    assert sorted((r["call_id"], r["metadata"]["answered_in"]) for r in rows) == sorted(
+        [(call1, call2), (call2, call3)]
+    )
     assert all(r["value"] == -0.2 and r["final"] is False and r["session_id"] == s for r in rows)
     assert next(r for r in rows if r["call_id"] == call1)["metadata"]["tool_message"] == "Error: division by zero"
     assert {call3, call4, call5}.isdisjoint(r["call_id"] for r in rows)
@@ -130,31 +150,50 @@ def test_tool_error_found_in_the_store_after_a_restart(start_proxy, upstream, pg
     call1 = _turn(first, upstream, s, h, answer_tool=("search", '{"q": "z"}'))
     first.stop()  # the new process has no memory of call1's tool call
     second = start(start_proxy, upstream, pg_url, tmp_path)
-    h += [tool_call_msg("chatcmpl-tool-0", "search", '{"q": "z"}'),
-          {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": "Error: search backend down"},
-          tool_call_msg("call-unknown", "search", '{"q": "w"}'),
-          {"role": "tool", "tool_call_id": "call-unknown", "content": "Error: nobody made this call"}]
+    h += [
+        tool_call_msg("chatcmpl-tool-0", "search", '{"q": "z"}'),
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": "Error: search backend down"},
+        tool_call_msg("call-unknown", "search", '{"q": "w"}'),
+        {"role": "tool", "tool_call_id": "call-unknown", "content": "Error: nobody made this call"},
+    ]
     call2 = _turn(second, upstream, s, h)
     rows = wait_rewards(pg_url, 1, source="tool_error")
     assert [(r["call_id"], r["metadata"]["answered_in"]) for r in rows] == [(call1, call2)]
     # A tool message no recorded call answers to is logged, not guessed.
-    wait_for(lambda: "no recorded call of session 'restart-err' made tool call 'call-unknown'" in second.log_tail(),
-             what="the log line")
+    wait_for(
+        lambda: "no recorded call of session 'restart-err' made tool call 'call-unknown'" in second.log_tail(),
+        what="the log line",
+    )
     assert len([r for r in _air(pg_url) if r["source"] == "tool_error"]) == 1
     second.stop()
 
 
 def test_rules_are_configurable(start_proxy, upstream, pg_url, tmp_path):
-    p = start(start_proxy, upstream, pg_url, tmp_path, "--air-truncated", "off", "--air-invalid-tool-call", "1.5",
-              "--air-tool-error-pattern", r"FAILED\b")
+    p = start(
+        start_proxy,
+        upstream,
+        pg_url,
+        tmp_path,
+        "--air-truncated",
+        "off",
+        "--air-invalid-tool-call",
+        "1.5",
+        "--air-tool-error-pattern",
+        r"FAILED\b",
+    )
     s = "cfg"
     upstream.script(finish_reason="length", tool_calls=[{"name": "nope", "arguments": "{}"}])
     call1 = chat(p, s, tools=TOOLS).headers["x-call-id"]
-    h = [{"role": "user", "content": "hi"}, tool_call_msg("chatcmpl-tool-0", "nope", "{}"),
-         {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": "Error: not matched by the custom pattern"}]
+    h = [
+        {"role": "user", "content": "hi"},
+        tool_call_msg("chatcmpl-tool-0", "nope", "{}"),
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": "Error: not matched by the custom pattern"},
+    ]
     _turn(p, upstream, s, h, answer_tool=("search", "{}"))
-    h += [tool_call_msg("chatcmpl-tool-0", "search", "{}"),
-          {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": "search FAILED (quota)"}]
+    h += [
+        tool_call_msg("chatcmpl-tool-0", "search", "{}"),
+        {"role": "tool", "tool_call_id": "chatcmpl-tool-0", "content": "search FAILED (quota)"},
+    ]
     call3 = _turn(p, upstream, s, h)
     dbread.wait_calls(pg_url, 3, s)
     rows = sorted((r["source"], r["value"], r["call_id"]) for r in _air(pg_url))
@@ -204,15 +243,36 @@ def test_air_rewards_keep_the_journals_guarantee(pg_url, tmp_path):
 
     def call(i: int) -> CallRecord:
         now = datetime.now(UTC)
-        return CallRecord(id=f"spool-{i}", session_id="spooled", seq=i, kind="chat", path="/v1/chat/completions",
-                          model_requested="policy", model_served="base", policy_version=0,
-                          request={"messages": []}, prompt_token_ids=[1], completion_token_ids=[2], logprobs=[-0.1],
-                          finish_reason="length", status_code=200, started_at=now, finished_at=now)
+        return CallRecord(
+            id=f"spool-{i}",
+            session_id="spooled",
+            seq=i,
+            kind="chat",
+            path="/v1/chat/completions",
+            model_requested="policy",
+            model_served="base",
+            policy_version=0,
+            request={"messages": []},
+            prompt_token_ids=[1],
+            completion_token_ids=[2],
+            logprobs=[-0.1],
+            finish_reason="length",
+            status_code=200,
+            started_at=now,
+            finished_at=now,
+        )
 
     def reward(i: int) -> RewardRecord:
-        return RewardRecord(session_id="spooled", call_id=f"spool-{i}", value=-0.2, final=False, source="truncated",
-                            idempotency_key=f"air:truncated:spool-{i}", metadata={"i": i},
-                            created_at=datetime.now(UTC))
+        return RewardRecord(
+            session_id="spooled",
+            call_id=f"spool-{i}",
+            value=-0.2,
+            final=False,
+            source="truncated",
+            idempotency_key=f"air:truncated:spool-{i}",
+            metadata={"i": i},
+            created_at=datetime.now(UTC),
+        )
 
     async def scenario() -> None:
         spool = tmp_path / "journal"

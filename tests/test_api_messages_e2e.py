@@ -30,26 +30,45 @@ pytestmark = pytest.mark.vllm
 require_vllm_venv()
 
 SYSTEM = "You are a calculator. Use the calculator tool."
-TOOL = {"name": "calculator", "description": "Evaluate an arithmetic expression",
-        "input_schema": {"type": "object", "properties": {"expression": {"type": "string"}},
-                         "required": ["expression"]}}
+TOOL = {
+    "name": "calculator",
+    "description": "Evaluate an arithmetic expression",
+    "input_schema": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+}
 HISTORY = [
     {"role": "user", "content": "Compute 2+3."},
-    {"role": "assistant", "content": [
-        {"type": "text", "text": "Let me compute."},
-        {"type": "tool_use", "id": "toolu_1", "name": "calculator", "input": {"expression": "2+3"}}]},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me compute."},
+            {"type": "tool_use", "id": "toolu_1", "name": "calculator", "input": {"expression": "2+3"}},
+        ],
+    },
     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "5"}]},
 ]
 # The same conversation as chat messages: what vLLM must have rendered for the recorded prompt.
 HISTORY_AS_CHAT = [
     {"role": "system", "content": SYSTEM},
     {"role": "user", "content": "Compute 2+3."},
-    {"role": "assistant", "content": "Let me compute.", "tool_calls": [
-        {"id": "toolu_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}]},
+    {
+        "role": "assistant",
+        "content": "Let me compute.",
+        "tool_calls": [
+            {
+                "id": "toolu_1",
+                "type": "function",
+                "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'},
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "toolu_1", "content": "5"},
 ]
-CHAT_TOOLS = [{"type": "function", "function": {"name": TOOL["name"], "description": TOOL["description"],
-                                                "parameters": TOOL["input_schema"]}}]
+CHAT_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": TOOL["name"], "description": TOOL["description"], "parameters": TOOL["input_schema"]},
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +86,9 @@ def vllm(model_dir, tmp_path_factory):
 
 
 def _start(start_proxy, vllm, pg_url, tmp_path, *extra: str):
-    p = start_proxy("--upstream", vllm.url, "--database-url", pg_url, "--journal-dir", str(tmp_path / "journal"),
-                    *extra)
+    p = start_proxy(
+        "--upstream", vllm.url, "--database-url", pg_url, "--journal-dir", str(tmp_path / "journal"), *extra
+    )
     p.db_url = pg_url
     return p
 
@@ -81,8 +101,9 @@ def proxy(start_proxy, vllm, pg_url, tmp_path):
 def anthropic_client(base_url: str, api_key: str = "unused", **headers: str):
     import anthropic
 
-    return anthropic.Anthropic(base_url=base_url, api_key=api_key, max_retries=0, timeout=120,
-                               default_headers=headers or None)
+    return anthropic.Anthropic(
+        base_url=base_url, api_key=api_key, max_retries=0, timeout=120, default_headers=headers or None
+    )
 
 
 def tokenize_chat(vllm, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -116,8 +137,10 @@ def assert_trainable_record(row: dict, *, session: str, task: str | None, agent:
     assert all(-60 < lp <= 0 for lp in row["logprobs"])
     assert row["sampling"]["effective"]["temperature"] == 1.0 and row["sampling"]["requested"] == {}
     usage = row["response"]["usage"]
-    assert (usage["input_tokens"], usage["output_tokens"]) == (len(row["prompt_token_ids"]),
-                                                             len(row["completion_token_ids"]))
+    assert (usage["input_tokens"], usage["output_tokens"]) == (
+        len(row["prompt_token_ids"]),
+        len(row["completion_token_ids"]),
+    )
     stop = {"length": "max_tokens", "stop": "end_turn", "tool_calls": "tool_use"}[row["finish_reason"]]
     assert row["response"]["stop_reason"] == stop
 
@@ -129,10 +152,16 @@ def test_create_with_system_tool_and_tool_history(proxy, vllm):
     """`messages.create` twice in one session (headers say session, task and agent): a plain question, then the
     text + tool_use / tool_result history, whose recorded prompt is vLLM's chat rendering of it."""
     sdk = anthropic_client(proxy.url, **{"X-Session-Id": "msg-create", "X-Task-Id": "calc-5", "X-Agent-Name": "solver"})
-    first = sdk.messages.with_raw_response.create(model="policy", max_tokens=8, system=SYSTEM, tools=[TOOL],
-                                                  messages=[{"role": "user", "content": "Compute 2+3."}])
-    second = sdk.messages.with_raw_response.create(model="policy", max_tokens=8, system=SYSTEM, tools=[TOOL],
-                                                   messages=HISTORY)
+    first = sdk.messages.with_raw_response.create(
+        model="policy",
+        max_tokens=8,
+        system=SYSTEM,
+        tools=[TOOL],
+        messages=[{"role": "user", "content": "Compute 2+3."}],
+    )
+    second = sdk.messages.with_raw_response.create(
+        model="policy", max_tokens=8, system=SYSTEM, tools=[TOOL], messages=HISTORY
+    )
     rows = _rows(proxy.db_url, "msg-create", 2)
     for seq, (raw, row) in enumerate(zip((first, second), rows)):
         message = raw.parse()
@@ -146,12 +175,15 @@ def test_create_with_system_tool_and_tool_history(proxy, vllm):
         assert row["request"]["system"] == SYSTEM and row["request"]["max_tokens"] == 8
     assert rows[1]["request"]["messages"] == HISTORY
     assert rows[0]["prompt_token_ids"] == tokenize_chat(
-        vllm, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Compute 2+3."}], CHAT_TOOLS)
+        vllm, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Compute 2+3."}], CHAT_TOOLS
+    )
     assert rows[1]["prompt_token_ids"] == tokenize_chat(vllm, HISTORY_AS_CHAT, CHAT_TOOLS)
     prompt = detokenize(vllm, rows[1]["prompt_token_ids"])
     assert prompt.startswith(f"<|bos|><|im_start|>system\n{SYSTEM}\nYou can call these tools:")
-    assert ('<|im_start|>assistant\nLet me compute.<tool_call>{"name": "calculator", "arguments": {"expression": '
-            '"2+3"}}</tool_call><|eos|><|im_end|>') in prompt
+    assert (
+        '<|im_start|>assistant\nLet me compute.<tool_call>{"name": "calculator", "arguments": {"expression": '
+        '"2+3"}}</tool_call><|eos|><|im_end|>'
+    ) in prompt
     assert prompt.endswith("<|im_start|>tool toolu_1\n5<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -170,7 +202,8 @@ def test_stream_through_the_tw_base_url(proxy, vllm):
     assert row["prompt_token_ids"] == tokenize_chat(vllm, HISTORY_AS_CHAT, CHAT_TOOLS)
     # What the client assembled from the events is what was recorded.
     assert [b.model_dump(exclude_none=True) for b in final.content] == [
-        {k: v for k, v in b.items() if v is not None} for b in row["response"]["content"]]
+        {k: v for k, v in b.items() if v is not None} for b in row["response"]["content"]
+    ]
     assert final.stop_reason == row["response"]["stop_reason"]
 
 
@@ -183,14 +216,16 @@ def test_api_key_from_x_api_key_and_anthropic_error_shapes(start_proxy, vllm, pg
 
     with pytest.raises(anthropic.AuthenticationError) as refused:
         anthropic_client(proxy.url, api_key="wrong", **{"X-Session-Id": "msg-auth"}).messages.create(
-            model="policy", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+            model="policy", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
     assert refused.value.status_code == 401
     assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "authentication_error"
 
     body = {"model": "policy", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
-        r = httpx.post(f"{proxy.url}/v1/messages", json=body, headers={"X-Session-Id": "msg-auth", **headers},
-                       timeout=30)
+        r = httpx.post(
+            f"{proxy.url}/v1/messages", json=body, headers={"X-Session-Id": "msg-auth", **headers}, timeout=30
+        )
         assert r.status_code == 401, r.text
         err = r.json()
         assert set(err) == {"type", "error"} and err["type"] == "error"
@@ -201,14 +236,22 @@ def test_api_key_from_x_api_key_and_anthropic_error_shapes(start_proxy, vllm, pg
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
     # A request the SDK would refuse to send (no max_tokens): a 400 in Anthropic's shape, naming the field.
-    r = httpx.post(f"{proxy.url}/v1/messages", headers={"x-api-key": "K-secret", "X-Session-Id": "msg-auth"},
-                   json={"model": "policy", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    r = httpx.post(
+        f"{proxy.url}/v1/messages",
+        headers={"x-api-key": "K-secret", "X-Session-Id": "msg-auth"},
+        json={"model": "policy", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
     assert r.status_code == 400, r.text
     err = r.json()
     assert set(err) == {"type", "error"} and err["error"]["type"] == "invalid_request_error"
     assert "max_tokens" in err["error"]["message"]
-    r = httpx.post(f"{proxy.url}/v1/messages", headers={"x-api-key": "K-secret", "X-Session-Id": "msg-auth"},
-                   json={"model": "policy", "max_tokens": 4, "messages": []}, timeout=30)
+    r = httpx.post(
+        f"{proxy.url}/v1/messages",
+        headers={"x-api-key": "K-secret", "X-Session-Id": "msg-auth"},
+        json={"model": "policy", "max_tokens": 4, "messages": []},
+        timeout=30,
+    )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert "messages" in r.json()["error"]["message"]
 
@@ -224,8 +267,13 @@ def test_api_key_from_x_api_key_and_anthropic_error_shapes(start_proxy, vllm, pg
 def test_one_training_step_on_a_messages_session(proxy, vllm, model_dir, tmp_path):
     session = f"msg-train-{uuid.uuid4().hex[:8]}"
     sdk = anthropic_client(proxy.url, **{"X-Session-Id": session, "X-Task-Id": "calc-5"})
-    sdk.messages.create(model="policy", max_tokens=8, system=SYSTEM, tools=[TOOL],
-                        messages=[{"role": "user", "content": "Compute 2+3."}])
+    sdk.messages.create(
+        model="policy",
+        max_tokens=8,
+        system=SYSTEM,
+        tools=[TOOL],
+        messages=[{"role": "user", "content": "Compute 2+3."}],
+    )
     with sdk.messages.stream(model="policy", max_tokens=8, system=SYSTEM, tools=[TOOL], messages=HISTORY) as stream:
         stream.until_done()
     r = httpx.post(f"{proxy.url}/reward", json={"session_id": session, "reward": 1.0}, timeout=30)

@@ -32,9 +32,12 @@ pytestmark = pytest.mark.vllm
 require_vllm_venv()
 
 EOS_ID = 2
-CALCULATOR = {"type": "function", "name": "calculator", "description": "Evaluate an arithmetic expression",
-              "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                             "required": ["expression"]}}
+CALCULATOR = {
+    "type": "function",
+    "name": "calculator",
+    "description": "Evaluate an arithmetic expression",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+}
 INSTRUCTIONS = "You are a calculator. Use the calculator tool."
 HISTORY = [
     {"role": "user", "content": "Compute 2+3."},
@@ -46,8 +49,17 @@ HISTORY = [
 HISTORY_AS_CHAT = [
     {"role": "system", "content": INSTRUCTIONS},
     {"role": "user", "content": "Compute 2+3."},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'},
+            }
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_1", "content": "5"},
     {"role": "user", "content": "Now say the result."},
 ]
@@ -118,8 +130,10 @@ def assert_trainable_record(row: dict, *, session: str, task: str | None, agent:
     assert all(-60 < lp <= 0 for lp in row["logprobs"])
     assert row["sampling"]["effective"]["temperature"] == 1.0 and row["sampling"]["requested"] == {}
     usage = row["response"]["usage"]
-    assert (usage["input_tokens"], usage["output_tokens"]) == (len(row["prompt_token_ids"]),
-                                                             len(row["completion_token_ids"]))
+    assert (usage["input_tokens"], usage["output_tokens"]) == (
+        len(row["prompt_token_ids"]),
+        len(row["completion_token_ids"]),
+    )
 
 
 def _rows(db_url: str, session: str, n: int) -> list[dict]:
@@ -135,10 +149,12 @@ def test_create_with_instructions_tool_and_tool_history(proxy, vllm):
     """Non-stream `responses.create`; headers say session, task and agent. Two calls: a plain question, then the
     function_call / function_call_output history, whose recorded prompt is vLLM's chat rendering of it."""
     sdk = client(proxy.v1, **{"X-Session-Id": "resp-create", "X-Task-Id": "calc-5", "X-Agent-Name": "solver"})
-    first = sdk.responses.with_raw_response.create(model="policy", instructions=INSTRUCTIONS, input="Compute 2+3.",
-                                                   tools=[CALCULATOR], max_output_tokens=8)
-    second = sdk.responses.with_raw_response.create(model="policy", instructions=INSTRUCTIONS, input=HISTORY,
-                                                    tools=[CALCULATOR], max_output_tokens=8)
+    first = sdk.responses.with_raw_response.create(
+        model="policy", instructions=INSTRUCTIONS, input="Compute 2+3.", tools=[CALCULATOR], max_output_tokens=8
+    )
+    second = sdk.responses.with_raw_response.create(
+        model="policy", instructions=INSTRUCTIONS, input=HISTORY, tools=[CALCULATOR], max_output_tokens=8
+    )
     rows = _rows(proxy.db_url, "resp-create", 2)
     for seq, (raw, row) in enumerate(zip((first, second), rows)):
         resp = raw.parse()
@@ -158,21 +174,24 @@ def test_create_with_instructions_tool_and_tool_history(proxy, vllm):
     # The recorded prompt is exactly what vLLM's chat template renders for the translated conversation ...
     assert rows[1]["prompt_token_ids"] == tokenize_chat(vllm, HISTORY_AS_CHAT, CHAT_TOOLS)
     assert rows[0]["prompt_token_ids"] == tokenize_chat(
-        vllm, [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": "Compute 2+3."}], CHAT_TOOLS)
+        vllm, [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": "Compute 2+3."}], CHAT_TOOLS
+    )
     # ... with the tool turns in it, as the model would have produced them.
     prompt = detokenize(vllm, rows[1]["prompt_token_ids"])
     assert prompt.startswith(f"<|bos|><|im_start|>system\n{INSTRUCTIONS}\nYou can call these tools:")
     assert '<tool_call>{"name": "calculator", "arguments": {"expression": "2+3"}}</tool_call><|eos|>' in prompt
-    assert prompt.endswith("<|im_start|>tool call_1\n5<|im_end|>\n<|im_start|>user\nNow say the result.<|im_end|>\n"
-                           "<|im_start|>assistant\n")
+    assert prompt.endswith(
+        "<|im_start|>tool call_1\n5<|im_end|>\n<|im_start|>user\nNow say the result.<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_stream_through_the_tw_base_url(proxy, vllm):
     """`responses.stream` on a /tw/session=.../task=.../agent=.../v1 base URL (with a '/' in the task id)."""
     base = f"{proxy.url}/tw/agent=streamer/session=resp-stream/task=group%2F7/v1"
     sdk = client(base)
-    with sdk.responses.stream(model="policy", instructions=INSTRUCTIONS, input=HISTORY, tools=[CALCULATOR],
-                              max_output_tokens=12) as stream:
+    with sdk.responses.stream(
+        model="policy", instructions=INSTRUCTIONS, input=HISTORY, tools=[CALCULATOR], max_output_tokens=12
+    ) as stream:
         events = list(stream)
     types = [e.type for e in events]
     assert types[:2] == ["response.created", "response.in_progress"]
@@ -207,12 +226,21 @@ def test_agents_sdk_default_mode(proxy, vllm, stop_ids):
         return "5"
 
     async def run() -> tuple:
-        sdk = AsyncOpenAI(base_url=f"{proxy.url}/tw/session=agents-1/task=calc-5/agent=solver/v1", api_key="unused",
-                          max_retries=0, timeout=120)
+        sdk = AsyncOpenAI(
+            base_url=f"{proxy.url}/tw/session=agents-1/task=calc-5/agent=solver/v1",
+            api_key="unused",
+            max_retries=0,
+            timeout=120,
+        )
         set_default_openai_client(sdk)
         set_tracing_disabled(True)
-        agent = Agent(name="solver", instructions=INSTRUCTIONS, tools=[calculator], model="policy",
-                      model_settings=ModelSettings(max_tokens=48, extra_body={"stop_token_ids": stop_ids}))
+        agent = Agent(
+            name="solver",
+            instructions=INSTRUCTIONS,
+            tools=[calculator],
+            model="policy",
+            model_settings=ModelSettings(max_tokens=48, extra_body={"stop_token_ids": stop_ids}),
+        )
         try:
             first = await Runner.run(agent, HISTORY, max_turns=2)
             follow_up = first.to_input_list() + [{"role": "user", "content": "Thanks."}]
@@ -232,14 +260,22 @@ def test_agents_sdk_default_mode(proxy, vllm, stop_ids):
     # What the SDK sent is the conversation; the second run sent back the first run's output items verbatim.
     assert rows[0]["request"]["input"] == HISTORY
     assert rows[1]["request"]["input"][: len(HISTORY)] == HISTORY
-    assert rows[1]["request"]["input"][len(HISTORY):-1] == rows[0]["response"]["output"]
+    assert rows[1]["request"]["input"][len(HISTORY) : -1] == rows[0]["response"]["output"]
     assert rows[1]["request"]["input"][-1] == {"role": "user", "content": "Thanks."}
-    assert first.final_output == "".join(c["text"] for item in rows[0]["response"]["output"]
-                                         if item["type"] == "message" for c in item["content"])
+    assert first.final_output == "".join(
+        c["text"] for item in rows[0]["response"]["output"] if item["type"] == "message" for c in item["content"]
+    )
     # The SDK describes the tool its own way (its docstring, a strict schema); rendered with that (taken from the
     # SDK: Postgres' jsonb does not keep the recorded request's key order), the prompt is the chat template's.
-    sdk_tool = {"type": "function", "function": {"name": tool.name, "description": tool.description,
-                                                 "parameters": tool.params_json_schema, "strict": tool.strict_json_schema}}
+    sdk_tool = {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": tool.params_json_schema,
+            "strict": tool.strict_json_schema,
+        },
+    }
     assert rows[0]["prompt_token_ids"] == tokenize_chat(vllm, HISTORY_AS_CHAT, [sdk_tool])
     assert len(rows[1]["prompt_token_ids"]) > len(rows[0]["prompt_token_ids"])
 
@@ -248,8 +284,9 @@ def test_forced_tool_choice_is_answered_and_marked_untrainable(proxy):
     """tool_choice "required" is decoded by vLLM under a grammar: the distribution is not the policy's, so the
     call is served but marked untrainable, with the reason."""
     sdk = client(proxy.v1, **{"X-Session-Id": "resp-forced"})
-    raw = sdk.responses.with_raw_response.create(model="policy", input="Compute 2+3.", tools=[CALCULATOR],
-                                                 tool_choice="required", max_output_tokens=16)
+    raw = sdk.responses.with_raw_response.create(
+        model="policy", input="Compute 2+3.", tools=[CALCULATOR], tool_choice="required", max_output_tokens=16
+    )
     assert raw.status_code == 200
     (row,) = _rows(proxy.db_url, "resp-forced", 1)
     assert row["trainable"] is True and row["status_code"] == 200
@@ -268,10 +305,12 @@ def post_final_reward(proxy, session: str, value: float) -> None:
 def test_one_training_step_on_a_responses_session(proxy, vllm, model_dir, tmp_path):
     session = f"resp-train-{uuid.uuid4().hex[:8]}"
     sdk = client(proxy.v1, **{"X-Session-Id": session, "X-Task-Id": "calc-5"})
-    sdk.responses.create(model="policy", instructions=INSTRUCTIONS, input="Compute 2+3.", tools=[CALCULATOR],
-                         max_output_tokens=8)
-    with sdk.responses.stream(model="policy", instructions=INSTRUCTIONS, input=HISTORY, tools=[CALCULATOR],
-                              max_output_tokens=8) as stream:
+    sdk.responses.create(
+        model="policy", instructions=INSTRUCTIONS, input="Compute 2+3.", tools=[CALCULATOR], max_output_tokens=8
+    )
+    with sdk.responses.stream(
+        model="policy", instructions=INSTRUCTIONS, input=HISTORY, tools=[CALCULATOR], max_output_tokens=8
+    ) as stream:
         list(stream)
     post_final_reward(proxy, session, 1.0)
     rows = _rows(proxy.db_url, session, 2)
@@ -301,8 +340,9 @@ def test_untrainable_call_is_left_out_of_the_samples(proxy):
     session = f"resp-mixed-{uuid.uuid4().hex[:8]}"
     sdk = client(proxy.v1, **{"X-Session-Id": session})
     sdk.responses.create(model="policy", input="Compute 2+3.", tools=[CALCULATOR], max_output_tokens=8)
-    sdk.responses.create(model="policy", input="Compute 2+3.", tools=[CALCULATOR], tool_choice="required",
-                         max_output_tokens=8)
+    sdk.responses.create(
+        model="policy", input="Compute 2+3.", tools=[CALCULATOR], tool_choice="required", max_output_tokens=8
+    )
     post_final_reward(proxy, session, 1.0)
     plain, forced = _rows(proxy.db_url, session, 2)
     assert plain["untrainable_reason"] is None and "tool_choice" in forced["untrainable_reason"]

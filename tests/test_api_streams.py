@@ -24,12 +24,17 @@ from tests.support.scripted_upstream import ScriptedUpstream, Sent
 
 TEXT = "The answer is forty-two."
 CALC = {"name": "calculator", "arguments": '{"expression": "6 * 7"}'}
-RESPONSES_TOOL = {"type": "function", "name": "calculator", "description": "Evaluate arithmetic",
-                  "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
-                                 "required": ["expression"]}}
-MESSAGES_TOOL = {"name": "calculator", "description": "Evaluate arithmetic",
-                 "input_schema": {"type": "object", "properties": {"expression": {"type": "string"}},
-                                  "required": ["expression"]}}
+RESPONSES_TOOL = {
+    "type": "function",
+    "name": "calculator",
+    "description": "Evaluate arithmetic",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+}
+MESSAGES_TOOL = {
+    "name": "calculator",
+    "description": "Evaluate arithmetic",
+    "input_schema": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+}
 
 
 class Upstream(ScriptedUpstream):
@@ -69,18 +74,31 @@ class Upstream(ScriptedUpstream):
         await resp.prepare(request)
         base = {"id": "chatcmpl-vllm", "object": "chat.completion.chunk", "created": 1700000000, "model": req["model"]}
         prompt = self._prompt_ids(req)
-        first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}], "prompt_token_ids": prompt}
+        first = {
+            **base,
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+            "prompt_token_ids": prompt,
+        }
         events = [first]
         pieces = self._pieces(text)
         n = 0
         for k, piece in enumerate(pieces):
             ids = self.tokenize(piece)
             last = k == len(pieces) - 1
-            choice = {"index": 0, "delta": {"content": piece},
-                      "logprobs": {"content": [{"token": f"t{t}", "logprob": self._logprob(n + j), "bytes": [t],
-                                                "top_logprobs": []} for j, t in enumerate(ids)]},
-                      "finish_reason": "stop" if last else None, "token_ids": ids}
+            choice = {
+                "index": 0,
+                "delta": {"content": piece},
+                "logprobs": {
+                    "content": [
+                        {"token": f"t{t}", "logprob": self._logprob(n + j), "bytes": [t], "top_logprobs": []}
+                        for j, t in enumerate(ids)
+                    ]
+                },
+                "finish_reason": "stop" if last else None,
+                "token_ids": ids,
+            }
             if last:
                 choice["stop_reason"] = None
             events.append({**base, "choices": [choice]})
@@ -105,8 +123,9 @@ def stack(tmp_path_factory):
     tmp: Path = tmp_path_factory.mktemp("api-streams")
     db = f"sqlite+aiosqlite:///{tmp}/trainwire.db"  # serve creates the embedded schema itself
     up = Upstream().start()
-    proxy = ProxyProcess(["--upstream", up.url, "--database-url", db, "--journal-dir", str(tmp / "journal")],
-                         log_path=tmp / "proxy.log")
+    proxy = ProxyProcess(
+        ["--upstream", up.url, "--database-url", db, "--journal-dir", str(tmp / "journal")], log_path=tmp / "proxy.log"
+    )
     proxy.start(timeout=90)
     yield {"proxy": proxy, "up": up, "db": db}
     proxy.stop()
@@ -145,8 +164,9 @@ def call_row(stack, call_id: str, timeout: float = 10.0) -> dict:
 
 
 def post_stream(stack, path: str, body: dict, headers: dict | None = None) -> tuple[httpx.Response, bytes]:
-    with httpx.stream("POST", f"{stack['proxy'].url}{path}", json={**body, "stream": True}, headers=headers,
-                      timeout=30) as r:
+    with httpx.stream(
+        "POST", f"{stack['proxy'].url}{path}", json={**body, "stream": True}, headers=headers, timeout=30
+    ) as r:
         return r, r.read()
 
 
@@ -155,8 +175,13 @@ def responses_body(**kw) -> dict:
 
 
 def messages_body(**kw) -> dict:
-    return {"model": "policy", "max_tokens": 64, "system": "You are terse.",
-            "messages": [{"role": "user", "content": "What is six times seven?"}], **kw}
+    return {
+        "model": "policy",
+        "max_tokens": 64,
+        "system": "You are terse.",
+        "messages": [{"role": "user", "content": "What is six times seven?"}],
+        **kw,
+    }
 
 
 def expected_tokens(text: str) -> tuple[list[int], list[float]]:
@@ -179,10 +204,17 @@ def test_responses_text_stream_is_openais_event_sequence(stack):
     events = parse_sse(raw)
     names = [n for n, _ in events]
     n_deltas = len(ScriptedUpstream()._pieces(TEXT))
-    assert names == ["response.created", "response.in_progress", "response.output_item.added",
-                     "response.content_part.added", *["response.output_text.delta"] * n_deltas,
-                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
-                     "response.completed"]
+    assert names == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * n_deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert all(data["type"] == name for name, data in events)  # the event: line names the data's type
     assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
     assert "[DONE]" not in raw.decode()  # Responses streams end with response.completed, not [DONE]
@@ -195,22 +227,33 @@ def test_responses_text_stream_is_openais_event_sequence(stack):
     assert created["status"] == "in_progress" and created["output"] == []
     assert created["id"] == completed["id"] == "resp_" + r.headers["x-call-id"].removeprefix("call_")
     assert completed["status"] == "completed" and completed["instructions"] == "You are terse."
-    assert completed["output"] == [{"id": item_id, "type": "message", "status": "completed", "role": "assistant",
-                                    "content": [{"type": "output_text", "text": TEXT, "annotations": [],
-                                                 "logprobs": []}]}]
+    assert completed["output"] == [
+        {
+            "id": item_id,
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": TEXT, "annotations": [], "logprobs": []}],
+        }
+    ]
     # Nothing the proxy injected for training reaches the client.
     for needle in ("token_ids", "prompt_token_ids", "chatcmpl"):
         assert needle not in raw.decode()
 
     row = call_row(stack, r.headers["x-call-id"])
     ids, lps = expected_tokens(TEXT)
-    assert (row["kind"], row["stream"], row["status_code"], row["aborted"], row["session_id"]) == \
-        ("responses", True, 200, False, "rs-text")
+    assert (row["kind"], row["stream"], row["status_code"], row["aborted"], row["session_id"]) == (
+        "responses",
+        True,
+        200,
+        False,
+        "rs-text",
+    )
     assert row["completion_token_ids"] == ids and row["logprobs"] == pytest.approx(lps)
     assert row["prompt_token_ids"] == ScriptedUpstream.tokenize("You are terse.What is six times seven?")
     assert row["untrainable_reason"] is None and row["finish_reason"] == "stop"
     assert row["response"]["output"] == completed["output"]  # what the client saw, recorded
-    assert row["request"] == responses_body(stream=True)      # the client's request, not vLLM's
+    assert row["request"] == responses_body(stream=True)  # the client's request, not vLLM's
 
 
 def test_responses_tool_call_only_stream(stack):
@@ -219,13 +262,23 @@ def test_responses_tool_call_only_stream(stack):
     assert r.status_code == 200
     events = parse_sse(raw)
     assert [n for n, _ in events] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.function_call_arguments.delta", "response.function_call_arguments.delta",
-        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
     added = events[2][1]["item"]
-    assert (added["type"], added["name"], added["call_id"], added["status"]) == \
-        ("function_call", "calculator", "chatcmpl-tool-0", "in_progress")
+    assert (added["type"], added["name"], added["call_id"], added["status"]) == (
+        "function_call",
+        "calculator",
+        "chatcmpl-tool-0",
+        "in_progress",
+    )
     assert "".join(d["delta"] for n, d in events if n.endswith("arguments.delta")) == CALC["arguments"]
     assert events[5][1]["arguments"] == CALC["arguments"] and events[5][1]["name"] == "calculator"
     (item,) = events[-1][1]["response"]["output"]  # no empty message item before the call
@@ -259,13 +312,18 @@ def test_messages_text_stream_is_anthropics_event_sequence(stack):
     events = parse_sse(raw)
     names = [n for n, _ in events]
     n_deltas = len(ScriptedUpstream()._pieces(TEXT))
-    assert names == ["message_start", "content_block_start", *["content_block_delta"] * n_deltas,
-                     "content_block_stop", "message_delta", "message_stop"]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * n_deltas,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert all(data["type"] == name for name, data in events)
     start = events[0][1]["message"]
     assert (start["type"], start["role"], start["content"], start["model"]) == ("message", "assistant", [], "policy")
-    assert events[1][1] == {"type": "content_block_start", "index": 0,
-                            "content_block": {"type": "text", "text": ""}}
+    assert events[1][1] == {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
     deltas = [d for n, d in events if n == "content_block_delta"]
     assert all(d["index"] == 0 and d["delta"]["type"] == "text_delta" for d in deltas)
     assert "".join(d["delta"]["text"] for d in deltas) == TEXT
@@ -276,8 +334,13 @@ def test_messages_text_stream_is_anthropics_event_sequence(stack):
 
     row = call_row(stack, r.headers["x-call-id"])
     ids, lps = expected_tokens(TEXT)
-    assert (row["kind"], row["stream"], row["status_code"], row["aborted"], row["session_id"]) == \
-        ("messages", True, 200, False, "ms-text")
+    assert (row["kind"], row["stream"], row["status_code"], row["aborted"], row["session_id"]) == (
+        "messages",
+        True,
+        200,
+        False,
+        "ms-text",
+    )
     assert row["completion_token_ids"] == ids and row["logprobs"] == pytest.approx(lps)
     assert row["untrainable_reason"] is None
     assert row["response"]["content"] == [{"type": "text", "text": TEXT}]
@@ -291,11 +354,22 @@ def test_messages_tool_use_only_stream(stack):
     r, raw = post_stream(stack, "/v1/messages", messages_body(tools=[MESSAGES_TOOL]))
     assert r.status_code == 200
     events = parse_sse(raw)
-    assert [n for n, _ in events] == ["message_start", "content_block_start", "content_block_delta",
-                                      "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+    assert [n for n, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     block = events[1][1]["content_block"]
-    assert (block["type"], block["name"], block["id"], block["input"]) == ("tool_use", "calculator",
-                                                                           "chatcmpl-tool-0", {})
+    assert (block["type"], block["name"], block["id"], block["input"]) == (
+        "tool_use",
+        "calculator",
+        "chatcmpl-tool-0",
+        {},
+    )
     partial = "".join(d["delta"]["partial_json"] for n, d in events if n == "content_block_delta")
     assert json.loads(partial) == json.loads(CALC["arguments"])
     assert all(d["delta"]["type"] == "input_json_delta" for n, d in events if n == "content_block_delta")
@@ -305,8 +379,9 @@ def test_messages_tool_use_only_stream(stack):
     ids = tool_tokens(CALC)
     assert row["completion_token_ids"] == ids and row["logprobs"] == [-0.5] * len(ids)
     assert row["finish_reason"] == "tool_calls" and row["untrainable_reason"] is None and not row["aborted"]
-    assert row["response"]["content"] == [{"type": "tool_use", "id": "chatcmpl-tool-0", "name": "calculator",
-                                           "input": {"expression": "6 * 7"}}]
+    assert row["response"]["content"] == [
+        {"type": "tool_use", "id": "chatcmpl-tool-0", "name": "calculator", "input": {"expression": "6 * 7"}}
+    ]
     assert row["response"]["stop_reason"] == "tool_use"
 
 
@@ -351,7 +426,10 @@ def _text_so_far(api: str):
 
 
 API_REQUESTS = {
-    "chat": ("/v1/chat/completions", {"model": "policy", "messages": [{"role": "user", "content": "Six times seven?"}]}),
+    "chat": (
+        "/v1/chat/completions",
+        {"model": "policy", "messages": [{"role": "user", "content": "Six times seven?"}]},
+    ),
     "responses": ("/v1/responses", responses_body()),
     "messages": ("/v1/messages", messages_body()),
 }
@@ -408,8 +486,9 @@ def _assert_api_error(api: str, r: httpx.Response, status: int) -> str:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("api", list(API_REQUESTS))
-@pytest.mark.parametrize("answer", [("text/html", HTML), ("application/json", b'{"id": "chatcmpl-1", "choi')],
-                         ids=["html", "truncated-json"])
+@pytest.mark.parametrize(
+    "answer", [("text/html", HTML), ("application/json", b'{"id": "chatcmpl-1", "choi')], ids=["html", "truncated-json"]
+)
 def test_upstream_200_that_is_not_a_completion_is_a_502(stack, api, stream, answer):
     path, body = API_REQUESTS[api]
     content_type, page = answer

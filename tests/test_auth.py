@@ -17,18 +17,37 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture
 def keyed(start_proxy, upstream, pg_url, tmp_path):
-    p = start(start_proxy, upstream, pg_url, tmp_path, "--api-key", AGENT, "--admin-key", ADMIN,
-              "--upstream-api-key", UPSTREAM)
+    p = start(
+        start_proxy,
+        upstream,
+        pg_url,
+        tmp_path,
+        "--api-key",
+        AGENT,
+        "--admin-key",
+        ADMIN,
+        "--upstream-api-key",
+        UPSTREAM,
+    )
     yield p
     p.stop()
 
 
-ADMIN_ROUTES = [("POST", "/reward", {"session_id": "k-1", "reward": 1}),
-                ("POST", "/sessions/k-1/reward", {"reward": 1}), ("POST", "/sessions/k-1/finish", None),
-                ("GET", "/sessions", None), ("GET", "/sessions/k-1", None), ("GET", "/calls/call_x", None),
-                ("GET", "/rewards", None), ("GET", "/stats", None), ("DELETE", "/rewards?source=user", None),
-                ("DELETE", "/rewards/1", None), ("GET", "/train/steps", None), ("GET", "/policy/versions", None),
-                ("GET", "/metrics", None)]
+ADMIN_ROUTES = [
+    ("POST", "/reward", {"session_id": "k-1", "reward": 1}),
+    ("POST", "/sessions/k-1/reward", {"reward": 1}),
+    ("POST", "/sessions/k-1/finish", None),
+    ("GET", "/sessions", None),
+    ("GET", "/sessions/k-1", None),
+    ("GET", "/calls/call_x", None),
+    ("GET", "/rewards", None),
+    ("GET", "/stats", None),
+    ("DELETE", "/rewards?source=user", None),
+    ("DELETE", "/rewards/1", None),
+    ("GET", "/train/steps", None),
+    ("GET", "/policy/versions", None),
+    ("GET", "/metrics", None),
+]
 
 
 def _admin_request(proxy, method: str, path: str, body, headers: dict[str, str]) -> httpx.Response:
@@ -62,13 +81,29 @@ def test_admin_routes_need_the_admin_key(keyed, upstream, pg_url):
     for path in ("/rewards/99999999999999999999", "/train/steps?cursor=!!", "/calls/x%00y", "/sessions?task=%00"):
         method = "DELETE" if path.startswith("/rewards/") else "GET"
         assert_openai_error(httpx.request(method, f"{keyed.url}{path}", timeout=30), 401, "admin key")
-    status, body = curl(f"{keyed.url}/reward", "-X", "POST", "-H", "content-type: application/json",
-                        "-d", '{"session_id": "k-1", "reward": 1}')
+    status, body = curl(
+        f"{keyed.url}/reward",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        '{"session_id": "k-1", "reward": 1}',
+    )
     assert status == 401 and body["error"]["type"] == "authentication_error"
     assert dbread.rewards(pg_url) == []
     # With the admin key every route answers.
-    status, body = curl(f"{keyed.url}/reward", "-X", "POST", "-H", "content-type: application/json",
-                        "-H", f"Authorization: Bearer {ADMIN}", "-d", '{"session_id": "k-1", "reward": 1}')
+    status, body = curl(
+        f"{keyed.url}/reward",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-H",
+        f"Authorization: Bearer {ADMIN}",
+        "-d",
+        '{"session_id": "k-1", "reward": 1}',
+    )
     assert status == 200 and body["value"] == 1.0
     assert get(keyed, "/stats", headers=bearer(ADMIN)).json()["rewards"]["total"] == 1
     assert get(keyed, "/sessions/k-1", headers=bearer(ADMIN)).json()["status"] == "finished"
@@ -83,13 +118,20 @@ def test_upstream_key_is_sent_upstream_and_never_echoed(keyed, upstream, pg_url)
     # vLLM gets its own key, never the agent's.
     assert upstream.sent[-1].headers["Authorization"] == f"Bearer {UPSTREAM}"
     assert AGENT not in str(upstream.sent[-1].headers)
-    upstream.script(status=401, error_body={"object": "error", "message": "upstream refused", "type": "Unauthorized",
-                                            "param": None, "code": 401})
+    upstream.script(
+        status=401,
+        error_body={
+            "object": "error",
+            "message": "upstream refused",
+            "type": "Unauthorized",
+            "param": None,
+            "code": 401,
+        },
+    )
     failed = chat(keyed, "k-echo", headers=bearer(AGENT))
     assert failed.status_code == 401
     seen = [r.text + str(r.headers), failed.text + str(failed.headers)]
-    for path in ("/sessions", "/sessions/k-echo?tokens=true", f"/calls/{call_id}?tokens=true", "/stats",
-                 "/rewards"):
+    for path in ("/sessions", "/sessions/k-echo?tokens=true", f"/calls/{call_id}?tokens=true", "/stats", "/rewards"):
         resp = get(keyed, path, headers=bearer(ADMIN))
         assert resp.status_code == 200
         seen.append(resp.text + str(resp.headers))

@@ -70,16 +70,23 @@ def test_a_reader_racing_compaction_still_loads_every_base(db_url):
 
             async def compact_b():
                 async with engine.begin() as other:
-                    await other.execute(update(C).where(C.c.id == "b").values(
-                        base_call_id="a", prompt_prefix_len=row_b.prompt_prefix_len,
-                        messages_prefix_len=row_b.messages_prefix_len, prompt_token_ids=row_b.prompt_token_ids,
-                        request=row_b.request))
+                    await other.execute(
+                        update(C)
+                        .where(C.c.id == "b")
+                        .values(
+                            base_call_id="a",
+                            prompt_prefix_len=row_b.prompt_prefix_len,
+                            messages_prefix_len=row_b.messages_prefix_len,
+                            prompt_token_ids=row_b.prompt_token_ids,
+                            request=row_b.request,
+                        )
+                    )
 
             async with engine.connect() as conn:
                 rows = [r._mapping for r in (await conn.execute(select(*_LOAD).where(C.c.id == "d"))).all()]
-                racing = RacingConn(conn, 2, compact_b)   # 1: the bases' sessions, 2: the graph, 3: the rows
+                racing = RacingConn(conn, 2, compact_b)  # 1: the bases' sessions, 2: the graph, 3: the rows
                 (full,) = await full_rows(racing, rows, tokens=True)
-                assert racing.n > 3   # it went back for A
+                assert racing.n > 3  # it went back for A
             return full
         finally:
             await engine.dispose()
@@ -98,7 +105,7 @@ def test_loading_bases_ends_when_a_base_is_really_missing(sqlite_url):
         engine = make_engine(sqlite_url)
         try:
             async with engine.begin() as conn:
-                await write_batch(conn, [encode([remember(a)], b)])   # A never written
+                await write_batch(conn, [encode([remember(a)], b)])  # A never written
             async with engine.connect() as conn:
                 rows = [r._mapping for r in (await conn.execute(select(*_LOAD))).all()]
                 racing = RacingConn(conn, 0, None)
@@ -144,11 +151,11 @@ def test_no_call_is_stored_as_a_delta_of_a_call_prune_dropped(db_url):
                     await conn.execute(update(Session).where(Session.id == "old").values(status="trained"))
                 report = await prune(engine, older_than_days=1, say=lambda m: None)
                 assert report.sessions == 1
-                writer.submit(b)     # the cache holds `a`, whose body prune just dropped
+                writer.submit(b)  # the cache holds `a`, whose body prune just dropped
                 assert await writer.flush_session("old")
             finally:
                 await writer.stop()
-            later = BatchWriter(engine, interval_ms=2)   # a proxy started after the prune: nothing cached
+            later = BatchWriter(engine, interval_ms=2)  # a proxy started after the prune: nothing cached
             await later.start()
             try:
                 later.submit(d)
@@ -160,7 +167,7 @@ def test_no_call_is_stored_as_a_delta_of_a_call_prune_dropped(db_url):
 
     asyncio.run(go())
     raw = {r["id"]: r for r in dbread.raw_calls(db_url)}
-    assert raw["old-a"]["request"] is None and raw["old-a"]["prompt_token_ids"] is None   # pruned
+    assert raw["old-a"]["request"] is None and raw["old-a"]["prompt_token_ids"] is None  # pruned
     assert raw["old-b"]["base_call_id"] is None and raw["old-b"]["prompt_prefix_len"] is None
     assert raw["old-d"]["base_call_id"] is None and raw["old-d"]["prompt_prefix_len"] is None
     assert raw["recent-b"]["base_call_id"] == "recent-a" and raw["recent-d"]["base_call_id"] == "recent-b"
@@ -186,8 +193,9 @@ def test_a_batch_whose_bases_expire_while_it_waits_is_written_whole(sqlite_url):
             stored, _, oldest = await writer._encode([b])
             assert stored[0].base_call_id == "s-a" and oldest == a.started_at.timestamp()
             # Now is an hour later than when the batch was encoded.
-            assert await writer._write_with_retry(stored, [], whole=[b],
-                                                  oldest_base=time.time() - MAX_BASE_AGE_S - 1) == {"s-b"}
+            assert await writer._write_with_retry(
+                stored, [], whole=[b], oldest_base=time.time() - MAX_BASE_AGE_S - 1
+            ) == {"s-b"}
         finally:
             await engine.dispose()
 

@@ -51,8 +51,18 @@ def sessions(seed: int) -> list[CallRecord]:
         r.started_at = r.finished_at = NOW + timedelta(seconds=n)
         r.task_id = "task"
         tc = f"tc-{r.id}"
-        r.response = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok", "tool_calls": [
-            {"id": tc, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}
+        r.response = {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "ok",
+                        "tool_calls": [{"id": tc, "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                    },
+                }
+            ]
+        }
         if r.prompt_token_ids is None:
             r.status_code = 500
         out.append(r)
@@ -87,13 +97,18 @@ async def everything(url: str, records: list[CallRecord]) -> dict:
             for tokens in (False, True):
                 out[f"call {r.id} {tokens}"] = (await get_call(engine, r.id, tokens=tokens)).model_dump()
             out[f"producers {r.id}"] = await find_tool_call_producers(
-                engine, session_id=r.session_id, exclude_call_id="none", started_before=NOW + timedelta(days=1),
-                tool_call_id=f"tc-{r.id}")
+                engine,
+                session_id=r.session_id,
+                exclude_call_id="none",
+                started_before=NOW + timedelta(days=1),
+                tool_call_id=f"tc-{r.id}",
+            )
         for has in ([], ["failed"], ["untrainable"]):
             out[f"list {has}"] = (await list_sessions(engine, has=has)).model_dump()
         out["stats"] = (await stats(engine)).model_dump()
-        out["export"] = [row async for page in pages(engine, _filters(None, None, None, None, True), page_size=7)
-                         for row in page]
+        out["export"] = [
+            row async for page in pages(engine, _filters(None, None, None, None, True), page_size=7) for row in page
+        ]
         for sid in {r.session_id for r in records}:
             await store_reward(engine, NewReward(session_id=sid, value=1.0, final=True))
         claimed = await claim_batch(engine, worker_id="w", batch_size=10)
@@ -125,8 +140,9 @@ def test_readers_see_the_same_calls_whether_stored_as_deltas_or_whole(two_urls, 
     # What the suite's other tests read: the full values, as stored whole.
     full = dbread.calls(deltas_url)
     delta_cols = ("base_call_id", "prompt_prefix_len", "messages_prefix_len")
-    assert [{k: v for k, v in r.items() if k not in delta_cols} for r in full] == \
-        [{k: v for k, v in r.items() if k not in delta_cols} for r in dbread.calls(whole_url)]
+    assert [{k: v for k, v in r.items() if k not in delta_cols} for r in full] == [
+        {k: v for k, v in r.items() if k not in delta_cols} for r in dbread.calls(whole_url)
+    ]
     by_id = {r.id: r for r in records}
     for r in full:
         assert r["prompt_token_ids"] == by_id[r["id"]].prompt_token_ids
@@ -159,14 +175,15 @@ def test_a_batch_refused_as_data_is_written_whole_and_no_delta_points_at_a_refus
 
     async def go():
         engine = make_engine(pg_url)
-        writer = BatchWriter(engine, interval_ms=20, journal=Journal(tmp_path / "journal"),
-                             delta_cache=DeltaCache(max_age_s=None))
+        writer = BatchWriter(
+            engine, interval_ms=20, journal=Journal(tmp_path / "journal"), delta_cache=DeltaCache(max_age_s=None)
+        )
         await writer.start()
         try:
             writer.submit(c1)
             assert await writer.flush_session("good")
             writer.submit(c2)
-            writer.submit(b1)   # the same batch as c2
+            writer.submit(b1)  # the same batch as c2
             assert await writer.flush_session("good") and await writer.flush_session("bad")
             writer.submit(c3)
             writer.submit(b2)

@@ -27,10 +27,20 @@ pytestmark = pytest.mark.vllm
 require_vllm_venv()
 
 SYSTEM = {"role": "system", "content": "You are a calculator. Use the calculator tool."}
-TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate an expression",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"expression": {"type": "string"}},
-                                                          "required": ["expression"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Evaluate an expression",
+            "parameters": {
+                "type": "object",
+                "properties": {"expression": {"type": "string"}},
+                "required": ["expression"],
+            },
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +58,23 @@ def vllm(model_dir, tmp_path_factory):
 
 
 def tokenize_chat(vllm, messages: list[dict]) -> list[int]:
-    r = httpx.post(f"{vllm.url}/tokenize", json={"model": "tiny", "messages": messages, "tools": TOOLS,
-                                                 "add_generation_prompt": True}, timeout=30)
+    r = httpx.post(
+        f"{vllm.url}/tokenize",
+        json={"model": "tiny", "messages": messages, "tools": TOOLS, "add_generation_prompt": True},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     return r.json()["tokens"]
 
 
 def turn(proxy, db_url: str, session: str, messages: list[dict], n_stored: int) -> str:
     """One call; waits until it is in the database, so the next call can be stored against it."""
-    r = httpx.post(f"{proxy.v1}/chat/completions", headers={"X-Session-Id": session, "X-Agent-Name": "solver"},
-                   json={"model": "policy", "messages": messages, "tools": TOOLS, "max_tokens": 6}, timeout=120)
+    r = httpx.post(
+        f"{proxy.v1}/chat/completions",
+        headers={"X-Session-Id": session, "X-Agent-Name": "solver"},
+        json={"model": "policy", "messages": messages, "tools": TOOLS, "max_tokens": 6},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     assert len(dbread.wait_calls(db_url, n_stored, session, timeout=30)) == n_stored
     return r.json()["choices"][0]["message"]["content"] or ""
@@ -76,11 +93,22 @@ def test_a_session_is_stored_as_deltas_and_read_whole(start_proxy, vllm, pg_url,
     answer = call(msgs)
     msgs = msgs + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Use the tool."}]
     answer = call(msgs)
-    msgs = msgs + [{"role": "assistant", "content": answer, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
+    msgs = msgs + [
+        {
+            "role": "assistant",
+            "content": answer,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]
     answer = call(msgs)
-    retried = msgs[:-2] + [{"role": "user", "content": "Never mind the tool; just answer."}]   # a retried turn
+    retried = msgs[:-2] + [{"role": "user", "content": "Never mind the tool; just answer."}]  # a retried turn
     call(retried)
     msgs = msgs + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And 4*4?"}]
     call(msgs)
@@ -96,11 +124,11 @@ def test_a_session_is_stored_as_deltas_and_read_whole(start_proxy, vllm, pg_url,
     for i, b in ((1, 0), (2, 1), (4, 2)):
         assert raw[i]["base_call_id"] == ids[b], i
         assert raw[i]["messages_prefix_len"] == len(sent[b])
-        assert raw[i]["request"]["messages"] == sent[i][len(sent[b]):]
+        assert raw[i]["request"]["messages"] == sent[i][len(sent[b]) :]
         assert raw[i]["prompt_prefix_len"] >= len(tokenize_chat(vllm, sent[b]))
         assert len(raw[i]["prompt_token_ids"]) < len(tokenize_chat(vllm, sent[i])) / 2
     assert raw[3]["base_call_id"] is not None and raw[3]["messages_prefix_len"] == len(sent[3]) - 1
-    assert raw[5]["messages_prefix_len"] in (None, 1)   # the compacted context shares the system prompt at most
+    assert raw[5]["messages_prefix_len"] in (None, 1)  # the compacted context shares the system prompt at most
 
     expected = [tokenize_chat(vllm, m) for m in sent]
     full = sorted(dbread.calls(pg_url, sid), key=lambda r: r["seq"])
@@ -121,8 +149,12 @@ def test_a_session_is_stored_as_deltas_and_read_whole(start_proxy, vllm, pg_url,
     assert sid not in [s["id"] for s in listed["data"]]
 
     out = tmp_path / "export.jsonl"
-    done = subprocess.run([sys.executable, "-m", "trainwire.cli", "export", "--database-url", pg_url, "--out",
-                           str(out)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "trainwire.cli", "export", "--database-url", pg_url, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     rows = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["seq"])
     assert [r["prompt_token_ids"] for r in rows] == expected and [r["messages"] for r in rows] == sent
@@ -141,10 +173,16 @@ def test_a_session_is_stored_as_deltas_and_read_whole(start_proxy, vllm, pg_url,
     assert [c.completion_token_ids for c in claimed.calls] == [r["completion_token_ids"] for r in full]
     proxy.stop()
 
-    whole = start_proxy("--upstream", vllm.url, "--database-url", pg_url, "--journal-dir", str(tmp_path / "j2"),
-                        "--no-call-deltas")
+    whole = start_proxy(
+        "--upstream", vllm.url, "--database-url", pg_url, "--journal-dir", str(tmp_path / "j2"), "--no-call-deltas"
+    )
     msgs = [SYSTEM, {"role": "user", "content": "Compute 1+1."}]
     answer = turn(whole, pg_url, "whole-1", msgs, 1)
-    turn(whole, pg_url, "whole-1", msgs + [{"role": "assistant", "content": answer},
-                                           {"role": "user", "content": "Again."}], 2)
+    turn(
+        whole,
+        pg_url,
+        "whole-1",
+        msgs + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Again."}],
+        2,
+    )
     assert [r["base_call_id"] for r in dbread.raw_calls(pg_url, "whole-1")] == [None, None]

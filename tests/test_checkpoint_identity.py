@@ -52,13 +52,28 @@ async def _seed(url: str, tag: str, n: int) -> list[str]:
     try:
         async with engine.begin() as conn:
             for i, sid in enumerate(ids):
-                await conn.execute(insert(S).values(id=sid, task_id=f"{tag}-task", n_calls=1, first_call_at=at,
-                                                    last_call_at=at))
-                await conn.execute(insert(C).values(
-                    id=f"{sid}-c0", session_id=sid, seq=0, task_id=f"{tag}-task", trainable=True, kind="chat",
-                    path="/v1/chat/completions", policy_version=0, prompt_token_ids=[1, 3, 40 + i, 41],
-                    completion_token_ids=[50 + i, 60, 2], logprobs=[-6.0, -6.1, -6.2], finish_reason="stop",
-                    status_code=200, started_at=at, finished_at=at))
+                await conn.execute(
+                    insert(S).values(id=sid, task_id=f"{tag}-task", n_calls=1, first_call_at=at, last_call_at=at)
+                )
+                await conn.execute(
+                    insert(C).values(
+                        id=f"{sid}-c0",
+                        session_id=sid,
+                        seq=0,
+                        task_id=f"{tag}-task",
+                        trainable=True,
+                        kind="chat",
+                        path="/v1/chat/completions",
+                        policy_version=0,
+                        prompt_token_ids=[1, 3, 40 + i, 41],
+                        completion_token_ids=[50 + i, 60, 2],
+                        logprobs=[-6.0, -6.1, -6.2],
+                        finish_reason="stop",
+                        status_code=200,
+                        started_at=at,
+                        finished_at=at,
+                    )
+                )
                 await conn.execute(insert(R).values(session_id=sid, value=float(i % 2), final=True, created_at=at))
     finally:
         await engine.dispose()
@@ -94,10 +109,27 @@ def the_store_id(url: str) -> str:
 
 
 def trainer_argv(*, db: str, model: Path, ckpt: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "trainwire.cli", "train", "--database-url", db,
-            "--upstream", f"http://127.0.0.1:{free_port()}",  # nothing listens there
-            "--model", str(model), "--checkpoint-dir", str(ckpt), "--batch-size", "4", "--settle-s", "0",
-            "--poll-s", "0.2", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "trainwire.cli",
+        "train",
+        "--database-url",
+        db,
+        "--upstream",
+        f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "--model",
+        str(model),
+        "--checkpoint-dir",
+        str(ckpt),
+        "--batch-size",
+        "4",
+        "--settle-s",
+        "0",
+        "--poll-s",
+        "0.2",
+        *extra,
+    ]
 
 
 def env() -> dict[str, str]:
@@ -169,8 +201,12 @@ def test_the_first_start_writes_the_manifest(lora_run, model_dir):
     assert manifest["base_model"]["config"]["model_type"] == "llama"
     assert manifest["base_model"]["config"]["num_hidden_layers"] == 2
     assert manifest["base_model"]["config"]["vocab_size"] == 512
-    assert manifest["training"] == {"kind": "lora", "lora_rank": 8, "lora_alpha": 16,
-                                    "lora_target_modules": "all-linear"}
+    assert manifest["training"] == {
+        "kind": "lora",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_target_modules": "all-linear",
+    }
     assert manifest["trainwire_version"] and manifest["created_at"]
 
 
@@ -198,8 +234,9 @@ def test_a_run_of_another_store_is_refused(lora_run, model_dir, pg_url, tmp_path
 def test_full_fine_tuning_on_a_lora_run_is_refused(lora_run, model_dir, tmp_path):
     """Before: verl's `ValueError: Failed to load LoRA-only checkpoint: unexpected keys [...]`."""
     ckpt = copy_of(lora_run, tmp_path)
-    line = assert_refused(train(tmp_path, db=lora_run["db"], model=model_dir, ckpt=ckpt, extra=("--lora-rank", "0")),
-                          ckpt)
+    line = assert_refused(
+        train(tmp_path, db=lora_run["db"], model=model_dir, ckpt=ckpt, extra=("--lora-rank", "0")), ckpt
+    )
     assert "holds a run of LoRA rank 8 alpha 16 on all-linear (this start: full fine-tuning)" in line
 
 
@@ -243,8 +280,14 @@ def sigterm_when(lora_run: dict, model_dir: Path, tmp_path: Path, marker: str) -
     """Start the trainer on a copy of the LoRA run (the same run: it resumes), SIGTERM it when it prints
     ``marker``; returns its exit code, the seconds it took to exit after the signal, and its output."""
     ckpt = copy_of(lora_run, tmp_path)
-    proc = subprocess.Popen(trainer_argv(db=lora_run["db"], model=model_dir, ckpt=ckpt), cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        trainer_argv(db=lora_run["db"], model=model_dir, ckpt=ckpt),
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = []
     try:
         for line in proc.stdout:
@@ -343,8 +386,9 @@ def stepping_trainer(tmp_path: Path, db: str, signal_in: str):
     from trainwire.settings import Settings
 
     said: list[str] = []
-    settings = Settings(model="tiny", database_url=db, checkpoint_dir=tmp_path / "ckpt", settle_s=0,
-                        batch_size=4, group_size=0)
+    settings = Settings(
+        model="tiny", database_url=db, checkpoint_dir=tmp_path / "ckpt", settle_s=0, batch_size=4, group_size=0
+    )
     tr = Trainer(settings, Stopper(say=said.append, abort=lambda signum: None))
     tr.policy = SlowEngine(signal_in)
     tr.ranks = Collective(tr.policy, tr.publish_root, rank=0, world=1, broadcast=None)
@@ -373,7 +417,9 @@ def run_one_step(tr) -> object:
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> str:
-    monkeypatch.setattr("trainwire.rl.advantages.compute_advantages", lambda scores, groups, estimator: [0.5] * len(scores))
+    monkeypatch.setattr(
+        "trainwire.rl.advantages.compute_advantages", lambda scores, groups, estimator: [0.5] * len(scores)
+    )
     url = f"sqlite+aiosqlite:///{tmp_path}/steps.db"
     upgrade_head(url)
     return url

@@ -23,8 +23,19 @@ async def db(db_url):
     await engine.dispose()
 
 
-async def add_session(engine, sid, *, task=None, final=1.0, closed=True, finished_ago=30.0, n_calls=1,
-                      agents=None, trainable=None, intermediate=()):
+async def add_session(
+    engine,
+    sid,
+    *,
+    task=None,
+    final=1.0,
+    closed=True,
+    finished_ago=30.0,
+    n_calls=1,
+    agents=None,
+    trainable=None,
+    intermediate=(),
+):
     """A session with ``n_calls`` calls (one second apart, starting a minute before it finished) and,
     when ``closed``, a final reward row ``finished_ago`` seconds old (``final=None``: closed without one).
     ``intermediate``: (call index or None, value, seconds after that call finished)."""
@@ -32,23 +43,52 @@ async def add_session(engine, sid, *, task=None, final=1.0, closed=True, finishe
     end = now - timedelta(seconds=finished_ago)
     start = end - timedelta(seconds=60)
     async with engine.begin() as conn:
-        await conn.execute(insert(S).values(id=sid, task_id=task, n_calls=n_calls, first_call_at=start,
-                                            last_call_at=start + timedelta(seconds=n_calls)))
+        await conn.execute(
+            insert(S).values(
+                id=sid,
+                task_id=task,
+                n_calls=n_calls,
+                first_call_at=start,
+                last_call_at=start + timedelta(seconds=n_calls),
+            )
+        )
         rows = []
         for i in range(n_calls):
             at = start + timedelta(seconds=i)
-            rows.append(dict(id=f"{sid}-c{i}", session_id=sid, seq=i, task_id=task,
-                             agent_name=(agents or ["a"] * n_calls)[i],
-                             trainable=(trainable or [True] * n_calls)[i], kind="chat", path="/v1/chat/completions",
-                             policy_version=0, prompt_token_ids=[1, 2, i], completion_token_ids=[3, i],
-                             logprobs=[-0.5, -0.25], finish_reason="stop", status_code=200,
-                             started_at=at, finished_at=at + timedelta(seconds=0.5)))
+            rows.append(
+                dict(
+                    id=f"{sid}-c{i}",
+                    session_id=sid,
+                    seq=i,
+                    task_id=task,
+                    agent_name=(agents or ["a"] * n_calls)[i],
+                    trainable=(trainable or [True] * n_calls)[i],
+                    kind="chat",
+                    path="/v1/chat/completions",
+                    policy_version=0,
+                    prompt_token_ids=[1, 2, i],
+                    completion_token_ids=[3, i],
+                    logprobs=[-0.5, -0.25],
+                    finish_reason="stop",
+                    status_code=200,
+                    started_at=at,
+                    finished_at=at + timedelta(seconds=0.5),
+                )
+            )
         if rows:
             await conn.execute(insert(C), rows)
         for idx, value, after in intermediate:
             call_at = start + timedelta(seconds=(idx or 0) + 0.5 + after)
-            await conn.execute(insert(R).values(session_id=sid, call_id=None if idx is None else f"{sid}-c{idx}",
-                                                value=value, final=False, source="rule", created_at=call_at))
+            await conn.execute(
+                insert(R).values(
+                    session_id=sid,
+                    call_id=None if idx is None else f"{sid}-c{idx}",
+                    value=value,
+                    final=False,
+                    source="rule",
+                    created_at=call_at,
+                )
+            )
         if closed:
             await conn.execute(insert(R).values(session_id=sid, value=final, final=True, created_at=end))
 
@@ -67,24 +107,51 @@ async def claim(engine, worker="w1", **kw):
 
 
 async def test_claim_loads_trainable_calls_in_order_with_rewards(db):
-    await add_session(db, "s1", final=0.7, n_calls=4, agents=["a", "a", "b", "a"],
-                      trainable=[True, False, True, True],
-                      intermediate=[(0, 0.25, 0.1), (0, 0.5, 0.2), (3, -1.0, 0.1), (1, 9.0, 0.1),
-                                    (None, -0.125, 2.1),  # posted 2.1 s after call 0: call 2 had finished
-                                    (2, None, 0.1)])      # a reward row without a value counts for nothing
+    await add_session(
+        db,
+        "s1",
+        final=0.7,
+        n_calls=4,
+        agents=["a", "a", "b", "a"],
+        trainable=[True, False, True, True],
+        intermediate=[
+            (0, 0.25, 0.1),
+            (0, 0.5, 0.2),
+            (3, -1.0, 0.1),
+            (1, 9.0, 0.1),
+            (None, -0.125, 2.1),  # posted 2.1 s after call 0: call 2 had finished
+            (2, None, 0.1),
+        ],
+    )  # a reward row without a value counts for nothing
     # a later-seq call with the same started_at as call 3: ordering falls back to seq
     async with db.begin() as conn:
         at = (await conn.execute(select(C.c.started_at).where(C.c.id == "s1-c3"))).scalar()
-        await conn.execute(insert(C).values(id="s1-c4", session_id="s1", seq=4, agent_name="a", trainable=True,
-                                            kind="chat", path="/v1/chat/completions", status_code=500,
-                                            started_at=at, finished_at=at, error="boom"))
+        await conn.execute(
+            insert(C).values(
+                id="s1-c4",
+                session_id="s1",
+                seq=4,
+                agent_name="a",
+                trainable=True,
+                kind="chat",
+                path="/v1/chat/completions",
+                status_code=500,
+                started_at=at,
+                finished_at=at,
+                error="boom",
+            )
+        )
         await conn.execute(update(C).where(C.c.id == "s1-c3").values(seq=5))
     (s,) = await claim(db)
     assert (s.id, s.task_id, s.final_reward) == ("s1", None, pytest.approx(0.7))
     assert [c.id for c in s.calls] == ["s1-c0", "s1-c2", "s1-c4", "s1-c3"]  # not c1 (not trainable)
     rewards = {c.id: c.reward for c in s.calls}
-    assert rewards == {"s1-c0": pytest.approx(0.75), "s1-c2": pytest.approx(-0.125), "s1-c4": 0.0,
-                       "s1-c3": pytest.approx(-1.0)}
+    assert rewards == {
+        "s1-c0": pytest.approx(0.75),
+        "s1-c2": pytest.approx(-0.125),
+        "s1-c4": 0.0,
+        "s1-c3": pytest.approx(-1.0),
+    }
     c0 = s.calls[0]
     assert (c0.prompt_token_ids, c0.completion_token_ids, c0.logprobs) == ([1, 2, 0], [3, 0], [-0.5, -0.25])
     assert (c0.status_code, c0.aborted, c0.policy_version, c0.agent_name) == (200, False, 0, "a")
@@ -98,14 +165,26 @@ async def test_claim_loads_sampling_and_untrainable_reason(db):
     """The trainer decides from these what not to train on (rl/transitions.py); rows from before migration 0002
     have neither."""
     await add_session(db, "s1", n_calls=3)
-    effective = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
-                 "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+    effective = {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+    }
     sampled = {"requested": {"temperature": 0.7}, "effective": effective, "enforced": ["temperature"]}
     async with db.begin() as conn:
         await conn.execute(update(C).where(C.c.id == "s1-c0").values(sampling=sampled))
-        await conn.execute(update(C).where(C.c.id == "s1-c1").values(
-            sampling={"requested": {"top_p": 0.5}, "effective": {**effective, "top_p": 0.5}},
-            untrainable_reason="sampling: top_p 0.5 differs from the training value 1.0"))
+        await conn.execute(
+            update(C)
+            .where(C.c.id == "s1-c1")
+            .values(
+                sampling={"requested": {"top_p": 0.5}, "effective": {**effective, "top_p": 0.5}},
+                untrainable_reason="sampling: top_p 0.5 differs from the training value 1.0",
+            )
+        )
     (s,) = await claim(db)
     c0, c1, c2 = s.calls
     assert (c0.sampling, c0.untrainable_reason) == (sampled, None)
@@ -114,8 +193,7 @@ async def test_claim_loads_sampling_and_untrainable_reason(db):
 
 
 async def test_agent_filter(db):
-    await add_session(db, "s1", n_calls=3, agents=["planner", "coder", "planner"],
-                      intermediate=[(1, -0.5, 0.1)])
+    await add_session(db, "s1", n_calls=3, agents=["planner", "coder", "planner"], intermediate=[(1, -0.5, 0.1)])
     (s,) = await claim(db, train_agents=["planner"])
     assert [c.id for c in s.calls] == ["s1-c0", "s1-c2"]
     assert [c.reward for c in s.calls] == [0.0, 0.0]  # the coder's reward is not the planner's
@@ -247,8 +325,10 @@ async def test_two_concurrent_claimers_claim_each_session_exactly_once(db, db_ur
     for i in range(n):
         await add_session(db, f"s{i:02d}", finished_ago=10.0 + i % 7)
     got1, got2 = [], []
-    await asyncio.gather(_claim_loop(db_url, "w1", got1, done=lambda: False, batch_size=3),
-                         _claim_loop(db_url, "w2", got2, done=lambda: False, batch_size=3))
+    await asyncio.gather(
+        _claim_loop(db_url, "w1", got1, done=lambda: False, batch_size=3),
+        _claim_loop(db_url, "w2", got2, done=lambda: False, batch_size=3),
+    )
     assert len(got1) + len(got2) == n  # none twice
     assert sorted(got1 + got2) == [f"s{i:02d}" for i in range(n)]  # none lost
     st = await statuses(db)
@@ -268,8 +348,9 @@ async def test_two_concurrent_claimers_take_whole_groups(db, db_url):
         return len(got1) + len(got2) >= 50
 
     kw = dict(group_by_task=True, group_size=5, group_timeout_s=600.0, batch_size=5)
-    await asyncio.gather(_claim_loop(db_url, "w1", got1, done=done, **kw),
-                         _claim_loop(db_url, "w2", got2, done=done, **kw))
+    await asyncio.gather(
+        _claim_loop(db_url, "w1", got1, done=done, **kw), _claim_loop(db_url, "w2", got2, done=done, **kw)
+    )
     # a group both claimers dropped in a lock race (each locked only part of it) is still there, whole
     got1 += [s.id for s in await claim(db, worker="w1", **{**kw, "batch_size": 50})]
     assert len(got1) + len(got2) == 50 and len(set(got1 + got2)) == 50

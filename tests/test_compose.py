@@ -62,6 +62,7 @@ TRAINWIRE_UID = "10001"
 
 # --- reading compose files the way Compose does (the subset these files use) ---------------------------
 
+
 class Tagged:
     """A value carrying Compose's `!override` or `!reset` merge tag."""
 
@@ -230,8 +231,11 @@ def load_stack(files: tuple[str, ...], profiles: tuple[str, ...] | None, env: di
         doc = interpolate(load_yaml(f), env)
         for name, svc in resolve_extends(doc.get("services", {}), env).items():
             services[name] = merge(services[name], svc) if name in services else untag(svc)
-    return {name: svc for name, svc in services.items()
-            if profiles is None or not svc.get("profiles") or set(svc["profiles"]) & set(profiles)}
+    return {
+        name: svc
+        for name, svc in services.items()
+        if profiles is None or not svc.get("profiles") or set(svc["profiles"]) & set(profiles)
+    }
 
 
 def all_services(files: tuple[str, ...], env: dict[str, str]) -> dict:
@@ -239,6 +243,7 @@ def all_services(files: tuple[str, ...], env: dict[str, str]) -> dict:
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------------
+
 
 def dockerfile_stages() -> dict[str, list[str]]:
     """Stage name -> its instructions (continuation lines joined, comments dropped)."""
@@ -272,6 +277,7 @@ def stage_entrypoint(stage: str) -> list[str]:
 
 # --- what each service is -------------------------------------------------------------------------------
 
+
 def trainwire_argv(svc: dict) -> list[str] | None:
     """The trainwire arguments a service runs, or None if it does not run trainwire."""
     target = (svc.get("build") or {}).get("target")
@@ -287,13 +293,17 @@ def trainwire_argv(svc: dict) -> list[str] | None:
 
 
 def is_vllm(svc: dict) -> bool:
-    return str(svc.get("image", "")).startswith("vllm/vllm-openai") or \
-        (svc.get("build") or {}).get("target") == "vllm-cpu"
+    return (
+        str(svc.get("image", "")).startswith("vllm/vllm-openai") or (svc.get("build") or {}).get("target") == "vllm-cpu"
+    )
 
 
 def trainwire_env(svc: dict) -> dict[str, str]:
-    return {k: ("" if v is None else str(v)) for k, v in _env_dict(svc.get("environment")).items()
-            if k.startswith("TRAINWIRE_")}
+    return {
+        k: ("" if v is None else str(v))
+        for k, v in _env_dict(svc.get("environment")).items()
+        if k.startswith("TRAINWIRE_")
+    }
 
 
 def check_trainwire_service(name: str, svc: dict, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Settings]:
@@ -306,11 +316,13 @@ def check_trainwire_service(name: str, svc: dict, monkeypatch: pytest.MonkeyPatc
         try:
             args = build_parser().parse_args(argv)
         except SystemExit:
-            pytest.fail(f"service {name!r}: `trainwire {' '.join(argv)}` is rejected by trainwire's CLI: "
-                        f"{err.getvalue().strip()}")
+            pytest.fail(
+                f"service {name!r}: `trainwire {' '.join(argv)}` is rejected by trainwire's CLI: "
+                f"{err.getvalue().strip()}"
+            )
     env = trainwire_env(svc)
     for key in env:
-        field = key[len("TRAINWIRE_"):].lower()
+        field = key[len("TRAINWIRE_") :].lower()
         if field not in Settings.model_fields:
             pytest.fail(f"service {name!r}: {key} names no Settings field (pydantic would ignore it)")
         if field not in COMMANDS[args.command][1].model_fields:
@@ -350,6 +362,7 @@ def volume_source_at(svc: dict, target: str) -> tuple[str, bool] | None:
 
 # --- fixtures ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
     return read_env_file(ENV_EXAMPLE)
@@ -363,9 +376,11 @@ def _no_dotenv(tmp_path, monkeypatch):
 
 # --- schema -----------------------------------------------------------------------------------------------
 
+
 def test_vendored_schema_is_the_pinned_copy():
-    assert hashlib.sha256(SCHEMA.read_bytes()).hexdigest() == SCHEMA_SHA256, \
+    assert hashlib.sha256(SCHEMA.read_bytes()).hexdigest() == SCHEMA_SHA256, (
         "tests/schemas/compose-spec.json changed: update its README (origin, version, sha256) and this pin"
+    )
 
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
@@ -375,7 +390,8 @@ def test_compose_file_matches_the_compose_spec(name, env):
     for label, doc in (("raw", untag(raw)), ("interpolated with .env.example", untag(interpolate(raw, env)))):
         errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
         assert not errors, f"{name} ({label}) violates the Compose spec:\n" + "\n".join(
-            f"  {'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:20])
+            f"  {'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:20]
+        )
 
 
 def test_every_variable_is_in_env_example(env):
@@ -397,6 +413,7 @@ def test_env_example_selects_the_gpu_stack(env):
 
 # --- trainwire commands, environment, paths ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stack", STACKS)
 def test_trainwire_commands_parse(stack, env, monkeypatch):
     profiles, files = STACKS[stack]
@@ -414,8 +431,9 @@ def test_trainwire_commands_parse(stack, env, monkeypatch):
 def test_trainwire_env_names_settings(name, env, monkeypatch):
     for svc_name, svc in all_services((name,), env).items():
         for key in trainwire_env(svc):
-            assert key[len("TRAINWIRE_"):].lower() in Settings.model_fields, \
+            assert key[len("TRAINWIRE_") :].lower() in Settings.model_fields, (
                 f"{name}: service {svc_name!r}: {key} names no Settings field (pydantic would ignore it)"
+            )
 
 
 def test_a_renamed_flag_is_caught(env, monkeypatch):
@@ -441,7 +459,7 @@ def test_vllm_serves_what_the_trainer_needs(stack, env, monkeypatch):
     services = load_stack(files, profiles, env)
     vllms = {n: s for n, s in services.items() if is_vllm(s)}
     assert vllms, "no vLLM service"
-    (trainer_name, trainer), = [(n, s) for n, s in services.items() if (trainwire_argv(s) or [None])[0] == "train"]
+    ((trainer_name, trainer),) = [(n, s) for n, s in services.items() if (trainwire_argv(s) or [None])[0] == "train"]
     _, ts = check_trainwire_service(trainer_name, trainer, monkeypatch)
     vllm_ckpt = str(ts.publish_dir or ts.checkpoint_dir)
 
@@ -451,23 +469,29 @@ def test_vllm_serves_what_the_trainer_needs(stack, env, monkeypatch):
     assert not read_only, f"{trainer_name}: the checkpoint volume must be writable"
     for name, svc in vllms.items():
         args = [str(a) for a in svc["command"]]
-        assert flag_value(args, "--logprobs-mode") == "processed_logprobs", \
+        assert flag_value(args, "--logprobs-mode") == "processed_logprobs", (
             f"{name}: needs --logprobs-mode processed_logprobs (the trainer compares temperature-scaled log-probs)"
+        )
         assert "--enable-lora" in args, f"{name}: needs --enable-lora"
-        assert "--enable-auto-tool-choice" in args and flag_value(args, "--tool-call-parser"), \
+        assert "--enable-auto-tool-choice" in args and flag_value(args, "--tool-call-parser"), (
             f"{name}: without --enable-auto-tool-choice --tool-call-parser, requests with tools are a 400"
+        )
         max_rank = int(flag_value(args, "--max-lora-rank") or 0)
         assert max_rank in VLLM_MAX_LORA_RANKS, f"{name}: --max-lora-rank {max_rank} is not one vLLM accepts"
         assert ts.lora_rank <= max_rank, f"{name}: --max-lora-rank {max_rank} < the trainer's LoRA rank {ts.lora_rank}"
-        assert int(flag_value(args, "--max-loras") or 0) >= 2, \
+        assert int(flag_value(args, "--max-loras") or 0) >= 2, (
             f"{name}: --max-loras must hold the new adapter beside the one in use"
-        assert flag_value(args, "--model") == ts.model, f"{name}: serves {flag_value(args, '--model')}, trainer trains {ts.model}"
+        )
+        assert flag_value(args, "--model") == ts.model, (
+            f"{name}: serves {flag_value(args, '--model')}, trainer trains {ts.model}"
+        )
         venv = {k: str(v) for k, v in _env_dict(svc.get("environment")).items()}
         assert venv.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1"), f"{name}: runtime LoRA off"
         assert venv.get("VLLM_SERVER_DEV_MODE") == "1", f"{name}: dev mode off (full-weight reloads need it)"
-        assert (volume_source_at(svc, vllm_ckpt) or (None,))[0] == source, \
-            f"{name}: must mount the trainer's checkpoint volume {source!r} at {vllm_ckpt} (where the trainer " \
+        assert (volume_source_at(svc, vllm_ckpt) or (None,))[0] == source, (
+            f"{name}: must mount the trainer's checkpoint volume {source!r} at {vllm_ckpt} (where the trainer "
             f"tells vLLM to load from); it has {svc.get('volumes')}"
+        )
         test = " ".join(map(str, (svc.get("healthcheck") or {}).get("test") or []))
         assert f":{flag_value(args, '--port')}/health" in test, f"{name}: healthcheck must hit /health"
         if str(svc.get("image", "")).startswith("vllm/vllm-openai"):
@@ -511,8 +535,9 @@ def test_proxy_and_trainer_agree_on_upstreams(stack, env, monkeypatch):
         parts = urlsplit(url)
         assert parts.hostname in names, f"upstream {url}: no vLLM service or alias {parts.hostname!r} in {stack}"
         assert str(parts.port) == flag_value([str(a) for a in names[parts.hostname]["command"]], "--port"), url
-    assert len(set(upstreams["serve"])) == len([s for s in services.values() if is_vllm(s)]), \
+    assert len(set(upstreams["serve"])) == len([s for s in services.values() if is_vllm(s)]), (
         "every vLLM replica must be an upstream (else the trainer does not publish to it)"
+    )
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -571,6 +596,7 @@ def test_non_root_volumes(env):
 
 # --- Dockerfile -------------------------------------------------------------------------------------------
 
+
 def test_dockerfile_targets():
     stages = dockerfile_stages()
     for target in ("proxy", "trainer", "vllm-cpu"):
@@ -582,8 +608,9 @@ def test_dockerfile_targets():
     base = " ".join(stages["base"])
     assert f"--uid {TRAINWIRE_UID}" in base and f"--gid {TRAINWIRE_UID}" in base
     proxy_build = " ".join(stages["proxy-build"])
-    assert "[routes,export]" in proxy_build and "train" not in proxy_build.replace("trainwire", ""), \
+    assert "[routes,export]" in proxy_build and "train" not in proxy_build.replace("trainwire", ""), (
         "the proxy image installs the base package with the routes and export extras only (no torch)"
+    )
     trainer_build = " ".join(stages["trainer-build"])
     assert "[train]" in trainer_build and "torch==${TORCH_VERSION}" in trainer_build
     # The torch the trainer image pre-installs is the one pyproject's `train` extra pins.
@@ -594,8 +621,11 @@ def test_dockerfile_targets():
 
 
 def test_dockerignore_keeps_secrets_out():
-    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert lines[0] == "*", ".dockerignore is an allow-list"
     assert not any(line.lstrip("!").startswith(".env") for line in lines if line.startswith("!"))
     for package in ("trainwire/", "proxy/", "store/", "rl/", "migrations/", "pyproject.toml"):
@@ -603,6 +633,7 @@ def test_dockerignore_keeps_secrets_out():
 
 
 # --- the real thing, where it exists ----------------------------------------------------------------------
+
 
 def _docker_compose() -> list[str] | None:
     for cmd in (["docker", "compose"], ["docker-compose"]):
@@ -627,8 +658,13 @@ def test_docker_compose_config(stack, env):
         cmd += ["-f", str(ROOT / f)]
     for p in profiles:
         cmd += ["--profile", p]
-    out = subprocess.run([*cmd, "config", "--format", "json"], capture_output=True, text=True, timeout=60,
-                         env={"PATH": os.environ.get("PATH", ""), "HOME": str(Path.home())})
+    out = subprocess.run(
+        [*cmd, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(Path.home())},
+    )
     assert out.returncode == 0, out.stderr
     real = json.loads(out.stdout)["services"]
     mine = load_stack(files, profiles, env)
@@ -636,11 +672,15 @@ def test_docker_compose_config(stack, env):
     for name, svc in mine.items():
         r = real[name]
         assert [str(a) for a in r.get("command") or []] == [str(a) for a in svc.get("command") or []], name
-        assert {k: v or "" for k, v in (r.get("environment") or {}).items()} == \
-            {k: "" if v is None else str(v) for k, v in _env_dict(svc.get("environment")).items()}, name
-        assert sorted(v["target"] for v in r.get("volumes") or []) == \
-            sorted(_volume_target(v) for v in svc.get("volumes") or []), name
+        assert {k: v or "" for k, v in (r.get("environment") or {}).items()} == {
+            k: "" if v is None else str(v) for k, v in _env_dict(svc.get("environment")).items()
+        }, name
+        assert sorted(v["target"] for v in r.get("volumes") or []) == sorted(
+            _volume_target(v) for v in svc.get("volumes") or []
+        ), name
         assert sorted(r.get("depends_on") or {}) == sorted(svc.get("depends_on") or {}), name
         real_devices = ((r.get("deploy") or {}).get("resources") or {}).get("reservations", {}).get("devices")
         my_devices = ((svc.get("deploy") or {}).get("resources") or {}).get("reservations", {}).get("devices")
-        assert [d.get("device_ids") for d in real_devices or []] == [d.get("device_ids") for d in my_devices or []], name
+        assert [d.get("device_ids") for d in real_devices or []] == [d.get("device_ids") for d in my_devices or []], (
+            name
+        )

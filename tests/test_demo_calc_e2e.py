@@ -53,9 +53,27 @@ def test_sft_then_rl_on_postgres(pg_url, tmp_path):
     t0 = time.monotonic()
     out_path = tmp_path / "demo.out"
     with open(out_path, "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "demo.calc_run", "--ci", "--workdir", str(work),
-                               "--vllm-port", "0", "--proxy-port", "0", "--teacher-port", "0"],
-                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "demo.calc_run",
+                "--ci",
+                "--workdir",
+                str(work),
+                "--vllm-port",
+                "0",
+                "--proxy-port",
+                "0",
+                "--teacher-port",
+                "0",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
     wall = time.monotonic() - t0
     output = out_path.read_text(errors="replace")
     print(output[-5000:])
@@ -90,8 +108,7 @@ def test_sft_then_rl_on_postgres(pg_url, tmp_path):
     teacher_sessions = {c["session_id"] for c in calls if c["session_id"].startswith("calc-teacher-train-")}
     rl_sessions = {c["session_id"] for c in calls if c["session_id"].startswith("calc-rl-train-")}
     assert len(teacher_sessions) == results["teacher_episodes"]
-    assert all(sessions[s]["status"] == "trained" and sessions[s]["train_step"] in sft_steps
-               for s in teacher_sessions)
+    assert all(sessions[s]["status"] == "trained" and sessions[s]["train_step"] in sft_steps for s in teacher_sessions)
     trained_rl = [s for s in rl_sessions if sessions[s]["status"] == "trained"]
     assert trained_rl and all(sessions[s]["train_step"] in rl_steps for s in trained_rl)
     evals = [c for c in calls if c["session_id"].startswith("calc-eval-")]
@@ -100,8 +117,14 @@ def test_sft_then_rl_on_postgres(pg_url, tmp_path):
 
     # The trainer's rendering of the policy's own calls is vLLM's.
     renderer = ChatRenderer.from_pretrained(str(work / "model"))
-    policy_calls = [c for c in calls if c["session_id"] in rl_sessions and c["route"] == "policy"
-                    and c["status_code"] == 200 and c["prompt_token_ids"]]
+    policy_calls = [
+        c
+        for c in calls
+        if c["session_id"] in rl_sessions
+        and c["route"] == "policy"
+        and c["status_code"] == 200
+        and c["prompt_token_ids"]
+    ]
     assert policy_calls
     equal = rendered = 0
     for c in policy_calls:
@@ -117,6 +140,8 @@ def test_sft_then_rl_on_postgres(pg_url, tmp_path):
             continue
         rendered += 1
         equal += completion == list(c["completion_token_ids"])
-    print(f"policy calls: {len(policy_calls)} prompts all equal to vLLM's; {equal} of {rendered} well-formed "
-          "completions re-render to the sampled token ids")
+    print(
+        f"policy calls: {len(policy_calls)} prompts all equal to vLLM's; {equal} of {rendered} well-formed "
+        "completions re-render to the sampled token ids"
+    )
     assert rendered and equal / rendered >= MIN_COMPLETIONS_EQUAL

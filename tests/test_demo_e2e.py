@@ -66,9 +66,28 @@ def test_demo_learns_on_postgres(pg_url, tmp_path):
     t0 = time.monotonic()
     out_path = tmp_path / "demo.out"
     with open(out_path, "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "demo.run", "--workdir", str(work), "--duration",
-                               str(DURATION_S), "--agent-log", str(agent_log), "--vllm-port", "0", "--proxy-port", "0"],
-                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "demo.run",
+                "--workdir",
+                str(work),
+                "--duration",
+                str(DURATION_S),
+                "--agent-log",
+                str(agent_log),
+                "--vllm-port",
+                "0",
+                "--proxy-port",
+                "0",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
     wall = time.monotonic() - t0
     output = out_path.read_text(errors="replace")
     print(output[-6000:])
@@ -105,8 +124,10 @@ def test_demo_learns_on_postgres(pg_url, tmp_path):
         start = end - publish_s - 0.05
         in_flight.append(sum(1 for r in chats if r["t"] < end and r["t"] + r["latency_s"] > start))
     swaps_with_traffic = sum(1 for n in in_flight if n)
-    print(f"{len(versions)} swaps; {swaps_with_traffic} had agent requests in flight "
-          f"(max {max(in_flight)} at once); {len(chats) + len(rewards)} requests, none failed")
+    print(
+        f"{len(versions)} swaps; {swaps_with_traffic} had agent requests in flight "
+        f"(max {max(in_flight)} at once); {len(chats) + len(rewards)} requests, none failed"
+    )
     assert swaps_with_traffic >= 1
 
     # Every call of every episode is in the store, as the agent saw it.
@@ -114,8 +135,12 @@ def test_demo_learns_on_postgres(pg_url, tmp_path):
     for r in chats:
         c = calls.get(r["call_id"])
         assert c is not None, f"call {r['call_id']} of {r['session_id']} is not in the store"
-        assert (c["session_id"], c["status_code"], c["policy_version"], c["task_id"]) == \
-            (r["session_id"], 200, r["policy_version"], r["task_id"])
+        assert (c["session_id"], c["status_code"], c["policy_version"], c["task_id"]) == (
+            r["session_id"],
+            200,
+            r["policy_version"],
+            r["task_id"],
+        )
         assert c["completion_token_ids"] and len(c["logprobs"]) == len(c["completion_token_ids"])
     sessions = {s["id"]: s for s in dbread.rows(pg_url, Session.__table__)}
     for e in episodes:
@@ -131,7 +156,9 @@ def test_demo_learns_on_postgres(pg_url, tmp_path):
     gain = last["mean"] - first["mean"]
     se = math.hypot(first["sem"], last["sem"])
     z = gain / se if se > 0 else math.inf
-    print(f"mean reward v{first['version']} {first['mean']:.3f} ± {first['sem']:.3f} (n={first['episodes']}) -> "
-          f"v{last['version']} {last['mean']:.3f} ± {last['sem']:.3f} (n={last['episodes']}): gain {gain:+.3f} = "
-          f"{z:.1f} standard errors (required: >= {MIN_GAIN} and >= {MIN_Z} SE)")
+    print(
+        f"mean reward v{first['version']} {first['mean']:.3f} ± {first['sem']:.3f} (n={first['episodes']}) -> "
+        f"v{last['version']} {last['mean']:.3f} ± {last['sem']:.3f} (n={last['episodes']}): gain {gain:+.3f} = "
+        f"{z:.1f} standard errors (required: >= {MIN_GAIN} and >= {MIN_Z} SE)"
+    )
     assert gain >= MIN_GAIN and z >= MIN_Z

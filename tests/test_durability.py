@@ -17,8 +17,9 @@ def _calls(proxy, n: int, session: str) -> list[str]:
     c = openai.OpenAI(base_url=proxy.v1, api_key="x", max_retries=0, default_headers={"X-Session-Id": session})
 
     def one(i: int) -> str:
-        raw = c.chat.completions.with_raw_response.create(model="policy",
-                                                          messages=[{"role": "user", "content": f"msg {i}"}])
+        raw = c.chat.completions.with_raw_response.create(
+            model="policy", messages=[{"role": "user", "content": f"msg {i}"}]
+        )
         return raw.headers["x-call-id"]
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -27,8 +28,18 @@ def _calls(proxy, n: int, session: str) -> list[str]:
 
 def test_sigterm_drains_the_queue_and_restart_keeps_everything(start_proxy, upstream, pg_url, tmp_path):
     # A long write interval keeps the acknowledged calls in memory when SIGTERM arrives.
-    args = ("--upstream", upstream.url, "--database-url", pg_url, "--write-interval-ms", "5000",
-            "--write-batch-size", "1000", "--journal-dir", str(tmp_path / "journal"))
+    args = (
+        "--upstream",
+        upstream.url,
+        "--database-url",
+        pg_url,
+        "--write-interval-ms",
+        "5000",
+        "--write-batch-size",
+        "1000",
+        "--journal-dir",
+        str(tmp_path / "journal"),
+    )
     proxy = start_proxy(*args)
     acked = _calls(proxy, 40, "durable")
     assert dbread.calls(pg_url) == []  # still queued: nothing written yet
@@ -47,8 +58,18 @@ def test_calls_journaled_while_database_is_down_are_written_at_next_start(start_
         url = own.create_database("spooltest")
         upgrade_head(url)
         spool = tmp_path / "journal"
-        args = ("--upstream", upstream.url, "--database-url", url, "--write-interval-ms", "5000",
-                "--write-batch-size", "1000", "--journal-dir", str(spool))
+        args = (
+            "--upstream",
+            upstream.url,
+            "--database-url",
+            url,
+            "--write-interval-ms",
+            "5000",
+            "--write-batch-size",
+            "1000",
+            "--journal-dir",
+            str(spool),
+        )
         proxy = start_proxy(*args)
         acked = _calls(proxy, 12, "spooled")
         own._run(_bin("pg_ctl"), "-D", str(own.data), "-m", "fast", "stop")

@@ -40,15 +40,29 @@ def _build_minimal_model(out_dir: Path) -> Path:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         ["hello world", "the answer is four", "what is two plus two"],
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.5)
@@ -152,8 +166,16 @@ def hand_ppo_loss(samples: list[Sample], new_lps: list[torch.Tensor]) -> float:
 
 
 def test_step_loss_equals_hand_computed_ppo(model_path, hf_model):
-    engine = PolicyEngine(EngineConfig(model_path=str(model_path), lr=1e-4, micro_batch_size=2,
-                                       clip_ratio_low=CLIP, clip_ratio_high=CLIP, clip_ratio_c=CLIP_C))
+    engine = PolicyEngine(
+        EngineConfig(
+            model_path=str(model_path),
+            lr=1e-4,
+            micro_batch_size=2,
+            clip_ratio_low=CLIP,
+            clip_ratio_high=CLIP,
+            clip_ratio_c=CLIP_C,
+        )
+    )
     base = make_samples()
     lps = [hf_logprobs(hf_model, s) for s in base]
     # Behaviour log-probs off the current policy, so some ratios fall outside the clip range
@@ -217,7 +239,9 @@ def test_masked_tokens_have_no_effect(model_path, hf_model):
     lp = hf_logprobs(hf_model, Sample([1, 40, 41], [50, 51, 52, 53, 54], [1] * 5, [0.0] * 5, 1.0))
     lp3 = lp[:3].tolist()
     short = Sample([1, 40, 41], [50, 51, 52], [1, 1, 1], [lp3[0] + 0.1, lp3[1] - 0.1, lp3[2]], 1.0)
-    other = Sample([1, 60], [70, 71], [1, 1], hf_logprobs(hf_model, Sample([1, 60], [70, 71], [1, 1], [0, 0], 0)).tolist(), -0.5)
+    other = Sample(
+        [1, 60], [70, 71], [1, 1], hf_logprobs(hf_model, Sample([1, 60], [70, 71], [1, 1], [0, 0], 0)).tolist(), -0.5
+    )
     # Same trajectory plus two tool tokens the model did not generate, with garbage behaviour
     # log-probs (vLLM reports none for them).
     longer = Sample([1, 40, 41], [50, 51, 52, 53, 54], [1, 1, 1, 0, 0], short.old_logprobs + [-99.0, None], 1.0)
@@ -278,8 +302,9 @@ def test_lora_export_is_a_peft_adapter(model_path, hf_model, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    engine = PolicyEngine(EngineConfig(model_path=str(model_path), lora_rank=4, lora_alpha=8, lr=1e-2,
-                                       micro_batch_size=2, kl_coef=0.05))
+    engine = PolicyEngine(
+        EngineConfig(model_path=str(model_path), lora_rank=4, lora_alpha=8, lr=1e-2, micro_batch_size=2, kl_coef=0.05)
+    )
     s = make_samples()
     m = None
     for _ in range(2):
@@ -347,8 +372,14 @@ def test_checkpoint_restores_model_and_optimizer(full_engine, tmp_path):
 
 
 def test_checkpoint_dir_tracks_latest(model_path, tmp_path):
-    cfg = EngineConfig(model_path=str(model_path), lora_rank=2, lr=1e-3, micro_batch_size=2,
-                       checkpoint_dir=str(tmp_path / "ckpts"), keep_checkpoints=2)
+    cfg = EngineConfig(
+        model_path=str(model_path),
+        lora_rank=2,
+        lr=1e-3,
+        micro_batch_size=2,
+        checkpoint_dir=str(tmp_path / "ckpts"),
+        keep_checkpoints=2,
+    )
     engine = PolicyEngine(cfg)
     assert engine.latest_checkpoint() is None and engine.load_checkpoint() is None
     s = make_samples()
@@ -417,7 +448,7 @@ def test_reinforce_plus_plus_and_errors():
 
 # ---------------------------------------------------------------------- data parallel
 
-_DP_SCRIPT = r'''
+_DP_SCRIPT = r"""
 import json, os, sys
 import torch
 from trainwire.rl.engine import EngineConfig, PolicyEngine
@@ -430,7 +461,7 @@ metrics = engine.step(mine)
 state = engine.state_dict()
 if rank == 0:
     torch.save({"metrics": metrics, "state": state, "world": world}, os.environ["TW_OUT"])
-'''
+"""
 
 
 def test_torchrun_two_ranks_match_one_process(model_path, tmp_path):
@@ -451,8 +482,13 @@ def test_torchrun_two_ranks_match_one_process(model_path, tmp_path):
     script.write_text(_DP_SCRIPT)
     out = tmp_path / "rank0.pt"
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo), TW_MODEL=str(model_path), TW_OUT=str(out),
-               TW_SAMPLES=json.dumps([asdict(s) for s in samples]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(repo),
+        TW_MODEL=str(model_path),
+        TW_OUT=str(out),
+        TW_SAMPLES=json.dumps([asdict(s) for s in samples]),
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     import signal
@@ -461,10 +497,27 @@ def test_torchrun_two_ranks_match_one_process(model_path, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)]
-    proc = subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        str(script),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -493,10 +546,18 @@ def test_a_child_process_forms_its_own_group_despite_inherited_master_port():
 
     init_single_process_group()
     parent_port = os.environ["MASTER_PORT"]
-    code = ("import os; from trainwire.rl.cpu_platform import init_single_process_group as init; init(); "
-            "print(os.environ['MASTER_PORT'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
-                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    code = (
+        "import os; from trainwire.rl.cpu_platform import init_single_process_group as init; init(); "
+        "print(os.environ['MASTER_PORT'])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() != parent_port
 
@@ -520,8 +581,14 @@ def test_importing_the_trainer_changes_nothing_until_an_engine_is_built(model_pa
         "print('TW', os.environ.get('VERL_PLATFORM'), type(pm._current_platform).__name__)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE", "MASTER_PORT")}
-    out = subprocess.run([sys.executable, "-c", code, str(model_path)], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).resolve().parent.parent, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     imported, configured, built = [line[3:] for line in out.stdout.splitlines() if line.startswith("TW ")]
     assert imported == "None True False"

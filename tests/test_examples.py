@@ -107,10 +107,24 @@ def stack(tmp_path_factory):
     policy.responder, checker.responder = policy_model, checker_model
     policy.start(), checker.start()
     routes = tmp / "routes.yaml"
-    routes.write_text(yaml.safe_dump({"checker": {"model": "openai/checker-base", "api_base": f"{checker.url}/v1",
-                                                  "api_key": "unused"}}))
-    proxy = ProxyProcess(["--upstream", policy.url, "--database-url", db, "--journal-dir", str(tmp / "journal"),
-                          "--routes-file", str(routes)], log_path=tmp / "proxy.log")
+    routes.write_text(
+        yaml.safe_dump(
+            {"checker": {"model": "openai/checker-base", "api_base": f"{checker.url}/v1", "api_key": "unused"}}
+        )
+    )
+    proxy = ProxyProcess(
+        [
+            "--upstream",
+            policy.url,
+            "--database-url",
+            db,
+            "--journal-dir",
+            str(tmp / "journal"),
+            "--routes-file",
+            str(routes),
+        ],
+        log_path=tmp / "proxy.log",
+    )
     proxy.start(timeout=90)
     recorder = None if HAS_REWARD_ROUTE else RewardRecorder()
     yield {"proxy": proxy, "db": db, "policy": policy, "checker": checker, "recorder": recorder}
@@ -125,15 +139,17 @@ def stack(tmp_path_factory):
 def frameworks_python() -> str:
     """The Python of the AutoGen/CrewAI venv, made by examples/setup_frameworks_venv.sh when it is not there yet
     (about 40 s, cached in ~/.cache/trainwire/frameworks-venv)."""
-    out = subprocess.run(["bash", str(ROOT / "examples" / "setup_frameworks_venv.sh")], capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        ["bash", str(ROOT / "examples" / "setup_frameworks_venv.sh")], capture_output=True, text=True, timeout=900
+    )
     if out.returncode != 0:
         pytest.skip(f"examples/setup_frameworks_venv.sh failed: {out.stderr[-2000:]}")
     return str(Path(out.stdout.strip().splitlines()[-1]) / "bin" / "python")
 
 
-def run_example(stack, script: str, *args: str, python: str = sys.executable,
-                timeout: float = 180) -> list[tuple[str, str]]:
+def run_example(
+    stack, script: str, *args: str, python: str = sys.executable, timeout: float = 180
+) -> list[tuple[str, str]]:
     """Run examples/<script> like a user; returns (session id, rest of line) per episode it printed."""
     cmd = [python, str(ROOT / "examples" / script), *args]
     if stack.get("recorder"):
@@ -151,14 +167,17 @@ def assert_rewarded(stack, sessions: list[str], value: float = 1.0) -> None:
         return
     rewards = [r for r in dbread.rewards(stack["db"]) if r["session_id"] in sessions]
     assert [(r["session_id"], r["value"], r["final"], r["source"]) for r in rewards] == [
-        (s, value, True, "user") for s in sessions]
+        (s, value, True, "user") for s in sessions
+    ]
 
 
 def assert_tool_episode(stack, session: str, task_id: str | None = None, agent: str | None = None) -> None:
     """Two policy calls in order: the first asks for the calculator, the second carries the tool's result."""
     rows = dbread.wait_calls(stack["db"], 2, session)
     assert [(r["seq"], r["route"], r["trainable"], r["status_code"]) for r in rows] == [
-        (0, "policy", True, 200), (1, "policy", True, 200)]
+        (0, "policy", True, 200),
+        (1, "policy", True, 200),
+    ]
     assert [r["agent_name"] for r in rows] == [agent, agent]
     assert len({r["task_id"] for r in rows}) == 1 and rows[0]["task_id"].startswith("calc-")
     if task_id:
@@ -193,8 +212,11 @@ def test_multi_agent_writer_and_routed_checker(stack):
     session = episodes[0][0]
     rows = dbread.wait_calls(stack["db"], 4, session)
     assert [(r["seq"], r["agent_name"], r["model_requested"], r["route"], r["trainable"]) for r in rows] == [
-        (0, "writer", "policy", "policy", True), (1, "checker", "checker", "frozen", False),
-        (2, "writer", "policy", "policy", True), (3, "checker", "checker", "frozen", False)]
+        (0, "writer", "policy", "policy", True),
+        (1, "checker", "checker", "frozen", False),
+        (2, "writer", "policy", "policy", True),
+        (3, "checker", "checker", "frozen", False),
+    ]
     assert len({r["task_id"] for r in rows}) == 1
     draft = rows[0]["response"]["choices"][0]["message"]["content"]
     assert draft in _text(rows[1]["request"]["messages"][-1])  # the checker saw the writer's draft
@@ -260,8 +282,10 @@ def real(tmp_path_factory):
     vllm = serve(model_dir, tmp_path_factory, "examples-vllm", "tiny")
     tmp = tmp_path_factory.mktemp("examples-vllm-proxy")
     db = f"sqlite+aiosqlite:///{tmp}/trainwire.db"
-    proxy = ProxyProcess(["--upstream", vllm.url, "--database-url", db, "--journal-dir", str(tmp / "journal")],
-                         log_path=tmp / "proxy.log")
+    proxy = ProxyProcess(
+        ["--upstream", vllm.url, "--database-url", db, "--journal-dir", str(tmp / "journal")],
+        log_path=tmp / "proxy.log",
+    )
     try:
         proxy.start(timeout=90)
         yield {"proxy": proxy, "db": db, "vllm": vllm}
@@ -284,7 +308,9 @@ REAL_EXAMPLES = [
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("script,venv,agent,extra", REAL_EXAMPLES, ids=[e[0].removesuffix(".py") for e in REAL_EXAMPLES])
+@pytest.mark.parametrize(
+    "script,venv,agent,extra", REAL_EXAMPLES, ids=[e[0].removesuffix(".py") for e in REAL_EXAMPLES]
+)
 def test_example_against_real_vllm(real, request, script, venv, agent, extra):
     python = request.getfixturevalue("frameworks_python") if venv == "frameworks" else sys.executable
     t0 = time.monotonic()

@@ -20,8 +20,12 @@ from trainwire.store.export import COLUMNS, export, iter_jsonl
 
 
 def run_export(db_url: str, out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainwire.cli", "export", "--database-url", db_url, "--out",
-                           str(out), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "trainwire.cli", "export", "--database-url", db_url, "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _ts(value) -> datetime:
@@ -40,16 +44,25 @@ def recorded(start_proxy, upstream, pg_url, tmp_path):
     chat(p, "ex-1", "act", headers=a, tools=TOOLS)
     assert post(p, "/reward", {"session_id": "ex-1", "reward": 0.25, "call_id": c1}).status_code == 200
     assert post(p, "/reward", {"session_id": "ex-1", "reward": 1.0}).status_code == 200
-    r = httpx.post(f"{p.v1}/completions", headers={"X-Session-Id": "ex-2", "X-Task-Id": "t2", "X-Agent-Name": "bob"},
-                   json={"model": "policy", "prompt": "Once upon"})
+    r = httpx.post(
+        f"{p.v1}/completions",
+        headers={"X-Session-Id": "ex-2", "X-Task-Id": "t2", "X-Agent-Name": "bob"},
+        json={"model": "policy", "prompt": "Once upon"},
+    )
     assert r.status_code == 200
     assert post(p, "/sessions/ex-2/finish").status_code == 200
     chat(p, "ex-3", "eval me", headers={"X-Trainwire-Train": "false", "X-Agent-Name": "alice"})
-    with httpx.stream("POST", f"{p.v1}/chat/completions", headers={"X-Session-Id": "ex-4", "X-Agent-Name": "carol"},
-                      json={"model": "policy", "stream": True, "messages": [{"role": "user", "content": "s"}]}) as r:
+    with httpx.stream(
+        "POST",
+        f"{p.v1}/chat/completions",
+        headers={"X-Session-Id": "ex-4", "X-Agent-Name": "carol"},
+        json={"model": "policy", "stream": True, "messages": [{"role": "user", "content": "s"}]},
+    ) as r:
         b"".join(r.iter_raw())
-    upstream.script(status=400, error_body={"object": "error", "message": "bad", "type": "BadRequestError",
-                                            "param": None, "code": 400})
+    upstream.script(
+        status=400,
+        error_body={"object": "error", "message": "bad", "type": "BadRequestError", "param": None, "code": 400},
+    )
     assert chat(p, "ex-4", "fails").status_code == 400
     dbread.wait_calls(pg_url, 6)
     wait_rewards(pg_url, 1, source="invalid_tool_call")
@@ -58,10 +71,17 @@ def recorded(start_proxy, upstream, pg_url, tmp_path):
 
 
 def _expected(url: str, *, include_eval=False, agents=None, tasks=None, since=None, until=None) -> list[dict]:
-    rows = [c for c in dbread.calls(url) if c["kind"] in ("chat", "completion") and c["status_code"] == 200
-            and (include_eval or c["trainable"]) and (not agents or c["agent_name"] in agents)
-            and (not tasks or c["task_id"] in tasks) and (not since or c["started_at"] >= since)
-            and (not until or c["started_at"] < until)]
+    rows = [
+        c
+        for c in dbread.calls(url)
+        if c["kind"] in ("chat", "completion")
+        and c["status_code"] == 200
+        and (include_eval or c["trainable"])
+        and (not agents or c["agent_name"] in agents)
+        and (not tasks or c["task_id"] in tasks)
+        and (not since or c["started_at"] >= since)
+        and (not until or c["started_at"] < until)
+    ]
     return sorted(rows, key=lambda c: (c["started_at"], c["id"]))
 
 
@@ -70,18 +90,37 @@ def _check_row(row: dict, call: dict, rewards: list[dict]) -> None:
     final = next((r for r in rewards if r["session_id"] == call["session_id"] and r["final"]), None)
     inter = [r for r in rewards if r["call_id"] == call["id"] and not r["final"]]
     assert row["call_id"] == call["id"] and row["session_id"] == call["session_id"]
-    for key in ("seq", "task_id", "agent_name", "policy_version", "model_requested", "model_served", "route",
-                "trainable", "kind", "stream", "finish_reason", "aborted", "prompt_token_ids",
-                "completion_token_ids", "logprobs"):
+    for key in (
+        "seq",
+        "task_id",
+        "agent_name",
+        "policy_version",
+        "model_requested",
+        "model_served",
+        "route",
+        "trainable",
+        "kind",
+        "stream",
+        "finish_reason",
+        "aborted",
+        "prompt_token_ids",
+        "completion_token_ids",
+        "logprobs",
+    ):
         assert row[key] == call[key], key
     assert _ts(row["started_at"]) == _ts(call["started_at"])
     if call["kind"] == "chat":
         assert row["messages"] == call["request"]["messages"] and row["prompt"] is None
         msg = call["response"]["choices"][0]["message"]
         assert row["response_text"] == msg["content"]
-        assert row["response_tool_calls"] == ([{"id": t["id"], "name": t["function"]["name"],
-                                                "arguments": t["function"]["arguments"]}
-                                               for t in msg["tool_calls"]] if msg.get("tool_calls") else None)
+        assert row["response_tool_calls"] == (
+            [
+                {"id": t["id"], "name": t["function"]["name"], "arguments": t["function"]["arguments"]}
+                for t in msg["tool_calls"]
+            ]
+            if msg.get("tool_calls")
+            else None
+        )
     else:
         assert row["prompt"] == call["request"]["prompt"] and row["messages"] is None
         assert row["response_text"] == call["response"]["choices"][0]["text"]
@@ -165,17 +204,41 @@ def test_filters(recorded, tmp_path):
 
 def _synthetic(n: int) -> list[dict]:
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
-    return [{"id": f"bulk-{i:05d}", "session_id": f"bulk-s{i // 10}", "seq": i % 10, "task_id": None,
-             "agent_name": "bulk", "trainable": True, "kind": "chat", "path": "/v1/chat/completions",
-             "stream": False, "model_requested": "policy", "model_served": "base", "route": "policy",
-             "upstream": None, "policy_version": 0,
-             "request": {"messages": [{"role": "user", "content": f"q{i}"}]},
-             "response": {"choices": [{"message": {"role": "assistant", "content": f"a{i}"}}]},
-             "prompt_token_ids": [i, i + 1], "completion_token_ids": [i + 2], "logprobs": [-0.5],
-             "finish_reason": "stop", "usage": None, "status_code": 200, "error": None, "aborted": False,
-             # Every 7 calls share a start time: paging must not lose or repeat ties.
-             "started_at": t0 + timedelta(milliseconds=i // 7), "finished_at": t0, "upstream_ms": None,
-             "ttft_ms": None, "overhead_ms": None} for i in range(n)]
+    return [
+        {
+            "id": f"bulk-{i:05d}",
+            "session_id": f"bulk-s{i // 10}",
+            "seq": i % 10,
+            "task_id": None,
+            "agent_name": "bulk",
+            "trainable": True,
+            "kind": "chat",
+            "path": "/v1/chat/completions",
+            "stream": False,
+            "model_requested": "policy",
+            "model_served": "base",
+            "route": "policy",
+            "upstream": None,
+            "policy_version": 0,
+            "request": {"messages": [{"role": "user", "content": f"q{i}"}]},
+            "response": {"choices": [{"message": {"role": "assistant", "content": f"a{i}"}}]},
+            "prompt_token_ids": [i, i + 1],
+            "completion_token_ids": [i + 2],
+            "logprobs": [-0.5],
+            "finish_reason": "stop",
+            "usage": None,
+            "status_code": 200,
+            "error": None,
+            "aborted": False,
+            # Every 7 calls share a start time: paging must not lose or repeat ties.
+            "started_at": t0 + timedelta(milliseconds=i // 7),
+            "finished_at": t0,
+            "upstream_ms": None,
+            "ttft_ms": None,
+            "overhead_ms": None,
+        }
+        for i in range(n)
+    ]
 
 
 def test_large_export_pages_and_reports_progress(pg_url, tmp_path):

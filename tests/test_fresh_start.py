@@ -36,9 +36,14 @@ class Serve:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = cwd.parent / f"{cwd.name}-serve-{self.port}.log"
-        self.proc = subprocess.Popen([TRAINWIRE, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
-                                     cwd=cwd, env=clean_env(), stdout=open(self.log, "wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [TRAINWIRE, "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=cwd,
+            env=clean_env(),
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -77,12 +82,17 @@ def test_serve_in_an_empty_directory_makes_its_sqlite_schema_and_records(tmp_pat
         assert (cwd / "trainwire.db").is_file()
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=30)
         raw = client.chat.completions.with_raw_response.create(
-            model="policy", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
-            extra_headers={"X-Session-Id": "fresh-1"})
+            model="policy",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=8,
+            extra_headers={"X-Session-Id": "fresh-1"},
+        )
         assert raw.status_code == 200 and raw.parse().choices[0].message.content == "Hello there, friend."
         call_id = raw.headers["x-call-id"]
     finally:
-        assert server.stop() in (0, -signal.SIGTERM), server.output()  # uvicorn re-raises SIGTERM after a clean shutdown
+        assert server.stop() in (0, -signal.SIGTERM), (
+            server.output()
+        )  # uvicorn re-raises SIGTERM after a clean shutdown
     assert "Traceback" not in server.output()
     db = f"sqlite+aiosqlite:///{cwd / 'trainwire.db'}"
     (row,) = dbread.calls(db, "fresh-1")  # SIGTERM drained the write queue into ./trainwire.db

@@ -53,15 +53,35 @@ def fz_proxy(policy_up, other, fz_db, tmp_path_factory):
     unreachable one, plus a --model-route flag whose provider comes from litellm's usual environment."""
     tmp = tmp_path_factory.mktemp("frozen")
     routes = tmp / "routes.yaml"
-    routes.write_text(yaml.safe_dump({
-        "checker": {"model": "openai/other-model", "api_base": f"{other.url}/v1", "api_key": ROUTE_KEY},
-        "dead": {"model": "openai/other-model", "api_base": f"http://127.0.0.1:{free_port()}/v1", "api_key": "x"},
-        "slow": {"model": "openai/other-model", "api_base": f"{other.url}/v1", "api_key": "x", "timeout": 0.5},
-    }))
-    p = ProxyProcess(["--upstream", policy_up.url, "--database-url", fz_db, "--journal-dir", str(tmp / "journal"),
-                      "--routes-file", str(routes), "--model-route", "judge=openai/other-model"],
-                     env={"OPENAI_BASE_URL": f"{other.url}/v1", "OPENAI_API_KEY": "sk-env-key"},
-                     log_path=tmp / "proxy.log")
+    routes.write_text(
+        yaml.safe_dump(
+            {
+                "checker": {"model": "openai/other-model", "api_base": f"{other.url}/v1", "api_key": ROUTE_KEY},
+                "dead": {
+                    "model": "openai/other-model",
+                    "api_base": f"http://127.0.0.1:{free_port()}/v1",
+                    "api_key": "x",
+                },
+                "slow": {"model": "openai/other-model", "api_base": f"{other.url}/v1", "api_key": "x", "timeout": 0.5},
+            }
+        )
+    )
+    p = ProxyProcess(
+        [
+            "--upstream",
+            policy_up.url,
+            "--database-url",
+            fz_db,
+            "--journal-dir",
+            str(tmp / "journal"),
+            "--routes-file",
+            str(routes),
+            "--model-route",
+            "judge=openai/other-model",
+        ],
+        env={"OPENAI_BASE_URL": f"{other.url}/v1", "OPENAI_API_KEY": "sk-env-key"},
+        log_path=tmp / "proxy.log",
+    )
     p.start(timeout=90)
     yield p
     p.stop()
@@ -78,7 +98,8 @@ def test_frozen_chat_is_recorded_in_the_session_and_never_trainable(fz_proxy, po
     writer.chat.completions.create(model="policy", messages=[{"role": "user", "content": "draft"}])
     n_policy = len(policy_up.sent)
     raw = checker.chat.completions.with_raw_response.create(
-        model="checker", messages=[{"role": "user", "content": "check this"}], temperature=0.25, max_tokens=7)
+        model="checker", messages=[{"role": "user", "content": "check this"}], temperature=0.25, max_tokens=7
+    )
     resp = raw.parse()
     assert resp.choices[0].message.content == "Hello there, friend."
     assert resp.model == "checker" and resp.choices[0].finish_reason == "stop"
@@ -87,12 +108,18 @@ def test_frozen_chat_is_recorded_in_the_session_and_never_trainable(fz_proxy, po
     sent = other.sent[-1]
     # The provider got the client's parameters under its own model name, with the route's key, and nothing
     # injected: frozen calls are not trained, so no token ids or logprobs are asked for.
-    assert sent.request == {"model": "other-model", "messages": [{"role": "user", "content": "check this"}],
-                            "temperature": 0.25, "max_tokens": 7}
+    assert sent.request == {
+        "model": "other-model",
+        "messages": [{"role": "user", "content": "check this"}],
+        "temperature": 0.25,
+        "max_tokens": 7,
+    }
     assert sent.headers["Authorization"] == f"Bearer {ROUTE_KEY}"
     rows = dbread.wait_calls(fz_db, 2, sid)
     assert [(r["seq"], r["agent_name"], r["route"], r["trainable"]) for r in rows] == [
-        (0, "writer", "policy", True), (1, "checker", "frozen", False)]
+        (0, "writer", "policy", True),
+        (1, "checker", "frozen", False),
+    ]
     row = rows[1]
     assert row["id"] == raw.headers["x-call-id"] and row["task_id"] == "t-1"
     assert row["model_requested"] == "checker" and row["model_served"] == "other-model"
@@ -107,13 +134,12 @@ def test_frozen_stream_delivers_tool_calls_in_openai_chunks(fz_proxy, other, fz_
     other.script(tool_calls=[{"name": "calculator", "arguments": args}])
     tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
     body = {"model": "checker", "stream": True, "tools": tools, "messages": [{"role": "user", "content": "6*7?"}]}
-    with httpx.stream("POST", f"{fz_proxy.v1}/chat/completions", json=body,
-                      headers={"X-Session-Id": "fz-stream"}) as r:
+    with httpx.stream("POST", f"{fz_proxy.v1}/chat/completions", json=body, headers={"X-Session-Id": "fz-stream"}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = b"".join(r.iter_raw())
     events = [e for e in raw.split(b"\n\n") if e.strip()]
     assert events[-1] == b"data: [DONE]"
-    chunks = [json.loads(e[len(b"data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len(b"data: ") :]) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "checker" for c in chunks)
     assert not any("provider_specific_fields" in json.dumps(c) for c in chunks)  # litellm's extras are gone
     deltas = [tc["function"] for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls") or []]
@@ -124,7 +150,8 @@ def test_frozen_stream_delivers_tool_calls_in_openai_chunks(fz_proxy, other, fz_
     # The SDK reads the same stream.
     other.script(text="Forty-two.")
     stream = client(fz_proxy, **{"X-Session-Id": "fz-stream"}).chat.completions.create(
-        model="checker", stream=True, messages=[{"role": "user", "content": "again"}])
+        model="checker", stream=True, messages=[{"role": "user", "content": "again"}]
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Forty-two."
     rows = dbread.wait_calls(fz_db, 2, "fz-stream")
     assert [r["seq"] for r in rows] == [0, 1] and all(r["stream"] and not r["aborted"] for r in rows)
@@ -139,8 +166,9 @@ def test_frozen_completions_and_provider_token_data(fz_proxy, other, fz_db):
     resp = c.completions.create(model="checker", prompt="Once upon")
     assert resp.choices[0].text == "Hello there, friend." and resp.model == "checker"
     assert other.sent[-1].request["prompt"] == "Once upon" and other.sent[-1].path == "/v1/completions"
-    text = "".join(ch.choices[0].text for ch in c.completions.create(model="checker", prompt="x", stream=True)
-                   if ch.choices)
+    text = "".join(
+        ch.choices[0].text for ch in c.completions.create(model="checker", prompt="x", stream=True) if ch.choices
+    )
     assert text == "Hello there, friend."
     # A client that asks the provider for logprobs gets them, and so does the record.
     got = c.chat.completions.create(model="checker", logprobs=True, messages=[{"role": "user", "content": "lp"}])
@@ -175,18 +203,29 @@ def test_unknown_model_is_a_404_listing_known_names(fz_proxy, other):
 
 def test_provider_errors_keep_their_status_and_are_recorded(fz_proxy, other, fz_db):
     c = client(fz_proxy, **{"X-Session-Id": "fz-err"})
-    other.script(status=400, error_body={"object": "error", "message": "max_tokens is too large",
-                                         "type": "BadRequestError", "param": "max_tokens", "code": 400})
+    other.script(
+        status=400,
+        error_body={
+            "object": "error",
+            "message": "max_tokens is too large",
+            "type": "BadRequestError",
+            "param": "max_tokens",
+            "code": 400,
+        },
+    )
     with pytest.raises(openai.BadRequestError) as exc:
         c.chat.completions.create(model="checker", messages=[{"role": "user", "content": "x"}], max_tokens=10**9)
     assert exc.value.body["message"] == "max_tokens is too large" and exc.value.body["param"] == "max_tokens"
     assert exc.value.body["type"] == "invalid_request_error"
-    other.script(status=429, error_body={"error": {"message": "slow down", "type": "rate_limit_error",
-                                                   "param": None, "code": "rate_limited"}})
+    other.script(
+        status=429,
+        error_body={
+            "error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limited"}
+        },
+    )
     with pytest.raises(openai.RateLimitError) as exc:  # also when the client asked for a stream
         c.chat.completions.create(model="checker", stream=True, messages=[{"role": "user", "content": "x"}])
-    assert exc.value.body == {"message": "slow down", "type": "rate_limit_error", "param": None,
-                              "code": "rate_limited"}
+    assert exc.value.body == {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limited"}
     with pytest.raises(openai.APIStatusError) as exc:  # nobody listening: 502, as for the policy's upstream
         c.chat.completions.create(model="dead", messages=[{"role": "user", "content": "x"}])
     assert exc.value.status_code == 502 and exc.value.body["code"] == "upstream_unavailable"
@@ -195,8 +234,12 @@ def test_provider_errors_keep_their_status_and_are_recorded(fz_proxy, other, fz_
         c.chat.completions.create(model="slow", messages=[{"role": "user", "content": "x"}])
     assert exc.value.status_code == 504 and exc.value.body["code"] == "upstream_timeout"
     rows = dbread.wait_calls(fz_db, 4, "fz-err")
-    assert [(r["status_code"], r["route"]) for r in rows] == [(400, "frozen"), (429, "frozen"), (502, "frozen"),
-                                                              (504, "frozen")]
+    assert [(r["status_code"], r["route"]) for r in rows] == [
+        (400, "frozen"),
+        (429, "frozen"),
+        (502, "frozen"),
+        (504, "frozen"),
+    ]
     assert rows[0]["error"] == "max_tokens is too large" and rows[1]["error"] == "slow down"
     assert rows[1]["stream"] is True and "Connection error" in rows[2]["error"]
 
@@ -204,7 +247,8 @@ def test_provider_errors_keep_their_status_and_are_recorded(fz_proxy, other, fz_
 def test_client_abort_mid_frozen_stream_is_recorded(fz_proxy, other, fz_db):
     other.script(text="abcdefghijklmnopqrstuvwxyz" * 4, delay_per_chunk=0.05)
     stream = client(fz_proxy, **{"X-Session-Id": "fz-abort"}).chat.completions.create(
-        model="checker", stream=True, messages=[{"role": "user", "content": "go"}])
+        model="checker", stream=True, messages=[{"role": "user", "content": "go"}]
+    )
     got = ""
     for chunk in stream:
         got += (chunk.choices[0].delta.content or "") if chunk.choices else ""
@@ -241,22 +285,34 @@ def test_litellm_is_not_imported_without_routes(upstream, sqlite_url, tmp_path):
         asyncio.run(main([]))
         asyncio.run(main(["checker=openai/some-model"]))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+    )
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("litellm imported:")]
     assert lines == ["litellm imported: False False", "litellm imported: True True"], out.stdout + out.stderr
 
 
 def test_route_configuration(tmp_path):
     f = tmp_path / "routes.yaml"
-    f.write_text("a: openai/x\nb: {model: hosted_vllm/y, api_base: 'http://h/v1'}\n"
-                 "c: [{model: openai/p}, {model: openai/q}]\n")
+    f.write_text(
+        "a: openai/x\nb: {model: hosted_vllm/y, api_base: 'http://h/v1'}\nc: [{model: openai/p}, {model: openai/q}]\n"
+    )
     routes = parse_routes(["a=anthropic/claude", "d = openai/z"], f, "policy")
-    assert routes == {"a": [{"model": "anthropic/claude"}],  # the flag replaces the file's entry
-                      "b": [{"model": "hosted_vllm/y", "api_base": "http://h/v1"}],
-                      "c": [{"model": "openai/p"}, {"model": "openai/q"}], "d": [{"model": "openai/z"}]}
-    for bad, needle in [(["nomodel"], "NAME=litellm-model-string"), (["x="], "NAME=litellm-model-string"),
-                        (["policy=openai/x"], "policy model")]:
+    assert routes == {
+        "a": [{"model": "anthropic/claude"}],  # the flag replaces the file's entry
+        "b": [{"model": "hosted_vllm/y", "api_base": "http://h/v1"}],
+        "c": [{"model": "openai/p"}, {"model": "openai/q"}],
+        "d": [{"model": "openai/z"}],
+    }
+    for bad, needle in [
+        (["nomodel"], "NAME=litellm-model-string"),
+        (["x="], "NAME=litellm-model-string"),
+        (["policy=openai/x"], "policy model"),
+    ]:
         with pytest.raises(RouteConfigError, match=needle):
             parse_routes(bad, None, "policy")
     f.write_text("a: {api_base: 'http://h'}\n")
@@ -270,8 +326,12 @@ def test_route_configuration(tmp_path):
 def test_client_that_gives_up_before_the_provider_answers_is_recorded_once(fz_proxy, other, fz_db):
     other.script(delay=1.5)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{fz_proxy.v1}/chat/completions", timeout=0.3, headers={"X-Session-Id": "fz-gone"},
-                   json={"model": "checker", "messages": [{"role": "user", "content": "x"}]})
+        httpx.post(
+            f"{fz_proxy.v1}/chat/completions",
+            timeout=0.3,
+            headers={"X-Session-Id": "fz-gone"},
+            json={"model": "checker", "messages": [{"role": "user", "content": "x"}]},
+        )
     assert dbread.wait_calls(fz_db, 1, "fz-gone", timeout=15)
     time.sleep(1.0)  # a second record, if there were one, would be written by now
     rows = dbread.calls(fz_db, "fz-gone")

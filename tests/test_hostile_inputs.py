@@ -73,11 +73,14 @@ REWARD_BODIES = [
     (b'{"session_id": "h-1", "reward": 1, "metadata": {"k": 123456789012345678901234567890}}', "metadata", "2**63"),
     (b'{"session_id": "h-1", "reward": 1, "metadata": {"k": -9223372036854775809}}', "metadata", "2**63"),
     (b'{"session_id": "h-1", "reward": 1, "metadata": {"k": 1e300}}', "metadata", "2**63"),
-    (b'{"session_id": "h-1", "reward": 1, "metadata": ' + b'{"a": ' * 100 + b'1' + b'}' * 100 + b'}',
-     "metadata", "nested deeper"),
+    (
+        b'{"session_id": "h-1", "reward": 1, "metadata": ' + b'{"a": ' * 100 + b"1" + b"}" * 100 + b"}",
+        "metadata",
+        "nested deeper",
+    ),
     (b'{"session_id": "h-1", "reward": NaN}', "reward", "finite"),
     (b'{"session_id": "h-1", "reward": -Infinity}', "reward", "-Infinity"),
-    (b'{"session_id": "h-1", "reward": 1' + b'0' * 400 + b'}', "reward", "finite"),
+    (b'{"session_id": "h-1", "reward": 1' + b"0" * 400 + b"}", "reward", "finite"),
     (b'{"session_id": "h-1", "reward": 1e300}', "reward", "magnitude"),
     (b'{"session_id": "h-1", "reward": 18446744073709551615}', "reward", "magnitude"),
     (b'{"session_id": "h\\u00001", "reward": 1}', "session_id", "session_id"),
@@ -89,7 +92,7 @@ REWARD_BODIES = [
     (b'{"session_id": "h-1", "reward": 1, "metadata": {"k": "\xff\xfe"}}', None, "not valid JSON"),
     # A surrogate encoded in UTF-8 bytes (CESU-8), not escaped.
     (b'{"session_id": "h-1", "reward": 1, "metadata": {"k": "\xed\xa0\x80"}}', "metadata", "metadata.k"),
-    (b'[' * 100_000, None, "not valid JSON"),
+    (b"[" * 100_000, None, "not valid JSON"),
 ]
 
 
@@ -111,33 +114,78 @@ def test_bad_reward_bodies_are_400s_that_store_nothing_on_one_connection(hostile
             assert connection_of(r) == conn, "an error answer must not cost the client its connection"
             assert client.get("/healthz").status_code == 200
     # Headers no database can take, sent as bytes (latin-1, the only way HTTP carries them).
-    r = client.post("/reward", content=b'{"session_id": "h-1", "reward": 1}',
-                    headers={"content-type": "application/json", "Idempotency-Key": "k" * 257})
+    r = client.post(
+        "/reward",
+        content=b'{"session_id": "h-1", "reward": 1}',
+        headers={"content-type": "application/json", "Idempotency-Key": "k" * 257},
+    )
     assert assert_refused(r)["param"] == "Idempotency-Key"
     assert dbread.rewards(pg_url) == []
     # And the connection still takes a good reward.
-    ok = client.post("/reward", json={"session_id": "h-1", "reward": 1.0, "metadata": {"k": [1, "é", None]},
-                                      "idempotency_key": "fine"})
+    ok = client.post(
+        "/reward",
+        json={"session_id": "h-1", "reward": 1.0, "metadata": {"k": [1, "é", None]}, "idempotency_key": "fine"},
+    )
     assert ok.status_code == 200, ok.text
     assert connection_of(ok) == conn
     assert [(r["session_id"], r["value"], r["metadata"]) for r in dbread.rewards(pg_url)] == [
-        ("h-1", 1.0, {"k": [1, "é", None]})]
+        ("h-1", 1.0, {"k": [1, "é", None]})
+    ]
 
 
 def test_bad_ids_offsets_and_cursors_are_400s_on_one_connection(hostile, client):
     conn = connection_of(client.get("/healthz"))
-    bad = [("DELETE", f"/rewards/{2**63}"), ("DELETE", f"/rewards/{2**64 + 1}"), ("DELETE", f"/rewards/{-2**63 - 1}"),
-           ("DELETE", "/rewards/0"), ("DELETE", "/rewards/-1"), ("DELETE", "/rewards/1.5"), ("DELETE", "/rewards/x"),
-           ("DELETE", "/rewards?source=a%00b"), ("DELETE", "/rewards?session_id=a%00b"),
-           ("DELETE", "/rewards?source=" + "s" * 65), ("DELETE", "/rewards"), ("DELETE", "/rewards?source="),
-           ("GET", "/calls/call%00x"), ("GET", "/sessions?task=a%00b"), ("GET", "/sessions?agent=%00"),
-           ("GET", "/rewards?source=%00"), ("GET", "/stats?x=%00")]
+    bad = [
+        ("DELETE", f"/rewards/{2**63}"),
+        ("DELETE", f"/rewards/{2**64 + 1}"),
+        ("DELETE", f"/rewards/{-(2**63) - 1}"),
+        ("DELETE", "/rewards/0"),
+        ("DELETE", "/rewards/-1"),
+        ("DELETE", "/rewards/1.5"),
+        ("DELETE", "/rewards/x"),
+        ("DELETE", "/rewards?source=a%00b"),
+        ("DELETE", "/rewards?session_id=a%00b"),
+        ("DELETE", "/rewards?source=" + "s" * 65),
+        ("DELETE", "/rewards"),
+        ("DELETE", "/rewards?source="),
+        ("GET", "/calls/call%00x"),
+        ("GET", "/sessions?task=a%00b"),
+        ("GET", "/sessions?agent=%00"),
+        ("GET", "/rewards?source=%00"),
+        ("GET", "/stats?x=%00"),
+    ]
     for path in ("/train/steps", "/policy/versions"):
-        for value in ([2**31], [-2**31 - 1], [2**63], [2**64 + 5], [-2**63 - 1], ["x"], [1.5], [True], [None],
-                      [[1]], [{}], {}, [1, 2], [], "x", 10**30):
+        for value in (
+            [2**31],
+            [-(2**31) - 1],
+            [2**63],
+            [2**64 + 5],
+            [-(2**63) - 1],
+            ["x"],
+            [1.5],
+            [True],
+            [None],
+            [[1]],
+            [{}],
+            {},
+            [1, 2],
+            [],
+            "x",
+            10**30,
+        ):
             bad.append(("GET", f"{path}?cursor={cursor(value)}"))
-        for query in ("cursor=!!!", "cursor=%00", "cursor=" + quote("\u00e9\u20ac"), "cursor=" + "A" * 5000,
-                      f"offset={2**63}", "offset=-1", "offset=1e3", "limit=0", f"limit={10**30}", "limit=x"):
+        for query in (
+            "cursor=!!!",
+            "cursor=%00",
+            "cursor=" + quote("\u00e9\u20ac"),
+            "cursor=" + "A" * 5000,
+            f"offset={2**63}",
+            "offset=-1",
+            "offset=1e3",
+            "limit=0",
+            f"limit={10**30}",
+            "limit=x",
+        ):
             bad.append(("GET", f"{path}?{query}"))
     for method, path in bad:
         r = client.request(method, path)
@@ -145,7 +193,7 @@ def test_bad_ids_offsets_and_cursors_are_400s_on_one_connection(hostile, client)
         assert connection_of(r) == conn, (method, path)
     # A cursor the API hands out still works, and the largest id is simply not there.
     assert client.get("/train/steps", params={"cursor": cursor([2**31 - 1])}).status_code == 200
-    assert client.get("/policy/versions", params={"cursor": cursor([-2**31])}).status_code == 200
+    assert client.get("/policy/versions", params={"cursor": cursor([-(2**31)])}).status_code == 200
     assert_refused(client.delete(f"/rewards/{2**63 - 1}"), 404)
 
 
@@ -184,20 +232,30 @@ def test_metrics_need_the_admin_key_and_name_no_upstream(start_proxy, upstream, 
 
 # Text with what JSON parsers let through: NUL, lone surrogates, non-BMP characters, separators.
 TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12) | st.sampled_from(
-    ["", "\x00", "a\x00", "\ud800", "x\udfff", "h-1", "sess-ok", "air:truncated:x", "call_x", "a" * 300, "é/ü"])
-NUMBERS = (st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=True, allow_infinity=True)
-           | st.sampled_from([0, -0.0, 1e12, 1e12 + 1, 2**63, -(2**63) - 1, 10**400, 1e-320]))
+    ["", "\x00", "a\x00", "\ud800", "x\udfff", "h-1", "sess-ok", "air:truncated:x", "call_x", "a" * 300, "é/ü"]
+)
+NUMBERS = (
+    st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([0, -0.0, 1e12, 1e12 + 1, 2**63, -(2**63) - 1, 10**400, 1e-320])
+)
 SCALARS = st.none() | st.booleans() | NUMBERS | TEXT
-JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3),
-                    max_leaves=8)
+JSON = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(TEXT, inner, max_size=3), max_leaves=8
+)
 FIELDS = ("session_id", "reward", "call_id", "final", "idempotency_key", "metadata")
 IDS = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,20}\Z")
 # Bodies that are nearly right (a valid session and reward, then any value in the optional fields: most of what is
 # accepted comes from here), and bodies of anything at all.
 NEARLY = st.fixed_dictionaries(
     {"session_id": IDS, "reward": NUMBERS | st.floats(-1e12, 1e12)},
-    optional={"final": JSON, "idempotency_key": TEXT | IDS, "metadata": st.dictionaries(TEXT, JSON, max_size=3),
-              "call_id": TEXT})
+    optional={
+        "final": JSON,
+        "idempotency_key": TEXT | IDS,
+        "metadata": st.dictionaries(TEXT, JSON, max_size=3),
+        "call_id": TEXT,
+    },
+)
 BODIES = NEARLY | st.dictionaries(st.sampled_from(FIELDS) | TEXT, JSON, max_size=6) | JSON
 
 
@@ -213,9 +271,17 @@ def test_fuzzed_reward_bodies_never_500_and_refusals_store_nothing(hostile, pg_u
     with httpx.Client(base_url=hostile.url, headers=J, timeout=30) as client:
         conn = connection_of(client.get("/healthz"))
 
-        @given(body=BODIES, path=st.sampled_from(["/reward", "/reward", "/sessions/h-2/reward", "/sessions/h-3/finish"]))
-        @settings(max_examples=200, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(
+            body=BODIES, path=st.sampled_from(["/reward", "/reward", "/sessions/h-2/reward", "/sessions/h-3/finish"])
+        )
+        @settings(
+            max_examples=200,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         def post_one(body, path):
             r = client.post(path, content=_encode(body))
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
@@ -240,16 +306,27 @@ def test_fuzzed_admin_parameters_never_500(hostile):
     with httpx.Client(base_url=hostile.url, headers=AUTH, timeout=30) as client:
         conn = connection_of(client.get("/healthz"))
 
-        @given(route=st.sampled_from(["/train/steps", "/policy/versions", "/rewards", "/rewards/{id}"]),
-               params=st.dictionaries(st.sampled_from(["cursor", "limit", "offset", "source", "session_id"]),
-                                      values, max_size=3), rid=values)
-        @settings(max_examples=200, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(
+            route=st.sampled_from(["/train/steps", "/policy/versions", "/rewards", "/rewards/{id}"]),
+            params=st.dictionaries(
+                st.sampled_from(["cursor", "limit", "offset", "source", "session_id"]), values, max_size=3
+            ),
+            rid=values,
+        )
+        @settings(
+            max_examples=200,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         def one(route, params, rid):
             method = "DELETE" if route.startswith("/rewards") else "GET"
             # Dots too: httpx would resolve "/rewards/.." as a relative path.
-            path = route.replace("{id}", quote(rid.encode("utf-8", "surrogatepass"), safe="").replace(".", "%2E")
-                                 or "0")
+            path = route.replace(
+                "{id}", quote(rid.encode("utf-8", "surrogatepass"), safe="").replace(".", "%2E") or "0"
+            )
             query = "&".join(f"{k}={quote(v.encode('utf-8', 'surrogatepass'), safe='')}" for k, v in params.items())
             r = client.request(method, f"{path}?{query}" if query else path)
             assert r.status_code < 500, (method, path, params, r.text)
@@ -262,6 +339,7 @@ def test_fuzzed_admin_parameters_never_500(hostile):
 
 # --- the database goes away --------------------------------------------------------------------------------------
 
+
 def test_database_down_is_a_503_with_retry_after_and_the_same_post_works_after(start_proxy, upstream, tmp_path):
     with PgCluster() as own:
         url = own.create_database("downtest")
@@ -271,12 +349,20 @@ def test_database_down_is_a_503_with_retry_after_and_the_same_post_works_after(s
             conn = connection_of(client.get("/healthz"))
             own._run(_bin("pg_ctl"), "-D", str(own.data), "-m", "fast", "stop")
             body = {"session_id": "down-1", "reward": 0.5, "idempotency_key": "down-once"}
-            for method, path, payload in [("POST", "/reward", body), ("POST", "/sessions/down-2/reward", {"reward": 1}),
-                                          ("POST", "/sessions/down-3/finish", None), ("GET", "/sessions", None),
-                                          ("GET", "/sessions/down-1", None), ("GET", "/rewards", None),
-                                          ("GET", "/stats", None), ("DELETE", "/rewards/1", None),
-                                          ("DELETE", "/rewards?source=user", None), ("GET", "/train/steps", None),
-                                          ("GET", "/policy/versions", None), ("POST", "/reward", body)]:
+            for method, path, payload in [
+                ("POST", "/reward", body),
+                ("POST", "/sessions/down-2/reward", {"reward": 1}),
+                ("POST", "/sessions/down-3/finish", None),
+                ("GET", "/sessions", None),
+                ("GET", "/sessions/down-1", None),
+                ("GET", "/rewards", None),
+                ("GET", "/stats", None),
+                ("DELETE", "/rewards/1", None),
+                ("DELETE", "/rewards?source=user", None),
+                ("GET", "/train/steps", None),
+                ("GET", "/policy/versions", None),
+                ("POST", "/reward", body),
+            ]:
                 r = client.request(method, path, json=payload)
                 err = assert_refused(r, 503)
                 assert err["type"] == "service_unavailable" and int(r.headers["retry-after"]) > 0, (path, err)

@@ -123,13 +123,36 @@ def test_rejected_rows_are_counted_and_replayed_after_a_fix(start_proxy, upstrea
     assert stats["rejected"]["rows"] == 1, stats.get("rejected")
     assert odd_id not in _stored_ids(url) and len(_stored_ids(url)) == 1  # the good call is not held up
     proxy.stop(signal.SIGTERM)
-    cli = [sys.executable, "-m", "trainwire.cli", "replay-rejected", "--database-url", url, "--journal-dir",
-           str(journal)]
+    cli = [
+        sys.executable,
+        "-m",
+        "trainwire.cli",
+        "replay-rejected",
+        "--database-url",
+        url,
+        "--journal-dir",
+        str(journal),
+    ]
     still = subprocess.run(cli, capture_output=True, text=True, timeout=60)
     assert still.returncode == 1 and "1 still refused" in still.stdout, still.stdout + still.stderr
     assert len(list(journal.glob("rejected-*.jsonl"))) == 1  # kept, with the new error
-    subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", "-d", "faults", "-c",
-                    "ALTER TABLE calls ALTER COLUMN finish_reason TYPE varchar(64)"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(pg.port),
+            "-U",
+            "postgres",
+            "-d",
+            "faults",
+            "-c",
+            "ALTER TABLE calls ALTER COLUMN finish_reason TYPE varchar(64)",
+        ],
+        check=True,
+        capture_output=True,
+    )
     fixed = subprocess.run(cli, capture_output=True, text=True, timeout=60)
     assert fixed.returncode == 0 and "1 rows written, 0 still refused" in fixed.stdout, fixed.stdout + fixed.stderr
     assert odd_id in _stored_ids(url)

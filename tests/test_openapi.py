@@ -33,10 +33,23 @@ PASSTHROUGH = ("/v1/{rest}", "/sessions/{session_id}/v1/{rest}", "/tokenize", "/
 # The routes the app serves itself; the test fails when one is not fuzzed (a route added without thinking of
 # this test, or one the document lost).
 EXPECTED = {
-    "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/models", "GET /sessions/{session_id}/v1/models",
-    "POST /reward", "POST /sessions/{session_id}/reward", "POST /sessions/{session_id}/finish",
-    "GET /sessions", "GET /sessions/{session_id}", "GET /calls/{call_id}", "GET /rewards", "GET /stats",
-    "DELETE /rewards", "DELETE /rewards/{reward_id}", "GET /train/steps", "GET /policy/versions",
+    "GET /healthz",
+    "GET /readyz",
+    "GET /metrics",
+    "GET /v1/models",
+    "GET /sessions/{session_id}/v1/models",
+    "POST /reward",
+    "POST /sessions/{session_id}/reward",
+    "POST /sessions/{session_id}/finish",
+    "GET /sessions",
+    "GET /sessions/{session_id}",
+    "GET /calls/{call_id}",
+    "GET /rewards",
+    "GET /stats",
+    "DELETE /rewards",
+    "DELETE /rewards/{reward_id}",
+    "GET /train/steps",
+    "GET /policy/versions",
 }
 
 
@@ -50,21 +63,32 @@ def _seed(proxy, url: str) -> None:
         r = chat(proxy, f"seed-{i}", f"question {i}")
         assert r.status_code == 200
     dbread.wait_calls(url, 3)
-    assert post(proxy, "/reward", {"session_id": "seed-0", "reward": 1.0, "metadata": {"why": "seed"}},
-                headers=AUTH).status_code == 200
+    assert (
+        post(
+            proxy, "/reward", {"session_id": "seed-0", "reward": 1.0, "metadata": {"why": "seed"}}, headers=AUTH
+        ).status_code
+        == 200
+    )
 
     async def trainer_rows():
         engine = make_engine(url)
         try:
             async with engine.begin() as conn:
                 for step in (1, 2, 3):
-                    await conn.execute(text(
-                        "INSERT INTO train_steps (step, policy_version, n_sessions, n_samples, metrics, created_at)"
-                        " VALUES (:s, :s, 2, 4, CAST(:m AS jsonb), now())"), {"s": step, "m": '{"loss": 0.5}'})
-                    await conn.execute(text(
-                        "INSERT INTO policy_versions (version, kind, served_model, path, train_step, status, "
-                        "created_at) VALUES (:s, 'lora', :name, '/ckpt', :s, 'published', now())"),
-                        {"s": step, "name": f"policy-v{step}"})
+                    await conn.execute(
+                        text(
+                            "INSERT INTO train_steps (step, policy_version, n_sessions, n_samples, metrics, created_at)"
+                            " VALUES (:s, :s, 2, 4, CAST(:m AS jsonb), now())"
+                        ),
+                        {"s": step, "m": '{"loss": 0.5}'},
+                    )
+                    await conn.execute(
+                        text(
+                            "INSERT INTO policy_versions (version, kind, served_model, path, train_step, status, "
+                            "created_at) VALUES (:s, 'lora', :name, '/ckpt', :s, 'published', now())"
+                        ),
+                        {"s": step, "name": f"policy-v{step}"},
+                    )
         finally:
             await engine.dispose()
 
@@ -88,7 +112,10 @@ def test_the_document_declares_what_the_api_answers(start_proxy, upstream, pg_ur
     finish = paths["/sessions/{session_id}/finish"]["post"]["requestBody"]
     assert finish["required"] is False
     assert set(finish["content"]["application/json"]["schema"]["properties"]) == {
-        "session_id", "idempotency_key", "metadata"}
+        "session_id",
+        "idempotency_key",
+        "metadata",
+    }
     for p in ("/reward", "/sessions/{session_id}/reward", "/sessions/{session_id}/finish"):
         assert set(paths[p]["post"]["responses"]) == {"200", "400", "401", "404", "409", "413", "422", "503"}
     # No operation keeps FastAPI's 422 (its validation errors are answered as 400s in OpenAI's format), and
@@ -100,8 +127,7 @@ def test_the_document_declares_what_the_api_answers(start_proxy, upstream, pg_ur
             for status, answer in op["responses"].items():
                 if status.startswith(("4", "5")) and p != "/readyz":
                     assert answer["content"]["application/json"]["schema"] == error_ref, (method, p, status)
-            if p.startswith(("/reward", "/sessions", "/calls", "/stats", "/train", "/policy")) and \
-                    "/v1/" not in p:
+            if p.startswith(("/reward", "/sessions", "/calls", "/stats", "/train", "/policy")) and "/v1/" not in p:
                 assert {"400", "401", "503"} <= set(op["responses"]), (method, p)
     assert paths["/metrics"]["get"]["responses"].keys() == {"200", "401"}
     ids = [op["operationId"] for item in paths.values() for op in item.values()]
@@ -110,8 +136,14 @@ def test_the_document_declares_what_the_api_answers(start_proxy, upstream, pg_ur
 
 def _fuzz(op, mode: GenerationMode, session: requests.Session, count) -> None:
     @given(case=op.as_strategy(generation_mode=mode))
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     def fuzz(case):
         response = case.call(session=session, headers=AUTH, timeout=30)
         count()
@@ -144,8 +176,7 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(start_pro
     print(f"schemathesis: {sum(counts.values())} requests over {len(fuzzed)} operations in {elapsed:.0f}s")
     assert not failures, "\n\n".join(failures)
     # Negative data can be impossible for an operation (nothing to get wrong); positive never is.
-    assert {label for label in counts if label.endswith("(positive)")} == {
-        f"{op} (positive)" for op in EXPECTED}
+    assert {label for label in counts if label.endswith("(positive)")} == {f"{op} (positive)" for op in EXPECTED}
     # The proxy is still well: the same connection answers, and nothing was logged as a bug.
     assert session.get(f"{proxy.url}/healthz").status_code == 200
     assert "unexpected error" not in proxy.log_path.read_text(errors="replace")

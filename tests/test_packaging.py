@@ -13,8 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-FOLDERS = {"proxy": "trainwire.proxy", "store": "trainwire.store", "rl": "trainwire.rl",
-           "migrations": "trainwire.migrations"}
+FOLDERS = {
+    "proxy": "trainwire.proxy",
+    "store": "trainwire.store",
+    "rl": "trainwire.rl",
+    "migrations": "trainwire.migrations",
+}
 
 
 def _python_packages(top: Path, name: str) -> set[str]:
@@ -37,8 +41,12 @@ def test_the_tree_is_laid_out_as_it_installs():
 def test_wheel_and_sdist_hold_every_subpackage_as_real_files(tmp_path):
     expected = {"trainwire"} | set().union(*(_python_packages(ROOT / f, n) for f, n in FOLDERS.items()))
     # The wheel is built from the sdist, as a user's pip builds it: the sdist alone must be complete.
-    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     (wheel,) = tmp_path.glob("trainwire-*.whl")
     (sdist,) = tmp_path.glob("trainwire-*.tar.gz")
     with zipfile.ZipFile(wheel) as z:
@@ -60,11 +68,14 @@ def test_type_checker_outside_the_checkout_resolves_every_subpackage(tmp_path):
     venv, resolves trainwire.store and the others (an unresolved import is an error)."""
     ty = Path(sys.executable).with_name("ty")
     user = tmp_path / "user.py"
-    user.write_text("from trainwire.store import queries\nfrom trainwire.proxy import app\n"
-                    "from trainwire.rl.engine import config\nfrom trainwire.migrations import env\n"
-                    "x: int = queries.no_such_name\n")
-    out = subprocess.run([str(ty), "check", "--python", sys.prefix, str(user)], capture_output=True, text=True,
-                         cwd=tmp_path)
+    user.write_text(
+        "from trainwire.store import queries\nfrom trainwire.proxy import app\n"
+        "from trainwire.rl.engine import config\nfrom trainwire.migrations import env\n"
+        "x: int = queries.no_such_name\n"
+    )
+    out = subprocess.run(
+        [str(ty), "check", "--python", sys.prefix, str(user)], capture_output=True, text=True, cwd=tmp_path
+    )
     assert "unresolved-import" not in out.stdout, out.stdout
     # ...and it really read the module: a name the store does not have is an error, on that line.
     assert "no_such_name" in out.stdout and "user.py:5" in out.stdout, out.stdout
@@ -72,19 +83,34 @@ def test_type_checker_outside_the_checkout_resolves_every_subpackage(tmp_path):
 
 def test_wheel_installs_one_namespace_with_its_resources(tmp_path):
     wheels, target = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
-                    "-w", str(wheels)], check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(wheels)],
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     (wheel,) = wheels.glob("trainwire-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     top = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".data"))}
     assert top == {"trainwire", "bin"} or top == {"trainwire"}, top
     # From outside the checkout, with only the installed copy on the path: migrations run from the package's
     # own resources and the dashboard's files are there.
-    code = ("import trainwire.store.migrate as m, trainwire.proxy.ui_routes as u, sys;"
-            "m.upgrade_head('sqlite+aiosqlite:///' + sys.argv[1]);"
-            "print(m.migrations_dir()); print(len(u._read('index.html')))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.db")], check=True, capture_output=True,
-                         text=True, cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}).stdout
+    code = (
+        "import trainwire.store.migrate as m, trainwire.proxy.ui_routes as u, sys;"
+        "m.upgrade_head('sqlite+aiosqlite:///' + sys.argv[1]);"
+        "print(m.migrations_dir()); print(len(u._read('index.html')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "t.db")],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    ).stdout
     migrations, index_bytes = out.split()
     assert Path(migrations).is_relative_to(target) and int(index_bytes) > 500

@@ -49,8 +49,9 @@ def test_chat_is_recorded_with_tokens_and_hidden_from_client(proxy, upstream, db
 
 def test_client_that_asks_for_logprobs_gets_them_untouched(proxy, upstream, db_url):
     c = client(proxy)
-    raw = c.chat.completions.with_raw_response.create(model="policy", logprobs=True,
-                                                      messages=[{"role": "user", "content": "x"}])
+    raw = c.chat.completions.with_raw_response.create(
+        model="policy", logprobs=True, messages=[{"role": "user", "content": "x"}]
+    )
     body = raw.http_response.json()
     upstream_body = orjson.loads(upstream.sent[-1].body)
     assert body["choices"][0]["logprobs"] == upstream_body["choices"][0]["logprobs"]
@@ -66,7 +67,7 @@ def _events(raw: bytes) -> list[bytes]:
 def _minus_injected(upstream_bytes: bytes, model: str) -> list[bytes]:
     out = []
     for ev in _events(upstream_bytes):
-        data = ev[len(b"data: "):]
+        data = ev[len(b"data: ") :]
         if data == b"[DONE]":
             out.append(ev)
             continue
@@ -103,8 +104,14 @@ def test_stream_untouched_when_client_asked_for_everything(proxy, upstream, db_u
     body = {"model": "base-model-alias", "stream": True}
     # A client that asks for token ids, logprobs and usage itself gets the upstream's bytes unchanged
     # (apart from the model name it asked for).
-    body = {"model": "policy", "stream": True, "logprobs": True, "return_token_ids": True,
-            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "all"}]}
+    body = {
+        "model": "policy",
+        "stream": True,
+        "logprobs": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "all"}],
+    }
     with httpx.stream("POST", f"{proxy.v1}/chat/completions", json=body) as r:
         received = b"".join(r.iter_raw())
     expected = upstream.sent[-1].body.replace(b'"model":"base-model"', b'"model":"policy"')
@@ -116,8 +123,9 @@ def test_streamed_tool_calls_arrive_intact(proxy, upstream, db_url):
     upstream.script(tool_calls=[{"name": "calculator", "arguments": args}])
     c = client(proxy, **{"X-Session-Id": "tools-1"})
     tools = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
-    stream = c.chat.completions.create(model="policy", stream=True, tools=tools,
-                                       messages=[{"role": "user", "content": "compute"}])
+    stream = c.chat.completions.create(
+        model="policy", stream=True, tools=tools, messages=[{"role": "user", "content": "compute"}]
+    )
     name, arguments = "", ""
     for chunk in stream:
         for tc in chunk.choices[0].delta.tool_calls or []:
@@ -164,8 +172,11 @@ def test_session_id_with_slashes_by_path(proxy, upstream, db_url):
     r = httpx.post(f"{proxy.url}/sessions/{sid}/v1/embeddings", json={"model": "policy", "input": "c"})
     assert r.headers["x-session-id"] == sid
     rows = dbread.wait_calls(db_url, 3, sid)
-    assert [(r["kind"], r["path"]) for r in rows] == [("chat", "/v1/chat/completions"),
-                                                     ("completion", "/v1/completions"), ("other", "/v1/embeddings")]
+    assert [(r["kind"], r["path"]) for r in rows] == [
+        ("chat", "/v1/chat/completions"),
+        ("completion", "/v1/completions"),
+        ("other", "/v1/embeddings"),
+    ]
 
 
 def test_eval_calls_are_not_trainable(proxy, upstream, db_url):
@@ -174,11 +185,21 @@ def test_eval_calls_are_not_trainable(proxy, upstream, db_url):
     assert dbread.wait_calls(db_url, 1)[0]["trainable"] is False
 
 
-@pytest.mark.parametrize("header,value", [("X-Session-Id", "bad id with spaces"), ("X-Task-Id", "x" * 200),
-                                          ("X-Trainwire-Train", "maybe"), ("X-Agent-Name", "ag\tent")])
+@pytest.mark.parametrize(
+    "header,value",
+    [
+        ("X-Session-Id", "bad id with spaces"),
+        ("X-Task-Id", "x" * 200),
+        ("X-Trainwire-Train", "maybe"),
+        ("X-Agent-Name", "ag\tent"),
+    ],
+)
 def test_bad_headers_get_openai_400(proxy, upstream, db_url, header, value):
-    r = httpx.post(f"{proxy.v1}/chat/completions", headers={header: value},
-                   json={"model": "policy", "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        f"{proxy.v1}/chat/completions",
+        headers={header: value},
+        json={"model": "policy", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.status_code == 400
     err = r.json()["error"]
     assert header in err["message"] and err["type"] == "invalid_request_error"
@@ -196,8 +217,16 @@ def test_bad_json_and_unknown_model(proxy, upstream, db_url):
 
 
 def test_upstream_errors_pass_through_and_are_recorded(proxy, upstream, db_url):
-    upstream.script(status=400, error_body={"object": "error", "message": "max_tokens is too large",
-                                            "type": "BadRequestError", "param": "max_tokens", "code": 400})
+    upstream.script(
+        status=400,
+        error_body={
+            "object": "error",
+            "message": "max_tokens is too large",
+            "type": "BadRequestError",
+            "param": "max_tokens",
+            "code": 400,
+        },
+    )
     c = client(proxy, **{"X-Session-Id": "err-1"})
     with pytest.raises(openai.BadRequestError) as exc:
         c.chat.completions.create(model="policy", messages=[{"role": "user", "content": "x"}], max_tokens=10**9)
@@ -249,8 +278,16 @@ def test_policy_version_routing_and_lost_adapter_fallback(proxy, upstream, db_ur
 
     async def publish(version: int, name: str) -> None:
         engine = make_engine(db_url)
-        await record_publish(engine, version=version, kind="lora", served_model=name, path=f"/ckpt/v{version}",
-                             train_step=version, reached=[upstream.url], failed=[])
+        await record_publish(
+            engine,
+            version=version,
+            kind="lora",
+            served_model=name,
+            path=f"/ckpt/v{version}",
+            train_step=version,
+            reached=[upstream.url],
+            failed=[],
+        )
         await engine.dispose()
 
     upstream.adapters.append("policy-v1")

@@ -40,8 +40,15 @@ def _session(url: str, sid: str) -> dict:
 def test_curl_final_reward_closes_the_session(proxy, upstream, db_url):
     r = chat(proxy, "ep-1")
     assert r.status_code == 200
-    status, body = curl(f"{proxy.url}/reward", "-X", "POST", "-H", "content-type: application/json",
-                        "-d", '{"session_id": "ep-1", "reward": 1.0}')
+    status, body = curl(
+        f"{proxy.url}/reward",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        '{"session_id": "ep-1", "reward": 1.0}',
+    )
     assert status == 200, body
     assert body["session_id"] == "ep-1" and body["value"] == 1.0 and body["final"] is True
     assert body["call_id"] is None and body["source"] == "user"
@@ -57,19 +64,23 @@ def test_intermediate_reward_on_a_call_then_final_by_path(pg_proxy, upstream, pg
     first = chat(pg_proxy, "ep-2", "step 1")
     second = chat(pg_proxy, "ep-2", "step 2")
     call_id = first.headers["x-call-id"]
-    r = post(pg_proxy, "/reward", {"session_id": "ep-2", "reward": 0.25, "call_id": call_id,
-                                   "metadata": {"why": "good first step"}})
+    r = post(
+        pg_proxy,
+        "/reward",
+        {"session_id": "ep-2", "reward": 0.25, "call_id": call_id, "metadata": {"why": "good first step"}},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["call_id"] == call_id and body["final"] is False and body["metadata"] == {"why": "good first step"}
     # An intermediate reward does not close the session.
     assert _session(pg_url, "ep-2")["finished_at"] is None
-    r = post(pg_proxy, "/sessions/ep-2/reward", {"reward": -1, "call_id": second.headers["x-call-id"],
-                                                 "final": True})
+    r = post(pg_proxy, "/sessions/ep-2/reward", {"reward": -1, "call_id": second.headers["x-call-id"], "final": True})
     assert r.status_code == 200 and r.json()["final"] is True and r.json()["value"] == -1.0
     rows = dbread.rewards(pg_url)
     assert [(r["call_id"], r["value"], r["final"]) for r in rows] == [
-        (call_id, 0.25, False), (second.headers["x-call-id"], -1.0, True)]
+        (call_id, 0.25, False),
+        (second.headers["x-call-id"], -1.0, True),
+    ]
     assert _session(pg_url, "ep-2")["final_reward"] == -1.0
 
 
@@ -80,8 +91,11 @@ def test_finish_closes_without_reward_and_second_final_is_409(pg_proxy, upstream
     assert r.json()["value"] is None and r.json()["final"] is True
     sess = _session(pg_url, "ep-3")
     assert sess["finished_at"] is not None and sess["final_reward"] is None
-    for path, body in [("/reward", {"session_id": "ep-3", "reward": 1}), ("/sessions/ep-3/finish", None),
-                       ("/sessions/ep-3/reward", {"reward": 2, "final": True})]:
+    for path, body in [
+        ("/reward", {"session_id": "ep-3", "reward": 1}),
+        ("/sessions/ep-3/finish", None),
+        ("/sessions/ep-3/reward", {"reward": 2, "final": True}),
+    ]:
         err = assert_openai_error(post(pg_proxy, path, body), 409, "ep-3", "already closed")
         assert err["code"] == "session_closed" and err["type"] == "conflict_error"
     # Intermediate rewards are still welcome until the trainer claims the session.
@@ -109,45 +123,118 @@ def test_every_bad_input_is_a_4xx_that_stores_nothing(pg_proxy, upstream, pg_url
         ("/reward", b'{"session_id": "mine"}', {}, 400, ["missing required field 'reward'"], "reward"),
         ("/reward", b'{"reward": 1}', {}, 400, ["missing required field 'session_id'"], "session_id"),
         ("/reward", b'{"session_id": 7, "reward": 1}', {}, 400, ["session_id", "must be a string"], "session_id"),
-        ("/reward", b'{"session_id": "has space", "reward": 1}', {}, 400, ["session_id", "'has space'"],
-         "session_id"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "final": "yes"}', {}, 400, ["final", "true or false"],
-         "final"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "final": 1}', {}, 400, ["final", "true or false"],
-         "final"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "metadata": [1]}', {}, 400, ["metadata", "JSON object"],
-         "metadata"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "metadata": {"x": NaN}}', {}, 400,
-         ["metadata.x", "finite"], "metadata"),
-        ("/reward", b'{"session_id": "mine", "reward": 1e13}', {}, 400, ["reward", "magnitude at most 1e+12"],
-         "reward"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "metadata": {"x": "a\\u0000"}}', {}, 400,
-         ["metadata.x", "NUL"], "metadata"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "metadata": {"x": "\\ud800"}}', {}, 400,
-         ["metadata.x", "lone surrogate"], "metadata"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "idempotency_key": "k\\u0000"}', {}, 400,
-         ["idempotency_key", "NUL"], "idempotency_key"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "rewrd": 2}', {}, 400, ["unknown field 'rewrd'"],
-         "rewrd"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "call_id": 5}', {}, 400, ["call_id", "string"],
-         "call_id"),
-        ("/reward", f'{{"session_id": "mine", "reward": 1, "call_id": "{theirs}"}}'.encode(), {}, 400,
-         [theirs, "belongs to session 'theirs'", "not 'mine'"], "call_id"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "call_id": "call_nope"}', {}, 404,
-         ["'call_nope'", "not a recorded call"], "call_id"),
-        ("/reward", b'{"session_id": "closed", "reward": 2}', {}, 409, ["'closed'", "already closed"],
-         "session_id"),
+        ("/reward", b'{"session_id": "has space", "reward": 1}', {}, 400, ["session_id", "'has space'"], "session_id"),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "final": "yes"}',
+            {},
+            400,
+            ["final", "true or false"],
+            "final",
+        ),
+        ("/reward", b'{"session_id": "mine", "reward": 1, "final": 1}', {}, 400, ["final", "true or false"], "final"),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "metadata": [1]}',
+            {},
+            400,
+            ["metadata", "JSON object"],
+            "metadata",
+        ),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "metadata": {"x": NaN}}',
+            {},
+            400,
+            ["metadata.x", "finite"],
+            "metadata",
+        ),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1e13}',
+            {},
+            400,
+            ["reward", "magnitude at most 1e+12"],
+            "reward",
+        ),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "metadata": {"x": "a\\u0000"}}',
+            {},
+            400,
+            ["metadata.x", "NUL"],
+            "metadata",
+        ),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "metadata": {"x": "\\ud800"}}',
+            {},
+            400,
+            ["metadata.x", "lone surrogate"],
+            "metadata",
+        ),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "idempotency_key": "k\\u0000"}',
+            {},
+            400,
+            ["idempotency_key", "NUL"],
+            "idempotency_key",
+        ),
+        ("/reward", b'{"session_id": "mine", "reward": 1, "rewrd": 2}', {}, 400, ["unknown field 'rewrd'"], "rewrd"),
+        ("/reward", b'{"session_id": "mine", "reward": 1, "call_id": 5}', {}, 400, ["call_id", "string"], "call_id"),
+        (
+            "/reward",
+            f'{{"session_id": "mine", "reward": 1, "call_id": "{theirs}"}}'.encode(),
+            {},
+            400,
+            [theirs, "belongs to session 'theirs'", "not 'mine'"],
+            "call_id",
+        ),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "call_id": "call_nope"}',
+            {},
+            404,
+            ["'call_nope'", "not a recorded call"],
+            "call_id",
+        ),
+        ("/reward", b'{"session_id": "closed", "reward": 2}', {}, 409, ["'closed'", "already closed"], "session_id"),
         ("/reward", b'{"session_id": "mine", "reward": 1', {}, 400, ["not valid JSON"], None),
-        ("/reward", b'[1, 2]', {}, 400, ["must be a JSON object", "array"], None),
-        ("/reward", b'', {}, 400, ["empty"], None),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "idempotency_key": "a"}', {"Idempotency-Key": "b"}, 400,
-         ["differs from the Idempotency-Key header"], "idempotency_key"),
-        ("/reward", b'{"session_id": "mine", "reward": 1, "idempotency_key": 3}', {}, 400,
-         ["idempotency_key", "string"], "idempotency_key"),
-        ("/reward", b'{"session_id": "mine", "reward": 1}', {"Idempotency-Key": "air:truncated:x"}, 400,
-         ["reserved for automatic rewards"], "idempotency_key"),
-        ("/sessions/mine/reward", b'{"session_id": "theirs", "reward": 1}', {}, 400,
-         ["differs from the one in the path"], "session_id"),
+        ("/reward", b"[1, 2]", {}, 400, ["must be a JSON object", "array"], None),
+        ("/reward", b"", {}, 400, ["empty"], None),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "idempotency_key": "a"}',
+            {"Idempotency-Key": "b"},
+            400,
+            ["differs from the Idempotency-Key header"],
+            "idempotency_key",
+        ),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1, "idempotency_key": 3}',
+            {},
+            400,
+            ["idempotency_key", "string"],
+            "idempotency_key",
+        ),
+        (
+            "/reward",
+            b'{"session_id": "mine", "reward": 1}',
+            {"Idempotency-Key": "air:truncated:x"},
+            400,
+            ["reserved for automatic rewards"],
+            "idempotency_key",
+        ),
+        (
+            "/sessions/mine/reward",
+            b'{"session_id": "theirs", "reward": 1}',
+            {},
+            400,
+            ["differs from the one in the path"],
+            "session_id",
+        ),
         ("/sessions/mine/finish", b'{"reward": 1}', {}, 400, ["takes no 'reward'"], "reward"),
     ]
     for path, raw, headers, status, needles, param in cases:
@@ -168,13 +255,15 @@ def test_same_idempotency_key_twice_stores_one_reward(proxy, upstream, db_url):
     assert a.pop("duplicate") is False and b.pop("duplicate") is True
     assert a == b
     # The header works the same way, and agrees with a body carrying the same key.
-    third = post(proxy, "/reward", {"session_id": "idem", "reward": 0.5},
-                 headers={"Idempotency-Key": "run-17/episode-3"})
+    third = post(
+        proxy, "/reward", {"session_id": "idem", "reward": 0.5}, headers={"Idempotency-Key": "run-17/episode-3"}
+    )
     assert third.status_code == 200 and third.json()["id"] == a["id"] and third.json()["duplicate"] is True
     assert len(dbread.rewards(db_url)) == 1
     # Same key, different reward: refused, and it says why.
-    err = assert_openai_error(post(proxy, "/reward", {**body, "reward": 0.75}), 422, "run-17/episode-3",
-                              "already used for a different reward")
+    err = assert_openai_error(
+        post(proxy, "/reward", {**body, "reward": 0.75}), 422, "run-17/episode-3", "already used for a different reward"
+    )
     assert err["code"] == "idempotency_key_reused"
     assert len(dbread.rewards(db_url)) == 1
 
@@ -201,8 +290,9 @@ def test_concurrent_duplicate_posts_store_exactly_one(proxy, upstream, db_url):
     chat(proxy, "race-idem")
     body = {"session_id": "race-idem", "reward": 1.0}
     responses = _hammer(f"{proxy.url}/reward", [body] * 12, [{"Idempotency-Key": "once"}] * 12)
-    assert all(r.status_code == 200 for r in responses), [(r.status_code, r.text) for r in responses
-                                                          if r.status_code != 200]
+    assert all(r.status_code == 200 for r in responses), [
+        (r.status_code, r.text) for r in responses if r.status_code != 200
+    ]
     answers = [r.json() for r in responses]
     assert sum(not a["duplicate"] for a in answers) == 1
     assert len({(a["id"], a["value"], a["final"], a["created_at"]) for a in answers}) == 1
@@ -273,8 +363,11 @@ def test_rewards_refused_once_the_trainer_claimed_the_session(pg_proxy, upstream
     call_id = chat(pg_proxy, "claimed-1").headers["x-call-id"]
     assert post(pg_proxy, "/reward", {"session_id": "claimed-1", "reward": 1}).status_code == 200
     _sql(pg_url, "UPDATE sessions SET status = 'claimed', claimed_by = 'trainer-a' WHERE id = 'claimed-1'")
-    err = assert_openai_error(post(pg_proxy, "/reward", {"session_id": "claimed-1", "reward": 0.3,
-                                                         "call_id": call_id}), 409, "already claimed")
+    err = assert_openai_error(
+        post(pg_proxy, "/reward", {"session_id": "claimed-1", "reward": 0.3, "call_id": call_id}),
+        409,
+        "already claimed",
+    )
     assert err["code"] == "session_claimed"
     assert len(dbread.rewards(pg_url)) == 1
     assert get(pg_proxy, "/sessions/claimed-1").json()["status"] == "claimed"

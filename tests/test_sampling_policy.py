@@ -32,10 +32,19 @@ pytestmark = pytest.mark.vllm
 require_vllm_venv()
 
 TRAIN_T = 1.0
-NEUTRAL = {"temperature": TRAIN_T, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
-           "frequency_penalty": 0.0, "repetition_penalty": 1.0}
-MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Tell me a short story about a robot who counts birds."}]
+NEUTRAL = {
+    "temperature": TRAIN_T,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Tell me a short story about a robot who counts birds."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +72,13 @@ def trainer_logprobs(model_dir):
 
     def of(row: dict) -> list[float]:
         n = len(row["completion_token_ids"])
-        sample = Sample(prompt_ids=list(row["prompt_token_ids"]), response_ids=list(row["completion_token_ids"]),
-                        response_mask=[1] * n, old_logprobs=list(row["logprobs"]), advantage=0.0)
+        sample = Sample(
+            prompt_ids=list(row["prompt_token_ids"]),
+            response_ids=list(row["completion_token_ids"]),
+            response_mask=[1] * n,
+            old_logprobs=list(row["logprobs"]),
+            advantage=0.0,
+        )
         return engine.logprobs([sample])[0]
 
     return of
@@ -83,15 +97,25 @@ def hf_logprobs(model_dir):
         with torch.no_grad():
             logits = model(torch.tensor([prompt + completion])).logits.float()[0]
         p = len(prompt)
-        logp = (logits[p - 1: p - 1 + len(completion)] / temperature).log_softmax(-1)
+        logp = (logits[p - 1 : p - 1 + len(completion)] / temperature).log_softmax(-1)
         return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
 
     return of
 
 
 def start(start_proxy, vllm, pg_url, tmp_path, policy: str):
-    p = start_proxy("--upstream", vllm.url, "--database-url", pg_url, "--journal-dir", str(tmp_path / f"j-{policy}"),
-                    "--sampling-policy", policy, "--temperature", str(TRAIN_T))
+    p = start_proxy(
+        "--upstream",
+        vllm.url,
+        "--database-url",
+        pg_url,
+        "--journal-dir",
+        str(tmp_path / f"j-{policy}"),
+        "--sampling-policy",
+        policy,
+        "--temperature",
+        str(TRAIN_T),
+    )
     p.db_url = pg_url
     return p
 
@@ -102,8 +126,9 @@ def chat(proxy, session: str, *, train: bool = True, **body):
 
     headers = {"X-Session-Id": session, **({} if train else {"X-Trainwire-Train": "false"})}
     sdk = OpenAI(base_url=proxy.v1, api_key="unused", max_retries=0, timeout=120)
-    raw = sdk.chat.completions.with_raw_response.create(model="policy", messages=MESSAGES, max_tokens=16,
-                                                        extra_headers=headers, **body)
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="policy", messages=MESSAGES, max_tokens=16, extra_headers=headers, **body
+    )
     assert raw.status_code == 200
     return raw, row_of(proxy, session, raw.headers["x-call-id"])
 
@@ -178,13 +203,25 @@ def test_enforce(start_proxy, vllm, pg_url, tmp_path, trainer_logprobs, hf_logpr
     assert [r["seq"] for r in dbread.calls(proxy.db_url, "enforce-1")] == [0, 1, 2]
 
     # The translated APIs go through the same policy.
-    r = httpx.post(f"{proxy.url}/v1/responses", headers={"X-Session-Id": "enforce-2"}, timeout=60,
-                   json={"model": "policy", "input": "Tell me a story.", "temperature": 0.7, "max_output_tokens": 8})
+    r = httpx.post(
+        f"{proxy.url}/v1/responses",
+        headers={"X-Session-Id": "enforce-2"},
+        timeout=60,
+        json={"model": "policy", "input": "Tell me a story.", "temperature": 0.7, "max_output_tokens": 8},
+    )
     assert r.status_code == 200 and r.headers["x-trainwire-sampling"] == "enforced temperature"
     assert r.json()["temperature"] == 0.7  # the Responses object echoes the request
-    r = httpx.post(f"{proxy.url}/v1/messages", headers={"X-Session-Id": "enforce-2"}, timeout=60,
-                   json={"model": "policy", "max_tokens": 8, "temperature": 0.7,
-                         "messages": [{"role": "user", "content": "Tell me a story."}]})
+    r = httpx.post(
+        f"{proxy.url}/v1/messages",
+        headers={"X-Session-Id": "enforce-2"},
+        timeout=60,
+        json={
+            "model": "policy",
+            "max_tokens": 8,
+            "temperature": 0.7,
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+        },
+    )
     assert r.status_code == 200 and r.headers["x-trainwire-sampling"] == "enforced temperature"
     rows = dbread.wait_calls(proxy.db_url, 2, "enforce-2")
     assert sorted(x["kind"] for x in rows) == ["messages", "responses"]
@@ -199,25 +236,36 @@ def test_reject(start_proxy, vllm, pg_url, tmp_path, trainer_logprobs, hf_logpro
     from openai import BadRequestError, OpenAI
 
     proxy = start(start_proxy, vllm, pg_url, tmp_path, "reject")
-    sdk = OpenAI(base_url=proxy.v1, api_key="unused", max_retries=0, timeout=60,
-                 default_headers={"X-Session-Id": "reject-1"})
+    sdk = OpenAI(
+        base_url=proxy.v1, api_key="unused", max_retries=0, timeout=60, default_headers={"X-Session-Id": "reject-1"}
+    )
     with pytest.raises(BadRequestError) as refused:
         sdk.chat.completions.create(model="policy", messages=MESSAGES, max_tokens=8, temperature=0.7)
     err = refused.value.body
     assert refused.value.status_code == 400
-    assert (err["param"], err["code"], err["type"]) == ("temperature", "sampling_not_trainable",
-                                                        "invalid_request_error")
+    assert (err["param"], err["code"], err["type"]) == (
+        "temperature",
+        "sampling_not_trainable",
+        "invalid_request_error",
+    )
     assert "temperature 0.7" in err["message"] and "temperature=1.0" in err["message"]
     with pytest.raises(BadRequestError) as greedy:
         sdk.chat.completions.create(model="policy", messages=MESSAGES, max_tokens=8, temperature=0)
     assert "greedy decoding" in greedy.value.body["message"] and greedy.value.body["param"] == "temperature"
 
-    r = httpx.post(f"{proxy.url}/v1/responses", headers={"X-Session-Id": "reject-1"}, timeout=60,
-                   json={"model": "policy", "input": "Hi", "temperature": 0.7, "max_output_tokens": 8})
+    r = httpx.post(
+        f"{proxy.url}/v1/responses",
+        headers={"X-Session-Id": "reject-1"},
+        timeout=60,
+        json={"model": "policy", "input": "Hi", "temperature": 0.7, "max_output_tokens": 8},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
-    r = httpx.post(f"{proxy.url}/v1/messages", headers={"X-Session-Id": "reject-1"}, timeout=60,
-                   json={"model": "policy", "max_tokens": 8, "temperature": 0.7,
-                         "messages": [{"role": "user", "content": "Hi"}]})
+    r = httpx.post(
+        f"{proxy.url}/v1/messages",
+        headers={"X-Session-Id": "reject-1"},
+        timeout=60,
+        json={"model": "policy", "max_tokens": 8, "temperature": 0.7, "messages": [{"role": "user", "content": "Hi"}]},
+    )
     assert r.status_code == 400, r.text
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"  # Anthropic's shape
     assert "temperature 0.7" in r.json()["error"]["message"]

@@ -37,19 +37,56 @@ def model_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def samples(model_path) -> list[Sample]:
     def frozen(i, request, response):
-        return ClaimedCall(id=f"c{i}", seq=i, agent_name="a", policy_version=None, prompt_token_ids=None,
-                           completion_token_ids=None, logprobs=None, finish_reason="stop", reward=0.0, aborted=False,
-                           status_code=200, route="frozen", model_requested="teacher", request=request,
-                           response=response)
+        return ClaimedCall(
+            id=f"c{i}",
+            seq=i,
+            agent_name="a",
+            policy_version=None,
+            prompt_token_ids=None,
+            completion_token_ids=None,
+            logprobs=None,
+            finish_reason="stop",
+            reward=0.0,
+            aborted=False,
+            status_code=200,
+            route="frozen",
+            model_requested="teacher",
+            request=request,
+            response=response,
+        )
 
-    episode = ClaimedSession(id="s1", task_id=None, final_reward=1.0, calls=[
-        frozen(0, first_request(), answer(tool_calls=[CALL])), frozen(1, second_request(), answer(content="1805"))])
-    own = ClaimedSession(id="s2", task_id=None, final_reward=1.0, calls=[
-        ClaimedCall(id="c2", seq=0, agent_name="a", policy_version=1, prompt_token_ids=[5, 6, 7, 8],
-                    completion_token_ids=[9, 10, 11], logprobs=[-1.0, -1.0, -1.0], finish_reason="stop", reward=0.0,
-                    aborted=False, status_code=200)])
-    built = build_sft_samples([episode, own], renderer=ChatRenderer.from_pretrained(str(model_path)),
-                              sft_from=["teacher"], mode="trajectory")
+    episode = ClaimedSession(
+        id="s1",
+        task_id=None,
+        final_reward=1.0,
+        calls=[
+            frozen(0, first_request(), answer(tool_calls=[CALL])),
+            frozen(1, second_request(), answer(content="1805")),
+        ],
+    )
+    own = ClaimedSession(
+        id="s2",
+        task_id=None,
+        final_reward=1.0,
+        calls=[
+            ClaimedCall(
+                id="c2",
+                seq=0,
+                agent_name="a",
+                policy_version=1,
+                prompt_token_ids=[5, 6, 7, 8],
+                completion_token_ids=[9, 10, 11],
+                logprobs=[-1.0, -1.0, -1.0],
+                finish_reason="stop",
+                reward=0.0,
+                aborted=False,
+                status_code=200,
+            )
+        ],
+    )
+    built = build_sft_samples(
+        [episode, own], renderer=ChatRenderer.from_pretrained(str(model_path)), sft_from=["teacher"], mode="trajectory"
+    )
     assert len(built.samples) == 2 and 0 in built.samples[0].response_mask
     return built.samples
 
@@ -100,22 +137,39 @@ def test_the_sequence_loss_mask_of_a_padded_batch():
 
 def test_rl_resumes_an_sft_checkpoint_at_its_own_learning_rate(model_path, samples, tmp_path):
     ckpt = str(tmp_path / "state")
-    sft = PolicyEngine(EngineConfig(model_path=str(model_path), objective="sft", lr=1e-3, micro_batch_size=2,
-                                    mini_batch_size=2, ppo_epochs=2, checkpoint_dir=ckpt))
+    sft = PolicyEngine(
+        EngineConfig(
+            model_path=str(model_path),
+            objective="sft",
+            lr=1e-3,
+            micro_batch_size=2,
+            mini_batch_size=2,
+            ppo_epochs=2,
+            checkpoint_dir=ckpt,
+        )
+    )
     m = sft.step(samples)
     assert m["lr"] == pytest.approx(1e-3)
     sft.save_checkpoint()
     weights = sft.state_dict()
     del sft
 
-    rl = PolicyEngine(EngineConfig(model_path=str(model_path), objective="rl", lr=1e-4, micro_batch_size=2,
-                                   checkpoint_dir=ckpt))
+    rl = PolicyEngine(
+        EngineConfig(model_path=str(model_path), objective="rl", lr=1e-4, micro_batch_size=2, checkpoint_dir=ckpt)
+    )
     assert rl.load_checkpoint() is not None and rl.global_step == 1
     resumed = rl.state_dict()
     assert all(torch.equal(weights[k], resumed[k]) for k in weights)
     lps = rl.logprobs(samples)
-    rl_samples = [Sample(s.prompt_ids, s.response_ids, s.response_mask,
-                         [lp if mk else None for lp, mk in zip(row, s.response_mask)], advantage=a)
-                  for s, row, a in zip(samples, lps, (1.0, -1.0))]
+    rl_samples = [
+        Sample(
+            s.prompt_ids,
+            s.response_ids,
+            s.response_mask,
+            [lp if mk else None for lp, mk in zip(row, s.response_mask)],
+            advantage=a,
+        )
+        for s, row, a in zip(samples, lps, (1.0, -1.0))
+    ]
     m = rl.step(rl_samples)
     assert m["lr"] == pytest.approx(1e-4) and rl.global_step == 2

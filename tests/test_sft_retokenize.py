@@ -61,8 +61,14 @@ def conversations() -> list[tuple[str, dict, dict]]:
     tools = [calc_task.TOOL]
     compact = call('{"expression":"37*48+29"}')
     first = {"messages": sys_user, "tools": tools}
-    after = {"tools": tools, "messages": sys_user + [{"role": "assistant", "content": None, "tool_calls": [compact]},
-                                                     {"role": "tool", "tool_call_id": "call_1", "content": "1805"}]}
+    after = {
+        "tools": tools,
+        "messages": sys_user
+        + [
+            {"role": "assistant", "content": None, "tool_calls": [compact]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "1805"},
+        ],
+    }
     parts = copy.deepcopy(after)
     parts["messages"][-1]["content"] = [{"type": "text", "text": "1805"}]
     parts["messages"][-2]["content"] = ""
@@ -72,17 +78,24 @@ def conversations() -> list[tuple[str, dict, dict]]:
     invalid["messages"][-2]["tool_calls"] = [call('{"expression": "37*48')]
     invalid["messages"][-1]["content"] = "Error: arguments are not JSON"
     twice = copy.deepcopy(after)
-    twice["messages"] += [{"role": "assistant", "content": "Let me check.", "tool_calls": [call(
-        '{"expression": "37*48"}', "call_2")]}, {"role": "tool", "tool_call_id": "call_2", "content": "1776"}]
+    twice["messages"] += [
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call('{"expression": "37*48"}', "call_2")]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "1776"},
+    ]
     plain = {"messages": [{"role": "user", "content": "Hello!"}]}
-    return [("tool call", first, {"role": "assistant", "content": None, "tool_calls": [compact]}),
-            ("answer after the result", after, {"role": "assistant", "content": "1805"}),
-            ("text parts, empty content", parts, {"role": "assistant", "content": "1805"}),
-            ("spaced arguments", spaced, {"role": "assistant", "content": "1805"}),
-            ("invalid arguments", invalid, {"role": "assistant", "content": "I cannot compute that."}),
-            ("second tool round", twice, {"role": "assistant", "content": None, "tool_calls": [call(
-                '{"expression": "1776+29"}', "call_3")]}),
-            ("no tools", plain, {"role": "assistant", "content": "Hi there."})]
+    return [
+        ("tool call", first, {"role": "assistant", "content": None, "tool_calls": [compact]}),
+        ("answer after the result", after, {"role": "assistant", "content": "1805"}),
+        ("text parts, empty content", parts, {"role": "assistant", "content": "1805"}),
+        ("spaced arguments", spaced, {"role": "assistant", "content": "1805"}),
+        ("invalid arguments", invalid, {"role": "assistant", "content": "I cannot compute that."}),
+        (
+            "second tool round",
+            twice,
+            {"role": "assistant", "content": None, "tool_calls": [call('{"expression": "1776+29"}', "call_3")]},
+        ),
+        ("no tools", plain, {"role": "assistant", "content": "Hi there."}),
+    ]
 
 
 def vllm_tokens(vllm, messages: list, tools, generation_prompt: bool) -> list[int]:
@@ -97,13 +110,13 @@ def vllm_tokens(vllm, messages: list, tools, generation_prompt: bool) -> list[in
 @pytest.mark.parametrize("name", [c[0] for c in conversations()])
 def test_renderer_equals_vllm(vllm, model_dir, name):
     renderer = ChatRenderer.from_pretrained(str(model_dir))
-    (_, request, message), = [c for c in conversations() if c[0] == name]
+    ((_, request, message),) = [c for c in conversations() if c[0] == name]
     response = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
     prompt, completion = renderer.call_tokens(request, response)
     tools = request.get("tools")
     assert prompt == vllm_tokens(vllm, request["messages"], tools, True)
     full = vllm_tokens(vllm, request["messages"] + [message], tools, False)
-    assert full[:len(prompt) + len(completion)] == prompt + completion
+    assert full[: len(prompt) + len(completion)] == prompt + completion
     assert completion[-1] == renderer.tokenizer.eos_token_id
-    assert renderer.tokenizer.decode(full[len(prompt) + len(completion):]) == "\n"  # the template's, not trained
+    assert renderer.tokenizer.decode(full[len(prompt) + len(completion) :]) == "\n"  # the template's, not trained
     assert renderer.prompt_ids(request["messages"], tools) == prompt

@@ -54,10 +54,24 @@ def renderer(tmp_path_factory) -> ChatRenderer:
 @pytest.fixture
 def sft_proxy(upstream, teacher, db_url, tmp_path):
     routes = tmp_path / "routes.yaml"
-    routes.write_text(yaml.safe_dump({name: {"model": "openai/teacher", "api_base": teacher, "api_key": "x"}
-                                      for name in ("teacher", "checker")}))
-    p = ProxyProcess(["--upstream", upstream.url, "--database-url", db_url, "--journal-dir", str(tmp_path / "j"),
-                      "--routes-file", str(routes)], log_path=tmp_path / "proxy.log")
+    routes.write_text(
+        yaml.safe_dump(
+            {name: {"model": "openai/teacher", "api_base": teacher, "api_key": "x"} for name in ("teacher", "checker")}
+        )
+    )
+    p = ProxyProcess(
+        [
+            "--upstream",
+            upstream.url,
+            "--database-url",
+            db_url,
+            "--journal-dir",
+            str(tmp_path / "j"),
+            "--routes-file",
+            str(routes),
+        ],
+        log_path=tmp_path / "proxy.log",
+    )
     p.start(timeout=90)
     yield p
     p.stop()
@@ -69,8 +83,9 @@ def tool_questions(n: int) -> list[calc_task.Question]:
     return [q for q in pool if calc_task.teacher_uses_tool(q.text, direct_share=0.3)][:n]
 
 
-def episode(proxy, sid: str, q: calc_task.Question, *, model: str = "teacher", stream: bool = False,
-            train: bool = True) -> list[str]:
+def episode(
+    proxy, sid: str, q: calc_task.Question, *, model: str = "teacher", stream: bool = False, train: bool = True
+) -> list[str]:
     """The calculator agent's episode against ``model``: the call ids of its turns."""
     headers = {"X-Session-Id": sid, **({} if train else {"X-Trainwire-Train": "false"})}
     client = openai.OpenAI(base_url=proxy.v1, api_key="x", max_retries=0, default_headers=headers)
@@ -89,8 +104,10 @@ def episode(proxy, sid: str, q: calc_task.Question, *, model: str = "teacher", s
                 d = ch.choices[0].delta
                 content += d.content or ""
                 for tc in d.tool_calls or []:
-                    tool_calls.setdefault(tc.index, {"id": tc.id, "type": "function",
-                                                     "function": {"name": tc.function.name, "arguments": ""}})
+                    tool_calls.setdefault(
+                        tc.index,
+                        {"id": tc.id, "type": "function", "function": {"name": tc.function.name, "arguments": ""}},
+                    )
                     tool_calls[tc.index]["function"]["arguments"] += tc.function.arguments or ""
             msg_tool_calls = list(tool_calls.values())
         else:
@@ -116,8 +133,9 @@ def reward(proxy, sid: str, value: float) -> None:
 async def claim_all(db_url: str, sft_from: list[str]) -> list[claims.ClaimedSession]:
     engine = make_engine(db_url)
     try:
-        return await claims.claim_batch(engine, worker_id="w", batch_size=100, settle_s=0.0, group_by_task=False,
-                                        sft_from=sft_from)
+        return await claims.claim_batch(
+            engine, worker_id="w", batch_size=100, settle_s=0.0, group_by_task=False, sft_from=sft_from
+        )
     finally:
         await engine.dispose()
 
@@ -136,8 +154,14 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(sft_proxy, upstr
     teacher_eval = episode(sft_proxy, sid["eval"], q5, train=False)  # the teacher evaluated: never trained on
     episode(sft_proxy, sid["open"], q5)  # no final reward: never claimed
     assert len(right) == len(streamed) == len(mixed_teacher) == 2 and len(own) == 1
-    for name, value in (("right", 1.0), ("streamed", 1.0), ("wrong", 0.0), ("checker", 1.0), ("mixed", 1.0),
-                        ("eval", 1.0)):
+    for name, value in (
+        ("right", 1.0),
+        ("streamed", 1.0),
+        ("wrong", 0.0),
+        ("checker", 1.0),
+        ("mixed", 1.0),
+        ("eval", 1.0),
+    ):
         reward(sft_proxy, sid[name], value)
 
     sessions = asyncio.run(claim_all(db_url, ["teacher"]))
@@ -168,7 +192,7 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(sft_proxy, upstr
     # object keys: the calculator model's template writes JSON with sorted keys, so the order does not matter)
     assert by_call[right[0]].prompt_ids == renderer.prompt_ids(q1.messages(), [calc_task.TOOL])
     tool_call = renderer.tokenizer.decode(by_call[right[0]].response_ids)
-    assert tool_call == (f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{q1.expression}"}}}}'
-                         "</tool_call><|im_end|>")
+    assert tool_call == (
+        f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{q1.expression}"}}}}</tool_call><|im_end|>'
+    )
     assert renderer.tokenizer.decode(by_call[right[1]].response_ids) == f"{q1.answer}<|im_end|>"
-

@@ -27,18 +27,34 @@ def asked(n_messages: int) -> dict:
 
 
 def call(cid: str, started: datetime, response, *, session: str = "s", seq: int = 0, request=None) -> dict:
-    return {"id": cid, "session_id": session, "seq": seq, "kind": "chat", "path": "/v1/chat/completions",
-            "status_code": 200, "started_at": started, "finished_at": started, "request": request or asked(1),
-            "response": response}
+    return {
+        "id": cid,
+        "session_id": session,
+        "seq": seq,
+        "kind": "chat",
+        "path": "/v1/chat/completions",
+        "status_code": 200,
+        "started_at": started,
+        "finished_at": started,
+        "request": request or asked(1),
+        "response": response,
+    }
 
 
-def find(url: str, tool_call_id: str, *, exclude: str = "now", before: datetime = at(10), session: str = "s",
-         limit: int = 50) -> list[ProducerCandidate]:
+def find(
+    url: str, tool_call_id: str, *, exclude: str = "now", before: datetime = at(10), session: str = "s", limit: int = 50
+) -> list[ProducerCandidate]:
     async def go():
         engine = make_engine(url)
         try:
-            return await find_tool_call_producers(engine, session_id=session, exclude_call_id=exclude,
-                                                  started_before=before, tool_call_id=tool_call_id, limit=limit)
+            return await find_tool_call_producers(
+                engine,
+                session_id=session,
+                exclude_call_id=exclude,
+                started_before=before,
+                tool_call_id=tool_call_id,
+                limit=limit,
+            )
         finally:
             await engine.dispose()
 
@@ -46,16 +62,19 @@ def find(url: str, tool_call_id: str, *, exclude: str = "now", before: datetime 
 
 
 def test_producers_newest_first_within_the_session_and_before_the_call(db_url):
-    dbread.insert_calls(db_url, [
-        call("first", at(1), made("tc-1"), request=asked(1)),
-        call("again", at(2), made("tc-1", "tc-2"), seq=1, request=asked(3)),
-        call("same-time", at(2), made("tc-1"), seq=2, request="not a chat request"),
-        call("mentions", at(3), made(content="I will not call tc-1 again"), seq=3),  # text, not a tool call
-        call("now", at(10), made("tc-1"), seq=4),                                  # the call asking: excluded
-        call("later", at(11), made("tc-1"), seq=5),                                # after it: excluded
-        call("elsewhere", at(1), made("tc-1"), session="other"),                   # another session
-        call("failed", at(4), None, seq=6),
-    ])
+    dbread.insert_calls(
+        db_url,
+        [
+            call("first", at(1), made("tc-1"), request=asked(1)),
+            call("again", at(2), made("tc-1", "tc-2"), seq=1, request=asked(3)),
+            call("same-time", at(2), made("tc-1"), seq=2, request="not a chat request"),
+            call("mentions", at(3), made(content="I will not call tc-1 again"), seq=3),  # text, not a tool call
+            call("now", at(10), made("tc-1"), seq=4),  # the call asking: excluded
+            call("later", at(11), made("tc-1"), seq=5),  # after it: excluded
+            call("elsewhere", at(1), made("tc-1"), session="other"),  # another session
+            call("failed", at(4), None, seq=6),
+        ],
+    )
     found = find(db_url, "tc-1")
     assert [c.call_id for c in found] == ["same-time", "again", "first"]  # by (started_at, seq), newest first
     assert found[0] == ProducerCandidate(call_id="same-time", n_messages=None, tool_call_ids=("tc-1",))

@@ -53,8 +53,13 @@ def two_urls(request, tmp_path) -> tuple[str, str]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainwire.cli", *args], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "TRAINWIRE_LOG_LEVEL": "warning"})
+    return subprocess.run(
+        [sys.executable, "-m", "trainwire.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TRAINWIRE_LOG_LEVEL": "warning"},
+    )
 
 
 def stored(url: str) -> int:
@@ -106,8 +111,9 @@ def test_compact_calls_stores_whole_rows_as_deltas_and_every_reader_sees_the_sam
     assert stored(url) == after
 
     delta_cols = ("base_call_id", "prompt_prefix_len", "messages_prefix_len")
-    assert [{k: v for k, v in r.items() if k not in delta_cols} for r in dbread.calls(url)] == \
-        [{k: v for k, v in r.items() if k not in delta_cols} for r in dbread.calls(twin)]
+    assert [{k: v for k, v in r.items() if k not in delta_cols} for r in dbread.calls(url)] == [
+        {k: v for k, v in r.items() if k not in delta_cols} for r in dbread.calls(twin)
+    ]
     a, b = asyncio.run(everything(url, records)), asyncio.run(everything(twin, records))
     assert a.keys() == b.keys()
     for key in a:
@@ -152,6 +158,7 @@ def _run_state(url: str) -> str | None:
                 return (await conn.execute(select(StoreInfo.value).where(StoreInfo.key == RUN_KEY))).scalar()
         finally:
             await engine.dispose()
+
     return asyncio.run(get())
 
 
@@ -163,7 +170,7 @@ def test_a_run_that_dies_inside_a_batch_loses_nothing_and_the_next_goes_on(two_u
     seen = []
 
     async def dies_in_the_second(conn, ids, report, dry_run):
-        await real(conn, ids, report, dry_run)   # the second batch's UPDATEs run, then the process "dies"
+        await real(conn, ids, report, dry_run)  # the second batch's UPDATEs run, then the process "dies"
         seen.append(ids)
         if len(seen) == 2:
             raise ConnectionResetError("killed")
@@ -172,7 +179,7 @@ def test_a_run_that_dies_inside_a_batch_loses_nothing_and_the_next_goes_on(two_u
     with pytest.raises(ConnectionResetError):
         asyncio.run(_compact(url, batch_sessions=1))
     monkeypatch.setattr(compact, "_batch", real)
-    assert n_deltas(url, sids[0]) > 0 and n_deltas(url, sids[1]) == 0   # rolled back whole
+    assert n_deltas(url, sids[0]) > 0 and n_deltas(url, sids[1]) == 0  # rolled back whole
     assert sids[0] in (_run_state(url) or "")
 
     # SIGINT (or SIGTERM) stops after the batch in flight, which commits.
@@ -214,8 +221,14 @@ NOW = datetime.now(UTC)
 def _prune_store(url: str) -> dict[str, str]:
     """Sessions of every kind prune must tell apart, written through the writer (with deltas); returns each
     session's role."""
-    roles = {"old-trained-1": "trained", "old-trained-2": "trained", "old-skipped": "skipped",
-             "old-open": "open", "old-claimed": "claimed", "new-trained": "trained"}
+    roles = {
+        "old-trained-1": "trained",
+        "old-trained-2": "trained",
+        "old-skipped": "skipped",
+        "old-open": "open",
+        "old-claimed": "claimed",
+        "new-trained": "trained",
+    }
     records = []
     for i, sid in enumerate(roles):
         recs = sessions(10 + i)
@@ -234,6 +247,7 @@ def _prune_store(url: str) -> dict[str, str]:
                     await conn.execute(update(Session).where(Session.id == sid).values(status=status))
         finally:
             await engine.dispose()
+
     asyncio.run(statuses())
     return roles
 
@@ -246,12 +260,14 @@ async def _reads(url: str, sids) -> dict:
             for tokens in (False, True):
                 detail = await get_session(engine, sid, tokens=tokens)
                 out[f"session {sid} {tokens}"] = detail.model_dump() if detail else None
-                for c in (detail.calls if detail else []):
+                for c in detail.calls if detail else []:
                     call = await get_call(engine, c.id, tokens=tokens)
                     out[f"call {c.id} {tokens}"] = call.model_dump() if call else None
         out["list"] = (await list_sessions(engine, limit=100)).model_dump()
-        out["has"] = {has: sorted(x.id for x in (await list_sessions(engine, limit=100, has=[has])).data)
-                      for has in ("failed", "untrainable")}
+        out["has"] = {
+            has: sorted(x.id for x in (await list_sessions(engine, limit=100, has=[has])).data)
+            for has in ("failed", "untrainable")
+        }
         out["stats"] = (await stats(engine)).model_dump()
         out["export"] = [row async for page in pages(engine, _filters(None, None, None, None, True)) for row in page]
         return out
@@ -276,8 +292,17 @@ def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_u
     assert missing.returncode == 2 and "--older-than-days is required" in missing.stderr
 
     archive = tmp_path / "archive"
-    run = cli("prune", "--database-url", db_url, "--older-than-days", "30", "--archive-dir", str(archive),
-              "--batch-sessions", "2")
+    run = cli(
+        "prune",
+        "--database-url",
+        db_url,
+        "--older-than-days",
+        "30",
+        "--archive-dir",
+        str(archive),
+        "--batch-sessions",
+        "2",
+    )
     assert run.returncode == 0, run.stderr
     assert "3/3 sessions pruned" in run.stdout and "archived in 2 files" in run.stdout, run.stdout
 
@@ -293,10 +318,21 @@ def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_u
 
     by_id = {s["id"]: s for s in dbread.sessions(db_url)}
     assert {sid for sid, s in by_id.items() if s["pruned_at"] is not None} == pruned
-    assert by_id["old-trained-1"]["status"] == "trained"   # the trainer's record of it stays
+    assert by_id["old-trained-1"]["status"] == "trained"  # the trainer's record of it stays
     for r in dbread.raw_calls(db_url):
-        bodies = [r[k] for k in ("request", "response", "prompt_token_ids", "completion_token_ids", "logprobs",
-                                 "base_call_id", "prompt_prefix_len", "messages_prefix_len")]
+        bodies = [
+            r[k]
+            for k in (
+                "request",
+                "response",
+                "prompt_token_ids",
+                "completion_token_ids",
+                "logprobs",
+                "base_call_id",
+                "prompt_prefix_len",
+                "messages_prefix_len",
+            )
+        ]
         if r["session_id"] in pruned:
             assert bodies == [None] * 8 and r["model_requested"] == full[r["id"]]["model_requested"]
         else:
@@ -307,8 +343,9 @@ def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_u
         if key not in ("list", "stats", "export"):
             assert after[key] == value, key
     detail = after["session old-trained-1 True"]
-    assert detail["calls"] and all(c["input"] is None and c["output"] is None and c["prompt_token_ids"] is None
-                                   for c in detail["calls"])
+    assert detail["calls"] and all(
+        c["input"] is None and c["output"] is None and c["prompt_token_ids"] is None for c in detail["calls"]
+    )
     assert {s["id"] for s in after["list"]["data"]} == set(roles)
     # The list says which sessions were pruned. Pruning drops bodies; it does not make a call failed or
     # untrainable: a pruned session's failed calls count as before, and its untrainable ones are those its kept
@@ -318,17 +355,27 @@ def test_prune_drops_only_old_finished_sessions_bodies_after_archiving_them(db_u
     assert {sid for sid, s in listed.items() if s["pruned_at"] is not None} == pruned
     for sid in roles:
         assert listed[sid]["n_failed"] == listed_before[sid]["n_failed"], sid
-        expected = listed_before[sid]["n_untrainable"] if sid in kept else sum(
-            1 for c in full.values() if c["session_id"] == sid and c["trainable"]
-            and (c["status_code"] != 200 or c["untrainable_reason"]))
+        expected = (
+            listed_before[sid]["n_untrainable"]
+            if sid in kept
+            else sum(
+                1
+                for c in full.values()
+                if c["session_id"] == sid and c["trainable"] and (c["status_code"] != 200 or c["untrainable_reason"])
+            )
+        )
         assert listed[sid]["n_untrainable"] == expected <= listed_before[sid]["n_untrainable"], sid
         assert after[f"session {sid} False"]["n_untrainable"] == expected, sid
     assert after["has"]["failed"] == kept_before["has"]["failed"]
     assert after["has"]["untrainable"] == sorted(sid for sid, s in listed.items() if s["n_untrainable"])
-    assert all(c["train"]["reason"] in (None, PRUNED_REASON) or c["status_code"] != 200
-               for c in detail["calls"] if c["trainable"])
-    assert [r for r in after["export"] if r["session_id"] in kept] == \
-        [r for r in kept_before["export"] if r["session_id"] in kept]
+    assert all(
+        c["train"]["reason"] in (None, PRUNED_REASON) or c["status_code"] != 200
+        for c in detail["calls"]
+        if c["trainable"]
+    )
+    assert [r for r in after["export"] if r["session_id"] in kept] == [
+        r for r in kept_before["export"] if r["session_id"] in kept
+    ]
     assert not any(r["session_id"] in pruned for r in after["export"])  # they are in the archive
 
     # The read API says which sessions were pruned.

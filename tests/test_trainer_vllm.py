@@ -81,8 +81,12 @@ def greedy_probe(proxy, session_id: str) -> dict:
     """A temperature-0 request through the proxy (not trained: X-Trainwire-Train false); returns the header
     version and what the store recorded for it."""
     raw = openai_client(proxy).chat.completions.with_raw_response.create(
-        model="policy", messages=PROBE, max_tokens=8, temperature=0,
-        extra_headers={"X-Session-Id": session_id, "X-Trainwire-Train": "false"})
+        model="policy",
+        messages=PROBE,
+        max_tokens=8,
+        temperature=0,
+        extra_headers={"X-Session-Id": session_id, "X-Trainwire-Train": "false"},
+    )
     assert raw.status_code == 200
     call_id = raw.headers["x-call-id"]
     rows = [r for r in dbread.wait_calls(proxy.db_url, 1, session_id) if r["id"] == call_id]
@@ -109,8 +113,13 @@ def record_sessions(proxy, tag: str, *, turns: int = 1) -> list[str]:
         messages = [{"role": "user", "content": prompt}]
         text = ""
         for _ in range(turns):
-            r = client.chat.completions.create(model="policy", messages=messages, max_tokens=12, temperature=1.0,
-                                               extra_headers={"X-Session-Id": sid, "X-Task-Id": task})
+            r = client.chat.completions.create(
+                model="policy",
+                messages=messages,
+                max_tokens=12,
+                temperature=1.0,
+                extra_headers={"X-Session-Id": sid, "X-Task-Id": task},
+            )
             answer = r.choices[0].message.content or ""
             text += answer
             messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "More."}]
@@ -123,18 +132,63 @@ def record_sessions(proxy, tag: str, *, turns: int = 1) -> list[str]:
         return [j.result() for j in jobs]
 
 
-def run_trainer(*, db_url: str, vllm, model_dir: Path, ckpt: Path, lora_rank: int, lr: float, steps: int,
-                log_path: Path, timeout: float = 300, nproc: int = 1) -> str:
+def run_trainer(
+    *,
+    db_url: str,
+    vllm,
+    model_dir: Path,
+    ckpt: Path,
+    lora_rank: int,
+    lr: float,
+    steps: int,
+    log_path: Path,
+    timeout: float = 300,
+    nproc: int = 1,
+) -> str:
     from tests.support.ports import free_port
 
     # torchrun's --master-port 0 left the ranks waiting in the env rendezvous: give it a real free port.
-    launcher = [sys.executable, "-m", "trainwire.cli"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-         str(free_port()), "-m", "trainwire.cli"]
-    argv = [*launcher, "train", "--database-url", db_url, "--upstream", vllm.url,
-            "--model", str(model_dir), "--lora-rank", str(lora_rank), "--lr", str(lr),
-            "--batch-size", str(GROUP * len(PROMPTS)), "--group-size", str(GROUP), "--checkpoint-dir", str(ckpt),
-            "--settle-s", "0", "--poll-s", "0.2", "--max-steps", str(steps)]
+    launcher = (
+        [sys.executable, "-m", "trainwire.cli"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "trainwire.cli",
+        ]
+    )
+    argv = [
+        *launcher,
+        "train",
+        "--database-url",
+        db_url,
+        "--upstream",
+        vllm.url,
+        "--model",
+        str(model_dir),
+        "--lora-rank",
+        str(lora_rank),
+        "--lr",
+        str(lr),
+        "--batch-size",
+        str(GROUP * len(PROMPTS)),
+        "--group-size",
+        str(GROUP),
+        "--checkpoint-dir",
+        str(ckpt),
+        "--settle-s",
+        "0",
+        "--poll-s",
+        "0.2",
+        "--max-steps",
+        str(steps),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # vLLM's CPU engine spins on core 0
     t0 = time.monotonic()
     with open(log_path, "a") as log:
@@ -170,8 +224,9 @@ def assert_logprobs_changed(before: dict, after: dict) -> None:
     print(f"greedy probe: tokens {'unchanged' if same_tokens else 'changed'}, max |logprob change| {diff:.4f}")
     assert not same_tokens or diff > 1e-3, "the new policy answers exactly like the old one"
     # The first position has the same prompt either way: its greedy logprob is from the new weights.
-    assert a["completion_token_ids"][0] != b["completion_token_ids"][0] or \
-        abs(a["logprobs"][0] - b["logprobs"][0]) > 1e-4
+    assert (
+        a["completion_token_ids"][0] != b["completion_token_ids"][0] or abs(a["logprobs"][0] - b["logprobs"][0]) > 1e-4
+    )
 
 
 def recorded_calls(db_url: str, session_ids: list[str], version: int) -> list[dict]:
@@ -201,12 +256,14 @@ def hf_logprob_gap(model_dir: Path, published: Path, kind: str, calls: list[dict
             prompt, completion = list(c["prompt_token_ids"]), list(c["completion_token_ids"])
             logits = model(torch.tensor([prompt + completion])).logits[0].float()
             p = len(prompt)
-            mine = logits[p - 1:p - 1 + len(completion)].log_softmax(-1)
+            mine = logits[p - 1 : p - 1 + len(completion)].log_softmax(-1)
             mine = mine.gather(-1, torch.tensor(completion)[:, None])[:, 0]
             gaps += (mine - torch.tensor(list(c["logprobs"]), dtype=torch.float32)).abs().tolist()
     out = {"max": max(gaps), "mean": sum(gaps) / len(gaps), "tokens": float(len(gaps))}
-    print(f"HF{' + PEFT' if kind == 'lora' else ''} vs vLLM on {published.name}: max |dlogp| {out['max']:.2e}, "
-          f"mean {out['mean']:.2e} over {len(gaps)} tokens")
+    print(
+        f"HF{' + PEFT' if kind == 'lora' else ''} vs vLLM on {published.name}: max |dlogp| {out['max']:.2e}, "
+        f"mean {out['mean']:.2e} over {len(gaps)} tokens"
+    )
     return out
 
 
@@ -216,8 +273,10 @@ def step_metrics(db_url: str, step: int) -> dict:
 
 
 def assert_agreement(metrics: dict, n_samples: int) -> None:
-    print("trainer agreement: " + ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in metrics.items()
-                                            if k.startswith("agreement/")))
+    print(
+        "trainer agreement: "
+        + ", ".join(f"{k.split('/')[1]} {v:.3g}" for k, v in metrics.items() if k.startswith("agreement/"))
+    )
     assert metrics["agreement/samples"] == n_samples
     assert metrics["agreement/mean_abs_dlogp"] <= AGREEMENT_TOLERANCE
     assert metrics["agreement/max_abs_dlogp"] <= AGREEMENT_TOLERANCE
@@ -254,16 +313,30 @@ def test_lora_step_is_served_and_resumes(proxy, vllm, model_dir, tmp_path):
     assert before["version"] == 0 and before["row"]["model_served"] == "tiny"
 
     first = record_sessions(proxy, "a")
-    log = run_trainer(db_url=db, vllm=vllm, model_dir=model_dir, ckpt=ckpt, lora_rank=8, lr=5e-3, steps=1,
-                      log_path=tmp_path / "trainer.log")
+    log = run_trainer(
+        db_url=db,
+        vllm=vllm,
+        model_dir=model_dir,
+        ckpt=ckpt,
+        lora_rank=8,
+        lr=5e-3,
+        steps=1,
+        log_path=tmp_path / "trainer.log",
+    )
     print(log)
     assert "WARNING" not in log  # processed logprobs detected, publish reached vLLM
 
     (pv,) = rows(db, PolicyVersion.__table__)
-    assert (pv["version"], pv["kind"], pv["served_model"], pv["train_step"], pv["status"]) == \
-        (1, "lora", "policy-v1", 1, "published")
-    assert [(u["upstream"], u["version"], u["served_model"]) for u in rows(db, UpstreamVersion.__table__)] == \
-        [(vllm.url, 1, "policy-v1")]
+    assert (pv["version"], pv["kind"], pv["served_model"], pv["train_step"], pv["status"]) == (
+        1,
+        "lora",
+        "policy-v1",
+        1,
+        "published",
+    )
+    assert [(u["upstream"], u["version"], u["served_model"]) for u in rows(db, UpstreamVersion.__table__)] == [
+        (vllm.url, 1, "policy-v1")
+    ]
     models = vllm_models(vllm)
     assert models["policy-v1"]["parent"] == "tiny"
     assert Path(models["policy-v1"]["root"]).resolve() == Path(pv["path"]).resolve()
@@ -280,8 +353,16 @@ def test_lora_step_is_served_and_resumes(proxy, vllm, model_dir, tmp_path):
     # HF + PEFT on the published adapter reproduce what vLLM recorded for the tokens it sampled with it.
     gap = hf_logprob_gap(model_dir, Path(pv["path"]), "lora", recorded_calls(db, second, 1))
     assert gap["max"] <= HF_TOLERANCE
-    log = run_trainer(db_url=db, vllm=vllm, model_dir=model_dir, ckpt=ckpt, lora_rank=8, lr=5e-3, steps=1,
-                      log_path=tmp_path / "trainer.log")
+    log = run_trainer(
+        db_url=db,
+        vllm=vllm,
+        model_dir=model_dir,
+        ckpt=ckpt,
+        lora_rank=8,
+        lr=5e-3,
+        steps=1,
+        log_path=tmp_path / "trainer.log",
+    )
     print(log)
     assert f"resumed from {(ckpt / 'state' / 'global_step_1').resolve()}" in log
     assert "adapters already loaded in vLLM: policy-v1" in log
@@ -314,8 +395,12 @@ def test_full_finetune_reload_under_traffic(proxy, vllm, model_dir, tmp_path):
         while not stop.is_set():
             try:
                 raw = client.chat.completions.with_raw_response.create(
-                    model="policy", messages=PROBE, max_tokens=4, temperature=1.0,
-                    extra_headers={"X-Trainwire-Train": "false"})
+                    model="policy",
+                    messages=PROBE,
+                    max_tokens=4,
+                    temperature=1.0,
+                    extra_headers={"X-Trainwire-Train": "false"},
+                )
                 statuses.append((raw.status_code, int(raw.headers["x-policy-version"])))
             except APIStatusError as exc:
                 statuses.append((exc.status_code, -1))
@@ -325,8 +410,16 @@ def test_full_finetune_reload_under_traffic(proxy, vllm, model_dir, tmp_path):
     background = threading.Thread(target=traffic, daemon=True)
     background.start()
     try:
-        log = run_trainer(db_url=db, vllm=vllm, model_dir=model_dir, ckpt=tmp_path / "ckpt", lora_rank=0, lr=1e-3,
-                          steps=1, log_path=tmp_path / "trainer.log")
+        log = run_trainer(
+            db_url=db,
+            vllm=vllm,
+            model_dir=model_dir,
+            ckpt=tmp_path / "ckpt",
+            lora_rank=0,
+            lr=1e-3,
+            steps=1,
+            log_path=tmp_path / "trainer.log",
+        )
         probe_until_version(proxy, 1)
         time.sleep(0.5)
     finally:
@@ -355,14 +448,25 @@ def test_full_finetune_reload_under_traffic(proxy, vllm, model_dir, tmp_path):
         served = record_sessions(proxy, "g")
         gap = hf_logprob_gap(model_dir, Path(pv["path"]), "full", recorded_calls(db, served, 1))
         assert gap["max"] <= HF_TOLERANCE
-        log = run_trainer(db_url=db, vllm=vllm, model_dir=model_dir, ckpt=tmp_path / "ckpt", lora_rank=0, lr=1e-3,
-                          steps=1, log_path=tmp_path / "trainer.log")
+        log = run_trainer(
+            db_url=db,
+            vllm=vllm,
+            model_dir=model_dir,
+            ckpt=tmp_path / "ckpt",
+            lora_rank=0,
+            lr=1e-3,
+            steps=1,
+            log_path=tmp_path / "trainer.log",
+        )
         assert "step 2 -> v2" in log and "WARNING" not in log
         assert_agreement(step_metrics(db, 2), len(served))
     finally:
         # Later tests in this module expect the base weights.
-        r = httpx.post(f"{vllm.url}/collective_rpc", timeout=60,
-                       json={"method": "reload_weights", "kwargs": {"weights_path": str(model_dir)}})
+        r = httpx.post(
+            f"{vllm.url}/collective_rpc",
+            timeout=60,
+            json={"method": "reload_weights", "kwargs": {"weights_path": str(model_dir)}},
+        )
         assert r.status_code == 200, r.text
         assert httpx.post(f"{vllm.url}/reset_prefix_cache", timeout=30).status_code == 200
 
@@ -372,8 +476,17 @@ def test_two_ranks_under_torchrun_train_one_batch_once(proxy, vllm, model_dir, t
     shard of the same batch (FSDP2 over gloo here, NCCL on GPUs); every session is trained exactly once."""
     db = proxy.db_url
     ids = record_sessions(proxy, "r2")
-    log = run_trainer(db_url=db, vllm=vllm, model_dir=model_dir, ckpt=tmp_path / "ckpt", lora_rank=8, lr=5e-3,
-                      steps=1, log_path=tmp_path / "trainer.log", nproc=2)
+    log = run_trainer(
+        db_url=db,
+        vllm=vllm,
+        model_dir=model_dir,
+        ckpt=tmp_path / "ckpt",
+        lora_rank=8,
+        lr=5e-3,
+        steps=1,
+        log_path=tmp_path / "trainer.log",
+        nproc=2,
+    )
     print(log)
     assert "2 ranks (torchrun)" in log
     assert log.count("step 1 -> v") == 1  # only rank 0 reports and publishes

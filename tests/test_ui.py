@@ -31,11 +31,36 @@ ADMIN = "dash-admin-key-123"
 
 STEPS = [  # step, policy version, metrics (what rl/worker.py writes, abridged)
     (1, 1, {"loss": 0.8123, "grad_norm": 1.5, "reward/mean": 0.5, "reward/std": 0.5, "time/train_s": 2.25}),
-    (2, 2, {"loss": 0.6042, "grad_norm": 1.25, "reward/mean": 0.25, "reward/std": 0.1, "time/train_s": 2.5,
-            "agreement/mean_abs_dlogp": 2e-6, "agreement/max_abs_dlogp": 4e-6, "agreement/tokens": 120.0}),
-    (3, 3, {"loss": 0.4417, "grad_norm": 0.75, "reward/mean": 0.75, "reward/std": 0.2, "time/train_s": 2.75,
-            "agreement/mean_abs_dlogp": 0.08, "agreement/max_abs_dlogp": 1.5, "agreement/tokens": 96.0,
-            "batch/skipped_sampling": 2.0, "batch/skipped_untrainable": 1.0}),
+    (
+        2,
+        2,
+        {
+            "loss": 0.6042,
+            "grad_norm": 1.25,
+            "reward/mean": 0.25,
+            "reward/std": 0.1,
+            "time/train_s": 2.5,
+            "agreement/mean_abs_dlogp": 2e-6,
+            "agreement/max_abs_dlogp": 4e-6,
+            "agreement/tokens": 120.0,
+        },
+    ),
+    (
+        3,
+        3,
+        {
+            "loss": 0.4417,
+            "grad_norm": 0.75,
+            "reward/mean": 0.75,
+            "reward/std": 0.2,
+            "time/train_s": 2.75,
+            "agreement/mean_abs_dlogp": 0.08,
+            "agreement/max_abs_dlogp": 1.5,
+            "agreement/tokens": 96.0,
+            "batch/skipped_sampling": 2.0,
+            "batch/skipped_untrainable": 1.0,
+        },
+    ),
 ]
 SESSIONS_NEWEST_FIRST = ["batch-7/ui-eps", "ui-delta", "ui-gamma", "ui-beta", "ui-alpha"]
 
@@ -70,6 +95,7 @@ class Node:
                 elif n.attrs.get(k) != v:
                     return False
             return True
+
         return [n for n in self.iter() if match(n)]
 
     def by_id(self, id_: str) -> "Node":
@@ -112,10 +138,26 @@ class Dom(HTMLParser):
 def chromium(url: str, tmp_path: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
     profile = tmp_path / f"chromium-{uuid.uuid4().hex[:8]}"
     return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--no-default-browser-check", f"--user-data-dir={profile}", "--virtual-time-budget=5000", *extra, url],
-        capture_output=True, text=True, timeout=timeout)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--no-default-browser-check",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            *extra,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def render(url: str, tmp_path: Path) -> Node:
@@ -126,21 +168,30 @@ def render(url: str, tmp_path: Path) -> Node:
 
 # --- a proxy with some history -----------------------------------------------------------------------------
 
+
 def _wait_version(proxy: ProxyProcess, upstream: ScriptedUpstream, version: int) -> None:
     # The upstream label is its index in --upstream order (older proxies: its URL).
     lines = [f'trainwire_policy_version{{upstream="{label}"}} {float(version)}' for label in ("0", upstream.url)]
-    wait_for(lambda: any(line in httpx.get(f"{proxy.url}/metrics", timeout=5).text for line in lines), 15,
-             what=f"proxy serving v{version}")
+    wait_for(
+        lambda: any(line in httpx.get(f"{proxy.url}/metrics", timeout=5).text for line in lines),
+        15,
+        what=f"proxy serving v{version}",
+    )
 
 
 def _client(proxy: ProxyProcess, session: str, agent: str, task: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.v1, api_key="unused", max_retries=0,
-                         default_headers={"X-Session-Id": session, "X-Agent-Name": agent, "X-Task-Id": task})
+    return openai.OpenAI(
+        base_url=proxy.v1,
+        api_key="unused",
+        max_retries=0,
+        default_headers={"X-Session-Id": session, "X-Agent-Name": agent, "X-Task-Id": task},
+    )
 
 
 def _ask(proxy, session: str, agent: str, task: str, content: str):
     raw = _client(proxy, session, agent, task).chat.completions.with_raw_response.create(
-        model="policy", messages=[{"role": "user", "content": content}])
+        model="policy", messages=[{"role": "user", "content": content}]
+    )
     return raw
 
 
@@ -157,9 +208,16 @@ def populate(proxy: ProxyProcess, upstream: ScriptedUpstream, db_url: str) -> di
 
     async def publish(version: int, reached: bool) -> None:  # what the trainer does after a step
         engine = make_engine(db_url)
-        await record_publish(engine, version=version, kind="lora", served_model=f"policy-v{version}",
-                             path=f"/ckpt/v{version}", train_step=version,
-                             reached=[upstream.url] if reached else [], failed=[] if reached else [upstream.url])
+        await record_publish(
+            engine,
+            version=version,
+            kind="lora",
+            served_model=f"policy-v{version}",
+            path=f"/ckpt/v{version}",
+            train_step=version,
+            reached=[upstream.url] if reached else [],
+            failed=[] if reached else [upstream.url],
+        )
         await engine.dispose()
 
     # v0: a tool-using episode of two calls, and a one-call episode
@@ -167,12 +225,18 @@ def populate(proxy: ProxyProcess, upstream: ScriptedUpstream, db_url: str) -> di
     upstream.script(text="The answer is 4.")
     c = _client(proxy, "ui-alpha", "planner", "t-math")
     first = c.chat.completions.with_raw_response.create(
-        model="policy", tools=TOOLS, messages=[{"role": "user", "content": "What is 2+2?"}])
+        model="policy", tools=TOOLS, messages=[{"role": "user", "content": "What is 2+2?"}]
+    )
     tc = first.parse().choices[0].message.tool_calls[0]
-    c.chat.completions.create(model="policy", tools=TOOLS, messages=[
-        {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": None, "tool_calls": [tc.model_dump()]},
-        {"role": "tool", "tool_call_id": tc.id, "content": "4"}])
+    c.chat.completions.create(
+        model="policy",
+        tools=TOOLS,
+        messages=[
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": None, "tool_calls": [tc.model_dump()]},
+            {"role": "tool", "tool_call_id": tc.id, "content": "4"},
+        ],
+    )
     upstream.script(text="Roses are red.")
     _ask(proxy, "ui-beta", "critic", "t-poem", "Write a poem")
     _reward(proxy, {"session_id": "ui-alpha", "call_id": first.headers["x-call-id"], "reward": 0.2})
@@ -199,10 +263,14 @@ def populate(proxy: ProxyProcess, upstream: ScriptedUpstream, db_url: str) -> di
         engine = make_engine(db_url)
         async with engine.begin() as conn:
             for step, version, metrics in STEPS:
-                await conn.execute(insert(TrainStep.__table__).values(
-                    step=step, policy_version=version, n_sessions=2, n_samples=3 * step, metrics=metrics))
-            await conn.execute(update(Session.__table__).where(Session.id == "ui-alpha")
-                               .values(status="trained", train_step=1))
+                await conn.execute(
+                    insert(TrainStep.__table__).values(
+                        step=step, policy_version=version, n_sessions=2, n_samples=3 * step, metrics=metrics
+                    )
+                )
+            await conn.execute(
+                update(Session.__table__).where(Session.id == "ui-alpha").values(status="trained", train_step=1)
+            )
         await engine.dispose()
 
     asyncio.run(trainer_rows())
@@ -217,8 +285,10 @@ def dash(pg, tmp_path_factory):
     url = pg.create_database("t_" + uuid.uuid4().hex[:12])
     upgrade_head(url)
     upstream = ScriptedUpstream().start()
-    proxy = ProxyProcess(["--upstream", upstream.url, "--database-url", url, "--journal-dir", str(tmp / "journal")],
-                         log_path=tmp / "proxy.log").start()
+    proxy = ProxyProcess(
+        ["--upstream", upstream.url, "--database-url", url, "--journal-dir", str(tmp / "journal")],
+        log_path=tmp / "proxy.log",
+    ).start()
     try:
         info = populate(proxy, upstream, url)
         yield proxy, info
@@ -229,6 +299,7 @@ def dash(pg, tmp_path_factory):
 
 # --- tests -------------------------------------------------------------------------------------------------
 
+
 @needs_chromium
 def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
     proxy, _ = dash
@@ -237,11 +308,25 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
 
     assert not dom.by_id("main").hidden and dom.by_id("auth").hidden and dom.by_id("error").hidden
     counts = {n.attrs["id"]: n.text() for n in dom.by_id("counts").find_all("dd")}
-    expected = {"n-sessions-total": 5, "n-sessions-open": 1, "n-sessions-finished": 3, "n-sessions-trained": 1,
-                "n-sessions-claimed": 0, "n-sessions-skipped": 0, "n-calls-total": 6, "n-calls-failed": 0,
-                "n-calls-untrainable": 0, "n-api-chat": 6,
-                "n-rewards-total": 6, "n-rewards-final": 5, "n-rewards-intermediate": 1, "n-orphaned": 1,
-                "n-orphaned-sessions": 1, "n-queue-calls": 0, "n-queue-rewards": 0}
+    expected = {
+        "n-sessions-total": 5,
+        "n-sessions-open": 1,
+        "n-sessions-finished": 3,
+        "n-sessions-trained": 1,
+        "n-sessions-claimed": 0,
+        "n-sessions-skipped": 0,
+        "n-calls-total": 6,
+        "n-calls-failed": 0,
+        "n-calls-untrainable": 0,
+        "n-api-chat": 6,
+        "n-rewards-total": 6,
+        "n-rewards-final": 5,
+        "n-rewards-intermediate": 1,
+        "n-orphaned": 1,
+        "n-orphaned-sessions": 1,
+        "n-queue-calls": 0,
+        "n-queue-rewards": 0,
+    }
     assert {k: counts[k] for k in expected} == {k: str(v) for k, v in expected.items()}
     assert stats["sessions"]["total"] == 5 and stats["calls"]["total"] == 6 and stats["orphaned_rewards"] == 1
 
@@ -249,8 +334,11 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
     by_version = stats["reward_by_policy_version"]
     assert [(v["policy_version"], v["mean"]) for v in by_version] == [(0, 0.5), (1, 0.25), (2, 0.75)]
     points = dom.by_id("chart-versions").find_all("circle", class_="pt")
-    assert [(p.attrs["data-version"], float(p.attrs["data-mean"])) for p in points] == [("0", 0.5), ("1", 0.25),
-                                                                                         ("2", 0.75)]
+    assert [(p.attrs["data-version"], float(p.attrs["data-mean"])) for p in points] == [
+        ("0", 0.5),
+        ("1", 0.25),
+        ("2", 0.75),
+    ]
     assert [p.find_all("title")[0].text() for p in points][1] == "v1: mean 0.25 over 1 rewarded of 1 sessions"
     assert dom.by_id("chart-versions").find_all("polyline")
     for chart in ("chart-reward", "chart-loss"):
@@ -261,20 +349,38 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
 
     steps = dom.by_id("steps-table").find_all("tbody")[0].find_all("tr")
     assert [r.attrs["data-step"] for r in steps] == ["3", "2", "1"]  # newest first
-    assert [td.text() for td in steps[0].find_all("td")][:12] == ["3", "3", "2", "9", "0.4417", "0.75", "0.75",
-                                                                  "0.2", "0.08", "1.5", "2 / 1", "2.75"]
+    assert [td.text() for td in steps[0].find_all("td")][:12] == [
+        "3",
+        "3",
+        "2",
+        "9",
+        "0.4417",
+        "0.75",
+        "0.75",
+        "0.2",
+        "0.08",
+        "1.5",
+        "2 / 1",
+        "2.75",
+    ]
     assert [td.text() for td in steps[2].find_all("td")][8:11] == ["—", "—", "0 / 0"]  # step 1 did not measure
     # train-inference agreement: only the steps that measured it, one series for the mean and one for the max
     agreement = dom.by_id("chart-agreement").find_all("circle", class_="pt")
     assert sorted((p.attrs["data-metric"], p.attrs["data-step"]) for p in agreement) == [
-        ("max_abs_dlogp", "2"), ("max_abs_dlogp", "3"), ("mean_abs_dlogp", "2"), ("mean_abs_dlogp", "3")]
+        ("max_abs_dlogp", "2"),
+        ("max_abs_dlogp", "3"),
+        ("mean_abs_dlogp", "2"),
+        ("mean_abs_dlogp", "3"),
+    ]
     # the write path: database answering, nothing refused
     assert counts["n-db-state"] == "answering" and counts["n-rejected"] == "0"
     assert not dom.find_all(id="rejected-note")
     versions = [[td.text() for td in tr.find_all("td")] for tr in dom.by_id("versions-table").find_all("tr")[1:]]
-    assert [v[:5] for v in versions] == [["3", "lora", "policy-v3", "3", "partial"],
-                                         ["2", "lora", "policy-v2", "2", "published"],
-                                         ["1", "lora", "policy-v1", "1", "published"]]
+    assert [v[:5] for v in versions] == [
+        ["3", "lora", "policy-v3", "3", "partial"],
+        ["2", "lora", "policy-v2", "2", "published"],
+        ["1", "lora", "policy-v1", "1", "published"],
+    ]
     assert versions[1][5] == proxy_upstream(proxy) and versions[0][5] == "—"
 
     rows = dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")
@@ -290,8 +396,13 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
     assert dom.by_id("detail").hidden
 
     # and it paints: a full-page screenshot (kept in tmp_path for a look when this test fails)
-    out = chromium(f"{proxy.url}/ui", tmp_path, "--window-size=1280,1400", "--hide-scrollbars",
-                   f"--screenshot={tmp_path / 'dashboard.png'}")
+    out = chromium(
+        f"{proxy.url}/ui",
+        tmp_path,
+        "--window-size=1280,1400",
+        "--hide-scrollbars",
+        f"--screenshot={tmp_path / 'dashboard.png'}",
+    )
     png = (tmp_path / "dashboard.png").read_bytes() if (tmp_path / "dashboard.png").exists() else b""
     assert png.startswith(b"\x89PNG") and len(png) > 20_000, (out.returncode, out.stderr[-2000:])
 
@@ -312,8 +423,19 @@ def test_session_detail_shows_its_calls_in_order(dash, tmp_path):
     assert [c.attrs["data-call"] for c in calls] == [c["id"] for c in api["calls"]]
     assert calls[0].attrs["data-call"] == info["alpha_first_call"]
     first, second = calls[0].text(), calls[1].text()
-    for needle in ("#0", "planner", "v0", "finish: tool_calls", "HTTP 200", "input · user", "What is 2+2?",
-                   "0.2 · user", "chat", "tools offered: calculator, search", "whole input · 1 message"):
+    for needle in (
+        "#0",
+        "planner",
+        "v0",
+        "finish: tool_calls",
+        "HTTP 200",
+        "input · user",
+        "What is 2+2?",
+        "0.2 · user",
+        "chat",
+        "tools offered: calculator, search",
+        "whole input · 1 message",
+    ):
         assert needle in first, (needle, first)
     tokens = calls[0].find_all("span", class_="tokens")[0].text()
     assert tokens == f"{api['calls'][0]['prompt_tokens']} → {api['calls'][0]['completion_tokens']} tokens"
@@ -397,6 +519,7 @@ def test_static_files_redirects_and_packaging(dash):
     assert "innerHTML" not in js and "https://" not in js
 
     import tomllib
+
     root = Path(__file__).resolve().parents[1]
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())
     assert "ui/*" in pyproject["tool"]["setuptools"]["package-data"]["trainwire.proxy"]
@@ -408,7 +531,10 @@ def test_train_steps_and_policy_versions_json(dash):
     body = get(proxy, "/train/steps").json()
     assert body["object"] == "list" and body["has_more"] is False and body["next_cursor"] is None
     assert [(s["step"], s["policy_version"], s["n_sessions"], s["n_samples"]) for s in body["data"]] == [
-        (3, 3, 2, 9), (2, 2, 2, 6), (1, 1, 2, 3)]
+        (3, 3, 2, 9),
+        (2, 2, 2, 6),
+        (1, 1, 2, 3),
+    ]
     assert body["data"][0]["metrics"] == STEPS[2][2] and body["data"][0]["object"] == "train_step"
     assert body["data"][0]["created_at"].endswith("Z")
 
@@ -425,10 +551,13 @@ def test_train_steps_and_policy_versions_json(dash):
     assert_openai_error(get(proxy, "/train/steps", limit=0), 400, "limit")
 
     body = get(proxy, "/policy/versions").json()
-    assert [(v["version"], v["status"], v["train_step"], v["served_model"], v["serving_upstreams"])
-            for v in body["data"]] == [(3, "partial", 3, "policy-v3", []), (2, "published", 2, "policy-v2",
-                                                                            [proxy_upstream(proxy)]),
-                                       (1, "published", 1, "policy-v1", [])]
+    assert [
+        (v["version"], v["status"], v["train_step"], v["served_model"], v["serving_upstreams"]) for v in body["data"]
+    ] == [
+        (3, "partial", 3, "policy-v3", []),
+        (2, "published", 2, "policy-v2", [proxy_upstream(proxy)]),
+        (1, "published", 1, "policy-v1", []),
+    ]
     assert body["data"][0]["kind"] == "lora" and body["data"][0]["path"] == "/ckpt/v3"
     page = get(proxy, "/policy/versions", limit=2).json()
     assert [v["version"] for v in page["data"]] == [3, 2] and page["has_more"]
@@ -447,40 +576,95 @@ def _apis_rows() -> list[dict]:
     t0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 
     def row(i: int, session: str, **kw) -> dict:
-        base = {"id": f"ui-call-{i}", "session_id": session, "seq": i, "kind": "chat",
-                "path": "/v1/chat/completions", "status_code": 200, "started_at": t0 + timedelta(seconds=i),
-                "finished_at": t0 + timedelta(seconds=i), "model_requested": "policy", "agent_name": "solver",
-                "request": {"messages": [{"role": "user", "content": "hi"}]},
-                "response": {"choices": [{"message": {"role": "assistant", "content": "ok"}}]},
-                "prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 5], "logprobs": [-0.5, -0.25]}
+        base = {
+            "id": f"ui-call-{i}",
+            "session_id": session,
+            "seq": i,
+            "kind": "chat",
+            "path": "/v1/chat/completions",
+            "status_code": 200,
+            "started_at": t0 + timedelta(seconds=i),
+            "finished_at": t0 + timedelta(seconds=i),
+            "model_requested": "policy",
+            "agent_name": "solver",
+            "request": {"messages": [{"role": "user", "content": "hi"}]},
+            "response": {"choices": [{"message": {"role": "assistant", "content": "ok"}}]},
+            "prompt_token_ids": [1, 2, 3],
+            "completion_token_ids": [4, 5],
+            "logprobs": [-0.5, -0.25],
+        }
         return {**base, **kw}
 
     return [
-        row(0, "ui-apis", stream=True, request={"messages": [{"role": "system", "content": "You are a solver."},
-                                                             {"role": "user", "content": HOSTILE_TEXT}],
-                                                "tools": TOOLS}),
-        row(1, "ui-apis", kind="responses", path="/v1/responses", request={
-            "instructions": "You are terse.", "tools": [{"type": "function", "name": "get_weather"}],
-            "input": [{"role": "user", "content": "Weather?"},
-                      {"type": "function_call", "call_id": "fc_1", "name": "get_weather", "arguments": "{}"},
-                      {"type": "function_call_output", "call_id": "fc_1", "output": "sunny"}]},
-            response={"object": "response", "output": [
-                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]}]}),
-        row(2, "ui-apis", kind="messages", path="/v1/messages", request={
-            "system": "You are a calculator.", "tools": [{"name": "calc", "input_schema": {"type": "object"}}],
-            "messages": [{"role": "user", "content": "2+2?"}]},
-            response={"type": "message", "content": [{"type": "text", "text": "4"}]}),
-        row(3, "ui-apis", status_code=502, error="upstream down", response=None, prompt_token_ids=None,
-            completion_token_ids=None, logprobs=None),
-        row(4, "ui-apis", sampling={"requested": {"temperature": 0.7}, "effective": {"temperature": 0.7}},
-            untrainable_reason="sampling: temperature 0.7 differs from the training value 1.0"),
+        row(
+            0,
+            "ui-apis",
+            stream=True,
+            request={
+                "messages": [
+                    {"role": "system", "content": "You are a solver."},
+                    {"role": "user", "content": HOSTILE_TEXT},
+                ],
+                "tools": TOOLS,
+            },
+        ),
+        row(
+            1,
+            "ui-apis",
+            kind="responses",
+            path="/v1/responses",
+            request={
+                "instructions": "You are terse.",
+                "tools": [{"type": "function", "name": "get_weather"}],
+                "input": [
+                    {"role": "user", "content": "Weather?"},
+                    {"type": "function_call", "call_id": "fc_1", "name": "get_weather", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "fc_1", "output": "sunny"},
+                ],
+            },
+            response={
+                "object": "response",
+                "output": [
+                    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]}
+                ],
+            },
+        ),
+        row(
+            2,
+            "ui-apis",
+            kind="messages",
+            path="/v1/messages",
+            request={
+                "system": "You are a calculator.",
+                "tools": [{"name": "calc", "input_schema": {"type": "object"}}],
+                "messages": [{"role": "user", "content": "2+2?"}],
+            },
+            response={"type": "message", "content": [{"type": "text", "text": "4"}]},
+        ),
+        row(
+            3,
+            "ui-apis",
+            status_code=502,
+            error="upstream down",
+            response=None,
+            prompt_token_ids=None,
+            completion_token_ids=None,
+            logprobs=None,
+        ),
+        row(
+            4,
+            "ui-apis",
+            sampling={"requested": {"temperature": 0.7}, "effective": {"temperature": 0.7}},
+            untrainable_reason="sampling: temperature 0.7 differs from the training value 1.0",
+        ),
         row(5, "ui-clean"),
     ]
 
 
 @needs_chromium
-def test_each_call_shows_its_api_tokens_tools_whole_input_and_why_it_is_not_trained(start_proxy, upstream, pg_url,
-                                                                                   tmp_path):
+def test_each_call_shows_its_api_tokens_tools_whole_input_and_why_it_is_not_trained(
+    start_proxy, upstream, pg_url, tmp_path
+):
     proxy = start(start_proxy, upstream, pg_url, tmp_path)
     dbread.insert_calls(pg_url, _apis_rows())
     api = get(proxy, "/sessions/ui-apis").json()
@@ -503,6 +687,7 @@ def test_each_call_shows_its_api_tokens_tools_whole_input_and_why_it_is_not_trai
         box = c.find_all("details", class_="input-all")[0]
         assert "open" not in box.attrs
         return [(m.find_all("div", class_="label")[0].text(), m.text()) for m in box.find_all("li", class_="msg")]
+
     assert whole(chat_)[0] == ("system", "systemYou are a solver.") and whole(chat_)[1][1] == "user" + HOSTILE_TEXT
     assert not dom.find_all("img") and dom.find_all("title")[0].text() == "trainwire"
     assert [label for label, _ in whole(responses_)] == ["system", "user", "assistant", "tool (fc_1)"]
@@ -515,18 +700,25 @@ def test_each_call_shows_its_api_tokens_tools_whole_input_and_why_it_is_not_trai
         assert not c.find_all(class_="untrained") and not c.find_all(class_="untrained-why")
     assert failed.find_all("span", class_="untrained")[0].text() == "not trained"
     assert failed.find_all("div", class_="untrained-why")[0].text() == "not trained: failed upstream call (status 502)"
-    assert sampled.find_all("div", class_="untrained-why")[0].text() == \
-        "not trained: sampling: temperature 0.7 differs from the training value 1.0"
+    assert (
+        sampled.find_all("div", class_="untrained-why")[0].text()
+        == "not trained: sampling: temperature 0.7 differs from the training value 1.0"
+    )
     assert "1 failed · 2 untrainable" in dom.by_id("detail").find_all("p")[0].text()
     assert "null" not in dom.by_id("detail").text()  # a session without rewards shows no stray "null"
 
     # the list: failed and untrainable counts per session, and filters for them kept in the URL fragment
-    rows = {r.attrs["data-session"]: [td.text() for td in r.find_all("td")]
-            for r in dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")}
+    rows = {
+        r.attrs["data-session"]: [td.text() for td in r.find_all("td")]
+        for r in dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")
+    }
     assert rows["ui-apis"][4:7] == ["5", "1", "2"] and rows["ui-clean"][4:7] == ["1", "0", "0"]
     assert dom.by_id("n-calls-untrainable").text() == "2" and dom.by_id("n-calls-failed").text() == "1"
     assert {k: dom.by_id(f"n-api-{k}").text() for k in ("chat", "responses", "messages")} == {
-        "chat": "4", "responses": "1", "messages": "1"}
+        "chat": "4",
+        "responses": "1",
+        "messages": "1",
+    }
     assert "checked" not in dom.by_id("f-failed").attrs and "checked" not in dom.by_id("f-untrainable").attrs
 
     dom = render(f"{proxy.url}/ui#has=untrainable", tmp_path)
@@ -535,6 +727,7 @@ def test_each_call_shows_its_api_tokens_tools_whole_input_and_why_it_is_not_trai
     assert "checked" in dom.by_id("f-untrainable").attrs and "checked" not in dom.by_id("f-failed").attrs
     assert rows[0].find_all("a")[0].attrs["href"] == "#has=untrainable&session=ui-apis"
     dom = render(f"{proxy.url}/ui#has=failed,untrainable,bogus", tmp_path)
-    assert [r.attrs["data-session"] for r in dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")] == \
-        ["ui-apis"]
+    assert [r.attrs["data-session"] for r in dom.by_id("sessions-table").find_all("tbody")[0].find_all("tr")] == [
+        "ui-apis"
+    ]
     assert "checked" in dom.by_id("f-failed").attrs and dom.by_id("error").hidden

@@ -13,9 +13,11 @@ from aiohttp import web
 from tests.support import dbread
 from tests.support.ports import free_port
 
-COMPLETION = (b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":'
-              b'{"role":"assistant","content":"hi"},"finish_reason":"stop","token_ids":[1]}],"prompt_token_ids":[2],'
-              b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
+COMPLETION = (
+    b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":'
+    b'{"role":"assistant","content":"hi"},"finish_reason":"stop","token_ids":[1]}],"prompt_token_ids":[2],'
+    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+)
 ANSWERS = {
     "html": (b"<html><body>502 Bad Gateway</body></html>", "text/html"),
     "truncated": (COMPLETION[:-20], "application/json"),
@@ -68,8 +70,11 @@ def test_an_upstream_200_that_is_not_a_completion_is_a_502(lie, start_proxy, sql
         up.next = lie
         proxy = start_proxy("--upstream", up.url, "--database-url", sqlite_url, "--journal-dir", str(tmp_path / "j"))
         with httpx.Client(timeout=30) as client:
-            r = client.post(f"{proxy.v1}/chat/completions", headers={"X-Session-Id": f"lie-{lie}"},
-                            json={"model": "policy", "messages": [{"role": "user", "content": "hi"}]})
+            r = client.post(
+                f"{proxy.v1}/chat/completions",
+                headers={"X-Session-Id": f"lie-{lie}"},
+                json={"model": "policy", "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert r.status_code == 502, r.text
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and err["code"] == "upstream_bad_response"

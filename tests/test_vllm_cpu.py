@@ -238,8 +238,12 @@ def test_chat_returns_token_ids_and_logprobs(http):
     # Deterministic: the same greedy request gives the same tokens and logprobs.
     again = http.chat(messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, return_token_ids=True)
     assert again["choices"][0]["token_ids"] == ids
-    assert max_abs_diff([c["logprob"] for c in again["choices"][0]["logprobs"]["content"]],
-                        [c["logprob"] for c in content]) < 1e-4
+    assert (
+        max_abs_diff(
+            [c["logprob"] for c in again["choices"][0]["logprobs"]["content"]], [c["logprob"] for c in content]
+        )
+        < 1e-4
+    )
 
 
 def test_logprobs_are_processed_temperature_scaled(http):
@@ -369,7 +373,10 @@ def test_tools_are_accepted_and_rendered(http):
     prompt = det["prompt"]
     assert prompt.startswith("<|bos|><|im_start|>system\nYou are a calculator.\nYou can call these tools:\n")
     assert '"name": "add"' in prompt
-    assert '<|im_start|>assistant\n<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|eos|><|im_end|>\n' in prompt
+    assert (
+        '<|im_start|>assistant\n<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|eos|><|im_end|>\n'
+        in prompt
+    )
     assert prompt.endswith("<|im_start|>tool call_1\n5<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -413,8 +420,7 @@ def test_runtime_lora_adapters(http, model_dir, tmp_path):
 
     outs = {}
     for name in adapters:
-        r = http.chat(model=name, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
-                      return_token_ids=True)
+        r = http.chat(model=name, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, return_token_ids=True)
         assert r["model"] == name
         ch = r["choices"][0]
         assert len(ch["token_ids"]) == len(ch["logprobs"]["content"])
@@ -427,7 +433,9 @@ def test_runtime_lora_adapters(http, model_dir, tmp_path):
     assert greedy(http) == (base_ids, pytest.approx(base_lps, abs=1e-4))
 
     # Loading again under the same name is refused (use a new name per version).
-    status, r = http.post("/v1/load_lora_adapter", {"lora_name": "tiny-lora-r8", "lora_path": str(adapters["tiny-lora-r8"])})
+    status, r = http.post(
+        "/v1/load_lora_adapter", {"lora_name": "tiny-lora-r8", "lora_path": str(adapters["tiny-lora-r8"])}
+    )
     assert status == 400 and "already been loaded" in r["error"]["message"]
 
     # Unloading removes it from /v1/models; requests for it then 404.

@@ -45,8 +45,10 @@ def _agents(proxy, n_agents: int, calls_each: int) -> list[str]:
             c = openai.OpenAI(base_url=proxy.v1, api_key="x", max_retries=0)
             for i in range(calls_each):
                 raw = c.chat.completions.with_raw_response.create(
-                    model="policy", messages=[{"role": "user", "content": f"agent {a} turn {i}"}],
-                    extra_headers={"X-Session-Id": f"agent-{a}"})
+                    model="policy",
+                    messages=[{"role": "user", "content": f"agent {a} turn {i}"}],
+                    extra_headers={"X-Session-Id": f"agent-{a}"},
+                )
                 with lock:
                     ids.append(raw.headers["x-call-id"])
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -62,10 +64,19 @@ def _agents(proxy, n_agents: int, calls_each: int) -> list[str]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_workers_share_connections_count_together_and_drain_on_sigterm(start_proxy, upstream, pg_url, tmp_path,
-                                                                       workers):
-    proxy = start_proxy("--workers", str(workers), "--upstream", upstream.url, "--database-url", pg_url,
-                        "--journal-dir", str(tmp_path / "journal"))
+def test_workers_share_connections_count_together_and_drain_on_sigterm(
+    start_proxy, upstream, pg_url, tmp_path, workers
+):
+    proxy = start_proxy(
+        "--workers",
+        str(workers),
+        "--upstream",
+        upstream.url,
+        "--database-url",
+        pg_url,
+        "--journal-dir",
+        str(tmp_path / "journal"),
+    )
     wait_for(lambda: len(_pids(proxy)) == workers, 30, what="every worker to take connections")
     ids = _agents(proxy, 8, 10)
     assert len(set(ids)) == 80
@@ -73,8 +84,11 @@ def test_workers_share_connections_count_together_and_drain_on_sigterm(start_pro
     for _ in range(4):
         text = httpx.get(f"{proxy.url}/metrics", timeout=5).text
         assert _metric(text, "trainwire_requests_total", path="/v1/chat/completions", status="200") == 80
-    wait_for(lambda: _metric(httpx.get(f"{proxy.url}/metrics", timeout=5).text, "trainwire_calls_written_total") == 80,
-             15, what="calls_written_total to reach 80")
+    wait_for(
+        lambda: _metric(httpx.get(f"{proxy.url}/metrics", timeout=5).text, "trainwire_calls_written_total") == 80,
+        15,
+        what="calls_written_total to reach 80",
+    )
     # One SIGTERM: the supervisor passes it to each worker once; each drains its queue, and everything is
     # recorded. (A lone uvicorn re-raises the signal after its graceful shutdown.)
     assert proxy.stop(signal.SIGTERM) == (0 if workers > 1 else -signal.SIGTERM)
@@ -86,8 +100,19 @@ def test_workers_share_connections_count_together_and_drain_on_sigterm(start_pro
 
 def test_a_killed_worker_is_replaced_and_ctrl_c_drains_once(start_proxy, upstream, pg_url, tmp_path):
     # Batches wait up to 5 s to fill, so the calls below are still queued when the workers are told to stop.
-    proxy = start_proxy("--workers", "2", "--upstream", upstream.url, "--database-url", pg_url,
-                        "--journal-dir", str(tmp_path / "journal"), "--write-interval-ms", "5000")
+    proxy = start_proxy(
+        "--workers",
+        "2",
+        "--upstream",
+        upstream.url,
+        "--database-url",
+        pg_url,
+        "--journal-dir",
+        str(tmp_path / "journal"),
+        "--write-interval-ms",
+        "5000",
+    )
+
     def both_workers(without: int | None = None):
         pids = _pids(proxy)
         return pids if len(pids) == 2 and without not in pids else None
@@ -108,8 +133,18 @@ def test_a_killed_worker_is_replaced_and_ctrl_c_drains_once(start_proxy, upstrea
 
 
 def test_workers_drain_and_exit_when_the_supervisor_is_killed(start_proxy, upstream, pg_url, tmp_path):
-    proxy = start_proxy("--workers", "2", "--upstream", upstream.url, "--database-url", pg_url,
-                        "--journal-dir", str(tmp_path / "journal"), "--write-interval-ms", "5000")
+    proxy = start_proxy(
+        "--workers",
+        "2",
+        "--upstream",
+        upstream.url,
+        "--database-url",
+        pg_url,
+        "--journal-dir",
+        str(tmp_path / "journal"),
+        "--write-interval-ms",
+        "5000",
+    )
     workers = wait_for(lambda: (lambda p: p if len(p) == 2 else None)(_pids(proxy)), 30, what="both workers")
     ids = _agents(proxy, 4, 2)
     proxy.proc.kill()  # SIGKILL: the supervisor cannot pass anything on
@@ -130,19 +165,56 @@ def test_workers_drain_and_exit_when_the_supervisor_is_killed(start_proxy, upstr
 
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path):
     # The database is fine; every worker fails at start-up (its routes file does not exist).
-    out = subprocess.run([sys.executable, "-m", "trainwire.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
-                          "--port", str(free_port()), "--database-url", f"sqlite:///{tmp_path}/t.db",
-                          "--journal-dir", str(tmp_path / "journal"), "--routes-file", str(tmp_path / "nope.yaml")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainwire.cli",
+            "serve",
+            "--workers",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--database-url",
+            f"sqlite:///{tmp_path}/t.db",
+            "--journal-dir",
+            str(tmp_path / "journal"),
+            "--routes-file",
+            str(tmp_path / "nope.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
     assert "during start-up; stopping" in out.stderr
 
 
 def test_an_unreachable_database_stops_serve_before_any_worker_starts(tmp_path):
     dead_db = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/nothing"
-    out = subprocess.run([sys.executable, "-m", "trainwire.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
-                          "--port", str(free_port()), "--database-url", dead_db, "--journal-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainwire.cli",
+            "serve",
+            "--workers",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--database-url",
+            dead_db,
+            "--journal-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("trainwire: error: cannot check the database schema"), out.stderr

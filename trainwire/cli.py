@@ -27,12 +27,18 @@ COMMANDS: dict[str, tuple[str, type[SharedSettings]]] = {
     "migrate": ("Create or upgrade the database schema (Alembic upgrade head)", SharedSettings),
     "train": ("Run the trainer worker: claim rewarded sessions, train with verl, publish to vLLM", TrainerSettings),
     "export": ("Export recorded calls as JSONL or Parquet", SharedSettings),
-    "replay-rejected": ("Write the rows the database refused (the journal's rejected-*.jsonl) again, after a fix",
-                        JournalSettings),
-    "compact-calls": ("Re-store recorded calls as what each adds to an earlier call of its session, batch by "
-                      "batch; resumable", CompactSettings),
-    "prune": ("Drop the bodies of old trained or skipped sessions, optionally archiving them to Parquet first",
-              PruneSettings),
+    "replay-rejected": (
+        "Write the rows the database refused (the journal's rejected-*.jsonl) again, after a fix",
+        JournalSettings,
+    ),
+    "compact-calls": (
+        "Re-store recorded calls as what each adds to an earlier call of its session, batch by batch; resumable",
+        CompactSettings,
+    ),
+    "prune": (
+        "Drop the bodies of old trained or skipped sessions, optionally archiving them to Parquet first",
+        PruneSettings,
+    ),
 }
 # Settings filled by flags of their own rather than a flag per field.
 _NOT_FLAGS = {"air"}
@@ -77,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         if command in ("compact-calls", "prune"):
             p.add_argument("--dry-run", action="store_true", help="Say what would be done; write nothing")
         if command == "compact-calls":
-            p.add_argument("--restart", action="store_true",
-                           help="Look at every session again, not only those with calls since the last complete run")
+            p.add_argument(
+                "--restart",
+                action="store_true",
+                help="Look at every session again, not only those with calls since the last complete run",
+            )
     return parser
 
 
@@ -88,14 +97,19 @@ def _add_air_flags(parser: argparse.ArgumentParser) -> None:
 
     for rule in RULES.values():
         default = "off" if rule.default is None else rule.default
-        parser.add_argument(rule.flag, dest=_AIR_DEST + rule.name, default=None, metavar="VALUE",
-                            help=f"{rule.help} (default {default}; env TRAINWIRE_AIR_{rule.name.upper()})")
+        parser.add_argument(
+            rule.flag,
+            dest=_AIR_DEST + rule.name,
+            default=None,
+            metavar="VALUE",
+            help=f"{rule.help} (default {default}; env TRAINWIRE_AIR_{rule.name.upper()})",
+        )
 
 
 def settings_from_args(args: argparse.Namespace) -> SharedSettings:
     group = COMMANDS[args.command][1]
     given = {k: v for k, v in vars(args).items() if k in group.model_fields and v is not None}
-    air = {k[len(_AIR_DEST):]: v for k, v in vars(args).items() if k.startswith(_AIR_DEST) and v is not None}
+    air = {k[len(_AIR_DEST) :]: v for k, v in vars(args).items() if k.startswith(_AIR_DEST) and v is not None}
     if air:
         given["air"] = air
     return group(**given)
@@ -161,8 +175,10 @@ def _replay_rejected(settings: JournalSettings, args: argparse.Namespace) -> int
             await engine.dispose()
 
     written, refused = asyncio.run(run())
-    print(f"trainwire: {written} rows written, {refused} still refused"
-          + (f" (kept in {settings.journal_dir}/rejected-*.jsonl with the new error)" if refused else ""))
+    print(
+        f"trainwire: {written} rows written, {refused} still refused"
+        + (f" (kept in {settings.journal_dir}/rejected-*.jsonl with the new error)" if refused else "")
+    )
     return 1 if refused else 0
 
 
@@ -192,9 +208,17 @@ def _on_store(settings, work):
 def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
     from trainwire.store.compact import compact_calls
 
-    report = _on_store(settings, lambda engine: compact_calls(
-        engine, batch_sessions=settings.batch_sessions, max_sessions=settings.max_sessions, dry_run=args.dry_run,
-        restart=args.restart, say=lambda m: print(f"trainwire compact-calls: {m}", flush=True)))
+    report = _on_store(
+        settings,
+        lambda engine: compact_calls(
+            engine,
+            batch_sessions=settings.batch_sessions,
+            max_sessions=settings.max_sessions,
+            dry_run=args.dry_run,
+            restart=args.restart,
+            say=lambda m: print(f"trainwire compact-calls: {m}", flush=True),
+        ),
+    )
     if report is None:
         return 2
     if report.interrupted or not report.complete:
@@ -210,16 +234,31 @@ def _prune(settings: PruneSettings, args: argparse.Namespace) -> int:
         print("trainwire: error: --older-than-days is required", file=sys.stderr)
         return 2
     days = settings.older_than_days
-    report = _on_store(settings, lambda engine: prune(
-        engine, older_than_days=days, archive_dir=settings.archive_dir, batch_sessions=settings.batch_sessions,
-        dry_run=args.dry_run, say=lambda m: print(f"trainwire prune: {m}", flush=True)))
+    report = _on_store(
+        settings,
+        lambda engine: prune(
+            engine,
+            older_than_days=days,
+            archive_dir=settings.archive_dir,
+            batch_sessions=settings.batch_sessions,
+            dry_run=args.dry_run,
+            say=lambda m: print(f"trainwire prune: {m}", flush=True),
+        ),
+    )
     if report is None:
         return 2
     return 130 if report.interrupted else 0
 
 
-HANDLERS: dict[str, Callable[..., int | None]] = {"serve": _serve, "migrate": _migrate, "train": _train, "export": _export,
-            "replay-rejected": _replay_rejected, "compact-calls": _compact_calls, "prune": _prune}
+HANDLERS: dict[str, Callable[..., int | None]] = {
+    "serve": _serve,
+    "migrate": _migrate,
+    "train": _train,
+    "export": _export,
+    "replay-rejected": _replay_rejected,
+    "compact-calls": _compact_calls,
+    "prune": _prune,
+}
 
 if __name__ == "__main__":
     raise SystemExit(main())

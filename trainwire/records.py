@@ -17,7 +17,7 @@ class CallRecord:
     id: str
     session_id: str
     seq: int
-    kind: str                     # chat | completion | responses | messages | other
+    kind: str  # chat | completion | responses | messages | other
     path: str
     status_code: int
     started_at: datetime
@@ -28,7 +28,7 @@ class CallRecord:
     stream: bool = False
     model_requested: str | None = None
     model_served: str | None = None
-    route: str = "policy"         # policy | frozen | passthrough
+    route: str = "policy"  # policy | frozen | passthrough
     upstream: str | None = None
     policy_version: int | None = None
     request: Any = None
@@ -43,8 +43,8 @@ class CallRecord:
     upstream_ms: float | None = None
     ttft_ms: float | None = None
     overhead_ms: float | None = None
-    sampling: dict[str, Any] | None = None      # {"requested", "effective"[, "enforced"]} (proxy/sampling.py)
-    untrainable_reason: str | None = None       # why its tokens must not be trained on, though it is trainable
+    sampling: dict[str, Any] | None = None  # {"requested", "effective"[, "enforced"]} (proxy/sampling.py)
+    untrainable_reason: str | None = None  # why its tokens must not be trained on, though it is trainable
     # Set only by the store's write path on the copy it writes (store/call_deltas.py); the proxy leaves them
     # None, and every reader gets records with the full values.
     base_call_id: str | None = None
@@ -67,8 +67,13 @@ class RewardRecord:
     metadata: dict[str, Any] | None = None
 
 
-def token_problem(prompt_ids: list[int] | None, completion_ids: list[int] | None, logprobs: list[float] | None,
-                  usage: dict[str, Any] | None, aborted: bool = False) -> str | None:
+def token_problem(
+    prompt_ids: list[int] | None,
+    completion_ids: list[int] | None,
+    logprobs: list[float] | None,
+    usage: dict[str, Any] | None,
+    aborted: bool = False,
+) -> str | None:
     """Why a call's recorded tokens cannot be trusted for training, or None. The upstream's own `usage` counts
     and the logprobs must agree with the token ids; an aborted stream stops before its usage is sent."""
     if not prompt_ids or not completion_ids:
@@ -80,7 +85,9 @@ def token_problem(prompt_ids: list[int] | None, completion_ids: list[int] | None
     for name, ids in (("prompt_tokens", prompt_ids), ("completion_tokens", completion_ids)):
         counted = usage.get(name)
         if isinstance(counted, int) and counted != len(ids):
-            return f"tokens: {len(ids)} recorded {name.split('_')[0]} token ids, but the upstream's usage says {counted}"
+            return (
+                f"tokens: {len(ids)} recorded {name.split('_')[0]} token ids, but the upstream's usage says {counted}"
+            )
     return None
 
 

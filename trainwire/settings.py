@@ -56,7 +56,7 @@ class _AirEnv(PydanticBaseSettingsSource):
             for key, value in source.items():
                 key = key.upper()
                 if key.startswith(AIR_ENV_PREFIX) and key not in declared and value is not None:
-                    found[key[len(AIR_ENV_PREFIX):].lower()] = value
+                    found[key[len(AIR_ENV_PREFIX) :].lower()] = value
         return {"air": found} if found else {}
 
 
@@ -65,7 +65,9 @@ class SharedSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TRAINWIRE_", env_file=".env", extra="ignore")
 
-    database_url: str | None = Field(None, description="SQLAlchemy URL; postgresql:// or sqlite. Default: ./trainwire.db (SQLite)")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; postgresql:// or sqlite. Default: ./trainwire.db (SQLite)"
+    )
     log_level: str = Field("info", description="Python log level")
 
     @property
@@ -76,10 +78,14 @@ class SharedSettings(BaseSettings):
 class UpstreamSettings(SharedSettings):
     """The proxy and the trainer: which vLLM servers serve the policy, and under what name."""
 
-    upstream: StrList = Field(default_factory=lambda: ["http://127.0.0.1:8000"], description="vLLM base URL (repeatable)")
+    upstream: StrList = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"], description="vLLM base URL (repeatable)"
+    )
     upstream_api_key: str | None = Field(None, description="Bearer key the upstream vLLM expects; never echoed")
     policy_model: str = Field("policy", description="Model name clients send for the trained policy")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of trainable calls; the trainer computes log-probs at it")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature of trainable calls; the trainer computes log-probs at it"
+    )
 
     @field_validator("upstream", mode="before")
     @classmethod
@@ -97,32 +103,44 @@ class UpstreamSettings(SharedSettings):
 class JournalSettings(SharedSettings):
     """The proxy's local journal, also read by `trainwire replay-rejected`."""
 
-    journal_dir: Path = Field(Path("./trainwire-journal"), description="Local journal of recorded calls, kept until they are in the database (replayed at start)")
+    journal_dir: Path = Field(
+        Path("./trainwire-journal"),
+        description="Local journal of recorded calls, kept until they are in the database (replayed at start)",
+    )
 
 
 class MaintenanceSettings(SharedSettings):
     """The store's maintenance commands, which work through the sessions a batch (one transaction) at a time."""
 
-    batch_sessions: int = Field(50, gt=0, description="Sessions per transaction; an interrupted run keeps the "
-                                "batches it committed")
+    batch_sessions: int = Field(
+        50, gt=0, description="Sessions per transaction; an interrupted run keeps the batches it committed"
+    )
 
 
 class CompactSettings(MaintenanceSettings):
     """`trainwire compact-calls`."""
 
-    max_sessions: int = Field(0, ge=0, description="Stop after this many sessions (0 = all); the next run goes on "
-                              "where this one stopped")
+    max_sessions: int = Field(
+        0, ge=0, description="Stop after this many sessions (0 = all); the next run goes on where this one stopped"
+    )
 
 
 class PruneSettings(MaintenanceSettings):
     """`trainwire prune`."""
 
     # ge=1: store/retention.MIN_OLDER_THAN_DAYS (the writer's delta bases expire after an hour).
-    older_than_days: float | None = Field(None, ge=1, description="Prune trained and skipped sessions whose last "
-                                          "call is older than this many days (required; at least 1)")
-    archive_dir: Path | None = Field(None, description="Write the calls of each batch of sessions to a Parquet "
-                                     "file here (the export's columns, plus request and response), fsynced before "
-                                     "their bodies are dropped")
+    older_than_days: float | None = Field(
+        None,
+        ge=1,
+        description="Prune trained and skipped sessions whose last "
+        "call is older than this many days (required; at least 1)",
+    )
+    archive_dir: Path | None = Field(
+        None,
+        description="Write the calls of each batch of sessions to a Parquet "
+        "file here (the export's columns, plus request and response), fsynced before "
+        "their bodies are dropped",
+    )
 
 
 class ProxySettings(UpstreamSettings, JournalSettings):
@@ -131,25 +149,50 @@ class ProxySettings(UpstreamSettings, JournalSettings):
     host: str = Field("0.0.0.0", description="Address the proxy listens on")
     port: int = Field(8100, description="Port the proxy listens on")
     workers: int = Field(1, description="uvicorn worker processes")
-    upstream_model: str | None = Field(None, description="Base model name vLLM serves (default: discovered from /v1/models)")
-    model_route: StrList = Field(default_factory=list, description="NAME=litellm-model-string for non-policy models (repeatable)")
-    routes_file: Path | None = Field(None, description="YAML file of model routes: {NAME: litellm-model-string or litellm params}")
+    upstream_model: str | None = Field(
+        None, description="Base model name vLLM serves (default: discovered from /v1/models)"
+    )
+    model_route: StrList = Field(
+        default_factory=list, description="NAME=litellm-model-string for non-policy models (repeatable)"
+    )
+    routes_file: Path | None = Field(
+        None, description="YAML file of model routes: {NAME: litellm-model-string or litellm params}"
+    )
     api_key: str | None = Field(None, description="Key agents must send as 'Authorization: Bearer'")
     admin_key: str | None = Field(None, description="Key for reward, read, admin and export endpoints")
-    metrics_public: bool = Field(False, description="Serve /metrics without a key even when --admin-key (or --api-key) is set, for Prometheus scrapers that cannot send one; its labels hold no upstream address or key")
+    metrics_public: bool = Field(
+        False,
+        description="Serve /metrics without a key even when --admin-key (or --api-key) is set, for Prometheus scrapers that cannot send one; its labels hold no upstream address or key",
+    )
     upstream_timeout_s: float = Field(600.0, description="Total timeout of one upstream call")
-    max_request_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest request body accepted (bytes); a larger one gets a 413 and is not forwarded")
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024,
+        gt=0,
+        description="Largest request body accepted (bytes); a larger one gets a 413 and is not forwarded",
+    )
     write_batch_size: int = Field(256, description="Calls written per database batch")
     write_interval_ms: int = Field(50, description="Longest a recorded call waits before its batch is written")
     write_queue_size: int = Field(10000, description="Calls held in memory before requests wait (backpressure)")
-    call_deltas: bool = Field(True, description="Store a call as what it adds to an earlier call of its session (its new prompt tokens and messages); readers always see full calls")
-    journal_fsync: Literal["none", "interval", "always"] = Field("none", description="fsync the journal: none (survives a proxy crash), interval (a host crash loses one write interval), always")
-    policy_poll_s: float = Field(1.0, description="Policy-version poll interval where LISTEN/NOTIFY is unavailable (SQLite)")
-    air_tool_error_pattern: StrList = Field(default_factory=lambda: [r"^\s*Error", r'^\s*\{\s*"error"\s*:'],
-                                            description="Regexes marking a tool message as an error (repeatable)")
+    call_deltas: bool = Field(
+        True,
+        description="Store a call as what it adds to an earlier call of its session (its new prompt tokens and messages); readers always see full calls",
+    )
+    journal_fsync: Literal["none", "interval", "always"] = Field(
+        "none",
+        description="fsync the journal: none (survives a proxy crash), interval (a host crash loses one write interval), always",
+    )
+    policy_poll_s: float = Field(
+        1.0, description="Policy-version poll interval where LISTEN/NOTIFY is unavailable (SQLite)"
+    )
+    air_tool_error_pattern: StrList = Field(
+        default_factory=lambda: [r"^\s*Error", r'^\s*\{\s*"error"\s*:'],
+        description="Regexes marking a tool message as an error (repeatable)",
+    )
     sampling_policy: Literal["enforce", "reject", "record"] = Field(
-        "enforce", description="Trainable calls asking for other sampling settings: enforce the training ones, "
-                               "reject them (400), or record them untrainable")
+        "enforce",
+        description="Trainable calls asking for other sampling settings: enforce the training ones, "
+        "reject them (400), or record them untrainable",
+    )
     # Automatic intermediate rewards: rule name -> reward or 'off'. Filled from the flags the CLI makes from the
     # rule registry (--air-<rule>) and from TRAINWIRE_AIR_<RULE>; a rule left out keeps its registered default.
     air: dict[str, str] = Field(default_factory=dict, description="Automatic reward per rule: RULE -> value or 'off'")
@@ -160,8 +203,9 @@ class ProxySettings(UpstreamSettings, JournalSettings):
         return _split_list(value)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         air_env = _AirEnv(settings_cls, settings_cls.model_config.get("env_file"))
         return init_settings, env_settings, air_env, dotenv_settings, file_secret_settings
 
@@ -171,31 +215,50 @@ class TrainerSettings(UpstreamSettings):
 
     model: str | None = Field(None, description="Base model path or id (the one vLLM serves)")
     objective: Literal["rl", "sft"] = Field(
-        "rl", description="What a step optimises: rl (policy gradient on rewarded sessions) or sft (supervised "
-                          "fine-tuning on the completions of the selected calls, verl's SFT loss); both resume the "
-                          "same --checkpoint-dir, so RL can continue from an SFT run")
-    sft_from: StrList = Field(default_factory=list, description="With --objective sft: also train on the calls of "
-                              "this frozen route (the model name its agent requested; repeatable): distillation from "
-                              "a teacher agent that ran through the proxy, rendered with the policy's chat template")
-    min_reward: float | None = Field(None, description="With --objective sft: only sessions whose final reward is at "
-                                     "least this (rejection-sampling fine-tuning); default all")
+        "rl",
+        description="What a step optimises: rl (policy gradient on rewarded sessions) or sft (supervised "
+        "fine-tuning on the completions of the selected calls, verl's SFT loss); both resume the "
+        "same --checkpoint-dir, so RL can continue from an SFT run",
+    )
+    sft_from: StrList = Field(
+        default_factory=list,
+        description="With --objective sft: also train on the calls of "
+        "this frozen route (the model name its agent requested; repeatable): distillation from "
+        "a teacher agent that ran through the proxy, rendered with the policy's chat template",
+    )
+    min_reward: float | None = Field(
+        None,
+        description="With --objective sft: only sessions whose final reward is at "
+        "least this (rejection-sampling fine-tuning); default all",
+    )
     epochs: int = Field(1, ge=1, description="Passes over each step's batch")
-    mini_batch_size: int = Field(0, ge=0, description="Samples per optimizer update within a step (0 = the whole "
-                                 "batch: one update per step)")
+    mini_batch_size: int = Field(
+        0, ge=0, description="Samples per optimizer update within a step (0 = the whole batch: one update per step)"
+    )
     lora_rank: int = Field(8, description="LoRA rank; 0 = full fine-tuning")
     lora_alpha: int = Field(16, description="LoRA alpha")
     batch_size: int = Field(8, description="Sessions per training step")
     lr: float = Field(1e-4, description="Learning rate")
-    checkpoint_dir: Path = Field(Path("./checkpoints"), description="Where checkpoints and published weights go (shared with vLLM); "
-                                 "its trainwire_run.json says whose run it holds (store, base model, LoRA), checked at every start")
-    fresh: bool = Field(False, description="Start over at step 0: move what --checkpoint-dir holds into "
-                                           "CHECKPOINT_DIR/previous-runs/<UTC time>/ (nothing is deleted)")
-    publish_dir: Path | None = Field(None, description="Path of checkpoint_dir as vLLM sees it, if different (containers)")
+    checkpoint_dir: Path = Field(
+        Path("./checkpoints"),
+        description="Where checkpoints and published weights go (shared with vLLM); "
+        "its trainwire_run.json says whose run it holds (store, base model, LoRA), checked at every start",
+    )
+    fresh: bool = Field(
+        False,
+        description="Start over at step 0: move what --checkpoint-dir holds into "
+        "CHECKPOINT_DIR/previous-runs/<UTC time>/ (nothing is deleted)",
+    )
+    publish_dir: Path | None = Field(
+        None, description="Path of checkpoint_dir as vLLM sees it, if different (containers)"
+    )
     train_agent: StrList = Field(default_factory=list, description="Agent names to train (repeatable; default all)")
     group_by_task: bool = Field(True, description="Group sessions by X-Task-Id for GRPO-style advantages")
     group_size: int = Field(0, description="Wait for this many finished sessions per task (0 = no waiting)")
     group_timeout_s: float = Field(60.0, description="Train an incomplete group after this long")
-    mode: Literal["transition", "trajectory"] = Field("transition", description="One sample per call, or merge calls that extend each other")
+    mode: Literal["transition", "trajectory"] = Field(
+        "transition", description="One sample per call, or merge calls that extend each other"
+    )
     gamma: float = Field(1.0, description="Discount over later calls' rewards")
     default_reward: float = Field(0.0, description="Final reward of a session finished without one")
     adv_estimator: str = Field("grpo", description="verl advantage estimator (grpo, rloo, reinforce_plus_plus, ...)")
@@ -213,10 +276,13 @@ class TrainerSettings(UpstreamSettings):
     wandb_project: str | None = Field(None, description="Weights & Biases project (optional)")
     seed: int = Field(0, description="Random seed")
     agreement_warn: float = Field(
-        0.05, ge=0, description="Warn when the trainer's log-probs of tokens served by the newest version differ "
-                                "from vLLM's by more than this (mean |delta log p|); it usually means weights "
-                                "published but not served, a wrong --temperature, or vLLM without --logprobs-mode "
-                                "processed_logprobs")
+        0.05,
+        ge=0,
+        description="Warn when the trainer's log-probs of tokens served by the newest version differ "
+        "from vLLM's by more than this (mean |delta log p|); it usually means weights "
+        "published but not served, a wrong --temperature, or vLLM without --logprobs-mode "
+        "processed_logprobs",
+    )
 
     @field_validator("train_agent", "sft_from", mode="before")
     @classmethod
@@ -232,7 +298,7 @@ def normalize_database_url(url: str) -> str:
     """Accept the URLs people paste (postgres://, postgresql://, sqlite:///) and pick the async drivers."""
     for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://", "postgresql+psycopg://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return "postgresql+asyncpg://" + url[len(prefix) :]
     if url.startswith("sqlite:///"):
-        return "sqlite+aiosqlite:///" + url[len("sqlite:///"):]
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
     return url

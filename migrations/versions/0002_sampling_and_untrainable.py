@@ -6,6 +6,7 @@ Every call's effective sampling settings, and why a call that is trainable will 
 Revision ID: 0002
 Revises: 0001
 """
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
@@ -18,8 +19,11 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("calls") as batch:
-        batch.add_column(sa.Column("sampling", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()),
-                                                                      "postgresql"), nullable=True))
+        batch.add_column(
+            sa.Column(
+                "sampling", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=True
+            )
+        )
         batch.add_column(sa.Column("untrainable_reason", sa.Text(), nullable=True))
 
 

@@ -7,6 +7,7 @@ database, or of another one that happens to be reachable under the same path.
 Revision ID: 0003
 Revises: 0002
 """
+
 import uuid
 
 import sqlalchemy as sa

@@ -8,6 +8,7 @@ revision keep all three NULL and read as they are.
 Revision ID: 0004
 Revises: 0003
 """
+
 import sqlalchemy as sa
 from alembic import op
 

@@ -7,6 +7,7 @@ session's `pruned_at` says when, so a reader can tell a pruned session from one 
 Revision ID: 0005
 Revises: 0004
 """
+
 import sqlalchemy as sa
 from alembic import op
 

@@ -82,8 +82,7 @@ def _prune(cfg: EngineConfig, keep: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def load_checkpoint(worker, cfg: EngineConfig,
-                    ckpt_dir: Optional[Path] = None) -> Optional[tuple[Path, Optional[int]]]:
+def load_checkpoint(worker, cfg: EngineConfig, ckpt_dir: Optional[Path] = None) -> Optional[tuple[Path, Optional[int]]]:
     """Restore a checkpoint written by :func:`save_checkpoint` into ``worker`` (default: the latest one under
     ``cfg.checkpoint_dir``). Returns (the path loaded, its global step when recorded), or None if there was
     none."""

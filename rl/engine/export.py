@@ -112,8 +112,8 @@ def clean_peft_config(peft_config, base_model_path: str):
     targets = cfg.target_modules
     if isinstance(targets, (set, list, tuple)):
         cfg.target_modules = sorted({t.split(".")[-1] for t in targets})
-    cfg.base_model_name_or_path = str(Path(base_model_path).resolve()) if Path(base_model_path).exists() else (
-        base_model_path
+    cfg.base_model_name_or_path = (
+        str(Path(base_model_path).resolve()) if Path(base_model_path).exists() else (base_model_path)
     )
     cfg.inference_mode = True
     return cfg

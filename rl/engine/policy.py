@@ -83,12 +83,14 @@ class PolicyEngine:
         requires both)."""
         n = len(samples)
         target = self._all_reduce_int(n, dist.ReduceOp.MAX)
-        m = self.cfg.mini_batch_size or (self.cfg.micro_batch_size if self.cfg.max_tokens_per_micro_batch is None
-                                         else 1)
+        m = self.cfg.mini_batch_size or (
+            self.cfg.micro_batch_size if self.cfg.max_tokens_per_micro_batch is None else 1
+        )
         target = ((max(target, 1) + m - 1) // m) * m
         pad = self._pad_token()
-        dummy = Sample(prompt_ids=[pad], response_ids=[pad], response_mask=[0], old_logprobs=[0.0], advantage=0.0,
-                       weight=0.0)
+        dummy = Sample(
+            prompt_ids=[pad], response_ids=[pad], response_mask=[0], old_logprobs=[0.0], advantage=0.0, weight=0.0
+        )
         return list(samples) + [dummy] * (target - n), n
 
     def _infer_padded(self, samples: Sequence[Sample], reference: bool) -> torch.Tensor:

@@ -11,17 +11,34 @@ import httpx
 
 from tests.support import dbread
 
-TOOLS = [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}},
-         {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}]
+TOOLS = [
+    {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}},
+]
 
 
 def start(start_proxy, upstream, db_url: str, tmp_path, *extra: str, env: dict[str, str] | None = None):
-    return start_proxy("--upstream", upstream.url, "--database-url", db_url, "--journal-dir", str(tmp_path / "journal"),
-                       *extra, env=env)
+    return start_proxy(
+        "--upstream",
+        upstream.url,
+        "--database-url",
+        db_url,
+        "--journal-dir",
+        str(tmp_path / "journal"),
+        *extra,
+        env=env,
+    )
 
 
-def chat(proxy, session: str | None = None, content: str = "hi", *, messages: list | None = None,
-         headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
+def chat(
+    proxy,
+    session: str | None = None,
+    content: str = "hi",
+    *,
+    messages: list | None = None,
+    headers: dict[str, str] | None = None,
+    **body: Any,
+) -> httpx.Response:
     h = dict(headers or {})
     if session:
         h["X-Session-Id"] = session
@@ -30,22 +47,31 @@ def chat(proxy, session: str | None = None, content: str = "hi", *, messages: li
     return r
 
 
-def post(proxy, path: str, body: Any = None, *, raw: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 30) -> httpx.Response:
+def post(
+    proxy,
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> httpx.Response:
     h = {"content-type": "application/json", **(headers or {})}
     content = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
     return httpx.post(f"{proxy.url}{path}", content=content, headers=h, timeout=timeout)
 
 
 def get(proxy, path: str, *, headers: dict[str, str] | None = None, **params: Any) -> httpx.Response:
-    return httpx.get(f"{proxy.url}{path}", params={k: v for k, v in params.items() if v is not None},
-                     headers=headers, timeout=30)
+    return httpx.get(
+        f"{proxy.url}{path}", params={k: v for k, v in params.items() if v is not None}, headers=headers, timeout=30
+    )
 
 
 def curl(url: str, *args: str) -> tuple[int, Any]:
     """Run the real curl; returns (HTTP status, parsed JSON body)."""
-    out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", *args, url], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", *args, url], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     body, _, status = out.rpartition("\n")
     return int(status), json.loads(body) if body.strip() else None
 
@@ -80,5 +106,8 @@ def wait_rewards(url: str, n: int, timeout: float = 10.0, **match: Any) -> list[
 
 
 def tool_call_msg(call_id: str, name: str, arguments: str) -> dict:
-    return {"role": "assistant", "content": None,
-            "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}],
+    }

@@ -23,14 +23,20 @@ class Load:
         self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
     def _run(self, i: int) -> None:
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=30,
-                               default_headers={"X-Session-Id": f"load-{i}"})
+        client = openai.OpenAI(
+            base_url=f"{self.url}/v1",
+            api_key="x",
+            max_retries=0,
+            timeout=30,
+            default_headers={"X-Session-Id": f"load-{i}"},
+        )
         n = 0
         while not self._stop.is_set():
             n += 1
             try:
                 raw = client.chat.completions.with_raw_response.create(
-                    model="policy", messages=[{"role": "user", "content": f"call {n}"}])
+                    model="policy", messages=[{"role": "user", "content": f"call {n}"}]
+                )
                 raw.parse()
             except Exception:
                 with self._lock:
@@ -58,5 +64,3 @@ def stop_pg(pg: PgCluster) -> None:
 def start_pg(pg: PgCluster) -> None:
     opts = f"-p {pg.port} -k {pg.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
     pg._run(_bin("pg_ctl"), "-D", str(pg.data), "-o", opts, "-l", str(pg.dir / "log"), "-w", "start")
-
-

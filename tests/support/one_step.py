@@ -32,14 +32,43 @@ async def claim_and_build(db_url: str):
 
 def run_trainer(proxy, vllm, model_dir: Path, tmp_path: Path, *, batch_size: int) -> str:
     """`trainwire train` for one LoRA step against the test's proxy store and vLLM; its output."""
-    argv = [sys.executable, "-m", "trainwire.cli", "train", "--database-url", proxy.db_url, "--upstream", vllm.url,
-            "--model", str(model_dir), "--lora-rank", "8", "--lr", "5e-3", "--batch-size", str(batch_size),
-            "--checkpoint-dir", str(tmp_path / "ckpt"), "--settle-s", "0", "--poll-s", "0.2", "--max-steps", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "trainwire.cli",
+        "train",
+        "--database-url",
+        proxy.db_url,
+        "--upstream",
+        vllm.url,
+        "--model",
+        str(model_dir),
+        "--lora-rank",
+        "8",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        str(batch_size),
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--settle-s",
+        "0",
+        "--poll-s",
+        "0.2",
+        "--max-steps",
+        "1",
+    ]
     log_path = tmp_path / "trainer.log"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
-                              stderr=subprocess.STDOUT, timeout=300)
+        proc = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
     out = log_path.read_text(errors="replace")
     print(f"trainer ran {time.monotonic() - t0:.1f}s")
     assert proc.returncode == 0, out[-4000:]

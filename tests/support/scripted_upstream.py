@@ -26,8 +26,8 @@ class Script:
     status: int = 200
     error_body: dict[str, Any] | None = None
     delay_per_chunk: float = 0.0
-    chunks: int | None = None       # how many content chunks a stream uses (default: one per token)
-    delay: float = 0.0              # seconds to wait before answering at all
+    chunks: int | None = None  # how many content chunks a stream uses (default: one per token)
+    delay: float = 0.0  # seconds to wait before answering at all
 
 
 @dataclass
@@ -77,7 +77,7 @@ class ScriptedUpstream:
         return self.tokenize(text)
 
     def _pieces(self, text: str) -> list[str]:
-        return [text[i:i + 3] for i in range(0, len(text), 3)] or [""]
+        return [text[i : i + 3] for i in range(0, len(text), 3)] or [""]
 
     def _logprob(self, i: int) -> float:
         return -0.125 * ((i % 7) + 1)
@@ -96,13 +96,28 @@ class ScriptedUpstream:
         if sc.delay:
             await asyncio.sleep(sc.delay)
         if sc.status != 200:
-            body = orjson.dumps(sc.error_body or {"object": "error", "message": "scripted failure",
-                                                  "type": "BadRequestError", "param": None, "code": sc.status})
+            body = orjson.dumps(
+                sc.error_body
+                or {
+                    "object": "error",
+                    "message": "scripted failure",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": sc.status,
+                }
+            )
             sent.body = body
             return web.Response(body=body, status=sc.status, content_type="application/json")
         if req.get("model") not in [self.model, *self.adapters]:
-            body = orjson.dumps({"object": "error", "message": f"The model `{req.get('model')}` does not exist.",
-                                 "type": "NotFoundError", "param": None, "code": 404})
+            body = orjson.dumps(
+                {
+                    "object": "error",
+                    "message": f"The model `{req.get('model')}` does not exist.",
+                    "type": "NotFoundError",
+                    "param": None,
+                    "code": 404,
+                }
+            )
             sent.body = body
             return web.Response(body=body, status=404, content_type="application/json")
         if req.get("stream"):
@@ -116,21 +131,42 @@ class ScriptedUpstream:
         ids = [t for p in pieces for t in self.tokenize(p)]
         choice: dict[str, Any] = {"index": 0}
         if kind == "chat":
-            msg: dict[str, Any] = {"role": "assistant", "content": sc.text if not sc.tool_calls else None,
-                                   "refusal": None, "annotations": None, "audio": None, "function_call": None,
-                                   "tool_calls": [{"id": f"chatcmpl-tool-{i}", "type": "function",
-                                                   "function": tc} for i, tc in enumerate(sc.tool_calls or [])],
-                                   "reasoning_content": None}
+            msg: dict[str, Any] = {
+                "role": "assistant",
+                "content": sc.text if not sc.tool_calls else None,
+                "refusal": None,
+                "annotations": None,
+                "audio": None,
+                "function_call": None,
+                "tool_calls": [
+                    {"id": f"chatcmpl-tool-{i}", "type": "function", "function": tc}
+                    for i, tc in enumerate(sc.tool_calls or [])
+                ],
+                "reasoning_content": None,
+            }
             choice["message"] = msg
-            choice["logprobs"] = ({"content": [{"token": f"t{t}", "logprob": self._logprob(i), "bytes": [t],
-                                                "top_logprobs": []} for i, t in enumerate(ids)]}
-                                  if req.get("logprobs") else None)
+            choice["logprobs"] = (
+                {
+                    "content": [
+                        {"token": f"t{t}", "logprob": self._logprob(i), "bytes": [t], "top_logprobs": []}
+                        for i, t in enumerate(ids)
+                    ]
+                }
+                if req.get("logprobs")
+                else None
+            )
         else:
             choice["text"] = sc.text
-            choice["logprobs"] = ({"text_offset": list(range(len(ids))), "token_logprobs":
-                                   [self._logprob(i) for i in range(len(ids))], "tokens": [f"t{t}" for t in ids],
-                                   "top_logprobs": [{f"t{t}": self._logprob(i)} for i, t in enumerate(ids)]}
-                                  if req.get("logprobs") is not None else None)
+            choice["logprobs"] = (
+                {
+                    "text_offset": list(range(len(ids))),
+                    "token_logprobs": [self._logprob(i) for i in range(len(ids))],
+                    "tokens": [f"t{t}" for t in ids],
+                    "top_logprobs": [{f"t{t}": self._logprob(i)} for i, t in enumerate(ids)],
+                }
+                if req.get("logprobs") is not None
+                else None
+            )
         choice["finish_reason"] = sc.finish_reason or ("tool_calls" if sc.tool_calls else "stop")
         choice["stop_reason"] = None
         if req.get("return_token_ids"):
@@ -138,13 +174,22 @@ class ScriptedUpstream:
             if kind == "completion":
                 choice["prompt_token_ids"] = self._prompt_ids(req)
         prompt = self._prompt_ids(req)
-        body: dict[str, Any] = {"id": "chatcmpl-123" if kind == "chat" else "cmpl-123",
-                                "object": "chat.completion" if kind == "chat" else "text_completion",
-                                "created": 1700000000, "model": req["model"], "choices": [choice],
-                                "service_tier": None, "system_fingerprint": None,
-                                "usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + len(ids),
-                                          "completion_tokens": len(ids), "prompt_tokens_details": None},
-                                "prompt_logprobs": None}
+        body: dict[str, Any] = {
+            "id": "chatcmpl-123" if kind == "chat" else "cmpl-123",
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": 1700000000,
+            "model": req["model"],
+            "choices": [choice],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "total_tokens": len(prompt) + len(ids),
+                "completion_tokens": len(ids),
+                "prompt_tokens_details": None,
+            },
+            "prompt_logprobs": None,
+        }
         if req.get("return_token_ids") and kind == "chat":
             body["prompt_token_ids"] = prompt
         return body
@@ -155,14 +200,21 @@ class ScriptedUpstream:
         want_ids = bool(req.get("return_token_ids"))
         want_lp = bool(req.get("logprobs")) if kind == "chat" else req.get("logprobs") is not None
         want_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-        base = {"id": "chatcmpl-123" if kind == "chat" else "cmpl-123",
-                "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                "created": 1700000000, "model": req["model"]}
+        base = {
+            "id": "chatcmpl-123" if kind == "chat" else "cmpl-123",
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": 1700000000,
+            "model": req["model"],
+        }
         events: list[dict[str, Any]] = []
         prompt = self._prompt_ids(req)
         if kind == "chat":
-            first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "logprobs": None, "finish_reason": None}]}
+            first = {
+                **base,
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+            }
             if want_ids:
                 first["prompt_token_ids"] = prompt
             events.append(first)
@@ -173,16 +225,28 @@ class ScriptedUpstream:
             choice: dict[str, Any] = {"index": 0}
             if kind == "chat":
                 choice["delta"] = {"content": piece}
-                choice["logprobs"] = ({"content": [{"token": f"t{t}", "logprob": self._logprob(n + j),
-                                                    "bytes": [t], "top_logprobs": []} for j, t in enumerate(ids)]}
-                                      if want_lp else None)
+                choice["logprobs"] = (
+                    {
+                        "content": [
+                            {"token": f"t{t}", "logprob": self._logprob(n + j), "bytes": [t], "top_logprobs": []}
+                            for j, t in enumerate(ids)
+                        ]
+                    }
+                    if want_lp
+                    else None
+                )
             else:
                 choice["text"] = piece
-                choice["logprobs"] = ({"text_offset": [n + j for j in range(len(ids))],
-                                       "token_logprobs": [self._logprob(n + j) for j in range(len(ids))],
-                                       "tokens": [f"t{t}" for t in ids],
-                                       "top_logprobs": [{f"t{t}": self._logprob(n + j)} for j, t in enumerate(ids)]}
-                                      if want_lp else None)
+                choice["logprobs"] = (
+                    {
+                        "text_offset": [n + j for j in range(len(ids))],
+                        "token_logprobs": [self._logprob(n + j) for j in range(len(ids))],
+                        "tokens": [f"t{t}" for t in ids],
+                        "top_logprobs": [{f"t{t}": self._logprob(n + j)} for j, t in enumerate(ids)],
+                    }
+                    if want_lp
+                    else None
+                )
             choice["finish_reason"] = None
             if want_ids:
                 choice["token_ids"] = ids
@@ -192,20 +256,57 @@ class ScriptedUpstream:
             events.append({**base, "choices": [choice]})
         for i, tc in enumerate(sc.tool_calls or []):
             args = tc.get("arguments", "")
-            halves = [args[: len(args) // 2], args[len(args) // 2:]]
+            halves = [args[: len(args) // 2], args[len(args) // 2 :]]
             ids = self.tokenize(tc["name"] + args)
-            events.append({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
-                {"id": f"chatcmpl-tool-{i}", "type": "function", "index": i,
-                 "function": {"name": tc["name"], "arguments": halves[0]}}]},
-                "logprobs": {"content": [{"token": f"t{t}", "logprob": -0.5, "bytes": [t], "top_logprobs": []}
-                                         for t in ids]} if want_lp else None,
-                "finish_reason": None, **({"token_ids": ids} if want_ids else {})}]})
-            events.append({**base, "choices": [{"index": 0, "delta": {"tool_calls": [
-                {"index": i, "function": {"arguments": halves[1]}}]}, "logprobs": None, "finish_reason": None,
-                **({"token_ids": []} if want_ids else {})}]})
+            events.append(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {
+                                "tool_calls": [
+                                    {
+                                        "id": f"chatcmpl-tool-{i}",
+                                        "type": "function",
+                                        "index": i,
+                                        "function": {"name": tc["name"], "arguments": halves[0]},
+                                    }
+                                ]
+                            },
+                            "logprobs": {
+                                "content": [
+                                    {"token": f"t{t}", "logprob": -0.5, "bytes": [t], "top_logprobs": []} for t in ids
+                                ]
+                            }
+                            if want_lp
+                            else None,
+                            "finish_reason": None,
+                            **({"token_ids": ids} if want_ids else {}),
+                        }
+                    ],
+                }
+            )
+            events.append(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"tool_calls": [{"index": i, "function": {"arguments": halves[1]}}]},
+                            "logprobs": None,
+                            "finish_reason": None,
+                            **({"token_ids": []} if want_ids else {}),
+                        }
+                    ],
+                }
+            )
             n += len(ids)
-        last: dict[str, Any] = {"index": 0, "finish_reason": sc.finish_reason or ("tool_calls" if sc.tool_calls else "stop"),
-                                "stop_reason": None}
+        last: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": sc.finish_reason or ("tool_calls" if sc.tool_calls else "stop"),
+            "stop_reason": None,
+        }
         if kind == "chat":
             last = {"index": 0, "delta": {"content": ""}, "logprobs": None, **last}
         else:
@@ -214,8 +315,13 @@ class ScriptedUpstream:
             last["token_ids"] = []
         events.append({**base, "choices": [last]})
         if want_usage:
-            events.append({**base, "choices": [], "usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + n,
-                                                           "completion_tokens": n}})
+            events.append(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + n, "completion_tokens": n},
+                }
+            )
         out = []
         try:
             for ev in events:
@@ -235,10 +341,20 @@ class ScriptedUpstream:
         return resp
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [{"id": self.model, "object": "model", "created": 1, "owned_by": "vllm", "root": self.model,
-                 "parent": None}]
-        data += [{"id": a, "object": "model", "created": 1, "owned_by": "vllm", "root": f"/adapters/{a}",
-                  "parent": self.model} for a in self.adapters]
+        data = [
+            {"id": self.model, "object": "model", "created": 1, "owned_by": "vllm", "root": self.model, "parent": None}
+        ]
+        data += [
+            {
+                "id": a,
+                "object": "model",
+                "created": 1,
+                "owned_by": "vllm",
+                "root": f"/adapters/{a}",
+                "parent": self.model,
+            }
+            for a in self.adapters
+        ]
         return web.json_response({"object": "list", "data": data})
 
     async def tokenize_route(self, request: web.Request) -> web.Response:

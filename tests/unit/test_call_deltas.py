@@ -21,9 +21,21 @@ NOW = datetime(2026, 1, 1, tzinfo=UTC)
 def rec(cid: str, prompt, completion, messages, kind="chat", **kw) -> CallRecord:
     key = "input" if kind == "responses" else "messages"
     request = {"model": "policy", key: messages, "tools": [{"type": "function", "function": {"name": "f"}}]}
-    return CallRecord(id=cid, session_id="s", seq=0, kind=kind, path="/v1/chat/completions", status_code=200,
-                      started_at=NOW, finished_at=NOW, request=request, prompt_token_ids=prompt,
-                      completion_token_ids=completion, logprobs=[-0.5] * len(completion or []), **kw)
+    return CallRecord(
+        id=cid,
+        session_id="s",
+        seq=0,
+        kind=kind,
+        path="/v1/chat/completions",
+        status_code=200,
+        started_at=NOW,
+        finished_at=NOW,
+        request=request,
+        prompt_token_ids=prompt,
+        completion_token_ids=completion,
+        logprobs=[-0.5] * len(completion or []),
+        **kw,
+    )
 
 
 def stored(record: CallRecord) -> Stored:
@@ -66,7 +78,7 @@ def test_a_branch_shares_the_common_prefix():
 def test_messages_are_compared_as_json_values_not_python_equality():
     a = rec("a", None, None, [{"role": "user", "content": "x", "flag": True}])
     b = rec("b", None, None, [{"role": "user", "content": "x", "flag": 1}, {"role": "user", "content": "y"}])
-    assert encode([remember(a)], b) is b   # True == 1 in Python, not in JSON
+    assert encode([remember(a)], b) is b  # True == 1 in Python, not in JSON
     c = rec("c", None, None, [{"flag": True, "content": "x", "role": "user"}, {"role": "user", "content": "y"}])
     assert encode([remember(a)], c).messages_prefix_len == 1  # key order does not matter
 
@@ -101,7 +113,7 @@ def test_token_ids_are_compared_whole_not_by_digits():
     assert (sb.prompt_prefix_len, sb.prompt_token_ids) == (1, [345, 6])
     c = rec("c", [12, 34, 5, 6], [7], [])
     assert encode([remember(a)], c).prompt_prefix_len == 3
-    d = rec("d", [1, 2**70], [3], [])   # no token ids a database holds: nothing to compare
+    d = rec("d", [1, 2**70], [3], [])  # no token ids a database holds: nothing to compare
     assert encode([remember(d)], rec("e", [1, 2**70, 4], [5], [])).prompt_prefix_len is None
 
 
@@ -128,7 +140,7 @@ class Sim:
         self.n = 0
 
     def tokens(self, k: int) -> list[int]:
-        return [self.rng.randrange(8) for _ in range(k)]   # a tiny vocabulary: accidental common prefixes
+        return [self.rng.randrange(8) for _ in range(k)]  # a tiny vocabulary: accidental common prefixes
 
     def call(self, op: str, agent: str, kind: str) -> CallRecord:
         rng = self.rng
@@ -136,38 +148,64 @@ class Sim:
         if op == "extend" or not prompt:
             new = [{"role": "user", "content": f"turn {self.n}", "n": rng.choice([1, 1.0, True])}]
             if rng.random() < 0.4:
-                new = [{"role": "assistant", "content": None,
-                        "tool_calls": [{"id": f"t{self.n}", "type": "function",
-                                        "function": {"name": "f", "arguments": "{}"}}]},
-                       {"role": "tool", "tool_call_id": f"t{self.n}", "content": "ok"}]
+                new = [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {"id": f"t{self.n}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": f"t{self.n}", "content": "ok"},
+                ]
             prompt, messages = prompt + self.tokens(rng.randrange(0, 4)), messages + new
         elif op == "branch":
             cut = rng.randrange(len(prompt) + 1)
-            prompt, messages = prompt[:cut] + self.tokens(rng.randrange(1, 4)), \
-                messages[:rng.randrange(len(messages) + 1)] + [{"role": "user", "content": f"retry {self.n}"}]
+            prompt, messages = (
+                prompt[:cut] + self.tokens(rng.randrange(1, 4)),
+                messages[: rng.randrange(len(messages) + 1)] + [{"role": "user", "content": f"retry {self.n}"}],
+            )
         elif op == "compact":
-            prompt, messages = prompt[:rng.randrange(3)] + self.tokens(3), \
-                messages[:1] + [{"role": "user", "content": f"summary {self.n}"}]
+            prompt, messages = (
+                prompt[: rng.randrange(3)] + self.tokens(3),
+                messages[:1] + [{"role": "user", "content": f"summary {self.n}"}],
+            )
         elif op == "rerender":
             prompt = self.tokens(len(prompt))
         completion = self.tokens(rng.randrange(0, 4))
         self.n += 1
-        record = rec(f"c{self.n}", list(prompt), completion if rng.random() > 0.1 else None,
-                     [dict(m) for m in messages], kind=kind, agent_name=agent)
+        record = rec(
+            f"c{self.n}",
+            list(prompt),
+            completion if rng.random() > 0.1 else None,
+            [dict(m) for m in messages],
+            kind=kind,
+            agent_name=agent,
+        )
         if rng.random() < 0.1:
-            record.prompt_token_ids = None   # a failed call: no tokens
+            record.prompt_token_ids = None  # a failed call: no tokens
         # The next turn sees this one's completion, as a chat template renders it.
-        self.convs[agent] = (prompt + (completion or []),
-                             messages + [{"role": "assistant", "content": f"answer {self.n}"}])
+        self.convs[agent] = (
+            prompt + (completion or []),
+            messages + [{"role": "assistant", "content": f"answer {self.n}"}],
+        )
         return record
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1),
-       ops=st.lists(st.tuples(st.sampled_from(["extend", "extend", "extend", "branch", "compact", "rerender"]),
-                              st.sampled_from(["a", "b", "c"]), st.sampled_from(["chat", "messages", "responses"])),
-                    min_size=1, max_size=40),
-       committed_only=st.floats(0, 1))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["extend", "extend", "extend", "branch", "compact", "rerender"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from(["chat", "messages", "responses"]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    committed_only=st.floats(0, 1),
+)
 def test_every_call_rebuilt_from_the_stored_rows_equals_the_recorded_one(seed, ops, committed_only):
     rng = random.Random(seed)
     sim = Sim(rng)
@@ -179,7 +217,7 @@ def test_every_call_rebuilt_from_the_stored_rows_equals_the_recorded_one(seed, o
     n_deltas = 0
     for r in records:
         written, mine = encode_call(cache[-3:], r)
-        assert mine == remember(r)   # what the writer keeps, built from its base's, is what the call holds
+        assert mine == remember(r)  # what the writer keeps, built from its base's, is what the call holds
         n_deltas += written is not r
         rows[r.id] = stored(written)
         if rng.random() > committed_only * 0.5:
@@ -211,11 +249,11 @@ def test_the_cache_keeps_what_later_calls_can_branch_from():
     cache = DeltaCache(per_session=3, max_age_s=None)
     m = [{"role": "user", "content": "x"}]
     a = remember(rec("a", [1, 2], [3], m))
-    b = remember(rec("b", [1, 2, 3, 4], [5], [*m, {"role": "user", "content": "y"}]))   # extends a
-    c = remember(rec("c", [1, 2, 9], [5], [*m, {"role": "user", "content": "z"}]))      # a retry of b's turn
+    b = remember(rec("b", [1, 2, 3, 4], [5], [*m, {"role": "user", "content": "y"}]))  # extends a
+    c = remember(rec("c", [1, 2, 9], [5], [*m, {"role": "user", "content": "z"}]))  # a retry of b's turn
     cache.add("s", a)
     cache.add("s", b)
-    assert [x.id for x in cache.bases("s")] == ["b"]      # b serves every later call at least as well as a
+    assert [x.id for x in cache.bases("s")] == ["b"]  # b serves every later call at least as well as a
     cache.add("s", c)
     assert [x.id for x in cache.bases("s")] == ["b", "c"]
     for i in range(5):
@@ -248,7 +286,7 @@ def test_the_cache_offers_no_call_older_than_its_age_limit():
     assert [x.id for x in cache.bases("s", now=t + 3599)] == ["a"]
     assert cache.bases("s", now=t + 3601) == [] and len(cache) == 0 and cache.bytes == 0
     cache.add("s", remember(rec("b", [1, 2], [3], [])))
-    assert cache.bases("s") == []          # by default against the clock: NOW is long past
+    assert cache.bases("s") == []  # by default against the clock: NOW is long past
 
 
 def test_a_base_without_its_body_is_an_error_not_a_shorter_prompt():
@@ -258,13 +296,13 @@ def test_a_base_without_its_body_is_an_error_not_a_shorter_prompt():
     a = rec("a", [1, 2], [3], m)
     b = encode([remember(a)], rec("b", [1, 2, 3, 4], [5], [*m, {"role": "user", "content": "y"}]))
     assert (b.prompt_prefix_len, b.messages_prefix_len) == (3, 1)
-    pruned = Stored(id="a", kind="chat")   # what prune leaves: every body column null
+    pruned = Stored(id="a", kind="chat")  # what prune leaves: every body column null
     with pytest.raises(MissingBase, match="3 tokens"):
         expand({"a": pruned, "b": stored(b)}, ["b"])
     with pytest.raises(MissingBase, match="1 messages"):
         expand({"a": pruned, "b": stored(b)}, ["b"], tokens=False)
     short = stored(a)
-    short.completion_token_ids = []        # a base holding 2 of the 3 tokens shared
+    short.completion_token_ids = []  # a base holding 2 of the 3 tokens shared
     with pytest.raises(MissingBase):
         expand({"a": short, "b": stored(b)}, ["b"], request=False)
     full = expand({"a": stored(a), "b": stored(b)}, ["b"])["b"]

@@ -29,8 +29,7 @@ def ids(picked):
 
 
 def test_complete_groups_and_loners_are_taken_young_incomplete_groups_wait():
-    candidates = rows(("a1", "A", 1), ("b1", "B", 2), ("a2", "A", 3), ("l1", None, 4), ("b2", "B", 5),
-                      ("a3", "A", 6))
+    candidates = rows(("a1", "A", 1), ("b1", "B", 2), ("a2", "A", 3), ("l1", None, 4), ("b2", "B", 5), ("a3", "A", 6))
     picked = pick_groups(candidates, batch_size=8, group_size=3, timeout_cutoff=CUTOFF)
     # A has 3 of 3; B has 2 of 3 and its oldest is younger than the timeout; a session without a task is a
     # group of its own
@@ -51,28 +50,30 @@ def test_naive_sqlite_timestamps_count_as_utc():
 
 
 def test_groups_keep_oldest_first_order_a_later_smaller_group_does_not_overtake():
-    candidates = rows(("a1", "A", 1), ("a2", "A", 2), ("b1", "B", 3), ("b2", "B", 4), ("b3", "B", 5),
-                      ("c1", "C", 6), ("c2", "C", 7))
+    candidates = rows(
+        ("a1", "A", 1), ("a2", "A", 2), ("b1", "B", 3), ("b2", "B", 4), ("b3", "B", 5), ("c1", "C", 6), ("c2", "C", 7)
+    )
     picked = pick_groups(candidates, batch_size=4, group_size=2, timeout_cutoff=CUTOFF)
     # A fits (2); B (3 more) would overflow 4, so the claim stops there: C fits but is younger than B
     assert ids(picked) == ["a1", "a2"]
 
 
 def test_stops_when_the_batch_is_full():
-    candidates = rows(("a1", "A", 1), ("a2", "A", 2), ("b1", "B", 3), ("b2", "B", 4), ("c1", "C", 5),
-                      ("c2", "C", 6))
+    candidates = rows(("a1", "A", 1), ("a2", "A", 2), ("b1", "B", 3), ("b2", "B", 4), ("c1", "C", 5), ("c2", "C", 6))
     picked = pick_groups(candidates, batch_size=4, group_size=2, timeout_cutoff=CUTOFF)
     assert ids(picked) == ["a1", "a2", "b1", "b2"]
 
 
-@pytest.mark.parametrize("batch_size, group_size, want", [
-    (2, 3, ["a1", "a2", "a3"]),        # bigger than the batch: cut to the group size, so a group still fits
-    (4, 2, ["a1", "a2", "a3", "a4"]),  # cut to the batch size
-])
+@pytest.mark.parametrize(
+    "batch_size, group_size, want",
+    [
+        (2, 3, ["a1", "a2", "a3"]),  # bigger than the batch: cut to the group size, so a group still fits
+        (4, 2, ["a1", "a2", "a3", "a4"]),  # cut to the batch size
+    ],
+)
 def test_first_group_always_goes_in_cut_to_the_larger_of_batch_and_group_size(batch_size, group_size, want):
     candidates = rows(*[(f"a{i}", "A", i) for i in range(1, 7)], ("l1", None, 10))
-    assert ids(pick_groups(candidates, batch_size=batch_size, group_size=group_size,
-                           timeout_cutoff=CUTOFF)) == want
+    assert ids(pick_groups(candidates, batch_size=batch_size, group_size=group_size, timeout_cutoff=CUTOFF)) == want
 
 
 def test_sessions_without_task_are_separate_groups():

@@ -15,15 +15,40 @@ from trainwire.records import CallRecord, RewardRecord
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 PATTERNS = [r"^\s*Error", r'^\s*\{\s*"error"\s*:']
-TOOLS = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}},
-         {"type": "function", "function": {"name": "calc"}}]
+TOOLS = [
+    {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "calc"}},
+]
 
 
-def rec(*, id="call_1", session="sess-1", kind="chat", request=None, response=None, status=200, aborted=False,
-        finish_reason=None, usage=None, seq=0) -> CallRecord:
-    return CallRecord(id=id, session_id=session, seq=seq, kind=kind, path="/v1/chat/completions",
-                      status_code=status, started_at=T0, finished_at=T0, request=request, response=response,
-                      aborted=aborted, finish_reason=finish_reason, usage=usage)
+def rec(
+    *,
+    id="call_1",
+    session="sess-1",
+    kind="chat",
+    request=None,
+    response=None,
+    status=200,
+    aborted=False,
+    finish_reason=None,
+    usage=None,
+    seq=0,
+) -> CallRecord:
+    return CallRecord(
+        id=id,
+        session_id=session,
+        seq=seq,
+        kind=kind,
+        path="/v1/chat/completions",
+        status_code=status,
+        started_at=T0,
+        finished_at=T0,
+        request=request,
+        response=response,
+        aborted=aborted,
+        finish_reason=finish_reason,
+        usage=usage,
+    )
 
 
 def answer(content=None, tool_calls=None, finish_reason="stop") -> dict:
@@ -47,39 +72,65 @@ class FakeWriter:
 
 # --- the registry ----------------------------------------------------------------------------------------------
 
+
 def test_registered_rules():
     assert list(RULES) == ["invalid_tool_call", "tool_error", "truncated"]
-    assert {n: r.default for n, r in RULES.items()} == {"invalid_tool_call": -0.5, "tool_error": -0.2,
-                                                        "truncated": -0.2}
-    assert {n: r.flag for n, r in RULES.items()} == {"invalid_tool_call": "--air-invalid-tool-call",
-                                                     "tool_error": "--air-tool-error", "truncated": "--air-truncated"}
+    assert {n: r.default for n, r in RULES.items()} == {
+        "invalid_tool_call": -0.5,
+        "tool_error": -0.2,
+        "truncated": -0.2,
+    }
+    assert {n: r.flag for n, r in RULES.items()} == {
+        "invalid_tool_call": "--air-invalid-tool-call",
+        "tool_error": "--air-tool-error",
+        "truncated": "--air-truncated",
+    }
     assert all(r.name == n and r.help.endswith("or 'off'") for n, r in RULES.items())
     assert RULES["invalid_tool_call"].judge is invalid_tool_call and RULES["truncated"].judge is truncated
 
 
 def test_a_rule_registered_twice_is_refused():
     from trainwire.proxy.air_rules import rule
+
     with pytest.raises(ValueError, match="automatic reward rule 'truncated' is registered twice"):
         rule("truncated", default=0.0, help="x")(lambda air, r: [])
     assert RULES["truncated"].judge is truncated
 
 
-@pytest.mark.parametrize("raw, value", [
-    ("off", None), ("OFF", None), (" off ", None), ("none", None), ("false", None), ("", None), (None, None),
-    ("-0.3", -0.3), (" 1.5 ", 1.5), ("1e-1", 0.1), ("0", 0.0), (2, 2.0), (-0.25, -0.25), (0, 0.0),
-])
+@pytest.mark.parametrize(
+    "raw, value",
+    [
+        ("off", None),
+        ("OFF", None),
+        (" off ", None),
+        ("none", None),
+        ("false", None),
+        ("", None),
+        (None, None),
+        ("-0.3", -0.3),
+        (" 1.5 ", 1.5),
+        ("1e-1", 0.1),
+        ("0", 0.0),
+        (2, 2.0),
+        (-0.25, -0.25),
+        (0, 0.0),
+    ],
+)
 def test_parse_value(raw, value):
     got = parse_value(RULES["truncated"], raw)
     assert got == value
     assert got is None or type(got) is float
 
 
-@pytest.mark.parametrize("name, raw, message", [
-    ("truncated", "minus one", "--air-truncated must be a number or 'off'; got 'minus one'"),
-    ("invalid_tool_call", "1,5", "--air-invalid-tool-call must be a number or 'off'; got '1,5'"),
-    ("tool_error", True, "--air-tool-error must be a number or 'off'; got True"),
-    ("tool_error", [1], "--air-tool-error must be a number or 'off'; got [1]"),
-])
+@pytest.mark.parametrize(
+    "name, raw, message",
+    [
+        ("truncated", "minus one", "--air-truncated must be a number or 'off'; got 'minus one'"),
+        ("invalid_tool_call", "1,5", "--air-invalid-tool-call must be a number or 'off'; got '1,5'"),
+        ("tool_error", True, "--air-tool-error must be a number or 'off'; got True"),
+        ("tool_error", [1], "--air-tool-error must be a number or 'off'; got [1]"),
+    ],
+)
 def test_parse_value_bad(name, raw, message):
     with pytest.raises(ValueError) as info:
         parse_value(RULES[name], raw)
@@ -92,12 +143,12 @@ def test_rule_flag_of_any_name():
 
 def test_offered_tools():
     assert offered_tools({"tools": TOOLS}) == {"read_file", "calc"}
-    assert offered_tools({"tools": [{"name": "bare"}], "functions": [{"name": "legacy"}, "junk"]}) == {"bare",
-                                                                                                         "legacy"}
+    assert offered_tools({"tools": [{"name": "bare"}], "functions": [{"name": "legacy"}, "junk"]}) == {"bare", "legacy"}
     assert offered_tools(None) == set() and offered_tools({"tools": None}) == set()
 
 
 # --- invalid_tool_call ------------------------------------------------------------------------------------------
+
 
 def test_valid_tool_calls_are_not_rewarded():
     r = rec(request={"tools": TOOLS}, response=answer(tool_calls=[tool_call(), tool_call("calc", "{}", "tc_2")]))
@@ -106,10 +157,17 @@ def test_valid_tool_calls_are_not_rewarded():
 
 def test_unknown_tool():
     r = rec(request={"tools": TOOLS}, response=answer(tool_calls=[tool_call("rm_rf", '{"x": 1}')]))
-    assert invalid_tool_call(None, r) == [Finding(
-        key="0", call_id="call_1",
-        metadata={"tool_call_id": "tc_1", "name": "rm_rf",
-                  "problems": ["tool 'rm_rf' is not among the request's tools (calc, read_file)"]})]
+    assert invalid_tool_call(None, r) == [
+        Finding(
+            key="0",
+            call_id="call_1",
+            metadata={
+                "tool_call_id": "tc_1",
+                "name": "rm_rf",
+                "problems": ["tool 'rm_rf' is not among the request's tools (calc, read_file)"],
+            },
+        )
+    ]
 
 
 def test_no_tools_offered():
@@ -123,24 +181,31 @@ def test_bad_json_arguments_with_the_parser_message():
         json.loads(bad)
     except ValueError as exc:
         why = str(exc)
-    [f] = invalid_tool_call(None, rec(request={"tools": TOOLS},
-                                      response=answer(tool_calls=[tool_call("calc", "{}", "ok"),
-                                                                  tool_call(args=bad, id="tc_bad")])))
+    [f] = invalid_tool_call(
+        None,
+        rec(
+            request={"tools": TOOLS},
+            response=answer(tool_calls=[tool_call("calc", "{}", "ok"), tool_call(args=bad, id="tc_bad")]),
+        ),
+    )
     assert f.key == "1" and f.call_id == "call_1"
-    assert f.metadata == {"tool_call_id": "tc_bad", "name": "read_file",
-                          "problems": [f"arguments are not valid JSON ({why}): {bad!r}"]}
+    assert f.metadata == {
+        "tool_call_id": "tc_bad",
+        "name": "read_file",
+        "problems": [f"arguments are not valid JSON ({why}): {bad!r}"],
+    }
 
 
-@pytest.mark.parametrize("args, shown", [('[1, 2]', "'[1, 2]'"), ('"s"', "'\"s\"'"), ("3", "'3'"),
-                                         (None, "'None'"), ([1], "'[1]'")])
+@pytest.mark.parametrize(
+    "args, shown", [("[1, 2]", "'[1, 2]'"), ('"s"', "'\"s\"'"), ("3", "'3'"), (None, "'None'"), ([1], "'[1]'")]
+)
 def test_arguments_that_are_not_an_object(args, shown):
     [f] = invalid_tool_call(None, rec(request={"tools": TOOLS}, response=answer(tool_calls=[tool_call(args=args)])))
     assert f.metadata["problems"] == [f"arguments are not a JSON object: {shown}"]
 
 
 def test_arguments_already_an_object_and_legacy_functions():
-    r = rec(request={"functions": [{"name": "read_file"}]},
-            response=answer(tool_calls=[tool_call(args={"path": "x"})]))
+    r = rec(request={"functions": [{"name": "read_file"}]}, response=answer(tool_calls=[tool_call(args={"path": "x"})]))
     assert invalid_tool_call(None, r) == []
 
 
@@ -165,25 +230,45 @@ def test_invalid_tool_call_without_tool_calls():
 
 # --- truncated ----------------------------------------------------------------------------------------------------
 
+
 def test_truncated_from_the_record():
-    r = rec(request={"max_tokens": 64}, response=answer("cut"), finish_reason="length",
-            usage={"completion_tokens": 64, "prompt_tokens": 10})
-    assert truncated(None, r) == [Finding(key="", call_id="call_1", metadata={
-        "finish_reason": "length", "completion_tokens": 64, "max_tokens": 64})]
+    r = rec(
+        request={"max_tokens": 64},
+        response=answer("cut"),
+        finish_reason="length",
+        usage={"completion_tokens": 64, "prompt_tokens": 10},
+    )
+    assert truncated(None, r) == [
+        Finding(
+            key="", call_id="call_1", metadata={"finish_reason": "length", "completion_tokens": 64, "max_tokens": 64}
+        )
+    ]
 
 
 def test_truncated_from_the_response_and_max_completion_tokens_first():
-    r = rec(kind="completion", request={"max_completion_tokens": 32, "max_tokens": 99},
-            response={"choices": [{"text": "cut", "finish_reason": "length"}]})
-    assert truncated(None, r) == [Finding(key="", call_id="call_1", metadata={
-        "finish_reason": "length", "completion_tokens": None, "max_tokens": 32})]
+    r = rec(
+        kind="completion",
+        request={"max_completion_tokens": 32, "max_tokens": 99},
+        response={"choices": [{"text": "cut", "finish_reason": "length"}]},
+    )
+    assert truncated(None, r) == [
+        Finding(
+            key="", call_id="call_1", metadata={"finish_reason": "length", "completion_tokens": None, "max_tokens": 32}
+        )
+    ]
 
 
-@pytest.mark.parametrize("kw", [
-    dict(finish_reason="stop"), dict(finish_reason="tool_calls"), dict(finish_reason=None),
-    dict(finish_reason="length", status=500), dict(finish_reason="length", aborted=True),
-    dict(finish_reason="length", kind="responses"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(finish_reason="stop"),
+        dict(finish_reason="tool_calls"),
+        dict(finish_reason=None),
+        dict(finish_reason="length", status=500),
+        dict(finish_reason="length", aborted=True),
+        dict(finish_reason="length", kind="responses"),
+    ],
+)
 def test_not_truncated(kw):
     assert truncated(None, rec(request={}, response=answer("x", finish_reason="stop"), **kw)) == []
 
@@ -195,9 +280,13 @@ def test_record_finish_reason_wins_over_the_response():
 
 # --- Air: configuration -----------------------------------------------------------------------------------------
 
+
 def test_air_defaults_and_configured_values():
     assert Air({}, PATTERNS, writer=FakeWriter(), engine=None).values == {
-        "invalid_tool_call": -0.5, "tool_error": -0.2, "truncated": -0.2}
+        "invalid_tool_call": -0.5,
+        "tool_error": -0.2,
+        "truncated": -0.2,
+    }
     air = Air({"truncated": "off", "tool_error": "-1", "invalid_tool_call": 0.5}, PATTERNS, writer=None, engine=None)
     assert air.values == {"invalid_tool_call": 0.5, "tool_error": -1.0}
 
@@ -205,22 +294,40 @@ def test_air_defaults_and_configured_values():
 def test_air_unknown_rule_and_bad_pattern():
     with pytest.raises(ValueError) as info:
         Air({"bogus": "1", "also": "off"}, PATTERNS, writer=None, engine=None)
-    assert str(info.value) == ("unknown automatic reward rule(s) also, bogus; the rules are invalid_tool_call, "
-                               "tool_error, truncated")
+    assert str(info.value) == (
+        "unknown automatic reward rule(s) also, bogus; the rules are invalid_tool_call, tool_error, truncated"
+    )
     with pytest.raises(ValueError, match=r"^--air-tool-error-pattern: not a valid regex: "):
         Air({}, ["(unclosed"], writer=None, engine=None)
     with pytest.raises(ValueError, match=r"^--air-truncated must be a number or 'off'; got 'minus one'$"):
         Air({"truncated": "minus one"}, PATTERNS, writer=None, engine=None)
 
 
-@pytest.mark.parametrize("text, is_error", [
-    ("Error: no such file", True), ("  Error", True), ("\nError 42", True),
-    ("error: lower case", False), ("The Error was", False), ("ok", False), ("", False), (None, False),
-    ('{"error": "boom"}', True), ('  {"error": {"code": 1}}', True), ('{"error": true}', True),
-    ('{"error": null}', False), ('{"error": ""}', False), ('{"error": false}', False), ('{"error": {}}', False),
-    ('{"error": []}', False), ('{"result": 1}', False), ('{"error": "cut off', True), ('{"res', False),
-    ('[{"error": 1}]', False),
-])
+@pytest.mark.parametrize(
+    "text, is_error",
+    [
+        ("Error: no such file", True),
+        ("  Error", True),
+        ("\nError 42", True),
+        ("error: lower case", False),
+        ("The Error was", False),
+        ("ok", False),
+        ("", False),
+        (None, False),
+        ('{"error": "boom"}', True),
+        ('  {"error": {"code": 1}}', True),
+        ('{"error": true}', True),
+        ('{"error": null}', False),
+        ('{"error": ""}', False),
+        ('{"error": false}', False),
+        ('{"error": {}}', False),
+        ('{"error": []}', False),
+        ('{"result": 1}', False),
+        ('{"error": "cut off', True),
+        ('{"res', False),
+        ('[{"error": 1}]', False),
+    ],
+)
 def test_is_error(text, is_error):
     assert Air({}, PATTERNS, writer=None, engine=None).is_error(text) is is_error
 
@@ -239,17 +346,25 @@ USER = {"role": "user", "content": "What is in a.txt?"}
 
 
 def first_call() -> CallRecord:
-    return rec(id="call_first", seq=0, request={"model": "policy", "messages": [SYSTEM, USER], "tools": TOOLS},
-               response=answer(None, [tool_call(id="tc_read")], finish_reason="tool_calls"),
-               finish_reason="tool_calls")
+    return rec(
+        id="call_first",
+        seq=0,
+        request={"model": "policy", "messages": [SYSTEM, USER], "tools": TOOLS},
+        response=answer(None, [tool_call(id="tc_read")], finish_reason="tool_calls"),
+        finish_reason="tool_calls",
+    )
 
 
 def later_call(id: str, seq: int, tool_content, extra=()) -> CallRecord:
     assistant = {"role": "assistant", "content": None, "tool_calls": [tool_call(id="tc_read")]}
     tool = {"role": "tool", "tool_call_id": "tc_read", "content": tool_content}
-    return rec(id=id, seq=seq, request={"model": "policy", "messages": [SYSTEM, USER, assistant, tool, *extra],
-                                        "tools": TOOLS},
-               response=answer("It failed.", finish_reason="stop"), finish_reason="stop")
+    return rec(
+        id=id,
+        seq=seq,
+        request={"model": "policy", "messages": [SYSTEM, USER, assistant, tool, *extra], "tools": TOOLS},
+        response=answer("It failed.", finish_reason="stop"),
+        finish_reason="stop",
+    )
 
 
 def test_tool_error_rewards_the_call_that_made_the_tool_call():
@@ -265,8 +380,11 @@ def test_tool_error_rewards_the_call_that_made_the_tool_call():
     assert r.final is False
     assert r.session_id == "sess-1"
     assert r.idempotency_key == "air:tool_error:call_first:tc_read"
-    assert r.metadata == {"tool_call_id": "tc_read", "answered_in": "call_second",
-                          "tool_message": "Error: file not found"}
+    assert r.metadata == {
+        "tool_call_id": "tc_read",
+        "answered_in": "call_second",
+        "tool_message": "Error: file not found",
+    }
     assert r.created_at.tzinfo is not None
     assert air.submitted == 1
 
@@ -277,8 +395,14 @@ def test_tool_error_is_judged_once_per_tool_message():
     air.observe(first_call())
     air.observe(later_call("call_second", 1, "Error: file not found"))
     # the next request of the session resends the same history: no second reward
-    air.observe(later_call("call_third", 2, "Error: file not found",
-                           extra=[{"role": "assistant", "content": "It failed."}, {"role": "user", "content": "ok"}]))
+    air.observe(
+        later_call(
+            "call_third",
+            2,
+            "Error: file not found",
+            extra=[{"role": "assistant", "content": "It failed."}, {"role": "user", "content": "ok"}],
+        )
+    )
     assert [r.idempotency_key for r in writer.rewards] == ["air:tool_error:call_first:tc_read"]
 
 
@@ -291,8 +415,9 @@ def test_json_error_content_parts_count_and_a_good_answer_does_not():
     writer2 = FakeWriter()
     air2 = Air({}, PATTERNS, writer=writer2, engine=None)
     air2.observe(first_call())
-    air2.observe(later_call("call_second", 1, [{"type": "text", "text": '{"error": '}, {"type": "text",
-                                                                                       "text": '"denied"}'}]))
+    air2.observe(
+        later_call("call_second", 1, [{"type": "text", "text": '{"error": '}, {"type": "text", "text": '"denied"}'}])
+    )
     [r] = writer2.rewards
     assert (r.call_id, r.metadata["tool_message"]) == ("call_first", '{"error": "denied"}')
 
@@ -321,8 +446,11 @@ def test_tool_error_is_kept_per_session():
     other.session_id = "sess-2"
     air.observe(other)
     [r] = writer.rewards
-    assert (r.session_id, r.call_id, r.idempotency_key) == ("sess-2", "call_first_s2",
-                                                            "air:tool_error:call_first_s2:tc_read")
+    assert (r.session_id, r.call_id, r.idempotency_key) == (
+        "sess-2",
+        "call_first_s2",
+        "air:tool_error:call_first_s2:tc_read",
+    )
     assert air.memo("sess-1").produced == {(2, "tc_read"): "call_first"}
     assert air.memo("sess-2").produced == {(2, "tc_read"): "call_first_s2"}
 
@@ -331,8 +459,12 @@ def test_tool_error_without_the_assistant_message_uses_the_latest_producer():
     writer = FakeWriter()
     air = Air({}, PATTERNS, writer=writer, engine=None)
     air.observe(first_call())
-    trimmed = rec(id="call_trimmed", seq=1, request={"messages": [
-        {"role": "tool", "tool_call_id": "tc_read", "content": "Error: denied"}]}, response=answer("ok"))
+    trimmed = rec(
+        id="call_trimmed",
+        seq=1,
+        request={"messages": [{"role": "tool", "tool_call_id": "tc_read", "content": "Error: denied"}]},
+        response=answer("ok"),
+    )
     air.observe(trimmed)
     [r] = writer.rewards
     assert (r.call_id, r.idempotency_key) == ("call_first", "air:tool_error:call_first:tc_read")
@@ -341,10 +473,17 @@ def test_tool_error_without_the_assistant_message_uses_the_latest_producer():
 def test_other_rules_through_observe_have_their_keys():
     writer = FakeWriter()
     air = Air({}, PATTERNS, writer=writer, engine=None)
-    air.observe(rec(id="call_bad", request={"tools": TOOLS},
-                    response=answer(None, [tool_call("nope", "{}", "tc_x"), tool_call(args="{", id="tc_y")],
-                                    finish_reason="length"),
-                    finish_reason="length", usage={"completion_tokens": 16}))
+    air.observe(
+        rec(
+            id="call_bad",
+            request={"tools": TOOLS},
+            response=answer(
+                None, [tool_call("nope", "{}", "tc_x"), tool_call(args="{", id="tc_y")], finish_reason="length"
+            ),
+            finish_reason="length",
+            usage={"completion_tokens": 16},
+        )
+    )
     assert [(r.source, r.idempotency_key, r.value, r.call_id) for r in writer.rewards] == [
         ("invalid_tool_call", "air:invalid_tool_call:call_bad:0", -0.5, "call_bad"),
         ("invalid_tool_call", "air:invalid_tool_call:call_bad:1", -0.5, "call_bad"),

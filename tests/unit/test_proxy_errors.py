@@ -9,16 +9,28 @@ import pytest
 from trainwire.proxy.errors import TYPES, ApiError, api_error_response, error_body, error_response
 
 
-@pytest.mark.parametrize("status, type_", [
-    (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
-    (404, "not_found_error"), (405, "invalid_request_error"), (409, "conflict_error"), (413, "invalid_request_error"),
-    (422, "invalid_request_error"), (429, "rate_limit_error"), (502, "upstream_error"),
-    (503, "service_unavailable"), (504, "upstream_timeout"),
-])
+@pytest.mark.parametrize(
+    "status, type_",
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (405, "invalid_request_error"),
+        (409, "conflict_error"),
+        (413, "invalid_request_error"),
+        (422, "invalid_request_error"),
+        (429, "rate_limit_error"),
+        (502, "upstream_error"),
+        (503, "service_unavailable"),
+        (504, "upstream_timeout"),
+    ],
+)
 def test_status_to_type(status, type_):
     assert TYPES[status] == type_
-    assert orjson.loads(error_body(status, "m")) == {"error": {"message": "m", "type": type_, "param": None,
-                                                                "code": None}}
+    assert orjson.loads(error_body(status, "m")) == {
+        "error": {"message": "m", "type": type_, "param": None, "code": None}
+    }
 
 
 def test_the_mapping_has_exactly_these_statuses():
@@ -36,8 +48,14 @@ def test_body_shape_with_param_and_code():
     parsed = orjson.loads(body)
     assert list(parsed) == ["error"]
     assert list(parsed["error"]) == ["message", "type", "param", "code"]
-    assert parsed == {"error": {"message": "X-Session-Id must be ...", "type": "invalid_request_error",
-                                "param": "X-Session-Id", "code": "invalid_header"}}
+    assert parsed == {
+        "error": {
+            "message": "X-Session-Id must be ...",
+            "type": "invalid_request_error",
+            "param": "X-Session-Id",
+            "code": "invalid_header",
+        }
+    }
 
 
 def test_non_ascii_message_round_trips():
@@ -50,23 +68,34 @@ def test_error_response():
     assert r.media_type == "application/json"
     assert r.headers["retry-after"] == "2"
     assert r.headers["content-type"] == "application/json"
-    assert orjson.loads(r.body) == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None,
-                                              "code": "queue_full"}}
+    assert orjson.loads(r.body) == {
+        "error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "queue_full"}
+    }
 
 
 def test_api_error_carries_everything_to_the_response():
     exc = ApiError(413, "body too large", param="body", code="too_large", headers={"X-A": "1"})
-    assert (exc.status, exc.message, exc.param, exc.code, exc.headers) == (413, "body too large", "body",
-                                                                            "too_large", {"X-A": "1"})
+    assert (exc.status, exc.message, exc.param, exc.code, exc.headers) == (
+        413,
+        "body too large",
+        "body",
+        "too_large",
+        {"X-A": "1"},
+    )
     assert str(exc) == "body too large"
     r = api_error_response(exc)
     assert r.status_code == 413 and r.headers["x-a"] == "1"
-    assert orjson.loads(r.body) == {"error": {"message": "body too large", "type": "invalid_request_error",
-                                              "param": "body", "code": "too_large"}}
+    assert orjson.loads(r.body) == {
+        "error": {"message": "body too large", "type": "invalid_request_error", "param": "body", "code": "too_large"}
+    }
 
 
 def test_api_error_defaults():
     exc = ApiError(404, "gone")
     assert (exc.param, exc.code, exc.headers) == (None, None, None)
-    assert orjson.loads(api_error_response(exc).body)["error"] == {"message": "gone", "type": "not_found_error",
-                                                                   "param": None, "code": None}
+    assert orjson.loads(api_error_response(exc).body)["error"] == {
+        "message": "gone",
+        "type": "not_found_error",
+        "param": None,
+        "code": None,
+    }

@@ -26,12 +26,17 @@ from trainwire.proxy.session_headers import CallContext
 from trainwire.proxy.transparency import Injected
 
 
-def make_call(kind="chat", *, requested="policy", served="policy", injected=Injected(), stream_=False,
-              request=None, version=None) -> Call:
-    call = Call(ctx=CallContext("sess-1", False, "task-1", "agent-1", True), kind=kind,
-                path="/v1/chat/completions" if kind == "chat" else "/v1/completions",
-                request=request if request is not None else {"model": requested}, stream=stream_,
-                model_requested=requested)
+def make_call(
+    kind="chat", *, requested="policy", served="policy", injected=Injected(), stream_=False, request=None, version=None
+) -> Call:
+    call = Call(
+        ctx=CallContext("sess-1", False, "task-1", "agent-1", True),
+        kind=kind,
+        path="/v1/chat/completions" if kind == "chat" else "/v1/completions",
+        request=request if request is not None else {"model": requested},
+        stream=stream_,
+        model_requested=requested,
+    )
     call.model_served = served
     call.injected = injected
     call.policy_version = version
@@ -39,6 +44,7 @@ def make_call(kind="chat", *, requested="policy", served="policy", injected=Inje
 
 
 # --- _split_events -----------------------------------------------------------------------------------------
+
 
 def test_split_lf_events_keeps_the_partial_tail():
     assert _split_events(b"data: a\n\ndata: b\n\ndata: c") == ([b"data: a\n\n", b"data: b\n\n"], b"data: c")
@@ -48,17 +54,20 @@ def test_split_crlf_events():
     assert _split_events(b"data: a\r\n\r\ndata: b\r\n\r\n") == ([b"data: a\r\n\r\n", b"data: b\r\n\r\n"], b"")
 
 
-@pytest.mark.parametrize("buf, events, rest", [
-    (b"data: a\r\n\r\ndata: b\n\n", [b"data: a\r\n\r\n", b"data: b\n\n"], b""),
-    (b"data: a\n\ndata: b\r\n\r\nx", [b"data: a\n\n", b"data: b\r\n\r\n"], b"x"),
-    (b"", [], b""),
-    (b'data: {"x"', [], b'data: {"x"'),
-    (b"data: a\n", [], b"data: a\n"),
-    (b"data: a\r\n", [], b"data: a\r\n"),
-    (b"data: a\r\n\r", [], b"data: a\r\n\r"),
-    (b"event: x\ndata: a\n\n: ping\n\n", [b"event: x\ndata: a\n\n", b": ping\n\n"], b""),
-    (b"\n\n", [b"\n\n"], b""),
-])
+@pytest.mark.parametrize(
+    "buf, events, rest",
+    [
+        (b"data: a\r\n\r\ndata: b\n\n", [b"data: a\r\n\r\n", b"data: b\n\n"], b""),
+        (b"data: a\n\ndata: b\r\n\r\nx", [b"data: a\n\n", b"data: b\r\n\r\n"], b"x"),
+        (b"", [], b""),
+        (b'data: {"x"', [], b'data: {"x"'),
+        (b"data: a\n", [], b"data: a\n"),
+        (b"data: a\r\n", [], b"data: a\r\n"),
+        (b"data: a\r\n\r", [], b"data: a\r\n\r"),
+        (b"event: x\ndata: a\n\n: ping\n\n", [b"event: x\ndata: a\n\n", b": ping\n\n"], b""),
+        (b"\n\n", [b"\n\n"], b""),
+    ],
+)
 def test_split_cases(buf, events, rest):
     assert _split_events(buf) == (events, rest)
 
@@ -71,9 +80,16 @@ def test_split_completes_across_reads():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.binary(max_size=20).filter(lambda b: b"\n" not in b and b"\r" not in b),
-                          st.sampled_from([b"\n\n", b"\r\n\r\n"])), max_size=8),
-       st.binary(max_size=10).filter(lambda b: b"\n" not in b and b"\r" not in b))
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(max_size=20).filter(lambda b: b"\n" not in b and b"\r" not in b),
+            st.sampled_from([b"\n\n", b"\r\n\r\n"]),
+        ),
+        max_size=8,
+    ),
+    st.binary(max_size=10).filter(lambda b: b"\n" not in b and b"\r" not in b),
+)
 def test_split_is_lossless_and_event_by_event(parts, tail):
     buf = b"".join(p + s for p, s in parts) + tail
     events, rest = _split_events(buf)
@@ -84,18 +100,22 @@ def test_split_is_lossless_and_event_by_event(parts, tail):
 
 # --- _data_of ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("event, data", [
-    (b'data: {"a": 1}\n\n', b'{"a": 1}'),
-    (b"data:x\n\n", b"x"),
-    (b"data: [DONE]\n\n", b"[DONE]"),
-    (b"data: x\r\n\r\n", b"x"),
-    (b'data: {"a":\ndata: 1}\n\n', b'{"a":\n1}'),
-    (b'data: {"a":\r\ndata: 1}\r\n\r\n', b'{"a":\n1}'),
-    (b"event: message\nid: 7\ndata: y\nretry: 10\n\n", b"y"),
-    (b": keep-alive\n\n", None),
-    (b"event: ping\n\n", None),
-    (b"", None),
-])
+
+@pytest.mark.parametrize(
+    "event, data",
+    [
+        (b'data: {"a": 1}\n\n', b'{"a": 1}'),
+        (b"data:x\n\n", b"x"),
+        (b"data: [DONE]\n\n", b"[DONE]"),
+        (b"data: x\r\n\r\n", b"x"),
+        (b'data: {"a":\ndata: 1}\n\n', b'{"a":\n1}'),
+        (b'data: {"a":\r\ndata: 1}\r\n\r\n', b'{"a":\n1}'),
+        (b"event: message\nid: 7\ndata: y\nretry: 10\n\n", b"y"),
+        (b": keep-alive\n\n", None),
+        (b"event: ping\n\n", None),
+        (b"", None),
+    ],
+)
 def test_data_of(event, data):
     assert _data_of(event) == data
 
@@ -106,37 +126,45 @@ def test_multi_line_data_parses_as_json():
 
 # --- rewrite_back / needs_rewrite ---------------------------------------------------------------------------
 
+
 def test_rewrite_back_restores_the_requested_model_name():
     obj = {"model": "policy-lora-v3", "choices": []}
     rewrite_back(obj, make_call(requested="policy", served="policy-lora-v3"))
     assert obj == {"model": "policy", "choices": []}
 
 
-@pytest.mark.parametrize("requested, served, obj", [
-    ("policy", "policy", {"model": "policy"}),
-    (None, "policy-lora-v3", {"model": "policy-lora-v3"}),
-    ("policy", "policy-lora-v3", {"choices": []}),  # no model key: none is added
-])
+@pytest.mark.parametrize(
+    "requested, served, obj",
+    [
+        ("policy", "policy", {"model": "policy"}),
+        (None, "policy-lora-v3", {"model": "policy-lora-v3"}),
+        ("policy", "policy-lora-v3", {"choices": []}),  # no model key: none is added
+    ],
+)
 def test_rewrite_back_leaves_alone(requested, served, obj):
     before = dict(obj)
     rewrite_back(obj, make_call(requested=requested, served=served))
     assert obj == before
 
 
-@pytest.mark.parametrize("injected, requested, served, expected", [
-    (Injected(), "policy", "policy", False),
-    (Injected(), None, "anything", False),
-    (Injected(token_ids=True), "policy", "policy", True),
-    (Injected(logprobs=True), "policy", "policy", True),
-    (Injected(usage=True), "policy", "policy", True),
-    (Injected(), "policy", "policy-lora-v3", True),
-    (Injected(), "policy", None, True),
-])
+@pytest.mark.parametrize(
+    "injected, requested, served, expected",
+    [
+        (Injected(), "policy", "policy", False),
+        (Injected(), None, "anything", False),
+        (Injected(token_ids=True), "policy", "policy", True),
+        (Injected(logprobs=True), "policy", "policy", True),
+        (Injected(usage=True), "policy", "policy", True),
+        (Injected(), "policy", "policy-lora-v3", True),
+        (Injected(), "policy", None, True),
+    ],
+)
 def test_needs_rewrite(injected, requested, served, expected):
     assert needs_rewrite(make_call(injected=injected, requested=requested, served=served)) is expected
 
 
 # --- headers, ids, error text --------------------------------------------------------------------------------
+
 
 class FakeResponse:
     """The one part of aiohttp.ClientResponse that response_headers reads."""
@@ -146,14 +174,28 @@ class FakeResponse:
 
 
 def test_response_headers_keep_three_and_add_the_calls():
-    resp = FakeResponse(headers=[("Content-Type", "text/event-stream"), ("Content-Length", "99"),
-                                 ("X-Request-Id", "req-1"), ("retry-after", "3"), ("Transfer-Encoding", "chunked"),
-                                 ("Server", "uvicorn"), ("Date", "today"), ("Connection", "keep-alive")])
+    resp = FakeResponse(
+        headers=[
+            ("Content-Type", "text/event-stream"),
+            ("Content-Length", "99"),
+            ("X-Request-Id", "req-1"),
+            ("retry-after", "3"),
+            ("Transfer-Encoding", "chunked"),
+            ("Server", "uvicorn"),
+            ("Date", "today"),
+            ("Connection", "keep-alive"),
+        ]
+    )
     call = make_call(version=7)
     # kept under lower-case names, so a translated answer's own content-type replaces the upstream's
-    assert response_headers(resp, call) == {"content-type": "text/event-stream", "x-request-id": "req-1",
-                                            "retry-after": "3", "X-Session-Id": "sess-1",
-                                            "X-Call-Id": call.call_id, "X-Policy-Version": "7"}
+    assert response_headers(resp, call) == {
+        "content-type": "text/event-stream",
+        "x-request-id": "req-1",
+        "retry-after": "3",
+        "X-Session-Id": "sess-1",
+        "X-Call-Id": call.call_id,
+        "X-Policy-Version": "7",
+    }
 
 
 def test_call_headers_without_a_version_say_zero():
@@ -167,14 +209,20 @@ def test_new_call_ids():
     assert make_call().call_id != make_call().call_id
 
 
-@pytest.mark.parametrize("parsed, raw, text", [
-    ({"error": {"message": "bad model", "type": "NotFoundError"}}, b"", "bad model"),
-    ({"error": {"type": "X"}}, b"", "{'type': 'X'}"),
-    ({"object": "error", "message": "The model `x` does not exist.", "code": 404}, b"",
-     "The model `x` does not exist."),
-    ({"detail": "nope"}, b'{"detail": "nope"}', '{"detail": "nope"}'),
-    (None, b"Internal Server Error", "Internal Server Error"),
-    (None, b"x" * 3000, "x" * 2000),
-])
+@pytest.mark.parametrize(
+    "parsed, raw, text",
+    [
+        ({"error": {"message": "bad model", "type": "NotFoundError"}}, b"", "bad model"),
+        ({"error": {"type": "X"}}, b"", "{'type': 'X'}"),
+        (
+            {"object": "error", "message": "The model `x` does not exist.", "code": 404},
+            b"",
+            "The model `x` does not exist.",
+        ),
+        ({"detail": "nope"}, b'{"detail": "nope"}', '{"detail": "nope"}'),
+        (None, b"Internal Server Error", "Internal Server Error"),
+        (None, b"x" * 3000, "x" * 2000),
+    ],
+)
 def test_error_text(parsed, raw, text):
     assert _error_text(parsed, raw) == text

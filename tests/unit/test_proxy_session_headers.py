@@ -25,20 +25,33 @@ def raises_api_error(fn, *args) -> ApiError:
 
 # --- context_from ----------------------------------------------------------------------------------------
 
+
 def test_no_headers_generates_a_session():
     ctx = context_from({})
     assert re.fullmatch(r"sess_[0-9a-f]{32}", ctx.session_id)
-    assert ctx == CallContext(session_id=ctx.session_id, session_generated=True, task_id=None, agent_name=None,
-                              trainable=True)
+    assert ctx == CallContext(
+        session_id=ctx.session_id, session_generated=True, task_id=None, agent_name=None, trainable=True
+    )
     assert context_from({}).session_id != ctx.session_id
     assert new_session_id() != new_session_id()
 
 
 def test_all_headers_accepted():
-    ctx = context_from({"x-session-id": "team-a/run:7@host+x=y.z_1", "x-task-id": "task.42",
-                        "x-agent-name": "solver", "x-trainwire-train": "false"})
-    assert ctx == CallContext(session_id="team-a/run:7@host+x=y.z_1", session_generated=False, task_id="task.42",
-                              agent_name="solver", trainable=False)
+    ctx = context_from(
+        {
+            "x-session-id": "team-a/run:7@host+x=y.z_1",
+            "x-task-id": "task.42",
+            "x-agent-name": "solver",
+            "x-trainwire-train": "false",
+        }
+    )
+    assert ctx == CallContext(
+        session_id="team-a/run:7@host+x=y.z_1",
+        session_generated=False,
+        task_id="task.42",
+        agent_name="solver",
+        trainable=False,
+    )
 
 
 def test_path_session_wins_over_the_header():
@@ -53,10 +66,31 @@ def test_path_session_is_checked_too():
     assert (err.status, err.param, err.code) == (400, "X-Session-Id", "invalid_header")
 
 
-@pytest.mark.parametrize("bad", ["", " ", "-lead", ".lead", "/lead", "has space", "tab\there", "semi;colon",
-                                 "quote'", 'dq"', "é", "a" * 129, "back\\slash", "a?b", "a#b", "a%20b", "a,b"])
-@pytest.mark.parametrize("header, what", [("x-session-id", "X-Session-Id"), ("x-task-id", "X-Task-Id"),
-                                          ("x-agent-name", "X-Agent-Name")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        " ",
+        "-lead",
+        ".lead",
+        "/lead",
+        "has space",
+        "tab\there",
+        "semi;colon",
+        "quote'",
+        'dq"',
+        "é",
+        "a" * 129,
+        "back\\slash",
+        "a?b",
+        "a#b",
+        "a%20b",
+        "a,b",
+    ],
+)
+@pytest.mark.parametrize(
+    "header, what", [("x-session-id", "X-Session-Id"), ("x-task-id", "X-Task-Id"), ("x-agent-name", "X-Agent-Name")]
+)
 def test_bad_ids_are_400_with_the_header_as_param(bad, header, what):
     err = raises_api_error(context_from, {header: bad})
     assert err.status == 400
@@ -107,14 +141,30 @@ def test_train_bad_value_is_cut_to_32_characters():
 
 # --- SESSION_IN_PATH -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sid", ["a", "a/b", "a/b/c", "team/x/run-1", "a/v1x", "a/v10/b", "a/v2/b", "v1", "v1/a",
-                                 "a/xv1/b", "a/V1/b", "a" * 128, "a//b"])
+
+@pytest.mark.parametrize(
+    "sid",
+    [
+        "a",
+        "a/b",
+        "a/b/c",
+        "team/x/run-1",
+        "a/v1x",
+        "a/v10/b",
+        "a/v2/b",
+        "v1",
+        "v1/a",
+        "a/xv1/b",
+        "a/V1/b",
+        "a" * 128,
+        "a//b",
+    ],
+)
 def test_session_in_path_accepts(sid):
     assert re.fullmatch(SESSION_IN_PATH, sid)
 
 
-@pytest.mark.parametrize("sid", ["", "/a", "-a", "a/v1", "a/v1/", "a/v1/b", "x/y/v1/z", "a" * 129, "a b", "a?b",
-                                 "a\n"])
+@pytest.mark.parametrize("sid", ["", "/a", "-a", "a/v1", "a/v1/", "a/v1/b", "x/y/v1/z", "a" * 129, "a b", "a?b", "a\n"])
 def test_session_in_path_rejects(sid):
     assert re.fullmatch(SESSION_IN_PATH, sid) is None
 
@@ -135,4 +185,3 @@ def test_twsession_convertor_in_a_route():
     assert m and convertors["session_id"].convert(m.group("session_id")) == "org/a/run-3"
     assert regex.match("/sessions/a/v1/b/v1/models") is None
     assert fmt == "/sessions/{session_id}/v1/models"
-

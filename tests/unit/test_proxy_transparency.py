@@ -20,16 +20,26 @@ def test_chat_non_stream_gets_token_ids_and_logprobs_but_no_stream_options():
     body = {"model": "policy", "messages": [{"role": "user", "content": "hi"}]}
     inj = prepare("chat", body)
     assert inj == Injected(token_ids=True, logprobs=True, usage=False)
-    assert body == {"model": "policy", "messages": [{"role": "user", "content": "hi"}],
-                    "return_token_ids": True, "logprobs": True}
+    assert body == {
+        "model": "policy",
+        "messages": [{"role": "user", "content": "hi"}],
+        "return_token_ids": True,
+        "logprobs": True,
+    }
 
 
 def test_chat_stream_also_gets_include_usage():
     body = {"model": "policy", "messages": [], "stream": True}
     inj = prepare("chat", body)
     assert inj == Injected(token_ids=True, logprobs=True, usage=True)
-    assert body == {"model": "policy", "messages": [], "stream": True, "return_token_ids": True, "logprobs": True,
-                    "stream_options": {"include_usage": True}}
+    assert body == {
+        "model": "policy",
+        "messages": [],
+        "stream": True,
+        "return_token_ids": True,
+        "logprobs": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def test_completion_gets_logprobs_zero():
@@ -48,8 +58,14 @@ def test_completion_stream_gets_include_usage():
 
 
 def test_nothing_injected_when_the_client_asked_for_everything():
-    chat = {"messages": [], "stream": True, "return_token_ids": True, "logprobs": True, "top_logprobs": 3,
-            "stream_options": {"include_usage": True}}
+    chat = {
+        "messages": [],
+        "stream": True,
+        "return_token_ids": True,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "stream_options": {"include_usage": True},
+    }
     before = copy.deepcopy(chat)
     inj = prepare("chat", chat)
     assert inj == Injected(False, False, False) and not inj.any
@@ -74,13 +90,16 @@ def test_falsy_client_values_are_overridden_and_counted_as_injected():
     assert prepare("completion", body).logprobs is True and body["logprobs"] == 0
 
 
-@pytest.mark.parametrize("opts, merged", [
-    (None, {"include_usage": True}),
-    ({}, {"include_usage": True}),
-    ({"include_usage": False}, {"include_usage": True}),
-    ({"continuous_usage_stats": True}, {"continuous_usage_stats": True, "include_usage": True}),
-    ("junk", {"include_usage": True}),
-])
+@pytest.mark.parametrize(
+    "opts, merged",
+    [
+        (None, {"include_usage": True}),
+        ({}, {"include_usage": True}),
+        ({"include_usage": False}, {"include_usage": True}),
+        ({"continuous_usage_stats": True}, {"continuous_usage_stats": True, "include_usage": True}),
+        ("junk", {"include_usage": True}),
+    ],
+)
 def test_stream_options_are_merged_not_replaced(opts, merged):
     body = {"messages": [], "stream": True, "stream_options": opts}
     assert prepare("chat", body).usage is True
@@ -108,21 +127,39 @@ def test_injected_any():
 
 # --- strip -------------------------------------------------------------------------------------------------
 
+
 def chat_response(**choice_extra) -> dict:
-    return {"id": "chatcmpl-1", "object": "chat.completion", "model": "policy", "prompt_token_ids": [1, 2],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "token_ids": [5],
-                         "logprobs": {"content": [{"token": "hi", "logprob": -0.5}]}, "finish_reason": "stop",
-                         **choice_extra}],
-            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "policy",
+        "prompt_token_ids": [1, 2],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hi"},
+                "token_ids": [5],
+                "logprobs": {"content": [{"token": "hi", "logprob": -0.5}]},
+                "finish_reason": "stop",
+                **choice_extra,
+            }
+        ],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+    }
 
 
 def test_strip_everything_injected_from_a_non_stream_answer():
     body = chat_response()
     assert strip(body, Injected(token_ids=True, logprobs=True)) is True
-    assert body == {"id": "chatcmpl-1", "object": "chat.completion", "model": "policy",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "logprobs": None,
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+    assert body == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "policy",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "logprobs": None, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+    }
 
 
 def test_strip_keeps_the_logprobs_the_client_asked_for():
@@ -147,8 +184,11 @@ def test_strip_nothing_injected_changes_nothing():
 
 
 def test_strip_completion_choice_level_prompt_ids():
-    body = {"choices": [{"index": 0, "text": "x", "prompt_token_ids": [1], "token_ids": [2],
-                         "logprobs": {"token_logprobs": [-1.0]}}]}
+    body = {
+        "choices": [
+            {"index": 0, "text": "x", "prompt_token_ids": [1], "token_ids": [2], "logprobs": {"token_logprobs": [-1.0]}}
+        ]
+    }
     strip(body, Injected(token_ids=True, logprobs=True))
     assert body == {"choices": [{"index": 0, "text": "x", "logprobs": None}]}
 
@@ -170,8 +210,11 @@ def test_usage_only_chunk_is_dropped_only_when_usage_was_injected():
 
 
 def test_usage_on_a_chunk_with_choices_is_removed_but_the_chunk_kept():
-    c = {"id": "c", "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None}],
-         "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
+    c = {
+        "id": "c",
+        "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1},
+    }
     assert strip(c, Injected(usage=True)) is True
     assert c == {"id": "c", "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None}]}
 
@@ -197,8 +240,12 @@ def fake_vllm(kind: str, req: dict) -> dict | list[dict]:
     opts = req.get("stream_options") if isinstance(req.get("stream_options"), dict) else {}
     include_usage = bool(opts.get("include_usage"))
     continuous = include_usage and bool(opts.get("continuous_usage_stats"))
-    base = {"id": "x-1", "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-            "created": 1700000000, "model": req["model"]}
+    base = {
+        "id": "x-1",
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": 1700000000,
+        "model": req["model"],
+    }
 
     def logprobs(pieces):
         ids = [i for _, ids, _ in pieces for i in ids]
@@ -206,11 +253,23 @@ def fake_vllm(kind: str, req: dict) -> dict | list[dict]:
         if not want_lp:
             return None
         if kind == "chat":
-            return {"content": [{"token": f"t{i}", "logprob": x, "bytes": [i],
-                                 "top_logprobs": [{"token": f"t{i}", "logprob": x}] * top_n}
-                                for i, x in zip(ids, lps)]}
-        return {"text_offset": list(range(len(ids))), "token_logprobs": lps, "tokens": [f"t{i}" for i in ids],
-                "top_logprobs": [{f"t{i}": x} for i, x in zip(ids, lps)] if top_n else None}
+            return {
+                "content": [
+                    {
+                        "token": f"t{i}",
+                        "logprob": x,
+                        "bytes": [i],
+                        "top_logprobs": [{"token": f"t{i}", "logprob": x}] * top_n,
+                    }
+                    for i, x in zip(ids, lps)
+                ]
+            }
+        return {
+            "text_offset": list(range(len(ids))),
+            "token_logprobs": lps,
+            "tokens": [f"t{i}" for i in ids],
+            "top_logprobs": [{f"t{i}": x} for i, x in zip(ids, lps)] if top_n else None,
+        }
 
     n_out = sum(len(ids) for _, ids, _ in PIECES)
     usage = {"prompt_tokens": len(PROMPT), "completion_tokens": n_out, "total_tokens": len(PROMPT) + n_out}
@@ -226,15 +285,23 @@ def fake_vllm(kind: str, req: dict) -> dict | list[dict]:
             choice["token_ids"] = [i for _, ids, _ in PIECES for i in ids]
             if kind == "completion":
                 choice["prompt_token_ids"] = PROMPT
-        body = {**base, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "choices": [choice], "usage": usage}
+        body = {
+            **base,
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "choices": [choice],
+            "usage": usage,
+        }
         if want_ids and kind == "chat":
             body["prompt_token_ids"] = PROMPT
         return body
     chunks = []
     if kind == "chat":
-        first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}]}
+        first = {
+            **base,
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ],
+        }
         if want_ids:
             first["prompt_token_ids"] = PROMPT
         chunks.append(first)
@@ -254,8 +321,13 @@ def fake_vllm(kind: str, req: dict) -> dict | list[dict]:
                 choice["prompt_token_ids"] = PROMPT
         done += len(ids)
         chunks.append({**base, "choices": [choice]})
-    last = {"index": 0, "logprobs": None, "finish_reason": "stop", "stop_reason": None,
-            **({"delta": {}} if kind == "chat" else {"text": ""})}
+    last = {
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": "stop",
+        "stop_reason": None,
+        **({"delta": {}} if kind == "chat" else {"text": ""}),
+    }
     if want_ids:
         last["token_ids"] = []
     chunks.append({**base, "choices": [last]})
@@ -291,9 +363,19 @@ def client_requests(draw):
     stream = draw(st.sampled_from([ABSENT, False, True]))
     if stream is not ABSENT:
         req["stream"] = stream
-    opts = draw(st.sampled_from([ABSENT, None, {}, {"include_usage": True}, {"include_usage": False},
-                                 {"continuous_usage_stats": True},
-                                 {"include_usage": True, "continuous_usage_stats": True}]))
+    opts = draw(
+        st.sampled_from(
+            [
+                ABSENT,
+                None,
+                {},
+                {"include_usage": True},
+                {"include_usage": False},
+                {"continuous_usage_stats": True},
+                {"include_usage": True, "continuous_usage_stats": True},
+            ]
+        )
+    )
     if opts is not ABSENT and stream is True:
         req["stream_options"] = copy.deepcopy(opts)
     return kind, req

@@ -16,24 +16,35 @@ from trainwire.rl.samples import Sample
 
 def sample(old, mask=None, prompt=(1,)) -> Sample:
     mask = mask or [1] * len(old)
-    return Sample(prompt_ids=list(prompt), response_ids=list(range(10, 10 + len(old))), response_mask=mask,
-                  old_logprobs=old, advantage=0.0)
+    return Sample(
+        prompt_ids=list(prompt),
+        response_ids=list(range(10, 10 + len(old))),
+        response_mask=mask,
+        old_logprobs=old,
+        advantage=0.0,
+    )
 
 
 def test_the_metrics_by_hand():
     a = sample([-1.0, -2.0, -0.5])
-    b = sample([-3.0, None, -1.0], mask=[1, 0, 1])       # a masked (context) token has no recorded log-prob
+    b = sample([-3.0, None, -1.0], mask=[1, 0, 1])  # a masked (context) token has no recorded log-prob
     new = [[-1.1, -2.0, -0.3], [-3.0, -9.0, -1.5]]
     sums = agreement_sums([a, b], new)
-    d = [0.1, 0.0, -0.2, 0.0, 0.5]                       # old - new on the 5 sampled tokens
+    d = [0.1, 0.0, -0.2, 0.0, 0.5]  # old - new on the 5 sampled tokens
     m = agreement_metrics(sums)
     assert m["agreement/tokens"] == 5 and m["agreement/samples"] == 2
     assert m["agreement/mean_abs_dlogp"] == pytest.approx(sum(map(abs, d)) / 5)
     assert m["agreement/max_abs_dlogp"] == pytest.approx(0.5)
     assert m["agreement/ppo_kl"] == pytest.approx(sum(d) / 5)
     assert m["agreement/kl_k3"] == pytest.approx(sum(math.exp(-x) - 1 + x for x in d) / 5)
-    assert set(m) == {"agreement/mean_abs_dlogp", "agreement/max_abs_dlogp", "agreement/ppo_kl",
-                      "agreement/kl_k3", "agreement/tokens", "agreement/samples"}
+    assert set(m) == {
+        "agreement/mean_abs_dlogp",
+        "agreement/max_abs_dlogp",
+        "agreement/ppo_kl",
+        "agreement/kl_k3",
+        "agreement/tokens",
+        "agreement/samples",
+    }
 
 
 def test_identical_log_probs_agree_exactly_and_k3_is_never_negative():
@@ -100,8 +111,10 @@ async def test_under_torchrun_each_rank_measures_its_shard_and_the_sums_are_adde
     per_rank = {}
     for rank in (0, 1):
         policy = LogprobPolicy(shift=-0.1 * (rank + 1))
-        per_rank[rank] = agreement_sums([s for s, c in list(zip(samples, check))[rank::2] if c],
-                                        policy.logprobs([s for s, c in list(zip(samples, check))[rank::2] if c]))
+        per_rank[rank] = agreement_sums(
+            [s for s, c in list(zip(samples, check))[rank::2] if c],
+            policy.logprobs([s for s, c in list(zip(samples, check))[rank::2] if c]),
+        )
     total = {k: per_rank[0][k] + per_rank[1][k] for k in per_rank[0]}
     total["max"] = max(per_rank[0]["max"], per_rank[1]["max"])
 
@@ -117,16 +130,18 @@ async def test_under_torchrun_each_rank_measures_its_shard_and_the_sums_are_adde
     assert metrics["agreement/samples"] == 4 and metrics["agreement/tokens"] == 1 + 2 + 4 + 5
     assert metrics["agreement/max_abs_dlogp"] == pytest.approx(0.2)
     # a rank whose shard has no marked sample still makes the call (the forward pass is collective)
-    follower = Collective(LogprobPolicy(), tmp_path, rank=1, world=2, broadcast=lambda obj: obj,
-                          reduce=lambda sums: sums)
+    follower = Collective(
+        LogprobPolicy(), tmp_path, rank=1, world=2, broadcast=lambda obj: obj, reduce=lambda sums: sums
+    )
     follower.agreement(samples, [True, False, True, False, True])
     assert follower.policy.calls == [("logprobs", [])]
 
 
 async def test_the_step_command_carries_the_marks_to_the_other_ranks(tmp_path):
     sent = []
-    lead = Collective(LogprobPolicy(), tmp_path, rank=0, world=2, broadcast=lambda obj: sent.append(obj),
-                      reduce=lambda sums: sums)
+    lead = Collective(
+        LogprobPolicy(), tmp_path, rank=0, world=2, broadcast=lambda obj: sent.append(obj), reduce=lambda sums: sums
+    )
     from trainwire.rl.collective import StepHooks
 
     await lead.step([sample([-1.0]), sample([-1.0])], 4, StepHooks(), check=[False, True])

@@ -93,8 +93,12 @@ async def test_rank_zero_publishes_between_export_and_checkpoint(tmp_path):
     log = []
     lead = Collective(FakePolicy(log, 0), tmp_path, rank=0, world=1, broadcast=_no_broadcast)
     await lead.step(["s0", "s1"], 3, RecordingHooks(log))
-    assert log == [("step", 0, ["s0", "s1"]), ("export", 0, tmp_path / "v3"), ("publish", tmp_path / "v3"),
-                   ("checkpoint", 0)]
+    assert log == [
+        ("step", 0, ["s0", "s1"]),
+        ("export", 0, tmp_path / "v3"),
+        ("publish", tmp_path / "v3"),
+        ("checkpoint", 0),
+    ]
 
 
 async def test_one_process_sends_nothing(tmp_path):

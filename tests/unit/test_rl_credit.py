@@ -55,8 +55,7 @@ def test_matches_closed_form():
         r = [rng.choice([0.0, rng.uniform(-1, 1)]) for _ in range(n)]
         final = rng.uniform(-2, 2)
         gamma = rng.choice([0.0, 1.0, rng.random()])
-        want = [sum(gamma ** (j - t) * r[j] for j in range(t, n)) + gamma ** (n - 1 - t) * final
-                for t in range(n)]
+        want = [sum(gamma ** (j - t) * r[j] for j in range(t, n)) + gamma ** (n - 1 - t) * final for t in range(n)]
         assert call_returns(r, final, gamma=gamma) == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 

@@ -23,9 +23,19 @@ from trainwire.rl.identity import (
     write_manifest,
 )
 
-CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 128,
-          "num_hidden_layers": 2, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
-          "head_dim": 64, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
+CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "intermediate_size": 256,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-5,
+}
 
 
 def make_model(path: Path, *, weights: bytes = b"\x01" * 300_000, **config) -> Path:
@@ -37,8 +47,9 @@ def make_model(path: Path, *, weights: bytes = b"\x01" * 300_000, **config) -> P
 
 
 def identity(model: Path, *, store="a" * 32, rank=8, alpha=16, targets="all-linear") -> RunIdentity:
-    return RunIdentity.of(store_id=store, model=str(model), lora_rank=rank, lora_alpha=alpha,
-                          lora_target_modules=targets)
+    return RunIdentity.of(
+        store_id=store, model=str(model), lora_rank=rank, lora_alpha=alpha, lora_target_modules=targets
+    )
 
 
 def add_checkpoint(ckpt: Path, step: int = 3) -> None:
@@ -72,8 +83,12 @@ def test_a_first_start_finds_nothing_and_writes_the_manifest(tmp_path, model):
     assert manifest["base_model"]["path"] == str(model.resolve())
     assert manifest["base_model"]["config"] == {k: v for k, v in CONFIG.items() if k != "rms_norm_eps"}
     assert len(manifest["base_model"]["weights_sha256"]) == 64
-    assert manifest["training"] == {"kind": "lora", "lora_rank": 8, "lora_alpha": 16,
-                                    "lora_target_modules": "all-linear"}
+    assert manifest["training"] == {
+        "kind": "lora",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_target_modules": "all-linear",
+    }
     assert datetime.fromisoformat(manifest["created_at"]).tzinfo is not None
     assert manifest["trainwire_version"] and manifest["format"] == 1
     add_checkpoint(ckpt)
@@ -91,12 +106,14 @@ def test_another_store_is_refused(tmp_path, model):
 def test_lora_and_full_fine_tuning_are_not_the_same_run(tmp_path, model):
     ckpt = tmp_path / "ckpt"
     write_manifest(ckpt, identity(model))
-    assert "a run of LoRA rank 8 alpha 16 on all-linear (this start: full fine-tuning)" in \
-        refusal(ckpt, identity(model, rank=0))
+    assert "a run of LoRA rank 8 alpha 16 on all-linear (this start: full fine-tuning)" in refusal(
+        ckpt, identity(model, rank=0)
+    )
     assert "(this start: LoRA rank 16 alpha 16 on all-linear)" in refusal(ckpt, identity(model, rank=16))
     assert "(this start: LoRA rank 8 alpha 32 on all-linear)" in refusal(ckpt, identity(model, alpha=32))
-    assert "(this start: LoRA rank 8 alpha 16 on k_proj,q_proj)" in \
-        refusal(ckpt, identity(model, targets=["q_proj", "k_proj"]))
+    assert "(this start: LoRA rank 8 alpha 16 on k_proj,q_proj)" in refusal(
+        ckpt, identity(model, targets=["q_proj", "k_proj"])
+    )
     full = tmp_path / "full"
     write_manifest(full, identity(model, rank=0))
     assert "a run of full fine-tuning (this start: LoRA rank 8" in refusal(full, identity(model))
@@ -108,8 +125,9 @@ def test_another_base_model_by_config_or_by_weights(tmp_path, model):
     ckpt = tmp_path / "ckpt"
     write_manifest(ckpt, identity(model))
     deeper = make_model(tmp_path / "deeper", num_hidden_layers=4)
-    assert f"another base model ({model.resolve()}, not {deeper.resolve()}: num_hidden_layers 2 vs 4)" in \
-        refusal(ckpt, identity(deeper))
+    assert f"another base model ({model.resolve()}, not {deeper.resolve()}: num_hidden_layers 2 vs 4)" in refusal(
+        ckpt, identity(deeper)
+    )
     reseeded = make_model(tmp_path / "reseeded", weights=b"\x01" * 150_000 + b"\x02" + b"\x01" * 149_999)
     assert "another base model" in refusal(ckpt, identity(reseeded))
     assert "same config, other weights" in refusal(ckpt, identity(reseeded))
@@ -129,7 +147,9 @@ def test_a_model_id_is_compared_by_name(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     write_manifest(ckpt, identity(Path("org/some-model")))
     assert check_checkpoint_dir(ckpt, identity(Path("org/some-model"))) is not None
-    assert "another base model (org/some-model, not org/other-model)" in refusal(ckpt, identity(Path("org/other-model")))
+    assert "another base model (org/some-model, not org/other-model)" in refusal(
+        ckpt, identity(Path("org/other-model"))
+    )
 
 
 def test_every_difference_in_one_line(tmp_path, model):
@@ -143,7 +163,9 @@ def test_every_difference_in_one_line(tmp_path, model):
 def test_checkpoints_without_a_manifest_are_refused(tmp_path, model):
     ckpt = tmp_path / "ckpt"
     add_checkpoint(ckpt)
-    assert "holds checkpoints but no trainwire_run.json (written by an older trainwire)" in refusal(ckpt, identity(model))
+    assert "holds checkpoints but no trainwire_run.json (written by an older trainwire)" in refusal(
+        ckpt, identity(model)
+    )
     # only the tracker file, or only a step folder, is a checkpoint too
     (ckpt / "state" / "global_step_3").rmdir()
     assert has_checkpoints(ckpt)

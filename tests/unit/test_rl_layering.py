@@ -17,7 +17,7 @@ RL_FILES = sorted((ROOT / "rl").rglob("*.py"))
 def module_path(name: str) -> Path | None:
     for prefix in sorted(PACKAGES, key=len, reverse=True):
         if name == prefix or name.startswith(prefix + "."):
-            rest = name[len(prefix):].lstrip(".").split(".") if name != prefix else []
+            rest = name[len(prefix) :].lstrip(".").split(".") if name != prefix else []
             base = PACKAGES[prefix].joinpath(*rest)
             for candidate in (base.with_suffix(".py"), base / "__init__.py"):
                 if candidate.is_file():
@@ -75,8 +75,11 @@ def rel(path: Path) -> str:
 
 @pytest.mark.parametrize("path", RL_FILES, ids=rel)
 def test_rl_talks_to_neither_the_database_nor_the_proxy(path):
-    bad = {m for m in imports(path, top_level_only=False)
-           if m.split(".")[0] in ("sqlalchemy", "asyncpg", "aiosqlite") or m.startswith("trainwire.proxy")}
+    bad = {
+        m
+        for m in imports(path, top_level_only=False)
+        if m.split(".")[0] in ("sqlalchemy", "asyncpg", "aiosqlite") or m.startswith("trainwire.proxy")
+    }
     assert not bad, f"{rel(path)} imports {sorted(bad)}: database access belongs in trainwire.store"
 
 

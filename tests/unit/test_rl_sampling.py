@@ -14,8 +14,15 @@ from trainwire.proxy import sampling as proxy_sampling
 from trainwire.rl.transitions import TRAINED_SAMPLING, build_samples, sampling_mismatch
 from trainwire.store.claims import ClaimedCall, ClaimedSession
 
-NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
-           "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+NEUTRAL = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
 _n = 0
 
 
@@ -26,10 +33,21 @@ def record(**effective) -> dict:
 def call(prompt=(1, 2), completion=(3, 4), *, sampling=None, untrainable=None, version=0) -> ClaimedCall:
     global _n
     _n += 1
-    return ClaimedCall(id=f"c{_n}", seq=_n, agent_name="a", policy_version=version, prompt_token_ids=list(prompt),
-                       completion_token_ids=list(completion), logprobs=[-0.5] * len(completion),
-                       finish_reason="stop", reward=0.0, aborted=False, status_code=200, sampling=sampling,
-                       untrainable_reason=untrainable)
+    return ClaimedCall(
+        id=f"c{_n}",
+        seq=_n,
+        agent_name="a",
+        policy_version=version,
+        prompt_token_ids=list(prompt),
+        completion_token_ids=list(completion),
+        logprobs=[-0.5] * len(completion),
+        finish_reason="stop",
+        reward=0.0,
+        aborted=False,
+        status_code=200,
+        sampling=sampling,
+        untrainable_reason=untrainable,
+    )
 
 
 def session(calls, sid="s1") -> ClaimedSession:
@@ -42,9 +60,11 @@ def test_the_trainers_table_is_the_proxys():
 
 
 def test_an_untrainable_call_is_skipped_and_the_sessions_other_calls_are_kept():
-    fine, marked, also_fine = (call(sampling=record()),
-                               call(sampling=record(top_p=0.5), untrainable="sampling: top_p 0.5 differs"),
-                               call(sampling=record()))
+    fine, marked, also_fine = (
+        call(sampling=record()),
+        call(sampling=record(top_p=0.5), untrainable="sampling: top_p 0.5 differs"),
+        call(sampling=record()),
+    )
     res = build_samples([session([fine, marked, also_fine])])
     assert res.call_ids == [(fine.id,), (also_fine.id,)]
     assert res.counters["skipped_untrainable"] == 1 and res.counters["skipped_sampling"] == 0
@@ -61,9 +81,20 @@ def test_untrainable_wins_over_everything_else():
     assert res.skipped_sessions == ["s1"] and res.counters["skipped_empty"] == 1
 
 
-@pytest.mark.parametrize("key,value", [("temperature", 0.7), ("temperature", 1.01), ("top_p", 0.95),
-                                       ("top_k", 50), ("top_k", 1), ("min_p", 0.05), ("presence_penalty", 0.5),
-                                       ("frequency_penalty", -0.2), ("repetition_penalty", 1.1)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("temperature", 0.7),
+        ("temperature", 1.01),
+        ("top_p", 0.95),
+        ("top_k", 50),
+        ("top_k", 1),
+        ("min_p", 0.05),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -0.2),
+        ("repetition_penalty", 1.1),
+    ],
+)
 def test_a_setting_other_than_the_trainers_is_skipped(key, value):
     odd, fine = call(sampling=record(**{key: value})), call(sampling=record())
     res = build_samples([session([odd, fine])])
@@ -100,15 +131,18 @@ def test_rows_without_a_sampling_record_are_trusted():
     assert res.call_ids == [(old.id,)] and res.counters["skipped_sampling"] == 0
 
 
-@pytest.mark.parametrize("recorded", [
-    {"requested": {"temperature": 1.0}},                   # no effective settings (a route the proxy left alone)
-    {"effective": {k: v for k, v in NEUTRAL.items() if k != "min_p"}},  # one setting not recorded
-    {"effective": {**NEUTRAL, "temperature": "1.0"}},    # not a number
-    {"effective": {**NEUTRAL, "top_p": True}},           # a bool is not a number here
-    {"effective": {**NEUTRAL, "temperature": float("nan")}},
-    {"effective": None},
-    ["not", "an", "object"],
-])
+@pytest.mark.parametrize(
+    "recorded",
+    [
+        {"requested": {"temperature": 1.0}},  # no effective settings (a route the proxy left alone)
+        {"effective": {k: v for k, v in NEUTRAL.items() if k != "min_p"}},  # one setting not recorded
+        {"effective": {**NEUTRAL, "temperature": "1.0"}},  # not a number
+        {"effective": {**NEUTRAL, "top_p": True}},  # a bool is not a number here
+        {"effective": {**NEUTRAL, "temperature": float("nan")}},
+        {"effective": None},
+        ["not", "an", "object"],
+    ],
+)
 def test_a_record_that_does_not_say_every_setting_is_not_trusted(recorded):
     assert sampling_mismatch(recorded, 1.0) is not None
     res = build_samples([session([call(sampling=recorded)])])
@@ -122,8 +156,8 @@ def test_near_equal_values_are_equal():
 
 def test_in_trajectory_mode_a_skipped_calls_tokens_become_context():
     c1 = call([1, 2], [3], sampling=record())
-    c2 = call([1, 2, 3, 4], [5, 6], sampling=record(top_p=0.8))    # skipped
-    c3 = call([1, 2, 3, 4, 5, 6, 7], [8], sampling=record())       # continues c1 through c2's tokens
+    c2 = call([1, 2, 3, 4], [5, 6], sampling=record(top_p=0.8))  # skipped
+    c3 = call([1, 2, 3, 4, 5, 6, 7], [8], sampling=record())  # continues c1 through c2's tokens
     res = build_samples([session([c1, c2, c3])], mode="trajectory")
     (s,) = res.samples
     assert s.prompt_ids == [1, 2]

@@ -25,8 +25,11 @@ from trainwire.rl.sft import build_sft_samples  # noqa: E402
 from trainwire.store.claims import ClaimedCall, ClaimedSession  # noqa: E402
 
 Q = calc_task.Question(expression="37*48+29", text="What is 37*48+29?", answer=1805)
-CALL = {"id": "call_1", "type": "function",
-        "function": {"name": "calculator", "arguments": '{"expression":"37*48+29"}'}}  # compact, as a provider may
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "calculator", "arguments": '{"expression":"37*48+29"}'},
+}  # compact, as a provider may
 TOOL_CALL_TEXT = '<tool_call>{"name": "calculator", "arguments": {"expression": "37*48+29"}}</tool_call><|im_end|>'
 
 
@@ -45,14 +48,27 @@ def first_request() -> dict:
 
 
 def second_request() -> dict:
-    return {"model": "teacher", "tools": [calc_task.TOOL], "messages": Q.messages() + [
-        {"role": "assistant", "content": None, "tool_calls": [CALL]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "1805"}]}
+    return {
+        "model": "teacher",
+        "tools": [calc_task.TOOL],
+        "messages": Q.messages()
+        + [
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "1805"},
+        ],
+    }
 
 
 def answer(content=None, tool_calls=None) -> dict:
-    return {"choices": [{"index": 0, "finish_reason": "tool_calls" if tool_calls else "stop",
-                         "message": {"role": "assistant", "content": content, "tool_calls": tool_calls}}]}
+    return {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls" if tool_calls else "stop",
+                "message": {"role": "assistant", "content": content, "tool_calls": tool_calls},
+            }
+        ]
+    }
 
 
 def encode(tok, text: str) -> list[int]:
@@ -60,8 +76,9 @@ def encode(tok, text: str) -> list[int]:
 
 
 def template(tok, messages, generation_prompt: bool) -> str:
-    return tok.apply_chat_template(messages, tools=[calc_task.TOOL], add_generation_prompt=generation_prompt,
-                                   tokenize=False)
+    return tok.apply_chat_template(
+        messages, tools=[calc_task.TOOL], add_generation_prompt=generation_prompt, tokenize=False
+    )
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -91,21 +108,31 @@ def test_turns_continue_each_other(renderer):
     """The second call's prompt starts with the first call's prompt and completion: one trajectory."""
     p1, c1 = renderer.call_tokens(first_request(), answer(tool_calls=[CALL]))
     p2, _ = renderer.call_tokens(second_request(), answer(content="1805"))
-    assert p2[:len(p1) + len(c1)] == p1 + c1
+    assert p2[: len(p1) + len(c1)] == p1 + c1
 
 
 def test_messages_are_normalized_like_vllm():
-    assert normalize_message({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text",
-                                                                                          "text": "b"}]}) == \
-        {"role": "user", "content": "a\nb"}
+    assert normalize_message(
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    ) == {"role": "user", "content": "a\nb"}
     assert normalize_message({"role": "assistant", "content": None}) == {"role": "assistant", "content": ""}
-    bad = normalize_message({"role": "assistant", "content": None, "tool_calls": [
-        {"id": "x", "type": "function", "function": {"name": "calculator", "arguments": "{not json"}},
-        {"id": "y", "type": "function", "function": {"name": "calculator", "arguments": "[1, 2]"}}]})
+    bad = normalize_message(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "x", "type": "function", "function": {"name": "calculator", "arguments": "{not json"}},
+                {"id": "y", "type": "function", "function": {"name": "calculator", "arguments": "[1, 2]"}},
+            ],
+        }
+    )
     assert [tc["function"]["arguments"] for tc in bad["tool_calls"]] == [{}, {}]
     assert "tool_calls" not in normalize_message({"role": "assistant", "content": "hi", "tool_calls": []})
-    assert normalize_message({"role": "tool", "tool_call_id": "c", "content": "1", "extra": 1}) == \
-        {"role": "tool", "tool_call_id": "c", "content": "1"}
+    assert normalize_message({"role": "tool", "tool_call_id": "c", "content": "1", "extra": 1}) == {
+        "role": "tool",
+        "tool_call_id": "c",
+        "content": "1",
+    }
 
 
 def test_calls_that_cannot_be_rendered_say_why(renderer):
@@ -114,8 +141,9 @@ def test_calls_that_cannot_be_rendered_say_why(renderer):
     with pytest.raises(RenderError, match="empty"):
         renderer.call_tokens(first_request(), answer(content=""))
     with pytest.raises(RenderError, match="image_url"):
-        renderer.call_tokens({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-                             answer(content="1"))
+        renderer.call_tokens(
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, answer(content="1")
+        )
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -126,25 +154,55 @@ _n = 0
 def frozen(request, response, *, model="teacher", status=200, sid="s", untrainable=None) -> ClaimedCall:
     global _n
     _n += 1
-    return ClaimedCall(id=f"{sid}-f{_n}", seq=_n, agent_name="calculator", policy_version=None,
-                       prompt_token_ids=None, completion_token_ids=None, logprobs=None, finish_reason="stop",
-                       reward=0.0, aborted=False, status_code=status, route="frozen", model_requested=model,
-                       request=request, response=response, untrainable_reason=untrainable)
+    return ClaimedCall(
+        id=f"{sid}-f{_n}",
+        seq=_n,
+        agent_name="calculator",
+        policy_version=None,
+        prompt_token_ids=None,
+        completion_token_ids=None,
+        logprobs=None,
+        finish_reason="stop",
+        reward=0.0,
+        aborted=False,
+        status_code=status,
+        route="frozen",
+        model_requested=model,
+        request=request,
+        response=response,
+        untrainable_reason=untrainable,
+    )
 
 
 def own(prompt, completion, *, untrainable=None, sid="s") -> ClaimedCall:
     global _n
     _n += 1
-    return ClaimedCall(id=f"{sid}-p{_n}", seq=_n, agent_name="calculator", policy_version=3,
-                       prompt_token_ids=prompt, completion_token_ids=completion,
-                       logprobs=[-0.5] * len(completion), finish_reason="stop", reward=0.0, aborted=False,
-                       status_code=200, untrainable_reason=untrainable)
+    return ClaimedCall(
+        id=f"{sid}-p{_n}",
+        seq=_n,
+        agent_name="calculator",
+        policy_version=3,
+        prompt_token_ids=prompt,
+        completion_token_ids=completion,
+        logprobs=[-0.5] * len(completion),
+        finish_reason="stop",
+        reward=0.0,
+        aborted=False,
+        status_code=200,
+        untrainable_reason=untrainable,
+    )
 
 
 def teacher_episode(sid: str, final: float | None = 1.0, model: str = "teacher") -> ClaimedSession:
-    return ClaimedSession(id=sid, task_id=None, final_reward=final, calls=[
-        frozen(first_request(), answer(tool_calls=[CALL]), model=model, sid=sid),
-        frozen(second_request(), answer(content="1805"), model=model, sid=sid)])
+    return ClaimedSession(
+        id=sid,
+        task_id=None,
+        final_reward=final,
+        calls=[
+            frozen(first_request(), answer(tool_calls=[CALL]), model=model, sid=sid),
+            frozen(second_request(), answer(content="1805"), model=model, sid=sid),
+        ],
+    )
 
 
 def test_trajectory_trains_only_the_completions(tok, renderer):
@@ -162,9 +220,11 @@ def test_trajectory_trains_only_the_completions(tok, renderer):
     n_between = len(masked)
     assert s.response_mask == [1] * n_call + [0] * n_between + [1] * 5
     # the whole sequence is the template's rendering of the episode, cut after the last EOS
-    full = Q.messages() + [{"role": "assistant", "content": None, "tool_calls": [CALL]},
-                           {"role": "tool", "tool_call_id": "call_1", "content": "1805"},
-                           {"role": "assistant", "content": "1805"}]
+    full = Q.messages() + [
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "1805"},
+        {"role": "assistant", "content": "1805"},
+    ]
     rendered = template(tok, [normalize_message(m) for m in full], False)
     assert tok.decode(s.prompt_ids + s.response_ids) == rendered[:-1]  # all but the template's last newline
     assert s.weight == 1.0 and s.advantage == 0.0
@@ -181,18 +241,32 @@ def test_transition_mode_one_sample_per_call(tok, renderer):
 def test_sft_from_and_min_reward_select_exactly_the_right_calls(renderer):
     sessions = [
         teacher_episode("right", final=1.0),
-        teacher_episode("wrong", final=0.0),                    # below --min-reward
-        teacher_episode("unrewarded", final=None),               # closed without a reward: no reward to pass
+        teacher_episode("wrong", final=0.0),  # below --min-reward
+        teacher_episode("unrewarded", final=None),  # closed without a reward: no reward to pass
         teacher_episode("other-route", final=1.0, model="checker"),  # a frozen route not named in --sft-from
-        ClaimedSession(id="mixed", task_id=None, final_reward=1.0, calls=[
-            own([1, 2, 3], [4, 5], sid="mixed"),
-            own([1, 2, 3, 4, 5, 6], [7], untrainable="tokens: 2 recorded prompt token ids, but usage says 3",
-                sid="mixed"),
-            frozen(first_request(), answer(tool_calls=[CALL]), sid="mixed"),
-            frozen(first_request(), {"error": {"message": "boom"}}, status=502, sid="mixed"),
-            frozen(first_request(), answer(content=""), sid="mixed"),  # nothing to render
-            frozen(first_request(), answer(tool_calls=[CALL]), sid="mixed",
-                   untrainable="evaluation call (X-Trainwire-Train: false)")]),  # the proxy says: evaluation
+        ClaimedSession(
+            id="mixed",
+            task_id=None,
+            final_reward=1.0,
+            calls=[
+                own([1, 2, 3], [4, 5], sid="mixed"),
+                own(
+                    [1, 2, 3, 4, 5, 6],
+                    [7],
+                    untrainable="tokens: 2 recorded prompt token ids, but usage says 3",
+                    sid="mixed",
+                ),
+                frozen(first_request(), answer(tool_calls=[CALL]), sid="mixed"),
+                frozen(first_request(), {"error": {"message": "boom"}}, status=502, sid="mixed"),
+                frozen(first_request(), answer(content=""), sid="mixed"),  # nothing to render
+                frozen(
+                    first_request(),
+                    answer(tool_calls=[CALL]),
+                    sid="mixed",
+                    untrainable="evaluation call (X-Trainwire-Train: false)",
+                ),
+            ],
+        ),  # the proxy says: evaluation
     ]
     res = build_sft_samples(sessions, renderer=renderer, sft_from=["teacher"], min_reward=0.5, mode="transition")
     assert sorted(res.skipped_sessions) == ["other-route", "unrewarded", "wrong"]
@@ -200,18 +274,29 @@ def test_sft_from_and_min_reward_select_exactly_the_right_calls(renderer):
     right, mixed = sessions[0], sessions[4]
     assert picked == [c.id for c in right.calls] + [mixed.calls[0].id, mixed.calls[2].id]
     c = res.counters
-    assert (c["teacher_calls"], c["own_calls"], c["skipped_reward"], c["skipped_untrainable"], c["skipped_failed"],
-            c["skipped_render"], c["skipped_empty"]) == (3, 1, 2, 2, 1, 1, 1)
+    assert (
+        c["teacher_calls"],
+        c["own_calls"],
+        c["skipped_reward"],
+        c["skipped_untrainable"],
+        c["skipped_failed"],
+        c["skipped_render"],
+        c["skipped_empty"],
+    ) == (3, 1, 2, 2, 1, 1, 1)
     own_sample = res.samples[2]
-    assert (own_sample.prompt_ids, own_sample.response_ids, own_sample.old_logprobs) == ([1, 2, 3], [4, 5],
-                                                                                         [-0.5, -0.5])
+    assert (own_sample.prompt_ids, own_sample.response_ids, own_sample.old_logprobs) == (
+        [1, 2, 3],
+        [4, 5],
+        [-0.5, -0.5],
+    )
     assert any("recorded answer is empty" in why for why in res.skip_reasons)
     assert res.skip_reasons["evaluation call (X-Trainwire-Train: false)"] == 1
     assert res.scores == [1.0] * len(res.samples)
 
     # without --min-reward every session with something to train on counts; without --sft-from only own calls
-    assert sorted(build_sft_samples(sessions, renderer=renderer, sft_from=["teacher"]).skipped_sessions) == \
-        ["other-route"]
+    assert sorted(build_sft_samples(sessions, renderer=renderer, sft_from=["teacher"]).skipped_sessions) == [
+        "other-route"
+    ]
     only_own = build_sft_samples(sessions, mode="transition")
     assert [c for cs in only_own.call_ids for c in cs] == [mixed.calls[0].id]
     both = build_sft_samples(sessions, renderer=renderer, sft_from=["teacher", "checker"], mode="trajectory")
@@ -235,8 +320,7 @@ def test_renderer_needs_an_eos(tok):
 def test_teacher_arguments_round_trip_through_json(renderer, tok):
     """Spacing and key order of the provider's arguments string do not reach the tokens: the template renders the
     parsed object (what vLLM does), so every teacher call of one expression trains the same tokens."""
-    spaced = {**CALL, "function": {**CALL["function"], "arguments": json.dumps({"expression": "37*48+29"},
-                                                                               indent=2)}}
+    spaced = {**CALL, "function": {**CALL["function"], "arguments": json.dumps({"expression": "37*48+29"}, indent=2)}}
     a = renderer.call_tokens(first_request(), answer(tool_calls=[CALL]))
     b = renderer.call_tokens(first_request(), answer(tool_calls=[spaced]))
     assert a == b

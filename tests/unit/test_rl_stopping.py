@@ -84,8 +84,9 @@ def test_a_protected_part_finishes_and_the_stop_is_left_to_the_caller(stopper):
     send_later()
     assert asyncio.run(main()) == "publish finished"
     assert stopper.requested
-    assert stopper.said == ["SIGTERM: stopping when the step's publish and checkpoint are done (SIGTERM again to "
-                            "abort)"]
+    assert stopper.said == [
+        "SIGTERM: stopping when the step's publish and checkpoint are done (SIGTERM again to abort)"
+    ]
 
 
 def test_interruptible_work_inside_a_protected_part_is_still_interrupted(stopper):

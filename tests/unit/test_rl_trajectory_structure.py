@@ -38,8 +38,9 @@ class RetrySim(Sim):
             return record
         self.n += 1
         completion = list(prev.completion_token_ids or []) + (self.tokens(2) if op == "say_more" else [])
-        record = dataclasses.replace(prev, id=f"c{self.n}", completion_token_ids=completion,
-                                     logprobs=[-0.5] * len(completion))
+        record = dataclasses.replace(
+            prev, id=f"c{self.n}", completion_token_ids=completion, logprobs=[-0.5] * len(completion)
+        )
         messages = self.convs[agent][1]
         self.convs[agent] = (list(prev.prompt_token_ids) + completion, messages)
         self.last[agent] = record
@@ -63,41 +64,77 @@ def claimed_session(ops, seed: int, committed_only: float) -> ClaimedSession:
     calls = []
     for k, r in enumerate(records):
         completion = r.completion_token_ids
-        calls.append(ClaimedCall(
-            id=r.id, seq=k, agent_name=r.agent_name, policy_version=0, prompt_token_ids=full[r.id].prompt_token_ids,
-            completion_token_ids=completion, finish_reason="stop", reward=rng.choice([0.0, 0.5]), aborted=False,
-            logprobs=None if completion is None else [-rng.randrange(1, 9) / 8 for _ in completion],
-            status_code=200, sampling=GREEDY if rng.random() < 0.1 else None,   # some skipped calls are bases
-            base_call_id=rows[r.id].base_call_id, prompt_prefix_len=rows[r.id].prompt_prefix_len))
+        calls.append(
+            ClaimedCall(
+                id=r.id,
+                seq=k,
+                agent_name=r.agent_name,
+                policy_version=0,
+                prompt_token_ids=full[r.id].prompt_token_ids,
+                completion_token_ids=completion,
+                finish_reason="stop",
+                reward=rng.choice([0.0, 0.5]),
+                aborted=False,
+                logprobs=None if completion is None else [-rng.randrange(1, 9) / 8 for _ in completion],
+                status_code=200,
+                sampling=GREEDY if rng.random() < 0.1 else None,  # some skipped calls are bases
+                base_call_id=rows[r.id].base_call_id,
+                prompt_prefix_len=rows[r.id].prompt_prefix_len,
+            )
+        )
     return ClaimedSession(id="s", task_id="t", final_reward=1.0, calls=calls)
 
 
 def whole(sess: ClaimedSession) -> ClaimedSession:
     """The same session as if every call had been stored whole."""
-    return dataclasses.replace(sess, calls=[dataclasses.replace(c, base_call_id=None, prompt_prefix_len=None)
-                                            for c in sess.calls])
+    return dataclasses.replace(
+        sess, calls=[dataclasses.replace(c, base_call_id=None, prompt_prefix_len=None) for c in sess.calls]
+    )
 
 
 def tokens_of(sess: ClaimedSession) -> list[CallTokens]:
-    return [CallTokens(i, c.id, 0, list(c.prompt_token_ids or []), list(c.completion_token_ids or []),
-                       list(c.logprobs or []), base=c.base_call_id, prefix_len=c.prompt_prefix_len)
-            for i, c in enumerate(sess.calls) if c.prompt_token_ids and c.completion_token_ids]
+    return [
+        CallTokens(
+            i,
+            c.id,
+            0,
+            list(c.prompt_token_ids or []),
+            list(c.completion_token_ids or []),
+            list(c.logprobs or []),
+            base=c.base_call_id,
+            prefix_len=c.prompt_prefix_len,
+        )
+        for i, c in enumerate(sess.calls)
+        if c.prompt_token_ids and c.completion_token_ids
+    ]
 
 
 def same_result(a, b) -> None:
     assert a.samples == b.samples
-    assert (a.scores, a.group_ids, a.session_ids, a.call_ids, a.versions) == \
-        (b.scores, b.group_ids, b.session_ids, b.call_ids, b.versions)
+    assert (a.scores, a.group_ids, a.session_ids, a.call_ids, a.versions) == (
+        b.scores,
+        b.group_ids,
+        b.session_ids,
+        b.call_ids,
+        b.versions,
+    )
     assert a.counters == b.counters and a.skip_reasons == b.skip_reasons
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1),
-       ops=st.lists(st.tuples(st.sampled_from(["extend", "extend", "extend", "branch", "compact", "rerender", "retry",
-                                                      "say_more"]),
-                              st.sampled_from(["a", "b", "c"]), st.sampled_from(["chat", "messages", "responses"])),
-                    min_size=1, max_size=40),
-       committed_only=st.floats(0, 1))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["extend", "extend", "extend", "branch", "compact", "rerender", "retry", "say_more"]),
+            st.sampled_from(["a", "b", "c"]),
+            st.sampled_from(["chat", "messages", "responses"]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    committed_only=st.floats(0, 1),
+)
 # A retry with the same tokens: the next call is stored against the first of the two, the later one's sample wins.
 @example(seed=5, ops=[("extend", "a", "chat"), ("retry", "a", "chat"), ("extend", "a", "chat")], committed_only=0.0)
 def test_merging_by_structure_gives_the_samples_of_comparing_prefixes(seed, ops, committed_only):
@@ -110,8 +147,9 @@ def test_merging_by_structure_gives_the_samples_of_comparing_prefixes(seed, ops,
     # costs a comparison of the prefix it shares.
     work: dict[str, int] = {}
     a, b = chain_calls(tokens_of(sess), "trajectory", {}, work), chain_calls(tokens_of(flat), "trajectory", {})
-    assert [(c.prompt, c.response, c.mask, c.logprobs, c.calls) for c in a] == \
-        [(c.prompt, c.response, c.mask, c.logprobs, c.calls) for c in b]
+    assert [(c.prompt, c.response, c.mask, c.logprobs, c.calls) for c in a] == [
+        (c.prompt, c.response, c.mask, c.logprobs, c.calls) for c in b
+    ]
 
 
 def test_the_structure_is_used_where_the_store_kept_it():
@@ -133,8 +171,9 @@ def test_the_structure_is_used_where_the_store_kept_it():
 
 
 def ct(cid, prompt, completion, base=None, prefix_len=None, recorded=True):
-    return CallTokens(0, cid, 0, prompt, completion, [-0.5] * len(completion), base=base, prefix_len=prefix_len,
-                      recorded=recorded)
+    return CallTokens(
+        0, cid, 0, prompt, completion, [-0.5] * len(completion), base=base, prefix_len=prefix_len, recorded=recorded
+    )
 
 
 def test_a_later_sample_with_the_same_sequence_wins_as_in_the_comparison():
@@ -143,13 +182,15 @@ def test_a_later_sample_with_the_same_sequence_wins_as_in_the_comparison():
     c = ct("c", [1, 2, 3, 4], [5], base="a", prefix_len=3)
     chains = chain_calls([a, a2, c], "trajectory", {})
     assert [x.calls for x in chains] == [["a"], ["a2", "c"]]
-    assert [x.calls for x in chain_calls([a, a2, dataclasses.replace(c, base=None)], "trajectory", {})] == \
-        [["a"], ["a2", "c"]]
+    assert [x.calls for x in chain_calls([a, a2, dataclasses.replace(c, base=None)], "trajectory", {})] == [
+        ["a"],
+        ["a2", "c"],
+    ]
 
 
 def test_a_longer_sample_the_prompt_continues_wins_over_the_base():
     a = ct("a", [1, 2], [3])
-    longer = ct("l", [1, 2], [3, 4, 5])          # a retry of a's turn that said more
+    longer = ct("l", [1, 2], [3, 4, 5])  # a retry of a's turn that said more
     c = ct("c", [1, 2, 3, 4, 5, 6], [7], base="a", prefix_len=3)
     assert [x.calls for x in chain_calls([a, longer, c], "trajectory", {})] == [["a"], ["l", "c"]]
 
@@ -174,8 +215,9 @@ def test_a_call_stored_on_a_re_rendered_call_is_compared():
 # --- work grows with the session, not with its square --------------------------------------------------------
 
 
-def agent_session(n_calls: int, agents: int = 2, system: int = 200, completion: int = 20, tool: int = 30,
-                  structure: bool = True) -> list[CallTokens]:
+def agent_session(
+    n_calls: int, agents: int = 2, system: int = 200, completion: int = 20, tool: int = 30, structure: bool = True
+) -> list[CallTokens]:
     """`agents` interleaved conversations of n_calls in all, each call extending its agent's previous one."""
     seqs: dict[int, list[int]] = {}
     last: dict[int, str] = {}
@@ -187,8 +229,18 @@ def agent_session(n_calls: int, agents: int = 2, system: int = 200, completion: 
         prefix = len(seq) if a in seqs else None
         prompt = seq + [base + 1000 + (k + j) % 997 for j in range(tool)] if a in seqs else seq
         done = [base + 5000 + (k + j) % 991 for j in range(completion)]
-        out.append(CallTokens(k, f"c{k}", 0, prompt, done, [-0.5] * completion,
-                              base=last.get(a) if structure else None, prefix_len=prefix if structure else None))
+        out.append(
+            CallTokens(
+                k,
+                f"c{k}",
+                0,
+                prompt,
+                done,
+                [-0.5] * completion,
+                base=last.get(a) if structure else None,
+                prefix_len=prefix if structure else None,
+            )
+        )
         seqs[a], last[a] = prompt + done, f"c{k}"
     return out
 
@@ -210,8 +262,9 @@ def test_merging_by_structure_is_linear_in_the_session_tokens():
         # the same tokens appended either way: what each call adds
         assert by[n]["appended_tokens"] == cmp[n]["appended_tokens"] == (n - 2) * 50
     for small, big in ((32, 64), (64, 128)):
-        assert by[big]["appended_tokens"] + by[big].get("compared_tokens", 0) <= \
-            2.1 * (by[small]["appended_tokens"] + by[small].get("compared_tokens", 0))
+        assert by[big]["appended_tokens"] + by[big].get("compared_tokens", 0) <= 2.1 * (
+            by[small]["appended_tokens"] + by[small].get("compared_tokens", 0)
+        )
         # comparing prefixes: every call compares its chain's whole sequence, quadratic in the calls
         assert cmp[big]["compared_tokens"] >= 3.5 * cmp[small]["compared_tokens"]
     # 128 calls: 6,300 tokens appended, none compared; comparing prefixes compares 223,020 tokens on top

@@ -16,15 +16,24 @@ from trainwire.store.claims import ClaimedCall, ClaimedSession
 _n = 0
 
 
-def call(prompt, completion, logprobs=None, *, version=0, status=200, reward=0.0, aborted=False, agent="a",
-         cid=None):
+def call(prompt, completion, logprobs=None, *, version=0, status=200, reward=0.0, aborted=False, agent="a", cid=None):
     global _n
     _n += 1
     if logprobs is None and completion is not None:
         logprobs = [-0.1 * (i + 1) for i in range(len(completion))]
-    return ClaimedCall(id=cid or f"c{_n}", seq=_n, agent_name=agent, policy_version=version,
-                       prompt_token_ids=prompt, completion_token_ids=completion, logprobs=logprobs,
-                       finish_reason="stop", reward=reward, aborted=aborted, status_code=status)
+    return ClaimedCall(
+        id=cid or f"c{_n}",
+        seq=_n,
+        agent_name=agent,
+        policy_version=version,
+        prompt_token_ids=prompt,
+        completion_token_ids=completion,
+        logprobs=logprobs,
+        finish_reason="stop",
+        reward=reward,
+        aborted=aborted,
+        status_code=status,
+    )
 
 
 def session(calls, *, final=1.0, task="T", sid="s1"):
@@ -159,8 +168,9 @@ def test_staleness_drops_whole_sessions_and_counts():
     fresh = session([call([1], [2], version=6), call([1, 2, 3], [4], version=7)], sid="fresh")  # 6 >= 10 - 4
     stale = session([call([1], [2], version=5), call([1, 2, 3], [4], version=9)], sid="stale")  # 5 < 6
     unknown = session([call([1], [2], version=None)], sid="unknown")  # None counts as the base model (0)
-    stale_but_unused = session([call([1], None, None, version=1, status=500), call([1], [2], version=8)],
-                               sid="stale_unused")  # the stale call would not be trained on
+    stale_but_unused = session(
+        [call([1], None, None, version=1, status=500), call([1], [2], version=8)], sid="stale_unused"
+    )  # the stale call would not be trained on
     res = build_samples([fresh, stale, unknown, stale_but_unused], current_version=10, max_staleness=4)
     check_valid(res)
     assert res.skipped_stale == 2 and res.counters["skipped_stale"] == 2
@@ -231,20 +241,24 @@ def test_built_samples_are_valid_engine_samples():
     s.validate()
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("prompt_ids", [], "prompt_ids"),
-    ("response_ids", [], "response_ids"),
-    ("response_mask", [1], "same length"),
-    ("old_logprobs", [-0.1], "same length"),
-    ("advantage", float("nan"), "advantage"),
-    ("weight", -1.0, "weight"),
-    ("weight", float("inf"), "weight"),
-    ("old_logprobs", [None, -0.2], "finite where response_mask is 1"),
-    ("old_logprobs", [-0.1, float("-inf")], "finite where response_mask is 1"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("prompt_ids", [], "prompt_ids"),
+        ("response_ids", [], "response_ids"),
+        ("response_mask", [1], "same length"),
+        ("old_logprobs", [-0.1], "same length"),
+        ("advantage", float("nan"), "advantage"),
+        ("weight", -1.0, "weight"),
+        ("weight", float("inf"), "weight"),
+        ("old_logprobs", [None, -0.2], "finite where response_mask is 1"),
+        ("old_logprobs", [-0.1, float("-inf")], "finite where response_mask is 1"),
+    ],
+)
 def test_sample_validate_rejects(field, value, match):
-    good = dict(prompt_ids=[1], response_ids=[2, 3], response_mask=[1, 1], old_logprobs=[-0.1, -0.2],
-                advantage=0.5, weight=1.0)
+    good = dict(
+        prompt_ids=[1], response_ids=[2, 3], response_mask=[1, 1], old_logprobs=[-0.1, -0.2], advantage=0.5, weight=1.0
+    )
     Sample(**good).validate()
     with pytest.raises(ValueError, match=match):
         Sample(**{**good, field: value}).validate()

@@ -31,8 +31,11 @@ def test_enforce_replaces_other_settings_and_says_which():
     assert (body["temperature"], body["top_p"], body["presence_penalty"]) == (1.0, 1.0, 0.0)
     assert out.changed == ["temperature", "top_p", "presence_penalty"]
     assert out.untrainable is None
-    assert out.record() == {"requested": {"temperature": 0.7, "top_p": 0.9, "presence_penalty": 0.5},
-                            "effective": neutral(1.0), "enforced": ["temperature", "top_p", "presence_penalty"]}
+    assert out.record() == {
+        "requested": {"temperature": 0.7, "top_p": 0.9, "presence_penalty": 0.5},
+        "effective": neutral(1.0),
+        "enforced": ["temperature", "top_p", "presence_penalty"],
+    }
 
 
 def test_reject_names_the_setting():
@@ -59,13 +62,16 @@ def test_greedy_never_enters_training_silently():
     assert body["temperature"] == 1.0 and out.changed == ["temperature"]
 
 
-@pytest.mark.parametrize("extra, what", [
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
-    ({"min_tokens": 3}, "min_tokens"),
-])
+@pytest.mark.parametrize(
+    "extra, what",
+    [
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"min_tokens": 3}, "min_tokens"),
+    ],
+)
 def test_constraints_cannot_be_enforced_so_they_mark_the_call(extra, what):
     out = apply(dict(extra), policy="enforce", temperature=1.0)
     assert out.untrainable and what in out.untrainable
@@ -74,6 +80,12 @@ def test_constraints_cannot_be_enforced_so_they_mark_the_call(extra, what):
 
 
 def test_harmless_settings_are_not_constraints():
-    for extra in ({"tool_choice": "auto"}, {"response_format": {"type": "text"}}, {"logit_bias": {}}, {"seed": 3},
-                  {"stop": ["x"]}, {"max_tokens": 5}):
+    for extra in (
+        {"tool_choice": "auto"},
+        {"response_format": {"type": "text"}},
+        {"logit_bias": {}},
+        {"seed": 3},
+        {"stop": ["x"]},
+        {"max_tokens": 5},
+    ):
         assert apply(dict(extra), policy="enforce", temperature=1.0).untrainable is None

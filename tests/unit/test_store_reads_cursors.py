@@ -34,8 +34,19 @@ def _raw(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-@pytest.mark.parametrize("cursor,n", [("not-a-cursor", 1), ("", 1), ("%%%", 1), (_raw("{}"), 1), (_raw("[1]"), 2),
-                                      (_raw("[1, 2]"), 1), (_raw("not json"), 1), ("A" * 5000, 1)])
+@pytest.mark.parametrize(
+    "cursor,n",
+    [
+        ("not-a-cursor", 1),
+        ("", 1),
+        ("%%%", 1),
+        (_raw("{}"), 1),
+        (_raw("[1]"), 2),
+        (_raw("[1, 2]"), 1),
+        (_raw("not json"), 1),
+        ("A" * 5000, 1),
+    ],
+)
 def test_garbage_is_rejected(cursor, n):
     with pytest.raises(BadQuery) as exc:
         decode_cursor(cursor, n)
@@ -49,8 +60,10 @@ def test_int_cursor_rejects_other_values(cursor):
         _int_cursor(cursor)
 
 
-@pytest.mark.parametrize("cursor", [_raw('["yesterday", "s"]'), _raw('[5, "s"]'), _raw('["2026-03-01T12:00:00", 5]'),
-                                    _raw('["2026-03-01T12:00:00"]')])
+@pytest.mark.parametrize(
+    "cursor",
+    [_raw('["yesterday", "s"]'), _raw('[5, "s"]'), _raw('["2026-03-01T12:00:00", 5]'), _raw('["2026-03-01T12:00:00"]')],
+)
 def test_time_id_cursor_rejects_other_values(cursor):
     with pytest.raises(BadQuery, match="not a cursor"):
         _time_id_cursor(cursor)

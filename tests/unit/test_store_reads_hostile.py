@@ -54,10 +54,15 @@ def test_time_cursor_is_read_back_in_utc():
     assert when.year == 9999
 
 
-@pytest.mark.parametrize("cursor", [_raw('["2026-03-01T12:00:00", "a\\u0000b"]'),
-                                    _raw('["2026-03-01T12:00:00\\u0000", "a"]'),
-                                    _raw('["2026-03-01T12:00:00", "\\ud800"]'),
-                                    _raw('["2026-03-01T12:00:00", {"id": 1}]')])
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        _raw('["2026-03-01T12:00:00", "a\\u0000b"]'),
+        _raw('["2026-03-01T12:00:00\\u0000", "a"]'),
+        _raw('["2026-03-01T12:00:00", "\\ud800"]'),
+        _raw('["2026-03-01T12:00:00", {"id": 1}]'),
+    ],
+)
 def test_time_cursor_key_must_be_storable_text(cursor):
     with pytest.raises(BadQuery, match="not a cursor"):
         _time_id_cursor(cursor)

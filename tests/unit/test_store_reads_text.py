@@ -8,20 +8,32 @@ import pytest
 from trainwire.store.queries import _n_messages, _response_message, call_input, call_output, content_text
 
 
-@pytest.mark.parametrize("content,text", [
-    (None, None), ("plain", "plain"), ("", ""),
-    ([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}, "b", {"text": 3}], "ab"),
-    ([], ""), ({"weird": 1}, '{"weird":1}'), (5, "5"),
-])
+@pytest.mark.parametrize(
+    "content,text",
+    [
+        (None, None),
+        ("plain", "plain"),
+        ("", ""),
+        ([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}, "b", {"text": 3}], "ab"),
+        ([], ""),
+        ({"weird": 1}, '{"weird":1}'),
+        (5, "5"),
+    ],
+)
 def test_content_text(content, text):
     assert content_text(content) == text
 
 
 def test_call_input_is_the_last_user_or_tool_message():
-    request = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-                            {"role": "assistant", "content": "a"},
-                            {"role": "tool", "tool_call_id": "tc-1", "content": [{"type": "text", "text": "4"}]},
-                            {"role": "assistant", "content": "later"}]}
+    request = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"},
+            {"role": "tool", "tool_call_id": "tc-1", "content": [{"type": "text", "text": "4"}]},
+            {"role": "assistant", "content": "later"},
+        ]
+    }
     assert call_input("chat", request) == {"role": "tool", "content": "4", "tool_call_id": "tc-1"}
     assert call_input("chat", {"messages": [{"role": "user", "content": "hi"}]}) == {"role": "user", "content": "hi"}
     assert call_input("chat", {"messages": [{"role": "system", "content": "s"}, "junk"]}) is None
@@ -37,11 +49,22 @@ def test_call_input_of_completions_and_others():
 
 
 def test_call_output_of_chat():
-    response = {"choices": [{"message": {"content": [{"type": "text", "text": "It is 4."}], "reasoning": "add",
-                                         "tool_calls": [{"id": "tc-1", "function": {"name": "calc",
-                                                                                    "arguments": "{}"}}]}}]}
-    assert call_output("chat", response) == {"content": "It is 4.", "reasoning_content": "add",
-                                             "tool_calls": [{"id": "tc-1", "name": "calc", "arguments": "{}"}]}
+    response = {
+        "choices": [
+            {
+                "message": {
+                    "content": [{"type": "text", "text": "It is 4."}],
+                    "reasoning": "add",
+                    "tool_calls": [{"id": "tc-1", "function": {"name": "calc", "arguments": "{}"}}],
+                }
+            }
+        ]
+    }
+    assert call_output("chat", response) == {
+        "content": "It is 4.",
+        "reasoning_content": "add",
+        "tool_calls": [{"id": "tc-1", "name": "calc", "arguments": "{}"}],
+    }
     both = {"choices": [{"message": {"content": "x", "reasoning_content": "first", "reasoning": "second"}}]}
     assert call_output("chat", both) == {"content": "x", "reasoning_content": "first"}
     assert call_output("chat", {"choices": []}) == {"content": None}
