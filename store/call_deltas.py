@@ -4,8 +4,8 @@ Every call of an agent session resends the whole conversation, so storing each c
 request messages whole costs the square of the session's length. When a call's prompt starts with the tokens
 of an earlier call of the same session (its prompt, then its completion: the usual next turn), the row keeps a
 reference to that call (`base_call_id`), how many of its tokens are shared (`prompt_prefix_len`) and only the
-tokens after them. The request's message list (`messages` of chat and Messages requests, the `input` list of a
-Responses request) is stored the same way: the base request's first `messages_prefix_len` messages, then the
+tokens after them. The request's message list (its kind's `list_key` in trainwire.call_shapes: `messages` of chat and
+Messages requests, the `input` list of a Responses request) is stored the same way: the base request's first `messages_prefix_len` messages, then the
 stored ones. Everything else of the row is stored as it is. A call that shares nothing is stored whole.
 
 The shared part is the longest common prefix, not only an exact extension, so a branched, compacted or
@@ -30,10 +30,10 @@ from typing import Any
 
 import orjson
 
+from trainwire.call_shapes import shape_of
 from trainwire.records import CallRecord
 
 __all__ = [
-    "LIST_KEYS",
     "BaseCall",
     "MissingBase",
     "Stored",
@@ -45,8 +45,6 @@ __all__ = [
     "remember",
 ]
 
-# The request key holding the conversation, by calls.kind. A completion's `prompt` is stored whole.
-LIST_KEYS = {"chat": "messages", "messages": "messages", "responses": "input"}
 
 _DUMPS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
@@ -59,7 +57,9 @@ class MissingBase(LookupError):
 
 
 def list_key(kind: str | None) -> str | None:
-    return LIST_KEYS.get(kind or "")
+    """The request key holding the conversation of a call of this kind (its shape's `list_key`); None: the
+    request is stored whole (a completion's `prompt`)."""
+    return shape_of(kind).list_key
 
 
 def message_list(kind: str | None, request: Any) -> list[Any] | None:

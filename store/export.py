@@ -1,7 +1,8 @@
 """`trainwire export --format jsonl|parquet --out FILE [--since T] [--until T] [--agent NAME] [--task ID]
 [--include-eval]`: one row per LLM call, usable for SFT or prompt optimization without trainwire.
 
-Which calls: chat and completion calls the upstream answered (status 200), oldest first, in [since, until)
+Which calls: calls of every kind whose shape exports (trainwire.call_shapes: chat, completions, Responses,
+Messages; not pass-through calls) the upstream answered (status 200), oldest first, in [since, until)
 by start time; only trainable ones (not `X-Trainwire-Train: false`, not frozen routes) unless
 `--include-eval`; none of a session `trainwire prune` pruned (its calls are in the archive files it wrote).
 Read in pages of `PAGE` calls (keyset on start time and id), written as they come: memory stays flat however
@@ -12,8 +13,11 @@ Columns:
 - call_id, session_id, seq, task_id, agent_name, policy_version, model_requested, model_served, route,
   trainable, kind, stream, started_at (ISO 8601 UTC in JSONL, a UTC timestamp in Parquet), finish_reason,
   aborted (a stream the client cut off: its output is partial)
-- messages, tools (chat request), prompt (completion request); response_text, reasoning_content,
-  response_tool_calls ([{id, name, arguments}]). In Parquet, messages / tools / response_tool_calls are JSON text.
+- messages, tools (in OpenAI's chat format: a chat request's as sent; a Responses or Messages request's input
+  read as chat messages, with its tool calls and tool results, and its function tools as chat tools), prompt
+  (completion request); response_text, reasoning_content, response_tool_calls ([{id, name, arguments}], from the
+  answer of any API). Each kind's shape says how (`CallShape.export`, `CallShape.answer`). In Parquet, messages /
+  tools / response_tool_calls are JSON text.
 - prompt_token_ids, completion_token_ids, logprobs (one per completion token; as the upstream sampled them)
 - rewards, as LightningRL assigns them (gamma 1): `final_reward` is the session's final reward (null when the
   session has none yet, or was closed by /finish without one: see `session_finished`); `intermediate_reward`
@@ -39,14 +43,15 @@ import orjson
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from trainwire.call_shapes import SHAPES, ExportInput, call_output, content_text, shape_of
 from trainwire.store.db import make_engine
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Reward, Session
-from trainwire.store.queries import call_output, content_text
 from trainwire.store.rewards import aware
 
 C, R, S = Call.__table__, Reward.__table__, Session.__table__
 PAGE = 500
+EXPORTED_KINDS = tuple(kind for kind, shape in SHAPES.items() if shape.export is not None)
 
 COLUMNS = [
     "call_id",
@@ -128,7 +133,7 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
 def _filters(since, until, agents, tasks, include_eval) -> list:
     # Pruned sessions (store/retention.py) have no bodies left to export: they are in their archive files.
     pruned = select(S.c.id).where(S.c.pruned_at.is_not(None))
-    cond = [C.c.kind.in_(("chat", "completion")), C.c.status_code == 200, C.c.session_id.not_in(pruned)]
+    cond = [C.c.kind.in_(EXPORTED_KINDS), C.c.status_code == 200, C.c.session_id.not_in(pruned)]
     if not include_eval:
         cond.append(C.c.trainable.is_(True))
     if since:
@@ -163,13 +168,14 @@ class _Page:
 
 
 def _row(m, page: _Page, raw: bool = False) -> dict[str, Any]:
+    shape = shape_of(m["kind"])
     request = m["request"] if isinstance(m["request"], dict) else {}
     out = call_output(m["kind"], m["response"]) or {}
+    given = shape.export(request) if shape.export is not None else ExportInput()
     final = page.finals.get(m["session_id"])
     inter = page.per_call.get(m["id"], [])
     intermediate = float(sum(r.value for r in inter if r.value is not None))
     final_value = final.value if final else None
-    prompt = request.get("prompt") if m["kind"] == "completion" else None
     row = {
         "call_id": m["id"],
         "session_id": m["session_id"],
@@ -186,9 +192,9 @@ def _row(m, page: _Page, raw: bool = False) -> dict[str, Any]:
         "started_at": aware(m["started_at"]),
         "finish_reason": m["finish_reason"],
         "aborted": bool(m["aborted"]),
-        "messages": request.get("messages") if m["kind"] == "chat" else None,
-        "tools": request.get("tools") if m["kind"] == "chat" else None,
-        "prompt": prompt if isinstance(prompt, str) or prompt is None else orjson.dumps(prompt).decode(),
+        "messages": given.messages,
+        "tools": given.tools,
+        "prompt": given.prompt,
         "response_text": content_text(out.get("content")),
         "reasoning_content": out.get("reasoning_content"),
         "response_tool_calls": out.get("tool_calls"),
