@@ -37,7 +37,10 @@ from trainwire.store.db import make_engine
 from trainwire.store.export import _filters, pages
 from trainwire.store.migrate import upgrade_head
 from trainwire.store.models import Session, StoreInfo
-from trainwire.store.queries import PRUNED_REASON, get_call, get_session, list_sessions, stats
+from trainwire.store.reads.calls import get_call
+from trainwire.store.reads.sessions import get_session, list_sessions
+from trainwire.store.reads.stats import stats
+from trainwire.store.reads.trainability import PRUNED_REASON
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
