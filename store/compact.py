@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Session, StoreInfo
 from trainwire.store.writer import DeltaCache
 
-__all__ = ["CompactReport", "RESCAN_MARGIN", "StopOnSignal", "compact_calls", "stored_bytes"]
+__all__ = ["CompactReport", "RESCAN_MARGIN", "compact_calls", "stored_bytes"]
 
 C: Table = Call.__table__  # type: ignore[assignment]
 S: Table = Session.__table__  # type: ignore[assignment]
@@ -252,31 +251,6 @@ async def _batch(conn, session_ids: list[str], report: CompactReport, dry_run: b
             await conn.execute(_update(tokens, request), list(group))
 
 
-class StopOnSignal:
-    """SIGINT / SIGTERM while a run goes: finish (commit) the batch in flight, then stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: the caller's should_stop decides
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now (the batch in flight rolls back)
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 async def compact_calls(
     engine: AsyncEngine,
     *,
@@ -288,7 +262,8 @@ async def compact_calls(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> CompactReport:
     """Compact the sessions not compacted yet, `batch_sessions` per transaction; stop after `max_sessions`
-    (0: all), on SIGINT / SIGTERM (after the batch in flight) or when `should_stop()`; the next run goes on."""
+    (0: all), or when `should_stop()` (asked before each batch: the command's SIGINT / SIGTERM, trainwire/cli.py);
+    the next run goes on."""
     report = CompactReport(dry_run=dry_run)
     async with engine.connect() as conn:
         run = await _info(conn, RUN_KEY)
@@ -313,41 +288,40 @@ async def compact_calls(
     scope = f"sessions with a call since {since.isoformat()}" if since else "every session"
     say(f"{where}{report.total} sessions to look at ({scope}){' (dry run: nothing is written)' if dry_run else ''}")
     t0 = last_say = time.monotonic()
-    with StopOnSignal() as stop:
-        while True:
-            if stop.requested or should_stop():
-                report.interrupted = True
+    while True:
+        if should_stop():
+            report.interrupted = True
+            break
+        limit = batch_sessions
+        if max_sessions:
+            limit = min(limit, max_sessions - report.sessions)
+            if limit <= 0:
                 break
-            limit = batch_sessions
-            if max_sessions:
-                limit = min(limit, max_sessions - report.sessions)
-                if limit <= 0:
-                    break
-            async with write_tx(engine, _LOCK_ID) as conn:
-                ids = list(
-                    (
-                        await conn.execute(select(S.c.id).where(_wanted(since, after)).order_by(S.c.id).limit(limit))
-                    ).scalars()
-                )
-                if not ids:
-                    report.complete = True
-                    if not dry_run:
-                        await _set_info(conn, RUN_KEY, None)
-                        await _set_info(conn, DONE_KEY, started)
-                    break
-                await _batch(conn, ids, report, dry_run)
-                after = ids[-1]
+        async with write_tx(engine, _LOCK_ID) as conn:
+            ids = list(
+                (
+                    await conn.execute(select(S.c.id).where(_wanted(since, after)).order_by(S.c.id).limit(limit))
+                ).scalars()
+            )
+            if not ids:
+                report.complete = True
                 if not dry_run:
-                    await _set_info(
-                        conn,
-                        RUN_KEY,
-                        json.dumps({"started": started, "since": since.isoformat() if since else None, "after": after}),
-                    )
-            report.sessions += len(ids)
-            report.batches.append(len(ids))
-            if time.monotonic() - last_say >= 1.0:
-                last_say = time.monotonic()
-                say(_progress(report, time.monotonic() - t0))
+                    await _set_info(conn, RUN_KEY, None)
+                    await _set_info(conn, DONE_KEY, started)
+                break
+            await _batch(conn, ids, report, dry_run)
+            after = ids[-1]
+            if not dry_run:
+                await _set_info(
+                    conn,
+                    RUN_KEY,
+                    json.dumps({"started": started, "since": since.isoformat() if since else None, "after": after}),
+                )
+        report.sessions += len(ids)
+        report.batches.append(len(ids))
+        if time.monotonic() - last_say >= 1.0:
+            last_say = time.monotonic()
+            say(_progress(report, time.monotonic() - t0))
     say(_progress(report, time.monotonic() - t0))
     return report
 
