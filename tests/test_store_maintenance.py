@@ -197,7 +197,7 @@ def test_a_run_that_dies_inside_a_batch_loses_nothing_and_the_next_goes_on(two_u
 
     with StopOnSignal() as stop:  # the command's handler (trainwire/cli.py)
         report = asyncio.run(
-            _compact(url, batch_sessions=1, should_stop=lambda: interrupt_in_the_first_batch() or stop.requested)
+            _compact(url, batch_sessions=1, should_stop=lambda: stop.requested or interrupt_in_the_first_batch())
         )
     assert report.interrupted and report.resumed_after == sids[0] and report.sessions == 1
     assert n_deltas(url, sids[1]) > 0 and n_deltas(url, sids[2]) == 0
