@@ -6,8 +6,8 @@ How:
 - Sessions are taken in batches of `batch_sessions`, in session id order (keyset). Each batch is one
   transaction. Session by session (what is held in memory is one session's calls), the calls are loaded with
   their full values (`delta_reads.full_rows`), encoded in order (start time, seq, id) against the last calls of
-  their session with `call_deltas.encode` and the writer's `DeltaCache` (so the result is what the writer would
-  have stored), and every whole row that shares a prefix with an earlier call is rewritten in place as a delta
+  their session with `call_deltas.encode` and a `DeltaCache` (store/delta_cache.py), as the writer would have
+  stored them, and every whole row that shares a prefix with an earlier call is rewritten in place as a delta
   of it. Rows already stored as deltas stay as they are
   (and serve as bases). A row's full values never change, so readers see exactly the same before and after.
 - Resumable: the batch's transaction also records the last session id done (`store_info`), so an interrupted
@@ -46,9 +46,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from trainwire.records import CallRecord
 from trainwire.store.call_deltas import encode, remember
 from trainwire.store.db import write_tx
+from trainwire.store.delta_cache import DeltaCache
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Session, StoreInfo
-from trainwire.store.writer import DeltaCache
 
 __all__ = ["CompactReport", "RESCAN_MARGIN", "compact_calls", "stored_bytes"]
 

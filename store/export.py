@@ -33,61 +33,24 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trainwire.call_shapes import SHAPES, ExportInput, call_output, content_text, shape_of
 from trainwire.store.db import make_engine
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
+from trainwire.store.export_files import ExportError, JsonlSink, ParquetSink
 from trainwire.store.models import Call, Reward, Session
 from trainwire.store.rewards import aware
 
 C, R, S = Call.__table__, Reward.__table__, Session.__table__
 PAGE = 500
 EXPORTED_KINDS = tuple(kind for kind, shape in SHAPES.items() if shape.export is not None)
-
-COLUMNS = [
-    "call_id",
-    "session_id",
-    "seq",
-    "task_id",
-    "agent_name",
-    "policy_version",
-    "model_requested",
-    "model_served",
-    "route",
-    "trainable",
-    "kind",
-    "stream",
-    "started_at",
-    "finish_reason",
-    "aborted",
-    "messages",
-    "tools",
-    "prompt",
-    "response_text",
-    "reasoning_content",
-    "response_tool_calls",
-    "prompt_token_ids",
-    "completion_token_ids",
-    "logprobs",
-    "final_reward",
-    "session_finished",
-    "intermediate_reward",
-    "reward",
-    "rewards",
-]
-JSON_TEXT_IN_PARQUET = ("messages", "tools", "response_tool_calls", "request", "response")
-# An archive (`trainwire prune --archive-dir`, store/retention.py): every column of the export, and the request
-# and response as recorded (JSON text), so a pruned call of any API can be read back whole.
-ARCHIVE_COLUMNS = [*COLUMNS, "request", "response"]
 
 _SELECT = [
     C.c.id,
@@ -112,10 +75,6 @@ _SELECT = [
     C.c.logprobs,
     *DELTA_COLS,
 ]
-
-
-class ExportError(Exception):
-    pass
 
 
 def parse_time(value: str | None, flag: str) -> datetime | None:
@@ -267,68 +226,6 @@ async def pages(engine: AsyncEngine, cond, page_size: int = PAGE, raw: bool = Fa
             return
 
 
-# --- writers ---------------------------------------------------------------------------------------------
-
-
-class JsonlSink:
-    def __init__(self, path: Path) -> None:
-        self.f = path.open("wb")
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        self.f.write(b"".join(orjson.dumps(r, option=orjson.OPT_UTC_Z) + b"\n" for r in rows))
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def parquet_schema(columns: list[str] = COLUMNS):
-    import pyarrow as pa
-
-    reward = pa.struct([("id", pa.int64()), ("source", pa.string()), ("value", pa.float64()), ("final", pa.bool_())])
-    types = {
-        "seq": pa.int32(),
-        "policy_version": pa.int32(),
-        "trainable": pa.bool_(),
-        "stream": pa.bool_(),
-        "aborted": pa.bool_(),
-        "started_at": pa.timestamp("us", tz="UTC"),
-        "prompt_token_ids": pa.list_(pa.int32()),
-        "completion_token_ids": pa.list_(pa.int32()),
-        "logprobs": pa.list_(pa.float64()),
-        "final_reward": pa.float64(),
-        "session_finished": pa.bool_(),
-        "intermediate_reward": pa.float64(),
-        "reward": pa.float64(),
-        "rewards": pa.list_(reward),
-    }
-    return pa.schema([(name, types.get(name, pa.string())) for name in columns])
-
-
-class ParquetSink:
-    def __init__(self, path: Path, columns: list[str] = COLUMNS) -> None:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ExportError("--format parquet needs pyarrow: pip install 'trainwire[export]'") from None
-        self.columns = columns
-        self.schema = parquet_schema(columns)
-        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        import pyarrow as pa
-
-        cols = {}
-        for name in self.columns:
-            values = [r[name] for r in rows]
-            if name in JSON_TEXT_IN_PARQUET:
-                values = [None if v is None else orjson.dumps(v).decode() for v in values]
-            cols[name] = values
-        self.writer.write_table(pa.Table.from_pydict(cols, schema=self.schema))
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 # --- command ---------------------------------------------------------------------------------------------
 
 
@@ -417,11 +314,3 @@ def run_export(settings, args: argparse.Namespace) -> int:
         print(f"trainwire export: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Read an export back (for tests and scripts)."""
-    with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                yield orjson.loads(line)

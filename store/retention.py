@@ -3,7 +3,7 @@ trainer is done with, so the calls table stops growing with history.
 
 Which sessions: status trained or skipped (the trainer never reads them again), last call older than N days
 (N >= `MIN_OLDER_THAN_DAYS`, one day: far beyond the age at which the proxy's writer stops storing calls as
-deltas of a cached call, store/writer.MAX_BASE_AGE_S), not pruned yet. Whole sessions at a time: a call stored as a delta (store/call_deltas.py) is read through
+deltas of a cached call, store/delta_cache.MAX_BASE_AGE_S), not pruned yet. Whole sessions at a time: a call stored as a delta (store/call_deltas.py) is read through
 earlier calls of its own session only, so no call that keeps its body can depend on a pruned one.
 
 What is dropped: each call's request, response, prompt and completion token ids and logprobs (and its delta
@@ -12,7 +12,7 @@ sampling, rewards, and the session row, whose `pruned_at` (migration 0005) says 
 call with no input, output or tokens.
 
 Batch by batch (`batch_sessions`, one transaction each): with `archive_dir`, the batch's calls are first
-written to `DIR/trainwire-pruned-<UTC time>-<batch>.parquet` by the export's writer (store/export.py: its
+written to `DIR/trainwire-pruned-<UTC time>-<batch>.parquet` by the export's writer (store/export_files.py: its
 columns plus the request and response as recorded, read whole also where stored as deltas), under a temporary
 name, fsynced, renamed and the directory fsynced; only then are the bodies dropped, and only of the sessions
 all of whose calls are in that file (a call recorded meanwhile leaves its session to the next run). On
@@ -38,7 +38,8 @@ from sqlalchemy import Table, and_, func, null, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trainwire.store.db import write_tx
-from trainwire.store.export import ARCHIVE_COLUMNS, ParquetSink, pages
+from trainwire.store.export import pages
+from trainwire.store.export_files import ARCHIVE_COLUMNS, ParquetSink
 from trainwire.store.models import Call, Session
 
 __all__ = ["BODY_COLUMNS", "MIN_OLDER_THAN_DAYS", "PRUNABLE", "PruneReport", "prune"]
@@ -59,7 +60,7 @@ BODY_COLUMNS = (
 )
 _LOCK_ID = 0x7472_7072_756E  # "trprun"
 # The smallest --older-than-days (PruneSettings enforces it too). A proxy's writer stores a call as a delta only
-# of a call of its session that started less than store/writer.MAX_BASE_AGE_S (an hour) ago; a session prune
+# of a call of its session that started less than store/delta_cache.MAX_BASE_AGE_S (an hour) ago; a session prune
 # may prune has had no call for a day, so no delta is ever written against a call whose body is dropped.
 MIN_OLDER_THAN_DAYS = 1.0
 

@@ -16,7 +16,8 @@ import pytest
 
 from tests.support import dbread
 from tests.support.apihelpers import TOOLS, chat, post, start, wait_rewards
-from trainwire.store.export import COLUMNS, export, iter_jsonl
+from trainwire.store.export import export
+from trainwire.store.export_files import COLUMNS, iter_jsonl
 
 
 def run_export(db_url: str, out: Path, *args: str) -> subprocess.CompletedProcess:

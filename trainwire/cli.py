@@ -163,7 +163,7 @@ def _replay_rejected(settings: JournalSettings, args: argparse.Namespace) -> int
 
     from trainwire.store.db import make_engine
     from trainwire.store.journal import rejected_files
-    from trainwire.store.writer import replay_rejected
+    from trainwire.store.rejected import replay_rejected
 
     if not rejected_files(settings.journal_dir):
         print(f"trainwire: no rejected rows in {settings.journal_dir}")
