@@ -17,7 +17,7 @@ from trainwire.records import CallRecord
 from trainwire.rl.sft import build_sft_samples
 from trainwire.rl.transitions import CallTokens, build_samples, chain_calls
 from trainwire.store.call_deltas import encode_call, expand
-from trainwire.store.claims import ClaimedCall, ClaimedSession
+from trainwire.store.episodes import ClaimedCall, ClaimedSession
 
 GREEDY = {"effective": {"temperature": 0.0}}
 
