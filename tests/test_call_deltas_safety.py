@@ -1,7 +1,7 @@
 """Calls stored as deltas stay readable, or say they are not, whatever runs beside the reader: a reader racing
 `trainwire compact-calls` loads every base its rows reach (store/delta_reads.py), and no delta is stored
 against, or read wrongly from, a call whose body `trainwire prune` dropped (store/delta_cache.py's `DeltaCache`
-expiry, `call_deltas.expand`'s checks)."""
+expiry, `delta_expand.expand`'s checks)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainwire.records import CallRecord, as_row
-from trainwire.store.call_deltas import MissingBase, Stored, encode, encode_call, expand, remember
+from trainwire.store.call_deltas import MissingBase, encode, encode_call, remember
+from trainwire.store.delta_expand import Stored, expand
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
