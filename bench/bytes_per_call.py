@@ -50,9 +50,10 @@ from trainwire.records import CallRecord  # noqa: E402
 from trainwire.rl.transitions import build_samples  # noqa: E402
 from trainwire.store.claims import claim_batch  # noqa: E402
 from trainwire.store.db import make_engine  # noqa: E402
+from trainwire.store.delta_cache import DeltaCache  # noqa: E402
 from trainwire.store.migrate import upgrade_head  # noqa: E402
 from trainwire.store.models import Reward  # noqa: E402
-from trainwire.store.writer import BatchWriter, DeltaCache  # noqa: E402
+from trainwire.store.writer import BatchWriter  # noqa: E402
 
 CHARS_PER_TOKEN = 4
 VOCAB = 150_000

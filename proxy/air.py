@@ -22,7 +22,7 @@ from typing import Any
 from trainwire.proxy.air_rules import RULES, Finding, message, parse_value
 from trainwire.records import CallRecord, RewardRecord
 from trainwire.store.models import utcnow
-from trainwire.store.queries import find_tool_call_producers
+from trainwire.store.reads.calls import find_tool_call_producers
 
 log = logging.getLogger("trainwire.air")
 

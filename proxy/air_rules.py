@@ -3,8 +3,9 @@
 A rule is a function `(air, record) -> list[Finding]`: it looks at one recorded call just before it is queued and
 names the calls it rewards. Registering it with `@rule(...)` is all it takes to add one: the CLI makes its flag
 `--air-<name> VALUE|off` (env `TRAINWIRE_AIR_<NAME>`) from the registry, and the engine (proxy/air.py) runs it
-with the configured value. Failed upstream calls (status != 200) and aborted streams are not judged: the model did
-not finish them.
+with the configured value. A rule reads a call's JSON with the call-shape readers (trainwire.call_shapes) that
+the read API and export use. Failed upstream calls (status != 200) and aborted streams are not judged: the model
+did not finish them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from trainwire.call_shapes import content_text
+from trainwire.call_shapes.chat import answer_message
 from trainwire.records import CallRecord
-from trainwire.store.queries import content_text
 
 if TYPE_CHECKING:
     from trainwire.proxy.air import Air
@@ -83,16 +85,7 @@ def parse_value(rule_: Rule, raw: Any) -> float | None:
 
 def message(rec: CallRecord) -> dict[str, Any]:
     """The assistant message of choice 0 of a chat answer, or {}."""
-    return message_of(rec.response)
-
-
-def message_of(resp: Any) -> dict[str, Any]:
-    if not isinstance(resp, dict):
-        return {}
-    choices = resp.get("choices") or []
-    first = choices[0] if choices and isinstance(choices[0], dict) else {}
-    msg = first.get("message")
-    return msg if isinstance(msg, dict) else {}
+    return answer_message(rec.response)
 
 
 def _judged(rec: CallRecord) -> bool:

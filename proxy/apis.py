@@ -3,8 +3,11 @@ its requests, answers, streams and errors translate.
 
 Chat and completions go to vLLM as they are (their answers are vLLM's own bytes, only the proxy's injected fields
 taken out). The Responses and Messages APIs are translated to chat completions, because vLLM returns exact token
-ids and logprobs of every turn there, tool-call-only turns included (README: "Responses and Messages"). Adding an
-API is one entry here and a translation module.
+ids and logprobs of every turn there, tool-call-only turns included (README: "Responses and Messages").
+
+Each entry names its call shape (trainwire.call_shapes): what it records as `calls.kind`, and how the store, the
+read API, export and the automatic rewards read what it recorded. Adding an API is a shape, a translation module
+and one entry here (docs/architecture.md, "How to add …").
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from trainwire import call_shapes
+from trainwire.call_shapes import CallShape
 from trainwire.proxy import api_messages, api_responses
 from trainwire.proxy.errors import error_body as openai_error_body
 
@@ -22,7 +27,7 @@ Chunks = AsyncIterator[dict[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class Api:
-    kind: str  # calls.kind
+    shape: CallShape  # how its calls are recorded and read back (calls.kind: shape.kind)
     upstream_path: str  # what the proxy sends to vLLM
     upstream_kind: str  # the shape of vLLM's answer: chat | completion
     error_body: Callable[[int, str, str | None, str | None], bytes]
@@ -33,6 +38,11 @@ class Api:
     stream: Callable[[Chunks, dict[str, Any], "Ids"], AsyncIterator[bytes]] | None = None
     # Awaited before the first translation (a translator that loads a library lazily).
     ready: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def kind(self) -> str:
+        """calls.kind of its calls."""
+        return self.shape.kind
 
     @property
     def translated(self) -> bool:
@@ -80,10 +90,10 @@ async def _messages_stream(chunks: Chunks, request: dict[str, Any], ids: Ids) ->
         yield event
 
 
-CHAT = Api("chat", "/v1/chat/completions", "chat", openai_error_body)
-COMPLETIONS = Api("completion", "/v1/completions", "completion", openai_error_body)
+CHAT = Api(call_shapes.chat.SHAPE, "/v1/chat/completions", "chat", openai_error_body)
+COMPLETIONS = Api(call_shapes.completion.SHAPE, "/v1/completions", "completion", openai_error_body)
 RESPONSES = Api(
-    "responses",
+    call_shapes.responses.SHAPE,
     "/v1/chat/completions",
     "chat",
     openai_error_body,
@@ -92,7 +102,7 @@ RESPONSES = Api(
     stream=_responses_stream,
 )
 MESSAGES = Api(
-    "messages",
+    call_shapes.messages.SHAPE,
     "/v1/chat/completions",
     "chat",
     _anthropic_error,

@@ -1,7 +1,8 @@
 """Errors in OpenAI's format: {"error": {"message", "type", "param", "code"}}.
 
-Every answer of the framework's routes that is not a success comes from here: an `ApiError` a route raises,
-FastAPI's parameter validation (a 400 naming the parameter), Starlette's 404 and 405, and, through `install`'s
+Every answer of the framework's routes that is not a success comes from here: an `ApiError` a route raises, a
+`BadQuery` the store's reads raise (a cursor it did not hand out, an unknown filter: a 400 naming the parameter,
+turned into an API error here and nowhere else), FastAPI's parameter validation (a 400 naming the parameter), Starlette's 404 and 405, and, through `install`'s
 guard, any exception that escapes a route: a database that is away is a 503 with `Retry-After` and one WARNING
 line (an expected condition, no traceback); anything else is a bug, logged with its traceback and answered 500.
 Either way the answer is complete, so the keep-alive connection stays usable for the client's next request.
@@ -22,6 +23,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainwire.store.db_errors import is_transient
+from trainwire.store.reads.cursors import BadQuery
 
 log = logging.getLogger("trainwire.proxy")
 
@@ -161,6 +163,10 @@ async def _api_error(_request: Request, exc: ApiError) -> Response:
     return api_error_response(exc)
 
 
+async def _bad_query(_request: Request, exc: BadQuery) -> Response:
+    return api_error_response(ApiError(400, str(exc), param=exc.param, code="invalid_value"))
+
+
 async def _validation_error(_request: Request, exc: RequestValidationError) -> Response:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
@@ -219,6 +225,7 @@ class Guard:
 
 def install(app) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(BadQuery, _bad_query)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(Guard)

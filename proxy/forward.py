@@ -1,5 +1,6 @@
-"""The hot path: send a call to the upstream, give the client exactly what it would have got from vLLM,
-and hand a complete record of the call to the write path."""
+"""The upstream call of one generation call (after proxy/hot_path.py routed it and proxy/generation.py prepared
+it): send it to the session's upstream (affinity, failover), give the client exactly what it would have got from
+vLLM (non-stream, SSE relay, or an API's translation), and hand a complete record of the call to the write path."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
+from trainwire.call_shapes import OTHER
 from trainwire.proxy.apis import CHAT
 from trainwire.proxy.auth import require_agent_key
 from trainwire.proxy.forward import Call, response_headers
@@ -75,7 +76,7 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
         body = {"raw": raw.decode("utf-8", "replace")}
     call = Call(
         ctx=ctx,
-        kind="other",
+        kind=OTHER.kind,  # a pass-through call: its shape reads nothing
         path=path,
         request=body,
         stream=False,

@@ -1,6 +1,7 @@
 """What every route module shares: the typed proxy state of a request, the admin-key dependency, JSON answers,
-the paging parameters, the checks every text and integer parameter gets before it can reach the database, and the
-admission of a call (backpressure, then its place in the session).
+the paging parameters, the text check every path and query parameter gets before it can reach the database
+(`text_problem`, trainwire/records.py; cursors are checked where they are decoded, store/reads/cursors.py), and
+the admission of a call (backpressure, then its place in the session).
 
 Route modules import from here, never from each other."""
 
@@ -16,16 +17,15 @@ from starlette.responses import Response
 
 from trainwire.proxy.auth import require_admin_key
 from trainwire.proxy.errors import ApiError
-from trainwire.store import queries
+from trainwire.records import text_problem
 
 if TYPE_CHECKING:
     from trainwire.proxy.session_headers import CallContext
     from trainwire.proxy.state import ProxyState
 
-# The ranges of the store's integer columns: a value outside one can name no row, and the database refuses it
-# as a parameter.
-INT32_MAX = 2**31 - 1  # Integer columns (train step, policy version)
-INT64_MAX = 2**63 - 1  # BigInteger columns (reward id)
+# The range of the store's BigInteger columns (reward id): a value outside it can name no row, and the database
+# refuses it as a parameter.
+INT64_MAX = 2**63 - 1
 
 # Page sizes and offsets of every list route.
 Limit = Query(50, ge=1, le=1000, description="Items per page (1-1000)")
@@ -35,18 +35,6 @@ Cursor = Query(None, max_length=1024, description="`next_cursor` of the previous
 
 def state_of(request: Request) -> "ProxyState":
     return request.app.state.tw
-
-
-def text_problem(value: str) -> str | None:
-    """Why a text value cannot go to the database, or None: Postgres refuses the NUL character in text, and
-    neither driver can encode a lone surrogate (JSON escapes such as \\ud800 decode to one)."""
-    if "\x00" in value:
-        return "must not contain the NUL character (U+0000)"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "must not contain a lone surrogate (it is not valid Unicode)"
-    return None
 
 
 def check_text(value: str | None, param: str) -> str | None:
@@ -66,25 +54,6 @@ def admin(request: Request) -> None:
             check_text(value, name)
     for name, value in request.query_params.multi_items():
         check_text(value, name)
-
-
-def int_cursor(cursor: str | None, top: int = INT32_MAX) -> str | None:
-    """A keyset cursor over an integer key, refused (400) unless it decodes to an integer the key column can
-    hold: a cursor the API handed out always does."""
-    if cursor is None:
-        return None
-    try:
-        (last,) = queries.decode_cursor(cursor, 1)
-    except queries.BadQuery as exc:
-        raise ApiError(400, str(exc), param="cursor", code="invalid_value") from None
-    if not isinstance(last, int) or isinstance(last, bool) or not -top - 1 <= last <= top:
-        raise ApiError(
-            400,
-            "cursor is not a cursor this API returned (use next_cursor as given)",
-            param="cursor",
-            code="invalid_value",
-        )
-    return cursor
 
 
 def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -30,7 +30,6 @@ from starlette.responses import Response
 
 from trainwire.proxy.errors import ApiError, responses
 from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
-from trainwire.store import queries
 from trainwire.store.journal import count_rejected, rejected_files
 from trainwire.store.read_models import (
     CallDetail,
@@ -41,6 +40,8 @@ from trainwire.store.read_models import (
     SessionSummary,
     Stats,
 )
+from trainwire.store.reads import calls, rewards, sessions
+from trainwire.store.reads import stats as store_stats
 
 router = APIRouter(dependencies=[Depends(admin)])
 
@@ -77,10 +78,10 @@ def parse_has(values: list[str] | None) -> list[str]:
     """`has=failed&has=untrainable` or `has=failed,untrainable`: the names, blanks dropped, checked."""
     names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
     for name in names:
-        if name not in queries.HAS:
+        if name not in sessions.HAS:
             raise ApiError(
                 400,
-                f"has must be one of {', '.join(queries.HAS)} (repeated or comma-separated); got {name[:40]!r}",
+                f"has must be one of {', '.join(sessions.HAS)} (repeated or comma-separated); got {name[:40]!r}",
                 param="has",
                 code="invalid_value",
             )
@@ -96,10 +97,6 @@ async def _flush(request: Request, session_id: str) -> None:
 def _answer(record: BaseModel) -> Response:
     # The store's records dump to Python values (datetimes stay datetimes), rendered like every JSON answer.
     return json_response(record.model_dump())
-
-
-def _bad_query(exc: queries.BadQuery) -> ApiError:
-    return ApiError(400, str(exc), param=exc.param, code="invalid_value")
 
 
 class WriteQueue(BaseModel):
@@ -151,21 +148,18 @@ async def list_sessions(
             param="status",
             code="invalid_value",
         )
-    try:
-        page = await queries.list_sessions(
-            state_of(request).engine,
-            status=status,
-            task=task,
-            agent=agent,
-            since=parse_time(since, "since"),
-            until=parse_time(until, "until"),
-            has=parse_has(has),
-            limit=limit,
-            cursor=cursor,
-            offset=offset,
-        )
-    except queries.BadQuery as exc:
-        raise _bad_query(exc) from None
+    page = await sessions.list_sessions(
+        state_of(request).engine,
+        status=status,
+        task=task,
+        agent=agent,
+        since=parse_time(since, "since"),
+        until=parse_time(until, "until"),
+        has=parse_has(has),
+        limit=limit,
+        cursor=cursor,
+        offset=offset,
+    )
     return _answer(page)
 
 
@@ -176,7 +170,7 @@ async def list_sessions(
 )
 async def get_session(request: Request, session_id: str, tokens: bool = False) -> Response:
     await _flush(request, session_id)
-    found = await queries.get_session(state_of(request).engine, session_id, tokens=tokens)
+    found = await sessions.get_session(state_of(request).engine, session_id, tokens=tokens)
     if found is None:
         raise ApiError(
             404,
@@ -193,7 +187,7 @@ async def get_call(request: Request, call_id: str, tokens: bool = False) -> Resp
     session_id = tw.writer.pending_session_of(call_id)
     if session_id is not None:
         await _flush(request, session_id)
-    found = await queries.get_call(tw.engine, call_id, tokens=tokens)
+    found = await calls.get_call(tw.engine, call_id, tokens=tokens)
     if found is None:
         raise ApiError(
             404,
@@ -215,26 +209,23 @@ async def list_rewards(
     cursor: str | None = None,
     offset: int | None = Offset,
 ) -> Response:
-    try:
-        page = await queries.list_rewards(
-            state_of(request).engine,
-            session_id=session_id,
-            source=source,
-            final=final,
-            orphaned=orphaned,
-            limit=limit,
-            cursor=cursor,
-            offset=offset,
-        )
-    except queries.BadQuery as exc:
-        raise _bad_query(exc) from None
+    page = await rewards.list_rewards(
+        state_of(request).engine,
+        session_id=session_id,
+        source=source,
+        final=final,
+        orphaned=orphaned,
+        limit=limit,
+        cursor=cursor,
+        offset=offset,
+    )
     return _answer(page)
 
 
 @router.get("/stats", response_model=StatsAnswer, responses=responses(400, 401, 503))
 async def stats(request: Request) -> Response:
     tw = state_of(request)
-    counts = await queries.stats(tw.engine)
+    counts = await store_stats.stats(tw.engine)
     journal_dir = tw.settings.journal_dir
     writer = tw.writer
     return _answer(

@@ -33,10 +33,11 @@ from starlette.responses import Response
 
 from trainwire.proxy.air import KEY_PREFIX as AIR_KEY_PREFIX
 from trainwire.proxy.errors import ApiError, responses
-from trainwire.proxy.plumbing import admin, json_response, state_of, text_problem
+from trainwire.proxy.plumbing import admin, json_response, state_of
 from trainwire.proxy.session_headers import (
     ID_PATTERN,  # importing it also registers the `twsession` path convertor
 )
+from trainwire.records import text_problem
 from trainwire.store.read_models import RewardOut
 from trainwire.store.rewards import (
     MAX_JSON_DEPTH,

@@ -7,7 +7,7 @@ like the read API: `{"object": "list", "data": [...], "has_more": bool, "next_cu
                                                   train_step, status, created_at, serving_upstreams
 
 A cursor must be one these routes handed out: one that decodes to anything but an integer the step or version
-column can hold is a 400 here, before any query.
+column can hold is a 400, before any query (store/reads/cursors.py).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from trainwire.proxy.errors import ApiError, responses
-from trainwire.proxy.plumbing import INT32_MAX, Cursor, Limit, Offset, admin, int_cursor, json_response, state_of
-from trainwire.store import queries
+from trainwire.proxy.errors import responses
+from trainwire.proxy.plumbing import Cursor, Limit, Offset, admin, json_response, state_of
 from trainwire.store.read_models import Page, PolicyVersionRow, TrainStepRow
+from trainwire.store.reads import trainer
 
 router = APIRouter(dependencies=[Depends(admin)])
 ERRORS = responses(400, 401, 503)
@@ -28,12 +28,7 @@ ERRORS = responses(400, 401, 503)
 async def train_steps(
     request: Request, limit: int = Limit, cursor: str | None = Cursor, offset: int | None = Offset
 ) -> Response:
-    try:
-        page = await queries.list_train_steps(
-            state_of(request).engine, limit=limit, cursor=int_cursor(cursor, INT32_MAX), offset=offset
-        )
-    except queries.BadQuery as exc:
-        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+    page = await trainer.list_train_steps(state_of(request).engine, limit=limit, cursor=cursor, offset=offset)
     return json_response(page.model_dump())
 
 
@@ -41,10 +36,5 @@ async def train_steps(
 async def policy_versions(
     request: Request, limit: int = Limit, cursor: str | None = Cursor, offset: int | None = Offset
 ) -> Response:
-    try:
-        page = await queries.list_policy_versions(
-            state_of(request).engine, limit=limit, cursor=int_cursor(cursor, INT32_MAX), offset=offset
-        )
-    except queries.BadQuery as exc:
-        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+    page = await trainer.list_policy_versions(state_of(request).engine, limit=limit, cursor=cursor, offset=offset)
     return json_response(page.model_dump())

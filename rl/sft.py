@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 from trainwire.rl.transitions import BuildResult, CallTokens, chain_calls
-from trainwire.store.claims import ClaimedCall, ClaimedSession
+from trainwire.store.episodes import ClaimedCall, ClaimedSession
 
 if TYPE_CHECKING:
     from trainwire.rl.retokenize import ChatRenderer

@@ -69,7 +69,7 @@ from typing import Literal
 
 from trainwire.rl.credit import call_returns
 from trainwire.rl.samples import Sample
-from trainwire.store.claims import ClaimedCall, ClaimedSession
+from trainwire.store.episodes import ClaimedCall, ClaimedSession
 
 __all__ = [
     "BuildResult",

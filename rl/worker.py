@@ -33,7 +33,7 @@ from trainwire.rl.collective import Collective, StepHooks
 from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
 from trainwire.rl.stopping import Stopper, StopRequested
 from trainwire.settings import TrainerSettings
-from trainwire.store import claims
+from trainwire.store import claims, episodes
 from trainwire.store.db import make_engine, redact
 from trainwire.store.db_errors import is_transient
 from trainwire.store.identity import store_id
@@ -336,7 +336,7 @@ class Trainer:
             _say(f"stopped ({self.stopper.signal_name})")
         return 0
 
-    async def _mark_skipped(self, sessions: list[claims.ClaimedSession], ids: list[str], sft: bool) -> None:
+    async def _mark_skipped(self, sessions: list[episodes.ClaimedSession], ids: list[str], sft: bool) -> None:
         """Claimed sessions no sample came from become ``skipped``, with the reason."""
         if not sft:
             await claims.mark_skipped(
@@ -400,7 +400,7 @@ class Trainer:
                 )
                 raise
 
-    async def _train(self, batch: list[claims.ClaimedSession], ids: list[str], t: dict[str, float]) -> dict:
+    async def _train(self, batch: list[episodes.ClaimedSession], ids: list[str], t: dict[str, float]) -> dict:
         from trainwire.rl.advantages import compute_advantages
         from trainwire.rl.transitions import build_samples
 

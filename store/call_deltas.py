@@ -4,8 +4,8 @@ Every call of an agent session resends the whole conversation, so storing each c
 request messages whole costs the square of the session's length. When a call's prompt starts with the tokens
 of an earlier call of the same session (its prompt, then its completion: the usual next turn), the row keeps a
 reference to that call (`base_call_id`), how many of its tokens are shared (`prompt_prefix_len`) and only the
-tokens after them. The request's message list (`messages` of chat and Messages requests, the `input` list of a
-Responses request) is stored the same way: the base request's first `messages_prefix_len` messages, then the
+tokens after them. The request's message list (its kind's `list_key` in trainwire.call_shapes: `messages` of chat and
+Messages requests, the `input` list of a Responses request) is stored the same way: the base request's first `messages_prefix_len` messages, then the
 stored ones. Everything else of the row is stored as it is. A call that shares nothing is stored whole.
 
 The shared part is the longest common prefix, not only an exact extension, so a branched, compacted or
@@ -16,37 +16,33 @@ reorders keys; `True` and `1`, equal in Python, are different JSON).
 - `encode_call(bases, record)`: the record to store (the record itself, or a copy with the delta fields set), and
   what the write path keeps of the call (a `BaseCall`: its full prompt + completion ids as JSON text, its
   messages' digests) to encode later calls against; `remember(record)` is the latter alone.
-- `expand(rows, wanted)`: the full prompt token ids and request of stored rows, linear in the output size; a
-  delta whose bases do not hold what it shares raises `MissingBase`, never returns a shorter value.
+- Reading them back whole is store/delta_expand.py (`expand`): a delta whose bases do not hold what it shares
+  raises `MissingBase` (defined here), never returns a shorter value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from trainwire.call_shapes import shape_of
 from trainwire.records import CallRecord
 
 __all__ = [
-    "LIST_KEYS",
     "BaseCall",
     "MissingBase",
-    "Stored",
     "encode",
     "encode_call",
-    "expand",
     "list_key",
     "message_list",
     "remember",
 ]
 
-# The request key holding the conversation, by calls.kind. A completion's `prompt` is stored whole.
-LIST_KEYS = {"chat": "messages", "messages": "messages", "responses": "input"}
 
 _DUMPS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
@@ -59,7 +55,9 @@ class MissingBase(LookupError):
 
 
 def list_key(kind: str | None) -> str | None:
-    return LIST_KEYS.get(kind or "")
+    """The request key holding the conversation of a call of this kind (its shape's `list_key`); None: the
+    request is stored whole (a completion's `prompt`)."""
+    return shape_of(kind).list_key
 
 
 def message_list(kind: str | None, request: Any) -> list[Any] | None:
@@ -286,158 +284,3 @@ def encode_call(bases: Iterable[BaseCall], record: CallRecord) -> tuple[CallReco
 def encode(bases: Iterable[BaseCall], record: CallRecord, mine: BaseCall | None = None) -> CallRecord:
     """The row to store for `record` (see `encode_call`; `mine`, the caller's `remember(record)`, is not needed)."""
     return encode_call(bases, record)[0]
-
-
-# --- reading -----------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Stored:
-    """The columns of one stored row that expansion reads."""
-
-    id: str
-    kind: str | None
-    base_call_id: str | None = None
-    prompt_prefix_len: int | None = None
-    messages_prefix_len: int | None = None
-    prompt_token_ids: list[int] | None = None
-    completion_token_ids: list[int] | None = None
-    request: Any = None
-
-    @classmethod
-    def of(cls, m: Mapping[Any, Any]) -> Stored:
-        return cls(
-            id=m["id"],
-            kind=m.get("kind"),
-            base_call_id=m.get("base_call_id"),
-            prompt_prefix_len=m.get("prompt_prefix_len"),
-            messages_prefix_len=m.get("messages_prefix_len"),
-            prompt_token_ids=m.get("prompt_token_ids"),
-            completion_token_ids=m.get("completion_token_ids"),
-            request=m.get("request"),
-        )
-
-    @property
-    def is_delta(self) -> bool:
-        return self.prompt_prefix_len is not None or self.messages_prefix_len is not None
-
-
-@dataclass(slots=True)
-class Full:
-    """A row's full values, as they were recorded."""
-
-    prompt_token_ids: list[int] | None
-    request: Any
-
-
-def _row(rows: Mapping[str, Stored], call_id: str | None) -> Stored:
-    row = rows.get(call_id) if call_id is not None else None
-    if row is None:
-        raise MissingBase(f"call {call_id!r}, the base of a stored delta, is not in the store")
-    return row
-
-
-def expand(
-    rows: Mapping[str, Stored], wanted: Iterable[str], *, tokens: bool = True, request: bool = True
-) -> dict[str, Full]:
-    """The full prompt token ids and request of each `wanted` row (`rows` must hold every base they reach),
-    each built once from the slices it is made of: linear in what is returned, also for a single call at the
-    end of a long chain. With `tokens` or `request` false that value is returned as stored."""
-    order = list(dict.fromkeys(wanted))
-    depth: dict[str, int] = {}
-    for cid in order:
-        path = []
-        at: str | None = cid
-        while at is not None and at not in depth:
-            path.append(at)
-            row = _row(rows, at)
-            at = row.base_call_id if row.is_delta else None
-            if len(path) > len(rows) + 1:
-                raise MissingBase(f"the bases of call {cid!r} form a cycle")
-        d = depth[at] if at is not None else -1
-        for p in reversed(path):
-            d += 1
-            depth[p] = d
-    order.sort(key=depth.__getitem__)  # a base before the calls built on it, so theirs are one slice away
-    prompts: dict[str, list[int] | None] = {}
-    lists: dict[str, list[Any] | None] = {}
-    out = {}
-    for cid in order:
-        row = rows[cid]
-        prompt = row.prompt_token_ids
-        if tokens and row.prompt_prefix_len is not None:
-            head = _token_prefix(rows, prompts, row.base_call_id, row.prompt_prefix_len)
-            if len(head) != row.prompt_prefix_len:
-                raise MissingBase(
-                    f"call {cid!r} shares {row.prompt_prefix_len} tokens with its base "
-                    f"{row.base_call_id!r}, whose stored values hold {len(head)} (a pruned body?)"
-                )
-            prompt = head + list(prompt or ())
-        req = row.request
-        if request and row.messages_prefix_len is not None:
-            key = list_key(row.kind)
-            tail = message_list(row.kind, req)
-            if key is None or tail is None:
-                raise MissingBase(f"call {cid!r} stores a message delta without a message list")
-            head = _message_prefix(rows, lists, row.base_call_id, row.messages_prefix_len)
-            if len(head) != row.messages_prefix_len:
-                raise MissingBase(
-                    f"call {cid!r} shares {row.messages_prefix_len} messages with its base "
-                    f"{row.base_call_id!r}, whose stored values hold {len(head)} (a pruned body?)"
-                )
-            full = head + tail
-            lists[cid] = full
-            req = {**req, key: full}
-        elif request:
-            lists[cid] = message_list(row.kind, req)
-        prompts[cid] = prompt
-        out[cid] = Full(prompt_token_ids=prompt, request=req)
-    return out
-
-
-def _token_prefix(
-    rows: Mapping[str, Stored], done: Mapping[str, list[int] | None], cid: str | None, n: int
-) -> list[int]:
-    """The first n tokens of call `cid`'s full prompt + completion, walking down its bases as far as needed."""
-    levels: list[list[int]] = []  # the tail each level adds, top level first
-    while n > 0:
-        row = _row(rows, cid)
-        completion = list(row.completion_token_ids or ())
-        if row.id in done or row.prompt_prefix_len is None:
-            prompt = list((done[row.id] if row.id in done else row.prompt_token_ids) or ())
-            levels.append((prompt + completion)[:n])
-            break
-        prefix = row.prompt_prefix_len
-        if n > prefix:
-            levels.append((list(row.prompt_token_ids or ()) + completion)[: n - prefix])
-        n = min(n, prefix)
-        cid = row.base_call_id
-    out: list[int] = []
-    for part in reversed(levels):
-        out += part
-    return out
-
-
-def _message_prefix(
-    rows: Mapping[str, Stored], done: Mapping[str, list[Any] | None], cid: str | None, n: int
-) -> list[Any]:
-    """The first n messages of call `cid`'s full request list."""
-    levels: list[list[Any]] = []
-    while n > 0:
-        row = _row(rows, cid)
-        if row.id in done:
-            levels.append(list(done[row.id] or ())[:n])
-            break
-        stored = message_list(row.kind, row.request) or []
-        if row.messages_prefix_len is None:
-            levels.append(stored[:n])
-            break
-        prefix = row.messages_prefix_len
-        if n > prefix:
-            levels.append(stored[: n - prefix])
-        n = min(n, prefix)
-        cid = row.base_call_id
-    out: list[Any] = []
-    for part in reversed(levels):
-        out += part
-    return out

@@ -1,8 +1,8 @@
 """Claim finished sessions for training, exactly once, across concurrent trainers and crashes.
 
 The trainer's whole read/write access to sessions, calls and rewards: it claims a batch here, gets plain
-records back (:class:`ClaimedSession`, :class:`ClaimedCall`, no ORM objects) and reports the outcome
-(``mark_trained``, ``mark_skipped``, ``release``). Nothing under ``trainwire.rl`` writes SQL.
+records back (:class:`ClaimedSession`, :class:`ClaimedCall` of store/episodes.py, no ORM objects) and reports the
+outcome (``mark_trained``, ``mark_skipped``, ``release``). Nothing under ``trainwire.rl`` writes SQL.
 
 A session is *finished* when its final reward row exists (``rewards.final``; ``value`` may be NULL for a
 close without a reward) and that row is at least ``settle_s`` old, so calls still in the proxy's write
@@ -29,38 +29,33 @@ in ``batch_size`` sessions; the first group is always taken, cut to ``max(batch_
 oldest sessions if it is larger. With ``group_size = 0`` nothing waits: the oldest finished sessions are
 claimed, up to ``batch_size``.
 
-After the claim commits, the episodes are loaded: trainable calls only (``calls.trainable``), plus, for supervised
-fine-tuning, the calls of the frozen routes named in ``sft_from`` (``route = 'frozen'`` and ``model_requested`` one
-of them; these come with their recorded request and answer, since they have no token ids of the policy's), of the
-selected agents only (``train_agents``; empty = all), ordered by ``(started_at, seq)``, each with the sum
-of its intermediate rewards (non-final rewards with a value), the sampling settings it was sent with and the
-proxy's ``untrainable_reason`` (the trainer decides what to skip: :mod:`trainwire.rl.transitions`). A non-final
-reward posted without a ``call_id`` goes to the last loaded call that had finished when the reward was posted
-(else the first); rewards on calls that were not loaded (other agents, not trainable) are not part of the
-episode.
+After the claim commits, the episodes are loaded (store/episodes.py): trainable calls only (``calls.trainable``),
+plus, for supervised fine-tuning, the calls of the frozen routes named in ``sft_from`` (``route = 'frozen'`` and
+``model_requested`` one of them; these come with their recorded request and answer, since they have no token ids of
+the policy's), of the selected agents only (``train_agents``; empty = all), ordered by ``(started_at, seq)``, each
+with the sum of its intermediate rewards (non-final rewards with a value), the sampling settings it was sent with
+and the proxy's ``untrainable_reason`` (the trainer decides what to skip: :mod:`trainwire.rl.transitions`). A
+non-final reward posted without a ``call_id`` goes to the last loaded call that had finished when the reward was posted
+(else the first); rewards on calls that were not loaded (other agents, not trainable) are not part of the episode.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
+from datetime import datetime, timedelta
 
 from sqlalchemy import Table, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from trainwire.store.db import write_tx
-from trainwire.store.delta_reads import DELTA_COLS, full_rows
+from trainwire.store.episodes import ClaimedSession, load_episodes, utc_of
 from trainwire.store.models import Call, Reward, Session, utcnow
+from trainwire.store.rewards import aware
 
 log = logging.getLogger("trainwire.claim")
 
 __all__ = [
-    "ClaimedCall",
-    "ClaimedSession",
     "claim_batch",
     "pick_groups",
     "release",
@@ -74,60 +69,6 @@ __all__ = [
 S: Table = Session.__table__  # type: ignore[assignment]
 C: Table = Call.__table__  # type: ignore[assignment]
 R: Table = Reward.__table__  # type: ignore[assignment]
-
-
-@dataclass(frozen=True)
-class ClaimedCall:
-    id: str
-    seq: int
-    agent_name: str | None
-    policy_version: int | None
-    prompt_token_ids: list[int] | None
-    completion_token_ids: list[int] | None
-    logprobs: list[float] | None
-    finish_reason: str | None
-    reward: float  # sum of the intermediate rewards posted on this call (0.0 when none)
-    aborted: bool
-    status_code: int
-    started_at: datetime | None = None
-    # What went upstream ({"requested", "effective"[, "enforced"]}, proxy/sampling.py); None on rows recorded
-    # before migration 0002.
-    sampling: dict | None = None
-    untrainable_reason: str | None = None  # the proxy's reason not to train on this call's tokens, or None
-    route: str = "policy"  # policy | frozen (frozen calls are loaded only when selected with sft_from)
-    model_requested: str | None = None
-    kind: str = "chat"
-    # The call's request and answer as recorded: loaded only for the frozen calls selected with sft_from, which
-    # have no token ids of the policy's (the trainer renders them with the policy's chat template).
-    request: dict | None = None
-    response: dict | None = None
-    # How the store keeps the call (store/call_deltas.py): an earlier call of the session it was stored against
-    # (None: stored whole), and how many of that call's prompt + completion tokens its prompt starts with (None: no
-    # tokens shared). The trainer merges trajectories by it (rl/transitions.py). Not part of equality: the same
-    # call stored whole or as a delta is the same call.
-    base_call_id: str | None = field(default=None, compare=False)
-    prompt_prefix_len: int | None = field(default=None, compare=False)
-
-
-@dataclass
-class ClaimedSession:
-    id: str
-    task_id: str | None
-    final_reward: float | None  # None: closed without a reward
-    calls: list[ClaimedCall] = field(default_factory=list)
-    finished_at: datetime | None = None  # when the final reward was posted
-
-
-def _aware(dt: datetime | None) -> datetime | None:
-    """SQLite hands DateTime(timezone=True) back naive (the stored wall time, UTC by convention)."""
-    if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=UTC)
-    return dt
-
-
-def _utc(dt: datetime) -> datetime:
-    """:func:`_aware` of a column that is never NULL where it is read."""
-    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
 
 
 def _finished(settle_cutoff: datetime):
@@ -196,7 +137,7 @@ async def claim_batch(
     if not picked:
         return []
     try:
-        return await _load(engine, picked, train_agents, sft_from)
+        return await load_episodes(engine, picked, train_agents, sft_from)
     except BaseException:
         # The claim committed but the episodes could not be read: give them back now instead of after
         # the stale-claim timeout.
@@ -232,7 +173,7 @@ async def _locked_group_candidates(
     ).all()
     # Oldest groups first, at most batch_size groups (each has at least one session).
     heads = sorted(
-        [(_aware(t.oldest), 0, t.task_id) for t in tasks] + [(_aware(s.finished_at), 1, s.id) for s in loners]
+        [(aware(t.oldest), 0, t.task_id) for t in tasks] + [(aware(s.finished_at), 1, s.id) for s in loners]
     )[:batch_size]
     if not heads:
         return []
@@ -264,7 +205,7 @@ def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cut
         groups.setdefault(key, []).append(r)
     picked: list = []
     for (kind, _), members in groups.items():
-        eligible = kind == 1 or len(members) >= group_size or _utc(members[0].finished_at) <= timeout_cutoff
+        eligible = kind == 1 or len(members) >= group_size or utc_of(members[0].finished_at) <= timeout_cutoff
         if not eligible:
             continue  # part of it is held by another claimer, and what is left is not a group yet
         if not picked:
@@ -276,119 +217,6 @@ def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cut
         if len(picked) >= batch_size:
             break
     return picked
-
-
-_CALL_COLUMNS = (
-    C.c.id,
-    C.c.session_id,
-    C.c.seq,
-    C.c.agent_name,
-    C.c.policy_version,
-    C.c.prompt_token_ids,
-    C.c.completion_token_ids,
-    C.c.logprobs,
-    C.c.finish_reason,
-    C.c.aborted,
-    C.c.status_code,
-    C.c.started_at,
-    C.c.finished_at,
-    C.c.sampling,
-    C.c.untrainable_reason,
-    C.c.route,
-    C.c.model_requested,
-    C.c.kind,
-    *DELTA_COLS,
-)
-
-
-async def _load(
-    engine: AsyncEngine, picked: list, train_agents: Sequence[str], sft_from: Sequence[str] = ()
-) -> list[ClaimedSession]:
-    ids = [r.id for r in picked]
-    stmts = [select(*_CALL_COLUMNS).where(C.c.session_id.in_(ids), C.c.trainable == True)]  # noqa: E712
-    if sft_from:
-        # Frozen calls have no token ids of the policy's: the trainer renders their request and answer.
-        stmts.append(
-            select(*_CALL_COLUMNS, C.c.request, C.c.response).where(
-                C.c.session_id.in_(ids), C.c.route == "frozen", C.c.model_requested.in_(list(dict.fromkeys(sft_from)))
-            )
-        )
-    if train_agents:
-        stmts = [stmt.where(C.c.agent_name.in_(list(train_agents))) for stmt in stmts]
-    reward_stmt = (
-        select(R.c.session_id, R.c.call_id, R.c.value, R.c.created_at)
-        .where(R.c.session_id.in_(ids), R.c.final == False, R.c.value.is_not(None))  # noqa: E712
-        .order_by(R.c.id)
-    )
-    async with engine.connect() as conn:
-        call_rows = []
-        for i, stmt in enumerate(stmts):
-            # Calls stored as deltas (store/call_deltas.py) come back with their full prompts (and requests, for
-            # the frozen calls whose request is loaded).
-            loaded = [row._mapping for row in (await conn.execute(stmt)).all()]
-            call_rows += [SimpleNamespace(**m) for m in await full_rows(conn, loaded, tokens=True, request=i > 0)]
-        reward_rows = (await conn.execute(reward_stmt)).all()
-    call_rows.sort(key=lambda c: (c.session_id, _utc(c.started_at), c.seq))
-
-    calls_of: dict[str, list] = defaultdict(list)
-    for c in call_rows:
-        calls_of[c.session_id].append(c)
-    by_call: dict[str, float] = defaultdict(float)
-    for rw in reward_rows:
-        calls = calls_of.get(rw.session_id)
-        if not calls:
-            continue
-        if rw.call_id is not None:
-            by_call[rw.call_id] += float(rw.value)  # ignored below unless the call was loaded
-            continue
-        at = _utc(rw.created_at)
-        target = calls[0]
-        for c in calls:
-            if c.finished_at is not None and _utc(c.finished_at) <= at:
-                target = c
-        by_call[target.id] += float(rw.value)
-
-    out = []
-    for r in picked:
-        out.append(
-            ClaimedSession(
-                id=r.id,
-                task_id=r.task_id,
-                final_reward=None if r.final_value is None else float(r.final_value),
-                finished_at=_aware(r.finished_at),
-                calls=[
-                    ClaimedCall(
-                        id=c.id,
-                        seq=c.seq,
-                        agent_name=c.agent_name,
-                        policy_version=c.policy_version,
-                        prompt_token_ids=_list(c.prompt_token_ids),
-                        completion_token_ids=_list(c.completion_token_ids),
-                        logprobs=_list(c.logprobs),
-                        finish_reason=c.finish_reason,
-                        reward=by_call.get(c.id, 0.0),
-                        aborted=bool(c.aborted),
-                        status_code=c.status_code,
-                        started_at=_aware(c.started_at),
-                        sampling=c.sampling,
-                        untrainable_reason=c.untrainable_reason,
-                        route=c.route,
-                        model_requested=c.model_requested,
-                        kind=c.kind,
-                        request=getattr(c, "request", None),
-                        response=getattr(c, "response", None),
-                        base_call_id=c.base_call_id,
-                        prompt_prefix_len=c.prompt_prefix_len,
-                    )
-                    for c in calls_of.get(r.id, [])
-                ],
-            )
-        )
-    return out
-
-
-def _list(value) -> list | None:
-    return None if value is None else list(value)
 
 
 async def _set(

@@ -6,8 +6,8 @@ How:
 - Sessions are taken in batches of `batch_sessions`, in session id order (keyset). Each batch is one
   transaction. Session by session (what is held in memory is one session's calls), the calls are loaded with
   their full values (`delta_reads.full_rows`), encoded in order (start time, seq, id) against the last calls of
-  their session with `call_deltas.encode` and the writer's `DeltaCache` (so the result is what the writer would
-  have stored), and every whole row that shares a prefix with an earlier call is rewritten in place as a delta
+  their session with `call_deltas.encode` and a `DeltaCache` (store/delta_cache.py), as the writer would have
+  stored them, and every whole row that shares a prefix with an earlier call is rewritten in place as a delta
   of it. Rows already stored as deltas stay as they are
   (and serve as bases). A row's full values never change, so readers see exactly the same before and after.
 - Resumable: the batch's transaction also records the last session id done (`store_info`), so an interrupted
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,11 +46,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from trainwire.records import CallRecord
 from trainwire.store.call_deltas import encode, remember
 from trainwire.store.db import write_tx
+from trainwire.store.delta_cache import DeltaCache
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Session, StoreInfo
-from trainwire.store.writer import DeltaCache
 
-__all__ = ["CompactReport", "RESCAN_MARGIN", "StopOnSignal", "compact_calls", "stored_bytes"]
+__all__ = ["CompactReport", "RESCAN_MARGIN", "compact_calls", "stored_bytes"]
 
 C: Table = Call.__table__  # type: ignore[assignment]
 S: Table = Session.__table__  # type: ignore[assignment]
@@ -252,31 +251,6 @@ async def _batch(conn, session_ids: list[str], report: CompactReport, dry_run: b
             await conn.execute(_update(tokens, request), list(group))
 
 
-class StopOnSignal:
-    """SIGINT / SIGTERM while a run goes: finish (commit) the batch in flight, then stop."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopOnSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: the caller's should_stop decides
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: stop now (the batch in flight rolls back)
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 async def compact_calls(
     engine: AsyncEngine,
     *,
@@ -288,7 +262,8 @@ async def compact_calls(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> CompactReport:
     """Compact the sessions not compacted yet, `batch_sessions` per transaction; stop after `max_sessions`
-    (0: all), on SIGINT / SIGTERM (after the batch in flight) or when `should_stop()`; the next run goes on."""
+    (0: all), or when `should_stop()` (asked before each batch: the command's SIGINT / SIGTERM, trainwire/cli.py);
+    the next run goes on."""
     report = CompactReport(dry_run=dry_run)
     async with engine.connect() as conn:
         run = await _info(conn, RUN_KEY)
@@ -313,41 +288,40 @@ async def compact_calls(
     scope = f"sessions with a call since {since.isoformat()}" if since else "every session"
     say(f"{where}{report.total} sessions to look at ({scope}){' (dry run: nothing is written)' if dry_run else ''}")
     t0 = last_say = time.monotonic()
-    with StopOnSignal() as stop:
-        while True:
-            if stop.requested or should_stop():
-                report.interrupted = True
+    while True:
+        if should_stop():
+            report.interrupted = True
+            break
+        limit = batch_sessions
+        if max_sessions:
+            limit = min(limit, max_sessions - report.sessions)
+            if limit <= 0:
                 break
-            limit = batch_sessions
-            if max_sessions:
-                limit = min(limit, max_sessions - report.sessions)
-                if limit <= 0:
-                    break
-            async with write_tx(engine, _LOCK_ID) as conn:
-                ids = list(
-                    (
-                        await conn.execute(select(S.c.id).where(_wanted(since, after)).order_by(S.c.id).limit(limit))
-                    ).scalars()
-                )
-                if not ids:
-                    report.complete = True
-                    if not dry_run:
-                        await _set_info(conn, RUN_KEY, None)
-                        await _set_info(conn, DONE_KEY, started)
-                    break
-                await _batch(conn, ids, report, dry_run)
-                after = ids[-1]
+        async with write_tx(engine, _LOCK_ID) as conn:
+            ids = list(
+                (
+                    await conn.execute(select(S.c.id).where(_wanted(since, after)).order_by(S.c.id).limit(limit))
+                ).scalars()
+            )
+            if not ids:
+                report.complete = True
                 if not dry_run:
-                    await _set_info(
-                        conn,
-                        RUN_KEY,
-                        json.dumps({"started": started, "since": since.isoformat() if since else None, "after": after}),
-                    )
-            report.sessions += len(ids)
-            report.batches.append(len(ids))
-            if time.monotonic() - last_say >= 1.0:
-                last_say = time.monotonic()
-                say(_progress(report, time.monotonic() - t0))
+                    await _set_info(conn, RUN_KEY, None)
+                    await _set_info(conn, DONE_KEY, started)
+                break
+            await _batch(conn, ids, report, dry_run)
+            after = ids[-1]
+            if not dry_run:
+                await _set_info(
+                    conn,
+                    RUN_KEY,
+                    json.dumps({"started": started, "since": since.isoformat() if since else None, "after": after}),
+                )
+        report.sessions += len(ids)
+        report.batches.append(len(ids))
+        if time.monotonic() - last_say >= 1.0:
+            last_say = time.monotonic()
+            say(_progress(report, time.monotonic() - t0))
     say(_progress(report, time.monotonic() - t0))
     return report
 

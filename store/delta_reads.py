@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Table, and_, func, select
 
-from trainwire.store.call_deltas import Stored, expand
+from trainwire.store.delta_expand import Stored, expand
 from trainwire.store.models import Call
 
 __all__ = ["DELTA_COLS", "full_rows", "prompt_missing", "prompt_tokens"]

@@ -1,7 +1,8 @@
 """`trainwire export --format jsonl|parquet --out FILE [--since T] [--until T] [--agent NAME] [--task ID]
 [--include-eval]`: one row per LLM call, usable for SFT or prompt optimization without trainwire.
 
-Which calls: chat and completion calls the upstream answered (status 200), oldest first, in [since, until)
+Which calls: calls of every kind whose shape exports (trainwire.call_shapes: chat, completions, Responses,
+Messages; not pass-through calls) the upstream answered (status 200), oldest first, in [since, until)
 by start time; only trainable ones (not `X-Trainwire-Train: false`, not frozen routes) unless
 `--include-eval`; none of a session `trainwire prune` pruned (its calls are in the archive files it wrote).
 Read in pages of `PAGE` calls (keyset on start time and id), written as they come: memory stays flat however
@@ -12,8 +13,11 @@ Columns:
 - call_id, session_id, seq, task_id, agent_name, policy_version, model_requested, model_served, route,
   trainable, kind, stream, started_at (ISO 8601 UTC in JSONL, a UTC timestamp in Parquet), finish_reason,
   aborted (a stream the client cut off: its output is partial)
-- messages, tools (chat request), prompt (completion request); response_text, reasoning_content,
-  response_tool_calls ([{id, name, arguments}]). In Parquet, messages / tools / response_tool_calls are JSON text.
+- messages, tools (in OpenAI's chat format: a chat request's as sent; a Responses or Messages request's input
+  read as chat messages, with its tool calls and tool results, and its function tools as chat tools), prompt
+  (completion request); response_text, reasoning_content, response_tool_calls ([{id, name, arguments}], from the
+  answer of any API). Each kind's shape says how (`CallShape.export`, `CallShape.answer`). In Parquet, messages /
+  tools / response_tool_calls are JSON text.
 - prompt_token_ids, completion_token_ids, logprobs (one per completion token; as the upstream sampled them)
 - rewards, as LightningRL assigns them (gamma 1): `final_reward` is the session's final reward (null when the
   session has none yet, or was closed by /finish without one: see `session_finished`); `intermediate_reward`
@@ -29,60 +33,24 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from trainwire.call_shapes import SHAPES, ExportInput, call_output, content_text, shape_of
 from trainwire.store.db import make_engine
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
+from trainwire.store.export_files import ExportError, JsonlSink, ParquetSink
 from trainwire.store.models import Call, Reward, Session
-from trainwire.store.queries import call_output, content_text
 from trainwire.store.rewards import aware
 
 C, R, S = Call.__table__, Reward.__table__, Session.__table__
 PAGE = 500
-
-COLUMNS = [
-    "call_id",
-    "session_id",
-    "seq",
-    "task_id",
-    "agent_name",
-    "policy_version",
-    "model_requested",
-    "model_served",
-    "route",
-    "trainable",
-    "kind",
-    "stream",
-    "started_at",
-    "finish_reason",
-    "aborted",
-    "messages",
-    "tools",
-    "prompt",
-    "response_text",
-    "reasoning_content",
-    "response_tool_calls",
-    "prompt_token_ids",
-    "completion_token_ids",
-    "logprobs",
-    "final_reward",
-    "session_finished",
-    "intermediate_reward",
-    "reward",
-    "rewards",
-]
-JSON_TEXT_IN_PARQUET = ("messages", "tools", "response_tool_calls", "request", "response")
-# An archive (`trainwire prune --archive-dir`, store/retention.py): every column of the export, and the request
-# and response as recorded (JSON text), so a pruned call of any API can be read back whole.
-ARCHIVE_COLUMNS = [*COLUMNS, "request", "response"]
+EXPORTED_KINDS = tuple(kind for kind, shape in SHAPES.items() if shape.export is not None)
 
 _SELECT = [
     C.c.id,
@@ -109,10 +77,6 @@ _SELECT = [
 ]
 
 
-class ExportError(Exception):
-    pass
-
-
 def parse_time(value: str | None, flag: str) -> datetime | None:
     if not value:
         return None
@@ -128,7 +92,7 @@ def parse_time(value: str | None, flag: str) -> datetime | None:
 def _filters(since, until, agents, tasks, include_eval) -> list:
     # Pruned sessions (store/retention.py) have no bodies left to export: they are in their archive files.
     pruned = select(S.c.id).where(S.c.pruned_at.is_not(None))
-    cond = [C.c.kind.in_(("chat", "completion")), C.c.status_code == 200, C.c.session_id.not_in(pruned)]
+    cond = [C.c.kind.in_(EXPORTED_KINDS), C.c.status_code == 200, C.c.session_id.not_in(pruned)]
     if not include_eval:
         cond.append(C.c.trainable.is_(True))
     if since:
@@ -163,13 +127,14 @@ class _Page:
 
 
 def _row(m, page: _Page, raw: bool = False) -> dict[str, Any]:
+    shape = shape_of(m["kind"])
     request = m["request"] if isinstance(m["request"], dict) else {}
     out = call_output(m["kind"], m["response"]) or {}
+    given = shape.export(request) if shape.export is not None else ExportInput()
     final = page.finals.get(m["session_id"])
     inter = page.per_call.get(m["id"], [])
     intermediate = float(sum(r.value for r in inter if r.value is not None))
     final_value = final.value if final else None
-    prompt = request.get("prompt") if m["kind"] == "completion" else None
     row = {
         "call_id": m["id"],
         "session_id": m["session_id"],
@@ -186,9 +151,9 @@ def _row(m, page: _Page, raw: bool = False) -> dict[str, Any]:
         "started_at": aware(m["started_at"]),
         "finish_reason": m["finish_reason"],
         "aborted": bool(m["aborted"]),
-        "messages": request.get("messages") if m["kind"] == "chat" else None,
-        "tools": request.get("tools") if m["kind"] == "chat" else None,
-        "prompt": prompt if isinstance(prompt, str) or prompt is None else orjson.dumps(prompt).decode(),
+        "messages": given.messages,
+        "tools": given.tools,
+        "prompt": given.prompt,
         "response_text": content_text(out.get("content")),
         "reasoning_content": out.get("reasoning_content"),
         "response_tool_calls": out.get("tool_calls"),
@@ -259,68 +224,6 @@ async def pages(engine: AsyncEngine, cond, page_size: int = PAGE, raw: bool = Fa
         after = (last["started_at"], last["id"])
         if len(page.calls) < page_size:
             return
-
-
-# --- writers ---------------------------------------------------------------------------------------------
-
-
-class JsonlSink:
-    def __init__(self, path: Path) -> None:
-        self.f = path.open("wb")
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        self.f.write(b"".join(orjson.dumps(r, option=orjson.OPT_UTC_Z) + b"\n" for r in rows))
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def parquet_schema(columns: list[str] = COLUMNS):
-    import pyarrow as pa
-
-    reward = pa.struct([("id", pa.int64()), ("source", pa.string()), ("value", pa.float64()), ("final", pa.bool_())])
-    types = {
-        "seq": pa.int32(),
-        "policy_version": pa.int32(),
-        "trainable": pa.bool_(),
-        "stream": pa.bool_(),
-        "aborted": pa.bool_(),
-        "started_at": pa.timestamp("us", tz="UTC"),
-        "prompt_token_ids": pa.list_(pa.int32()),
-        "completion_token_ids": pa.list_(pa.int32()),
-        "logprobs": pa.list_(pa.float64()),
-        "final_reward": pa.float64(),
-        "session_finished": pa.bool_(),
-        "intermediate_reward": pa.float64(),
-        "reward": pa.float64(),
-        "rewards": pa.list_(reward),
-    }
-    return pa.schema([(name, types.get(name, pa.string())) for name in columns])
-
-
-class ParquetSink:
-    def __init__(self, path: Path, columns: list[str] = COLUMNS) -> None:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ExportError("--format parquet needs pyarrow: pip install 'trainwire[export]'") from None
-        self.columns = columns
-        self.schema = parquet_schema(columns)
-        self.writer = pq.ParquetWriter(str(path), self.schema, compression="zstd")
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        import pyarrow as pa
-
-        cols = {}
-        for name in self.columns:
-            values = [r[name] for r in rows]
-            if name in JSON_TEXT_IN_PARQUET:
-                values = [None if v is None else orjson.dumps(v).decode() for v in values]
-            cols[name] = values
-        self.writer.write_table(pa.Table.from_pydict(cols, schema=self.schema))
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 # --- command ---------------------------------------------------------------------------------------------
@@ -411,11 +314,3 @@ def run_export(settings, args: argparse.Namespace) -> int:
         print(f"trainwire export: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Read an export back (for tests and scripts)."""
-    with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                yield orjson.loads(line)

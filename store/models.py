@@ -150,7 +150,7 @@ class PolicyVersion(Base):
     served_model: Mapped[str] = mapped_column(String(256))
     path: Mapped[str] = mapped_column(Text)
     train_step: Mapped[int | None] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), default="published")  # published | partial | retired
+    status: Mapped[str] = mapped_column(String(16), default="published")  # published | partial
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from trainwire.store.models import PolicyVersion, UpstreamVersion, utcnow
@@ -150,8 +150,3 @@ async def record_publish(
             await conn.execute(
                 text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": str(version)}
             )
-
-
-async def retire_version(engine: AsyncEngine, version: int) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(update(PolicyVersion).where(PolicyVersion.version == version).values(status="retired"))

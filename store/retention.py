@@ -3,7 +3,7 @@ trainer is done with, so the calls table stops growing with history.
 
 Which sessions: status trained or skipped (the trainer never reads them again), last call older than N days
 (N >= `MIN_OLDER_THAN_DAYS`, one day: far beyond the age at which the proxy's writer stops storing calls as
-deltas of a cached call, store/writer.MAX_BASE_AGE_S), not pruned yet. Whole sessions at a time: a call stored as a delta (store/call_deltas.py) is read through
+deltas of a cached call, store/delta_cache.MAX_BASE_AGE_S), not pruned yet. Whole sessions at a time: a call stored as a delta (store/call_deltas.py) is read through
 earlier calls of its own session only, so no call that keeps its body can depend on a pruned one.
 
 What is dropped: each call's request, response, prompt and completion token ids and logprobs (and its delta
@@ -12,13 +12,13 @@ sampling, rewards, and the session row, whose `pruned_at` (migration 0005) says 
 call with no input, output or tokens.
 
 Batch by batch (`batch_sessions`, one transaction each): with `archive_dir`, the batch's calls are first
-written to `DIR/trainwire-pruned-<UTC time>-<batch>.parquet` by the export's writer (store/export.py: its
+written to `DIR/trainwire-pruned-<UTC time>-<batch>.parquet` by the export's writer (store/export_files.py: its
 columns plus the request and response as recorded, read whole also where stored as deltas), under a temporary
 name, fsynced, renamed and the directory fsynced; only then are the bodies dropped, and only of the sessions
 all of whose calls are in that file (a call recorded meanwhile leaves its session to the next run). On
 Postgres the sessions' rows are locked (FOR UPDATE) while they are checked and pruned, which holds off the
-write path's upsert of a late call of theirs; on SQLite the transaction holds the write lock. SIGINT / SIGTERM
-finish the batch in flight; an interrupted run's archived-but-not-dropped batch is archived again next time.
+write path's upsert of a late call of theirs; on SQLite the transaction holds the write lock. `should_stop` (the command's SIGINT /
+SIGTERM, trainwire/cli.py) finishes the batch in flight; an interrupted run's archived-but-not-dropped batch is archived again next time.
 
 On Postgres the space the dropped bodies held (mostly TOAST) is reused for new rows once (auto)vacuum has run;
 docs/scaling.md has the measurement (bench/retention.py).
@@ -37,9 +37,9 @@ from typing import Any
 from sqlalchemy import Table, and_, func, null, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from trainwire.store.compact import StopOnSignal
 from trainwire.store.db import write_tx
-from trainwire.store.export import ARCHIVE_COLUMNS, ParquetSink, pages
+from trainwire.store.export import pages
+from trainwire.store.export_files import ARCHIVE_COLUMNS, ParquetSink
 from trainwire.store.models import Call, Session
 
 __all__ = ["BODY_COLUMNS", "MIN_OLDER_THAN_DAYS", "PRUNABLE", "PruneReport", "prune"]
@@ -60,7 +60,7 @@ BODY_COLUMNS = (
 )
 _LOCK_ID = 0x7472_7072_756E  # "trprun"
 # The smallest --older-than-days (PruneSettings enforces it too). A proxy's writer stores a call as a delta only
-# of a call of its session that started less than store/writer.MAX_BASE_AGE_S (an hour) ago; a session prune
+# of a call of its session that started less than store/delta_cache.MAX_BASE_AGE_S (an hour) ago; a session prune
 # may prune has had no call for a day, so no delta is ever written against a call whose body is dropped.
 MIN_OLDER_THAN_DAYS = 1.0
 
@@ -158,63 +158,54 @@ async def prune(
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     after: str | None = None
     t0 = last_say = time.monotonic()
-    with StopOnSignal() as stop:
-        while True:
-            if stop.requested or should_stop():
-                report.interrupted = True
-                break
+    while True:
+        if should_stop():
+            report.interrupted = True
+            break
+        async with engine.connect() as conn:
+            ids = list(
+                (
+                    await conn.execute(select(S.c.id).where(_due(cutoff, after)).order_by(S.c.id).limit(batch_sessions))
+                ).scalars()
+            )
+        if not ids:
+            break
+        after = ids[-1]
+        if dry_run:
             async with engine.connect() as conn:
-                ids = list(
-                    (
-                        await conn.execute(
-                            select(S.c.id).where(_due(cutoff, after)).order_by(S.c.id).limit(batch_sessions)
-                        )
-                    ).scalars()
+                report.calls += int(
+                    (await conn.execute(select(func.count()).select_from(C).where(C.c.session_id.in_(ids)))).scalar()
+                    or 0
                 )
-            if not ids:
-                break
-            after = ids[-1]
-            if dry_run:
-                async with engine.connect() as conn:
-                    report.calls += int(
-                        (
-                            await conn.execute(select(func.count()).select_from(C).where(C.c.session_id.in_(ids)))
-                        ).scalar()
-                        or 0
-                    )
-                report.sessions += len(ids)
-                continue
-            archived: dict[str, set[str]] | None = None
-            if archive_dir is not None:
-                path = archive_dir / f"trainwire-pruned-{stamp}-{len(report.files or []) + 1:05d}.parquet"
-                archived = await _archive(engine, ids, path)
-                assert report.files is not None
-                report.files.append(path)
-                report.archived += sum(len(v) for v in archived.values())
-            async with write_tx(engine, _LOCK_ID) as conn:
-                lock = select(S.c.id).where(S.c.id.in_(ids), _due(cutoff, None))
-                if engine.dialect.name == "postgresql":
-                    lock = lock.with_for_update()
-                still = set((await conn.execute(lock)).scalars())
-                calls: dict[str, set[str]] = {}
-                for sid, cid in (
-                    await conn.execute(select(C.c.session_id, C.c.id).where(C.c.session_id.in_(list(still))))
-                ).all():
-                    calls.setdefault(sid, set()).add(cid)
-                ok = sorted(
-                    sid for sid in still if archived is None or calls.get(sid, set()) <= archived.get(sid, set())
-                )
-                report.deferred += len(still) - len(ok)
-                if ok:
-                    await conn.execute(
-                        update(C).where(C.c.session_id.in_(ok)).values({c: null() for c in BODY_COLUMNS})
-                    )
-                    await conn.execute(update(S).where(S.c.id.in_(ok)).values(pruned_at=now))
-            report.sessions += len(ok)
-            report.calls += sum(len(calls.get(sid, ())) for sid in ok)
-            if time.monotonic() - last_say >= 1.0:
-                last_say = time.monotonic()
-                say(_progress(report, time.monotonic() - t0))
+            report.sessions += len(ids)
+            continue
+        archived: dict[str, set[str]] | None = None
+        if archive_dir is not None:
+            path = archive_dir / f"trainwire-pruned-{stamp}-{len(report.files or []) + 1:05d}.parquet"
+            archived = await _archive(engine, ids, path)
+            assert report.files is not None
+            report.files.append(path)
+            report.archived += sum(len(v) for v in archived.values())
+        async with write_tx(engine, _LOCK_ID) as conn:
+            lock = select(S.c.id).where(S.c.id.in_(ids), _due(cutoff, None))
+            if engine.dialect.name == "postgresql":
+                lock = lock.with_for_update()
+            still = set((await conn.execute(lock)).scalars())
+            calls: dict[str, set[str]] = {}
+            for sid, cid in (
+                await conn.execute(select(C.c.session_id, C.c.id).where(C.c.session_id.in_(list(still))))
+            ).all():
+                calls.setdefault(sid, set()).add(cid)
+            ok = sorted(sid for sid in still if archived is None or calls.get(sid, set()) <= archived.get(sid, set()))
+            report.deferred += len(still) - len(ok)
+            if ok:
+                await conn.execute(update(C).where(C.c.session_id.in_(ok)).values({c: null() for c in BODY_COLUMNS}))
+                await conn.execute(update(S).where(S.c.id.in_(ok)).values(pruned_at=now))
+        report.sessions += len(ok)
+        report.calls += sum(len(calls.get(sid, ())) for sid in ok)
+        if time.monotonic() - last_say >= 1.0:
+            last_say = time.monotonic()
+            say(_progress(report, time.monotonic() - t0))
     if not dry_run:
         report.table_bytes_after = await _table_bytes(engine)
     say(_progress(report, time.monotonic() - t0))

@@ -24,6 +24,7 @@ from sqlalchemy import Table, and_, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from trainwire.records import text_problem
 from trainwire.store.models import Call, Reward, Session, utcnow
 
 # Tables (SQLAlchemy types __table__ as its FromClause base).
@@ -247,12 +248,9 @@ def check_storable_json(value: Any, where: str, depth: int = 0) -> None:
 
 
 def _check_text(text: str, where: str) -> None:
-    if "\x00" in text:
-        raise ValueError(f"{where} contains the NUL character (U+0000), which the database cannot store")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{where} contains a lone surrogate, which is not valid Unicode") from None
+    problem = text_problem(text)
+    if problem:
+        raise ValueError(f"{where} {problem}")
 
 
 # --- admin: removing rewards -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Calls stored as deltas stay readable, or say they are not, whatever runs beside the reader: a reader racing
 `trainwire compact-calls` loads every base its rows reach (store/delta_reads.py), and no delta is stored
-against, or read wrongly from, a call whose body `trainwire prune` dropped (store/writer.py's `DeltaCache`
-expiry, `call_deltas.expand`'s checks)."""
+against, or read wrongly from, a call whose body `trainwire prune` dropped (store/delta_cache.py's `DeltaCache`
+expiry, `delta_expand.expand`'s checks)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from tests.unit.test_call_deltas import rec
 from trainwire.store import delta_reads
 from trainwire.store.call_deltas import encode, remember
 from trainwire.store.db import make_engine
+from trainwire.store.delta_cache import MAX_BASE_AGE_S
 from trainwire.store.delta_reads import DELTA_COLS, full_rows
 from trainwire.store.models import Call, Session
 from trainwire.store.retention import prune
 from trainwire.store.write_sql import write_batch
-from trainwire.store.writer import MAX_BASE_AGE_S, BatchWriter
+from trainwire.store.writer import BatchWriter
 
 C = Call.__table__
 _LOAD = [C.c.id, C.c.session_id, C.c.kind, C.c.request, C.c.prompt_token_ids, C.c.completion_token_ids, *DELTA_COLS]

@@ -19,11 +19,14 @@ from trainwire.records import CallRecord
 from trainwire.rl.transitions import build_samples
 from trainwire.store.claims import claim_batch
 from trainwire.store.db import make_engine
+from trainwire.store.delta_cache import DeltaCache
 from trainwire.store.export import _filters, pages
 from trainwire.store.migrate import upgrade_head
-from trainwire.store.queries import find_tool_call_producers, get_call, get_session, list_sessions, stats
+from trainwire.store.reads.calls import find_tool_call_producers, get_call
+from trainwire.store.reads.sessions import get_session, list_sessions
+from trainwire.store.reads.stats import stats
 from trainwire.store.rewards import NewReward, store_reward
-from trainwire.store.writer import BatchWriter, DeltaCache
+from trainwire.store.writer import BatchWriter
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

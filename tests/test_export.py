@@ -16,7 +16,8 @@ import pytest
 
 from tests.support import dbread
 from tests.support.apihelpers import TOOLS, chat, post, start, wait_rewards
-from trainwire.store.export import COLUMNS, export, iter_jsonl
+from trainwire.store.export import export
+from trainwire.store.export_files import COLUMNS, iter_jsonl
 
 
 def run_export(db_url: str, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -268,3 +269,80 @@ def test_large_export_pages_and_reports_progress(pg_url, tmp_path):
     assert n == 1300
     assert [r["call_id"] for r in iter_jsonl(tmp_path / "small.jsonl")] == [c["id"] for c in calls]
     assert "wrote 1300 calls" in sink.text
+
+
+def test_responses_and_messages_calls_export_their_messages_tools_and_answers(start_proxy, upstream, db_url, tmp_path):
+    """A Responses and a Messages call, recorded through the proxy on Postgres and SQLite, export as chat: their
+    input read as chat messages (instructions / system first, tool calls and tool results in order), their
+    function tools as chat tools, and the answer's text and tool calls (trainwire.call_shapes)."""
+    p = start(start_proxy, upstream, db_url, tmp_path)
+    upstream.script(text="It is 4.")
+    r = httpx.post(
+        f"{p.v1}/responses",
+        headers={"X-Session-Id": "ex-resp"},
+        json={
+            "model": "policy",
+            "instructions": "Be brief.",
+            "input": [
+                {"type": "message", "role": "user", "content": "2+2?"},
+                {"type": "function_call", "call_id": "fc1", "name": "calculator", "arguments": '{"e": "2+2"}'},
+                {"type": "function_call_output", "call_id": "fc1", "output": "4"},
+            ],
+            "tools": [{"type": "function", "name": "calculator", "parameters": {"type": "object"}}],
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    upstream.script(tool_calls=[{"name": "calculator", "arguments": '{"e": "3*3"}'}])
+    r = httpx.post(
+        f"{p.v1}/messages",
+        headers={"X-Session-Id": "ex-msg"},
+        json={
+            "model": "policy",
+            "max_tokens": 64,
+            "system": "Use the tool.",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "3*3?"}]}],
+            "tools": [{"name": "calculator", "description": "math", "input_schema": {"type": "object"}}],
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    dbread.wait_calls(db_url, 2)
+    p.stop()
+
+    out = tmp_path / "calls.jsonl"
+    proc = run_export(db_url, out)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["kind"]: r for r in iter_jsonl(out)}
+    assert set(rows) == {"responses", "messages"}
+    resp, msg = rows["responses"], rows["messages"]
+    assert resp["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "fc1", "type": "function", "function": {"name": "calculator", "arguments": '{"e": "2+2"}'}}
+            ],
+        },
+        {"role": "tool", "content": "4", "tool_call_id": "fc1"},
+    ]
+    assert resp["tools"] == [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]
+    assert resp["response_text"] == "It is 4." and resp["response_tool_calls"] is None and resp["prompt"] is None
+    assert msg["messages"] == [{"role": "system", "content": "Use the tool."}, {"role": "user", "content": "3*3?"}]
+    assert msg["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "calculator", "description": "math", "parameters": {"type": "object"}},
+        }
+    ]
+    (tool_call,) = msg["response_tool_calls"]
+    assert tool_call["name"] == "calculator" and json.loads(tool_call["arguments"]) == {"e": "3*3"}
+    assert isinstance(tool_call["id"], str) and msg["response_text"] is None
+    for row in (resp, msg):
+        assert (
+            row["prompt_token_ids"]
+            and row["completion_token_ids"]
+            and len(row["logprobs"]) == len(row["completion_token_ids"])
+        )

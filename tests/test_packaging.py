@@ -69,9 +69,9 @@ def test_type_checker_outside_the_checkout_resolves_every_subpackage(tmp_path):
     ty = Path(sys.executable).with_name("ty")
     user = tmp_path / "user.py"
     user.write_text(
-        "from trainwire.store import queries\nfrom trainwire.proxy import app\n"
+        "from trainwire.store import db\nfrom trainwire.proxy import app\n"
         "from trainwire.rl.engine import config\nfrom trainwire.migrations import env\n"
-        "x: int = queries.no_such_name\n"
+        "x: int = db.no_such_name\n"
     )
     out = subprocess.run(
         [str(ty), "check", "--python", sys.prefix, str(user)], capture_output=True, text=True, cwd=tmp_path

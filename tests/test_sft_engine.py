@@ -26,7 +26,7 @@ from trainwire.rl.engine.policy import sequence_loss_mask  # noqa: E402
 from trainwire.rl.retokenize import ChatRenderer  # noqa: E402
 from trainwire.rl.samples import Sample  # noqa: E402
 from trainwire.rl.sft import build_sft_samples  # noqa: E402
-from trainwire.store.claims import ClaimedCall, ClaimedSession  # noqa: E402
+from trainwire.store.episodes import ClaimedCall, ClaimedSession  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from tests.support.ports import free_port
 from tests.support.proxyproc import ProxyProcess
 from trainwire.rl.retokenize import ChatRenderer
 from trainwire.rl.sft import build_sft_samples
-from trainwire.store import claims
+from trainwire.store import claims, episodes
 from trainwire.store.db import make_engine
 
 if importlib.util.find_spec("litellm") is None:  # imported by the proxy only (importing it here fetches prices)
@@ -130,7 +130,7 @@ def reward(proxy, sid: str, value: float) -> None:
     assert r.status_code == 200, r.text
 
 
-async def claim_all(db_url: str, sft_from: list[str]) -> list[claims.ClaimedSession]:
+async def claim_all(db_url: str, sft_from: list[str]) -> list[episodes.ClaimedSession]:
     engine = make_engine(db_url)
     try:
         return await claims.claim_batch(

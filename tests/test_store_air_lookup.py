@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from tests.support import dbread
 from trainwire.store.db import make_engine
-from trainwire.store.queries import ProducerCandidate, find_tool_call_producers
+from trainwire.store.reads.calls import ProducerCandidate, find_tool_call_producers
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -30,6 +30,7 @@ from sqlalchemy import select, update
 
 from tests.support import dbread
 from tests.test_call_deltas_store import everything, sessions, write
+from trainwire.cli import StopOnSignal
 from trainwire.records import CallRecord
 from trainwire.store import compact
 from trainwire.store.compact import RUN_KEY, compact_calls, stored_bytes
@@ -37,7 +38,10 @@ from trainwire.store.db import make_engine
 from trainwire.store.export import _filters, pages
 from trainwire.store.migrate import upgrade_head
 from trainwire.store.models import Session, StoreInfo
-from trainwire.store.queries import PRUNED_REASON, get_call, get_session, list_sessions, stats
+from trainwire.store.reads.calls import get_call
+from trainwire.store.reads.sessions import get_session, list_sessions
+from trainwire.store.reads.stats import stats
+from trainwire.store.reads.trainability import PRUNED_REASON
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -191,7 +195,10 @@ def test_a_run_that_dies_inside_a_batch_loses_nothing_and_the_next_goes_on(two_u
             os.kill(os.getpid(), signal.SIGINT)
         return False
 
-    report = asyncio.run(_compact(url, batch_sessions=1, should_stop=interrupt_in_the_first_batch))
+    with StopOnSignal() as stop:  # the command's handler (trainwire/cli.py)
+        report = asyncio.run(
+            _compact(url, batch_sessions=1, should_stop=lambda: stop.requested or interrupt_in_the_first_batch())
+        )
     assert report.interrupted and report.resumed_after == sids[0] and report.sessions == 1
     assert n_deltas(url, sids[1]) > 0 and n_deltas(url, sids[2]) == 0
 

@@ -14,7 +14,7 @@ pytest.importorskip("verl")
 
 from trainwire.rl.engine.batch import padded_ppo_tensors  # noqa: E402
 from trainwire.rl.transitions import build_samples  # noqa: E402
-from trainwire.store.claims import ClaimedCall, ClaimedSession  # noqa: E402
+from trainwire.store.episodes import ClaimedCall, ClaimedSession  # noqa: E402
 
 PAD = 0
 

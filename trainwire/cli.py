@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import typing
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -161,7 +163,7 @@ def _replay_rejected(settings: JournalSettings, args: argparse.Namespace) -> int
 
     from trainwire.store.db import make_engine
     from trainwire.store.journal import rejected_files
-    from trainwire.store.writer import replay_rejected
+    from trainwire.store.rejected import replay_rejected
 
     if not rejected_files(settings.journal_dir):
         print(f"trainwire: no rejected rows in {settings.journal_dir}")
@@ -205,20 +207,49 @@ def _on_store(settings, work):
         return None
 
 
+class StopOnSignal:
+    """SIGINT / SIGTERM while a maintenance command runs (compact-calls, prune): the store's loop asks
+    `requested` before each batch, so the batch in flight finishes (commits), then it stops; a second signal stops
+    at once (the batch in flight rolls back). A command-line concern, so it lives here, not in the store."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: the caller's should_stop decides
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: stop now (the batch in flight rolls back)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def _compact_calls(settings: CompactSettings, args: argparse.Namespace) -> int:
     from trainwire.store.compact import compact_calls
 
-    report = _on_store(
-        settings,
-        lambda engine: compact_calls(
-            engine,
-            batch_sessions=settings.batch_sessions,
-            max_sessions=settings.max_sessions,
-            dry_run=args.dry_run,
-            restart=args.restart,
-            say=lambda m: print(f"trainwire compact-calls: {m}", flush=True),
-        ),
-    )
+    with StopOnSignal() as stop:
+        report = _on_store(
+            settings,
+            lambda engine: compact_calls(
+                engine,
+                batch_sessions=settings.batch_sessions,
+                max_sessions=settings.max_sessions,
+                dry_run=args.dry_run,
+                restart=args.restart,
+                say=lambda m: print(f"trainwire compact-calls: {m}", flush=True),
+                should_stop=lambda: stop.requested,
+            ),
+        )
     if report is None:
         return 2
     if report.interrupted or not report.complete:
@@ -234,17 +265,19 @@ def _prune(settings: PruneSettings, args: argparse.Namespace) -> int:
         print("trainwire: error: --older-than-days is required", file=sys.stderr)
         return 2
     days = settings.older_than_days
-    report = _on_store(
-        settings,
-        lambda engine: prune(
-            engine,
-            older_than_days=days,
-            archive_dir=settings.archive_dir,
-            batch_sessions=settings.batch_sessions,
-            dry_run=args.dry_run,
-            say=lambda m: print(f"trainwire prune: {m}", flush=True),
-        ),
-    )
+    with StopOnSignal() as stop:
+        report = _on_store(
+            settings,
+            lambda engine: prune(
+                engine,
+                older_than_days=days,
+                archive_dir=settings.archive_dir,
+                batch_sessions=settings.batch_sessions,
+                dry_run=args.dry_run,
+                say=lambda m: print(f"trainwire prune: {m}", flush=True),
+                should_stop=lambda: stop.requested,
+            ),
+        )
     if report is None:
         return 2
     return 130 if report.interrupted else 0

@@ -1,7 +1,8 @@
 """Typed records that cross layers: the proxy makes them, the store writes them.
 
 They sit at the bottom layer, beside the settings, so the proxy and the store can share them without importing
-each other's modules. Field names are the store's column names (tests/unit/test_records.py holds them to it)."""
+each other's modules; `token_problem` and `text_problem` are checks both sides make. Field names are the store's
+column names (tests/unit/test_records.py holds them to it)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,19 @@ def token_problem(
             return (
                 f"tokens: {len(ids)} recorded {name.split('_')[0]} token ids, but the upstream's usage says {counted}"
             )
+    return None
+
+
+def text_problem(value: str) -> str | None:
+    """Why a text value cannot go to the database, or None: Postgres refuses the NUL character in text and jsonb,
+    and neither driver can encode a lone surrogate (JSON escapes such as \\ud800 decode to one). The one check
+    of its meaning: the proxy's parameters, reward bodies and the store's cursors and ids all ask it."""
+    if "\x00" in value:
+        return "must not contain the NUL character (U+0000)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must not contain a lone surrogate (it is not valid Unicode)"
     return None
 
 

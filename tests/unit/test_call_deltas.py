@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainwire.records import CallRecord, as_row
-from trainwire.store.call_deltas import MissingBase, Stored, encode, encode_call, expand, remember
+from trainwire.store.call_deltas import MissingBase, encode, encode_call, remember
+from trainwire.store.delta_expand import Stored, expand
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -244,7 +245,7 @@ def test_every_call_rebuilt_from_the_stored_rows_equals_the_recorded_one(seed, o
 
 
 def test_the_cache_keeps_what_later_calls_can_branch_from():
-    from trainwire.store.writer import DeltaCache
+    from trainwire.store.delta_cache import DeltaCache
 
     cache = DeltaCache(per_session=3, max_age_s=None)
     m = [{"role": "user", "content": "x"}]
@@ -263,7 +264,7 @@ def test_the_cache_keeps_what_later_calls_can_branch_from():
 
 
 def test_the_cache_evicts_the_least_recently_written_sessions():
-    from trainwire.store.writer import DeltaCache
+    from trainwire.store.delta_cache import DeltaCache
 
     cache = DeltaCache(max_sessions=2, max_age_s=None)
     for sid in ("s1", "s2", "s1", "s3"):
@@ -278,7 +279,7 @@ def test_the_cache_evicts_the_least_recently_written_sessions():
 def test_the_cache_offers_no_call_older_than_its_age_limit():
     """No delta against a call that prune may have pruned: a cached call is a base only while it started less
     than `max_age_s` ago (by its own start, so also a call replayed from the journal long after)."""
-    from trainwire.store.writer import DeltaCache
+    from trainwire.store.delta_cache import DeltaCache
 
     cache = DeltaCache(max_age_s=3600)
     t = NOW.timestamp()

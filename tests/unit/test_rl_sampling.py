@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from trainwire.proxy import sampling as proxy_sampling
 from trainwire.rl.transitions import TRAINED_SAMPLING, build_samples, sampling_mismatch
-from trainwire.store.claims import ClaimedCall, ClaimedSession
+from trainwire.store.episodes import ClaimedCall, ClaimedSession
 
 NEUTRAL = {
     "temperature": 1.0,

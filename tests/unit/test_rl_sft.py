@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 from demo import calc_model, calc_task  # noqa: E402
 from trainwire.rl.retokenize import ChatRenderer, RenderError, normalize_message  # noqa: E402
 from trainwire.rl.sft import build_sft_samples  # noqa: E402
-from trainwire.store.claims import ClaimedCall, ClaimedSession  # noqa: E402
+from trainwire.store.episodes import ClaimedCall, ClaimedSession  # noqa: E402
 
 Q = calc_task.Question(expression="37*48+29", text="What is 37*48+29?", answer=1805)
 CALL = {

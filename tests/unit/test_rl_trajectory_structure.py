@@ -16,8 +16,9 @@ from tests.unit.test_call_deltas import Sim, stored
 from trainwire.records import CallRecord
 from trainwire.rl.sft import build_sft_samples
 from trainwire.rl.transitions import CallTokens, build_samples, chain_calls
-from trainwire.store.call_deltas import encode_call, expand
-from trainwire.store.claims import ClaimedCall, ClaimedSession
+from trainwire.store.call_deltas import encode_call
+from trainwire.store.delta_expand import expand
+from trainwire.store.episodes import ClaimedCall, ClaimedSession
 
 GREEDY = {"effective": {"temperature": 0.0}}
 

@@ -11,7 +11,7 @@ import pytest
 from trainwire.rl.credit import call_returns
 from trainwire.rl.samples import Sample
 from trainwire.rl.transitions import build_samples
-from trainwire.store.claims import ClaimedCall, ClaimedSession
+from trainwire.store.episodes import ClaimedCall, ClaimedSession
 
 _n = 0
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from trainwire.store.queries import BadQuery, _int_cursor, _time_id_cursor, decode_cursor, encode_cursor
+from trainwire.store.reads.cursors import BadQuery, decode_cursor, encode_cursor, int_cursor, time_id_cursor
 
 
 @pytest.mark.parametrize("values", [(7,), (0,), (2**62,), ("s/1", 3), (None,), ("ünï", "x", 1.5)])
@@ -21,13 +21,13 @@ def test_datetimes_are_encoded_as_iso_and_read_back_as_utc():
     t = datetime(2026, 3, 1, 12, 0, 1, 123456, tzinfo=UTC)
     cursor = encode_cursor(t, "sess-9")
     assert decode_cursor(cursor, 2) == [t.isoformat(), "sess-9"]
-    assert _time_id_cursor(cursor) == (t, "sess-9")
+    assert time_id_cursor(cursor) == (t, "sess-9")
     naive = encode_cursor(t.replace(tzinfo=None), "s")  # SQLite's naive datetimes are UTC
-    assert _time_id_cursor(naive) == (t, "s")
+    assert time_id_cursor(naive) == (t, "s")
 
 
-def test_int_cursor():
-    assert _int_cursor(encode_cursor(41)) == 41
+def testint_cursor():
+    assert int_cursor(encode_cursor(41)) == 41
 
 
 def _raw(text: str) -> str:
@@ -57,7 +57,7 @@ def test_garbage_is_rejected(cursor, n):
 @pytest.mark.parametrize("cursor", [_raw('["x"]'), _raw("[true]"), _raw("[1.5]"), _raw("[null]"), _raw("[[1]]")])
 def test_int_cursor_rejects_other_values(cursor):
     with pytest.raises(BadQuery, match="not a cursor"):
-        _int_cursor(cursor)
+        int_cursor(cursor)
 
 
 @pytest.mark.parametrize(
@@ -66,4 +66,4 @@ def test_int_cursor_rejects_other_values(cursor):
 )
 def test_time_id_cursor_rejects_other_values(cursor):
     with pytest.raises(BadQuery, match="not a cursor"):
-        _time_id_cursor(cursor)
+        time_id_cursor(cursor)

@@ -12,15 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainwire.store.queries import (
-    _chat_messages,
-    call_api,
-    call_input,
-    call_output,
-    input_messages,
-    message_text,
-    tool_names,
-)
+from trainwire.call_shapes import call_api, call_input, call_output, input_messages, message_text, tool_names
+from trainwire.call_shapes.chat import messages as chat_messages
 from trainwire.store.read_models import CallInput, CallOutput, InputMessage
 
 CHAT_TOOLS = [
@@ -146,7 +139,7 @@ def test_responses_input_is_instructions_then_items():
 def test_responses_input_is_what_the_proxy_sends_vllm():
     from trainwire.proxy.api_responses import to_chat
 
-    sent = _chat_messages(to_chat(RESPONSES))
+    sent = chat_messages(to_chat(RESPONSES))
     shown = [{**m, "role": "system"} if m["role"] == "developer" else m for m in input_messages("responses", RESPONSES)]
     assert shown == sent
 
@@ -229,7 +222,7 @@ def test_anthropic_input_is_what_the_proxy_sends_vllm(monkeypatch):
     from trainwire.proxy.api_messages import to_chat
 
     request = {**ANTHROPIC, "tools": ANTHROPIC["tools"][:1]}
-    assert input_messages("messages", request) == _chat_messages(to_chat(request))
+    assert input_messages("messages", request) == chat_messages(to_chat(request))
 
 
 def test_completions_and_pass_through():

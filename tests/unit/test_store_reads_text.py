@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from trainwire.store.queries import _n_messages, _response_message, call_input, call_output, content_text
+from trainwire.call_shapes import call_input, call_output, content_text
+from trainwire.call_shapes.chat import answer_message
+from trainwire.store.reads.calls import n_messages
 
 
 @pytest.mark.parametrize(
@@ -79,9 +81,9 @@ def test_call_output_of_completions_and_others():
 
 
 def test_response_message_and_message_count():
-    assert _response_message({"choices": [{"message": {"content": "x"}}]}) == {"content": "x"}
+    assert answer_message({"choices": [{"message": {"content": "x"}}]}) == {"content": "x"}
     for junk in (None, [], {"choices": None}, {"choices": [None]}, {"choices": [{"message": "text"}]}):
-        assert _response_message(junk) == {}
-    assert _n_messages({"messages": [{}, {}, {}]}) == 3
-    assert _n_messages({"messages": None}) == 0 and _n_messages({}) == 0
-    assert _n_messages({"messages": {"a": 1}}) is None and _n_messages("x") is None and _n_messages(None) is None
+        assert answer_message(junk) == {}
+    assert n_messages({"messages": [{}, {}, {}]}) == 3
+    assert n_messages({"messages": None}) == 0 and n_messages({}) == 0
+    assert n_messages({"messages": {"a": 1}}) is None and n_messages("x") is None and n_messages(None) is None

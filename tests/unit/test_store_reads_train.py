@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainwire.store.queries import train_status
 from trainwire.store.read_models import TrainStatus
+from trainwire.store.reads.trainability import train_status
 
 
 def status(**kw):
