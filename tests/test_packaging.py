@@ -56,11 +56,14 @@ def test_wheel_and_sdist_hold_every_subpackage_as_real_files(tmp_path):
     assert not {n.split("/")[0] for n in names} - {"trainwire", wheel.name.split("-")[0] + "-0.1.0.dist-info"}
     with tarfile.open(sdist) as t:
         members = {m.name.split("/", 1)[1]: m for m in t.getmembers() if "/" in m.name}
+    # The sdist holds each module once, as a real file where the package has it (trainwire/proxy/...): a link in
+    # it would point outside the unpacked tree on a machine that has only the sdist.
     for folder in FOLDERS:
         for py in (ROOT / folder).rglob("*.py"):
-            rel = py.relative_to(ROOT).as_posix()
+            rel = "trainwire/" + py.relative_to(ROOT).as_posix()
             if "__pycache__" not in rel:
                 assert rel in members and members[rel].isfile(), rel
+    assert not any(m.issym() for m in members.values()), [n for n, m in members.items() if m.issym()]
 
 
 def test_type_checker_outside_the_checkout_resolves_every_subpackage(tmp_path):
