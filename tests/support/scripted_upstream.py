@@ -28,6 +28,7 @@ class Script:
     delay_per_chunk: float = 0.0
     chunks: int | None = None  # how many content chunks a stream uses (default: one per token)
     delay: float = 0.0  # seconds to wait before answering at all
+    linger_after_done: float = 0.0  # seconds a stream stays open after its [DONE]
 
 
 @dataclass
@@ -332,6 +333,8 @@ class ScriptedUpstream:
                     await asyncio.sleep(sc.delay_per_chunk)
             out.append(b"data: [DONE]\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            if sc.linger_after_done:
+                await asyncio.sleep(sc.linger_after_done)
         except (ConnectionResetError, asyncio.CancelledError):
             self.aborted += 1
             raise
