@@ -38,6 +38,7 @@ from trainwire.store.db import make_engine, redact
 from trainwire.store.db_errors import is_transient
 from trainwire.store.identity import store_id
 from trainwire.store.policy import latest_version, record_publish
+from trainwire.store.trainer_lease import LeaseHeld, TrainerLease
 from trainwire.store.training import record_train_step
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class Trainer:
         self.model: str = settings.model
         self.db = make_engine(settings.resolved_database_url)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.lease = TrainerLease(self.db, self.worker_id)
         self.stopper = stopper or Stopper(say=_say)
         self.publish_root = settings.checkpoint_dir / "published"
         self.vllm_root = Path(settings.publish_dir) / "published" if settings.publish_dir else self.publish_root
@@ -168,6 +170,7 @@ class Trainer:
             return 0
         finally:
             self.stopper.detach()
+            await self.lease.release()
             await self.db.dispose()
 
     async def _run(self) -> int:
@@ -241,8 +244,15 @@ class Trainer:
             if done:
                 _say(done)
             store = await store_id(self.db)
+            await self.lease.acquire()
+            # Only the lease holder claims: what is still claimed was claimed by a trainer that is gone.
+            released = await claims.release_stale_claims(self.db, older_than_s=0)
+            if released:
+                _say(f"gave back {released} sessions claimed by a trainer that is gone")
         except SchemaBehind as exc:
             raise Refused(str(exc)) from None
+        except LeaseHeld as exc:
+            raise Refused(f"{exc}; one trainer per store: stop that one first") from None
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -307,9 +317,22 @@ class Trainer:
                     f"policy version in the store: {self.version}; waiting for rewarded sessions "
                     f"(batch {s.batch_size}, settle {s.settle_s}s)"
                 )
+                from trainwire.rl.serving_watch import ServingWatch
+
+                watch = ServingWatch(
+                    pub,
+                    self.db,
+                    every_s=s.serving_check_s,
+                    vllm_root=self.vllm_root,
+                    base_model=self.base_model or self.model,
+                    say=_say,
+                )
                 steps = 0
                 idle_since = time.monotonic()
                 while not self.stopper.requested:
+                    if not await self._keep_lease():
+                        return 2
+                    await watch.check(self.version)
                     released = await claims.release_stale_claims(self.db, older_than_s=s.claim_timeout_s)
                     if released:
                         _say(f"released {released} stale claims of a crashed trainer")
@@ -335,6 +358,23 @@ class Trainer:
         if self.stopper.requested:
             _say(f"stopped ({self.stopper.signal_name})")
         return 0
+
+    async def _keep_lease(self) -> bool:
+        """False when another trainer took the store's lease (ours was lost with the database connection)."""
+        now = time.monotonic()
+        if now < getattr(self, "_lease_next", 0.0):
+            return True
+        self._lease_next = now + 5.0
+        try:
+            await self.lease.keep()
+        except LeaseHeld as exc:
+            _say(f"stopping: {exc}")
+            return False
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("cannot check the trainer lease, the database is away: %s", exc)
+        return True
 
     async def _mark_skipped(self, sessions: list[claims.ClaimedSession], ids: list[str], sft: bool) -> None:
         """Claimed sessions no sample came from become ``skipped``, with the reason."""
