@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainwire.rl.collective import Collective, StepHooks
+from trainwire.rl.db_wait import DbWait
 from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
 from trainwire.rl.stopping import Stopper, StopRequested
 from trainwire.settings import TrainerSettings
@@ -88,15 +89,18 @@ class _Publish(StepHooks):
         result = await tr.pub.publish(self.version, str(tr.vllm_root / path.name))
         served = result.served_model if tr.pub.kind == "lora" else (tr.base_model or tr.model)
         if result.reached:
-            await record_publish(
-                tr.db,
-                version=self.version,
-                kind=tr.pub.kind,
-                served_model=served,
-                path=str(path),
-                train_step=tr.policy.global_step,
-                reached=result.reached,
-                failed=list(result.failed),
+            await tr.db_wait(
+                f"recording v{self.version}",
+                lambda: record_publish(
+                    tr.db,
+                    version=self.version,
+                    kind=tr.pub.kind,
+                    served_model=served,
+                    path=str(path),
+                    train_step=tr.policy.global_step,
+                    reached=result.reached,
+                    failed=list(result.failed),
+                ),
             )
             tr.version = self.version
             tr.weights_version = self.version
@@ -120,6 +124,7 @@ class Trainer:
         self.db = make_engine(settings.resolved_database_url)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.lease = TrainerLease(self.db, self.worker_id)
+        self.db_wait = DbWait(_say, lambda: self.stopper.requested)
         self.stopper = stopper or Stopper(say=_say)
         self.publish_root = settings.checkpoint_dir / "published"
         self.vllm_root = Path(settings.publish_dir) / "published" if settings.publish_dir else self.publish_root
@@ -305,7 +310,7 @@ class Trainer:
                     log.warning(warning)
                     _say(f"WARNING: {warning}")
                 self.base_model = await pub.base_model()
-                self.version = await latest_version(self.db)
+                self.version = await self.db_wait("reading the policy version", lambda: latest_version(self.db))
                 self.weights_version = self.version
                 adopted = await pub.adopt_loaded(self.version)
                 if adopted:
@@ -333,7 +338,10 @@ class Trainer:
                     if not await self._keep_lease():
                         return 2
                     await watch.check(self.version)
-                    released = await claims.release_stale_claims(self.db, older_than_s=s.claim_timeout_s)
+                    released = await self.db_wait(
+                        "releasing stale claims",
+                        lambda: claims.release_stale_claims(self.db, older_than_s=s.claim_timeout_s),
+                    )
                     if released:
                         _say(f"released {released} stale claims of a crashed trainer")
                     trained = await self.step_once()
@@ -415,16 +423,19 @@ class Trainer:
         is finished first."""
         s = self.s
         t = {"start": time.perf_counter()}
-        batch = await claims.claim_batch(
-            self.db,
-            worker_id=self.worker_id,
-            batch_size=s.batch_size,
-            train_agents=s.train_agent,
-            group_by_task=s.group_by_task,
-            group_size=s.group_size,
-            group_timeout_s=s.group_timeout_s,
-            settle_s=s.settle_s,
-            sft_from=s.sft_from if s.objective == "sft" else (),
+        batch = await self.db_wait(
+            "claiming a batch",
+            lambda: claims.claim_batch(
+                self.db,
+                worker_id=self.worker_id,
+                batch_size=s.batch_size,
+                train_agents=s.train_agent,
+                group_by_task=s.group_by_task,
+                group_size=s.group_size,
+                group_timeout_s=s.group_timeout_s,
+                settle_s=s.settle_s,
+                sft_from=s.sft_from if s.objective == "sft" else (),
+            ),
         )
         if not batch:
             return None
@@ -495,7 +506,11 @@ class Trainer:
         # its claim to expire and the session is trained again by the restarted trainer, from the checkpoint
         # that does not contain it yet.
         skipped = set(built.skipped_sessions)
-        await claims.mark_trained(self.db, [sid for sid in ids if sid not in skipped], step, worker_id=self.worker_id)
+        trained = [sid for sid in ids if sid not in skipped]
+        await self.db_wait(
+            f"marking step {step}'s sessions trained",
+            lambda: claims.mark_trained(self.db, trained, step, worker_id=self.worker_id),
+        )
         if skipped:
             await self._mark_skipped([x for x in batch if x.id in skipped], list(skipped), sft)
         rewards = [x.final_reward for x in batch if x.final_reward is not None]
@@ -529,13 +544,16 @@ class Trainer:
                 "time/checkpoint_s": outcome.checkpointed_at - outcome.hooked_at,
             }
         )
-        await record_train_step(
-            self.db,
-            step=step,
-            policy_version=self.version,
-            n_sessions=len(ids),
-            n_samples=len(samples),
-            metrics=metrics,
+        await self.db_wait(
+            f"recording step {step}",
+            lambda: record_train_step(
+                self.db,
+                step=step,
+                policy_version=self.version,
+                n_sessions=len(ids),
+                n_samples=len(samples),
+                metrics=metrics,
+            ),
         )
         self.sink.log(step, metrics)
         agree = ""
