@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainwire.rl import pending_step
 from trainwire.rl.collective import Collective, StepHooks
 from trainwire.rl.db_wait import DbWait
 from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
@@ -250,10 +251,6 @@ class Trainer:
                 _say(done)
             store = await store_id(self.db)
             await self.lease.acquire()
-            # Only the lease holder claims: what is still claimed was claimed by a trainer that is gone.
-            released = await claims.release_stale_claims(self.db, older_than_s=0)
-            if released:
-                _say(f"gave back {released} sessions claimed by a trainer that is gone")
         except SchemaBehind as exc:
             raise Refused(str(exc)) from None
         except LeaseHeld as exc:
@@ -289,8 +286,27 @@ class Trainer:
                 f"weights are now at {identity.base_model.get('path')}"
             )
 
+    async def _settle_dead_claims(self) -> None:
+        """Claims left in the store are a dead trainer's (this one holds the lease): the sessions of a step its
+        checkpoint holds are trained by that step; the rest go back, at once (rl/pending_step.py)."""
+        pending = pending_step.read(self.s.checkpoint_dir)
+        if pending is not None and pending.step <= self.policy.global_step:
+            done = await self.db_wait(
+                "settling the last step",
+                lambda: claims.mark_trained(self.db, pending.sessions, pending.step, worker_id=pending.worker_id),
+            )
+            if done:
+                _say(f"step {pending.step} was saved before the last trainer stopped: its {done} sessions are trained")
+        released = await self.db_wait(
+            "giving back claims", lambda: claims.release_stale_claims(self.db, older_than_s=0)
+        )
+        if released:
+            _say(f"gave back {released} sessions claimed by a trainer that is gone")
+        pending_step.clear(self.s.checkpoint_dir)
+
     async def _lead(self) -> int:
         s = self.s
+        await self._settle_dead_claims()
         from trainwire.rl.metrics_sink import MetricsSink
         from trainwire.rl.publish import Publisher
 
@@ -495,6 +511,11 @@ class Trainer:
         # trains on calls other models served too, and has no ratio to get wrong: no agreement pass.
         check = built.served_by(self.weights_version) if self.weights_version is not None and not sft else None
         served_by = self.weights_version
+        skipped = set(built.skipped_sessions)
+        trained = [sid for sid in ids if sid not in skipped]
+        pending_step.write(
+            s.checkpoint_dir, pending_step.PendingStep(self.policy.global_step + 1, self.worker_id, trained)
+        )
         hooks = _Publish(self, ids, self.version + 1)
         # In the loop thread: verl state is per-thread.
         outcome = await self.ranks.step(samples, self.version + 1, hooks, check)
@@ -505,12 +526,11 @@ class Trainer:
         # learned from it are saved (the step above ends with the checkpoint). A crash before that point leaves
         # its claim to expire and the session is trained again by the restarted trainer, from the checkpoint
         # that does not contain it yet.
-        skipped = set(built.skipped_sessions)
-        trained = [sid for sid in ids if sid not in skipped]
         await self.db_wait(
             f"marking step {step}'s sessions trained",
             lambda: claims.mark_trained(self.db, trained, step, worker_id=self.worker_id),
         )
+        pending_step.clear(s.checkpoint_dir)
         if skipped:
             await self._mark_skipped([x for x in batch if x.id in skipped], list(skipped), sft)
         rewards = [x.final_reward for x in batch if x.final_reward is not None]
