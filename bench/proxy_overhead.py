@@ -348,7 +348,8 @@ def main() -> int:
                         proc = _proxy(cwd, port, upstream, db, args, tmp, f"{name}-{route}-{conns}")
                         try:
                             _wait_healthy(f"http://127.0.0.1:{port}/healthz")
-                            httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=10)  # warm-up
+                            # warm-up (the first Messages call imports litellm: seconds on a loaded machine)
+                            httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=120)
                             r = wrk(f"http://127.0.0.1:{port}{path}", conns, args.duration, tmp, body)
                         finally:
                             os.killpg(proc.pid, signal.SIGTERM)  # the proxy drains its write queue on SIGTERM
