@@ -403,34 +403,28 @@ class Trainer:
     async def _mark_skipped(self, sessions: list[claims.ClaimedSession], ids: list[str], sft: bool) -> None:
         """Claimed sessions no sample came from become ``skipped``, with the reason."""
         if not sft:
-            await claims.mark_skipped(
-                self.db,
-                ids,
-                "stale, or no trainable calls (untrainable sampling or no token data)",
-                worker_id=self.worker_id,
-            )
+            await self._skip(ids, "stale, or no trainable calls (untrainable sampling or no token data)")
             return
         bar = self.s.min_reward
         low = {x.id for x in sessions if bar is not None and (x.final_reward is None or x.final_reward < bar)}
         if low:
-            await claims.mark_skipped(
-                self.db,
-                [i for i in ids if i in low],
-                f"final reward below --min-reward {bar:g}",
-                worker_id=self.worker_id,
-            )
+            await self._skip([i for i in ids if i in low], f"final reward below --min-reward {bar:g}")
         rest = [i for i in ids if i not in low]
         if rest:
-            await claims.mark_skipped(
-                self.db,
+            await self._skip(
                 rest,
                 "no calls to fine-tune on (own calls without token data, or "
                 "calls of the --sft-from routes that cannot be rendered)",
-                worker_id=self.worker_id,
             )
 
+    async def _skip(self, ids: list[str], reason: str) -> None:
+        await self.db_wait(
+            "marking sessions skipped",
+            lambda: claims.mark_skipped(self.db, ids, reason, worker_id=self.worker_id),
+        )
+
     async def _release_failed(self, ids: list[str]) -> None:
-        await claims.release(self.db, ids, worker_id=self.worker_id)
+        await self.db_wait("giving claims back", lambda: claims.release(self.db, ids, worker_id=self.worker_id))
         log.exception("training step failed; released %d sessions for a later step", len(ids))
 
     async def step_once(self) -> dict | None:
@@ -461,7 +455,16 @@ class Trainer:
             try:
                 return await self._train(batch, ids, t)
             except StopRequested:
-                released = await claims.release(self.db, ids, worker_id=self.worker_id)
+                try:
+                    released = await claims.release(self.db, ids, worker_id=self.worker_id)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    self.stopper.say(
+                        f"stopped during step {self.policy.global_step + 1}; the database is away, so its "
+                        "sessions stay claimed until the next trainer starts (it gives them back at once)"
+                    )
+                    raise StopRequested() from None
                 self.stopper.say(
                     f"stopped during step {self.policy.global_step + 1}; gave its {released} sessions back"
                 )
