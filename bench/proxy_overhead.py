@@ -8,6 +8,9 @@ translated to chat completions by the proxy, so the same upstream serves them (`
     .venv/bin/python -m bench.proxy_overhead [--duration 10] [--workers 1] [--routes chat,responses,messages]
         [--journal-fsync none|interval|always] [--compare-with DIR]
 
+Each route also comes streamed (`chat-stream`, `responses-stream`, `messages-stream`): a second nginx server
+answers with the same completion as vLLM's SSE chunks, [DONE] last.
+
 `--compare-with DIR` also runs the proxy from another checkout (e.g. `git worktree add /tmp/old REV`), in turns
 with this one, in the same run: on a noisy machine only a side-by-side comparison says whether a change is slower.
 """
@@ -60,6 +63,38 @@ COMPLETION = {
     "usage": {"prompt_tokens": 12, "total_tokens": 17, "completion_tokens": 5},
     "prompt_token_ids": list(range(1, 13)),
 }
+
+
+def _chunk(delta: dict, *, finish=None, logprobs=None, token_ids=None, **extra) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "base-model",
+        "choices": [choice],
+        **extra,
+    }
+
+
+# The same answer as vLLM streams it: a role chunk with the prompt's token ids, one chunk per token (with its
+# logprob and id), the finish chunk, the usage chunk, [DONE].
+STREAM = (
+    [_chunk({"role": "assistant", "content": ""}, prompt_token_ids=COMPLETION["prompt_token_ids"])]
+    + [
+        _chunk(
+            {"content": lp["token"]},
+            logprobs={"content": [lp]},
+            token_ids=[COMPLETION["choices"][0]["token_ids"][i]],
+        )
+        for i, lp in enumerate(COMPLETION["choices"][0]["logprobs"]["content"])
+    ]
+    + [_chunk({"content": ""}, finish="stop", token_ids=[])]
+    + [{**_chunk({}), "choices": [], "usage": COMPLETION["usage"]}]
+)
+SSE = "".join(f"data: {json.dumps(c)}\n\n" for c in STREAM) + "data: [DONE]\n\n"
 MODELS = {"object": "list", "data": [{"id": "base-model", "object": "model", "parent": None}]}
 REQUEST = {
     "model": "policy",
@@ -93,9 +128,14 @@ ROUTES = {
 }
 
 
-def nginx_conf(port: int, tmp: Path) -> Path:
+# Streamed routes: the same requests with "stream": true, against an upstream that streams.
+ROUTES.update({f"{name}-stream": (path, {**body, "stream": True}) for name, (path, body) in list(ROUTES.items())})
+
+
+def nginx_conf(port: int, tmp: Path, stream_port: int) -> Path:
     def lit(obj) -> str:
-        return json.dumps(obj).replace("\\", "\\\\").replace("'", "\\'")
+        text = obj if isinstance(obj, str) else json.dumps(obj)
+        return text.replace("\\", "\\\\").replace("'", "\\'")
 
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
@@ -111,6 +151,11 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     location = /v1/chat/completions {{ default_type application/json; return 200 '{lit(COMPLETION)}'; }}
+    location = /v1/models {{ default_type application/json; return 200 '{lit(MODELS)}'; }}
+  }}
+  server {{
+    listen 127.0.0.1:{stream_port};
+    location = /v1/chat/completions {{ default_type text/event-stream; return 200 '{lit(SSE)}'; }}
     location = /v1/models {{ default_type application/json; return 200 '{lit(MODELS)}'; }}
   }}
 }}
@@ -223,6 +268,11 @@ def _own_code(cwd: Path, view: Path) -> Path:
     return view
 
 
+def _serves(cwd: Path, path: str) -> bool:
+    apis = cwd / "proxy" / "apis.py"
+    return path == "/v1/chat/completions" or (apis.exists() and path in apis.read_text())
+
+
 def _has_journal(cwd: Path) -> bool:
     return "journal" in (cwd / "trainwire" / "settings.py").read_text()
 
@@ -231,7 +281,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     ap.add_argument("--workers", type=int, default=1, help="proxy worker processes")
-    ap.add_argument("--routes", default="chat", help="comma-separated: chat, responses, messages")
+    ap.add_argument(
+        "--routes", default="chat", help="comma-separated: chat, responses, messages, and each with -stream"
+    )
     ap.add_argument("--journal-fsync", default="none", choices=["none", "interval", "always"])
     ap.add_argument("--compare-with", type=Path, help="another checkout whose proxy runs beside this one's")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "proxy_overhead.json")
@@ -246,7 +298,7 @@ def main() -> int:
             print(f"bench: {tool} not found; apt-get install nginx wrk", file=sys.stderr)
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="trainwire-bench-"))
-    nginx_port = free_port()
+    nginx_port, stream_port = free_port(), free_port()
     checkouts = [("trainwire", ROOT)] + (
         [(f"trainwire@{args.compare_with.name}", args.compare_with.resolve())] if args.compare_with else []
     )
@@ -265,7 +317,7 @@ def main() -> int:
             nginx = shutil.which("nginx") or "/usr/sbin/nginx"
             procs.append(
                 subprocess.Popen(
-                    [nginx, "-c", str(nginx_conf(nginx_port, tmp)), "-p", str(tmp)], start_new_session=True
+                    [nginx, "-c", str(nginx_conf(nginx_port, tmp, stream_port)), "-p", str(tmp)], start_new_session=True
                 )
             )
             _wait_healthy(f"http://127.0.0.1:{nginx_port}/v1/models")
@@ -282,7 +334,7 @@ def main() -> int:
                 path, body = ROUTES[route]
                 for conns in (1, 8):
                     for name, cwd in checkouts:  # in turns, so both see the same machine
-                        if route != "chat" and cwd != ROOT:
+                        if not _serves(cwd, path):
                             continue  # an older checkout may not serve the route
                         db = pg.create_database(f"b_{len(results['runs'])}")
                         subprocess.run(
@@ -292,12 +344,12 @@ def main() -> int:
                             capture_output=True,
                         )
                         port = free_port()
-                        proc = _proxy(
-                            cwd, port, f"http://127.0.0.1:{nginx_port}", db, args, tmp, f"{name}-{route}-{conns}"
-                        )
+                        upstream = f"http://127.0.0.1:{stream_port if body.get('stream') else nginx_port}"
+                        proc = _proxy(cwd, port, upstream, db, args, tmp, f"{name}-{route}-{conns}")
                         try:
                             _wait_healthy(f"http://127.0.0.1:{port}/healthz")
-                            httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=10)  # warm-up
+                            # warm-up (the first Messages call imports litellm: seconds on a loaded machine)
+                            httpx.post(f"http://127.0.0.1:{port}{path}", json=body, timeout=120)
                             r = wrk(f"http://127.0.0.1:{port}{path}", conns, args.duration, tmp, body)
                         finally:
                             os.killpg(proc.pid, signal.SIGTERM)  # the proxy drains its write queue on SIGTERM

@@ -215,6 +215,14 @@ class VllmProcess:
         except subprocess.TimeoutExpired:
             pass
 
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started at once, as a crash or an OOM kill would."""
+        _signal_all(self.proc.pid, _descendants(self.proc.pid), signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
     def __enter__(self) -> "VllmProcess":
         return self
 

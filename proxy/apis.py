@@ -38,6 +38,8 @@ class Api:
     stream: Callable[[Chunks, dict[str, Any], "Ids"], AsyncIterator[bytes]] | None = None
     # Awaited before the first translation (a translator that loads a library lazily).
     ready: Callable[[], Awaitable[None]] | None = None
+    # The SSE events that end a translated stream: the call is journaled before one of them leaves.
+    stream_ends: tuple[bytes, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -100,6 +102,7 @@ RESPONSES = Api(
     to_upstream=api_responses.to_chat,
     from_upstream=_responses_from,
     stream=_responses_stream,
+    stream_ends=(b"event: response.completed", b"event: response.incomplete", b"event: response.failed"),
 )
 MESSAGES = Api(
     call_shapes.messages.SHAPE,
@@ -110,6 +113,7 @@ MESSAGES = Api(
     from_upstream=lambda chat, request, ids: {**api_messages.from_chat(chat, request), "id": ids.message_id},
     stream=_messages_stream,
     ready=api_messages.ready,
+    stream_ends=(b"event: message_stop",),
 )
 
 BY_PATH: dict[str, Api] = {

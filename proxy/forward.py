@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -336,20 +336,21 @@ def stream(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -> Respon
         return _not_a_stream(resp, call, submit, api)
     state = _StreamState(api.upstream_kind)
 
-    async def finish() -> None:
-        call.t_upstream_done = call.t_upstream_done or time.perf_counter()
-        resp.close()  # on a client abort this also stops the generation upstream
+    def record() -> None:
+        """Into the journal, once: before the event that ends the stream leaves (a SIGKILL right after it must not
+        lose a call its client saw complete), or, when the stream ends otherwise, as it ends."""
         if state.recorded:
             return
         state.recorded = True
+        call.t_upstream_done = call.t_upstream_done or time.perf_counter()
         asm = state.asm
         assembled = asm.body()
         tokens = tokens_of(assembled)
         usage = assembled.get("usage")
         strip(assembled, call.injected)
-        # Complete when every choice has its finish_reason: a client may stop reading after the last choice
-        # chunk and never read the usage chunk or [DONE] behind it.
-        aborted = not (asm.finished() or (state.completed and asm.done))
+        # Complete when every choice has its finish_reason (a client may stop reading after the last choice chunk
+        # and never read the usage chunk or [DONE] behind it), or when the upstream said [DONE].
+        aborted = not (asm.finished() or asm.done)
         error = state.error
         if aborted and error is None:
             error = (
@@ -362,7 +363,14 @@ def stream(resp: aiohttp.ClientResponse, call: Call, submit, api: Api) -> Respon
             response = assembled
         submit(call.record(status=200, response=response, tokens=tokens, aborted=aborted, error=error, usage=usage))
 
-    body = _translated_body(resp, call, state, api) if api.translated else _relayed_body(resp, call, state)
+    async def finish() -> None:
+        record()  # a client that left early: its record was not written by the body
+        resp.close()  # on a client abort this also stops the generation upstream
+
+    if api.translated:
+        body = _translated_body(resp, call, state, api, record)
+    else:
+        body = _relayed_body(resp, call, state, record)
     headers = response_headers(resp, call)
     return RecordedStream(body, finish, status_code=200, headers=headers)
 
@@ -416,7 +424,9 @@ def _chunk_of(event: bytes, state: _StreamState) -> dict[str, Any] | None:
     return chunk
 
 
-async def _relayed_body(resp: aiohttp.ClientResponse, call: Call, state: _StreamState) -> AsyncIterator[bytes]:
+async def _relayed_body(
+    resp: aiohttp.ClientResponse, call: Call, state: _StreamState, record: Callable[[], None]
+) -> AsyncIterator[bytes]:
     rewrite = needs_rewrite(call)
 
     def on_event(event: bytes) -> bytes:
@@ -432,16 +442,21 @@ async def _relayed_body(resp: aiohttp.ClientResponse, call: Call, state: _Stream
         t0 = time.perf_counter()
         out = b"".join(on_event(e) for e in events)
         call.processing_s += time.perf_counter() - t0
+        if state.asm.done:
+            record()  # these bytes carry [DONE]
         if out:
             yield out
+    record()  # before the error event, or before the end of a stream without [DONE]
     if state.error:
         yield b"data: " + error_body(502, "the policy server's stream broke off") + b"\n\n"
 
 
 async def _translated_body(
-    resp: aiohttp.ClientResponse, call: Call, state: _StreamState, api: Api
+    resp: aiohttp.ClientResponse, call: Call, state: _StreamState, api: Api, record: Callable[[], None]
 ) -> AsyncIterator[bytes]:
-    """vLLM's chat stream, stripped of what the proxy injected, as the client API's events."""
+    """vLLM's chat stream, stripped of what the proxy injected, as the client API's events. The record is
+    journaled when vLLM's stream has ended, before the translator writes its closing events; and, should a
+    translator close the stream earlier, before any output carrying one of the API's ending events."""
 
     # The usage chunk the proxy asked for is part of these APIs' own answers (Responses' usage, Anthropic's
     # message_delta): only the token ids and logprobs are taken out before translation.
@@ -453,11 +468,14 @@ async def _translated_body(
                 chunk = _chunk_of(event, state)
                 if chunk is not None and strip(chunk, injected):
                     yield chunk
+        record()
         if state.error:
             yield {"error": {"message": "the policy server's stream broke off", "type": "upstream_error"}}
 
     assert api.stream is not None
     async for out in api.stream(chunks(), call.request, Ids.of(call.call_id)):
+        if not state.recorded and any(end in out for end in api.stream_ends):
+            record()
         yield out
 
 

@@ -275,11 +275,13 @@ class FrozenRoutes:
                     yield out
                 call.t_upstream_done = time.perf_counter()
                 state["completed"] = True
+                finish()  # journaled before the event that acknowledges the stream leaves
                 yield b"data: [DONE]\n\n"
             except Exception as exc:  # noqa: BLE001 - a provider failing mid-stream: tell the client in-band
                 call.t_upstream_done = time.perf_counter()
                 status, err = _error_of(exc)
                 state["error"] = f"provider stream broke ({status}): {err['message']}"
+                finish()
                 yield b"data: " + orjson.dumps({"error": err}) + b"\n\n"
 
         async def close() -> None:

@@ -18,15 +18,16 @@ class PolicyState:
         self.base_model = base_model
         self.poll_s = poll_s
         self.by_upstream: dict[str, UpstreamServing] = {}
-        # upstream -> version it was found not to serve (a restarted vLLM forgets runtime-loaded adapters)
-        self.missing: dict[str, int] = {}
+        # upstream -> the entry it was found not to serve (a restarted vLLM forgets runtime-loaded adapters);
+        # the trainer publishing to it again writes a new entry (store/serving.py), which it serves
+        self.missing: dict[str, UpstreamServing] = {}
         self._task: asyncio.Task | None = None
         self.changed = asyncio.Event()
 
     def resolve(self, upstream: str) -> tuple[str | None, int]:
         """(model name to send, policy version) for this upstream."""
         entry = self.by_upstream.get(upstream)
-        if entry is None or self.missing.get(upstream) == entry.version:
+        if entry is None or self.missing.get(upstream) == entry:
             return self.base_model, 0
         return entry.served_model, entry.version
 
@@ -34,13 +35,13 @@ class PolicyState:
         entry = self.by_upstream.get(upstream)
         if entry is not None:
             log.warning(
-                "%s no longer serves %r (policy v%d; restarted?); serving the base model there until "
-                "the trainer publishes again",
+                "%s no longer serves %r (policy v%d; restarted?); serving the base model there, stamped v0, "
+                "until the trainer publishes to it again",
                 upstream,
                 entry.served_model,
                 entry.version,
             )
-            self.missing[upstream] = entry.version
+            self.missing[upstream] = entry
 
     async def refresh(self) -> None:
         new = await upstream_versions(self.engine)

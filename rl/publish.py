@@ -97,16 +97,18 @@ class Publisher:
     def adapter_name(self, version: int) -> str:
         return f"{self.policy_name}-v{version}"
 
-    async def publish(self, version: int, weights_path: str) -> PublishResult:
+    async def publish(self, version: int, weights_path: str, only: list[str] | None = None) -> PublishResult:
+        """Into every upstream, or `only` these (an upstream that restarted and lost the current version)."""
         t0 = time.perf_counter()
+        urls = self.upstreams if only is None else [u for u in self.upstreams if u in only]
         if self.kind == "lora":
-            result = await self._publish_lora(version, weights_path)
+            result = await self._publish_lora(version, weights_path, urls)
         else:
-            result = await self._publish_full(version, weights_path)
+            result = await self._publish_full(version, weights_path, urls)
         result.seconds = time.perf_counter() - t0
         return result
 
-    async def _publish_lora(self, version: int, path: str) -> PublishResult:
+    async def _publish_lora(self, version: int, path: str, urls: list[str]) -> PublishResult:
         name = self.adapter_name(version)
         result = PublishResult(version, name)
         body = {"lora_name": name, "lora_path": path}
@@ -127,7 +129,7 @@ class Publisher:
             except Exception as exc:
                 result.failed[url] = str(exc)
 
-        await asyncio.gather(*(one(u) for u in self.upstreams))
+        await asyncio.gather(*(one(u) for u in urls))
         if result.reached:
             now = time.monotonic()
             self.loaded = [(n, min(t, now)) for n, t in self.loaded if n != name] + [(name, float("inf"))]
@@ -171,14 +173,14 @@ class Publisher:
         self.loaded = [(n, t) for n, t in self.loaded if n not in expired]
         return expired
 
-    async def _publish_full(self, version: int, path: str) -> PublishResult:
+    async def _publish_full(self, version: int, path: str, urls: list[str]) -> PublishResult:
         result = PublishResult(version, "")
         paused: list[str] = []
         try:
-            for url in self.upstreams:
+            for url in urls:
                 await self._post(url, "/pause", params={"mode": "keep"})
                 paused.append(url)
-            for url in self.upstreams:
+            for url in urls:
                 try:
                     await self._post(
                         url, "/collective_rpc", json={"method": "reload_weights", "kwargs": {"weights_path": path}}
@@ -189,7 +191,7 @@ class Publisher:
                 except Exception as exc:
                     result.failed[url] = str(exc)
         except Exception as exc:
-            for url in self.upstreams:
+            for url in urls:
                 if url not in result.reached:
                     result.failed.setdefault(url, f"pause failed: {exc}")
         finally:
@@ -200,8 +202,27 @@ class Publisher:
                     log.error("could not resume %s: %s", url, exc)
         return result
 
+    async def serves(self, url: str, version: int) -> bool | None:
+        """Does this upstream serve `version`? LoRA: its `/v1/models` lists the version's adapter; full weights:
+        its `/weight_info` says the version the trainer stamped (a restarted vLLM says neither). None when the
+        upstream cannot be asked (down, restarting)."""
+        try:
+            if self.kind == "lora":
+                return self.adapter_name(version) in await self.served_models(url)
+            async with self.http.get(
+                f"{url}/weight_info", headers=self.headers, timeout=aiohttp.ClientTimeout(total=5)
+            ) as r:
+                if r.status != 200:
+                    return None
+                info = await r.json(content_type=None)
+            return isinstance(info, dict) and str(info.get("weight_version")) == str(version)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
     async def served_models(self, url: str) -> list[str]:
-        async with self.http.get(f"{url}/v1/models", headers=self.headers) as r:
+        async with self.http.get(
+            f"{url}/v1/models", headers=self.headers, timeout=aiohttp.ClientTimeout(total=10)
+        ) as r:
             r.raise_for_status()
             return [m["id"] for m in (await r.json()).get("data", [])]
 

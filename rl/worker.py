@@ -29,7 +29,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainwire.rl import pending_step
 from trainwire.rl.collective import Collective, StepHooks
+from trainwire.rl.db_wait import DbWait
 from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
 from trainwire.rl.stopping import Stopper, StopRequested
 from trainwire.settings import TrainerSettings
@@ -38,6 +40,7 @@ from trainwire.store.db import make_engine, redact
 from trainwire.store.db_errors import is_transient
 from trainwire.store.identity import store_id
 from trainwire.store.policy import latest_version, record_publish
+from trainwire.store.trainer_lease import LeaseHeld, TrainerLease
 from trainwire.store.training import record_train_step
 
 if TYPE_CHECKING:
@@ -87,15 +90,18 @@ class _Publish(StepHooks):
         result = await tr.pub.publish(self.version, str(tr.vllm_root / path.name))
         served = result.served_model if tr.pub.kind == "lora" else (tr.base_model or tr.model)
         if result.reached:
-            await record_publish(
-                tr.db,
-                version=self.version,
-                kind=tr.pub.kind,
-                served_model=served,
-                path=str(path),
-                train_step=tr.policy.global_step,
-                reached=result.reached,
-                failed=list(result.failed),
+            await tr.db_wait(
+                f"recording v{self.version}",
+                lambda: record_publish(
+                    tr.db,
+                    version=self.version,
+                    kind=tr.pub.kind,
+                    served_model=served,
+                    path=str(path),
+                    train_step=tr.policy.global_step,
+                    reached=result.reached,
+                    failed=list(result.failed),
+                ),
             )
             tr.version = self.version
             tr.weights_version = self.version
@@ -118,6 +124,8 @@ class Trainer:
         self.model: str = settings.model
         self.db = make_engine(settings.resolved_database_url)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.lease = TrainerLease(self.db, self.worker_id)
+        self.db_wait = DbWait(_say, lambda: self.stopper.requested)
         self.stopper = stopper or Stopper(say=_say)
         self.publish_root = settings.checkpoint_dir / "published"
         self.vllm_root = Path(settings.publish_dir) / "published" if settings.publish_dir else self.publish_root
@@ -168,6 +176,7 @@ class Trainer:
             return 0
         finally:
             self.stopper.detach()
+            await self.lease.release()
             await self.db.dispose()
 
     async def _run(self) -> int:
@@ -241,8 +250,11 @@ class Trainer:
             if done:
                 _say(done)
             store = await store_id(self.db)
+            await self.lease.acquire()
         except SchemaBehind as exc:
             raise Refused(str(exc)) from None
+        except LeaseHeld as exc:
+            raise Refused(f"{exc}; one trainer per store: stop that one first") from None
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -274,8 +286,27 @@ class Trainer:
                 f"weights are now at {identity.base_model.get('path')}"
             )
 
+    async def _settle_dead_claims(self) -> None:
+        """Claims left in the store are a dead trainer's (this one holds the lease): the sessions of a step its
+        checkpoint holds are trained by that step; the rest go back, at once (rl/pending_step.py)."""
+        pending = pending_step.read(self.s.checkpoint_dir)
+        if pending is not None and pending.step <= self.policy.global_step:
+            done = await self.db_wait(
+                "settling the last step",
+                lambda: claims.mark_trained(self.db, pending.sessions, pending.step, worker_id=pending.worker_id),
+            )
+            if done:
+                _say(f"step {pending.step} was saved before the last trainer stopped: its {done} sessions are trained")
+        released = await self.db_wait(
+            "giving back claims", lambda: claims.release_stale_claims(self.db, older_than_s=0)
+        )
+        if released:
+            _say(f"gave back {released} sessions claimed by a trainer that is gone")
+        pending_step.clear(self.s.checkpoint_dir)
+
     async def _lead(self) -> int:
         s = self.s
+        await self._settle_dead_claims()
         from trainwire.rl.metrics_sink import MetricsSink
         from trainwire.rl.publish import Publisher
 
@@ -295,7 +326,7 @@ class Trainer:
                     log.warning(warning)
                     _say(f"WARNING: {warning}")
                 self.base_model = await pub.base_model()
-                self.version = await latest_version(self.db)
+                self.version = await self.db_wait("reading the policy version", lambda: latest_version(self.db))
                 self.weights_version = self.version
                 adopted = await pub.adopt_loaded(self.version)
                 if adopted:
@@ -307,10 +338,26 @@ class Trainer:
                     f"policy version in the store: {self.version}; waiting for rewarded sessions "
                     f"(batch {s.batch_size}, settle {s.settle_s}s)"
                 )
+                from trainwire.rl.serving_watch import ServingWatch
+
+                watch = ServingWatch(
+                    pub,
+                    self.db,
+                    every_s=s.serving_check_s,
+                    vllm_root=self.vllm_root,
+                    base_model=self.base_model or self.model,
+                    say=_say,
+                )
                 steps = 0
                 idle_since = time.monotonic()
                 while not self.stopper.requested:
-                    released = await claims.release_stale_claims(self.db, older_than_s=s.claim_timeout_s)
+                    if not await self._keep_lease():
+                        return 2
+                    await watch.check(self.version)
+                    released = await self.db_wait(
+                        "releasing stale claims",
+                        lambda: claims.release_stale_claims(self.db, older_than_s=s.claim_timeout_s),
+                    )
                     if released:
                         _say(f"released {released} stale claims of a crashed trainer")
                     trained = await self.step_once()
@@ -336,37 +383,48 @@ class Trainer:
             _say(f"stopped ({self.stopper.signal_name})")
         return 0
 
+    async def _keep_lease(self) -> bool:
+        """False when another trainer took the store's lease (ours was lost with the database connection)."""
+        now = time.monotonic()
+        if now < getattr(self, "_lease_next", 0.0):
+            return True
+        self._lease_next = now + 5.0
+        try:
+            await self.lease.keep()
+        except LeaseHeld as exc:
+            _say(f"stopping: {exc}")
+            return False
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("cannot check the trainer lease, the database is away: %s", exc)
+        return True
+
     async def _mark_skipped(self, sessions: list[episodes.ClaimedSession], ids: list[str], sft: bool) -> None:
         """Claimed sessions no sample came from become ``skipped``, with the reason."""
         if not sft:
-            await claims.mark_skipped(
-                self.db,
-                ids,
-                "stale, or no trainable calls (untrainable sampling or no token data)",
-                worker_id=self.worker_id,
-            )
+            await self._skip(ids, "stale, or no trainable calls (untrainable sampling or no token data)")
             return
         bar = self.s.min_reward
         low = {x.id for x in sessions if bar is not None and (x.final_reward is None or x.final_reward < bar)}
         if low:
-            await claims.mark_skipped(
-                self.db,
-                [i for i in ids if i in low],
-                f"final reward below --min-reward {bar:g}",
-                worker_id=self.worker_id,
-            )
+            await self._skip([i for i in ids if i in low], f"final reward below --min-reward {bar:g}")
         rest = [i for i in ids if i not in low]
         if rest:
-            await claims.mark_skipped(
-                self.db,
+            await self._skip(
                 rest,
                 "no calls to fine-tune on (own calls without token data, or "
                 "calls of the --sft-from routes that cannot be rendered)",
-                worker_id=self.worker_id,
             )
 
+    async def _skip(self, ids: list[str], reason: str) -> None:
+        await self.db_wait(
+            "marking sessions skipped",
+            lambda: claims.mark_skipped(self.db, ids, reason, worker_id=self.worker_id),
+        )
+
     async def _release_failed(self, ids: list[str]) -> None:
-        await claims.release(self.db, ids, worker_id=self.worker_id)
+        await self.db_wait("giving claims back", lambda: claims.release(self.db, ids, worker_id=self.worker_id))
         log.exception("training step failed; released %d sessions for a later step", len(ids))
 
     async def step_once(self) -> dict | None:
@@ -375,16 +433,19 @@ class Trainer:
         is finished first."""
         s = self.s
         t = {"start": time.perf_counter()}
-        batch = await claims.claim_batch(
-            self.db,
-            worker_id=self.worker_id,
-            batch_size=s.batch_size,
-            train_agents=s.train_agent,
-            group_by_task=s.group_by_task,
-            group_size=s.group_size,
-            group_timeout_s=s.group_timeout_s,
-            settle_s=s.settle_s,
-            sft_from=s.sft_from if s.objective == "sft" else (),
+        batch = await self.db_wait(
+            "claiming a batch",
+            lambda: claims.claim_batch(
+                self.db,
+                worker_id=self.worker_id,
+                batch_size=s.batch_size,
+                train_agents=s.train_agent,
+                group_by_task=s.group_by_task,
+                group_size=s.group_size,
+                group_timeout_s=s.group_timeout_s,
+                settle_s=s.settle_s,
+                sft_from=s.sft_from if s.objective == "sft" else (),
+            ),
         )
         if not batch:
             return None
@@ -394,7 +455,16 @@ class Trainer:
             try:
                 return await self._train(batch, ids, t)
             except StopRequested:
-                released = await claims.release(self.db, ids, worker_id=self.worker_id)
+                try:
+                    released = await claims.release(self.db, ids, worker_id=self.worker_id)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    self.stopper.say(
+                        f"stopped during step {self.policy.global_step + 1}; the database is away, so its "
+                        "sessions stay claimed until the next trainer starts (it gives them back at once)"
+                    )
+                    raise StopRequested() from None
                 self.stopper.say(
                     f"stopped during step {self.policy.global_step + 1}; gave its {released} sessions back"
                 )
@@ -444,6 +514,11 @@ class Trainer:
         # trains on calls other models served too, and has no ratio to get wrong: no agreement pass.
         check = built.served_by(self.weights_version) if self.weights_version is not None and not sft else None
         served_by = self.weights_version
+        skipped = set(built.skipped_sessions)
+        trained = [sid for sid in ids if sid not in skipped]
+        pending_step.write(
+            s.checkpoint_dir, pending_step.PendingStep(self.policy.global_step + 1, self.worker_id, trained)
+        )
         hooks = _Publish(self, ids, self.version + 1)
         # In the loop thread: verl state is per-thread.
         outcome = await self.ranks.step(samples, self.version + 1, hooks, check)
@@ -454,8 +529,11 @@ class Trainer:
         # learned from it are saved (the step above ends with the checkpoint). A crash before that point leaves
         # its claim to expire and the session is trained again by the restarted trainer, from the checkpoint
         # that does not contain it yet.
-        skipped = set(built.skipped_sessions)
-        await claims.mark_trained(self.db, [sid for sid in ids if sid not in skipped], step, worker_id=self.worker_id)
+        await self.db_wait(
+            f"marking step {step}'s sessions trained",
+            lambda: claims.mark_trained(self.db, trained, step, worker_id=self.worker_id),
+        )
+        pending_step.clear(s.checkpoint_dir)
         if skipped:
             await self._mark_skipped([x for x in batch if x.id in skipped], list(skipped), sft)
         rewards = [x.final_reward for x in batch if x.final_reward is not None]
@@ -489,13 +567,16 @@ class Trainer:
                 "time/checkpoint_s": outcome.checkpointed_at - outcome.hooked_at,
             }
         )
-        await record_train_step(
-            self.db,
-            step=step,
-            policy_version=self.version,
-            n_sessions=len(ids),
-            n_samples=len(samples),
-            metrics=metrics,
+        await self.db_wait(
+            f"recording step {step}",
+            lambda: record_train_step(
+                self.db,
+                step=step,
+                policy_version=self.version,
+                n_sessions=len(ids),
+                n_samples=len(samples),
+                metrics=metrics,
+            ),
         )
         self.sink.log(step, metrics)
         agree = ""

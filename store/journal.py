@@ -2,8 +2,9 @@
 sends it to the database, so a call that got a 2xx survives whatever happens next.
 
 - Each record is one JSON line, written with one `write(2)` as it is submitted, before the call's response is
-  handed to the client (for a stream: in the same event-loop step as its last event). Once `write` returns the
-  bytes are in the kernel's page cache, which a SIGKILL, an OOM kill or a crash of the proxy cannot take back.
+  handed to the client; for a stream, before the event that ends it (`[DONE]`, `response.completed`,
+  `message_stop`, or the error event) leaves (proxy/forward.py). Once `write` returns the bytes are in the
+  kernel's page cache, which a SIGKILL, an OOM kill or a crash of the proxy cannot take back.
 - `--journal-fsync` decides what a crash of the whole host can take: `none` (page cache only: a power cut can lose
   what the kernel had not flushed, seconds), `interval` (fsync every write interval: at most that much),
   `always` (fsync before each response: nothing, at the cost measured in the README).

@@ -9,6 +9,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -28,19 +29,28 @@ Engine = AsyncEngine
 
 @dataclass(frozen=True, slots=True)
 class UpstreamServing:
-    """What one upstream serves now: the policy version and the model name it is served under."""
+    """What one upstream serves now: the policy version and the model name it is served under, and since when
+    (a version published to it again after a restart is a new entry, though its number and name are the same)."""
 
     version: int
     served_model: str
+    since: datetime | None = None
 
 
 async def upstream_versions(engine: AsyncEngine) -> dict[str, UpstreamServing]:
     """Upstream URL -> what it serves, for every upstream the trainer has published to."""
     async with engine.connect() as conn:
         rows = (
-            await conn.execute(select(UpstreamVersion.upstream, UpstreamVersion.version, UpstreamVersion.served_model))
+            await conn.execute(
+                select(
+                    UpstreamVersion.upstream,
+                    UpstreamVersion.version,
+                    UpstreamVersion.served_model,
+                    UpstreamVersion.updated_at,
+                )
+            )
         ).all()
-    return {r.upstream: UpstreamServing(r.version, r.served_model) for r in rows}
+    return {r.upstream: UpstreamServing(r.version, r.served_model, r.updated_at) for r in rows}
 
 
 async def watch_versions(

@@ -19,10 +19,11 @@ import pytest
 
 from tests.support import dbread
 from tests.support.apihelpers import wait_for
-from tests.support.faults import Load
+from tests.support.faults import EVERY_ROUTE, Load
 from tests.support.faults import start_pg as _start_pg
 from tests.support.faults import stop_pg as _stop_pg
 from tests.support.pgcluster import PgCluster
+from tests.support.scripted_upstream import Script
 from trainwire.store.migrate import upgrade_head
 
 
@@ -102,6 +103,86 @@ def test_sigkill_under_load_then_restart_keeps_every_acknowledged_call(start_pro
     assert missing_before, "the kill must have caught acknowledged calls that were not written yet"
     again = _proxy(start_proxy, upstream, url, journal, "--write-interval-ms", "20")
     wait_for(lambda: acked <= _stored_ids(url), 60, what="every acknowledged call after the restart")
+    again.stop(signal.SIGTERM)
+    assert not list(journal.glob("*.jsonl"))
+
+
+# What each route's client is sent, and the line that ends its stream (the acknowledgement of a streamed call).
+_BODIES = {
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, b"data: [DONE]"),
+    "completions": ("/v1/completions", {"prompt": "hi"}, b"data: [DONE]"),
+    "responses": ("/v1/responses", {"input": "hi"}, b"event: response.completed"),
+    "messages": (
+        "/v1/messages",
+        {"max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]},
+        b"event: message_stop",
+    ),
+}
+
+
+def _journaled(journal, call_id: str) -> bool:
+    return any(call_id.encode() in p.read_bytes() for p in journal.glob("journal-*.jsonl"))
+
+
+def test_every_call_is_journaled_before_its_acknowledgement_leaves(start_proxy, upstream, db_url, tmp_path):
+    """The moment a client holds a whole answer (for a stream: the event that ends it, read off the wire, and no
+    byte more), the call is in the journal file, where a SIGKILL of the proxy cannot take it. The upstream keeps
+    each stream open for a second after its [DONE], so a record written only when the stream closes is caught."""
+    journal = tmp_path / "journal"
+    upstream.responder = lambda req: Script(linger_after_done=1.0)
+    proxy = _proxy(start_proxy, upstream, db_url, journal)
+    ids = {}
+    for route, stream in EVERY_ROUTE:
+        path, body, end = _BODIES[route]
+        body = {"model": "policy", **body, "stream": stream}
+        with httpx.stream("POST", f"{proxy.url}{path}", json=body, headers={"X-Session-Id": "ack"}, timeout=30) as r:
+            assert r.status_code == 200, r.read()
+            call_id = r.headers["x-call-id"]
+            if stream:
+                ended = False
+                for line in r.iter_lines():
+                    if line.encode().startswith(end):
+                        ended = True
+                        break  # the acknowledgement is here; read nothing after it
+                assert ended, f"{route} stream had no {end!r}"
+            else:
+                r.read()
+            assert _journaled(journal, call_id), f"{route} (stream={stream}) acknowledged before it was journaled"
+        ids[call_id] = (route, stream)
+    wait_for(lambda: set(ids) <= _stored_ids(db_url), 30, what="the calls in Postgres")
+    aborted = {ids[r["id"]] for r in dbread.calls(db_url) if r["id"] in ids and r["aborted"]}
+    assert not aborted, f"streams read to their end are recorded as complete: {aborted}"
+
+
+ROUNDS = 3
+
+
+def test_sigkill_on_every_route_and_stream_mode_loses_no_acknowledged_call(start_proxy, upstream, own_pg, tmp_path):
+    """SIGKILL under load on chat, completions, Responses and Messages, streamed and not, three times in a row
+    (each restart replays the journal of the killed proxy while new load arrives): every id a client read from
+    X-Call-Id of a whole answer is in Postgres after the last restart."""
+    pg, url = own_pg
+    journal = tmp_path / "journal"
+    args = ("--write-interval-ms", "2000", "--write-batch-size", "5000")
+    acked: set[str] = set()
+    caught = 0
+    labels = {f"{r}{' stream' if s else ''}" for r, s in EVERY_ROUTE}
+    for _ in range(ROUNDS):
+        proxy = _proxy(start_proxy, upstream, url, journal, *args)
+        with Load(proxy.url, threads=len(EVERY_ROUTE), routes=EVERY_ROUTE) as load:
+            wait_for(
+                lambda: all(len(load.by_route.get(label, ())) >= 10 for label in labels),
+                60,
+                what=f"calls on every route ({ {k: len(v) for k, v in load.by_route.items()} })",
+            )
+            os.killpg(proxy.proc.pid, signal.SIGKILL)
+            proxy.proc.wait(10)
+        round_acked = set(load.acked)
+        caught += len(round_acked - _stored_ids(url))
+        acked |= round_acked
+    assert caught, "the kills must have caught acknowledged calls that were not written yet"
+    again = _proxy(start_proxy, upstream, url, journal, "--write-interval-ms", "20")
+    wait_for(lambda: acked <= _stored_ids(url), 60, what="every acknowledged call after the last restart")
     again.stop(signal.SIGTERM)
     assert not list(journal.glob("*.jsonl"))
 

@@ -272,6 +272,12 @@ class TrainerSettings(UpstreamSettings):
     poll_s: float = Field(1.0, description="Trainer poll interval when no batch is ready")
     max_steps: int = Field(0, description="Stop after this many steps (0 = run forever)")
     lora_grace_s: float = Field(120.0, description="Unload old LoRA adapters this long after a newer one is published")
+    serving_check_s: float = Field(
+        5.0,
+        ge=0,
+        description="Check this often (also while idle) that every upstream serves the current version, and publish "
+        "it again to one that lost it (a restarted vLLM); 0 = never",
+    )
     tensorboard_dir: Path | None = Field(None, description="TensorBoard log dir (default: CHECKPOINT_DIR/tensorboard)")
     wandb_project: str | None = Field(None, description="Weights & Biases project (optional)")
     seed: int = Field(0, description="Random seed")

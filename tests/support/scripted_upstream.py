@@ -28,6 +28,7 @@ class Script:
     delay_per_chunk: float = 0.0
     chunks: int | None = None  # how many content chunks a stream uses (default: one per token)
     delay: float = 0.0  # seconds to wait before answering at all
+    linger_after_done: float = 0.0  # seconds a stream stays open after its [DONE]
 
 
 @dataclass
@@ -46,6 +47,9 @@ class ScriptedUpstream:
         self.scripts: list[Script] = []
         self.sent: list[Sent] = []
         self.adapters: list[str] = []
+        self.loads: list[tuple[str, str]] = []  # (adapter name, sha256 of its weights), every load
+        self.load_requests = 0
+        self.hold_loads = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -332,6 +336,8 @@ class ScriptedUpstream:
                     await asyncio.sleep(sc.delay_per_chunk)
             out.append(b"data: [DONE]\n\n")
             await resp.write(b"data: [DONE]\n\n")
+            if sc.linger_after_done:
+                await asyncio.sleep(sc.linger_after_done)
         except (ConnectionResetError, asyncio.CancelledError):
             self.aborted += 1
             raise
@@ -357,6 +363,31 @@ class ScriptedUpstream:
         ]
         return web.json_response({"object": "list", "data": data})
 
+    async def load_lora(self, request: web.Request) -> web.Response:
+        """vLLM's runtime LoRA loading: remembers (name, sha256 of the adapter's weights) of every load; while
+        `hold_loads` is set, a load waits (a test kills the trainer in the middle of its publish)."""
+        import hashlib
+        from pathlib import Path
+
+        req = await request.json()
+        self.load_requests += 1
+        while self.hold_loads.is_set():
+            await asyncio.sleep(0.05)
+        name = req["lora_name"]
+        if name in self.adapters:
+            return web.Response(status=400, text=f"The lora adapter '{name}' has already been loaded.")
+        weights = Path(req["lora_path"]) / "adapter_model.safetensors"
+        self.loads.append((name, hashlib.sha256(weights.read_bytes()).hexdigest()))
+        self.adapters.append(name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora(self, request: web.Request) -> web.Response:
+        name = (await request.json())["lora_name"]
+        if name not in self.adapters:
+            return web.Response(status=404, text=f"The lora adapter '{name}' cannot be found.")
+        self.adapters.remove(name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
     async def tokenize_route(self, request: web.Request) -> web.Response:
         req = await request.json()
         self.sent.append(Sent(request=req, path=request.path, headers=dict(request.headers)))
@@ -377,6 +408,8 @@ class ScriptedUpstream:
             app.router.add_post("/v1/completions", self.completions)
             app.router.add_get("/v1/models", self.models)
             app.router.add_post("/tokenize", self.tokenize_route)
+            app.router.add_post("/v1/load_lora_adapter", self.load_lora)
+            app.router.add_post("/v1/unload_lora_adapter", self.unload_lora)
             app.router.add_get("/health", self.health)
             self._runner = web.AppRunner(app, shutdown_timeout=0.2)
             self._loop.run_until_complete(self._runner.setup())

@@ -57,6 +57,19 @@ def test_policy_state_routes_from_what_upstreams_serve():
     assert "http://nowhere" not in state.missing
 
 
+def test_a_version_published_again_after_a_restart_is_served_again():
+    from datetime import UTC, datetime, timedelta
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    state = PolicyState(fake_engine(), "base-model", 1.0)
+    state.by_upstream = {"http://a": UpstreamServing(3, "policy-v3", t0)}
+    state.mark_missing("http://a")  # vLLM restarted: it answered 404 for policy-v3
+    assert state.resolve("http://a") == ("base-model", 0)
+    # The trainer loaded v3 into it again (store/serving.set_serving): same version and name, a new entry.
+    state.by_upstream = {"http://a": UpstreamServing(3, "policy-v3", t0 + timedelta(seconds=40))}
+    assert state.resolve("http://a") == ("policy-v3", 3)
+
+
 async def test_refresh_sets_the_changed_event_only_on_a_change(monkeypatch):
     from trainwire.proxy import policy as proxy_policy
 
