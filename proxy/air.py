@@ -15,7 +15,7 @@ import collections
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,7 @@ class Air:
         self._sessions: collections.OrderedDict[str, _Memo] = collections.OrderedDict()
         self._tasks: set[asyncio.Task] = set()
         self.submitted = 0
+        self.on_reward: Callable[[RewardRecord], None] | None = None  # the OpenTelemetry export, when on
 
     # --- state -------------------------------------------------------------------------------------
     def memo(self, session_id: str) -> _Memo:
@@ -120,19 +121,20 @@ class Air:
 
     def _submit(self, rule: str, value: float, call_id: str, session_id: str, f: Finding) -> None:
         key = f"{KEY_PREFIX}{rule}:{call_id}" + (f":{f.key}" if f.key else "")
-        self.writer.submit_reward(
-            RewardRecord(
-                session_id=session_id,
-                call_id=call_id,
-                value=value,
-                final=False,
-                source=rule,
-                idempotency_key=key[:256],
-                metadata=f.metadata,
-                created_at=utcnow(),
-            )
+        reward = RewardRecord(
+            session_id=session_id,
+            call_id=call_id,
+            value=value,
+            final=False,
+            source=rule,
+            idempotency_key=key[:256],
+            metadata=f.metadata,
+            created_at=utcnow(),
         )
+        self.writer.submit_reward(reward)
         self.submitted += 1
+        if self.on_reward is not None:
+            self.on_reward(reward)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

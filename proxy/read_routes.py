@@ -125,10 +125,21 @@ class WritePath(BaseModel):
     replayed: int
 
 
+class OtlpExport(BaseModel):
+    """This proxy process's OpenTelemetry export (`--otlp-endpoint`): spans made, delivered to the collector,
+    dropped by reason (queue_full, export_failed) and still pending."""
+
+    spans: int
+    exported: int
+    dropped: dict[str, int]
+    pending: int
+
+
 class StatsAnswer(Stats):
     write_queue: WriteQueue
     rejected: Rejected
     write_path: WritePath
+    otlp_export: OtlpExport | None = None
 
 
 @router.get("/sessions", response_model=Page[SessionSummary], responses=responses(400, 401, 503))
@@ -249,5 +260,6 @@ async def stats(request: Request) -> Response:
                 journal_appended=writer.journal.appended if writer.journal else 0,
                 replayed=writer.replayed_total,
             ),
+            otlp_export=OtlpExport(**tw.otel.stats()) if tw.otel is not None else None,
         )
     )
