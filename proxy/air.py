@@ -99,6 +99,8 @@ class Air:
     def observe(self, rec: CallRecord) -> None:
         """Run every active rule on a call about to be queued; queue their rewards."""
         for name, value in self.values.items():
+            if RULES[name].on != "call":
+                continue
             for f in RULES[name].judge(self, rec):
                 if f.call_id is not None:
                     self._submit(name, value, f.call_id, rec.session_id, f)
@@ -106,6 +108,19 @@ class Air:
                     self._spawn(self._resolve(name, value, rec, f))
         if "tool_error" in self.values and rec.kind == "chat":
             self._remember_tool_calls(rec)
+
+    def observe_tool_span(self, linked) -> int:
+        """Run the active tool-span rules on a tool span linked to its call (proxy/tool_spans.py); queue their
+        rewards. Returns how many were queued."""
+        queued = 0
+        for name, value in self.values.items():
+            if RULES[name].on != "tool_span":
+                continue
+            for f in RULES[name].judge(self, linked):
+                if f.call_id is not None:
+                    self._submit(name, value, f.call_id, linked.session_id, f)
+                    queued += 1
+        return queued
 
     def _remember_tool_calls(self, rec: CallRecord) -> None:
         request = rec.request

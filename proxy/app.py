@@ -131,6 +131,7 @@ def _optional_routers():
         "trainwire.proxy.admin_routes",
         "trainwire.proxy.train_routes",
         "trainwire.proxy.ui_routes",
+        "trainwire.proxy.otlp_routes",
     ):
         try:
             yield importlib.import_module(name)

@@ -13,6 +13,7 @@ import aiohttp
 from trainwire.proxy.air import Air
 from trainwire.proxy.otel_export import OtelExport
 from trainwire.proxy.policy import PolicyState
+from trainwire.proxy.tool_spans import IngestCounts
 from trainwire.proxy.upstreams import UpstreamPool
 from trainwire.records import CallRecord
 from trainwire.settings import ProxySettings
@@ -52,6 +53,7 @@ class ProxyState:
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
         self.frozen = None
         self.otel: OtelExport | None = None  # made by start(): its threads belong to the serving process
+        self.otlp_ingest = IngestCounts()  # POST /v1/traces (proxy/otlp_routes.py)
         self._seq: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._base_headers = {"content-type": "application/json"}
         if settings.upstream_api_key:
