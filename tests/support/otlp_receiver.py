@@ -25,8 +25,10 @@ def _value(v) -> Any:
 
 
 class OtlpReceiver:
-    def __init__(self, *, delay_s: float = 0.0, status: int = 200) -> None:
+    def __init__(self, *, delay_s: float = 0.0, status: int = 200, decode: bool = True) -> None:
+        """`decode=False`: count requests only (a benchmark's collector, whose work is not the proxy's)."""
         self.delay_s = delay_s
+        self.decode = decode
         self.status = status
         self.spans: list[dict[str, Any]] = []
         self.requests = 0
@@ -38,15 +40,21 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 if self.headers.get("content-encoding") == "gzip":
                     body = gzip.decompress(body)
-                receiver._take(body, dict(self.headers))
+                if receiver.decode:
+                    receiver._take(body, dict(self.headers))
+                else:
+                    receiver.requests += 1
                 if receiver.delay_s:
                     time.sleep(receiver.delay_s)
                 out = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(receiver.status)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
+                try:
+                    self.send_response(receiver.status)
+                    self.send_header("content-type", "application/x-protobuf")
+                    self.send_header("content-length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the exporter gave up waiting (a slow collector): its loss, counted on its side
 
             def log_message(self, *args) -> None:
                 pass
