@@ -69,6 +69,7 @@ def main() -> int:
     ap.add_argument("--slow-s", type=float, default=2.0, help="how long the slow collector holds each export")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "otel_export.json")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a kill still stops nginx, Postgres and the proxies
     tmp = Path(tempfile.mkdtemp(prefix="trainwire-bench-otel-"))
     # The collectors read the bodies and answer, without decoding: a real one runs elsewhere, and decoding here
     # would take the proxy's CPU on a small machine.

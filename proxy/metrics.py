@@ -91,15 +91,15 @@ class Metrics:
                 self._seen[name] = now
         otel = getattr(self.state, "otel", None)
         if otel is not None:
-            self._otlp(otel.counts)
+            self._otlp(otel.stats())
         if self.state.pool is not None:
             for i, upstream in enumerate(self.state.pool.upstreams):
                 self.version.labels(str(i)).set(self.state.policy.resolve(upstream.url)[1])
 
-    def _otlp(self, counts) -> None:
+    def _otlp(self, stats: dict) -> None:
         for key, counter, now in (
-            ("exported", self.otlp_exported, counts.exported),
-            *((f"dropped:{r}", self.otlp_dropped.labels(r), n) for r, n in list(counts.dropped.items())),
+            ("exported", self.otlp_exported, stats["exported"]),
+            *((f"dropped:{r}", self.otlp_dropped.labels(r), n) for r, n in stats["dropped"].items()),
         ):
             seen = self._seen_otlp.get(key, 0)
             if now > seen:

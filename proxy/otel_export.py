@@ -9,39 +9,50 @@ Rewards (user and automatic) are spans of their own, `trainwire.reward`, childre
 for a session reward, in the trace of the session's latest call), each with a `gen_ai.evaluation.result` event
 and a link to the call's span. A session has no span that ends, so events on it could never be sent.
 
-Export never slows or fails a call. The hot path appends the record to a bounded deque (a few hundred ns); a
-daemon thread turns what is pending into spans every `_TICK_S` and hands them to the SDK's BatchSpanProcessor
-(its own bounded queue, its own thread, the real OTLP/HTTP exporter). When either queue is full or the collector
-refuses or is down, spans are dropped and counted (`dropped` by reason: /stats, /metrics).
+Export never slows or fails a call. The hot path appends the record to a bounded deque (well under a
+microsecond). Every `_TICK_S` the event loop turns what is pending into plain tuples (ids, times, attributes) and
+writes them, pickled, to a pipe; a child process (`python -m trainwire.proxy.otel_child`) makes the spans and
+sends them with the SDK's BatchSpanProcessor and the real OTLP/HTTP exporter. Measured first with a thread in this
+process: the SDK's pure-Python protobuf encoding (about 55 us a span) and its HTTP client held the GIL in long
+stretches, and the event loop waited on it (throughput halved at saturation with the collector up). In a child
+they use another core and the proxy never waits on them. When the pipe, the deque or the child's queue is full, or
+the collector refuses or is down, spans are dropped and counted (`dropped` by reason: /stats, /metrics).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import fcntl
 import hashlib
 import logging
+import multiprocessing
 import os
-import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+import pickle
+import struct
+import termios
+from datetime import UTC, datetime
 from typing import Any, Protocol
-
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from trainwire.proxy.otel_genai import call_attributes, operation_name
 from trainwire.records import CallRecord
 
 log = logging.getLogger("trainwire.otel")
 
-_TICK_S = 0.2
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_TICK_S = 0.1
 _REMEMBERED = 50_000  # calls and sessions whose span context a later reward may need
-_SCOPE = InstrumentationScope("trainwire", "0.1.0", "https://opentelemetry.io/schemas/1.37.0")
+_PIPE_BYTES = 1 << 20  # what Linux lets any process ask for (/proc/sys/fs/pipe-max-size)
+_F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
+# The child's counters, in shared memory: spans it received, exported, dropped (its queue full), dropped (export
+# failed: the collector down, slow past the timeout, or refusing).
+RECEIVED, EXPORTED, CHILD_QUEUE_FULL, EXPORT_FAILED, N_COUNTS = range(5)
+CALL, REWARD = 0, 1
+
+# A span to make, as the child takes it: (kind, trace id, span id, parent span id or 0, name, start ns, end ns,
+# error message or None, attributes, events [(name, attributes, ns)], links [(trace id, span id, attributes)])
+SpanPlan = tuple[int, int, int, int, str, int, int, str | None, dict, list, list]
 
 
 class RewardLike(Protocol):
@@ -80,217 +91,207 @@ def _ns(t: datetime) -> int:
     return int(t.timestamp() * 1e9)
 
 
-class _CountingExporter(SpanExporter):
-    """The real exporter, counting what it delivered and what it could not (collector down, refused)."""
+class SpanPlanner:
+    """CallRecords and rewards into SpanPlans; remembers span contexts (bounded) for the rewards that follow."""
 
-    def __init__(self, inner: SpanExporter, counts: ExportCounts) -> None:
-        self.inner = inner
-        self.counts = counts
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self.inner.export(spans)
-        except Exception:
-            log.exception("OTLP export raised; %d spans dropped", len(spans))
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self.counts.exported += len(spans)
-        else:
-            self.counts.drop("export_failed", len(spans))
-        return result
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-
-@dataclass
-class ExportCounts:
-    """Spans this process made, delivered, and dropped by reason (queue_full, export_failed)."""
-
-    spans: int = 0
-    exported: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-
-    def drop(self, reason: str, n: int = 1) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + n
-
-    @property
-    def dropped_total(self) -> int:
-        return sum(self.dropped.values())
-
-
-class _Bsp(BatchSpanProcessor):
-    """The SDK's batch processor, counting the spans its full queue turns away (it only logs them)."""
-
-    def __init__(self, exporter: SpanExporter, counts: ExportCounts, max_queue_size: int) -> None:
-        super().__init__(exporter, max_queue_size=max_queue_size, schedule_delay_millis=1000)
-        self._counts = counts
-        self._max = max_queue_size
-
-    def on_end(self, span: ReadableSpan) -> None:
-        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        if queue is not None and len(queue) >= self._max:
-            self._counts.drop("queue_full")
-            return
-        super().on_end(span)
-
-
-class OtelExport:
-    def __init__(self, exporter: SpanExporter, *, content: bool, queue_size: int, resource: Resource) -> None:
-        self.counts = ExportCounts()
+    def __init__(self, content: bool) -> None:
         self.content = content
-        self.resource = resource
-        self._queue_size = queue_size
-        self._pending: collections.deque[tuple[str, Any]] = collections.deque()
-        self._processor = _Bsp(_CountingExporter(exporter, self.counts), self.counts, queue_size)
-        # span contexts later rewards attach to, keyed by call id and by session id
-        self._calls: collections.OrderedDict[str, SpanContext] = collections.OrderedDict()
-        self._sessions: collections.OrderedDict[str, tuple[SpanContext, SpanContext | None]] = collections.OrderedDict()
-        self._wake = threading.Event()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="trainwire-otel-spans", daemon=True)
-        self._thread.start()
+        self.calls: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        # session -> (trace id, its latest call's span id, that call's parent span id)
+        self.sessions: collections.OrderedDict[str, tuple[int, int, int]] = collections.OrderedDict()
 
-    @classmethod
-    def from_settings(cls, settings) -> OtelExport | None:
-        if not export_wanted(settings.otlp_endpoint):
-            return None
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        # Left None, the exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT and _HEADERS itself; a flag wins.
-        # A short timeout: the exporter retries with backoff inside it, on its own thread, while spans queue.
-        exporter = OTLPSpanExporter(endpoint=traces_endpoint(settings.otlp_endpoint), timeout=5)
-        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "trainwire")})
-        log.info("exporting calls as OpenTelemetry spans to %s", getattr(exporter, "_endpoint", "?"))
-        return cls(exporter, content=settings.otlp_content, queue_size=settings.otlp_queue_size, resource=resource)
-
-    # --- the hooks (event loop, hot path) ----------------------------------------------------------
-    def call(self, rec: CallRecord) -> None:
-        self._offer(("call", rec))
-
-    def reward(self, reward: RewardLike) -> None:
-        self._offer(("reward", reward))
-
-    def _offer(self, item: tuple[str, Any]) -> None:
-        if len(self._pending) >= self._queue_size:
-            self.counts.drop("queue_full")
-            return
-        self._pending.append(item)
-
-    # --- the span thread ---------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop:
-            self._wake.wait(_TICK_S)
-            self._wake.clear()
-            self._drain()
-        self._drain()
-
-    def _drain(self) -> None:
-        while self._pending:
-            kind, item = self._pending.popleft()
-            try:
-                span = self._call_span(item) if kind == "call" else self._reward_span(item)
-            except Exception:
-                log.exception("could not make a span of a %s; dropped", kind)
-                self.counts.drop("invalid")
-                continue
-            self.counts.spans += 1
-            self._processor.on_end(span)
-
-    def _remember(self, d: collections.OrderedDict, key: str, value: Any) -> None:
+    @staticmethod
+    def _remember(d: collections.OrderedDict, key: str, value: Any) -> None:
         d.pop(key, None)
         d[key] = value
         if len(d) > _REMEMBERED:
             d.popitem(last=False)
 
-    def _call_span(self, rec: CallRecord) -> ReadableSpan:
+    def call(self, rec: CallRecord) -> SpanPlan:
         if rec.trace_id and rec.parent_span_id:
-            trace_id = int(rec.trace_id, 16)
-            parent: SpanContext | None = SpanContext(
-                trace_id, int(rec.parent_span_id, 16), is_remote=True, trace_flags=_SAMPLED
-            )
+            trace_id, parent = int(rec.trace_id, 16), int(rec.parent_span_id, 16)
         else:
-            trace_id, parent = session_trace_id(rec.session_id), None
-        ctx = SpanContext(trace_id, span_id_of(rec.id), is_remote=False, trace_flags=_SAMPLED)
-        self._remember(self._calls, rec.id, ctx)
-        self._remember(self._sessions, rec.session_id, (ctx, parent))
-        attrs = call_attributes(rec, content=self.content)
+            trace_id, parent = session_trace_id(rec.session_id), 0
+        span_id = span_id_of(rec.id)
+        self._remember(self.calls, rec.id, (trace_id, span_id))
+        self._remember(self.sessions, rec.session_id, (trace_id, span_id, parent))
         failed = rec.status_code != 200 or rec.error is not None
         model = rec.model_requested or rec.model_served or ""
-        return ReadableSpan(
-            name=f"{operation_name(rec)} {model}".strip(),
-            context=ctx,
-            parent=parent,
-            resource=self.resource,
-            attributes=attrs,
-            kind=SpanKind.CLIENT,
-            instrumentation_scope=_SCOPE,
-            status=Status(StatusCode.ERROR, (rec.error or "")[:256]) if failed else Status(StatusCode.UNSET),
-            start_time=_ns(rec.started_at),
-            end_time=_ns(rec.finished_at),
+        return (
+            CALL,
+            trace_id,
+            span_id,
+            parent,
+            f"{operation_name(rec)} {model}".strip(),
+            _ns(rec.started_at),
+            _ns(rec.finished_at),
+            (rec.error or "")[:256] if failed else None,
+            call_attributes(rec, content=self.content),
+            [],
+            [],
         )
 
-    def _reward_span(self, r: RewardLike) -> ReadableSpan:
-        call_ctx = self._calls.get(r.call_id) if r.call_id else None
-        links: list[Link] = []
-        parent: SpanContext | None
-        if call_ctx is not None:
-            trace_id, parent = call_ctx.trace_id, call_ctx
-            links.append(Link(call_ctx, {"trainwire.link": "rewarded_call"}))
-        elif r.session_id in self._sessions:
-            latest, agent_parent = self._sessions[r.session_id]
-            trace_id, parent = latest.trace_id, agent_parent
-            links.append(Link(latest, {"trainwire.link": "latest_call"}))
+    def reward(self, r: RewardLike) -> SpanPlan:
+        known = self.calls.get(r.call_id) if r.call_id else None
+        links: list[tuple[int, int, dict]] = []
+        if known is not None:
+            trace_id, parent = known
+            links.append((*known, {"trainwire.link": "rewarded_call"}))
+        elif r.session_id in self.sessions:
+            trace_id, latest, parent = self.sessions[r.session_id]
+            links.append((trace_id, latest, {"trainwire.link": "latest_call"}))
         else:  # another worker served the session: its trace, as far as this process can tell
-            trace_id, parent = session_trace_id(r.session_id), None
-        now = _ns(getattr(r, "created_at", None) or datetime.now().astimezone())
+            trace_id, parent = session_trace_id(r.session_id), 0
+        created = getattr(r, "created_at", None)
+        now = _ns(created if isinstance(created, datetime) else datetime.now(UTC))
         attrs: dict[str, Any] = {
             "trainwire.session_id": r.session_id,
             "session.id": r.session_id,
             "trainwire.reward.source": r.source,
             "trainwire.reward.final": bool(r.final),
         }
+        event: dict[str, Any] = {"gen_ai.evaluation.name": r.source}
         if r.value is not None:
-            attrs["trainwire.reward.value"] = float(r.value)
+            attrs["trainwire.reward.value"] = event["gen_ai.evaluation.score.value"] = float(r.value)
         if r.call_id:
             attrs["trainwire.call_id"] = r.call_id
-        event_attrs: dict[str, Any] = {"gen_ai.evaluation.name": r.source}
-        if r.value is not None:
-            event_attrs["gen_ai.evaluation.score.value"] = float(r.value)
-        if r.call_id:
-            event_attrs["gen_ai.response.id"] = r.call_id
         seed = f"reward:{r.session_id}:{r.call_id}:{r.source}:{getattr(r, 'idempotency_key', None) or now}"
-        return ReadableSpan(
-            name=f"trainwire.reward {r.source}",
-            context=SpanContext(trace_id, span_id_of(seed), is_remote=False, trace_flags=_SAMPLED),
-            parent=parent,
-            resource=self.resource,
-            attributes=attrs,
-            events=[Event("gen_ai.evaluation.result", event_attrs, now)],
-            links=links,
-            kind=SpanKind.INTERNAL,
-            instrumentation_scope=_SCOPE,
-            start_time=now,
-            end_time=now,
+        return (
+            REWARD,
+            trace_id,
+            span_id_of(seed),
+            parent,
+            f"trainwire.reward {r.source}",
+            now,
+            now,
+            None,
+            attrs,
+            [("gen_ai.evaluation.result", event, now)],
+            links,
         )
 
-    # --- lifecycle ---------------------------------------------------------------------------------
+
+class OtelExport:
+    """The proxy's side: the pending deque, the planner, the pipe to the child and the counters."""
+
+    def __init__(self, settings) -> None:
+        self.queue_size = settings.otlp_queue_size
+        self.planner = SpanPlanner(settings.otlp_content)
+        self._pending: collections.deque[tuple[int, Any]] = collections.deque()
+        self.spans = 0
+        self.dropped: dict[str, int] = {}
+        ctx = multiprocessing.get_context("spawn")
+        self.counts = ctx.Array("q", N_COUNTS, lock=False)
+        reader, self._writer = ctx.Pipe(duplex=False)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._writer.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+        self._capacity = fcntl.fcntl(self._writer.fileno(), _F_GETPIPE_SZ)
+        from trainwire.proxy.otel_child import run
+
+        config = {
+            "endpoint": traces_endpoint(settings.otlp_endpoint),
+            "queue_size": settings.otlp_queue_size,
+            "service_name": os.environ.get("OTEL_SERVICE_NAME", "trainwire"),
+        }
+        self._child = ctx.Process(target=run, args=(reader, self.counts, config), name="trainwire-otel", daemon=True)
+        self._child.start()
+        reader.close()
+        self._task: asyncio.Task | None = None
+        self._gone = False
+        log.info(
+            "exporting calls as OpenTelemetry spans to %s", config["endpoint"] or "the OTEL_EXPORTER_OTLP_* endpoint"
+        )
+
+    @classmethod
+    def from_settings(cls, settings) -> OtelExport | None:
+        return cls(settings) if export_wanted(settings.otlp_endpoint) else None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._flush_forever(), name="trainwire-otel")
+
+    # --- the hooks (hot path) ----------------------------------------------------------------------
+    def call(self, rec: CallRecord) -> None:
+        self._offer((CALL, rec))
+
+    def reward(self, reward: RewardLike) -> None:
+        self._offer((REWARD, reward))
+
+    def _offer(self, item: tuple[int, Any]) -> None:
+        if len(self._pending) >= self.queue_size:
+            self._drop("queue_full")
+            return
+        self._pending.append(item)
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    # --- every tick, on the event loop -------------------------------------------------------------
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK_S)
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        plans: list[SpanPlan] = []
+        while self._pending:
+            kind, item = self._pending.popleft()
+            try:
+                plans.append(self.planner.call(item) if kind == CALL else self.planner.reward(item))
+            except Exception:
+                log.exception("could not make a span of a %s; dropped", "call" if kind == CALL else "reward")
+                self._drop("invalid")
+        self.spans += len(plans)
+        if self._gone:
+            self._drop("exporter_gone", len(plans))
+            return
+        data = pickle.dumps(plans, protocol=pickle.HIGHEST_PROTOCOL)
+        # A write into a pipe with room never blocks: send only then (the child reads at once; it is full only
+        # when the child is starved or stuck), else drop the batch, counted.
+        if len(data) + 16 > self._capacity - self._unread():
+            self._drop("queue_full", len(plans))
+            return
+        try:
+            self._writer.send_bytes(data)
+        except OSError:
+            log.error(
+                "the OpenTelemetry export process is gone (exit code %s); spans are dropped", self._child.exitcode
+            )
+            self._gone = True
+            self._drop("exporter_gone", len(plans))
+
+    def _unread(self) -> int:
+        buf = fcntl.ioctl(self._writer.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return struct.unpack("i", buf)[0]
+
+    # --- stats and lifecycle -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        dropped = dict(self.dropped)
+        for reason, i in (("queue_full", CHILD_QUEUE_FULL), ("export_failed", EXPORT_FAILED)):
+            if self.counts[i]:
+                dropped[reason] = dropped.get(reason, 0) + self.counts[i]
         return {
-            "spans": self.counts.spans,
-            "exported": self.counts.exported,
-            "dropped": dict(self.counts.dropped),
+            "spans": self.spans,
+            "exported": self.counts[EXPORTED],
+            "dropped": dropped,
             "pending": len(self._pending),
         }
 
-    def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Send what is queued if the collector answers within `timeout_s`; never hold a shutdown longer."""
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout_s)
-        done = threading.Thread(target=self._processor.shutdown, daemon=True)
-        done.start()
-        done.join(timeout_s)
+    @property
+    def exported(self) -> int:
+        return self.counts[EXPORTED]
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Send what is pending; the child exports what it holds if the collector answers within `timeout_s`."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.flush()
+        with contextlib.suppress(OSError):
+            self._writer.send_bytes(b"")  # the end
+        self._writer.close()
+        await asyncio.to_thread(self._child.join, timeout_s + 2)
+        if self._child.is_alive():
+            self._child.terminate()

@@ -61,6 +61,8 @@ class ProxyState:
 
     async def start(self) -> None:
         self.otel = OtelExport.from_settings(self.settings)
+        if self.otel is not None:
+            self.otel.start()
         self.air.on_reward = self.observe_reward
         # aiohttp over httpx: measured 6x the pass-through throughput here (see README, bench/).
         self.http = aiohttp.ClientSession(
@@ -83,7 +85,7 @@ class ProxyState:
             await self.http.close()
         await self.engine.dispose()
         if self.otel is not None:
-            self.otel.shutdown()
+            await self.otel.stop()
 
     def record(self, rec: CallRecord) -> None:
         """Where every finished call goes: automatic rewards first (queued beside it), then the write queue.
