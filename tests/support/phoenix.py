@@ -39,6 +39,7 @@ class Phoenix:
             "PHOENIX_PORT": str(self.port),
             "PHOENIX_GRPC_PORT": str(free_port()),
         }
+        workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "phoenix.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
