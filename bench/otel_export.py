@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,19 @@ from tests.support.pgcluster import PgCluster  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 CONNECTIONS = 8
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and of its children (the export process) so far."""
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _serve(port: int, upstream: str, db: str, tmp: Path, name: str, extra: list[str]) -> subprocess.Popen:
@@ -109,7 +123,9 @@ def main() -> int:
                         _wait_healthy(f"http://127.0.0.1:{port}/healthz")
                         url = f"http://127.0.0.1:{port}/v1/chat/completions"
                         httpx.post(url, json={"model": "policy", "messages": [{"role": "user", "content": "hi"}]})
+                        cpu0 = _cpu_s(proc.pid)
                         r = wrk(url, CONNECTIONS, args.duration, tmp)
+                        cpu = _cpu_s(proc.pid) - cpu0
                         otlp = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=30).json().get("otlp_export")
                     finally:
                         os.killpg(proc.pid, signal.SIGTERM)
@@ -117,10 +133,17 @@ def main() -> int:
                     recorded = asyncio.run(count_calls(db))
                     complete = recorded >= r["requests"] + 1 and r["non_2xx"] == 0
                     ok = ok and complete
-                    r.update(config=name, round=rnd, recorded=recorded, otlp_export=otlp)
+                    r.update(
+                        config=name,
+                        round=rnd,
+                        recorded=recorded,
+                        otlp_export=otlp,
+                        cpu_us_per_request=round(cpu / max(1, r["requests"]) * 1e6, 1),
+                    )
                     runs.append(r)
                     print(
-                        f"round {rnd} {name:26} {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  p99 "
+                        f"round {rnd} {name:26} {r['rps']:8.0f} req/s  cpu {r['cpu_us_per_request']:6.1f} us/req  "
+                        f"p50 {r['p50_ms']:.3f} ms  p99 "
                         f"{r['p99_ms']:.3f} ms  non-2xx {r['non_2xx']}  recorded {recorded}/{r['requests'] + 1}"
                         f"{'' if complete else '  MISSING ROWS'}  spans {otlp}",
                         flush=True,
@@ -130,19 +153,23 @@ def main() -> int:
             nginx.wait(60)
             up.stop()
             slow.stop()
-    base = statistics.mean(r["rps"] for r in runs if r["config"] == "no export")
+    base = statistics.median(r["rps"] for r in runs if r["config"] == "no export")
     summary = {}
     for name in configs:
         rps = [r["rps"] for r in runs if r["config"] == name]
+        cpu = [r["cpu_us_per_request"] for r in runs if r["config"] == name]
         summary[name] = {
+            "rps_median": round(statistics.median(rps), 1),
+            "cpu_us_per_request_median": round(statistics.median(cpu), 1),
             "rps_mean": round(statistics.mean(rps), 1),
             "rps_runs": [round(x) for x in rps],
-            "vs_no_export": round(statistics.mean(rps) / base - 1, 4),
+            "vs_no_export": round(statistics.median(rps) / base - 1, 4),
             "non_2xx": sum(r["non_2xx"] for r in runs if r["config"] == name),
         }
         print(
-            f"{name:26} mean {summary[name]['rps_mean']:8.0f} req/s  ({summary[name]['vs_no_export']:+.1%} vs no "
-            f"export)  runs {summary[name]['rps_runs']}  non-2xx {summary[name]['non_2xx']}"
+            f"{name:26} median {summary[name]['rps_median']:8.0f} req/s ({summary[name]['vs_no_export']:+.1%} vs no "
+            f"export), CPU {summary[name]['cpu_us_per_request_median']:.0f} us/request (proxy + export process)  "
+            f"runs {summary[name]['rps_runs']}  non-2xx {summary[name]['non_2xx']}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"connections": CONNECTIONS, "summary": summary, "runs": runs}, indent=2) + "\n")

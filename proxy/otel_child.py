@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import signal
 import threading
 from collections.abc import Sequence
 
@@ -55,9 +56,12 @@ class _Processor(BatchSpanProcessor):
         self._counts = counts
         self._max = max_queue_size
 
-    def on_end(self, span: ReadableSpan) -> None:
+    def full(self) -> bool:
         queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        if queue is not None and len(queue) >= self._max:
+        return queue is not None and len(queue) >= self._max
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.full():
             self._counts[CHILD_QUEUE_FULL] += 1
             return
         super().on_end(span)
@@ -82,6 +86,9 @@ def make_span(plan, resource: Resource) -> ReadableSpan:
 
 
 def run(conn, counts, config: dict) -> None:
+    # The proxy stops this process itself, after its last spans (a signal to the whole group must not come first).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -120,6 +127,9 @@ def run(conn, counts, config: dict) -> None:
             plans = pickle.loads(data)
             counts[RECEIVED] += len(plans)
             for plan in plans:
+                if processor.full():  # the collector is down or slow: drop before making the span
+                    counts[CHILD_QUEUE_FULL] += 1
+                    continue
                 try:
                     processor.on_end(make_span(plan, resource))
                 except Exception:
