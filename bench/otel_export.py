@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -80,6 +81,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="each collector state this many times, in turns")
+    ap.add_argument("--settle-s", type=float, default=4.0, help="wait after the proxy is up, before measuring")
     ap.add_argument("--slow-s", type=float, default=2.0, help="how long the slow collector holds each export")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "otel_export.json")
     args = ap.parse_args()
@@ -121,6 +123,9 @@ def main() -> int:
                     proc = _serve(port, f"http://127.0.0.1:{nginx_port}", db, tmp, f"{len(runs)}", extra)
                     try:
                         _wait_healthy(f"http://127.0.0.1:{port}/healthz")
+                        # The export process imports the OpenTelemetry SDK and exporter at start (about a second
+                        # of CPU): let every configuration settle alike before measuring.
+                        time.sleep(args.settle_s)
                         url = f"http://127.0.0.1:{port}/v1/chat/completions"
                         httpx.post(url, json={"model": "policy", "messages": [{"role": "user", "content": "hi"}]})
                         cpu0 = _cpu_s(proc.pid)
