@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from trainwire.proxy.otel_export import CALL, CHILD_QUEUE_FULL, EXPORT_FAILED, EXPORTED, RECEIVED
+from trainwire.proxy.otel_export import CALL, CHILD_QUEUE_FULL, EXPORT_FAILED, EXPORTED, FULL, RECEIVED
 
 log = logging.getLogger("trainwire.otel")
 
@@ -121,8 +121,10 @@ def run(conn, counts, config: dict) -> None:
     while True:
         with ready:
             while not batches and not done.is_set():
-                ready.wait()
+                counts[FULL] = int(processor.full())  # the proxy drops at once while the queue is full
+                ready.wait(0.2)
             taken, batches[:] = list(batches), []
+        counts[FULL] = int(processor.full())
         for data in taken:
             plans = pickle.loads(data)
             counts[RECEIVED] += len(plans)

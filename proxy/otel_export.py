@@ -46,8 +46,9 @@ _PIPE_BYTES = 1 << 20  # what Linux lets any process ask for (/proc/sys/fs/pipe-
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
 # The child's counters, in shared memory: spans it received, exported, dropped (its queue full), dropped (export
-# failed: the collector down, slow past the timeout, or refusing).
-RECEIVED, EXPORTED, CHILD_QUEUE_FULL, EXPORT_FAILED, N_COUNTS = range(5)
+# failed: the collector down, slow past the timeout, or refusing); and FULL, 1 while its queue is full (the
+# collector is down or slow), when the proxy drops at once instead of planning spans the child would drop.
+RECEIVED, EXPORTED, CHILD_QUEUE_FULL, EXPORT_FAILED, FULL, N_COUNTS = range(6)
 CALL, REWARD = 0, 1
 
 # A span to make, as the child takes it: (kind, trace id, span id, parent span id or 0, name, start ns, end ns,
@@ -217,7 +218,7 @@ class OtelExport:
         self._offer((REWARD, reward))
 
     def _offer(self, item: tuple[int, Any]) -> None:
-        if len(self._pending) >= self.queue_size:
+        if len(self._pending) >= self.queue_size or self.counts[FULL]:
             self._drop("queue_full")
             return
         self._pending.append(item)
