@@ -10,7 +10,7 @@ The call, within those sessions:
    calls' answers requested (chat `tool_calls`, Responses `function_call` items, Messages `tool_use` blocks); the
    newest such call started before the tool ran;
 2. else by time order: the newest successful call of the span's trace (else of the session) that finished before
-   the tool span started, preferring one whose answer requested a tool. Frameworks run a tool right after the
+   the tool span started (only if none did, within `SKEW` after it), preferring one whose answer requested a tool. Frameworks run a tool right after the
    call that asked for it, so that is the one.
 A span neither finds is counted as unlinked and dropped.
 """
@@ -110,10 +110,11 @@ async def _call_for(engine, span: ToolSpan, sessions: list[str]) -> tuple[str, s
                 if span.tool_call_id in requested_tool_calls(call):
                     return session, call.call_id, "tool_call_id"
     for session in sessions:
-        calls = [
-            c
-            for c in await calls_before(engine, session, before=started + SKEW)
-            if c.status_code == 200 and c.finished_at <= started + SKEW
+        recent = [c for c in await calls_before(engine, session, before=started + SKEW) if c.status_code == 200]
+        # Calls that finished before the tool started; only if none did, those within the clock skew (the next
+        # call of the agent often starts and ends within it).
+        calls = [c for c in recent if c.finished_at <= started] or [
+            c for c in recent if c.finished_at <= started + SKEW
         ]
         same_trace = [c for c in calls if c.trace_id == span.trace_id] or calls
         best = next((c for c in same_trace if requested_tool_calls(c)), None) or (same_trace[0] if same_trace else None)
