@@ -111,3 +111,22 @@ def test_limits():
         gunzip(gzip.compress(b"x" * 101), 100)
     with pytest.raises(BadOtlp):
         gunzip(gzip.compress(b"x" * 100)[:20], 100)
+
+
+def test_tool_call_ids_each_api_requested():
+    from datetime import UTC, datetime
+
+    from trainwire.proxy.tool_spans import requested_tool_calls
+    from trainwire.store.trace_links import TracedCall
+
+    def call(kind: str, response) -> TracedCall:
+        now = datetime.now(UTC)
+        return TracedCall("c", "s", kind, response, now, now, 200, None, None)
+
+    chat = {"choices": [{"message": {"tool_calls": [{"id": "a"}, {"id": "b"}, {"nope": 1}]}}, {"message": None}]}
+    responses = {"output": [{"type": "message"}, {"type": "function_call", "call_id": "c1", "id": "fc_1"}]}
+    messages = {"content": [{"type": "text"}, {"type": "tool_use", "id": "toolu_1"}]}
+    assert requested_tool_calls(call("chat", chat)) == ["a", "b"]
+    assert requested_tool_calls(call("responses", responses)) == ["c1", "fc_1"]
+    assert requested_tool_calls(call("messages", messages)) == ["toolu_1"]
+    assert requested_tool_calls(call("completion", chat)) == [] and requested_tool_calls(call("chat", None)) == []
