@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -91,9 +92,11 @@ def main() -> int:
     # would take the proxy's CPU on a small machine.
     up = OtlpReceiver(decode=False).start()
     slow = OtlpReceiver(delay_s=args.slow_s, decode=False).start()
-    closed = OtlpReceiver()
-    down_url = closed.url
-    closed.server.server_close()
+    # "Down": a port bound and never listened on, held for the whole run: connections are refused, and no other
+    # process can take the port meanwhile (a closed port was once answered by someone else's server).
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    down_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
     configs = {
         "no export": [],
         "collector up": ["--otlp-endpoint", up.url],
@@ -158,6 +161,7 @@ def main() -> int:
             nginx.wait(60)
             up.stop()
             slow.stop()
+            closed.close()
     base = statistics.median(r["rps"] for r in runs if r["config"] == "no export")
     summary = {}
     for name in configs:
