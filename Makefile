@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv vllm-venv test test-fast test-unit lint fmt demo demo-calc bench clean
+.PHONY: venv vllm-venv phoenix-venv test test-fast test-unit lint fmt demo demo-calc bench clean
 
 # Project venv: proxy, store, trainer (torch CPU + verl) and test tools. Re-installs only when pyproject changes.
 $(BIN)/.installed: pyproject.toml
@@ -19,7 +19,12 @@ venv: $(BIN)/.installed
 vllm-venv:
 	bash scripts/setup_vllm_venv.sh
 
-test: venv vllm-venv
+# Arize Phoenix, the tracing backend the OpenTelemetry end-to-end test exports to, in its own cached venv (it pins
+# its own FastAPI, SQLAlchemy and OpenTelemetry versions).
+phoenix-venv:
+	bash scripts/setup_phoenix_venv.sh >/dev/null
+
+test: venv vllm-venv phoenix-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Everything except the real-vLLM end-to-end tests (no vLLM venv needed).

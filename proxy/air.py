@@ -15,7 +15,7 @@ import collections
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,7 @@ class Air:
         self._sessions: collections.OrderedDict[str, _Memo] = collections.OrderedDict()
         self._tasks: set[asyncio.Task] = set()
         self.submitted = 0
+        self.on_reward: Callable[[RewardRecord], None] | None = None  # the OpenTelemetry export, when on
 
     # --- state -------------------------------------------------------------------------------------
     def memo(self, session_id: str) -> _Memo:
@@ -98,6 +99,8 @@ class Air:
     def observe(self, rec: CallRecord) -> None:
         """Run every active rule on a call about to be queued; queue their rewards."""
         for name, value in self.values.items():
+            if RULES[name].on != "call":
+                continue
             for f in RULES[name].judge(self, rec):
                 if f.call_id is not None:
                     self._submit(name, value, f.call_id, rec.session_id, f)
@@ -105,6 +108,19 @@ class Air:
                     self._spawn(self._resolve(name, value, rec, f))
         if "tool_error" in self.values and rec.kind == "chat":
             self._remember_tool_calls(rec)
+
+    def observe_tool_span(self, linked) -> int:
+        """Run the active tool-span rules on a tool span linked to its call (proxy/tool_spans.py); queue their
+        rewards. Returns how many were queued."""
+        queued = 0
+        for name, value in self.values.items():
+            if RULES[name].on != "tool_span":
+                continue
+            for f in RULES[name].judge(self, linked):
+                if f.call_id is not None:
+                    self._submit(name, value, f.call_id, linked.session_id, f)
+                    queued += 1
+        return queued
 
     def _remember_tool_calls(self, rec: CallRecord) -> None:
         request = rec.request
@@ -120,19 +136,20 @@ class Air:
 
     def _submit(self, rule: str, value: float, call_id: str, session_id: str, f: Finding) -> None:
         key = f"{KEY_PREFIX}{rule}:{call_id}" + (f":{f.key}" if f.key else "")
-        self.writer.submit_reward(
-            RewardRecord(
-                session_id=session_id,
-                call_id=call_id,
-                value=value,
-                final=False,
-                source=rule,
-                idempotency_key=key[:256],
-                metadata=f.metadata,
-                created_at=utcnow(),
-            )
+        reward = RewardRecord(
+            session_id=session_id,
+            call_id=call_id,
+            value=value,
+            final=False,
+            source=rule,
+            idempotency_key=key[:256],
+            metadata=f.metadata,
+            created_at=utcnow(),
         )
+        self.writer.submit_reward(reward)
         self.submitted += 1
+        if self.on_reward is not None:
+            self.on_reward(reward)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

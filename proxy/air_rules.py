@@ -36,7 +36,7 @@ class Finding:
     message_index: int | None = None
 
 
-Judge = Callable[["Air", CallRecord], list[Finding]]
+Judge = Callable[["Air", Any], list[Finding]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,9 @@ class Rule:
     default: float | None  # None: off unless configured
     help: str
     judge: Judge
+    # What the rule judges: "call", every recorded CallRecord; "tool_span", every tool span an agent posts to
+    # /v1/traces, linked to the call that requested the tool (proxy/tool_spans.py: a LinkedToolSpan).
+    on: str = "call"
 
     @property
     def flag(self) -> str:
@@ -54,11 +57,11 @@ class Rule:
 RULES: dict[str, Rule] = {}
 
 
-def rule(name: str, *, default: float | None, help: str) -> Callable[[Judge], Judge]:
+def rule(name: str, *, default: float | None, help: str, on: str = "call") -> Callable[[Judge], Judge]:
     def register(judge: Judge) -> Judge:
         if name in RULES:
             raise ValueError(f"automatic reward rule {name!r} is registered twice")
-        RULES[name] = Rule(name, default, help, judge)
+        RULES[name] = Rule(name, default, help, judge, on)
         return judge
 
     return register
@@ -219,6 +222,38 @@ def truncated(air: "Air", rec: CallRecord) -> list[Finding]:
                 "finish_reason": "length",
                 "completion_tokens": usage.get("completion_tokens"),
                 "max_tokens": request.get("max_completion_tokens") or request.get("max_tokens"),
+            },
+        )
+    ]
+
+
+@rule(
+    "tool_span_error",
+    default=-0.2,
+    help="Reward for the call whose requested tool's span (OTLP at POST /v1/traces) has status ERROR, or 'off'",
+    on="tool_span",
+)
+def tool_span_error(air: "Air", linked: Any) -> list[Finding]:
+    """A tool span the agent's own tracing sent (`gen_ai.operation.name = execute_tool`, or OpenInference's
+    `openinference.span.kind = TOOL`) with status ERROR: the real outcome of the tool, not a guess from the tool
+    message's text (`tool_error`). The reward goes to the LLM call that requested the tool (proxy/tool_spans.py
+    says how it is found). One reward per span: its span id is in the idempotency key."""
+    span = linked.span
+    if not span.error or linked.call_id is None:
+        return []
+    return [
+        Finding(
+            key=span.span_id,
+            call_id=linked.call_id,
+            metadata={
+                "tool": span.tool,
+                "status": "ERROR",
+                "message": span.message,
+                "duration_ms": round(span.duration_ms, 3),
+                "tool_call_id": span.tool_call_id,
+                "trace_id": span.trace_id,
+                "span_id": span.span_id,
+                "matched_by": linked.matched_by,
             },
         )
     ]

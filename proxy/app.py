@@ -15,6 +15,7 @@ from trainwire.proxy import (
     admin_routes,
     errors,
     openai_routes,
+    otlp_routes,
     read_routes,
     reward_routes,
     train_routes,
@@ -111,7 +112,7 @@ def create_app(settings: ProxySettings) -> TrainwireApp:
     app.front = metrics.count(HotPath(functools.partial(FastAPI.__call__, app), state))
     # Imported by name above, so a renamed module fails at import and import-linter sees every edge. The
     # pass-through router comes last: it takes any other /v1 path.
-    for module in (openai_routes, reward_routes, read_routes, admin_routes, train_routes, ui_routes):
+    for module in (openai_routes, reward_routes, read_routes, admin_routes, train_routes, ui_routes, otlp_routes):
         app.include_router(module.router)
     app.include_router(openai_routes.passthrough_router)
     return app

@@ -132,6 +132,8 @@ class Call:
             error=error,
             sampling=self.sampling,
             untrainable_reason=untrainable,
+            trace_id=self.ctx.trace_id,
+            parent_span_id=self.ctx.parent_span_id,
             aborted=aborted,
             started_at=self.started_at,
             finished_at=datetime.now(UTC),

@@ -65,7 +65,18 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.otlp_exported = Counter(
+            "trainwire_otlp_spans_exported", "Spans the OTLP export delivered to the collector", registry=r
+        )
+        self.otlp_dropped = Counter(
+            "trainwire_otlp_spans_dropped",
+            "Spans the OTLP export dropped (queue_full: the collector is slow or down; export_failed: it refused "
+            "or did not answer)",
+            ["reason"],
+            registry=r,
+        )
         self._seen = {"written": 0, "retries": 0}
+        self._seen_otlp: dict[str, int] = {}
         self._task: asyncio.Task | None = None
 
     def sample(self) -> None:
@@ -78,9 +89,22 @@ class Metrics:
             if now > self._seen[name]:
                 counter.inc(now - self._seen[name])
                 self._seen[name] = now
+        otel = getattr(self.state, "otel", None)
+        if otel is not None:
+            self._otlp(otel.stats())
         if self.state.pool is not None:
             for i, upstream in enumerate(self.state.pool.upstreams):
                 self.version.labels(str(i)).set(self.state.policy.resolve(upstream.url)[1])
+
+    def _otlp(self, stats: dict) -> None:
+        for key, counter, now in (
+            ("exported", self.otlp_exported, stats["exported"]),
+            *((f"dropped:{r}", self.otlp_dropped.labels(r), n) for r, n in stats["dropped"].items()),
+        ):
+            seen = self._seen_otlp.get(key, 0)
+            if now > seen:
+                counter.inc(now - seen)
+                self._seen_otlp[key] = now
 
     async def _sample_forever(self) -> None:
         while True:

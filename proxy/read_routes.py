@@ -22,6 +22,7 @@ No input makes these routes answer 5xx: a bad value is a 400 naming its paramete
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -122,10 +123,36 @@ class WritePath(BaseModel):
     replayed: int
 
 
+class OtlpExport(BaseModel):
+    """This proxy process's OpenTelemetry export (`--otlp-endpoint`): spans made, delivered to the collector,
+    dropped by reason (queue_full, export_failed) and still pending."""
+
+    spans: int
+    exported: int
+    dropped: dict[str, int]
+    pending: int
+
+
+class OtlpIngest(BaseModel):
+    """This proxy process's `POST /v1/traces`: requests, spans, spans refused, tool spans and failed ones, failed
+    tool spans linked to the call that requested the tool or not (by reason), rewards queued."""
+
+    requests: int
+    spans: int
+    rejected: int
+    tool_spans: int
+    tool_errors: int
+    linked: int
+    unlinked: dict[str, int]
+    rewards: int
+
+
 class StatsAnswer(Stats):
     write_queue: WriteQueue
     rejected: Rejected
     write_path: WritePath
+    otlp_export: OtlpExport | None = None
+    otlp_ingest: OtlpIngest
 
 
 @router.get("/sessions", response_model=Page[SessionSummary], responses=responses(400, 401, 503))
@@ -240,5 +267,7 @@ async def stats(request: Request) -> Response:
                 journal_appended=writer.journal.appended if writer.journal else 0,
                 replayed=writer.replayed_total,
             ),
+            otlp_export=OtlpExport(**tw.otel.stats()) if tw.otel is not None else None,
+            otlp_ingest=OtlpIngest(**dataclasses.asdict(tw.otlp_ingest)),
         )
     )

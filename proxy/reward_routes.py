@@ -419,6 +419,8 @@ async def _store(request: Request, new: NewReward) -> Response:
             stored.reward["id"],
             new.session_id,
         )
+    if not stored.duplicate:
+        tw.observe_reward(new)
     body = {**stored.reward, "orphaned": stored.orphaned, "duplicate": stored.duplicate}
     return json_response(body)
 

@@ -18,6 +18,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}")  # whole value
 SESSION_IN_PATH = r"[A-Za-z0-9](?:(?!/v1(?:/|$))[A-Za-z0-9._:@/+=-]){0,127}"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+# W3C Trace Context, version 00 (and later versions' first four fields, as the spec asks of a reader).
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 
 
 @dataclass(slots=True)
@@ -27,6 +29,8 @@ class CallContext:
     task_id: str | None
     agent_name: str | None
     trainable: bool
+    trace_id: str | None = None  # from a valid W3C `traceparent`
+    parent_span_id: str | None = None
 
 
 def check_id(value: str, what: str) -> str:
@@ -39,6 +43,20 @@ def check_id(value: str, what: str) -> str:
             code="invalid_header",
         )
     return value
+
+
+def parse_traceparent(value: str | None) -> tuple[str | None, str | None]:
+    """(trace id, parent span id) of a W3C `traceparent`, or (None, None). An invalid one is ignored, never a
+    400: Trace Context tells a receiver to start afresh rather than fail the request."""
+    if not value:
+        return None, None
+    m = _TRACEPARENT.fullmatch(value.strip())
+    if m is None or m.group(1) == "ff" or (m.group(1) == "00" and m.group(5)):
+        return None, None
+    trace_id, span_id = m.group(2), m.group(3)
+    if trace_id == "0" * 32 or span_id == "0" * 16:
+        return None, None
+    return trace_id, span_id
 
 
 def new_session_id() -> str:
@@ -67,7 +85,10 @@ def context_from(headers, path_session: str | None = None, path_values: Mapping[
                 code="invalid_header",
             )
         trainable = low in _TRUE
+    trace_id, parent_span_id = parse_traceparent(headers.get("traceparent"))
     return CallContext(
+        trace_id=trace_id,
+        parent_span_id=parent_span_id,
         session_id=session,
         session_generated=generated,
         task_id=check_id(task, "X-Task-Id") if task is not None else None,

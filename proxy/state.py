@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from trainwire.proxy.air import Air
+from trainwire.proxy.otel_export import OtelExport
 from trainwire.proxy.policy import PolicyState
+from trainwire.proxy.tool_spans import IngestCounts
 from trainwire.proxy.upstreams import UpstreamPool
 from trainwire.records import CallRecord
 from trainwire.settings import ProxySettings
@@ -50,12 +52,18 @@ class ProxyState:
         self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
         self.frozen = None
+        self.otel: OtelExport | None = None  # made by start(): its threads belong to the serving process
+        self.otlp_ingest = IngestCounts()  # POST /v1/traces (proxy/otlp_routes.py)
         self._seq: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._base_headers = {"content-type": "application/json"}
         if settings.upstream_api_key:
             self._base_headers["authorization"] = f"Bearer {settings.upstream_api_key}"
 
     async def start(self) -> None:
+        self.otel = OtelExport.from_settings(self.settings)
+        if self.otel is not None:
+            self.otel.start()
+        self.air.on_reward = self.observe_reward
         # aiohttp over httpx: measured 6x the pass-through throughput here (see README, bench/).
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False
@@ -76,6 +84,8 @@ class ProxyState:
         if getattr(self, "http", None) is not None:
             await self.http.close()
         await self.engine.dispose()
+        if self.otel is not None:
+            await self.otel.stop()
 
     def record(self, rec: CallRecord) -> None:
         """Where every finished call goes: automatic rewards first (queued beside it), then the write queue.
@@ -85,6 +95,13 @@ class ProxyState:
         except Exception:
             log.exception("automatic rewards failed on call %s; it is recorded without them", rec.id)
         self.writer.submit(rec)
+        if self.otel is not None:
+            self.otel.call(rec)
+
+    def observe_reward(self, reward) -> None:
+        """A reward stored or queued (user or automatic): exported as a span when export is on."""
+        if self.otel is not None:
+            self.otel.reward(reward)
 
     def next_seq(self, session_id: str) -> int:
         seq = self._seq.pop(session_id, -1) + 1

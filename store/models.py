@@ -98,6 +98,9 @@ class Call(Base):
     overhead_ms: Mapped[float | None] = mapped_column(Float)
     sampling: Mapped[dict | None] = mapped_column(Json)
     untrainable_reason: Mapped[str | None] = mapped_column(Text)
+    # The agent's W3C trace context (migration 0006): OTLP spans posted to /v1/traces find their session by it.
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    parent_span_id: Mapped[str | None] = mapped_column(String(16))
     # A call stored as what it adds to its session (migration 0004, store/call_deltas.py): `base_call_id` is an
     # earlier call of the same session; with `prompt_prefix_len` L the stored prompt_token_ids are the tokens
     # after the first L of the base's full prompt + completion; with `messages_prefix_len` M the request's
@@ -111,6 +114,7 @@ class Call(Base):
         Index("ix_calls_session_order", "session_id", "started_at", "seq"),
         Index("ix_calls_started_at", "started_at"),
         Index("ix_calls_agent", "agent_name"),
+        Index("ix_calls_trace_id", "trace_id"),
     )
 
 

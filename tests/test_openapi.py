@@ -50,6 +50,7 @@ EXPECTED = {
     "DELETE /rewards/{reward_id}",
     "GET /train/steps",
     "GET /policy/versions",
+    "POST /v1/traces",
 }
 
 

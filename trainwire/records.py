@@ -46,6 +46,10 @@ class CallRecord:
     overhead_ms: float | None = None
     sampling: dict[str, Any] | None = None  # {"requested", "effective"[, "enforced"]} (proxy/sampling.py)
     untrainable_reason: str | None = None  # why its tokens must not be trained on, though it is trainable
+    # The W3C trace context the agent sent (`traceparent`): OTLP spans the agent exports later are matched to the
+    # session by it (proxy/otlp_ingest.py), and the exported span is a child of the agent's (proxy/otel_export.py).
+    trace_id: str | None = None  # 32 lower-case hex digits
+    parent_span_id: str | None = None  # 16 lower-case hex digits
     # Set only by the store's write path on the copy it writes (store/call_deltas.py); the proxy leaves them
     # None, and every reader gets records with the full values.
     base_call_id: str | None = None

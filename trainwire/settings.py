@@ -193,6 +193,19 @@ class ProxySettings(UpstreamSettings, JournalSettings):
         description="Trainable calls asking for other sampling settings: enforce the training ones, "
         "reject them (400), or record them untrainable",
     )
+    # OpenTelemetry export (proxy/otel_export.py). Unset, the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    # OTEL_EXPORTER_OTLP_ENDPOINT turns it on just as well: teams already set those for their agents.
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector to export every recorded call to as a GenAI span (a base URL like "
+        "OTEL_EXPORTER_OTLP_ENDPOINT: /v1/traces is appended; a URL ending in /v1/traces is used as it is)",
+    )
+    otlp_content: bool = Field(
+        False, description="Export message content (gen_ai.input.messages / gen_ai.output.messages) with the spans"
+    )
+    otlp_queue_size: int = Field(
+        4096, gt=0, description="Spans held for export; beyond that (a collector down or slow) they are dropped"
+    )
     # Automatic intermediate rewards: rule name -> reward or 'off'. Filled from the flags the CLI makes from the
     # rule registry (--air-<rule>) and from TRAINWIRE_AIR_<RULE>; a rule left out keeps its registered default.
     air: dict[str, str] = Field(default_factory=dict, description="Automatic reward per rule: RULE -> value or 'off'")

@@ -74,16 +74,24 @@ class FakeWriter:
 
 
 def test_registered_rules():
-    assert list(RULES) == ["invalid_tool_call", "tool_error", "truncated"]
+    assert list(RULES) == ["invalid_tool_call", "tool_error", "truncated", "tool_span_error"]
     assert {n: r.default for n, r in RULES.items()} == {
         "invalid_tool_call": -0.5,
         "tool_error": -0.2,
         "truncated": -0.2,
+        "tool_span_error": -0.2,
     }
     assert {n: r.flag for n, r in RULES.items()} == {
         "invalid_tool_call": "--air-invalid-tool-call",
         "tool_error": "--air-tool-error",
         "truncated": "--air-truncated",
+        "tool_span_error": "--air-tool-span-error",
+    }
+    assert {n: r.on for n, r in RULES.items()} == {
+        "invalid_tool_call": "call",
+        "tool_error": "call",
+        "truncated": "call",
+        "tool_span_error": "tool_span",
     }
     assert all(r.name == n and r.help.endswith("or 'off'") for n, r in RULES.items())
     assert RULES["invalid_tool_call"].judge is invalid_tool_call and RULES["truncated"].judge is truncated
@@ -286,16 +294,18 @@ def test_air_defaults_and_configured_values():
         "invalid_tool_call": -0.5,
         "tool_error": -0.2,
         "truncated": -0.2,
+        "tool_span_error": -0.2,
     }
     air = Air({"truncated": "off", "tool_error": "-1", "invalid_tool_call": 0.5}, PATTERNS, writer=None, engine=None)
-    assert air.values == {"invalid_tool_call": 0.5, "tool_error": -1.0}
+    assert air.values == {"invalid_tool_call": 0.5, "tool_error": -1.0, "tool_span_error": -0.2}
 
 
 def test_air_unknown_rule_and_bad_pattern():
     with pytest.raises(ValueError) as info:
         Air({"bogus": "1", "also": "off"}, PATTERNS, writer=None, engine=None)
     assert str(info.value) == (
-        "unknown automatic reward rule(s) also, bogus; the rules are invalid_tool_call, tool_error, truncated"
+        "unknown automatic reward rule(s) also, bogus; the rules are invalid_tool_call, tool_error, truncated, "
+        "tool_span_error"
     )
     with pytest.raises(ValueError, match=r"^--air-tool-error-pattern: not a valid regex: "):
         Air({}, ["(unclosed"], writer=None, engine=None)
@@ -490,3 +500,51 @@ def test_other_rules_through_observe_have_their_keys():
         ("truncated", "air:truncated:call_bad", -0.2, "call_bad"),
     ]
     assert writer.rewards[-1].metadata == {"finish_reason": "length", "completion_tokens": 16, "max_tokens": None}
+
+
+def test_tool_span_error_rewards_the_linked_call_once_per_failed_span():
+    from trainwire.proxy.otlp_ingest import ToolSpan
+    from trainwire.proxy.tool_spans import LinkedToolSpan
+
+    def linked(error: bool, call_id: str | None, span_id: str = "ab" * 8) -> LinkedToolSpan:
+        span = ToolSpan("12" * 16, span_id, None, "calc", error, "boom", 10_000_000, 12_500_000, "tc_1", None)
+        return LinkedToolSpan(span, "s", call_id, "tool_call_id")
+
+    writer = FakeWriter()
+    air = Air({"tool_span_error": "-0.7"}, PATTERNS, writer=writer, engine=None)
+    assert air.observe_tool_span(linked(False, "c1")) == 0  # the tool worked
+    assert air.observe_tool_span(linked(True, None)) == 0  # no call requested it
+    assert air.observe_tool_span(linked(True, "c1")) == 1
+    (r,) = writer.rewards
+    assert (r.session_id, r.call_id, r.value, r.final, r.source) == ("s", "c1", -0.7, False, "tool_span_error")
+    assert r.idempotency_key == "air:tool_span_error:c1:" + "ab" * 8
+    assert r.metadata == {
+        "tool": "calc",
+        "status": "ERROR",
+        "message": "boom",
+        "duration_ms": 2.5,
+        "tool_call_id": "tc_1",
+        "trace_id": "12" * 16,
+        "span_id": "ab" * 8,
+        "matched_by": "tool_call_id",
+    }
+    air.observe(_plain_call())  # call rules never see tool-span rules, and vice versa
+    assert (
+        Air({"tool_span_error": "off"}, PATTERNS, writer=writer, engine=None).observe_tool_span(linked(True, "c")) == 0
+    )
+
+
+def _plain_call() -> CallRecord:
+    now = datetime.now(UTC)
+    return CallRecord(
+        id="c9",
+        session_id="s",
+        seq=0,
+        kind="chat",
+        path="/v1/chat/completions",
+        status_code=200,
+        started_at=now,
+        finished_at=now,
+        request={"messages": []},
+        response={"choices": []},
+    )

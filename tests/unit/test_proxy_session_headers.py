@@ -185,3 +185,27 @@ def test_twsession_convertor_in_a_route():
     assert m and convertors["session_id"].convert(m.group("session_id")) == "org/a/run-3"
     assert regex.match("/sessions/a/v1/b/v1/models") is None
     assert fmt == "/sessions/{session_id}/v1/models"
+
+
+def test_traceparent_is_parsed_as_w3c_says_and_an_invalid_one_ignored():
+    from trainwire.proxy.session_headers import context_from, parse_traceparent
+
+    tid, sid = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    assert parse_traceparent(f"00-{tid}-{sid}-01") == (tid, sid)
+    assert parse_traceparent(f" 00-{tid}-{sid}-00 ") == (tid, sid)  # not sampled: still the agent's trace
+    assert parse_traceparent(f"01-{tid}-{sid}-01-future") == (tid, sid)  # a later version's extra fields
+    for bad in (
+        None,
+        "",
+        f"00-{tid}-{sid}-01-extra",  # version 00 has exactly four fields
+        f"ff-{tid}-{sid}-01",  # version ff is invalid
+        f"00-{'0' * 32}-{sid}-01",
+        f"00-{tid}-{'0' * 16}-01",
+        f"00-{tid.upper()}-{sid}-01",  # upper case is not allowed
+        f"00-{tid[:-1]}-{sid}-01",
+        "garbage",
+    ):
+        assert parse_traceparent(bad) == (None, None), bad
+    ctx = context_from({"traceparent": f"00-{tid}-{sid}-01"})
+    assert (ctx.trace_id, ctx.parent_span_id) == (tid, sid)
+    assert context_from({"traceparent": "nope"}).trace_id is None  # never a 400
