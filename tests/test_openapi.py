@@ -83,11 +83,13 @@ def _excluded(path: str) -> bool:
     return path in PASSTHROUGH or any(path == p or path.endswith("}" + p) for p in GENERATION)
 
 
-def _seed(proxy, url: str, auth: dict[str, str]) -> None:
-    """Rows in every table the read routes list, so that pages and their cursors hold real records."""
+def _seed(proxy, url: str, auth: dict[str, str]) -> list[str]:
+    """Rows in every table the read routes list, so that pages and their cursors hold real records; the call ids."""
+    call_ids = []
     for i in range(3):
         r = chat(proxy, f"seed-{i}", f"question {i}")
         assert r.status_code == 200
+        call_ids.append(r.headers["X-Call-Id"])
     dbread.wait_calls(url, 3)
     for i in (0, 1):  # two: a page of one has a next_cursor
         reward = {"session_id": f"seed-{i}", "reward": 1.0, "metadata": {"why": "seed"}}
@@ -116,6 +118,7 @@ def _seed(proxy, url: str, auth: dict[str, str]) -> None:
             await engine.dispose()
 
     asyncio.run(trainer_rows())
+    return call_ids
 
 
 def test_the_document_declares_what_the_api_answers(start_proxy, upstream, pg_url, tmp_path):
@@ -185,7 +188,7 @@ def _fuzz(op, schema, cursors, headers: dict[str, str], session: requests.Sessio
 def test_schemathesis_finds_the_api_as_documented(start_proxy, upstream, pg_url, tmp_path, admin):
     extra = ("--admin-key", ADMIN) if admin else ()
     proxy = start(start_proxy, upstream, pg_url, tmp_path, *extra)
-    _seed(proxy, pg_url, AUTH if admin else {})
+    call_ids = _seed(proxy, pg_url, AUTH if admin else {})
     schema = schemathesis.openapi.from_url(f"{proxy.url}/openapi.json", config=CONFIG)
     operations = [result.ok() for result in schema.get_all_operations()]
     fuzzed = [op for op in operations if not _excluded(op.path)]
@@ -212,6 +215,21 @@ def test_schemathesis_finds_the_api_as_documented(start_proxy, upstream, pg_url,
             )
         except (Exception, BaseExceptionGroup) as exc:  # one operation's failure must not hide the others'
             failures.append(f"{label}: {exc}")
+    # The fuzzer's ids name nothing: the answers for real ones are checked against their schemas too.
+    by_label = {f"{op.method.upper()} {op.path}": op for op in fuzzed}
+    real = [
+        ("GET /sessions/{session_id}", {"session_id": "seed-0"}),
+        ("GET /sessions/{session_id}", {"session_id": "seed-1"}),
+        ("GET /calls/{call_id}", {"call_id": call_ids[0]}),
+    ]
+    for label, path_parameters in real:
+        for query in ({}, {"tokens": "true"}):
+            case = by_label[label].Case(path_parameters=path_parameters, query=query)
+            try:
+                response = case.call_and_validate(session=session, headers=AUTH if admin else {}, timeout=30)
+                assert response.status_code == 200, (label, path_parameters, response.text[:300])
+            except (Exception, BaseExceptionGroup) as exc:
+                failures.append(f"{label} {path_parameters} {query}: {exc}")
     elapsed = time.monotonic() - t0
     print(f"schemathesis: {sum(counts.values())} requests over {len(fuzzed)} operations in {elapsed:.0f}s")
     assert not failures, "\n\n".join(failures)
