@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from trainwire.proxy.errors import ApiError, responses
-from trainwire.proxy.plumbing import INT64_MAX, admin, state_of
+from trainwire.proxy.plumbing import INT64_MAX, WireInt, admin, state_of
 from trainwire.store.rewards import delete_rewards
 
 router = APIRouter(dependencies=[Depends(admin)])
@@ -47,7 +47,7 @@ def _answer(n: int) -> Response:
     ),
 )
 async def delete_one(
-    request: Request, reward_id: int = Path(ge=1, le=INT64_MAX, description="The reward's `id`")
+    request: Request, reward_id: WireInt = Path(ge=1, le=INT64_MAX, description="The reward's `id`")
 ) -> Response:
     n = await delete_rewards(state_of(request).engine, reward_id=reward_id)
     if not n:

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainwire.store.db_errors import is_transient
@@ -175,8 +176,23 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> R
     return error_response(400, f"{where}: {msg}" if where else msg, param=where, code="invalid_value")
 
 
-async def _http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        # Starlette's 405 names the methods of the first route whose path matched; a path served by several
+        # routes (GET and DELETE /rewards) takes the methods of all of them.
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
+    return error_response(exc.status_code, str(exc.detail), headers=headers)
+
+
+def allowed_methods(request: Request) -> str:
+    """The methods the app's routes take on this request's path, as an `Allow` header."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route_methods
+    return ", ".join(sorted(methods))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ from fastapi import APIRouter
 from fastapi.openapi.utils import get_openapi
 
 from trainwire.proxy.errors import responses
+from trainwire.proxy.reward_routes import NO_NUL, STORABLE_JSON
 
 GENERATION = {
     "/v1/chat/completions": "Chat Completions, as vLLM serves them (token ids and logprobs recorded, and removed "
@@ -127,6 +128,10 @@ def document(app) -> dict[str, Any]:
                 answers.setdefault("400", _error_response(400))
             if "/{rest}" in path or path in ("/tokenize", "/detokenize"):
                 answers.update(_PASSTHROUGH)
+            for parameter in op.get("parameters", ()):
+                _plain(parameter.get("schema", {}))
+                if not path.startswith("/v1/") and "/v1/" not in path:  # the admin routes' check (plumbing.py)
+                    _no_nul(parameter.get("schema", {}))
             for status in _OWN_ERRORS.get((path, method), ()):
                 answers.setdefault(str(status), _error_response(status))
             if op.get("operationId") in seen:  # FastAPI named every method of the route after its first one
@@ -136,7 +141,38 @@ def document(app) -> dict[str, Any]:
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
     components.setdefault("ErrorBody", _error_schema(components))
+    components.setdefault("StorableJson", STORABLE_JSON)
     return schema
+
+
+def _plain(schema: dict[str, Any]) -> None:
+    """A parameter's schema as the wire has it. FastAPI declares an optional parameter as `anyOf: [X, null]`, with
+    the keywords of `Query(...)` beside it, and its bounds as pydantic's `ge`/`le`, which are no JSON Schema
+    keywords (so the document said nothing of them); a query string holds no null: absent is how it is omitted."""
+    branches = [b for b in schema.get("anyOf", ()) if b.get("type") != "null"]
+    if len(branches) == 1:
+        rest = {k: v for k, v in schema.items() if k != "anyOf"}
+        schema.clear()
+        schema.update({**branches[0], **rest})
+    elif branches:
+        schema["anyOf"] = branches
+    for pydantic_name, name in _BOUNDS.items():
+        if pydantic_name in schema:
+            schema[name] = schema.pop(pydantic_name)
+
+
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _no_nul(schema: dict[str, Any]) -> None:
+    """Free text in a parameter may hold anything but NUL (proxy/plumbing.py refuses it: the database cannot store
+    it), and the document says so, so that a client or fuzzer knows it is not a valid value."""
+    for sub in schema.get("anyOf", ()):
+        _no_nul(sub)
+    if "items" in schema:
+        _no_nul(schema["items"])
+    if schema.get("type") == "string" and not {"pattern", "enum", "format", "const"} & schema.keys():
+        schema["pattern"] = NO_NUL
 
 
 def _error_response(status: int) -> dict[str, Any]:

@@ -8,11 +8,14 @@ Route modules import from here, never from each other."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from fastapi import Query, Request
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
 from trainwire.proxy.auth import require_admin_key
@@ -27,10 +30,30 @@ if TYPE_CHECKING:
 # refuses it as a parameter.
 INT64_MAX = 2**63 - 1
 
+
+def _whole_number(value: Any) -> Any:
+    # pydantic reads "1.0" as 1; the document says integer, and a query string is one only in decimal digits.
+    if isinstance(value, str) and not _DIGITS.fullmatch(value):
+        raise PydanticCustomError(
+            "int_parsing", "must be an integer (decimal digits); got {value}", {"value": repr(value[:40])}
+        )
+    return value
+
+
+_DIGITS = re.compile(r"-?[0-9]+")
+# An integer query or path parameter, as the document declares it.
+WireInt = Annotated[int, BeforeValidator(_whole_number)]
+
 # Page sizes and offsets of every list route.
 Limit = Query(50, ge=1, le=1000, description="Items per page (1-1000)")
 Offset = Query(None, ge=0, le=2**62, description="Items to skip (prefer `cursor`)")
-Cursor = Query(None, max_length=1024, description="`next_cursor` of the previous page, as given")
+# Opaque: only a `next_cursor` this API handed out is one (anything else is a 400 naming `cursor`). The format
+# says so to generated clients and fuzzers (tests/test_openapi.py draws it from real pages).
+Cursor = Query(
+    None,
+    description="`next_cursor` of the previous page, as given (an opaque string; any other is a 400)",
+    json_schema_extra={"format": "cursor"},
+)
 
 
 def state_of(request: Request) -> "ProxyState":

@@ -30,7 +30,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from trainwire.proxy.errors import ApiError, responses
-from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
+from trainwire.proxy.plumbing import Cursor, Limit, Offset, WireInt, admin, json_response, state_of
 from trainwire.store.journal import count_rejected, rejected_files
 from trainwire.store.read_models import (
     CallDetail,
@@ -47,11 +47,25 @@ from trainwire.store.reads import stats as store_stats
 router = APIRouter(dependencies=[Depends(admin)])
 
 STATUSES = ("open", "finished", "claimed", "trained", "skipped")
+# `has` as the document says it: names of sessions.HAS, comma-separated, blanks allowed.
+_HAS_PATTERN = rf"^[ ,]*({'|'.join(sessions.HAS)})?([ ]*,[ ,]*({'|'.join(sessions.HAS)})?)*[ ]*$"
 HasQuery = Query(
     None,
     description="Sessions with at least one failed / untrainable call: failed, untrainable "
     "(repeated or comma-separated; each must hold)",
+    json_schema_extra={"items": {"type": "string", "pattern": _HAS_PATTERN}},
 )
+StatusQuery = Query(None, json_schema_extra={"enum": list(STATUSES)})
+# What parse_time reads, as the document says it: an RFC 3339 time, or Unix seconds (a decimal number).
+_TIME_DOC = {
+    "anyOf": [
+        {"type": "string", "format": "date-time"},
+        {"type": "string", "pattern": r"^-?[0-9]{1,10}(\.[0-9]{1,6})?$"},  # Unix seconds
+        {"type": "string", "maxLength": 0},  # empty: no bound (a form's or template's blank field)
+    ]
+}
+SinceQuery = Query(None, description="Sessions that began at or after this time", json_schema_extra=_TIME_DOC)
+UntilQuery = Query(None, description="Sessions that began before this time", json_schema_extra=_TIME_DOC)
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:
@@ -158,15 +172,15 @@ class StatsAnswer(Stats):
 @router.get("/sessions", response_model=Page[SessionSummary], responses=responses(400, 401, 503))
 async def list_sessions(
     request: Request,
-    status: str | None = None,
+    status: str | None = StatusQuery,
     task: str | None = None,
     agent: str | None = None,
-    since: str | None = None,
-    until: str | None = None,
+    since: str | None = SinceQuery,
+    until: str | None = UntilQuery,
     has: list[str] | None = HasQuery,
-    limit: int = Limit,
-    cursor: str | None = None,
-    offset: int | None = Offset,
+    limit: WireInt = Limit,
+    cursor: str | None = Cursor,
+    offset: WireInt | None = Offset,
 ) -> Response:
     if status is not None and status not in STATUSES:
         raise ApiError(
@@ -232,9 +246,9 @@ async def list_rewards(
     source: str | None = None,
     final: bool | None = None,
     orphaned: bool | None = None,
-    limit: int = Limit,
-    cursor: str | None = None,
-    offset: int | None = Offset,
+    limit: WireInt = Limit,
+    cursor: str | None = Cursor,
+    offset: WireInt | None = Offset,
 ) -> Response:
     page = await rewards.list_rewards(
         state_of(request).engine,

@@ -63,6 +63,26 @@ MAX_ABS_REWARD = 1e12
 FIELDS = ("session_id", "reward", "call_id", "final", "idempotency_key", "metadata")
 # ID_PATTERN as a JSON Schema pattern (which, unlike fullmatch, needs the anchors).
 _ID_DOC = f"^{ID_PATTERN.pattern}$"
+NO_NUL = "^[^\\u0000]*$"
+_INT64_BOUND = 2**63
+# A JSON value the database stores and gives back the same (check_storable_json), for the OpenAPI document
+# (proxy/openapi_doc.py adds it to the components). Its depth limit has no JSON Schema keyword.
+STORABLE_JSON = {
+    "description": "A JSON value the database keeps as it is: no NaN or Infinity, numbers of magnitude below "
+    "2**63, no NUL character",
+    "anyOf": [
+        {"type": "null"},
+        {"type": "boolean"},
+        {"type": "number", "exclusiveMinimum": -_INT64_BOUND, "exclusiveMaximum": _INT64_BOUND},
+        {"type": "string", "pattern": NO_NUL},
+        {"type": "array", "items": {"$ref": "#/components/schemas/StorableJson"}},
+        {
+            "type": "object",
+            "additionalProperties": {"$ref": "#/components/schemas/StorableJson"},
+            "propertyNames": {"pattern": NO_NUL},
+        },
+    ],
+}
 
 
 def _describe(v: Any) -> str:
@@ -124,7 +144,7 @@ class RewardBody(BaseModel):
         str | None,
         WithJsonSchema(
             {
-                "type": "string",
+                "type": ["string", "null"],
                 "pattern": _ID_DOC,
                 "maxLength": 128,
                 "description": "The X-Call-Id of one call of the session: the reward is then intermediate unless `final` "
@@ -133,15 +153,19 @@ class RewardBody(BaseModel):
         ),
     ] = None
     final: Annotated[
-        bool | None, WithJsonSchema({"type": "boolean", "description": "Default: true without call_id, false with it"})
+        bool | None,
+        WithJsonSchema(
+            {"type": ["boolean", "null"], "description": "Default (or null): true without call_id, false with it"}
+        ),
     ] = None
     idempotency_key: Annotated[
         str | None,
         WithJsonSchema(
             {
-                "type": "string",
+                "type": ["string", "null"],
                 "minLength": 1,
                 "maxLength": 256,
+                "pattern": NO_NUL,
                 "description": "Posting the same key again answers the stored reward (or the Idempotency-Key header)",
             }
         ),
@@ -150,9 +174,11 @@ class RewardBody(BaseModel):
         dict[str, Any] | None,
         WithJsonSchema(
             {
-                "type": "object",
+                "type": ["object", "null"],
+                "propertyNames": {"pattern": NO_NUL},
                 "description": f"Any JSON object, at most {MAX_METADATA_BYTES} bytes, nested at most "
-                f"{MAX_JSON_DEPTH} levels",
+                f"{MAX_JSON_DEPTH} levels, with what the database stores: finite numbers of magnitude below "
+                "2**63 (send larger ones as strings), no NUL character",
             }
         ),
     ] = None
@@ -461,6 +487,8 @@ def _request_body(*, required: list[str], without: tuple[str, ...] = (), body_re
     routes read the body themselves (strict JSON, exact messages), so FastAPI does not parse it."""
     schema = RewardBody.model_json_schema()
     schema["properties"] = {k: v for k, v in schema["properties"].items() if k not in without}
+    # Its values are StorableJson, a component of the document (pydantic resolves every $ref it is given).
+    schema["properties"]["metadata"]["additionalProperties"] = {"$ref": "#/components/schemas/StorableJson"}
     schema["required"] = required
     return {"requestBody": {"required": body_required, "content": {"application/json": {"schema": schema}}}}
 
@@ -499,7 +527,7 @@ async def post_reward(request: Request) -> Response:
     dependencies=ADMIN,
     response_model=StoredReward,
     responses=REWARD_ERRORS,
-    openapi_extra=_request_body(required=["reward"]),
+    openapi_extra=_request_body(required=["reward"], without=("session_id",)),
 )
 async def post_session_reward(request: Request, session_id: str) -> Response:
     """`POST /reward` with the session in the path."""
@@ -511,7 +539,7 @@ async def post_session_reward(request: Request, session_id: str) -> Response:
     dependencies=ADMIN,
     response_model=StoredReward,
     responses=FINISH_ERRORS,
-    openapi_extra=_request_body(required=[], without=("reward", "call_id", "final"), body_required=False),
+    openapi_extra=_request_body(required=[], without=("session_id", "reward", "call_id", "final"), body_required=False),
 )
 async def finish_session(request: Request, session_id: str) -> Response:
     """Close the episode without a reward: a final row with a null value (the trainer uses its default)."""

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from trainwire.proxy.errors import responses
-from trainwire.proxy.plumbing import Cursor, Limit, Offset, admin, json_response, state_of
+from trainwire.proxy.plumbing import Cursor, Limit, Offset, WireInt, admin, json_response, state_of
 from trainwire.store.read_models import Page, PolicyVersionRow, TrainStepRow
 from trainwire.store.reads import trainer
 
@@ -26,7 +26,7 @@ ERRORS = responses(400, 401, 503)
 
 @router.get("/train/steps", response_model=Page[TrainStepRow], responses=ERRORS)
 async def train_steps(
-    request: Request, limit: int = Limit, cursor: str | None = Cursor, offset: int | None = Offset
+    request: Request, limit: WireInt = Limit, cursor: str | None = Cursor, offset: WireInt | None = Offset
 ) -> Response:
     page = await trainer.list_train_steps(state_of(request).engine, limit=limit, cursor=cursor, offset=offset)
     return json_response(page.model_dump())
@@ -34,7 +34,7 @@ async def train_steps(
 
 @router.get("/policy/versions", response_model=Page[PolicyVersionRow], responses=ERRORS)
 async def policy_versions(
-    request: Request, limit: int = Limit, cursor: str | None = Cursor, offset: int | None = Offset
+    request: Request, limit: WireInt = Limit, cursor: str | None = Cursor, offset: WireInt | None = Offset
 ) -> Response:
     page = await trainer.list_policy_versions(state_of(request).engine, limit=limit, cursor=cursor, offset=offset)
     return json_response(page.model_dump())

@@ -182,6 +182,7 @@ def test_bad_ids_offsets_and_cursors_are_400s_on_one_connection(hostile, client)
             f"offset={2**63}",
             "offset=-1",
             "offset=1e3",
+            "offset=1.0",  # an integer only in decimal digits, as the document says
             "limit=0",
             f"limit={10**30}",
             "limit=x",
