@@ -240,6 +240,10 @@ def decode_json(body: bytes) -> Decoded:
         raise BadOtlp(f"body is not JSON: {exc}") from None
     if not isinstance(req, dict) or not isinstance(req.get("resourceSpans", []), list):
         raise BadOtlp("body is not an OTLP ExportTraceServiceRequest: expected an object with resourceSpans")
+    # As the OpenAPI document declares: each ResourceSpans is an object (deeper, malformed parts are skipped).
+    bad = next((i for i, rs in enumerate(req.get("resourceSpans", [])) if not isinstance(rs, dict)), None)
+    if bad is not None:
+        raise BadOtlp(f"resourceSpans[{bad}] is not an object (an OTLP ResourceSpans)")
     c = _Collector()
     for rs in _list(req, "resourceSpans"):
         resource = rs.get("resource")

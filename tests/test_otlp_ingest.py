@@ -88,7 +88,7 @@ def test_failed_tool_spans_reward_the_calls_that_requested_them(proxy, upstream,
     #    Neither call asked for a tool in its answer (a ReAct agent parses text): time alone decides.
     first = chat(proxy, "s-json", headers=AUTH).headers["x-call-id"]
     chat(proxy, "s-json", headers=AUTH)  # after the tool, within a clock skew of it: not the one
-    calls = dbread.calls(sqlite_url, "s-json")
+    calls = dbread.wait_calls(sqlite_url, 2, "s-json")  # the writer stores calls in batches, a moment later
     tool_start = int(calls[0]["finished_at"].timestamp() * 1e9) + 1_000_000
     span = {**_json_span("ab" * 16, "cd" * 8, **{"openinference.span.kind": "TOOL", "tool.name": "search"})}
     span["startTimeUnixNano"] = str(tool_start)

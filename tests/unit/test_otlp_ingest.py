@@ -94,7 +94,7 @@ def test_json_mapping_variants():
     )
     assert a.duration_ms == 2.0 and (b.error, b.session_id) == (False, None)
     assert decode_json(b"{}").spans == 0
-    for bad in (b"[]", b"nope", b'{"resourceSpans": 3}'):
+    for bad in (b"[]", b"nope", b'{"resourceSpans": 3}', b'{"resourceSpans": [[null, null]]}'):
         with pytest.raises(BadOtlp):
             decode_json(bad)
 
