@@ -383,3 +383,31 @@ async def test_postgres_never_claims_part_of_a_group_another_claimer_holds(db):
         assert [s.id for s in await asyncio.wait_for(claim(db, **kw), timeout=10)] == ["loner"]
         await holder.rollback()
     assert [s.id for s in await claim(db, **kw)] == ["g0", "g1", "g2", "g3"]
+
+
+async def test_stale_sessions_are_retired_in_sql_before_a_claim(db):
+    """store/staleness.py: finished open sessions with a trainable answered call older than the bound become
+    skipped in one statement; fresh, unfinished, untrainable-only and already claimed sessions are left alone."""
+    from trainwire.store.staleness import STALE_REASON, retire_stale
+
+    for sid in ("old", "fresh", "claimed-old", "other-agent-old"):
+        await add_session(db, sid, agents=["b"] if sid == "other-agent-old" else None)
+    await add_session(db, "open-old", closed=False)
+    await add_session(db, "untrainable-old", trainable=[False])
+    async with db.begin() as conn:
+        await conn.execute(update(C).where(C.c.session_id == "fresh").values(policy_version=5))
+        await conn.execute(update(C).where(C.c.session_id == "old").values(policy_version=None))  # = version 0
+        await conn.execute(update(S).where(S.c.id == "claimed-old").values(status="claimed", claimed_by="w"))
+    assert await retire_stale(db, oldest_fresh=0) == 0  # nothing is older than the base model
+    assert await retire_stale(db, oldest_fresh=3, train_agents=["a"]) == 1
+    st = await statuses(db)
+    assert st["old"].status == "skipped" and st["old"].skip_reason == STALE_REASON
+    assert {sid: st[sid].status for sid in st if sid != "old"} == {
+        "fresh": "open",
+        "claimed-old": "claimed",
+        "other-agent-old": "open",
+        "open-old": "open",
+        "untrainable-old": "open",
+    }
+    assert await retire_stale(db, oldest_fresh=3) == 1  # without a filter other agents' calls count
+    assert sorted(s.id for s in await claim(db)) == ["fresh", "untrainable-old"]
