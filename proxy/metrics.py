@@ -65,7 +65,16 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
-        self._seen = {"written": 0, "retries": 0}
+        self.backlog = Gauge(
+            "trainwire_backlog_sessions",
+            "Sessions rewarded but not yet taken by a trainer, as admission control last read it (--max-backlog)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.refused = Counter(
+            "trainwire_admission_refused", "First calls of new sessions refused with 429 (--max-backlog)", registry=r
+        )
+        self._seen = {"written": 0, "retries": 0, "refused": 0}
         self._task: asyncio.Task | None = None
 
     def sample(self) -> None:
@@ -74,10 +83,13 @@ class Metrics:
         for name, counter, now in (
             ("written", self.written, writer.written_total),
             ("retries", self.retries, writer.failed_batches),
+            ("refused", self.refused, self.state.admission.refused),
         ):
             if now > self._seen[name]:
                 counter.inc(now - self._seen[name])
                 self._seen[name] = now
+        if self.state.admission.backlog is not None:
+            self.backlog.set(self.state.admission.backlog)
         if self.state.pool is not None:
             for i, upstream in enumerate(self.state.pool.upstreams):
                 self.version.labels(str(i)).set(self.state.policy.resolve(upstream.url)[1])

@@ -75,6 +75,7 @@ def generation_routes() -> list[Any]:
         401,
         404,
         413,
+        429,
         501,
         502,
         504,

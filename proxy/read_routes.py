@@ -31,6 +31,7 @@ from starlette.responses import Response
 from trainwire.proxy.errors import ApiError, responses
 from trainwire.proxy.plumbing import Limit, Offset, admin, json_response, state_of
 from trainwire.store import queries
+from trainwire.store.backlog import rewarded_backlog
 from trainwire.store.journal import count_rejected, rejected_files
 from trainwire.store.read_models import (
     CallDetail,
@@ -125,10 +126,20 @@ class WritePath(BaseModel):
     replayed: int
 
 
+class Admission(BaseModel):
+    """Admission control (`--max-backlog`): the training backlog as this process last read it, and its 429s."""
+
+    max_backlog: int
+    backlog: int | None
+    full: bool
+    refused: int
+
+
 class StatsAnswer(Stats):
     write_queue: WriteQueue
     rejected: Rejected
     write_path: WritePath
+    admission: Admission
 
 
 @router.get("/sessions", response_model=Page[SessionSummary], responses=responses(400, 401, 503))
@@ -248,6 +259,12 @@ async def stats(request: Request) -> Response:
                 database_down_since=writer.database_down_since,
                 journal_appended=writer.journal.appended if writer.journal else 0,
                 replayed=writer.replayed_total,
+            ),
+            admission=Admission(
+                max_backlog=tw.admission.max_backlog,
+                backlog=tw.admission.backlog if tw.admission.on else await rewarded_backlog(tw.engine),
+                full=tw.admission.full,
+                refused=tw.admission.refused,
             ),
         )
     )

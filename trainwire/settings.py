@@ -165,6 +165,13 @@ class ProxySettings(UpstreamSettings, JournalSettings):
         description="Serve /metrics without a key even when --admin-key (or --api-key) is set, for Prometheus scrapers that cannot send one; its labels hold no upstream address or key",
     )
     upstream_timeout_s: float = Field(600.0, description="Total timeout of one upstream call")
+    max_backlog: int = Field(
+        0,
+        ge=0,
+        description="Admission control: while this many sessions are rewarded but not yet taken by a trainer, "
+        "the first call of a new session gets a 429 with Retry-After (calls of started sessions are always "
+        "served); 0 = off",
+    )
     max_request_bytes: int = Field(
         16 * 1024 * 1024,
         gt=0,

@@ -140,7 +140,7 @@ function card(title, rows) {
 
 function renderCounts(stats) {
   const ss = stats.sessions, c = stats.calls, r = stats.rewards, q = stats.write_queue || {};
-  const wp = stats.write_path || {}, rj = stats.rejected || {};
+  const wp = stats.write_path || {}, rj = stats.rejected || {}, ad = stats.admission || {};
   const box = $("counts");
   box.replaceChildren(
     card("Sessions", [["total", "n-sessions-total", ss.total],
@@ -164,6 +164,10 @@ function renderCounts(stats) {
         wp.database_down_since ? "bad" : null],
       ["refused rows", "n-rejected", rj.rows || 0, rj.rows ? "bad" : null],
       ["journaled (this process)", "n-journaled", wp.journal_appended || 0]]),
+    card("Training backlog", [
+      ["rewarded, not yet trained", "n-backlog", ad.backlog ?? "—", ad.full ? "warn" : null],
+      ["--max-backlog", "n-max-backlog", ad.max_backlog ? ad.max_backlog : "off"],
+      ["new sessions refused (429, this process)", "n-refused", ad.refused || 0, ad.refused ? "warn" : null]]),
   );
   if (rj.rows) {
     box.append(h("p", { class: "banner error", id: "rejected-note" },
