@@ -1,9 +1,10 @@
 """`trainwire train`: the background worker.
 
 check the checkpoint directory is this run's (:mod:`trainwire.rl.identity`) -> build the engine, resume ->
-claim finished sessions -> build samples from recorded token ids -> credit assignment -> advantages (verl)
--> agreement pass over the samples served by the current weights (:mod:`trainwire.rl.agreement`) -> one optimizer
-step (verl's engine) -> export -> publish into every vLLM upstream -> record the version (the proxy switches on
+retire sessions beyond --max-staleness (:mod:`trainwire.store.staleness`) -> claim finished sessions -> build samples
+from recorded token ids -> credit assignment -> advantages (verl) -> agreement pass over the samples served by the
+current weights (:mod:`trainwire.rl.agreement`), with --off-policy tis|decoupled a proximal pass over all of them
+(:mod:`trainwire.rl.offpolicy`) -> one optimizer step (verl's engine) -> export -> publish into every vLLM upstream -> record the version (the proxy switches on
 the next request) -> checkpoint -> mark sessions trained -> log metrics.
 
 SIGTERM or SIGINT stops it at any moment with exit code 0 and the claims of an unfinished step given back
