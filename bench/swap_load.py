@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from demo.procs import Child, ensure_vllm_venv, port_or_free, say, wait_healthy  # noqa: E402
 
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 def make_adapter(model: Path, out: Path, seed: int) -> Path:
     """A rank-8 PEFT adapter on every linear layer with small random weights (what the trainer exports)."""
@@ -40,7 +42,7 @@ def make_adapter(model: Path, out: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
-    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    peft = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=LINEAR, init_lora_weights=False))
     peft.save_pretrained(str(out))
     return out
 
