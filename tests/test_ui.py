@@ -403,6 +403,8 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
     assert sorted((p.attrs["data-metric"], p.attrs["data-step"]) for p in weights) == [("max", "3"), ("mean", "3")]
     # the write path: database answering, nothing refused
     assert counts["n-db-state"] == "answering" and counts["n-rejected"] == "0"
+    # the training backlog (rewarded, not yet claimed: beta, gamma, delta), admission control off
+    assert (counts["n-backlog"], counts["n-max-backlog"], counts["n-refused"]) == ("3", "off", "0")
     assert not dom.find_all(id="rejected-note")
     versions = [[td.text() for td in tr.find_all("td")] for tr in dom.by_id("versions-table").find_all("tr")[1:]]
     assert [v[:5] for v in versions] == [
