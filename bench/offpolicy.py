@@ -184,7 +184,9 @@ def store_numbers(db: Path) -> dict:
 
 def one_run(args, vllm_url: str, model: Path, variant: str, concurrency: int, logs: Path) -> dict:
     # "decoupled" or "decoupled+backlog64": the off-policy mode, and the proxy's --max-backlog (0: off)
-    mode, _, backlog = variant.partition("+backlog")
+    # "+newest": the trainer claims with --claim-order newest
+    newest = variant.endswith("+newest")
+    mode, _, backlog = variant.removesuffix("+newest").partition("+backlog")
     name = f"{variant}-c{concurrency}"
     work = args.workdir / name
     shutil.rmtree(work, ignore_errors=True)
@@ -247,6 +249,8 @@ def one_run(args, vllm_url: str, model: Path, variant: str, concurrency: int, lo
                 mode,
                 "--max-staleness",
                 str(args.max_staleness),
+                "--claim-order",
+                "newest" if newest else "oldest",
                 "--checkpoint-dir",
                 str(work / "ckpt"),
             ],
@@ -308,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--modes",
         default="drop,tis,decoupled,decoupled+backlog64",
-        help="--off-policy modes; MODE+backlogN also runs the proxy with --max-backlog N",
+        help="--off-policy modes; MODE+backlogN also runs the proxy with --max-backlog N, MODE+newest the trainer "
+        "with --claim-order newest",
     )
     p.add_argument("--concurrency", default="32,64")
     p.add_argument("--duration", type=float, default=240.0, help="seconds of agents per run")

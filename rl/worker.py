@@ -398,6 +398,7 @@ class Trainer:
             group_timeout_s=s.group_timeout_s,
             settle_s=s.settle_s,
             sft_from=s.sft_from if s.objective == "sft" else (),
+            newest_first=s.claim_order == "newest",
         )
         if not batch:
             return None

@@ -221,6 +221,25 @@ async def test_batch_size_takes_oldest_first(db):
     assert await claim(db, batch_size=0) == []
 
 
+async def test_newest_first_takes_the_freshest_sessions_and_groups(db):
+    """--claim-order newest: the most recently finished sessions, and groups by their newest member; a group is
+    still timed out by its oldest member."""
+    for i in range(3):
+        await add_session(db, f"s{i}", finished_ago=100.0 - i)
+    assert [s.id for s in await claim(db, batch_size=2, newest_first=True)] == ["s2", "s1"]
+    assert [s.id for s in await claim(db, batch_size=2, newest_first=True)] == ["s0"]
+    for t, age in (("t1", 100.0), ("t2", 90.0), ("t3", 80.0)):
+        for i in range(2):
+            await add_session(db, f"{t}-{i}", task=t, finished_ago=age - i)
+    await add_session(db, "late0", task="late", finished_ago=120.0)
+    await add_session(db, "late1", task="late", finished_ago=5.0)  # 2 of 3, timed out by late0
+    kw = dict(group_by_task=True, group_size=3, group_timeout_s=110.0, batch_size=5, newest_first=True)
+    assert [s.id for s in await claim(db, **kw)] == ["late1", "late0"]  # the t groups are 2 of 3, not timed out
+    kw.update(group_size=2, group_timeout_s=600.0)
+    assert [s.id for s in await claim(db, **kw)] == ["t3-1", "t3-0", "t2-1", "t2-0"]
+    assert [s.id for s in await claim(db, **kw)] == ["t1-1", "t1-0"]
+
+
 async def test_session_without_trainable_calls_is_claimed_empty(db):
     await add_session(db, "eval", n_calls=2, trainable=[False, False])
     (s,) = await claim(db)

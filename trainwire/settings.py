@@ -283,6 +283,11 @@ class TrainerSettings(UpstreamSettings):
         "weighted by min(pi_proximal/pi_behaviour, --is-cap)) or decoupled (decoupled PPO: ratio clipped against "
         "the weights before this update, the same truncated weight)",
     )
+    claim_order: Literal["oldest", "newest"] = Field(
+        "oldest",
+        description="Which finished sessions a step claims first (those beyond --max-staleness are retired "
+        "before): oldest (the next to cross the bound) or newest (the freshest data while the trainer is behind)",
+    )
     is_cap: float = Field(2.0, gt=0, description="Truncation of the importance weights of --off-policy tis|decoupled")
     settle_s: float = Field(2.0, description="Only claim sessions whose final reward is at least this old")
     claim_timeout_s: float = Field(600.0, description="Release claims older than this (crashed trainer)")
