@@ -94,7 +94,7 @@ async def swaps(args, vllm_url: str, model: Path, db_url: str, work: Path) -> li
     from trainwire.store.db import make_engine
     from trainwire.store.policy import record_publish
 
-    engine = make_engine(db_url)
+    engine = make_engine(db_url.replace("sqlite:///", "sqlite+aiosqlite:///", 1))
     out = []
     try:
         async with (
