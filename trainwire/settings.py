@@ -284,9 +284,10 @@ class TrainerSettings(UpstreamSettings):
         "the weights before this update, the same truncated weight)",
     )
     claim_order: Literal["oldest", "newest"] = Field(
-        "oldest",
+        "newest",
         description="Which finished sessions a step claims first (those beyond --max-staleness are retired "
-        "before): oldest (the next to cross the bound) or newest (the freshest data while the trainer is behind)",
+        "before): newest (the freshest data while the trainer is behind; the oldest age out) or oldest (first in, "
+        "first trained: with serve --max-backlog, the most sessions trained)",
     )
     is_cap: float = Field(2.0, gt=0, description="Truncation of the importance weights of --off-policy tis|decoupled")
     settle_s: float = Field(2.0, description="Only claim sessions whose final reward is at least this old")
