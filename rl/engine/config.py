@@ -89,7 +89,10 @@ class EngineConfig:
             raise ValueError("temperature must be > 0")
         from trainwire.rl.offpolicy import needs_proximal
 
-        needs_proximal(self.off_policy)  # refuses an unknown mode
+        if needs_proximal(self.off_policy) and self.policy_loss in LOSSES_IGNORING_WEIGHTS:
+            raise ValueError(
+                f"off_policy {self.off_policy!r} weights tokens; policy_loss {self.policy_loss!r} ignores that"
+            )
         if self.is_cap <= 0:
             raise ValueError("is_cap must be > 0")
         if self.objective not in OBJECTIVES:
