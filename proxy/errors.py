@@ -130,6 +130,7 @@ DESCRIPTIONS = {
     409: "Conflicts with what is stored (a session already closed, or already claimed by the trainer)",
     413: "Request body larger than --max-request-bytes",
     422: "Idempotency key already used for a different reward",
+    429: "The training backlog is full (--max-backlog): a new session may start after Retry-After seconds",
     501: "A feature this server was installed without",
     502: "The policy server failed or is unreachable",
     504: "The policy server did not answer in time (--upstream-timeout-s)",
@@ -138,6 +139,7 @@ DESCRIPTIONS = {
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     405: {"Allow": {"description": "The methods this path takes", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}},
     503: {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}},
 }
 

@@ -75,8 +75,17 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self._seen = {"written": 0, "retries": 0}
         self._seen_otlp: dict[str, int] = {}
+        self.backlog = Gauge(
+            "trainwire_backlog_sessions",
+            "Sessions rewarded but not yet taken by a trainer, as admission control last read it (--max-backlog)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.refused = Counter(
+            "trainwire_admission_refused", "First calls of new sessions refused with 429 (--max-backlog)", registry=r
+        )
+        self._seen = {"written": 0, "retries": 0, "refused": 0}
         self._task: asyncio.Task | None = None
 
     def sample(self) -> None:
@@ -85,6 +94,7 @@ class Metrics:
         for name, counter, now in (
             ("written", self.written, writer.written_total),
             ("retries", self.retries, writer.failed_batches),
+            ("refused", self.refused, self.state.admission.refused),
         ):
             if now > self._seen[name]:
                 counter.inc(now - self._seen[name])
@@ -92,6 +102,8 @@ class Metrics:
         otel = getattr(self.state, "otel", None)
         if otel is not None:
             self._otlp(otel.stats())
+        if self.state.admission.backlog is not None:
+            self.backlog.set(self.state.admission.backlog)
         if self.state.pool is not None:
             for i, upstream in enumerate(self.state.pool.upstreams):
                 self.version.labels(str(i)).set(self.state.policy.resolve(upstream.url)[1])

@@ -83,7 +83,7 @@ async def _passthrough(request: Request, path: str, session_id: str | None) -> R
         model_requested=body.get("model") if isinstance(body, dict) else None,
         route="passthrough",
     )
-    call.seq = await admit(tw, ctx)
+    call.seq = await admit(tw, ctx, generation=False)
     upstream = tw.pool.order(ctx.session_id)[0]
     served, version = tw.policy.resolve(upstream.url)
     call.upstream, call.policy_version = upstream.url, version

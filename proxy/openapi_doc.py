@@ -76,6 +76,7 @@ def generation_routes() -> list[Any]:
         401,
         404,
         413,
+        429,
         501,
         502,
         504,

@@ -97,10 +97,13 @@ def _iso(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-async def admit(tw: "ProxyState", ctx: "CallContext") -> int:
-    """Admit one call: wait while the write queue is full (backpressure happens here, before anything is sent
-    upstream, so a call that was served can always be recorded), then give it its sequence number in the
-    session and tell the writer a call of this session is in flight (rewards wait for it)."""
+async def admit(tw: "ProxyState", ctx: "CallContext", *, generation: bool = True) -> int:
+    """Admit one call: refuse the first call of a new session while the training backlog is full
+    (``--max-backlog``, proxy/admission.py: a 429), wait while the write queue is full (backpressure happens here,
+    before anything is sent upstream, so a call that was served can always be recorded), then give it its sequence
+    number in the session and tell the writer a call of this session is in flight (rewards wait for it).
+    Pass-through calls (``generation=False``: tokenize, models, ...) make nothing to train and are never refused."""
+    await tw.admission.check(ctx.session_id, seen=tw.served(ctx.session_id), trainable=ctx.trainable and generation)
     await tw.writer.wait_for_room()
     seq = tw.next_seq(ctx.session_id)
     tw.writer.begin(ctx.session_id)

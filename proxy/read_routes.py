@@ -31,6 +31,7 @@ from starlette.responses import Response
 
 from trainwire.proxy.errors import ApiError, responses
 from trainwire.proxy.plumbing import Cursor, Limit, Offset, WireInt, admin, json_response, state_of
+from trainwire.store.backlog import rewarded_backlog
 from trainwire.store.journal import count_rejected, rejected_files
 from trainwire.store.read_models import (
     CallDetail,
@@ -161,12 +162,22 @@ class OtlpIngest(BaseModel):
     rewards: int
 
 
+class Admission(BaseModel):
+    """Admission control (`--max-backlog`): the training backlog as this process last read it, and its 429s."""
+
+    max_backlog: int
+    backlog: int | None
+    full: bool
+    refused: int
+
+
 class StatsAnswer(Stats):
     write_queue: WriteQueue
     rejected: Rejected
     write_path: WritePath
     otlp_export: OtlpExport | None = None
     otlp_ingest: OtlpIngest
+    admission: Admission
 
 
 @router.get("/sessions", response_model=Page[SessionSummary], responses=responses(400, 401, 503))
@@ -283,5 +294,11 @@ async def stats(request: Request) -> Response:
             ),
             otlp_export=OtlpExport(**tw.otel.stats()) if tw.otel is not None else None,
             otlp_ingest=OtlpIngest(**dataclasses.asdict(tw.otlp_ingest)),
+            admission=Admission(
+                max_backlog=tw.admission.max_backlog,
+                backlog=tw.admission.backlog if tw.admission.on else await rewarded_backlog(tw.engine),
+                full=tw.admission.full,
+                refused=tw.admission.refused,
+            ),
         )
     )

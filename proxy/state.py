@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from trainwire.proxy.admission import Admission
 from trainwire.proxy.air import Air
 from trainwire.proxy.otel_export import OtelExport
 from trainwire.proxy.policy import PolicyState
@@ -49,6 +50,7 @@ class ProxyState:
             call_deltas=settings.call_deltas,
         )
         self.air = Air(settings.air, settings.air_tool_error_pattern, self.writer, self.engine)
+        self.admission = Admission(self.engine, settings.max_backlog)
         self.policy = PolicyState(self.engine, settings.upstream_model, settings.policy_poll_s)
         self.timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_s, sock_connect=5)
         self.frozen = None
@@ -71,6 +73,7 @@ class ProxyState:
         self.pool = UpstreamPool(self.settings.upstream, self.http, self._base_headers)
         await self.writer.start()
         await self.policy.start()
+        await self.admission.start()
         if self.settings.model_route or self.settings.routes_file:
             from trainwire.proxy.frozen import FrozenRoutes
 
@@ -78,6 +81,7 @@ class ProxyState:
         await self.discover_base_model()
 
     async def stop(self) -> None:
+        await self.admission.stop()
         await self.air.drain()
         await self.writer.stop()
         await self.policy.stop()
@@ -102,6 +106,11 @@ class ProxyState:
         """A reward stored or queued (user or automatic): exported as a span when export is on."""
         if self.otel is not None:
             self.otel.reward(reward)
+
+    def served(self, session_id: str) -> bool:
+        """Whether this process has served a call of the session (among the last sessions it keeps a sequence
+        for)."""
+        return session_id in self._seq
 
     def next_seq(self, session_id: str) -> int:
         seq = self._seq.pop(session_id, -1) + 1

@@ -12,7 +12,9 @@ Commands, rank 0 to all (``broadcast_object_list``; gloo carries Python objects 
 
 * ``{"op": "step", "samples": [...], "version": n, "check": [...] | None}``: measure train-inference agreement on
   the samples ``check`` marks (those served by the version the weights are now: :mod:`trainwire.rl.agreement`),
-  then train on ``samples[rank::world]``, export as ``v<n>``;
+  then train on ``samples[rank::world]``, export as ``v<n>``; with off-policy correction
+  (:mod:`trainwire.rl.offpolicy`) one forward pass over the shard gives both the agreement and the proximal
+  log-probs the step is corrected with;
 * ``{"op": "idle"}``: nothing was ready; keeps the other ranks' waiting broadcast from timing out;
 * ``{"op": "stop"}``: leave.
 
@@ -102,6 +104,7 @@ class Collective:
         world: int | None = None,
         broadcast: Callable[[Any], Any] = _broadcast,
         reduce: Callable[[dict[str, float]], dict[str, float]] = _all_reduce,
+        proximal: bool = False,
     ) -> None:
         if rank is None or world is None:
             rank, world = _world()
@@ -110,6 +113,8 @@ class Collective:
         self.rank, self.world = rank, world
         self._broadcast = broadcast
         self._reduce = reduce
+        # Off-policy correction (rl/offpolicy.py): every step first computes the proximal log-probs of the shard.
+        self.proximal = proximal
 
     def export_dir(self, version: int) -> Path:
         return self.publish_root / f"v{version}"
@@ -123,8 +128,11 @@ class Collective:
         hooks = hooks or StepHooks()
         try:
             with hooks.guard():
-                agreement = self.agreement(samples, check)
-                metrics = self.policy.step(samples[self.rank :: self.world])
+                if self.proximal:
+                    shard, agreement = self.proximal_pass(samples, check)
+                else:
+                    shard, agreement = list(samples[self.rank :: self.world]), self.agreement(samples, check)
+                metrics = self.policy.step(shard)
         except Exception:
             await hooks.step_failed()
             raise
@@ -157,6 +165,24 @@ class Collective:
         if self.world > 1:
             sums = self._reduce(sums)
         return agreement_metrics(sums)
+
+    def proximal_pass(self, samples: Sequence, check: Sequence[bool] | None) -> tuple[list, dict[str, float]]:
+        """This rank's shard with its proximal log-probs (one forward pass over the whole shard, before the
+        update; :func:`~trainwire.rl.offpolicy.with_proximal`), and the agreement metrics of the marked samples
+        from the same pass. Every rank makes the forward call, also one whose shard is empty."""
+        from trainwire.rl.offpolicy import with_proximal
+
+        shard = list(samples[self.rank :: self.world])
+        marks = list(check[self.rank :: self.world]) if check else [False] * len(shard)
+        logprobs = self.policy.logprobs(shard)
+        agreement: dict[str, float] = {}
+        if check and any(check):
+            mine = [(s, lp) for s, lp, c in zip(shard, logprobs, marks) if c]
+            sums = agreement_sums([s for s, _ in mine], [lp for _, lp in mine])
+            if self.world > 1:
+                sums = self._reduce(sums)
+            agreement = agreement_metrics(sums)
+        return with_proximal(shard, logprobs, marks), agreement
 
     # ------------------------------------------------------------------ rank 0
 

@@ -22,6 +22,8 @@ class Sample:
     multi-turn trajectory). ``old_logprobs[i]`` is the behaviour log-prob vLLM recorded for
     ``response_ids[i]`` (ignored where the mask is 0; ``None`` allowed there). ``advantage`` is
     broadcast over the response tokens; ``weight`` multiplies this sample's policy loss.
+    ``proximal_logprobs``, when set, are the trainer's own log-probs of the response before the update (the
+    proximal policy of off-policy correction, :mod:`trainwire.rl.offpolicy`).
     """
 
     prompt_ids: list[int]
@@ -30,6 +32,7 @@ class Sample:
     old_logprobs: list[Optional[float]]
     advantage: float
     weight: float = 1.0
+    proximal_logprobs: Optional[list[Optional[float]]] = None
 
     def validate(self) -> None:
         n = len(self.response_ids)
@@ -42,6 +45,8 @@ class Sample:
                 f"response_ids ({n}), response_mask ({len(self.response_mask)}) and old_logprobs "
                 f"({len(self.old_logprobs)}) must have the same length"
             )
+        if self.proximal_logprobs is not None and len(self.proximal_logprobs) != n:
+            raise ValueError(f"proximal_logprobs ({len(self.proximal_logprobs)}) must have {n} entries")
         if not math.isfinite(self.advantage):
             raise ValueError(f"advantage must be finite, got {self.advantage}")
         if not (math.isfinite(self.weight) and self.weight >= 0):

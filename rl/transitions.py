@@ -110,6 +110,8 @@ class BuildResult:
     skip_reasons: dict[str, int] = field(default_factory=dict)
     staleness_mean: float = float("nan")  # mean of current_version - policy_version over the trained calls
     staleness_max: int = 0
+    # trained sessions by their staleness: current_version minus the oldest version among their trained calls
+    staleness_hist: dict[int, int] = field(default_factory=dict)
 
     @property
     def skipped_stale(self) -> int:
@@ -403,6 +405,8 @@ def build_samples(
             out.call_ids.append(tuple(chain.calls))
             out.versions.append(tuple(chain.versions))
         staleness.extend(current_version - v for v in versions)
+        age = current_version - min(versions)
+        out.staleness_hist[age] = out.staleness_hist.get(age, 0) + 1
 
     counters["samples"] = len(out.samples)
     out.counters = counters

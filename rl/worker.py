@@ -1,9 +1,10 @@
 """`trainwire train`: the background worker.
 
 check the checkpoint directory is this run's (:mod:`trainwire.rl.identity`) -> build the engine, resume ->
-claim finished sessions -> build samples from recorded token ids -> credit assignment -> advantages (verl)
--> agreement pass over the samples served by the current weights (:mod:`trainwire.rl.agreement`) -> one optimizer
-step (verl's engine) -> export -> publish into every vLLM upstream -> record the version (the proxy switches on
+retire sessions beyond --max-staleness (:mod:`trainwire.store.staleness`) -> claim finished sessions -> build samples
+from recorded token ids -> credit assignment -> advantages (verl) -> agreement pass over the samples served by the
+current weights (:mod:`trainwire.rl.agreement`), with --off-policy tis|decoupled a proximal pass over all of them
+(:mod:`trainwire.rl.offpolicy`) -> one optimizer step (verl's engine) -> export -> publish into every vLLM upstream -> record the version (the proxy switches on
 the next request) -> checkpoint -> mark sessions trained -> log metrics.
 
 SIGTERM or SIGINT stops it at any moment with exit code 0 and the claims of an unfinished step given back
@@ -33,6 +34,7 @@ from trainwire.rl import pending_step
 from trainwire.rl.collective import Collective, StepHooks
 from trainwire.rl.db_wait import DbWait
 from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
+from trainwire.rl.offpolicy import needs_proximal
 from trainwire.rl.stopping import Stopper, StopRequested
 from trainwire.settings import TrainerSettings
 from trainwire.store import claims, episodes
@@ -40,6 +42,7 @@ from trainwire.store.db import make_engine, redact
 from trainwire.store.db_errors import is_transient
 from trainwire.store.identity import store_id
 from trainwire.store.policy import latest_version, record_publish
+from trainwire.store.staleness import retire_stale
 from trainwire.store.trainer_lease import LeaseHeld, TrainerLease
 from trainwire.store.training import record_train_step
 
@@ -136,6 +139,8 @@ class Trainer:
         self._new_run: RunIdentity | None = None  # a first start: the manifest to write once the engine is built
         # --objective sft --sft-from: the policy's chat template (rl/retokenize.py)
         self.renderer: ChatRenderer | None = None
+        # Sessions retired as stale in SQL since the last step (store/staleness.py), reported with the next step.
+        self.retired = 0
 
     @property
     def stop_requested(self) -> bool:
@@ -162,6 +167,8 @@ class Trainer:
             clip_ratio_low=s.clip_ratio,
             clip_ratio_high=s.clip_ratio,
             kl_coef=s.kl_coef,
+            off_policy=s.off_policy if s.objective == "rl" else "drop",
+            is_cap=s.is_cap,
             temperature=s.temperature,
             seed=s.seed,
             checkpoint_dir=str(s.checkpoint_dir / "state"),
@@ -218,7 +225,9 @@ class Trainer:
             if self._new_run is not None:
                 write_manifest(s.checkpoint_dir, self._new_run)
             resumed = self.policy.load_checkpoint()
-            self.ranks = Collective(self.policy, self.publish_root)
+            self.ranks = Collective(
+                self.policy, self.publish_root, proximal=s.objective == "rl" and needs_proximal(s.off_policy)
+            )
         if self.ranks.rank != 0:
             return await self.ranks.follow()
         _say(
@@ -433,6 +442,11 @@ class Trainer:
         is finished first."""
         s = self.s
         t = {"start": time.perf_counter()}
+        if s.objective == "rl" and s.max_staleness >= 0:
+            self.retired += await self.db_wait(
+                "retiring stale sessions",
+                lambda: retire_stale(self.db, oldest_fresh=self.version - s.max_staleness, train_agents=s.train_agent),
+            )
         batch = await self.db_wait(
             "claiming a batch",
             lambda: claims.claim_batch(
@@ -445,6 +459,7 @@ class Trainer:
                 group_timeout_s=s.group_timeout_s,
                 settle_s=s.settle_s,
                 sft_from=s.sft_from if s.objective == "sft" else (),
+                newest_first=s.claim_order == "newest",
             ),
         )
         if not batch:
@@ -536,6 +551,7 @@ class Trainer:
         pending_step.clear(s.checkpoint_dir)
         if skipped:
             await self._mark_skipped([x for x in batch if x.id in skipped], list(skipped), sft)
+        retired, self.retired = self.retired, 0
         rewards = [x.final_reward for x in batch if x.final_reward is not None]
         r_mean, r_std = _stats(rewards)
         a_mean, a_std = _stats(advantages)
@@ -556,6 +572,10 @@ class Trainer:
                 "batch/samples": len(samples),
                 "batch/tokens": float(sum(sum(x.response_mask) for x in samples)),
                 "staleness/mean": built.staleness_mean,
+                **{f"staleness/sessions_{age}": float(n) for age, n in sorted(built.staleness_hist.items())},
+                "sessions/trained": float(len(ids) - len(skipped)),
+                "sessions/dropped_stale": float(built.skipped_stale + retired),
+                "sessions/skipped_other": float(len(skipped) - built.skipped_stale),
                 **{f"batch/{k}": float(v) for k, v in built.counters.items()},
                 "policy/version": float(self.version),
                 "publish/failed_upstreams": float(len(result.failed)),
@@ -594,7 +614,8 @@ class Trainer:
             else ""
         )
         _say(
-            f"step {step} -> v{self.version} | sessions {len(ids)} samples {len(samples)} | {what}reward "
+            f"step {step} -> v{self.version} | sessions {len(ids)} samples {len(samples)} | {what}"
+            f"{'' if sft else _offpolicy_line(metrics, built.staleness_hist)}reward "
             f"{r_mean:.3f}±{r_std:.3f} | loss {metrics.get('loss', float('nan')):.4f} grad "
             f"{metrics.get('grad_norm', float('nan')):.3f} | train {metrics['time/train_s']:.2f}s publish "
             f"{metrics['time/publish_s'] * 1000:.0f}ms{agree}"
@@ -610,6 +631,22 @@ class Trainer:
             log.warning(warning)
             _say(f"WARNING: {warning}")
         return metrics
+
+
+def _offpolicy_line(metrics: dict, hist: dict[int, int]) -> str:
+    """The console's part for staleness and correction: sessions trained/dropped, trained sessions by staleness,
+    the importance weights (when correcting)."""
+    ages = " ".join(f"{age}:{n}" for age, n in sorted(hist.items())) or "-"
+    line = (
+        f"trained {metrics['sessions/trained']:.0f} dropped {metrics['sessions/dropped_stale']:.0f} | "
+        f"staleness {ages} | "
+    )
+    if "offpolicy/is_mean" in metrics:
+        line += (
+            f"IS mean {metrics['offpolicy/is_mean']:.3f} max {metrics['offpolicy/is_max']:.2f} "
+            f"truncated {metrics['offpolicy/truncated_share'] * 100:.1f}% | "
+        )
+    return line
 
 
 def run(settings: TrainerSettings) -> int:

@@ -27,7 +27,8 @@ oldest final reward is older than ``group_timeout_s``. A session without a task 
 and is claimable at once (no other session can complete it). Groups are taken oldest first while they fit
 in ``batch_size`` sessions; the first group is always taken, cut to ``max(batch_size, group_size)``
 oldest sessions if it is larger. With ``group_size = 0`` nothing waits: the oldest finished sessions are
-claimed, up to ``batch_size``.
+claimed, up to ``batch_size``. With ``newest_first`` (``trainwire train --claim-order newest``) all of this runs
+the other way: the groups whose newest session finished last, and the newest sessions, first.
 
 After the claim commits, the episodes are loaded (store/episodes.py): trainable calls only (``calls.trainable``),
 plus, for supervised fine-tuning, the calls of the frozen routes named in ``sft_from`` (``route = 'frozen'`` and
@@ -91,10 +92,12 @@ async def claim_batch(
     group_timeout_s: float = 60.0,
     settle_s: float = 0.0,
     sft_from: Sequence[str] = (),
+    newest_first: bool = False,
 ) -> list[ClaimedSession]:
     """Claim up to ``batch_size`` finished sessions (whole task groups when grouping) for ``worker_id``
     and load their trainable calls (and the calls of the frozen routes in ``sft_from``). Returns [] when nothing is
-    ready. See the module docstring."""
+    ready. ``newest_first`` takes the most recently finished sessions (groups) first instead of the oldest. See the
+    module docstring."""
     if batch_size <= 0:
         return []
     now = utcnow()
@@ -105,12 +108,14 @@ async def claim_batch(
 
     async with write_tx(engine) as conn:
         if grouping:
-            rows = await _locked_group_candidates(conn, settle_cutoff, timeout_cutoff, batch_size, group_size)
+            rows = await _locked_group_candidates(
+                conn, settle_cutoff, timeout_cutoff, batch_size, group_size, newest_first
+            )
             picked = pick_groups(rows, batch_size=batch_size, group_size=group_size, timeout_cutoff=timeout_cutoff)
         else:
             stmt = (
                 _finished(settle_cutoff)
-                .order_by(R.c.created_at, S.c.id)
+                .order_by(*_order(newest_first))
                 .limit(batch_size)
                 .with_for_update(of=S, skip_locked=True)
             )
@@ -145,21 +150,32 @@ async def claim_batch(
         raise
 
 
+def _order(newest_first: bool) -> tuple:
+    return (R.c.created_at.desc(), S.c.id.desc()) if newest_first else (R.c.created_at, S.c.id)
+
+
 async def _locked_group_candidates(
-    conn: AsyncConnection, settle_cutoff: datetime, timeout_cutoff: datetime, batch_size: int, group_size: int
+    conn: AsyncConnection,
+    settle_cutoff: datetime,
+    timeout_cutoff: datetime,
+    batch_size: int,
+    group_size: int,
+    newest_first: bool = False,
 ) -> list:
     """Rows (id, task_id, finished_at, final_value) of the oldest eligible groups, locked where the
     database has row locks. Eligibility is decided on the aggregate first (no locks), then re-checked on
     the rows actually locked by :func:`pick_groups` (a concurrent claimer may hold part of a group)."""
     fin = _finished(settle_cutoff).subquery()
     oldest = func.min(fin.c.finished_at)
+    # A group is as old as its oldest member, as new as its newest.
+    head = func.max(fin.c.finished_at) if newest_first else oldest
     tasks = (
         await conn.execute(
-            select(fin.c.task_id, oldest.label("oldest"))
+            select(fin.c.task_id, head.label("head"))
             .where(fin.c.task_id.is_not(None))
             .group_by(fin.c.task_id)
             .having(or_(func.count() >= group_size, oldest <= timeout_cutoff))
-            .order_by(oldest, fin.c.task_id)
+            .order_by(head.desc() if newest_first else head, fin.c.task_id)
             .limit(batch_size)
         )
     ).all()
@@ -167,13 +183,14 @@ async def _locked_group_candidates(
         await conn.execute(
             select(fin.c.id, fin.c.finished_at)
             .where(fin.c.task_id.is_(None))
-            .order_by(fin.c.finished_at, fin.c.id)
+            .order_by(*((fin.c.finished_at.desc(), fin.c.id) if newest_first else (fin.c.finished_at, fin.c.id)))
             .limit(batch_size)
         )
     ).all()
-    # Oldest groups first, at most batch_size groups (each has at least one session).
+    # Oldest (or newest) groups first, at most batch_size groups (each has at least one session).
     heads = sorted(
-        [(aware(t.oldest), 0, t.task_id) for t in tasks] + [(aware(s.finished_at), 1, s.id) for s in loners]
+        [(aware(t.head), 0, t.task_id) for t in tasks] + [(aware(s.finished_at), 1, s.id) for s in loners],
+        reverse=newest_first,
     )[:batch_size]
     if not heads:
         return []
@@ -187,25 +204,26 @@ async def _locked_group_candidates(
     stmt = (
         _finished(settle_cutoff)
         .where(or_(*members))
-        .order_by(R.c.created_at, S.c.id)
+        .order_by(*_order(newest_first))
         .with_for_update(of=S, skip_locked=True)
     )
     return list((await conn.execute(stmt)).all())
 
 
 def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cutoff: datetime) -> list:
-    """Whole eligible groups, oldest first, while they fit in batch_size (the first one always goes in,
-    cut to max(batch_size, group_size) sessions).
+    """Whole eligible groups in the order of ``rows``, while they fit in batch_size (the first one always goes in,
+    cut to max(batch_size, group_size) sessions, the first of its rows).
 
-    ``rows`` have ``id``, ``task_id`` and ``finished_at`` and come ordered by ``finished_at``; a row without a
-    task id is a group of its own. No I/O."""
+    ``rows`` have ``id``, ``task_id`` and ``finished_at`` and come ordered by ``finished_at`` (oldest first, or newest
+    first for a newest-first claim); a row without a task id is a group of its own. No I/O."""
     groups: dict[tuple[int, str], list] = {}
-    for r in rows:  # ordered by finished_at: members and groups come out oldest first
+    for r in rows:  # ordered by finished_at: members and groups come out in that order
         key = (0, r.task_id) if r.task_id is not None else (1, r.id)
         groups.setdefault(key, []).append(r)
     picked: list = []
     for (kind, _), members in groups.items():
-        eligible = kind == 1 or len(members) >= group_size or utc_of(members[0].finished_at) <= timeout_cutoff
+        first_finished = min(utc_of(m.finished_at) for m in members)
+        eligible = kind == 1 or len(members) >= group_size or first_finished <= timeout_cutoff
         if not eligible:
             continue  # part of it is held by another claimer, and what is left is not a group yet
         if not picked:
@@ -213,7 +231,7 @@ def pick_groups(rows: Iterable, *, batch_size: int, group_size: int, timeout_cut
         elif len(picked) + len(members) <= batch_size:
             picked.extend(members)
         else:
-            break  # keep oldest-first order: a later, smaller group does not overtake this one
+            break  # keep the order: a later, smaller group does not overtake this one
         if len(picked) >= batch_size:
             break
     return picked

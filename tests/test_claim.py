@@ -221,6 +221,25 @@ async def test_batch_size_takes_oldest_first(db):
     assert await claim(db, batch_size=0) == []
 
 
+async def test_newest_first_takes_the_freshest_sessions_and_groups(db):
+    """--claim-order newest: the most recently finished sessions, and groups by their newest member; a group is
+    still timed out by its oldest member."""
+    for i in range(3):
+        await add_session(db, f"s{i}", finished_ago=100.0 - i)
+    assert [s.id for s in await claim(db, batch_size=2, newest_first=True)] == ["s2", "s1"]
+    assert [s.id for s in await claim(db, batch_size=2, newest_first=True)] == ["s0"]
+    for t, age in (("t1", 100.0), ("t2", 90.0), ("t3", 80.0)):
+        for i in range(2):
+            await add_session(db, f"{t}-{i}", task=t, finished_ago=age - i)
+    await add_session(db, "late0", task="late", finished_ago=120.0)
+    await add_session(db, "late1", task="late", finished_ago=5.0)  # 2 of 3, timed out by late0
+    kw = dict(group_by_task=True, group_size=3, group_timeout_s=110.0, batch_size=5, newest_first=True)
+    assert [s.id for s in await claim(db, **kw)] == ["late1", "late0"]  # the t groups are 2 of 3, not timed out
+    kw.update(group_size=2, group_timeout_s=600.0)
+    assert [s.id for s in await claim(db, **kw)] == ["t3-1", "t3-0", "t2-1", "t2-0"]
+    assert [s.id for s in await claim(db, **kw)] == ["t1-1", "t1-0"]
+
+
 async def test_session_without_trainable_calls_is_claimed_empty(db):
     await add_session(db, "eval", n_calls=2, trainable=[False, False])
     (s,) = await claim(db)
@@ -383,3 +402,31 @@ async def test_postgres_never_claims_part_of_a_group_another_claimer_holds(db):
         assert [s.id for s in await asyncio.wait_for(claim(db, **kw), timeout=10)] == ["loner"]
         await holder.rollback()
     assert [s.id for s in await claim(db, **kw)] == ["g0", "g1", "g2", "g3"]
+
+
+async def test_stale_sessions_are_retired_in_sql_before_a_claim(db):
+    """store/staleness.py: finished open sessions with a trainable answered call older than the bound become
+    skipped in one statement; fresh, unfinished, untrainable-only and already claimed sessions are left alone."""
+    from trainwire.store.staleness import STALE_REASON, retire_stale
+
+    for sid in ("old", "fresh", "claimed-old", "other-agent-old"):
+        await add_session(db, sid, agents=["b"] if sid == "other-agent-old" else None)
+    await add_session(db, "open-old", closed=False)
+    await add_session(db, "untrainable-old", trainable=[False])
+    async with db.begin() as conn:
+        await conn.execute(update(C).where(C.c.session_id == "fresh").values(policy_version=5))
+        await conn.execute(update(C).where(C.c.session_id == "old").values(policy_version=None))  # = version 0
+        await conn.execute(update(S).where(S.c.id == "claimed-old").values(status="claimed", claimed_by="w"))
+    assert await retire_stale(db, oldest_fresh=0) == 0  # nothing is older than the base model
+    assert await retire_stale(db, oldest_fresh=3, train_agents=["a"]) == 1
+    st = await statuses(db)
+    assert st["old"].status == "skipped" and st["old"].skip_reason == STALE_REASON
+    assert {sid: st[sid].status for sid in st if sid != "old"} == {
+        "fresh": "open",
+        "claimed-old": "claimed",
+        "other-agent-old": "open",
+        "open-old": "open",
+        "untrainable-old": "open",
+    }
+    assert await retire_stale(db, oldest_fresh=3) == 1  # without a filter other agents' calls count
+    assert sorted(s.id for s in await claim(db)) == ["fresh", "untrainable-old"]

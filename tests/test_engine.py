@@ -212,6 +212,106 @@ def test_weight_is_a_loss_multiplier(model_path, hf_model):
     assert losses[1] - losses[0] == pytest.approx(2 * share, abs=1e-5)
 
 
+# ---------------------------------------------------------------------- (a2) off-policy correction
+
+# Behaviour (recorded) and proximal log-probs as shifts from the current policy's: the proximal - behaviour gaps
+# put three weights above the cap (e^1.0, e^1.3, e^0.9 > 2) and the ratios on both sides of the clip range.
+BEHAVIOUR_SHIFT = [[0.05, -0.3, 0.1], [0.0, 0.0, 9.0, 9.0, -1.5, 0.1], [0.25, -0.02]]
+PROXIMAL_SHIFT = [[0.0, 0.0, -0.5], [1.0, 0.0, 0.0, 0.0, -0.2, 0.4], [0.1, 0.88]]
+CAP = 2.0
+
+
+def off_policy_samples(hf_model) -> tuple[list[Sample], list[torch.Tensor]]:
+    base = make_samples()
+    lps = [hf_logprobs(hf_model, s) for s in base]
+    samples = with_old_logprobs(base, lps, BEHAVIOUR_SHIFT)
+    for s, lp, sh in zip(samples, lps, PROXIMAL_SHIFT):
+        s.proximal_logprobs = [float(a) + b if m else None for a, b, m in zip(lp.tolist(), sh, s.response_mask)]
+    return samples, lps
+
+
+def hand_corrected_loss(samples: list[Sample], new_lps: list[torch.Tensor], mode: str) -> tuple[float, float, int]:
+    """verl's vanilla dual-clip PPO loss, token-mean, each token weighted by its sample's weight times
+    min(pi_proximal / pi_behaviour, CAP); the ratio is against the behaviour (tis) or the proximal (decoupled)
+    log-probs. Returns the loss, the largest applied weight and the number of tokens truncated."""
+    total, tokens, wmax, truncated = 0.0, 0, 0.0, 0
+    for s, lp in zip(samples, new_lps):
+        assert s.proximal_logprobs is not None
+        for t, (m, new) in enumerate(zip(s.response_mask, lp.tolist())):
+            if not m:
+                continue
+            behaviour, proximal = s.old_logprobs[t], s.proximal_logprobs[t]
+            raw = math.exp(proximal - behaviour)
+            w = min(raw, CAP)
+            truncated += raw > CAP
+            wmax = max(wmax, w)
+            ratio = math.exp(new - (behaviour if mode == "tis" else proximal))
+            clipped = min(max(ratio, 1 - CLIP), 1 + CLIP)
+            a = s.advantage
+            loss = max(-a * ratio, -a * clipped)
+            if a < 0:
+                loss = min(loss, -a * CLIP_C)
+            total += s.weight * w * loss
+            tokens += 1
+    return total / tokens, wmax, truncated
+
+
+@pytest.mark.parametrize("mode", ["tis", "decoupled"])
+def test_corrected_loss_equals_hand_computation(model_path, hf_model, mode):
+    engine = PolicyEngine(
+        EngineConfig(
+            model_path=str(model_path),
+            lr=1e-4,
+            micro_batch_size=2,
+            clip_ratio_low=CLIP,
+            clip_ratio_high=CLIP,
+            clip_ratio_c=CLIP_C,
+            off_policy=mode,
+            is_cap=CAP,
+        )
+    )
+    samples, lps = off_policy_samples(hf_model)
+    want, wmax, truncated = hand_corrected_loss(samples, lps, mode)
+    # the two modes really differ on this batch, and both differ from the uncorrected loss
+    other = hand_corrected_loss(samples, lps, "decoupled" if mode == "tis" else "tis")[0]
+    assert abs(want - other) > 1e-2 and abs(want - hand_ppo_loss(samples, lps)) > 1e-2
+    metrics = engine.step(samples)
+    assert metrics["pg_loss"] == pytest.approx(want, abs=1e-5)
+    assert truncated == 3
+    assert metrics["offpolicy/truncated_share"] == pytest.approx(truncated / 9)
+    assert metrics["offpolicy/is_max"] == pytest.approx(wmax) == CAP
+    raw = [
+        math.exp(p - b)
+        for sp, sb, s in zip(PROXIMAL_SHIFT, BEHAVIOUR_SHIFT, samples)
+        for p, b, m in zip(sp, sb, s.response_mask)
+        if m
+    ]
+    assert metrics["offpolicy/is_raw_max"] == pytest.approx(max(raw), rel=1e-5)
+    assert 0.0 < metrics["clip_frac"] < 1.0
+
+
+def test_decoupled_on_policy_batch_is_todays_step(model_path, hf_model):
+    """A batch served entirely by the weights being trained: its proximal log-probs are its recorded ones
+    (with_proximal), every weight is exactly 1 and the update is bit for bit the one drop makes."""
+    from trainwire.rl.offpolicy import with_proximal
+
+    cfg = dict(model_path=str(model_path), lr=1e-3, micro_batch_size=2, seed=3)
+    drop, decoupled = PolicyEngine(EngineConfig(**cfg)), PolicyEngine(EngineConfig(**cfg, off_policy="decoupled"))
+    assert_same_weights(weights_of(drop), weights_of(decoupled))
+    base = make_samples()
+    lps = [hf_logprobs(hf_model, s) for s in base]
+    samples = with_old_logprobs(base, lps, [[1e-6 * (i + 1) for i in range(len(s.response_ids))] for s in base])
+    trainer_lps = decoupled.logprobs(samples)
+    corrected = with_proximal(samples, trainer_lps, [True] * len(samples))
+    a, b = drop.step(samples), decoupled.step(corrected)
+    assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
+    assert b["offpolicy/is_mean"] == 1.0 and b["offpolicy/truncated_share"] == 0.0
+    assert_same_weights(weights_of(drop), weights_of(decoupled), atol=0.0)
+    # the trainer's own log-probs as proximal would not be exactly today's step
+    off = with_proximal(samples, trainer_lps, [False] * len(samples))
+    assert any(p != o for s, t in zip(samples, off) for p, o in zip(s.old_logprobs, t.proximal_logprobs or []) if p)
+
+
 # ---------------------------------------------------------------------- (c) direction
 
 

@@ -43,6 +43,9 @@ STEPS = [  # step, policy version, metrics (what rl/worker.py writes, abridged)
             "agreement/mean_abs_dlogp": 2e-6,
             "agreement/max_abs_dlogp": 4e-6,
             "agreement/tokens": 120.0,
+            "sessions/trained": 8.0,
+            "sessions/dropped_stale": 0.0,
+            "staleness/sessions_0": 8.0,
         },
     ),
     (
@@ -54,11 +57,18 @@ STEPS = [  # step, policy version, metrics (what rl/worker.py writes, abridged)
             "reward/mean": 0.75,
             "reward/std": 0.2,
             "time/train_s": 2.75,
-            "agreement/mean_abs_dlogp": 0.08,
-            "agreement/max_abs_dlogp": 1.5,
+            "agreement/mean_abs_dlogp": 3e-6,
+            "agreement/max_abs_dlogp": 4.5e-6,
             "agreement/tokens": 96.0,
             "batch/skipped_sampling": 2.0,
             "batch/skipped_untrainable": 1.0,
+            "sessions/trained": 6.0,
+            "sessions/dropped_stale": 2.0,
+            "staleness/sessions_0": 4.0,
+            "staleness/sessions_2": 2.0,
+            "offpolicy/is_mean": 0.95,
+            "offpolicy/is_max": 2.0,
+            "offpolicy/truncated_share": 0.0125,
         },
     ),
 ]
@@ -358,8 +368,8 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
         "0.75",
         "0.75",
         "0.2",
-        "0.08",
-        "1.5",
+        "3.00e-6",
+        "4.50e-6",
         "2 / 1",
         "2.75",
     ]
@@ -372,8 +382,29 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
         ("mean_abs_dlogp", "2"),
         ("mean_abs_dlogp", "3"),
     ]
+    # every y tick label fits left of the axis (they read ".00e-6" when the margin was fixed): 12px text is at
+    # most ~7px per character, and the label ends 6px left of the axis
+    ticks = [t for t in dom.by_id("chart-agreement").find_all("text", class_="tick") if "e-" in t.text()]
+    assert ticks and all(float(t.attrs["x"]) >= 7 * len(t.text()) for t in ticks), [
+        (t.text(), t.attrs["x"]) for t in ticks
+    ]
+    # off-policy training: sessions trained and dropped per step, the staleness histogram, the IS weights
+    assert [td.text() for td in steps[0].find_all("td")][12:15] == ["6 / 2", "0:4 2:2", "0.95 / 2 / 1.25%"]
+    assert [td.text() for td in steps[1].find_all("td")][12:15] == ["8 / 0", "0:8", "—"]
+    assert [td.text() for td in steps[2].find_all("td")][12:15] == ["—", "—", "—"]
+    sessions = dom.by_id("chart-sessions").find_all("circle", class_="pt")
+    assert sorted((p.attrs["data-metric"], p.attrs["data-step"]) for p in sessions) == [
+        ("dropped", "2"),
+        ("dropped", "3"),
+        ("trained", "2"),
+        ("trained", "3"),
+    ]
+    weights = dom.by_id("chart-is").find_all("circle", class_="pt")
+    assert sorted((p.attrs["data-metric"], p.attrs["data-step"]) for p in weights) == [("max", "3"), ("mean", "3")]
     # the write path: database answering, nothing refused
     assert counts["n-db-state"] == "answering" and counts["n-rejected"] == "0"
+    # the training backlog (rewarded, not yet claimed: beta, gamma, delta), admission control off
+    assert (counts["n-backlog"], counts["n-max-backlog"], counts["n-refused"]) == ("3", "off", "0")
     assert not dom.find_all(id="rejected-note")
     versions = [[td.text() for td in tr.find_all("td")] for tr in dom.by_id("versions-table").find_all("tr")[1:]]
     assert [v[:5] for v in versions] == [
@@ -399,7 +430,7 @@ def test_dashboard_renders_counts_charts_steps_and_sessions(dash, tmp_path):
     out = chromium(
         f"{proxy.url}/ui",
         tmp_path,
-        "--window-size=1280,1400",
+        "--window-size=1280,1600",
         "--hide-scrollbars",
         f"--screenshot={tmp_path / 'dashboard.png'}",
     )

@@ -165,6 +165,13 @@ class ProxySettings(UpstreamSettings, JournalSettings):
         description="Serve /metrics without a key even when --admin-key (or --api-key) is set, for Prometheus scrapers that cannot send one; its labels hold no upstream address or key",
     )
     upstream_timeout_s: float = Field(600.0, description="Total timeout of one upstream call")
+    max_backlog: int = Field(
+        0,
+        ge=0,
+        description="Admission control: while this many sessions are rewarded but not yet taken by a trainer, "
+        "the first call of a new session gets a 429 with Retry-After (calls of started sessions are always "
+        "served); 0 = off",
+    )
     max_request_bytes: int = Field(
         16 * 1024 * 1024,
         gt=0,
@@ -279,7 +286,23 @@ class TrainerSettings(UpstreamSettings):
     loss_agg_mode: str = Field("token-mean", description="verl loss aggregation mode")
     clip_ratio: float = Field(0.2, description="PPO clip ratio")
     kl_coef: float = Field(0.0, description="KL-to-reference loss coefficient (0 = off)")
-    max_staleness: int = Field(4, description="Skip sessions served more than this many versions ago")
+    max_staleness: int = Field(
+        4, description="Skip sessions served more than this many versions ago (the hard bound in every --off-policy)"
+    )
+    off_policy: Literal["drop", "tis", "decoupled"] = Field(
+        "decoupled",
+        description="How sessions sampled by older versions are trained: drop (skip those older than "
+        "--max-staleness, no correction), tis (PPO ratio against the recorded behaviour log-probs, each token "
+        "weighted by min(pi_proximal/pi_behaviour, --is-cap)) or decoupled (decoupled PPO: ratio clipped against "
+        "the weights before this update, the same truncated weight)",
+    )
+    claim_order: Literal["oldest", "newest"] = Field(
+        "newest",
+        description="Which finished sessions a step claims first (those beyond --max-staleness are retired "
+        "before): newest (the freshest data while the trainer is behind; the oldest age out) or oldest (first in, "
+        "first trained: with serve --max-backlog, the most sessions trained)",
+    )
+    is_cap: float = Field(2.0, gt=0, description="Truncation of the importance weights of --off-policy tis|decoupled")
     settle_s: float = Field(2.0, description="Only claim sessions whose final reward is at least this old")
     claim_timeout_s: float = Field(600.0, description="Release claims older than this (crashed trainer)")
     poll_s: float = Field(1.0, description="Trainer poll interval when no batch is ready")

@@ -140,7 +140,7 @@ function card(title, rows) {
 
 function renderCounts(stats) {
   const ss = stats.sessions, c = stats.calls, r = stats.rewards, q = stats.write_queue || {};
-  const wp = stats.write_path || {}, rj = stats.rejected || {};
+  const wp = stats.write_path || {}, rj = stats.rejected || {}, ad = stats.admission || {};
   const box = $("counts");
   box.replaceChildren(
     card("Sessions", [["total", "n-sessions-total", ss.total],
@@ -164,6 +164,10 @@ function renderCounts(stats) {
         wp.database_down_since ? "bad" : null],
       ["refused rows", "n-rejected", rj.rows || 0, rj.rows ? "bad" : null],
       ["journaled (this process)", "n-journaled", wp.journal_appended || 0]]),
+    card("Training backlog", [
+      ["rewarded, not yet trained", "n-backlog", ad.backlog ?? "—", ad.full ? "warn" : null],
+      ["--max-backlog", "n-max-backlog", ad.max_backlog ? ad.max_backlog : "off"],
+      ["new sessions refused (429, this process)", "n-refused", ad.refused || 0, ad.refused ? "warn" : null]]),
   );
   if (rj.rows) {
     box.append(h("p", { class: "banner error", id: "rejected-note" },
@@ -188,7 +192,7 @@ function niceTicks(lo, hi, n) {
 }
 
 function lineChart(box, series, opts) {
-  const W = 440, H = 220, L = 46, R = 10, T = 10, B = 28, P = 8;  // P: room inside the axes for the dots
+  const W = 440, H = 220, R = 10, T = 10, B = 28, P = 8;  // P: room inside the axes for the dots
   const pts = series.flatMap((se) => se.points).filter((p) => Number.isFinite(p.y));
   if (!pts.length) { box.replaceChildren(h("p", { class: "muted empty" }, opts.empty)); return; }
   const xs = pts.map((p) => p.x);
@@ -199,13 +203,16 @@ function lineChart(box, series, opts) {
   if (y0 === y1) { const d = Math.abs(y0) || 1; y0 -= d / 2; y1 += d / 2; }
   const yTicks = niceTicks(y0, y1, 4);
   [y0, y1] = [yTicks[0], yTicks[yTicks.length - 1]];
+  // The left margin fits the longest tick label ("4.00e-6" needs more room than "0.5"): 12px digits are ~7px wide.
+  const yLabels = yTicks.map((y) => num(y));
+  const L = Math.max(34, 14 + 7 * Math.max(...yLabels.map((t) => t.length)));
   const X = (x) => L + P + (x - x0) / (x1 - x0) * (W - L - R - 2 * P);
   const Y = (y) => T + P + (1 - (y - y0) / (y1 - y0)) * (H - T - B - 2 * P);
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, class: "plot", role: "img", "aria-label": opts.title });
-  for (const y of yTicks) {
+  yTicks.forEach((y, i) => {
     svg.append(s("line", { class: "grid", x1: L, x2: W - R, y1: Y(y), y2: Y(y) }),
-      s("text", { class: "tick", x: L - 6, y: Y(y) + 4, "text-anchor": "end" }, num(y)));
-  }
+      s("text", { class: "tick", x: L - 6, y: Y(y) + 4, "text-anchor": "end" }, yLabels[i]));
+  });
   const xTicks = opts.xTicks || [...new Set(xs)];
   const every = Math.max(1, Math.ceil(xTicks.length / 10));
   xTicks.forEach((x, i) => {
@@ -265,6 +272,29 @@ function renderStepCharts(steps) {
   })), { title: "train-inference agreement", dots: true,
     empty: "No step has measured it yet (it needs samples served by the version being trained).",
     xLabel: (x) => String(x) });
+  // Off-policy training (trainwire train --off-policy): what each step trained and dropped, and its IS weights.
+  const counted = asc.filter((r) => Number.isFinite(m(r, "sessions/trained")));
+  lineChart($("chart-sessions"), [["trained", "sessions/trained"], ["dropped", "sessions/dropped_stale"]].map(
+    ([name, k], i) => ({ name, cls: i ? "s2" : "s1", points: counted.map((r) => ({
+      x: r.step, y: m(r, k), label: `step ${r.step}: ${name} ${num(m(r, k))} sessions (staleness ${staleness(r.metrics)})`,
+      attrs: { "data-step": r.step, "data-metric": name },
+    })) })), { title: "sessions trained and dropped as stale", dots: true, empty: "No train steps yet.",
+    xLabel: (x) => String(x) });
+  const weighted = asc.filter((r) => Number.isFinite(m(r, "offpolicy/is_mean")));
+  lineChart($("chart-is"), [["mean", "offpolicy/is_mean"], ["max", "offpolicy/is_max"]].map(([name, k], i) => ({
+    name, cls: i ? "s2" : "s1", points: weighted.map((r) => ({
+      x: r.step, y: m(r, k),
+      label: `step ${r.step}: IS weight ${name} ${num(m(r, k))}; ${num(100 * m(r, "offpolicy/truncated_share"))}% ` +
+        "of tokens truncated", attrs: { "data-step": r.step, "data-metric": name },
+    })) })), { title: "importance weights", dots: true,
+    empty: "No corrected step yet (trainwire train --off-policy tis or decoupled).", xLabel: (x) => String(x) });
+}
+
+// "0:12 1:8": trained sessions by staleness (versions behind the weights they trained), from staleness/sessions_<k>.
+function staleness(mt) {
+  const ages = Object.keys(mt || {}).filter((k) => k.startsWith("staleness/sessions_"))
+    .map((k) => [Number(k.slice("staleness/sessions_".length)), mt[k]]).sort((a, b) => a[0] - b[0]);
+  return ages.length ? ages.map(([age, n]) => `${age}:${num(n)}`).join(" ") : "—";
 }
 
 // --- tables -------------------------------------------------------------------------------------------------
@@ -286,8 +316,15 @@ function renderSteps(steps) {
       td(mt.loss), td(mt.grad_norm), td(mt["reward/mean"]), td(mt["reward/std"]),
       td(mt["agreement/mean_abs_dlogp"]), td(mt["agreement/max_abs_dlogp"]),
       h("td", { class: "num" }, `${num(mt["batch/skipped_sampling"] || 0)} / ${num(mt["batch/skipped_untrainable"] || 0)}`),
-      td(mt["time/train_s"]), h("td", {}, when(r.created_at)));
-  }), 13, "No train steps yet: start `trainwire train`.");
+      td(mt["time/train_s"]),
+      h("td", { class: "num" }, Number.isFinite(mt["sessions/trained"])
+        ? `${num(mt["sessions/trained"])} / ${num(mt["sessions/dropped_stale"])}` : "—"),
+      h("td", { class: "num" }, staleness(mt)),
+      h("td", { class: "num" }, Number.isFinite(mt["offpolicy/is_mean"])
+        ? `${num(mt["offpolicy/is_mean"])} / ${num(mt["offpolicy/is_max"])} / ${num(100 * mt["offpolicy/truncated_share"])}%`
+        : "—"),
+      h("td", {}, when(r.created_at)));
+  }), 16, "No train steps yet: start `trainwire train`.");
 }
 
 function renderVersions(versions) {

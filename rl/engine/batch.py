@@ -30,9 +30,13 @@ from trainwire.rl.samples import Sample
 __all__ = ["padded_ppo_tensors", "to_no_padding"]
 
 
-def padded_ppo_tensors(samples: Sequence[Sample], pad_token_id: int, with_weights: bool) -> dict[str, torch.Tensor]:
+def padded_ppo_tensors(
+    samples: Sequence[Sample], pad_token_id: int, with_weights: bool, with_proximal: bool = False
+) -> dict[str, torch.Tensor]:
     """verl's PPO-trainer layout: prompts left-padded, responses right-padded, masks, position
-    ids, behaviour log-probs (zeroed under mask 0), broadcast advantages, optional weights."""
+    ids, behaviour log-probs (zeroed under mask 0), broadcast advantages, optional weights; with
+    ``with_proximal`` also ``proximal_log_probs`` (not a verl key: the caller turns it into the correction of
+    :mod:`trainwire.rl.offpolicy` and removes it; a sample without them counts as on-policy)."""
     from verl.utils.model import compute_position_id_with_mask
 
     bsz = len(samples)
@@ -45,6 +49,7 @@ def padded_ppo_tensors(samples: Sequence[Sample], pad_token_id: int, with_weight
     old_log_probs = torch.zeros((bsz, R), dtype=torch.float32)
     advantages = torch.zeros((bsz, R), dtype=torch.float32)
     weights = torch.zeros((bsz, R), dtype=torch.float32)
+    proximal = torch.zeros((bsz, R), dtype=torch.float32)
     for i, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
         prompts[i, P - p :] = torch.tensor(s.prompt_ids, dtype=torch.long)
@@ -56,6 +61,11 @@ def padded_ppo_tensors(samples: Sequence[Sample], pad_token_id: int, with_weight
         old_log_probs[i, :r] = torch.where(mask.bool(), lps, torch.zeros_like(lps))
         advantages[i, :r] = float(s.advantage) * mask
         weights[i, :r] = float(s.weight)
+        if s.proximal_logprobs is None:
+            proximal[i, :r] = old_log_probs[i, :r]
+        else:
+            plp = torch.tensor([float(lp) if lp is not None else 0.0 for lp in s.proximal_logprobs])
+            proximal[i, :r] = torch.where(mask.bool(), plp, torch.zeros_like(plp))
     out = {
         "prompts": prompts,
         "responses": responses,
@@ -68,6 +78,8 @@ def padded_ppo_tensors(samples: Sequence[Sample], pad_token_id: int, with_weight
     }
     if with_weights:
         out["rollout_is_weights"] = weights
+    if with_proximal:
+        out["proximal_log_probs"] = proximal
     return out
 
 

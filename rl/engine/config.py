@@ -47,6 +47,10 @@ class EngineConfig:
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     clip_ratio_c: float = 3.0  # dual-clip bound for negative advantages (vanilla)
+    # Off-policy correction (rl/offpolicy.py): "drop" (none), "tis" or "decoupled"; the last two need each
+    # sample's proximal_logprobs and weight tokens by min(pi_proximal / pi_behaviour, is_cap).
+    off_policy: str = "drop"
+    is_cap: float = 2.0
     kl_coef: float = 0.0  # > 0 adds a KL-to-reference loss; reference = the base model
     kl_type: str = "low_var_kl"
     entropy_coeff: float = 0.0
@@ -83,6 +87,14 @@ class EngineConfig:
                 raise ValueError("mini_batch_size must be a multiple of micro_batch_size")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        from trainwire.rl.offpolicy import needs_proximal
+
+        if needs_proximal(self.off_policy) and self.policy_loss in LOSSES_IGNORING_WEIGHTS:
+            raise ValueError(
+                f"off_policy {self.off_policy!r} weights tokens; policy_loss {self.policy_loss!r} ignores that"
+            )
+        if self.is_cap <= 0:
+            raise ValueError("is_cap must be > 0")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         from trainwire.rl.advantages import policy_loss_names

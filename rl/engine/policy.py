@@ -21,6 +21,7 @@ from trainwire.rl.engine import checkpoint
 from trainwire.rl.engine.batch import padded_ppo_tensors, to_no_padding
 from trainwire.rl.engine.config import LOSSES_IGNORING_WEIGHTS, EngineConfig, loss_fn, training_worker_config
 from trainwire.rl.engine.export import export_weights
+from trainwire.rl.offpolicy import correct, needs_proximal
 from trainwire.rl.samples import Sample
 
 __all__ = ["PolicyEngine"]
@@ -123,10 +124,22 @@ class PolicyEngine:
             s.validate()
         padded, n_real = self._padded(samples)
         sft = self.cfg.objective == "sft"
-        with_weights = not sft and any(s.weight != 1.0 for s in samples)
+        correcting = not sft and needs_proximal(self.cfg.off_policy)
+        with_weights = correcting or (not sft and any(s.weight != 1.0 for s in samples))
         if with_weights and self.cfg.policy_loss in LOSSES_IGNORING_WEIGHTS:
             raise ValueError(f"policy_loss {self.cfg.policy_loss!r} ignores per-sample weights")
-        tensors = padded_ppo_tensors(padded, self._pad_token(), with_weights=with_weights)
+        tensors = padded_ppo_tensors(padded, self._pad_token(), with_weights=with_weights, with_proximal=correcting)
+        correction: dict[str, float] = {}
+        if correcting:
+            old, is_weights, correction = correct(
+                self.cfg.off_policy,
+                tensors["old_log_probs"],
+                tensors.pop("proximal_log_probs"),
+                tensors["response_mask"],
+                self.cfg.is_cap,
+            )
+            tensors["old_log_probs"] = old
+            tensors["rollout_is_weights"] = tensors["rollout_is_weights"] * is_weights
         if self.cfg.kl_coef > 0 and not sft:
             tensors["ref_log_prob"] = self._infer_padded(padded, reference=True)
         n_local = len(padded)
@@ -155,6 +168,7 @@ class PolicyEngine:
         if sft:
             td["loss_mask"] = sequence_loss_mask(tensors, td)
         info = {
+            **correction,
             "samples": float(n_global_real),
             "tokens": float(self._all_reduce_int(int(tensors["response_mask"].sum()), dist.ReduceOp.SUM)),
         }

@@ -146,3 +146,33 @@ async def test_the_step_command_carries_the_marks_to_the_other_ranks(tmp_path):
 
     await lead.step([sample([-1.0]), sample([-1.0])], 4, StepHooks(), check=[False, True])
     assert sent[0]["op"] == "step" and sent[0]["check"] == [False, True] and sent[0]["version"] == 4
+
+
+class RecordingStep(LogprobPolicy):
+    def step(self, samples):
+        self.stepped = list(samples)
+        return super().step(samples)
+
+
+async def test_with_correction_one_pass_over_the_whole_shard_gives_proximal_and_agreement(tmp_path):
+    """--off-policy tis|decoupled: every sample gets its proximal log-probs from one pass before the update; a
+    sample served by the trainer's weights keeps its recorded ones as proximal (exactly on-policy)."""
+    policy = RecordingStep(shift=-0.01)
+    samples = [sample([-1.0, -1.0], prompt=(i,)) for i in range(4)]
+    ranks = Collective(policy, tmp_path, rank=0, world=1, broadcast=None, proximal=True)
+    outcome = await ranks.train_step(samples, 1, check=[True, False, True, False])
+    assert policy.calls == [("logprobs", [0, 1, 2, 3]), ("step", [0, 1, 2, 3])]
+    assert [s.proximal_logprobs for s in policy.stepped] == [[-1.0, -1.0], [-1.01, -1.01]] * 2
+    assert outcome.metrics["agreement/samples"] == 2 and outcome.metrics["agreement/mean_abs_dlogp"] == pytest.approx(
+        0.01
+    )
+
+
+async def test_with_correction_each_rank_corrects_its_own_shard(tmp_path):
+    policy = RecordingStep(shift=-0.5)
+    samples = [sample([-1.0], prompt=(i,)) for i in range(5)]
+    ranks = Collective(policy, tmp_path, rank=1, world=2, broadcast=None, reduce=lambda sums: sums, proximal=True)
+    outcome = await ranks.train_step(samples, 1, check=None)
+    assert policy.calls == [("logprobs", [1, 3]), ("step", [1, 3])]
+    assert [s.proximal_logprobs for s in policy.stepped] == [[-1.5], [-1.5]]
+    assert not any(k.startswith("agreement/") for k in outcome.metrics)

@@ -178,6 +178,8 @@ def test_staleness_drops_whole_sessions_and_counts():
     assert res.session_ids == ["fresh", "fresh", "stale_unused"]
     # staleness over the trained calls: 10-6, 10-7, 10-8
     assert res.staleness_mean == pytest.approx(3.0) and res.staleness_max == 4
+    # trained sessions by the age of their oldest trained call: fresh 10-6, stale_unused 10-8
+    assert res.staleness_hist == {4: 1, 2: 1}
     # disabled
     res = build_samples([fresh, stale, unknown], current_version=10, max_staleness=None)
     assert res.skipped_stale == 0 and len(res.samples) == 5
