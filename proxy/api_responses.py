@@ -4,12 +4,15 @@ vLLM serves `/v1/responses` itself, but only its chat route returns exact token 
 (tool-call-only turns included), so the proxy sends each Responses request to vLLM as a chat-completions request
 and turns the chat answer back into a Responses `response` object or the Responses stream events.
 
-* `to_chat(body)`: the client's request -> the chat request (the caller adds token-id and logprob fields).
+* `FIELDS`: what happens to each request field (translated, passed, ignored, refused; proxy/api_fields.py).
+* `to_chat(body)`: the client's screened request -> the chat request (the caller adds token-id and logprob fields).
 * `from_chat(chat, request, response_id=, created_at=)`: a non-stream chat completion -> a `response` object.
 * `ResponsesStream`: chat chunks -> Responses SSE bytes (`event: <type>\\ndata: <json>\\n\\n`), in OpenAI's order.
 
 Nothing is stored server-side, so requests that refer to stored state (`previous_response_id`, `conversation`,
 `item_reference` items, stored `prompt`s, `background` responses, file ids) are refused with a 400 that says so.
+`reasoning` and `include: ["reasoning.encrypted_content"]` are accepted; a policy served without a reasoning parser
+gives answers with no reasoning items (what a reasoning policy needs: docs/architecture.md).
 Item ids are derived from the response id (`msg_<suffix>_<output index>`), so the streamed and the non-stream
 answer for the same generation are equal, and a recorded response can be compared with what the client saw.
 """
@@ -21,66 +24,98 @@ from typing import Any
 
 import orjson
 
+from trainwire.proxy.api_fields import FieldTable, ignored, passed, refused, translated
 from trainwire.proxy.errors import ApiError
 
-# Hints with no effect on generation here (or only on OpenAI's own storage, caching and billing): accepted, like
-# OpenAI accepts them, so that unchanged agents work, but not forwarded, because vLLM's chat route has no such field.
-# `include` and `top_logprobs` only ask for output logprobs, which this route does not return (always []).
-_IGNORED = frozenset(
-    {
-        "store",
-        "metadata",
-        "reasoning",
-        "truncation",
-        "include",
-        "service_tier",
-        "prompt_cache_key",
-        "safety_identifier",
-        "stream_options",
-        "top_logprobs",
-        "max_tool_calls",
-        "prompt_cache_retention",
-    }
+# vLLM sampling extensions agents send through `extra_body`: they mean the same on chat, so they pass.
+_VLLM_EXTENSIONS = (
+    "seed",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "stop_token_ids",
+    "chat_template_kwargs",
 )
-# vLLM sampling extensions that agents send through `extra_body`: they mean the same on chat, so they pass.
-_PASSTHROUGH = frozenset(
+
+
+def _not_false(value: Any) -> bool:
+    return value is not False
+
+
+_NO_STORAGE = "trainwire stores no responses"
+_OPENAI_SIDE = "only OpenAI's own storage, caching, billing or routing uses it"
+_VLLM = "vLLM's sampling extension, the same on chat (sent through `extra_body`)"
+
+# Every top-level field of a Responses request (the `openai` SDK's ResponseCreateParams, plus the vLLM extensions
+# agents send): what the proxy does with it (proxy/api_fields.py).
+FIELDS = FieldTable(
+    "Responses API",
     {
-        "seed",
-        "stop",
-        "frequency_penalty",
-        "presence_penalty",
-        "logit_bias",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "min_tokens",
-        "stop_token_ids",
-        "chat_template_kwargs",
-    }
-)
-_HANDLED = frozenset(
-    {
-        "model",
-        "input",
-        "instructions",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "temperature",
-        "top_p",
-        "max_output_tokens",
-        "stream",
-        "user",
-        "text",
-        "background",
-        "previous_response_id",
-        "conversation",
-        "prompt",
-    }
+        "model": translated("the policy's name"),
+        "input": translated("messages, function calls and their outputs -> chat messages"),
+        "instructions": translated("the system message"),
+        "tools": translated("function tools -> chat tools; hosted tools are refused item by item"),
+        "tool_choice": translated("-> chat tool_choice"),
+        "parallel_tool_calls": translated("-> chat parallel_tool_calls"),
+        "temperature": translated("-> chat temperature (then --sampling-policy)"),
+        "top_p": translated("-> chat top_p (then --sampling-policy)"),
+        "max_output_tokens": translated("-> chat max_tokens"),
+        "stream": translated("a Responses event stream from the chat stream"),
+        "text": translated("text.format -> chat response_format"),
+        "user": passed("the same field on chat"),
+        **{name: passed(_VLLM) for name in _VLLM_EXTENSIONS},
+        "store": ignored(f"{_NO_STORAGE}; store: false is what happens anyway", applies=_not_false),
+        "metadata": ignored("echoed in the response, not sent to the model"),
+        "reasoning": ignored(
+            "the policy has no reasoning parser, so its answers have no reasoning items to summarise "
+            "(docs/architecture.md: reasoning policies)"
+        ),
+        "include": ignored(
+            "asks for extra output data (encrypted reasoning, logprobs, hosted tools' results) that this route "
+            "does not produce"
+        ),
+        "top_logprobs": ignored("output logprobs are not returned here (always [])"),
+        "truncation": ignored("a context overflow fails with the model server's 400 either way"),
+        "context_management": ignored(
+            "server-side compaction; the policy sees the input as sent (an overflow fails with a 400)"
+        ),
+        "max_tool_calls": ignored("limits hosted tools, which are refused"),
+        "service_tier": ignored(_OPENAI_SIDE),
+        "prompt_cache_key": ignored(_OPENAI_SIDE),
+        "prompt_cache_retention": ignored(_OPENAI_SIDE),
+        "prompt_cache_options": ignored(_OPENAI_SIDE),
+        "safety_identifier": ignored(_OPENAI_SIDE),
+        "access_programs": ignored(_OPENAI_SIDE),
+        "moderation": ignored("no moderation model runs here: nothing is scored or blocked"),
+        "image": ignored("OpenAI's image context compression; images are sent to the model as given"),
+        "stream_options": ignored("stream obfuscation: the stream has no obfuscation fields"),
+        "background_options": ignored("only with background: true, which is refused"),
+        "background": refused(
+            f"background mode is not supported: {_NO_STORAGE} to poll later; send the request without "
+            "background (streaming works)",
+            applies=_not_false,
+        ),
+        "previous_response_id": refused(
+            f"previous_response_id is not supported: {_NO_STORAGE}. Send the whole conversation in `input` (the "
+            "earlier input, the previous response's output items, then the new input)"
+        ),
+        "conversation": refused(
+            f"conversation is not supported: {_NO_STORAGE} or conversations. Send the whole conversation in `input`"
+        ),
+        "prompt": refused(
+            "stored prompts (prompt) are not supported: trainwire has no prompt templates; send the text in "
+            "`instructions` and `input`"
+        ),
+        "n": refused("Unsupported parameter: 'n' (a Responses request has one output; n is a chat parameter)"),
+    },
 )
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-_NO_STORAGE = "trainwire stores no responses"
 
 
 def _invalid(message: str, param: str | None) -> ApiError:
@@ -95,20 +130,12 @@ def _unsupported(message: str, param: str | None) -> ApiError:
 
 
 def to_chat(body: dict) -> dict:
-    """A Responses request -> the chat-completions request for vLLM. Raises ApiError(400) for bad or unsupported
-    input, naming the parameter."""
+    """A Responses request, screened by `FIELDS` (proxy/api_fields.py: only translated and passed fields, no
+    nulls) -> the chat-completions request for vLLM. Raises ApiError(400) for bad or unsupported input, naming the
+    parameter."""
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object", None)
-    # An explicit null is how SDKs say "not given"; treating it as absent keeps `previous_response_id: null` valid.
     given = {k: v for k, v in body.items() if v is not None}
-    _refuse_stored_state(given)
-    for name in given:
-        if name not in _HANDLED and name not in _IGNORED and name not in _PASSTHROUGH:
-            # Refused, not dropped: a silently ignored option would change what the agent gets without a trace.
-            raise _unsupported(
-                f"Unsupported parameter: '{name}' (not a Responses API parameter trainwire supports)", name
-            )
-
     chat: dict[str, Any] = {}
     if "model" in given:
         chat["model"] = given["model"]
@@ -134,35 +161,10 @@ def to_chat(body: dict) -> dict:
     response_format = _response_format(given.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
-    for name in _PASSTHROUGH & given.keys():
-        chat[name] = given[name]
+    for name in _VLLM_EXTENSIONS:
+        if name in given:
+            chat[name] = given[name]
     return chat
-
-
-def _refuse_stored_state(given: dict) -> None:
-    if "previous_response_id" in given:
-        raise _unsupported(
-            f"previous_response_id is not supported: {_NO_STORAGE}. Send the whole conversation in "
-            "`input` (the earlier input, the previous response's output items, then the new input)",
-            "previous_response_id",
-        )
-    if "conversation" in given:
-        raise _unsupported(
-            f"conversation is not supported: {_NO_STORAGE} or conversations. Send the whole conversation in `input`",
-            "conversation",
-        )
-    if given.get("background", False) is not False:
-        raise _unsupported(
-            f"background mode is not supported: {_NO_STORAGE} to poll later; send the request "
-            "without background (streaming works)",
-            "background",
-        )
-    if "prompt" in given:
-        raise _unsupported(
-            "stored prompts (prompt) are not supported: trainwire has no prompt templates; send the "
-            "text in `instructions` and `input`",
-            "prompt",
-        )
 
 
 def _messages(given: dict) -> list[dict]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainwire.proxy import api_messages, api_responses
+from trainwire.proxy.api_fields import FieldTable
 from trainwire.proxy.errors import error_body as openai_error_body
 
 Chunks = AsyncIterator[dict[str, Any]]
@@ -33,6 +34,8 @@ class Api:
     stream: Callable[[Chunks, dict[str, Any], "Ids"], AsyncIterator[bytes]] | None = None
     # Awaited before the first translation (a translator that loads a library lazily).
     ready: Callable[[], Awaitable[None]] | None = None
+    # Translated APIs: what happens to each request field (proxy/api_fields.py); screened before `to_upstream`.
+    fields: FieldTable | None = None
 
     @property
     def translated(self) -> bool:
@@ -90,6 +93,7 @@ RESPONSES = Api(
     to_upstream=api_responses.to_chat,
     from_upstream=_responses_from,
     stream=_responses_stream,
+    fields=api_responses.FIELDS,
 )
 MESSAGES = Api(
     "messages",
@@ -100,6 +104,7 @@ MESSAGES = Api(
     from_upstream=lambda chat, request, ids: {**api_messages.from_chat(chat, request), "id": ids.message_id},
     stream=_messages_stream,
     ready=api_messages.ready,
+    fields=api_messages.FIELDS,
 )
 
 BY_PATH: dict[str, Api] = {

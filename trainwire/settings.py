@@ -193,6 +193,11 @@ class ProxySettings(UpstreamSettings, JournalSettings):
         description="Trainable calls asking for other sampling settings: enforce the training ones, "
         "reject them (400), or record them untrainable",
     )
+    unknown_fields: Literal["ignore", "refuse"] = Field(
+        "ignore",
+        description="A Responses or Messages request field trainwire does not know: ignore it (named in the "
+        "X-Trainwire-Ignored answer header and recorded with the call) or refuse the request (400)",
+    )
     # Automatic intermediate rewards: rule name -> reward or 'off'. Filled from the flags the CLI makes from the
     # rule registry (--air-<rule>) and from TRAINWIRE_AIR_<RULE>; a rule left out keeps its registered default.
     air: dict[str, str] = Field(default_factory=dict, description="Automatic reward per rule: RULE -> value or 'off'")

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from trainwire.proxy.api_responses import ResponsesStream, from_chat, to_chat
+from trainwire.proxy.api_fields import screen
+from trainwire.proxy.api_responses import FIELDS, ResponsesStream, from_chat, to_chat
 from trainwire.proxy.errors import ApiError
 
 EVENT = TypeAdapter(ResponseStreamEvent)
@@ -44,9 +45,14 @@ CHAT_ADD = {
 USAGE = {"prompt_tokens": 18, "completion_tokens": 9, "total_tokens": 27}
 
 
+def translate(body: dict) -> dict:
+    """What the proxy does: screen the fields (proxy/api_fields.py), then translate what is kept."""
+    return to_chat(screen(body, FIELDS).body)
+
+
 def rejected(body: dict) -> ApiError:
     with pytest.raises(ApiError) as info:
-        to_chat(body)
+        translate(body)
     assert info.value.status == 400
     return info.value
 
@@ -257,28 +263,44 @@ def test_sampling_and_other_parameters():
 
 
 def test_ignored_parameters_are_not_forwarded():
-    chat = to_chat(
-        {
-            "model": "policy",
-            "input": "hi",
-            "store": True,
-            "metadata": {"k": "v"},
-            "reasoning": {"effort": "low"},
-            "truncation": "auto",
-            "include": ["reasoning.encrypted_content"],
-            "background": False,
-            "service_tier": "auto",
-            "prompt_cache_key": "k",
-            "safety_identifier": "s",
-            "stream_options": {"include_obfuscation": False},
-            "top_logprobs": 0,
-            "max_tool_calls": 3,
-            "prompt_cache_retention": "24h",
-            "previous_response_id": None,
-            "conversation": None,
-        }
+    body = {
+        "model": "policy",
+        "input": "hi",
+        "store": True,
+        "metadata": {"k": "v"},
+        "reasoning": {"effort": "low"},
+        "truncation": "auto",
+        "include": ["reasoning.encrypted_content"],
+        "background": False,
+        "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "stream_options": {"include_obfuscation": False},
+        "top_logprobs": 0,
+        "max_tool_calls": 3,
+        "prompt_cache_retention": "24h",
+        "previous_response_id": None,
+        "conversation": None,
+        "client_metadata": "x" * 1000,
+    }
+    screened = screen(body, FIELDS)
+    assert to_chat(screened.body) == {"model": "policy", "messages": [{"role": "user", "content": "hi"}]}
+    # background: false and the nulls ask for nothing; the rest is named (in the answer's X-Trainwire-Ignored)
+    assert screened.ignored == (
+        "store",
+        "metadata",
+        "reasoning",
+        "truncation",
+        "include",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+        "stream_options",
+        "top_logprobs",
+        "max_tool_calls",
+        "prompt_cache_retention",
+        "client_metadata",
     )
-    assert chat == {"model": "policy", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize(
