@@ -100,6 +100,22 @@ class UpstreamSettings(SharedSettings):
         return [u.rstrip("/") for u in value]
 
 
+class PluginSettings(SharedSettings):
+    """`trainwire serve` and `trainwire train`: user modules imported before the registries are read
+    (trainwire/plugins.py)."""
+
+    plugin: StrList = Field(
+        default_factory=list,
+        description="Python module (or .py file) imported first, on every rank and worker, so that it can register "
+        "a policy loss, an advantage estimator or an automatic-reward rule (repeatable)",
+    )
+
+    @field_validator("plugin", mode="before")
+    @classmethod
+    def _plugin_list(cls, value):
+        return _split_list(value)
+
+
 class JournalSettings(SharedSettings):
     """The proxy's local journal, also read by `trainwire replay-rejected`."""
 
@@ -143,7 +159,7 @@ class PruneSettings(MaintenanceSettings):
     )
 
 
-class ProxySettings(UpstreamSettings, JournalSettings):
+class ProxySettings(UpstreamSettings, JournalSettings, PluginSettings):
     """`trainwire serve`."""
 
     host: str = Field("0.0.0.0", description="Address the proxy listens on")
@@ -215,7 +231,7 @@ class ProxySettings(UpstreamSettings, JournalSettings):
         return init_settings, env_settings, air_env, dotenv_settings, file_secret_settings
 
 
-class TrainerSettings(UpstreamSettings):
+class TrainerSettings(UpstreamSettings, PluginSettings):
     """`trainwire train`."""
 
     model: str | None = Field(None, description="Base model path or id (the one vLLM serves)")
