@@ -305,10 +305,14 @@ def _tool_call(item: dict, where: str) -> dict:
     for key in ("call_id", "name"):
         if not isinstance(item.get(key), str) or not item[key]:
             raise _invalid(f"{where}.{key} is required", f"{where}.{key}")
+    name = item["name"]
+    namespace = item.get("namespace")
+    if isinstance(namespace, str) and namespace:
+        name = f"{namespace}{NAMESPACE_SEPARATOR}{name}"
     return {
         "id": item["call_id"],
         "type": "function",
-        "function": {"name": item["name"], "arguments": _string(item, "arguments", where)},
+        "function": {"name": name, "arguments": _string(item, "arguments", where)},
     }
 
 
@@ -329,7 +333,8 @@ def _tool_output(output: Any, where: str) -> str:
 
 
 def _function_tools(tools: Any) -> list[dict]:
-    """The request's tools, checked, in Responses form (also what a response echoes)."""
+    """The request's tools, checked, in Responses form (also what a response echoes): function tools, and
+    namespaces of function tools (Codex CLI groups its sub-agent tools so)."""
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -337,39 +342,91 @@ def _function_tools(tools: Any) -> list[dict]:
     out = []
     for i, tool in enumerate(tools):
         at = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise _invalid(f"{at} must be an object", at)
-        kind = tool.get("type")
-        if kind != "function":
-            raise _unsupported(
-                f"{at}: tool type {kind!r} is not supported: the policy model runs only function "
-                "tools, which the agent executes (hosted tools such as web_search, file_search, "
-                "computer or mcp need OpenAI's servers)",
-                f"{at}.type",
-            )
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise _invalid(f"{at}.name is required", f"{at}.name")
-        out.append(
-            {
-                "type": "function",
-                "name": tool["name"],
-                "description": tool.get("description"),
-                "parameters": tool.get("parameters"),
-                "strict": tool.get("strict"),
-            }
-        )
+        if isinstance(tool, dict) and tool.get("type") == "namespace":
+            out.append(_namespace(tool, at))
+        else:
+            out.append(_function_tool(tool, at))
     return out
 
 
+def _function_tool(tool: Any, at: str) -> dict:
+    if not isinstance(tool, dict):
+        raise _invalid(f"{at} must be an object", at)
+    kind = tool.get("type")
+    if kind != "function":
+        raise _unsupported(
+            f"{at}: tool type {kind!r} is not supported: the policy model runs only function "
+            "tools, which the agent executes (hosted tools such as web_search, file_search, "
+            "computer or mcp need OpenAI's servers)",
+            f"{at}.type",
+        )
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise _invalid(f"{at}.name is required", f"{at}.name")
+    return {
+        "type": "function",
+        "name": tool["name"],
+        "description": tool.get("description"),
+        "parameters": tool.get("parameters"),
+        "strict": tool.get("strict"),
+    }
+
+
+def _namespace(tool: dict, at: str) -> dict:
+    name = tool.get("name")
+    if not isinstance(name, str) or not name or NAMESPACE_SEPARATOR in name:
+        raise _invalid(f"{at}.name is required (a namespace name without '{NAMESPACE_SEPARATOR}')", f"{at}.name")
+    inner = tool.get("tools")
+    if not isinstance(inner, list) or not inner:
+        raise _invalid(f"{at}.tools must be a non-empty list of function tools", f"{at}.tools")
+    return {
+        "type": "namespace",
+        "name": name,
+        "description": tool.get("description") or "",
+        "tools": [_function_tool(t, f"{at}.tools[{j}]") for j, t in enumerate(inner)],
+    }
+
+
+# A namespaced function is one chat tool named `<namespace>.<function>`: Responses function names cannot hold a
+# '.', so the policy's call splits back into the function and its namespace unambiguously.
+NAMESPACE_SEPARATOR = "."
+
+
+def _chat_function(tool: dict, namespace: str | None = None) -> dict:
+    function = {"name": tool["name"] if namespace is None else f"{namespace}{NAMESPACE_SEPARATOR}{tool['name']}"}
+    for key in ("description", "parameters", "strict"):
+        if tool[key] is not None:
+            function[key] = tool[key]
+    return {"type": "function", "function": function}
+
+
 def _chat_tools(tools: Any) -> list[dict]:
-    chat = []
+    chat: list[dict] = []
     for tool in _function_tools(tools):
-        function = {"name": tool["name"]}
-        for key in ("description", "parameters", "strict"):
-            if tool[key] is not None:
-                function[key] = tool[key]
-        chat.append({"type": "function", "function": function})
+        if tool["type"] == "namespace":
+            chat.extend(_chat_function(inner, tool["name"]) for inner in tool["tools"])
+        else:
+            chat.append(_chat_function(tool))
     return chat
+
+
+def _namespaces(request: dict) -> frozenset[str]:
+    tools = request.get("tools")
+    if not isinstance(tools, list):
+        return frozenset()
+    return frozenset(
+        t["name"]
+        for t in tools
+        if isinstance(t, dict) and t.get("type") == "namespace" and isinstance(t.get("name"), str)
+    )
+
+
+def _split_name(name: str, namespaces: frozenset[str]) -> tuple[str, str | None]:
+    """A chat tool call's function name -> (function name, namespace or None)."""
+    if namespaces and NAMESPACE_SEPARATOR in name:
+        head, _, tail = name.partition(NAMESPACE_SEPARATOR)
+        if head in namespaces and tail:
+            return tail, head
+    return name, None
 
 
 def _chat_tool_choice(choice: Any, *, has_tools: bool) -> Any:
@@ -525,15 +582,21 @@ def _reasoning_item(item_id: str, text: str, status: str) -> dict:
     }
 
 
-def _function_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
-    return {
+def _function_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str, namespaces: frozenset[str] = frozenset()
+) -> dict:
+    function, namespace = _split_name(name, namespaces)
+    item = {
         "id": item_id,
         "type": "function_call",
         "status": status,
         "call_id": call_id,
-        "name": name,
+        "name": function,
         "arguments": arguments,
     }
+    if namespace is not None:
+        item["namespace"] = namespace
+    return item
 
 
 def _reasoning_of(message: dict) -> Any:
@@ -564,6 +627,7 @@ def from_chat(chat: dict, request: dict, *, response_id: str, created_at: int) -
                 function.get("name") or "",
                 function.get("arguments") or "",
                 "completed",
+                _namespaces(request),
             )
         )
     status, incomplete = _status(choice.get("finish_reason"))
@@ -595,6 +659,7 @@ class ResponsesStream:
     def __init__(self, request: dict, *, response_id: str, created_at: int) -> None:
         self._request, self._response_id, self._created_at = request, response_id, created_at
         self._ids = _Ids(response_id)
+        self._namespaces = _namespaces(request)
         self._sequence = 0
         self._output: list[dict] = []
         self._open: int | None = None  # output index of the item still receiving deltas
@@ -722,13 +787,17 @@ class ResponsesStream:
                 function.get("name") or "",
                 "",
                 "in_progress",
+                self._namespaces,
             )
             out += self._add(item)
             self._calls[chat_index] = index
         else:
             item = self._output[index]
             if function.get("name") and not item["name"]:
-                item["name"] = function["name"]
+                name, namespace = _split_name(function["name"], self._namespaces)
+                item["name"] = name
+                if namespace is not None:
+                    item["namespace"] = namespace
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             # vLLM streams one call at a time; a late piece for a call already done still reaches the final

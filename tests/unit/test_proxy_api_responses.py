@@ -961,3 +961,38 @@ def test_any_chunk_split_gives_the_non_stream_response(text, text_cuts, calls, f
     )
     assert events[-1]["response"] == expected == stream.response()
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == text
+
+
+# --- namespaces of function tools (Codex CLI's sub-agent tools) ----------------------------------------------
+
+NAMESPACE = {"type": "namespace", "name": "agents", "description": "Sub-agents.", "tools": [{**ADD, "name": "spawn"}]}
+NS_REQUEST = {"model": "policy", "input": "hi", "tools": [ADD, NAMESPACE]}
+
+
+def test_a_namespace_becomes_one_chat_tool_per_function():
+    chat = translate(NS_REQUEST)
+    assert [t["function"]["name"] for t in chat["tools"]] == ["add", "agents.spawn"]
+    history = [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c1", "name": "spawn", "namespace": "agents", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+    ]
+    messages = translate({**NS_REQUEST, "input": history})["messages"]
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "agents.spawn"
+    assert rejected({**NS_REQUEST, "tools": [{**NAMESPACE, "tools": [{"type": "web_search"}]}]}).param == (
+        "tools[0].tools[0].type"
+    )
+
+
+def test_a_namespaced_call_answers_with_its_namespace_streamed_or_not():
+    calls = [("t1", "agents.spawn", ['{"a": 1}']), ("t2", "add", ["{}"]), ("t3", "other.spawn", ["{}"])]
+    events, _ = run_stream(vllm_chunks([], calls, "tool_calls"), NS_REQUEST)
+    final = events[-1]["response"]
+    expected = respond(chat_completion(None, [(i, n, "".join(p)) for i, n, p in calls], "tool_calls"), NS_REQUEST)
+    assert final == expected
+    assert [(o["name"], o.get("namespace")) for o in final["output"]] == [
+        ("spawn", "agents"),
+        ("add", None),
+        ("other.spawn", None),  # not a namespace of the request: the name as the model wrote it
+    ]
+    assert Response.model_validate(final).tools[1].type == "namespace"
