@@ -21,10 +21,74 @@ from typing import Any
 
 import orjson
 
+from trainwire.proxy.api_fields import FieldTable, ignored, refused, translated
 from trainwire.proxy.errors import ApiError
 from trainwire.proxy.litellm_json import drop_none
 
 log = logging.getLogger("trainwire.messages")
+
+
+def _thinks(value: Any) -> bool:
+    return not (isinstance(value, dict) and value.get("type") == "disabled")
+
+
+_ANTHROPIC_SIDE = "only Anthropic's own routing, billing, caching or diagnostics uses it"
+_LITELLM = "translated by litellm's Anthropic adapter"
+
+# Every top-level field of a Messages request (the `anthropic` SDK's MessageCreateParams, its beta variant, and the
+# sampling fields older SDKs and Claude Code still send): what the proxy does with it (proxy/api_fields.py).
+FIELDS = FieldTable(
+    "Messages API",
+    {
+        "model": translated("the policy's name"),
+        "messages": translated(f"-> chat messages ({_LITELLM}; cache_control on blocks is dropped)"),
+        "max_tokens": translated("-> chat max_tokens"),
+        "system": translated("-> the system message (cache_control on its blocks is dropped)"),
+        "tools": translated(f"-> chat tools ({_LITELLM})"),
+        "tool_choice": translated(f"-> chat tool_choice ({_LITELLM})"),
+        "stop_sequences": translated("-> chat stop"),
+        "stream": translated("Anthropic's event stream from the chat stream"),
+        "temperature": translated("-> chat temperature (then --sampling-policy)"),
+        "top_p": translated("-> chat top_p (then --sampling-policy)"),
+        "top_k": translated("-> chat top_k (then --sampling-policy)"),
+        "output_config": translated("output_config.format -> chat response_format"),
+        "output_format": translated("-> chat response_format (the older name of output_config.format)"),
+        "metadata": ignored("request metadata (user_id): not sent to the model"),
+        "cache_control": ignored("Anthropic's prompt cache; vLLM caches prefixes by itself"),
+        "thinking": ignored(
+            "the policy has no reasoning parser: an enabled or adaptive thinking config gets an answer without "
+            "thinking blocks (disabled is accepted silently)",
+            applies=_thinks,
+        ),
+        "betas": ignored("beta features of Anthropic's API (the SDK sends them as the anthropic-beta header)"),
+        "context_management": ignored(
+            "server-side context editing; the policy sees the messages as sent (an overflow fails with a 400)"
+        ),
+        "container": ignored("the container of Anthropic's hosted code execution tool, which does not run here"),
+        "service_tier": ignored(_ANTHROPIC_SIDE),
+        "speed": ignored(_ANTHROPIC_SIDE),
+        "inference_geo": ignored(_ANTHROPIC_SIDE),
+        "diagnostics": ignored(_ANTHROPIC_SIDE),
+        "user_profile_id": ignored(_ANTHROPIC_SIDE),
+        "workspace_id": ignored(_ANTHROPIC_SIDE),
+        "billing_policy": ignored(_ANTHROPIC_SIDE),
+        "fallback_credit_token": ignored(_ANTHROPIC_SIDE),
+        "fallbacks": ignored("substitute models after a refusal; the policy is the only model here"),
+        "thread": refused(
+            "thread is not supported: trainwire keeps no server-side conversation state; send the whole "
+            "conversation in `messages`"
+        ),
+        "compaction": refused(
+            "compaction requests are not supported: the policy does not summarise conversations into compaction "
+            "blocks; send the conversation in `messages`"
+        ),
+        "mcp_servers": refused(
+            "mcp_servers is not supported: the policy runs only client tools, which the agent executes; "
+            "connect MCP servers in the agent instead"
+        ),
+    },
+    ignored_headers=("anthropic-beta",),
+)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -97,7 +161,8 @@ def error_body(status: int, message: str) -> bytes:
 
 
 def to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """A Messages request -> the chat-completions request for vLLM."""
+    """A Messages request, screened by `FIELDS` (proxy/api_fields.py: only translated fields, no nulls) -> the
+    chat-completions request for vLLM."""
     for name, kind in (("messages", list), ("max_tokens", int)):
         if not isinstance(body.get(name), kind) or isinstance(body.get(name), bool):
             raise ApiError(
@@ -118,7 +183,6 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
         ) from None
     # litellm leaves None-valued keys (thinking_blocks, ...) that a chat server need not accept.
     out = drop_none(dict(chat))
-    out.pop("metadata", None)
     out["stream"] = bool(body.get("stream"))
     return out
 

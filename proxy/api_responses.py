@@ -4,12 +4,15 @@ vLLM serves `/v1/responses` itself, but only its chat route returns exact token 
 (tool-call-only turns included), so the proxy sends each Responses request to vLLM as a chat-completions request
 and turns the chat answer back into a Responses `response` object or the Responses stream events.
 
-* `to_chat(body)`: the client's request -> the chat request (the caller adds token-id and logprob fields).
+* `FIELDS`: what happens to each request field (translated, passed, ignored, refused; proxy/api_fields.py).
+* `to_chat(body)`: the client's screened request -> the chat request (the caller adds token-id and logprob fields).
 * `from_chat(chat, request, response_id=, created_at=)`: a non-stream chat completion -> a `response` object.
 * `ResponsesStream`: chat chunks -> Responses SSE bytes (`event: <type>\\ndata: <json>\\n\\n`), in OpenAI's order.
 
 Nothing is stored server-side, so requests that refer to stored state (`previous_response_id`, `conversation`,
 `item_reference` items, stored `prompt`s, `background` responses, file ids) are refused with a 400 that says so.
+`reasoning` and `include: ["reasoning.encrypted_content"]` are accepted; a policy served without a reasoning parser
+gives answers with no reasoning items (what a reasoning policy needs: docs/architecture.md).
 Item ids are derived from the response id (`msg_<suffix>_<output index>`), so the streamed and the non-stream
 answer for the same generation are equal, and a recorded response can be compared with what the client saw.
 """
@@ -21,66 +24,98 @@ from typing import Any
 
 import orjson
 
+from trainwire.proxy.api_fields import FieldTable, ignored, passed, refused, translated
 from trainwire.proxy.errors import ApiError
 
-# Hints with no effect on generation here (or only on OpenAI's own storage, caching and billing): accepted, like
-# OpenAI accepts them, so that unchanged agents work, but not forwarded, because vLLM's chat route has no such field.
-# `include` and `top_logprobs` only ask for output logprobs, which this route does not return (always []).
-_IGNORED = frozenset(
-    {
-        "store",
-        "metadata",
-        "reasoning",
-        "truncation",
-        "include",
-        "service_tier",
-        "prompt_cache_key",
-        "safety_identifier",
-        "stream_options",
-        "top_logprobs",
-        "max_tool_calls",
-        "prompt_cache_retention",
-    }
+# vLLM sampling extensions agents send through `extra_body`: they mean the same on chat, so they pass.
+_VLLM_EXTENSIONS = (
+    "seed",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "min_tokens",
+    "stop_token_ids",
+    "chat_template_kwargs",
 )
-# vLLM sampling extensions that agents send through `extra_body`: they mean the same on chat, so they pass.
-_PASSTHROUGH = frozenset(
+
+
+def _not_false(value: Any) -> bool:
+    return value is not False
+
+
+_NO_STORAGE = "trainwire stores no responses"
+_OPENAI_SIDE = "only OpenAI's own storage, caching, billing or routing uses it"
+_VLLM = "vLLM's sampling extension, the same on chat (sent through `extra_body`)"
+
+# Every top-level field of a Responses request (the `openai` SDK's ResponseCreateParams, plus the vLLM extensions
+# agents send): what the proxy does with it (proxy/api_fields.py).
+FIELDS = FieldTable(
+    "Responses API",
     {
-        "seed",
-        "stop",
-        "frequency_penalty",
-        "presence_penalty",
-        "logit_bias",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "min_tokens",
-        "stop_token_ids",
-        "chat_template_kwargs",
-    }
-)
-_HANDLED = frozenset(
-    {
-        "model",
-        "input",
-        "instructions",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "temperature",
-        "top_p",
-        "max_output_tokens",
-        "stream",
-        "user",
-        "text",
-        "background",
-        "previous_response_id",
-        "conversation",
-        "prompt",
-    }
+        "model": translated("the policy's name"),
+        "input": translated("messages, function calls and their outputs -> chat messages"),
+        "instructions": translated("the system message"),
+        "tools": translated("function tools -> chat tools; hosted tools are refused item by item"),
+        "tool_choice": translated("-> chat tool_choice"),
+        "parallel_tool_calls": translated("-> chat parallel_tool_calls"),
+        "temperature": translated("-> chat temperature (then --sampling-policy)"),
+        "top_p": translated("-> chat top_p (then --sampling-policy)"),
+        "max_output_tokens": translated("-> chat max_tokens"),
+        "stream": translated("a Responses event stream from the chat stream"),
+        "text": translated("text.format -> chat response_format"),
+        "user": passed("the same field on chat"),
+        **{name: passed(_VLLM) for name in _VLLM_EXTENSIONS},
+        "store": ignored(f"{_NO_STORAGE}; store: false is what happens anyway", applies=_not_false),
+        "metadata": ignored("echoed in the response, not sent to the model"),
+        "reasoning": ignored(
+            "the policy has no reasoning parser, so its answers have no reasoning items to summarise "
+            "(docs/architecture.md: reasoning policies)"
+        ),
+        "include": ignored(
+            "asks for extra output data (encrypted reasoning, logprobs, hosted tools' results) that this route "
+            "does not produce"
+        ),
+        "top_logprobs": ignored("output logprobs are not returned here (always [])"),
+        "truncation": ignored("a context overflow fails with the model server's 400 either way"),
+        "context_management": ignored(
+            "server-side compaction; the policy sees the input as sent (an overflow fails with a 400)"
+        ),
+        "max_tool_calls": ignored("limits hosted tools, which are refused"),
+        "service_tier": ignored(_OPENAI_SIDE),
+        "prompt_cache_key": ignored(_OPENAI_SIDE),
+        "prompt_cache_retention": ignored(_OPENAI_SIDE),
+        "prompt_cache_options": ignored(_OPENAI_SIDE),
+        "safety_identifier": ignored(_OPENAI_SIDE),
+        "access_programs": ignored(_OPENAI_SIDE),
+        "moderation": ignored("no moderation model runs here: nothing is scored or blocked"),
+        "image": ignored("OpenAI's image context compression; images are sent to the model as given"),
+        "stream_options": ignored("stream obfuscation: the stream has no obfuscation fields"),
+        "background_options": ignored("only with background: true, which is refused"),
+        "background": refused(
+            f"background mode is not supported: {_NO_STORAGE} to poll later; send the request without "
+            "background (streaming works)",
+            applies=_not_false,
+        ),
+        "previous_response_id": refused(
+            f"previous_response_id is not supported: {_NO_STORAGE}. Send the whole conversation in `input` (the "
+            "earlier input, the previous response's output items, then the new input)"
+        ),
+        "conversation": refused(
+            f"conversation is not supported: {_NO_STORAGE} or conversations. Send the whole conversation in `input`"
+        ),
+        "prompt": refused(
+            "stored prompts (prompt) are not supported: trainwire has no prompt templates; send the text in "
+            "`instructions` and `input`"
+        ),
+        "n": refused("Unsupported parameter: 'n' (a Responses request has one output; n is a chat parameter)"),
+    },
 )
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
-_NO_STORAGE = "trainwire stores no responses"
 
 
 def _invalid(message: str, param: str | None) -> ApiError:
@@ -95,20 +130,12 @@ def _unsupported(message: str, param: str | None) -> ApiError:
 
 
 def to_chat(body: dict) -> dict:
-    """A Responses request -> the chat-completions request for vLLM. Raises ApiError(400) for bad or unsupported
-    input, naming the parameter."""
+    """A Responses request, screened by `FIELDS` (proxy/api_fields.py: only translated and passed fields, no
+    nulls) -> the chat-completions request for vLLM. Raises ApiError(400) for bad or unsupported input, naming the
+    parameter."""
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object", None)
-    # An explicit null is how SDKs say "not given"; treating it as absent keeps `previous_response_id: null` valid.
     given = {k: v for k, v in body.items() if v is not None}
-    _refuse_stored_state(given)
-    for name in given:
-        if name not in _HANDLED and name not in _IGNORED and name not in _PASSTHROUGH:
-            # Refused, not dropped: a silently ignored option would change what the agent gets without a trace.
-            raise _unsupported(
-                f"Unsupported parameter: '{name}' (not a Responses API parameter trainwire supports)", name
-            )
-
     chat: dict[str, Any] = {}
     if "model" in given:
         chat["model"] = given["model"]
@@ -134,35 +161,10 @@ def to_chat(body: dict) -> dict:
     response_format = _response_format(given.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
-    for name in _PASSTHROUGH & given.keys():
-        chat[name] = given[name]
+    for name in _VLLM_EXTENSIONS:
+        if name in given:
+            chat[name] = given[name]
     return chat
-
-
-def _refuse_stored_state(given: dict) -> None:
-    if "previous_response_id" in given:
-        raise _unsupported(
-            f"previous_response_id is not supported: {_NO_STORAGE}. Send the whole conversation in "
-            "`input` (the earlier input, the previous response's output items, then the new input)",
-            "previous_response_id",
-        )
-    if "conversation" in given:
-        raise _unsupported(
-            f"conversation is not supported: {_NO_STORAGE} or conversations. Send the whole conversation in `input`",
-            "conversation",
-        )
-    if given.get("background", False) is not False:
-        raise _unsupported(
-            f"background mode is not supported: {_NO_STORAGE} to poll later; send the request "
-            "without background (streaming works)",
-            "background",
-        )
-    if "prompt" in given:
-        raise _unsupported(
-            "stored prompts (prompt) are not supported: trainwire has no prompt templates; send the "
-            "text in `instructions` and `input`",
-            "prompt",
-        )
 
 
 def _messages(given: dict) -> list[dict]:
@@ -303,10 +305,14 @@ def _tool_call(item: dict, where: str) -> dict:
     for key in ("call_id", "name"):
         if not isinstance(item.get(key), str) or not item[key]:
             raise _invalid(f"{where}.{key} is required", f"{where}.{key}")
+    name = item["name"]
+    namespace = item.get("namespace")
+    if isinstance(namespace, str) and namespace:
+        name = f"{namespace}{NAMESPACE_SEPARATOR}{name}"
     return {
         "id": item["call_id"],
         "type": "function",
-        "function": {"name": item["name"], "arguments": _string(item, "arguments", where)},
+        "function": {"name": name, "arguments": _string(item, "arguments", where)},
     }
 
 
@@ -327,7 +333,8 @@ def _tool_output(output: Any, where: str) -> str:
 
 
 def _function_tools(tools: Any) -> list[dict]:
-    """The request's tools, checked, in Responses form (also what a response echoes)."""
+    """The request's tools, checked, in Responses form (also what a response echoes): function tools, and
+    namespaces of function tools (Codex CLI groups its sub-agent tools so)."""
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -335,39 +342,91 @@ def _function_tools(tools: Any) -> list[dict]:
     out = []
     for i, tool in enumerate(tools):
         at = f"tools[{i}]"
-        if not isinstance(tool, dict):
-            raise _invalid(f"{at} must be an object", at)
-        kind = tool.get("type")
-        if kind != "function":
-            raise _unsupported(
-                f"{at}: tool type {kind!r} is not supported: the policy model runs only function "
-                "tools, which the agent executes (hosted tools such as web_search, file_search, "
-                "computer or mcp need OpenAI's servers)",
-                f"{at}.type",
-            )
-        if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise _invalid(f"{at}.name is required", f"{at}.name")
-        out.append(
-            {
-                "type": "function",
-                "name": tool["name"],
-                "description": tool.get("description"),
-                "parameters": tool.get("parameters"),
-                "strict": tool.get("strict"),
-            }
-        )
+        if isinstance(tool, dict) and tool.get("type") == "namespace":
+            out.append(_namespace(tool, at))
+        else:
+            out.append(_function_tool(tool, at))
     return out
 
 
+def _function_tool(tool: Any, at: str) -> dict:
+    if not isinstance(tool, dict):
+        raise _invalid(f"{at} must be an object", at)
+    kind = tool.get("type")
+    if kind != "function":
+        raise _unsupported(
+            f"{at}: tool type {kind!r} is not supported: the policy model runs only function "
+            "tools, which the agent executes (hosted tools such as web_search, file_search, "
+            "computer or mcp need OpenAI's servers)",
+            f"{at}.type",
+        )
+    if not isinstance(tool.get("name"), str) or not tool["name"]:
+        raise _invalid(f"{at}.name is required", f"{at}.name")
+    return {
+        "type": "function",
+        "name": tool["name"],
+        "description": tool.get("description"),
+        "parameters": tool.get("parameters"),
+        "strict": tool.get("strict"),
+    }
+
+
+def _namespace(tool: dict, at: str) -> dict:
+    name = tool.get("name")
+    if not isinstance(name, str) or not name or NAMESPACE_SEPARATOR in name:
+        raise _invalid(f"{at}.name is required (a namespace name without '{NAMESPACE_SEPARATOR}')", f"{at}.name")
+    inner = tool.get("tools")
+    if not isinstance(inner, list) or not inner:
+        raise _invalid(f"{at}.tools must be a non-empty list of function tools", f"{at}.tools")
+    return {
+        "type": "namespace",
+        "name": name,
+        "description": tool.get("description") or "",
+        "tools": [_function_tool(t, f"{at}.tools[{j}]") for j, t in enumerate(inner)],
+    }
+
+
+# A namespaced function is one chat tool named `<namespace>.<function>`: Responses function names cannot hold a
+# '.', so the policy's call splits back into the function and its namespace unambiguously.
+NAMESPACE_SEPARATOR = "."
+
+
+def _chat_function(tool: dict, namespace: str | None = None) -> dict:
+    function = {"name": tool["name"] if namespace is None else f"{namespace}{NAMESPACE_SEPARATOR}{tool['name']}"}
+    for key in ("description", "parameters", "strict"):
+        if tool[key] is not None:
+            function[key] = tool[key]
+    return {"type": "function", "function": function}
+
+
 def _chat_tools(tools: Any) -> list[dict]:
-    chat = []
+    chat: list[dict] = []
     for tool in _function_tools(tools):
-        function = {"name": tool["name"]}
-        for key in ("description", "parameters", "strict"):
-            if tool[key] is not None:
-                function[key] = tool[key]
-        chat.append({"type": "function", "function": function})
+        if tool["type"] == "namespace":
+            chat.extend(_chat_function(inner, tool["name"]) for inner in tool["tools"])
+        else:
+            chat.append(_chat_function(tool))
     return chat
+
+
+def _namespaces(request: dict) -> frozenset[str]:
+    tools = request.get("tools")
+    if not isinstance(tools, list):
+        return frozenset()
+    return frozenset(
+        t["name"]
+        for t in tools
+        if isinstance(t, dict) and t.get("type") == "namespace" and isinstance(t.get("name"), str)
+    )
+
+
+def _split_name(name: str, namespaces: frozenset[str]) -> tuple[str, str | None]:
+    """A chat tool call's function name -> (function name, namespace or None)."""
+    if namespaces and NAMESPACE_SEPARATOR in name:
+        head, _, tail = name.partition(NAMESPACE_SEPARATOR)
+        if head in namespaces and tail:
+            return tail, head
+    return name, None
 
 
 def _chat_tool_choice(choice: Any, *, has_tools: bool) -> Any:
@@ -523,15 +582,21 @@ def _reasoning_item(item_id: str, text: str, status: str) -> dict:
     }
 
 
-def _function_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
-    return {
+def _function_item(
+    item_id: str, call_id: str, name: str, arguments: str, status: str, namespaces: frozenset[str] = frozenset()
+) -> dict:
+    function, namespace = _split_name(name, namespaces)
+    item = {
         "id": item_id,
         "type": "function_call",
         "status": status,
         "call_id": call_id,
-        "name": name,
+        "name": function,
         "arguments": arguments,
     }
+    if namespace is not None:
+        item["namespace"] = namespace
+    return item
 
 
 def _reasoning_of(message: dict) -> Any:
@@ -562,6 +627,7 @@ def from_chat(chat: dict, request: dict, *, response_id: str, created_at: int) -
                 function.get("name") or "",
                 function.get("arguments") or "",
                 "completed",
+                _namespaces(request),
             )
         )
     status, incomplete = _status(choice.get("finish_reason"))
@@ -593,6 +659,7 @@ class ResponsesStream:
     def __init__(self, request: dict, *, response_id: str, created_at: int) -> None:
         self._request, self._response_id, self._created_at = request, response_id, created_at
         self._ids = _Ids(response_id)
+        self._namespaces = _namespaces(request)
         self._sequence = 0
         self._output: list[dict] = []
         self._open: int | None = None  # output index of the item still receiving deltas
@@ -720,13 +787,17 @@ class ResponsesStream:
                 function.get("name") or "",
                 "",
                 "in_progress",
+                self._namespaces,
             )
             out += self._add(item)
             self._calls[chat_index] = index
         else:
             item = self._output[index]
             if function.get("name") and not item["name"]:
-                item["name"] = function["name"]
+                name, namespace = _split_name(function["name"], self._namespaces)
+                item["name"] = name
+                if namespace is not None:
+                    item["namespace"] = namespace
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             # vLLM streams one call at a time; a late piece for a call already done still reaches the final

@@ -20,6 +20,7 @@ from typing import Any
 from trainwire import call_shapes
 from trainwire.call_shapes import CallShape
 from trainwire.proxy import api_messages, api_responses
+from trainwire.proxy.api_fields import FieldTable
 from trainwire.proxy.errors import error_body as openai_error_body
 
 Chunks = AsyncIterator[dict[str, Any]]
@@ -40,6 +41,8 @@ class Api:
     ready: Callable[[], Awaitable[None]] | None = None
     # The SSE events that end a translated stream: the call is journaled before one of them leaves.
     stream_ends: tuple[bytes, ...] = ()
+    # Translated APIs: what happens to each request field (proxy/api_fields.py); screened before `to_upstream`.
+    fields: FieldTable | None = None
 
     @property
     def kind(self) -> str:
@@ -103,6 +106,7 @@ RESPONSES = Api(
     from_upstream=_responses_from,
     stream=_responses_stream,
     stream_ends=(b"event: response.completed", b"event: response.incomplete", b"event: response.failed"),
+    fields=api_responses.FIELDS,
 )
 MESSAGES = Api(
     call_shapes.messages.SHAPE,
@@ -114,6 +118,7 @@ MESSAGES = Api(
     stream=_messages_stream,
     ready=api_messages.ready,
     stream_ends=(b"event: message_stop",),
+    fields=api_messages.FIELDS,
 )
 
 BY_PATH: dict[str, Api] = {

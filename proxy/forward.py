@@ -17,6 +17,8 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
+from trainwire.proxy.api_fields import HEADER as IGNORED_HEADER
+from trainwire.proxy.api_fields import header_value
 from trainwire.proxy.apis import Api, Ids
 from trainwire.proxy.assemble import StreamAssembler, tokens_of
 from trainwire.proxy.errors import error_body
@@ -58,6 +60,7 @@ class Call:
     sampling: dict[str, Any] | None = None  # proxy.sampling.Outcome.record()
     untrainable: str | None = None  # why this call's tokens must not be trained on
     enforced: list[str] = field(default_factory=list)  # sampling settings the proxy replaced
+    ignored: list[str] = field(default_factory=list)  # request fields accepted and not acted on (api_fields)
     call_id: str = field(default_factory=new_call_id)
     seq: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -79,6 +82,8 @@ class Call:
         }
         if self.enforced:
             out["X-Trainwire-Sampling"] = "enforced " + ",".join(self.enforced)
+        if self.ignored:
+            out[IGNORED_HEADER] = header_value(self.ignored)
         return out
 
     def record(

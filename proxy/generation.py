@@ -13,6 +13,7 @@ import orjson
 from starlette.responses import Response
 
 from trainwire.proxy import sampling
+from trainwire.proxy.api_fields import Screened, screen
 from trainwire.proxy.apis import Api
 from trainwire.proxy.auth import require_agent_key
 from trainwire.proxy.errors import ApiError
@@ -86,13 +87,22 @@ async def generate(
         call.route = "frozen"
     if api.ready is not None:
         await api.ready()
-    upstream_body = api.to_upstream(body) if api.to_upstream is not None else dict(body)
+    if api.to_upstream is not None:
+        screened = Screened(body)
+        if api.fields is not None:
+            screened = screen(body, api.fields, unknown=tw.settings.unknown_fields, headers=headers)
+        upstream_body = api.to_upstream(screened.body)
+        call.ignored = list(screened.ignored)
+    else:
+        upstream_body = dict(body)
     if call.route == "policy" and ctx.trainable:
         outcome = sampling.apply(upstream_body, policy=tw.settings.sampling_policy, temperature=tw.settings.temperature)
         call.sampling, call.untrainable = outcome.record(), outcome.untrainable
         call.enforced = outcome.changed
     else:
         call.sampling = {"requested": {k: upstream_body[k] for k in sampling.neutral(1.0) if k in upstream_body}}
+    if call.ignored:
+        call.sampling["ignored"] = call.ignored  # beside the request as sent: what of it changed nothing
     call.seq = await admit(tw, ctx)
     if call.route == "frozen":
         return await tw.frozen.serve(call, tw.record)

@@ -23,7 +23,7 @@ from trainwire.proxy.session_headers import CONTEXT_PREFIX, SESSION_IN_PATH, spl
 log = logging.getLogger("trainwire.proxy")
 
 _IN_SESSION = re.compile(rf"/sessions/({SESSION_IN_PATH})({'|'.join(re.escape(p) for p in BY_PATH)})")
-# The request headers generation reads; the rest are not decoded.
+# The request headers generation reads (anthropic-beta: to name it among the ignored); the rest are not decoded.
 _READ = frozenset(
     {
         b"authorization",
@@ -33,6 +33,7 @@ _READ = frozenset(
         b"x-agent-name",
         b"x-trainwire-train",
         b"traceparent",
+        b"anthropic-beta",
     }
 )
 # Route templates, as the metrics label them.

@@ -32,7 +32,8 @@ GENERATION = {
 _HEADERS = (
     "`X-Session-Id`, `X-Task-Id`, `X-Agent-Name`, `X-Trainwire-Train` (or `/sessions/{session_id}/v1/...`, or "
     "a `/tw/session=.../v1` base URL); every answer carries `X-Session-Id`, `X-Call-Id` and "
-    "`X-Policy-Version`."
+    "`X-Policy-Version`; a Responses or Messages answer also `X-Trainwire-Ignored` naming the request fields "
+    "that were accepted and changed nothing."
 )
 _PASSTHROUGH = {
     "default": {

@@ -26,6 +26,7 @@ import time
 
 import uvicorn
 
+from trainwire import plugins
 from trainwire.settings import ProxySettings
 
 log = logging.getLogger("trainwire.workers")
@@ -85,6 +86,8 @@ def _worker(settings: ProxySettings, sock: socket.socket, parent: int, ready) ->
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
     )
     threading.Thread(target=_stop_when_orphaned, args=(parent,), daemon=True).start()
+    # A spawned process starts bare: the user's plugins register their reward rules before the app reads them.
+    plugins.load(settings.plugin, command="serve")
     from trainwire.proxy.app import create_app
 
     server = _Server(uvicorn_config(create_app(settings), settings), ready)

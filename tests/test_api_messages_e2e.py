@@ -207,6 +207,40 @@ def test_stream_through_the_tw_base_url(proxy, vllm):
     assert final.stop_reason == row["response"]["stop_reason"]
 
 
+def test_fields_claude_code_sends_are_accepted(proxy, vllm):
+    """The beta client with `betas` (sent as the anthropic-beta header), metadata, thinking disabled and
+    cache_control on system, tool and message blocks, streamed, as Claude Code sends them: 200, the ignored ones
+    named, and the call recorded trainable with the same prompt as without them."""
+    sdk = anthropic_client(proxy.url, **{"X-Session-Id": "msg-claude-code"})
+    cached = {"type": "ephemeral"}
+    history = [
+        *HISTORY[:-1],
+        {"role": "user", "content": [{**HISTORY[-1]["content"][0], "cache_control": cached}]},
+    ]
+    with sdk.beta.messages.with_streaming_response.create(
+        model="policy",
+        max_tokens=12,
+        system=[{"type": "text", "text": SYSTEM, "cache_control": cached}],
+        tools=[{**TOOL, "cache_control": cached}],
+        messages=history,
+        metadata={"user_id": "user_1_account_2_session_3"},
+        thinking={"type": "disabled"},
+        betas=["claude-code-20250219", "interleaved-thinking-2025-05-14"],
+        stream=True,
+    ) as raw:
+        assert raw.status_code == 200
+        ignored = raw.headers["x-trainwire-ignored"]
+        events = [line for line in raw.iter_lines() if line.startswith("event:")]
+    # Disabled thinking asks for nothing; cache_control inside blocks is part of the translated messages.
+    assert ignored == "metadata,anthropic-beta"
+    assert events[0] == "event: message_start" and events[-1] == "event: message_stop"
+    (row,) = _rows(proxy.db_url, "msg-claude-code", 1)
+    assert row["trainable"] is True and row["untrainable_reason"] is None and row["status_code"] == 200
+    assert row["sampling"]["ignored"] == ["metadata", "anthropic-beta"]
+    assert row["request"]["metadata"] == {"user_id": "user_1_account_2_session_3"}
+    assert row["prompt_token_ids"] == tokenize_chat(vllm, HISTORY_AS_CHAT, CHAT_TOOLS)
+
+
 def test_api_key_from_x_api_key_and_anthropic_error_shapes(start_proxy, vllm, pg_url, tmp_path):
     import anthropic
 

@@ -294,6 +294,75 @@ def test_forced_tool_choice_is_answered_and_marked_untrainable(proxy):
     assert row["request"]["tool_choice"] == "required"
 
 
+def codex_request(stop_ids: list[int]) -> dict:
+    """What Codex CLI sends on every turn (issue 19), with the tool-call history of a finished shell call."""
+    return {
+        "model": "policy",
+        "instructions": INSTRUCTIONS,
+        "input": HISTORY,
+        "tools": [CALCULATOR],
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+        "reasoning": {"effort": "medium", "summary": "auto"},
+        "store": False,
+        "stream": True,
+        "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": str(uuid.uuid4()),
+        "client_metadata": '{"originator": "codex_exec", "terminal": "' + "x" * 960 + '"}',
+        "max_output_tokens": 24,
+        "stop_token_ids": stop_ids,
+    }
+
+
+def test_a_codex_shaped_request_is_served_and_recorded_trainable(proxy, vllm, stop_ids):
+    """Codex CLI's request (client_metadata, prompt_cache_key, store: false, reasoning summary, include encrypted
+    reasoning, streamed, with tools) through the openai SDK: 200, the fields that change nothing named in
+    X-Trainwire-Ignored, no reasoning items, and a trainable record that keeps the request as sent."""
+    body = codex_request(stop_ids)
+    known = {k: v for k, v in body.items() if k not in ("client_metadata", "stop_token_ids", "stream")}
+    sdk = client(proxy.v1, **{"X-Session-Id": "codex-1"})
+    with sdk.responses.with_streaming_response.create(
+        **known, stream=True, extra_body={"client_metadata": body["client_metadata"], "stop_token_ids": stop_ids}
+    ) as raw:
+        assert raw.status_code == 200
+        ignored = raw.headers["x-trainwire-ignored"]
+        events = list(raw.parse())
+    named = {"reasoning", "include", "prompt_cache_key", "client_metadata"}  # store: false is what happens anyway
+    assert set(ignored.split(",")) == named
+    final = events[-1].response
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert all(item.type != "reasoning" for item in final.output)
+
+    (row,) = _rows(proxy.db_url, "codex-1", 1)
+    assert_trainable_record(row, session="codex-1", task=None, agent=None, seq=0)
+    assert row["sampling"]["ignored"] == ignored.split(",")
+    assert row["request"]["client_metadata"] == body["client_metadata"] and row["request"]["store"] is False
+    assert row["prompt_token_ids"] == tokenize_chat(vllm, HISTORY_AS_CHAT, CHAT_TOOLS)
+
+
+def test_unknown_fields_refuse_keeps_the_strict_behaviour(start_proxy, vllm, pg_url, tmp_path):
+    p = start_proxy(
+        "--upstream",
+        vllm.url,
+        "--database-url",
+        pg_url,
+        "--journal-dir",
+        str(tmp_path / "j"),
+        "--unknown-fields",
+        "refuse",
+    )
+    r = httpx.post(f"{p.v1}/responses", json={"model": "policy", "input": "hi", "client_metadata": "x"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "client_metadata" and "--unknown-fields refuse" in r.text
+    # Known fields that change nothing stay accepted.
+    r = httpx.post(
+        f"{p.v1}/responses",
+        json={"model": "policy", "input": "hi", "store": True, "max_output_tokens": 2},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.headers["x-trainwire-ignored"] == "store"
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 

@@ -14,9 +14,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from trainwire import plugins
 from trainwire.settings import (
     CompactSettings,
     JournalSettings,
+    PluginSettings,
     ProxySettings,
     PruneSettings,
     SharedSettings,
@@ -42,6 +44,8 @@ COMMANDS: dict[str, tuple[str, type[SharedSettings]]] = {
         PruneSettings,
     ),
 }
+# The commands whose settings have --plugin (PluginSettings).
+_PLUGIN_COMMANDS = {name for name, (_, group) in COMMANDS.items() if issubclass(group, PluginSettings)}
 # Settings filled by flags of their own rather than a flag per field.
 _NOT_FLAGS = {"air"}
 _AIR_DEST = "air:"
@@ -118,6 +122,15 @@ def settings_from_args(args: argparse.Namespace) -> SharedSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in _PLUGIN_COMMANDS:
+        # Before the parser is built: a plugin's reward rule brings its own --air-<name> flag.
+        try:
+            plugins.load(plugins.named(argv), command=command)
+        except plugins.PluginError as exc:
+            print(f"trainwire {command}: error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
@@ -126,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             loc = flag(str(err["loc"][0])) if err["loc"] else "settings"
             print(f"trainwire: error: {loc}: {err['msg']}", file=sys.stderr)
         return 2
+    if isinstance(settings, PluginSettings):
+        try:  # what the settings name (already imported above, unless only a source the pre-scan skips names it)
+            plugins.load(settings.plugin, command=args.command)
+        except plugins.PluginError as exc:
+            print(f"trainwire {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Callable[..., int | None] = HANDLERS[args.command]
     return handler(settings, args) or 0

@@ -100,6 +100,22 @@ class UpstreamSettings(SharedSettings):
         return [u.rstrip("/") for u in value]
 
 
+class PluginSettings(SharedSettings):
+    """`trainwire serve` and `trainwire train`: user modules imported before the registries are read
+    (trainwire/plugins.py)."""
+
+    plugin: StrList = Field(
+        default_factory=list,
+        description="Python module (or .py file) imported first, on every rank and worker, so that it can register "
+        "a policy loss, an advantage estimator or an automatic-reward rule (repeatable)",
+    )
+
+    @field_validator("plugin", mode="before")
+    @classmethod
+    def _plugin_list(cls, value):
+        return _split_list(value)
+
+
 class JournalSettings(SharedSettings):
     """The proxy's local journal, also read by `trainwire replay-rejected`."""
 
@@ -143,7 +159,7 @@ class PruneSettings(MaintenanceSettings):
     )
 
 
-class ProxySettings(UpstreamSettings, JournalSettings):
+class ProxySettings(UpstreamSettings, JournalSettings, PluginSettings):
     """`trainwire serve`."""
 
     host: str = Field("0.0.0.0", description="Address the proxy listens on")
@@ -213,6 +229,11 @@ class ProxySettings(UpstreamSettings, JournalSettings):
     otlp_queue_size: int = Field(
         4096, gt=0, description="Spans held for export; beyond that (a collector down or slow) they are dropped"
     )
+    unknown_fields: Literal["ignore", "refuse"] = Field(
+        "ignore",
+        description="A Responses or Messages request field trainwire does not know: ignore it (named in the "
+        "X-Trainwire-Ignored answer header and recorded with the call) or refuse the request (400)",
+    )
     # Automatic intermediate rewards: rule name -> reward or 'off'. Filled from the flags the CLI makes from the
     # rule registry (--air-<rule>) and from TRAINWIRE_AIR_<RULE>; a rule left out keeps its registered default.
     air: dict[str, str] = Field(default_factory=dict, description="Automatic reward per rule: RULE -> value or 'off'")
@@ -230,7 +251,7 @@ class ProxySettings(UpstreamSettings, JournalSettings):
         return init_settings, env_settings, air_env, dotenv_settings, file_secret_settings
 
 
-class TrainerSettings(UpstreamSettings):
+class TrainerSettings(UpstreamSettings, PluginSettings):
     """`trainwire train`."""
 
     model: str | None = Field(None, description="Base model path or id (the one vLLM serves)")

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from trainwire.proxy.api_responses import ResponsesStream, from_chat, to_chat
+from trainwire.proxy.api_fields import screen
+from trainwire.proxy.api_responses import FIELDS, ResponsesStream, from_chat, to_chat
 from trainwire.proxy.errors import ApiError
 
 EVENT = TypeAdapter(ResponseStreamEvent)
@@ -44,9 +45,14 @@ CHAT_ADD = {
 USAGE = {"prompt_tokens": 18, "completion_tokens": 9, "total_tokens": 27}
 
 
+def translate(body: dict) -> dict:
+    """What the proxy does: screen the fields (proxy/api_fields.py), then translate what is kept."""
+    return to_chat(screen(body, FIELDS).body)
+
+
 def rejected(body: dict) -> ApiError:
     with pytest.raises(ApiError) as info:
-        to_chat(body)
+        translate(body)
     assert info.value.status == 400
     return info.value
 
@@ -257,28 +263,44 @@ def test_sampling_and_other_parameters():
 
 
 def test_ignored_parameters_are_not_forwarded():
-    chat = to_chat(
-        {
-            "model": "policy",
-            "input": "hi",
-            "store": True,
-            "metadata": {"k": "v"},
-            "reasoning": {"effort": "low"},
-            "truncation": "auto",
-            "include": ["reasoning.encrypted_content"],
-            "background": False,
-            "service_tier": "auto",
-            "prompt_cache_key": "k",
-            "safety_identifier": "s",
-            "stream_options": {"include_obfuscation": False},
-            "top_logprobs": 0,
-            "max_tool_calls": 3,
-            "prompt_cache_retention": "24h",
-            "previous_response_id": None,
-            "conversation": None,
-        }
+    body = {
+        "model": "policy",
+        "input": "hi",
+        "store": True,
+        "metadata": {"k": "v"},
+        "reasoning": {"effort": "low"},
+        "truncation": "auto",
+        "include": ["reasoning.encrypted_content"],
+        "background": False,
+        "service_tier": "auto",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "stream_options": {"include_obfuscation": False},
+        "top_logprobs": 0,
+        "max_tool_calls": 3,
+        "prompt_cache_retention": "24h",
+        "previous_response_id": None,
+        "conversation": None,
+        "client_metadata": "x" * 1000,
+    }
+    screened = screen(body, FIELDS)
+    assert to_chat(screened.body) == {"model": "policy", "messages": [{"role": "user", "content": "hi"}]}
+    # background: false and the nulls ask for nothing; the rest is named (in the answer's X-Trainwire-Ignored)
+    assert screened.ignored == (
+        "store",
+        "metadata",
+        "reasoning",
+        "truncation",
+        "include",
+        "service_tier",
+        "prompt_cache_key",
+        "safety_identifier",
+        "stream_options",
+        "top_logprobs",
+        "max_tool_calls",
+        "prompt_cache_retention",
+        "client_metadata",
     )
-    assert chat == {"model": "policy", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.mark.parametrize(
@@ -939,3 +961,38 @@ def test_any_chunk_split_gives_the_non_stream_response(text, text_cuts, calls, f
     )
     assert events[-1]["response"] == expected == stream.response()
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == text
+
+
+# --- namespaces of function tools (Codex CLI's sub-agent tools) ----------------------------------------------
+
+NAMESPACE = {"type": "namespace", "name": "agents", "description": "Sub-agents.", "tools": [{**ADD, "name": "spawn"}]}
+NS_REQUEST = {"model": "policy", "input": "hi", "tools": [ADD, NAMESPACE]}
+
+
+def test_a_namespace_becomes_one_chat_tool_per_function():
+    chat = translate(NS_REQUEST)
+    assert [t["function"]["name"] for t in chat["tools"]] == ["add", "agents.spawn"]
+    history = [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c1", "name": "spawn", "namespace": "agents", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+    ]
+    messages = translate({**NS_REQUEST, "input": history})["messages"]
+    assert messages[1]["tool_calls"][0]["function"]["name"] == "agents.spawn"
+    assert rejected({**NS_REQUEST, "tools": [{**NAMESPACE, "tools": [{"type": "web_search"}]}]}).param == (
+        "tools[0].tools[0].type"
+    )
+
+
+def test_a_namespaced_call_answers_with_its_namespace_streamed_or_not():
+    calls = [("t1", "agents.spawn", ['{"a": 1}']), ("t2", "add", ["{}"]), ("t3", "other.spawn", ["{}"])]
+    events, _ = run_stream(vllm_chunks([], calls, "tool_calls"), NS_REQUEST)
+    final = events[-1]["response"]
+    expected = respond(chat_completion(None, [(i, n, "".join(p)) for i, n, p in calls], "tool_calls"), NS_REQUEST)
+    assert final == expected
+    assert [(o["name"], o.get("namespace")) for o in final["output"]] == [
+        ("spawn", "agents"),
+        ("add", None),
+        ("other.spawn", None),  # not a namespace of the request: the name as the model wrote it
+    ]
+    assert Response.model_validate(final).tools[1].type == "namespace"
