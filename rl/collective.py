@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainwire.rl.agreement import SUM_KEYS, agreement_metrics, agreement_sums
+from trainwire.rl.agreement import SUM_KEYS, AgreementExceeded, agreement_metrics, agreement_sums, refusal
 
 __all__ = ["Collective", "StepHooks", "StepOutcome"]
 
@@ -69,6 +69,9 @@ class StepHooks:
     async def step_failed(self) -> None:
         """Sending or running the optimizer step raised; called in the handler, the exception propagates."""
 
+    async def refused(self) -> None:
+        """The agreement pass refused the step (``--agreement-max``); :class:`AgreementExceeded` follows."""
+
     async def exported(self, path: Path) -> None:
         """The new weights are in ``path``; runs before the checkpoint (rank 0 publishes them here)."""
 
@@ -102,6 +105,7 @@ class Collective:
         world: int | None = None,
         broadcast: Callable[[Any], Any] = _broadcast,
         reduce: Callable[[dict[str, float]], dict[str, float]] = _all_reduce,
+        agreement_max: float | None = None,
     ) -> None:
         if rank is None or world is None:
             rank, world = _world()
@@ -110,6 +114,7 @@ class Collective:
         self.rank, self.world = rank, world
         self._broadcast = broadcast
         self._reduce = reduce
+        self.agreement_max = agreement_max
 
     def export_dir(self, version: int) -> Path:
         return self.publish_root / f"v{version}"
@@ -124,10 +129,16 @@ class Collective:
         try:
             with hooks.guard():
                 agreement = self.agreement(samples, check)
-                metrics = self.policy.step(samples[self.rank :: self.world])
+                # The sums are every rank's, so every rank refuses alike and none waits in the step's collectives.
+                refused = refusal(agreement, self.agreement_max)
+                if refused is None:
+                    metrics = self.policy.step(samples[self.rank :: self.world])
         except Exception:
             await hooks.step_failed()
             raise
+        if refused is not None:
+            await hooks.refused()
+            raise AgreementExceeded(refused)
         metrics.update(agreement)
         trained_at = time.perf_counter()
         with hooks.guard():

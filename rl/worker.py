@@ -29,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainwire.rl.agreement import AgreementExceeded
 from trainwire.rl.collective import Collective, StepHooks
 from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
 from trainwire.rl.stopping import Stopper, StopRequested
@@ -81,6 +82,10 @@ class _Publish(StepHooks):
 
     async def step_failed(self) -> None:
         await self.trainer._release_failed(self.session_ids)
+
+    async def refused(self) -> None:
+        # Nothing was trained: the sessions go back as they were, for a trainer that agrees with vLLM.
+        await claims.release(self.trainer.db, self.session_ids, worker_id=self.trainer.worker_id)
 
     async def exported(self, path: Path) -> None:
         tr = self.trainer
@@ -209,7 +214,7 @@ class Trainer:
             if self._new_run is not None:
                 write_manifest(s.checkpoint_dir, self._new_run)
             resumed = self.policy.load_checkpoint()
-            self.ranks = Collective(self.policy, self.publish_root)
+            self.ranks = Collective(self.policy, self.publish_root, agreement_max=s.agreement_max)
         if self.ranks.rank != 0:
             return await self.ranks.follow()
         _say(
@@ -539,6 +544,10 @@ def run(settings: TrainerSettings) -> int:
         if _rank() == 0:
             print(f"trainwire train: error: {exc}", file=sys.stderr, flush=True)
         return exc.code
+    except AgreementExceeded as exc:
+        if _rank() == 0:
+            print(f"trainwire train: error: {exc}", file=sys.stderr, flush=True)
+        return 3
     except StopRequested:  # before the trainer's task began
         _say(f"stopped ({stopper.signal_name})")
         return 0
