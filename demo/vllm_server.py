@@ -234,6 +234,8 @@ def build_argv(
     host: str = "127.0.0.1",
     tool_parser: str | None = "hermes",
     extra_args: Sequence[str] = (),
+    max_model_len: int = MAX_MODEL_LEN,
+    chat_template: Path | str | None = None,
 ) -> list[str]:
     argv = [
         str(vllm_python()),
@@ -248,7 +250,7 @@ def build_argv(
         "--dtype",
         "float32",
         "--max-model-len",
-        str(MAX_MODEL_LEN),
+        str(max_model_len),
         "--logprobs-mode",
         "processed_logprobs",
         "--max-logprobs",
@@ -257,6 +259,8 @@ def build_argv(
     ]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
+    if chat_template:
+        argv += ["--chat-template", str(chat_template)]
     if lora:
         argv += ["--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS)]
     if tool_parser:
@@ -269,8 +273,10 @@ def build_argv(
     return argv
 
 
-def vllm_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def vllm_env(base: dict[str, str] | None = None, kv_cache_gb: int | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
+    if kv_cache_gb is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
     env.update(
         {
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
@@ -303,6 +309,9 @@ def start_vllm(
     timeout: float = 300.0,
     wait: bool = True,
     warmup: bool = True,
+    max_model_len: int = MAX_MODEL_LEN,
+    chat_template: Path | str | None = None,
+    kv_cache_gb: int | None = None,
 ) -> VllmProcess:
     """Start vLLM and (by default) wait until ``/health`` answers 200.
 
@@ -325,6 +334,8 @@ def start_vllm(
         host=host,
         tool_parser=tool_parser,
         extra_args=extra_args,
+        max_model_len=max_model_len,
+        chat_template=chat_template,
     )
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -334,7 +345,7 @@ def start_vllm(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=vllm_env(),
+            env=vllm_env(kv_cache_gb=kv_cache_gb),
             start_new_session=True,  # own process group, so stop() reaches every child
         )
     client_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
