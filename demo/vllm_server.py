@@ -12,7 +12,8 @@ venv, CI scripts); vLLM itself runs from the cached venv created by
 
 CLI (foreground until Ctrl-C)::
 
-    python -m demo.vllm_server MODEL_DIR --port 8000 [--lora] [--served-model-name tiny] [-- EXTRA_VLLM_ARGS]
+    python -m demo.vllm_server MODEL_DIR --port 8000 [--lora] [--served-model-name tiny] [--max-model-len N]
+        [--chat-template FILE] [--kv-cache-gb N] [-- EXTRA_VLLM_ARGS]
 
 See docs/vllm-cpu.md for the endpoints and response shapes.
 """
@@ -372,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, default=None, help="log file (default: $TMPDIR/vllm-PORT.log)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--tool-parser", default="hermes", help="vLLM tool-call parser; 'none' to disable")
+    p.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file (vLLM's flag)")
+    p.add_argument("--kv-cache-gb", type=int, default=None, help="VLLM_CPU_KVCACHE_SPACE (default 1)")
     # Anything not recognised here (e.g. "-- --max-num-seqs 8") goes to vLLM.
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -389,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             tool_parser=None if args.tool_parser in ("", "none") else args.tool_parser,
             timeout=args.timeout,
+            max_model_len=args.max_model_len,
+            chat_template=args.chat_template,
+            kv_cache_gb=args.kv_cache_gb,
         )
     except KeyboardInterrupt:  # start_vllm already stopped what it started
         print("interrupted during start-up", flush=True)

@@ -11,9 +11,12 @@ end to end on real vLLM (CPU build) with the shipped tool template (``--chat-tem
   trainer's samples in transition and trajectory mode are exactly the tokens generated and seen: every trained token
   is a sampled one with vLLM's log-prob, every context token is what the next prompt held, and a re-rendered turn
   starts a new sample instead of mixing tokens that were never seen together.
-* **Train-inference agreement** after a LoRA publish: ``trainwire train`` (trajectory mode) trains a step on base
-  model sessions (agreement on the converted weights: the tied embeddings), publishes the adapter into vLLM, and its
-  next step measures the same on sessions the adapter served: mean |delta log p| <= 1e-4, float32 on both sides.
+* **Train-inference agreement** after a LoRA publish and after a full publish: ``trainwire train`` (trajectory
+  mode) trains a step on base model sessions (agreement on the converted weights: the tied embeddings), publishes
+  into vLLM, and its next step measures the same on sessions the new weights served: mean |delta log p| <= 1e-4,
+  float32 on both sides.
+* **``--agreement-max``**: a trainer whose weights are not the served ones refuses its first step and stops with
+  one line, exit 3, nothing published, the sessions given back.
 
 Skipped when the vLLM venv is missing; TRAINWIRE_REQUIRE_VLLM=1 makes that an error.
 """
@@ -430,24 +433,84 @@ def test_tool_sessions_train_exactly_and_agree_after_a_lora_publish(proxy, vllm,
     breaks = sum(report["breaks"].values())
     assert len(trajectory.samples) == len(first) + breaks  # one sample per session, one more per re-rendered turn
 
+    steps = train_two_steps(proxy, vllm, model_dir, tmp_path, questions, lora_rank=8, batch=len(first))
+    assert_agreement(steps, "LoRA")
+
+
+def test_agreement_after_a_full_publish(proxy, vllm, model_dir, tmp_path):
+    """Full fine-tuning: the trainer exports every weight (tied embeddings once), vLLM reloads them in place."""
+    questions = QUESTIONS[2:]
+    first = record_sessions(proxy, "a", questions, GROUP)
+    steps = train_two_steps(proxy, vllm, model_dir, tmp_path, questions, lora_rank=0, batch=len(first))
+    assert_agreement(steps, "full")
+
+
+def train_two_steps(proxy, vllm, model_dir: Path, tmp_path: Path, questions: list[str], *, lora_rank: int, batch: int):
+    """`trainwire train --max-steps 2`: step 1 on the sessions recorded so far (served by the base model), then
+    sessions recorded while v1 is served, for step 2. The steps' metrics."""
+    db = proxy.db_url
     ckpt = tmp_path / "ckpt"
-    proc, log = _trainer(db, vllm, model_dir, ckpt, tmp_path / "trainer.log", lora_rank=8, steps=2, batch=len(first))
+    log_path = tmp_path / "trainer.log"
+    proc, log = _trainer(db, vllm, model_dir, ckpt, log_path, lora_rank=lora_rank, steps=2, batch=batch)
     try:
         _wait_version(proxy, 1)
         second = record_sessions(proxy, "b", questions, GROUP)
-        assert proc.wait(timeout=900) == 0
+        assert proc.wait(timeout=900) == 0, log_path.read_text(errors="replace")[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
         log.close()
-    out = (tmp_path / "trainer.log").read_text(errors="replace")
+    out = log_path.read_text(errors="replace")
     print("\n".join(line for line in out.splitlines() if line.startswith("[trainwire train]")))
+    assert "WARNING" not in out
     assert all(c["policy_version"] == 1 for sid in second for c in dbread.calls(db, sid))
-    steps = {r["step"]: r["metrics"] for r in dbread.rows(db, TrainStep.__table__)}
-    for step, served in ((1, "the converted base model"), (2, "the published LoRA adapter")):
+    return {r["step"]: r["metrics"] for r in dbread.rows(db, TrainStep.__table__)}
+
+
+def assert_agreement(steps: dict[int, dict], kind: str) -> None:
+    for step, served in ((1, "the converted base model"), (2, f"the published {kind} weights (v1)")):
         m = steps[step]
         print(
             f"agreement, step {step} on {served}: mean |dlogp| {m['agreement/mean_abs_dlogp']:.2e}, "
             f"max {m['agreement/max_abs_dlogp']:.2e}, {m['agreement/tokens']:.0f} tokens"
         )
         assert m["agreement/mean_abs_dlogp"] <= AGREEMENT_TOLERANCE
+
+
+def test_agreement_max_stops_a_trainer_that_is_not_the_served_model(proxy, vllm, model_dir, tmp_path):
+    """The trainer loads weights that are not the ones vLLM serves (here: the embeddings, tied to the output layer,
+    scaled by 1.5): its first step is refused before the optimizer, with one line naming the likely causes; exit 3,
+    nothing published, every session given back untrained."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    wrong = tmp_path / "wrong-model"
+    wrong.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (wrong / f.name).symlink_to(f)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] * torch.tensor(1.5)
+    save_file(weights, str(wrong / "model.safetensors"), metadata={"format": "pt"})
+    del weights
+
+    sids = record_sessions(proxy, "w", QUESTIONS[:1], GROUP)
+    log_path = tmp_path / "trainer.log"
+    proc, log = _trainer(proxy.db_url, vllm, wrong, tmp_path / "ckpt", log_path, lora_rank=8, steps=1, batch=GROUP)
+    try:
+        code = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    out = log_path.read_text(errors="replace")
+    errors = [line for line in out.splitlines() if line.startswith("trainwire train: error:")]
+    print(errors)
+    assert code == 3, out[-3000:]
+    assert len(errors) == 1 and "above --agreement-max 0.5" in errors[0]
+    for cause in ("tied embeddings", "transformers", "--temperature", "processed_logprobs"):
+        assert cause in errors[0]
+    assert "Traceback" not in out
+    assert not dbread.rows(proxy.db_url, TrainStep.__table__)
+    sessions = {s["id"]: s for s in dbread.sessions(proxy.db_url)}
+    assert all(sessions[sid]["status"] == "open" and sessions[sid]["claimed_by"] is None for sid in sids)
