@@ -486,8 +486,8 @@ def assert_agreement(steps: dict[int, dict], kind: str) -> None:
 
 
 def test_agreement_max_stops_a_trainer_that_is_not_the_served_model(proxy, vllm, model_dir, tmp_path):
-    """The trainer loads weights that are not the ones vLLM serves (here: the embeddings, tied to the output layer,
-    scaled by 1.5): its first step is refused before the optimizer, with one line naming the likely causes; exit 3,
+    """The trainer loads weights that are not the ones vLLM serves (here: the rows of the embeddings, tied to the
+    output layer, shuffled, as a wrong conversion would): its first step is refused before the optimizer, with one line naming the likely causes; exit 3,
     nothing published, every session given back untrained."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -498,7 +498,11 @@ def test_agreement_max_stops_a_trainer_that_is_not_the_served_model(proxy, vllm,
         if f.is_file() and f.name != "model.safetensors":
             (wrong / f.name).symlink_to(f)
     weights = load_file(str(model_dir / "model.safetensors"))
-    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"] * torch.tensor(1.5)
+    # Scaling the embeddings by 1.5 gave 0.86 nats once and 0.27 another time: shuffled rows are wrong for every token.
+    embed = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = embed[
+        torch.randperm(embed.shape[0], generator=torch.Generator().manual_seed(0))
+    ]
     save_file(weights, str(wrong / "model.safetensors"), metadata={"format": "pt"})
     del weights
 
