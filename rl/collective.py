@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainwire.rl.agreement import SUM_KEYS, agreement_metrics, agreement_sums
+from trainwire.rl.agreement import SUM_KEYS, AgreementExceeded, agreement_metrics, agreement_sums, refusal
 
 __all__ = ["Collective", "StepHooks", "StepOutcome"]
 
@@ -71,6 +71,9 @@ class StepHooks:
     async def step_failed(self) -> None:
         """Sending or running the optimizer step raised; called in the handler, the exception propagates."""
 
+    async def refused(self) -> None:
+        """The agreement pass refused the step (``--agreement-max``); :class:`AgreementExceeded` follows."""
+
     async def exported(self, path: Path) -> None:
         """The new weights are in ``path``; runs before the checkpoint (rank 0 publishes them here)."""
 
@@ -105,6 +108,7 @@ class Collective:
         broadcast: Callable[[Any], Any] = _broadcast,
         reduce: Callable[[dict[str, float]], dict[str, float]] = _all_reduce,
         proximal: bool = False,
+        agreement_max: float | None = None,
     ) -> None:
         if rank is None or world is None:
             rank, world = _world()
@@ -115,6 +119,7 @@ class Collective:
         self._reduce = reduce
         # Off-policy correction (rl/offpolicy.py): every step first computes the proximal log-probs of the shard.
         self.proximal = proximal
+        self.agreement_max = agreement_max
 
     def export_dir(self, version: int) -> Path:
         return self.publish_root / f"v{version}"
@@ -132,10 +137,16 @@ class Collective:
                     shard, agreement = self.proximal_pass(samples, check)
                 else:
                     shard, agreement = list(samples[self.rank :: self.world]), self.agreement(samples, check)
-                metrics = self.policy.step(shard)
+                # The sums are every rank's, so every rank refuses alike and none waits in the step's collectives.
+                refused = refusal(agreement, self.agreement_max)
+                if refused is None:
+                    metrics = self.policy.step(shard)
         except Exception:
             await hooks.step_failed()
             raise
+        if refused is not None:
+            await hooks.refused()
+            raise AgreementExceeded(refused)
         metrics.update(agreement)
         trained_at = time.perf_counter()
         with hooks.guard():

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainwire.rl import pending_step
+from trainwire.rl.agreement import AgreementExceeded
 from trainwire.rl.collective import Collective, StepHooks
 from trainwire.rl.db_wait import DbWait
 from trainwire.rl.identity import Refused, RunIdentity, check_checkpoint_dir, move_aside, write_manifest
@@ -87,6 +88,10 @@ class _Publish(StepHooks):
 
     async def step_failed(self) -> None:
         await self.trainer._release_failed(self.session_ids)
+
+    async def refused(self) -> None:
+        # Nothing was trained: the sessions go back as they were, for a trainer that agrees with vLLM.
+        await claims.release(self.trainer.db, self.session_ids, worker_id=self.trainer.worker_id)
 
     async def exported(self, path: Path) -> None:
         tr = self.trainer
@@ -226,7 +231,10 @@ class Trainer:
                 write_manifest(s.checkpoint_dir, self._new_run)
             resumed = self.policy.load_checkpoint()
             self.ranks = Collective(
-                self.policy, self.publish_root, proximal=s.objective == "rl" and needs_proximal(s.off_policy)
+                self.policy,
+                self.publish_root,
+                proximal=s.objective == "rl" and needs_proximal(s.off_policy),
+                agreement_max=s.agreement_max,
             )
         if self.ranks.rank != 0:
             return await self.ranks.follow()
@@ -657,6 +665,10 @@ def run(settings: TrainerSettings) -> int:
         if _rank() == 0:
             print(f"trainwire train: error: {exc}", file=sys.stderr, flush=True)
         return exc.code
+    except AgreementExceeded as exc:
+        if _rank() == 0:
+            print(f"trainwire train: error: {exc}", file=sys.stderr, flush=True)
+        return 3
     except StopRequested:  # before the trainer's task began
         _say(f"stopped ({stopper.signal_name})")
         return 0

@@ -346,6 +346,14 @@ class TrainerSettings(UpstreamSettings, PluginSettings):
         "published but not served, a wrong --temperature, or vLLM without --logprobs-mode "
         "processed_logprobs",
     )
+    agreement_max: float = Field(
+        0.5,
+        ge=0,
+        description="Refuse a step and stop when the trainer's log-probs of tokens served by the newest "
+        "version differ from vLLM's by more than this (mean |delta log p|, nats): the two are not the same "
+        "model (tied embeddings, a config field read differently, a wrong --temperature, vLLM without "
+        "processed logprobs). 0 never refuses",
+    )
 
     @field_validator("train_agent", "sft_from", mode="before")
     @classmethod

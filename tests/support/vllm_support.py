@@ -31,3 +31,10 @@ def serve(model_dir: Path, tmp_path_factory, name: str, served_model_name: str):
     proc = start_vllm(model_dir, free_port(), served_model_name=served_model_name, lora=True, log_path=log)
     print(f"vLLM started in {proc.startup_s:.1f} s at {proc.url} (log {log})")
     return proc
+
+
+def real_model() -> Path:
+    """The packaged SmolLM2-135M-Instruct as an HF folder (make real-model; materialized here when missing)."""
+    from demo.real_model import materialize
+
+    return materialize()

@@ -140,3 +140,72 @@ async def test_followers_run_no_rank_zero_work(tmp_path):
 
 def _no_broadcast(obj):
     raise AssertionError("a single process must not broadcast")
+
+
+class DisagreeingPolicy(FakePolicy):
+    """The trainer's log-probs are ``offset`` nats from what vLLM recorded (tied weights served untied, say)."""
+
+    def __init__(self, log: list, rank: int, offset: float) -> None:
+        super().__init__(log, rank)
+        self.offset = offset
+
+    def logprobs(self, samples):
+        self.log.append(("logprobs", self.rank, len(samples)))
+        return [[(lp or 0.0) - self.offset for lp in s.old_logprobs] for s in samples]
+
+
+class RefusalHooks(RecordingHooks):
+    async def refused(self) -> None:
+        self.log.append(("refused",))
+
+
+def _served(n: int):
+    from trainwire.rl.samples import Sample
+
+    return [Sample([1, 2], [3, 4, 5], [1, 0, 1], [-0.5, 0.0, -1.5], advantage=1.0) for _ in range(n)]
+
+
+@pytest.mark.parametrize("offset, refused", [(3.19, True), (0.49, False), (1e-6, False)])
+async def test_agreement_max_refuses_the_step_on_every_rank_before_the_optimizer(tmp_path, offset, refused):
+    from trainwire.rl.agreement import AgreementExceeded
+
+    channel = Channel()
+    lead_log, follow_log = [], []
+
+    def summed(sums):  # the other rank measured the same disagreement on its shard
+        return {k: (v if k == "max" else 2 * v) for k, v in sums.items()}
+
+    lead = Collective(
+        DisagreeingPolicy(lead_log, 0, offset), tmp_path, rank=0, world=2, broadcast=channel.send,
+        reduce=summed, agreement_max=0.5,
+    )  # fmt: skip
+    follower = Collective(
+        DisagreeingPolicy(follow_log, 1, offset), tmp_path, rank=1, world=2, broadcast=channel.receive,
+        reduce=summed, agreement_max=0.5,
+    )  # fmt: skip
+    samples, check = _served(4), [True] * 4
+    if not refused:
+        outcome = await lead.step(samples, 2, RefusalHooks(lead_log), check)
+        assert outcome.metrics["agreement/mean_abs_dlogp"] == pytest.approx(offset)
+        assert kinds(lead_log) == ["logprobs", "step", "export", "publish", "checkpoint"]
+        return
+    with pytest.raises(AgreementExceeded) as err:
+        await lead.step(samples, 2, RefusalHooks(lead_log), check)
+    line = str(err.value)
+    assert "\n" not in line and "3.190 nats" in line and "--agreement-max 0.5" in line
+    for cause in ("tied embeddings", "transformers", "--temperature", "processed_logprobs"):
+        assert cause in line
+    assert kinds(lead_log) == ["logprobs", "refused"]  # no optimizer step, no export, claims given back
+    lead.stop()
+    with pytest.raises(AgreementExceeded):  # the follower refuses the same step, so neither waits on the other
+        await follower.follow()
+    assert kinds(follow_log) == ["logprobs"]
+
+
+async def test_agreement_max_zero_never_refuses(tmp_path):
+    log = []
+    lead = Collective(
+        DisagreeingPolicy(log, 0, 21.0), tmp_path, rank=0, world=1, broadcast=_no_broadcast, agreement_max=0
+    )
+    outcome = await lead.step(_served(1), 1, RefusalHooks(log), [True])
+    assert outcome.metrics["agreement/mean_abs_dlogp"] == pytest.approx(21.0)
