@@ -83,6 +83,7 @@ def test_torchrun_ranks_each_import_the_plugin_and_train_with_its_loss(model_dir
         "--database-url", db, "--upstream", f"http://127.0.0.1:{closed}", "--model", str(model_dir),
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--batch-size", "4", "--settle-s", "0", "--poll-s", "0.2",
         "--max-steps", "1",
+        "--agreement-max", "0",  # the seeded log-probs are made up, not the tiny model's
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
