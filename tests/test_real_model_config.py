@@ -62,7 +62,7 @@ def test_a_re_rendered_tool_call_splits_the_trajectory_and_every_sample_is_what_
     from tests.support.model_readout import TOOLS
     from tests.support.rerender import classify
     from trainwire.rl.transitions import build_samples
-    from trainwire.store.claims import ClaimedCall, ClaimedSession
+    from trainwire.store.episodes import ClaimedCall, ClaimedSession
 
     tok = AutoTokenizer.from_pretrained(str(real_model()))
 
