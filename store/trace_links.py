@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Text, cast, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from trainwire.store.episodes import utc_of
 from trainwire.store.models import Call
 
 C = Call.__table__
@@ -32,10 +33,6 @@ class TracedCall:
     status_code: int
     trace_id: str | None
     parent_span_id: str | None
-
-
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t  # SQLite gives naive UTC times back
 
 
 async def sessions_of_traces(engine: AsyncEngine, trace_ids: Collection[str]) -> dict[str, list[str]]:
@@ -91,8 +88,8 @@ async def calls_before(
             session_id=r.session_id,
             kind=r.kind,
             response=r.response,
-            started_at=_utc(r.started_at),
-            finished_at=_utc(r.finished_at),
+            started_at=utc_of(r.started_at),
+            finished_at=utc_of(r.finished_at),
             status_code=r.status_code,
             trace_id=r.trace_id,
             parent_span_id=r.parent_span_id,
