@@ -203,6 +203,10 @@ class FrozenRoutes:
         }
         if extra:
             kwargs["extra_body"] = extra
+        # A parameter the route's provider does not take is dropped, not refused: the OpenAI Agents SDK sends
+        # ``verbosity`` and ``reasoning_effort`` on every call, and litellm would answer 400 for any model it does
+        # not know to take them (a self-hosted teacher, say). The client's request is recorded as it was sent.
+        kwargs["drop_params"] = True
         call.t_sent = time.perf_counter()
         try:
             if call.kind == "chat":

@@ -129,6 +129,23 @@ def test_frozen_chat_is_recorded_in_the_session_and_never_trainable(fz_proxy, po
     assert row["finish_reason"] == "stop" and row["completion_token_ids"] is None and row["upstream_ms"] > 0
 
 
+def test_parameters_the_provider_does_not_take_are_dropped_not_refused(fz_proxy, other, fz_db):
+    """The OpenAI Agents SDK sends ``verbosity`` and ``reasoning_effort`` on every chat call; litellm refuses them
+    for a model it does not know unless they are dropped. The call is served and recorded as the client sent it."""
+    sid = "fz-drop-" + uuid.uuid4().hex[:6]
+    raw = client(fz_proxy, **{"X-Session-Id": sid}).chat.completions.with_raw_response.create(
+        model="checker",
+        messages=[{"role": "user", "content": "check this"}],
+        temperature=0.5,
+        extra_body={"verbosity": "low", "reasoning_effort": "none"},
+    )
+    assert raw.http_response.status_code == 200
+    assert raw.parse().choices[0].message.content == "Hello there, friend."
+    assert "verbosity" not in other.sent[-1].request and other.sent[-1].request["temperature"] == 0.5
+    row = dbread.wait_calls(fz_db, 1, sid)[0]
+    assert row["status_code"] == 200 and row["request"]["verbosity"] == "low"
+
+
 def test_frozen_stream_delivers_tool_calls_in_openai_chunks(fz_proxy, other, fz_db):
     args = json.dumps({"expression": "6 * 7"})
     other.script(tool_calls=[{"name": "calculator", "arguments": args}])
