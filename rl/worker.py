@@ -153,6 +153,7 @@ class Trainer:
 
     def _engine_config(self):
         from trainwire.rl.engine import EngineConfig
+        from trainwire.rl.engine.config import freezes_embeddings
 
         s = self.s
         # --mini-batch-size N: N samples per optimizer update (micro-batches of up to 4 that divide it)
@@ -162,6 +163,7 @@ class Trainer:
             lora_rank=s.lora_rank,
             lora_alpha=s.lora_alpha,
             lora_target_modules=LORA_TARGET_MODULES,
+            freeze_embeddings=freezes_embeddings(s.freeze_embeddings, self.model),
             lr=s.lr,
             objective=s.objective,
             ppo_epochs=s.epochs,
@@ -226,7 +228,13 @@ class Trainer:
             t0 = time.perf_counter()
             from trainwire.rl.engine import PolicyEngine
 
-            self.policy = PolicyEngine(self._engine_config())
+            config = self._engine_config()
+            if config.freeze_embeddings and not config.is_lora:
+                _say(
+                    "input embeddings frozen (--freeze-embeddings "
+                    f"{s.freeze_embeddings}{': tied to the output layer' if s.freeze_embeddings == 'auto' else ''})"
+                )
+            self.policy = PolicyEngine(config)
             if self._new_run is not None:
                 write_manifest(s.checkpoint_dir, self._new_run)
             resumed = self.policy.load_checkpoint()

@@ -329,6 +329,28 @@ def test_steps_move_logprobs_with_advantage_sign(model_path):
     assert after[1] < before[1] - 0.1, (before, after)
 
 
+def test_frozen_embeddings_stay_and_the_rest_trains(model_path):
+    """--freeze-embeddings: a full fine-tuning step moves every other weight it reaches and leaves the input
+    embeddings exactly as they were (AdamW skips a parameter without a gradient, moments included)."""
+    from trainwire.rl.engine.config import freezes_embeddings
+
+    engine = PolicyEngine(
+        EngineConfig(model_path=str(model_path), lr=1e-3, micro_batch_size=2, seed=2, freeze_embeddings=True)
+    )
+    before = {k: v.clone() for k, v in weights_of(engine).items()}
+    pos = Sample([1, 40, 41], [50, 51, 52, 53], [1, 1, 1, 1], [0.0] * 4, advantage=1.0)
+    pos.old_logprobs = engine.logprobs([pos])[0]
+    engine.step([pos])
+    after = weights_of(engine)
+    embed = [k for k in before if "embed_tokens" in k]
+    assert embed and all(torch.equal(before[k], after[k]) for k in embed)
+    moved = [k for k in before if k not in embed and not torch.equal(before[k], after[k])]
+    assert any("lm_head" in k for k in moved) and any("layers.0." in k for k in moved), moved
+    # auto: on only for a model whose output layer is tied to the embeddings (the tiny model's is not)
+    assert freezes_embeddings("auto", str(model_path)) is False
+    assert freezes_embeddings("on", str(model_path)) and not freezes_embeddings("off", str(model_path))
+
+
 # ---------------------------------------------------------------------- (d) masking
 
 

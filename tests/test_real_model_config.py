@@ -20,6 +20,7 @@ from packaging.version import Version
 
 from demo.vllm_server import vllm_env, vllm_python
 from tests.support.vllm_support import real_model, require_vllm_venv
+from trainwire.rl.engine.config import freezes_embeddings
 
 pytestmark = pytest.mark.vllm
 
@@ -44,6 +45,9 @@ def test_both_transformers_read_the_real_model_alike():
     cfg = ours["config"]
     assert cfg["rope"] == {"rope_theta": 100000.0, "rope_type": "default"}
     assert cfg["tie_word_embeddings"] is True and cfg["quantization_config"] is None
+    # so full fine-tuning keeps the embeddings frozen by default (--freeze-embeddings auto; see the full-publish
+    # agreement test in tests/test_real_model_vllm.py)
+    assert freezes_embeddings("auto", str(model_dir)) is True
     assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (1, 2, 2)
     assert ours["tokenizer"]["eos"] == ["<|im_end|>", 2] and ours["generation_eos"] == 2

@@ -278,6 +278,12 @@ class TrainerSettings(UpstreamSettings, PluginSettings):
     )
     lora_rank: int = Field(8, description="LoRA rank; 0 = full fine-tuning")
     lora_alpha: int = Field(16, description="LoRA alpha")
+    freeze_embeddings: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Full fine-tuning: keep the input embeddings frozen. auto = on when they are tied to the "
+        "output layer (vLLM's CPU build multiplies a tied output layer through a copy packed when the model loads, "
+        "which an in-place weight reload does not repack, so trained embeddings would be served only half)",
+    )
     batch_size: int = Field(8, description="Sessions per training step")
     lr: float = Field(1e-4, description="Learning rate")
     checkpoint_dir: Path = Field(

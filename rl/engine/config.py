@@ -17,7 +17,15 @@ from typing import Any, Optional
 
 from trainwire.rl import cpu_platform
 
-__all__ = ["OBJECTIVES", "EngineConfig", "actor_config", "loss_fn", "policy_loss_fn", "training_worker_config"]
+__all__ = [
+    "OBJECTIVES",
+    "EngineConfig",
+    "actor_config",
+    "freezes_embeddings",
+    "loss_fn",
+    "policy_loss_fn",
+    "training_worker_config",
+]
 
 # Losses whose rollout_is_weights argument is not a plain per-token multiplier.
 LOSSES_IGNORING_WEIGHTS = {"bypass_mode"}
@@ -31,6 +39,9 @@ class EngineConfig:
     lora_rank: int = 0
     lora_alpha: int = 16
     lora_target_modules: Any = "all-linear"
+    # Full fine-tuning: keep the input embeddings (and an output layer tied to them) as they are. See
+    # trainwire.settings.TrainerSettings.freeze_embeddings for when and why.
+    freeze_embeddings: bool = False
     # Optimiser (AdamW, constant LR after warm-up).
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -106,6 +117,16 @@ class EngineConfig:
     @property
     def is_lora(self) -> bool:
         return self.lora_rank > 0
+
+
+def freezes_embeddings(choice: str, model_path: str) -> bool:
+    """``--freeze-embeddings``: ``on``, ``off``, or ``auto`` (on when the model ties its output layer to them)."""
+    if choice != "auto":
+        return choice == "on"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return bool(getattr(config, "tie_word_embeddings", False))
 
 
 def _on_cuda() -> bool:

@@ -38,6 +38,8 @@ class PolicyEngine:
         cpu_platform.init_single_process_group()
         torch.manual_seed(cfg.seed)
         self.worker = self._build_worker(reference=False)
+        if cfg.freeze_embeddings and not self.is_lora:
+            freeze_input_embeddings(self.worker.engine.module)
         self.worker.set_loss_fn(loss_fn(cfg))
         self._ref_worker = None  # full fine-tuning + KL: a frozen copy of the base model
         if cfg.kl_coef > 0 and not self.is_lora and cfg.objective == "rl":
@@ -282,6 +284,14 @@ class PolicyEngine:
             t = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
             out[name] = t.detach().to("cpu").clone()
         return out
+
+
+def freeze_input_embeddings(module: torch.nn.Module) -> None:
+    """No gradient for the input embeddings, so AdamW never moves them (a parameter without a gradient is skipped,
+    its moments included); with tied embeddings this holds the output layer too."""
+    embeddings = module.get_input_embeddings()
+    for p in embeddings.parameters():
+        p.requires_grad_(False)
 
 
 def sequence_loss_mask(tensors: dict[str, torch.Tensor], td) -> torch.Tensor:
