@@ -167,8 +167,18 @@ def progress_line(phase: str, episodes: list[dict], elapsed: float, total: int |
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="trainwire calculator agent")
+def openai_client():
+    from openai import OpenAI
+
+    return OpenAI(max_retries=0, timeout=120)  # OPENAI_BASE_URL / OPENAI_API_KEY from the environment
+
+
+def main(
+    argv: list[str] | None = None, *, episode=run_episode, make_client=openai_client, name: str = "calculator"
+) -> int:
+    """The agent's loop: evaluation or training rounds, progress lines, the episode log. ``episode`` runs one
+    episode with the client ``make_client`` returns (``demo.real_agent`` passes its OpenAI Agents SDK agent)."""
+    p = argparse.ArgumentParser(description=f"trainwire {name} agent")
     p.add_argument("--phase", default="run", help="label of this run in the log and the session ids")
     p.add_argument("--model", default="policy", help="model name to request (policy, or a frozen route)")
     p.add_argument(
@@ -198,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--admin-key", default=os.environ.get("TRAINWIRE_ADMIN_KEY"))
     args = p.parse_args(argv)
 
-    from openai import OpenAI
-
-    client = OpenAI(max_retries=0, timeout=120)  # OPENAI_BASE_URL / OPENAI_API_KEY from the environment
+    client = make_client()
     args.root = proxy_root(str(client.base_url))
     episodes: list[dict] = []
     lock = threading.Lock()
@@ -223,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval:
                 jobs = [
                     pool.submit(
-                        run_episode, client, q, phase=args.phase, model=args.model, train=False, task_id=None, args=args
+                        episode, client, q, phase=args.phase, model=args.model, train=False, task_id=None, args=args
                     )
                     for q in calc_task.eval_set(args.eval)
                 ]
@@ -256,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                             n = min(n, args.episodes - len(episodes) - len(jobs))
                         jobs += [
                             pool.submit(
-                                run_episode,
+                                episode,
                                 client,
                                 q,
                                 phase=args.phase,

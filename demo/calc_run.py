@@ -67,10 +67,11 @@ LABELS = {"base": "base model", "teacher": "teacher", "sft": "after SFT", "rl": 
 CI = {"eval_n": 300, "teacher_episodes": 1200, "rl_duration": 60.0}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def make_parser(description: str, ci: dict, **defaults) -> argparse.ArgumentParser:
+    """The demo's options; :mod:`demo.real_run` shares them with its own ``defaults`` and ``--ci`` sizes."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--workdir", type=Path, default=ROOT / ".demo" / "calc")
-    p.add_argument("--ci", action="store_true", help="CI sizes: " + ", ".join(f"{k}={v}" for k, v in CI.items()))
+    p.add_argument("--ci", action="store_true", help="CI sizes: " + ", ".join(f"{k}={v}" for k, v in ci.items()))
     p.add_argument("--eval-n", type=int, default=400, help="held-out questions per evaluation")
     p.add_argument("--teacher-episodes", type=int, default=4000, help="teacher episodes to learn from")
     p.add_argument("--direct-share", type=float, default=0.3, help="share of questions the teacher guesses")
@@ -85,11 +86,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vllm-port", type=int, default=8010)
     p.add_argument("--proxy-port", type=int, default=8110)
     p.add_argument("--teacher-port", type=int, default=8310)
+    p.set_defaults(**defaults)
+    return p
+
+
+def parse_with_ci(p: argparse.ArgumentParser, ci: dict, argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.ci:
-        for key, value in CI.items():
+        for key, value in ci.items():
             setattr(args, key, value)
     return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parse_with_ci(make_parser(__doc__.splitlines()[0], CI), CI, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +121,13 @@ def stats(root: str) -> dict:
 
 
 class Demo:
+    """The four phases. :mod:`demo.real_run` overrides the hooks (the model, vLLM, the agent and its sizes)."""
+
+    agent_module = "demo.calc_agent"
+    base_title = "the base model (random weights)"
+    plot_title = "trainwire demo-calc: held-out accuracy through SFT from a teacher, then RL"
+    trainer_threads = "1"
+
     def __init__(self, args) -> None:
         self.args = args
         self.work = args.workdir.resolve()
@@ -136,7 +153,7 @@ class Demo:
         }
         child = Child(
             f"agent-{phase}",
-            [sys.executable, "-m", "demo.calc_agent", "--phase", phase, "--log", str(log), *argv],
+            [sys.executable, "-m", self.agent_module, "--phase", phase, "--log", str(log), *self.agent_args(), *argv],
             env=env,
             log_path=self.logs / f"agent-{phase}.log",
             echo=lambda line: True,
@@ -145,6 +162,34 @@ class Demo:
         child.wait()
         STACK.stop(f"agent-{phase}")
         return read_episodes(log)
+
+    def agent_args(self) -> list[str]:
+        """Arguments every run of the agent gets."""
+        return []
+
+    def build_model(self) -> Path:
+        from demo.calc_model import build_calc_model
+
+        say(
+            f"building the calculator model into {self.work / 'model'} (random weights, a tokenizer with "
+            "single-digit tokens and tool-call markers, no downloads)"
+        )
+        return build_calc_model(self.work / "model")
+
+    def start_vllm(self, port: int):
+        from demo.vllm_server import start_vllm
+
+        say(f"starting vLLM on :{port} (hermes tool-call parser, dev-mode weight reloads, processed logprobs)")
+        # --enforce-eager: no torch.compile warm-up (25 s of start-up here), and no slower for a model this small
+        return start_vllm(
+            self.model,
+            port,
+            served_model_name="calc",
+            lora=False,
+            log_path=self.logs / "vllm.log",
+            timeout=600,
+            extra_args=["--enforce-eager"],
+        )
 
     def evaluate(self, key: str, model: str = "policy") -> dict:
         say(
@@ -181,7 +226,7 @@ class Demo:
         ]
         # One OpenMP thread: vLLM's CPU engine spins on core 0 while it serves (demo/run.py), and the agents, the
         # proxy and the teacher share the other core; two threads made SFT steps several times slower here.
-        env = {**self.env, "OMP_NUM_THREADS": os.environ.get("TRAINWIRE_DEMO_TRAINER_THREADS", "1")}
+        env = {**self.env, "OMP_NUM_THREADS": os.environ.get("TRAINWIRE_DEMO_TRAINER_THREADS", self.trainer_threads)}
         child = Child(name, argv_all, env=env, log_path=self.logs / f"{name}.log", echo=TrainerEcho())
         STACK.push(name, child)
         return child
@@ -189,18 +234,11 @@ class Demo:
     # -------------------------------------------------------------------------------------------- the run
 
     def run(self) -> int:
-        from demo.calc_model import build_calc_model
-        from demo.vllm_server import start_vllm
-
         args = self.args
         self.logs.mkdir(parents=True, exist_ok=True)
         if not ensure_vllm_venv():
             return 1
-        say(
-            f"building the calculator model into {self.work / 'model'} (random weights, a tokenizer with "
-            "single-digit tokens and tool-call markers, no downloads)"
-        )
-        self.model = build_calc_model(self.work / "model")
+        self.model = self.build_model()
         vllm_port, proxy_port, teacher_port = free_ports(args.vllm_port, args.proxy_port, args.teacher_port)
 
         teacher = Child(
@@ -217,17 +255,7 @@ class Demo:
             log_path=self.logs / "teacher.log",
         )
         STACK.push("teacher", teacher)
-        say(f"starting vLLM on :{vllm_port} (hermes tool-call parser, dev-mode weight reloads, processed logprobs)")
-        # --enforce-eager: no torch.compile warm-up (25 s of start-up here), and no slower for a model this small
-        self.vllm = start_vllm(
-            self.model,
-            vllm_port,
-            served_model_name="calc",
-            lora=False,
-            log_path=self.logs / "vllm.log",
-            timeout=600,
-            extra_args=["--enforce-eager"],
-        )
+        self.vllm = self.start_vllm(vllm_port)
         STACK.push("vllm", self.vllm)
         say(f"vLLM ready in {self.vllm.startup_s:.0f}s at {self.vllm.url}")
         if not teacher.wait_for_line("teacher ready", 30):
@@ -297,7 +325,7 @@ class Demo:
         )
 
         # 1. the base model -------------------------------------------------------------------------------
-        self.mark("phase 1/4: the base model (random weights) on held-out questions", "base")
+        self.mark(f"phase 1/4: {self.base_title} on held-out questions", "base")
         self.evaluate("base")
 
         # 2. the teacher ------------------------------------------------------------------------------------
@@ -407,34 +435,53 @@ class Demo:
 
     # -------------------------------------------------------------------------------------------- results
 
+    def agreement(self) -> dict:
+        """Train-inference agreement over the steps that measured it, weighted by their tokens."""
+        steps = [m for m in (s["metrics"] for s in train_steps(self.proxy_url)) if m.get("agreement/tokens")]
+        tokens = sum(int(m["agreement/tokens"]) for m in steps)
+        mean = sum(m["agreement/mean_abs_dlogp"] * m["agreement/tokens"] for m in steps) / tokens if tokens else None
+        worst = max((m["agreement/max_abs_dlogp"] for m in steps), default=None)
+        return {"steps": len(steps), "tokens": tokens, "mean_abs_dlogp": mean, "max_abs_dlogp": worst}
+
     def report(self) -> int:
         r = self.results
         print("", flush=True)
         say(f"results on {self.args.eval_n} held-out questions (each ± its standard error):")
-        print(f"  {'':12s} {'accuracy':>16s} {'tool calls valid':>22s} {'mean turns':>14s}", flush=True)
+        print(
+            f"  {'':12s} {'accuracy':>16s} {'tool calls valid':>22s} {'used the tool':>16s} {'mean turns':>14s}",
+            flush=True,
+        )
         for key in PHASES:
             x = r[key]
             validity = (
-                f"{x['validity']:.3f} ± {x['validity_sem']:.3f} ({x['attempts']})"
+                f"{x['validity']:.3f} ± {_se(x['validity_sem'])} ({x['attempts']})"
                 if x["attempts"]
                 else "- (no tool calls)"
             )
             print(
                 f"  {LABELS[key]:12s} {x['accuracy']:8.3f} ± {x['accuracy_sem']:.3f} {validity:>22s} "
-                f"{x['turns']:7.2f} ± {x['turns_sem']:.2f}",
+                f"{x['tool_use']:8.3f} ± {x['tool_use_sem']:.3f} {x['turns']:7.2f} ± {x['turns_sem']:.2f}",
                 flush=True,
             )
         margins = {}
-        for a, b in (("sft", "base"), ("rl", "sft"), ("rl", "teacher")):
+        for a, b in (("sft", "base"), ("rl", "sft"), ("rl", "base"), ("rl", "teacher")):
             gain = r[a]["accuracy"] - r[b]["accuracy"]
             se = math.hypot(r[a]["accuracy_sem"], r[b]["accuracy_sem"])
             z = gain / se if se else math.copysign(math.inf, gain) if gain else 0.0
             margins[f"{a}-{b}"] = {"gain": gain, "se": se, "z": z}
             say(f"{LABELS[a]} vs {LABELS[b]}: {gain:+.3f} accuracy = {z:.1f} standard errors")
+        agreement = self.agreement()
+        if agreement["tokens"]:
+            say(
+                f"train-inference agreement (the trainer's log-probs against vLLM's, on tokens the weights it had "
+                f"published sampled): mean |d log p| {agreement['mean_abs_dlogp']:.2e} over {agreement['tokens']} "
+                f"tokens, max {agreement['max_abs_dlogp']:.2e}"
+            )
         wall = time.monotonic() - T0
         out = {
             "phases": r,
             "margins": margins,
+            "agreement": agreement,
             "wall_s": wall,
             "eval_n": self.args.eval_n,
             "teacher_episodes": self.args.teacher_episodes,
@@ -442,17 +489,35 @@ class Demo:
             "marks": self.marks,
         }
         (self.work / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-        png = plot(self.work, self.marks, r)
+        png = plot(self.work, self.marks, r, self.plot_title)
         say(f"plot: {png}; numbers: {self.work / 'results.json'}; logs: {self.logs}/")
         say(f"done in {wall:.0f}s")
         return 0
+
+
+def train_steps(root: str) -> list[dict]:
+    """Every training step the store holds (the read API, newest first, page by page)."""
+    rows: list[dict] = []
+    cursor = None
+    while True:
+        url = f"{root}/train/steps?limit=200" + (f"&cursor={cursor}" if cursor else "")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            page = json.loads(r.read())
+        rows += page["data"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return rows
+
+
+def _se(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"  # one attempt has no standard error
 
 
 def run(args) -> int:
     return Demo(args).run()
 
 
-def plot(work: Path, marks: list[tuple[str, float]], results: dict[str, dict]) -> Path:
+def plot(work: Path, marks: list[tuple[str, float]], results: dict[str, dict], title: str) -> Path:
     """Accuracy over time: training episodes (teacher, then the policy's RL episodes) as a moving average, each
     held-out evaluation as a point with ±2 SE at the time it ended, and a line where each phase starts."""
     out = work / "accuracy.png"
@@ -505,7 +570,7 @@ def plot(work: Path, marks: list[tuple[str, float]], results: dict[str, dict]) -
         xlabel="seconds since phase 1 started",
         ylabel="accuracy",
         ylim=(-0.02, 1.1),
-        title="trainwire demo-calc: held-out accuracy through SFT from a teacher, then RL",
+        title=title,
     )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -23,66 +23,24 @@ Skipped when the vLLM venv is missing; TRAINWIRE_REQUIRE_VLLM=1 makes that an er
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-from tests.support import dbread
+from tests.support.tool_demo import check_one_run, rendering_agreement, run_ci
 from tests.support.vllm_support import require_vllm_venv
-from tests.test_demo_e2e import processes_mentioning
-from trainwire.rl.retokenize import ChatRenderer, RenderError
-from trainwire.store.models import PolicyVersion, Session, TrainStep
 
 pytestmark = pytest.mark.vllm
 
 require_vllm_venv()
 
-ROOT = Path(__file__).resolve().parent.parent
 MIN_Z = 3.0
 MIN_COMPLETIONS_EQUAL = 0.95
 
 
 def test_sft_then_rl_on_postgres(pg_url, tmp_path):
     work = tmp_path / "calc"
-    env = {**os.environ, "TRAINWIRE_DATABASE_URL": pg_url, "PYTHONUNBUFFERED": "1"}
-    t0 = time.monotonic()
-    out_path = tmp_path / "demo.out"
-    with open(out_path, "w") as out:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "demo.calc_run",
-                "--ci",
-                "--workdir",
-                str(work),
-                "--vllm-port",
-                "0",
-                "--proxy-port",
-                "0",
-                "--teacher-port",
-                "0",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=900,
-        )
-    wall = time.monotonic() - t0
-    output = out_path.read_text(errors="replace")
-    print(output[-5000:])
-    print(f"demo-calc --ci wall time {wall:.0f}s")
-    assert proc.returncode == 0, output[-6000:]
-    assert not processes_mentioning(str(work)), "the demo left processes behind"
+    results = run_ci("demo.calc_run", work, pg_url)
 
     # Accuracy rises after SFT, and again after RL, by standard errors.
-    results = json.loads((work / "results.json").read_text())
     margins = results["margins"]
     for key in ("sft-base", "rl-sft"):
         m = margins[key]
@@ -91,57 +49,10 @@ def test_sft_then_rl_on_postgres(pg_url, tmp_path):
     phases = results["phases"]
     assert phases["sft"]["validity"] > 0.5 and phases["base"]["accuracy"] < phases["sft"]["accuracy"]
 
-    # One run: SFT's steps and versions, then RL's, from the SFT checkpoint.
-    steps = sorted(dbread.rows(pg_url, TrainStep.__table__), key=lambda s: s["step"])
-    sft_steps = [s["step"] for s in steps if "advantage/mean" not in s["metrics"]]
-    rl_steps = [s["step"] for s in steps if "advantage/mean" in s["metrics"]]
-    assert sft_steps and rl_steps and max(sft_steps) < min(rl_steps)
-    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
-    versions = sorted(dbread.rows(pg_url, PolicyVersion.__table__), key=lambda v: v["version"])
-    assert [v["version"] for v in versions] == list(range(1, len(steps) + 1))
-    assert all(v["kind"] == "full" and v["status"] == "published" for v in versions)
-    rl_log = (work / "logs" / "trainer-rl.log").read_text()
-    assert f"resumed from {(work / 'checkpoints' / 'state' / f'global_step_{max(sft_steps)}').resolve()}" in rl_log
-
-    calls = dbread.calls(pg_url)  # as readers see them: a call stored as a delta comes back whole
-    sessions = {s["id"]: s for s in dbread.rows(pg_url, Session.__table__)}
-    teacher_sessions = {c["session_id"] for c in calls if c["session_id"].startswith("calc-teacher-train-")}
-    rl_sessions = {c["session_id"] for c in calls if c["session_id"].startswith("calc-rl-train-")}
-    assert len(teacher_sessions) == results["teacher_episodes"]
-    assert all(sessions[s]["status"] == "trained" and sessions[s]["train_step"] in sft_steps for s in teacher_sessions)
-    trained_rl = [s for s in rl_sessions if sessions[s]["status"] == "trained"]
-    assert trained_rl and all(sessions[s]["train_step"] in rl_steps for s in trained_rl)
-    evals = [c for c in calls if c["session_id"].startswith("calc-eval-")]
-    assert evals and not any(c["trainable"] for c in evals)
-    assert all(sessions[c["session_id"]]["status"] == "open" for c in evals)  # no reward: never claimed
+    rl_calls, _ = check_one_run(pg_url, work, results, "calc")
 
     # The trainer's rendering of the policy's own calls is vLLM's.
-    renderer = ChatRenderer.from_pretrained(str(work / "model"))
-    policy_calls = [
-        c
-        for c in calls
-        if c["session_id"] in rl_sessions
-        and c["route"] == "policy"
-        and c["status_code"] == 200
-        and c["prompt_token_ids"]
-    ]
+    policy_calls = [c for c in rl_calls if c["route"] == "policy" and c["status_code"] == 200 and c["prompt_token_ids"]]
     assert policy_calls
-    equal = rendered = 0
-    for c in policy_calls:
-        req = c["request"]
-        assert renderer.prompt_ids(req["messages"], req.get("tools")) == list(c["prompt_token_ids"]), c["id"]
-        message = c["response"]["choices"][0]["message"]
-        parsed = message.get("tool_calls") or (message.get("content") or "").strip().isdigit()
-        if c["finish_reason"] not in ("stop", "tool_calls") or not parsed:
-            continue
-        try:
-            _, completion = renderer.call_tokens(req, c["response"])
-        except RenderError:
-            continue
-        rendered += 1
-        equal += completion == list(c["completion_token_ids"])
-    print(
-        f"policy calls: {len(policy_calls)} prompts all equal to vLLM's; {equal} of {rendered} well-formed "
-        "completions re-render to the sampled token ids"
-    )
+    equal, rendered = rendering_agreement(work / "model", policy_calls, lambda text: text.strip().isdigit())
     assert rendered and equal / rendered >= MIN_COMPLETIONS_EQUAL

@@ -32,6 +32,7 @@ import pytest
 
 from demo.run import first_last, per_version, read_log
 from tests.support import dbread
+from tests.support.tool_demo import processes_mentioning
 from tests.support.vllm_support import require_vllm_venv
 from trainwire.store.models import Call, PolicyVersion, Session, TrainStep
 
@@ -43,20 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DURATION_S = 90
 MIN_GAIN = 0.15
 MIN_Z = 5.0
-
-
-def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(f"{pid}: {cmdline[:200]}")
-    return found
 
 
 def test_demo_learns_on_postgres(pg_url, tmp_path):
