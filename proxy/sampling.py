@@ -14,6 +14,13 @@ distribution: its PPO ratio would be wrong, silently. So on every trainable poli
 
 What no policy can replace without changing the answer's meaning (a grammar, a forced tool, beam search) is sent as
 asked and marks the call not trainable. Evaluation calls (`X-Trainwire-Train: false`) are never touched.
+
+A function tool marked ``strict: true`` is a grammar too: vLLM (0.32, ``--tool-strict-level auto``) decodes its
+arguments under the tool's JSON schema, even with ``tool_choice: auto``, and its processed log-probs are then those of
+the masked distribution. The OpenAI Agents SDK marks every tool strict. Measured on SmolLM2-135M after SFT: a mean
+|delta log p| of 1e-3 (max 1.4e-2) between vLLM and the trainer, against 7e-6 without. ``enforce`` sends such tools
+without ``strict`` (the call stays trainable; a malformed call is the agent's to handle, and the reward's to
+punish), ``reject`` answers 400, ``record`` sends them as asked and marks the call not trainable.
 """
 
 from __future__ import annotations
@@ -109,6 +116,27 @@ _CONSTRAINT_KEYS = frozenset(
     }
 )
 _NEUTRAL: dict[float, dict[str, float | int]] = {}
+_STRICT = "tools.strict"
+
+
+def _strict_tools(body: dict[str, Any]) -> bool:
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return False
+    return any(
+        isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("strict") for t in tools
+    )
+
+
+def _without_strict(tools: list[Any]) -> list[Any]:
+    """The tools with ``strict`` left out (new dicts: the client's request is recorded as it was sent)."""
+    out = []
+    for tool in tools:
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(fn, dict) and "strict" in fn:
+            tool = {**tool, "function": {k: v for k, v in fn.items() if k != "strict"}}
+        out.append(tool)
+    return out
 
 
 def apply(body: dict[str, Any], *, policy: str, temperature: float) -> Outcome:
@@ -116,7 +144,8 @@ def apply(body: dict[str, Any], *, policy: str, temperature: float) -> Outcome:
     train = _NEUTRAL.get(temperature)
     if train is None:
         train = _NEUTRAL[temperature] = neutral(temperature)
-    if train.keys().isdisjoint(body) and _CONSTRAINT_KEYS.isdisjoint(body):
+    strict = _strict_tools(body)
+    if train.keys().isdisjoint(body) and _CONSTRAINT_KEYS.isdisjoint(body) and not strict:
         # Most agents set none of it: the training values go in as they are (the record shares the dict, which
         # nothing mutates).
         body.update(train)
@@ -136,6 +165,21 @@ def apply(body: dict[str, Any], *, policy: str, temperature: float) -> Outcome:
             changed.append(key)
         elif untrainable is None:
             untrainable = _why(key, asked, value)
+    if strict:
+        if policy == "reject":
+            raise ApiError(
+                400,
+                "a tool with strict: true is decoded under its JSON schema (a grammar), so the tokens of this call "
+                "could not be trained on (--sampling-policy reject); leave strict out, or send the call with "
+                "X-Trainwire-Train: false",
+                param="tools",
+                code="sampling_not_trainable",
+            )
+        if policy == "enforce":
+            body["tools"] = _without_strict(body["tools"])
+            changed.append(_STRICT)
+        elif untrainable is None:
+            untrainable = "sampling: a strict tool's arguments are decoded under a grammar"
     constraint = _constraint(body)
     if constraint is not None:
         if policy == "reject":

@@ -229,6 +229,20 @@ def test_enforce(start_proxy, vllm, pg_url, tmp_path, trainer_logprobs, hf_logpr
         assert x["sampling"]["effective"]["temperature"] == TRAIN_T and x["sampling"]["enforced"] == ["temperature"]
         assert max_diff(x["logprobs"], trainer_logprobs(x)) < 1e-3
 
+    # A strict tool (the OpenAI Agents SDK marks every tool so) would be decoded under a grammar: sent without
+    # strict, said so, and the call stays trainable; the Responses API's strict tools go the same way.
+    tool = {"type": "function", "name": "calculator", "parameters": {"type": "object", "properties": {}}}
+    r = httpx.post(
+        f"{proxy.url}/v1/responses",
+        headers={"X-Session-Id": "enforce-3"},
+        timeout=60,
+        json={"model": "policy", "input": "What is 2+2?", "max_output_tokens": 8, "tools": [{**tool, "strict": True}]},
+    )
+    assert r.status_code == 200 and r.headers["x-trainwire-sampling"] == "enforced tools.strict"
+    row = dbread.wait_calls(proxy.db_url, 1, "enforce-3")[0]
+    assert row["trainable"] is True and row["sampling"]["enforced"] == ["tools.strict"]
+    assert max_diff(row["logprobs"], trainer_logprobs(row)) < 1e-3
+
     assert_untouched_evaluation_call(proxy, hf_logprobs, trainer_logprobs)
 
 

@@ -89,3 +89,39 @@ def test_harmless_settings_are_not_constraints():
         {"max_tokens": 5},
     ):
         assert apply(dict(extra), policy="enforce", temperature=1.0).untrainable is None
+
+
+STRICT_TOOLS = [
+    {"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}, "strict": True}},
+    {"type": "function", "function": {"name": "other", "parameters": {"type": "object"}}},
+]
+
+
+def test_strict_tools_are_sent_without_strict_under_enforce():
+    """vLLM decodes a strict tool's arguments under a grammar (the OpenAI Agents SDK marks every tool strict):
+    enforce leaves strict out upstream and says so; the client's tool list is not changed in place."""
+    body = {"messages": [], "tools": STRICT_TOOLS}
+    out = apply(body, policy="enforce", temperature=1.0)
+    assert out.untrainable is None and out.changed == ["tools.strict"]
+    assert [t["function"] for t in body["tools"]] == [
+        {"name": "calculator", "parameters": {"type": "object"}},
+        {"name": "other", "parameters": {"type": "object"}},
+    ]
+    assert STRICT_TOOLS[0]["function"]["strict"] is True
+    assert body["temperature"] == 1.0  # the neutral settings still go in
+
+
+def test_strict_tools_under_reject_and_record():
+    with pytest.raises(ApiError) as exc:
+        apply({"tools": STRICT_TOOLS}, policy="reject", temperature=1.0)
+    assert exc.value.status == 400 and exc.value.param == "tools" and "strict" in exc.value.message
+    body = {"tools": STRICT_TOOLS}
+    out = apply(body, policy="record", temperature=1.0)
+    assert body["tools"] is STRICT_TOOLS and "strict" in out.untrainable
+
+
+def test_tools_without_strict_pass_untouched():
+    tools = [dict(STRICT_TOOLS[1]), {"type": "function", "function": {"name": "f", "strict": False}}]
+    body = {"tools": tools}
+    out = apply(body, policy="reject", temperature=1.0)
+    assert body["tools"] is tools and out.changed == [] and out.untrainable is None
