@@ -152,6 +152,15 @@ class UpstreamUnavailable(Exception):
     pass
 
 
+# A burst of requests after an idle spell can meet several connections the upstream is closing at once.
+STALE_CONNECTION_RETRIES = 3
+
+
+def unwritten(exc: aiohttp.ClientOSError) -> bool:
+    """aiohttp's error for a request body it could not write: the upstream never got the whole request."""
+    return "Can not write request body" in str(exc)
+
+
 async def open_upstream(
     pool,
     http: aiohttp.ClientSession,
@@ -162,7 +171,8 @@ async def open_upstream(
     prepare_for,
 ) -> aiohttp.ClientResponse:
     """POST to the session's upstream. Only a refused connection (nothing was sent) moves on to the next
-    upstream: retrying anything later could run the generation twice."""
+    upstream: retrying anything later could run the generation twice. A request that could not be written into a
+    kept-alive connection the upstream was closing is sent again on another connection (it never arrived whole)."""
     order = pool.order(call.ctx.session_id)
     attempt_no = 0
 
@@ -172,14 +182,18 @@ async def open_upstream(
         attempt_no += 1
         payload = prepare_for(upstream.url) if prepare_for else body
         call.upstream = upstream.url
-        call.t_sent = time.perf_counter()
-        try:
-            return await http.post(
-                f"{upstream.url}{call.upstream_path or call.path}", data=payload, headers=headers, timeout=timeout
-            )
-        except aiohttp.ClientConnectorError:
-            pool.mark_dead(upstream)
-            raise
+        url = f"{upstream.url}{call.upstream_path or call.path}"
+        for stale_left in range(STALE_CONNECTION_RETRIES, -1, -1):
+            call.t_sent = time.perf_counter()
+            try:
+                return await http.post(url, data=payload, headers=headers, timeout=timeout)
+            except aiohttp.ClientConnectorError:
+                pool.mark_dead(upstream)
+                raise
+            except aiohttp.ClientOSError as exc:
+                if not stale_left or not unwritten(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     try:
         return await once()  # the common case: no retry machinery on the hot path

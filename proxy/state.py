@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainwire.proxy")
 
 _SEQ_SESSIONS = 100_000
+# Seconds an idle upstream connection is kept: under the 5 s after which vLLM (uvicorn) closes it.
+UPSTREAM_KEEPALIVE_S = 3.0
 
 
 class ProxyState:
@@ -67,8 +69,11 @@ class ProxyState:
             self.otel.start()
         self.air.on_reward = self.observe_reward
         # aiohttp over httpx: measured 6x the pass-through throughput here (see README, bench/).
+        # Idle connections are closed before the upstream closes them: vLLM's uvicorn drops a kept-alive connection
+        # after 5 s, and a request written into one it is closing fails (forward.open_upstream retries that case).
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
+            auto_decompress=False,
         )
         self.pool = UpstreamPool(self.settings.upstream, self.http, self._base_headers)
         await self.writer.start()
