@@ -62,7 +62,7 @@ demo-calc: venv vllm-venv
 	$(BIN)/python -m demo.calc_run $(DEMO_ARGS)
 
 # A real pretrained model (SmolLM2-135M-Instruct), driven by an unchanged OpenAI Agents SDK agent, learns the
-# calculator from a teacher's traces (SFT), then by RL; held-out accuracy with standard errors. ~25 min on 2 cores.
+# calculator from a teacher's traces (SFT), then by RL; held-out accuracy with standard errors. ~20 min on 2 cores.
 demo-real: venv vllm-venv real-model
 	$(BIN)/python -m demo.real_run $(DEMO_ARGS)
 

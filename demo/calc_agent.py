@@ -41,18 +41,16 @@ from demo import calc_task  # noqa: E402
 from demo.agent import backlog, post_reward, proxy_root  # noqa: E402
 
 
-def run_episode(
-    client, q: calc_task.Question, *, phase: str, model: str, train: bool, task_id: str | None, args
-) -> dict:
-    from openai import APIConnectionError, APIStatusError
-
-    session_id = f"calc-{phase}-{uuid.uuid4().hex[:12]}"
-    headers = {"X-Session-Id": session_id, "X-Agent-Name": "calculator"}
+def open_episode(
+    q: calc_task.Question, *, prefix: str, agent: str, phase: str, model: str, train: bool, task_id: str | None
+) -> tuple[dict, dict]:
+    """A new episode record and the trainwire headers of its session (one session per episode)."""
+    session_id = f"{prefix}-{phase}-{uuid.uuid4().hex[:12]}"
+    headers = {"X-Session-Id": session_id, "X-Agent-Name": agent}
     if task_id:
         headers["X-Task-Id"] = task_id
     if not train:
         headers["X-Trainwire-Train"] = "false"
-    messages = q.messages()
     episode = {
         "kind": "episode",
         "phase": phase,
@@ -69,6 +67,29 @@ def run_episode(
         "error": None,
         "t0": time.time(),
     }
+    return episode, headers
+
+
+def close_episode(episode: dict, q: calc_task.Question, *, train: bool, args) -> dict:
+    """Grade the episode and, for a training episode, post its reward like curl would."""
+    episode["correct"] = episode["ok"] and calc_task.is_correct(q, episode["answer"])
+    episode["reward"] = 1.0 if episode["correct"] else 0.0
+    if train and episode["ok"]:
+        episode["reward_status"] = post_reward(args.root, episode["session_id"], episode["reward"], args.admin_key)
+        episode["ok"] = episode["reward_status"] == 200
+    episode["t"] = time.time()
+    return episode
+
+
+def run_episode(
+    client, q: calc_task.Question, *, phase: str, model: str, train: bool, task_id: str | None, args
+) -> dict:
+    from openai import APIConnectionError, APIStatusError
+
+    episode, headers = open_episode(
+        q, prefix="calc", agent="calculator", phase=phase, model=model, train=train, task_id=task_id
+    )
+    messages = q.messages()
     for _ in range(args.max_turns):
         try:
             raw = client.chat.completions.with_raw_response.create(
@@ -106,13 +127,7 @@ def run_episode(
             episode["attempts"] += 1
         episode["answer"] = text
         break
-    episode["correct"] = episode["ok"] and calc_task.is_correct(q, episode["answer"])
-    episode["reward"] = 1.0 if episode["correct"] else 0.0
-    if train and episode["ok"]:
-        episode["reward_status"] = post_reward(args.root, session_id, episode["reward"], args.admin_key)
-        episode["ok"] = episode["reward_status"] == 200
-    episode["t"] = time.time()
-    return episode
+    return close_episode(episode, q, train=train, args=args)
 
 
 # ------------------------------------------------------------------------------------------------ numbers

@@ -28,8 +28,6 @@ import asyncio
 import json
 import os
 import sys
-import time
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,7 +36,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from demo import calc_agent, calc_task  # noqa: E402
-from demo.agent import post_reward  # noqa: E402
 
 
 def base_url() -> SimpleNamespace:
@@ -104,36 +101,11 @@ async def _run(q: calc_task.Question, *, model: str, headers: dict, args, episod
 
 def run_episode(client, q: calc_task.Question, *, phase: str, model: str, train: bool, task_id: str | None, args):
     """One episode, one trainwire session (``client`` only carries the base URL: each episode builds its own)."""
-    session_id = f"real-{phase}-{uuid.uuid4().hex[:12]}"
-    headers = {"X-Session-Id": session_id, "X-Agent-Name": "calculator-agents-sdk"}
-    if task_id:
-        headers["X-Task-Id"] = task_id
-    if not train:
-        headers["X-Trainwire-Train"] = "false"
-    episode = {
-        "kind": "episode",
-        "phase": phase,
-        "model": model,
-        "session_id": session_id,
-        "question": q.text,
-        "expected": q.answer,
-        "answer": None,
-        "turns": 0,
-        "attempts": 0,
-        "valid": 0,
-        "versions": [],
-        "ok": True,
-        "error": None,
-        "t0": time.time(),
-    }
+    episode, headers = calc_agent.open_episode(
+        q, prefix="real", agent="calculator-agents-sdk", phase=phase, model=model, train=train, task_id=task_id
+    )
     asyncio.run(_run(q, model=model, headers=headers, args=args, episode=episode))
-    episode["correct"] = episode["ok"] and calc_task.is_correct(q, episode["answer"])
-    episode["reward"] = 1.0 if episode["correct"] else 0.0
-    if train and episode["ok"]:
-        episode["reward_status"] = post_reward(args.root, session_id, episode["reward"], args.admin_key)
-        episode["ok"] = episode["reward_status"] == 200
-    episode["t"] = time.time()
-    return episode
+    return calc_agent.close_episode(episode, q, train=train, args=args)
 
 
 def main(argv: list[str] | None = None) -> int:
