@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from trainwire.call_shapes.chat import has_strict_tools, without_strict
 from trainwire.proxy.errors import ApiError
 
 POLICIES = ("enforce", "reject", "record")
@@ -119,32 +120,12 @@ _NEUTRAL: dict[float, dict[str, float | int]] = {}
 _STRICT = "tools.strict"
 
 
-def _strict_tools(body: dict[str, Any]) -> bool:
-    tools = body.get("tools")
-    if not isinstance(tools, list):
-        return False
-    return any(
-        isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("strict") for t in tools
-    )
-
-
-def _without_strict(tools: list[Any]) -> list[Any]:
-    """The tools with ``strict`` left out (new dicts: the client's request is recorded as it was sent)."""
-    out = []
-    for tool in tools:
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(fn, dict) and "strict" in fn:
-            tool = {**tool, "function": {k: v for k, v in fn.items() if k != "strict"}}
-        out.append(tool)
-    return out
-
-
 def apply(body: dict[str, Any], *, policy: str, temperature: float) -> Outcome:
     """Apply `policy` to the upstream request `body` of a trainable policy call, in place."""
     train = _NEUTRAL.get(temperature)
     if train is None:
         train = _NEUTRAL[temperature] = neutral(temperature)
-    strict = _strict_tools(body)
+    strict = has_strict_tools(body.get("tools"))
     if train.keys().isdisjoint(body) and _CONSTRAINT_KEYS.isdisjoint(body) and not strict:
         # Most agents set none of it: the training values go in as they are (the record shares the dict, which
         # nothing mutates).
@@ -176,7 +157,7 @@ def apply(body: dict[str, Any], *, policy: str, temperature: float) -> Outcome:
                 code="sampling_not_trainable",
             )
         if policy == "enforce":
-            body["tools"] = _without_strict(body["tools"])
+            body["tools"] = without_strict(body["tools"])
             changed.append(_STRICT)
         elif untrainable is None:
             untrainable = "sampling: a strict tool's arguments are decoded under a grammar"

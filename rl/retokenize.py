@@ -28,6 +28,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainwire.call_shapes.chat import without_strict
+
 __all__ = ["ChatRenderer", "RenderError", "normalize_message"]
 
 
@@ -127,7 +129,11 @@ class ChatRenderer:
     def _render(self, messages: list[dict], tools: Any, generation_prompt: bool, kwargs: dict) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+                messages,
+                tools=without_strict(tools) or None,  # as the proxy serves a trainable call's tools
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                **kwargs,
             )
         except Exception as exc:  # jinja raises whatever the template raises
             raise RenderError(f"the chat template failed: {exc}") from None

@@ -266,15 +266,13 @@ def test_agents_sdk_default_mode(proxy, vllm, stop_ids):
         c["text"] for item in rows[0]["response"]["output"] if item["type"] == "message" for c in item["content"]
     )
     # The SDK describes the tool its own way (its docstring, a strict schema); rendered with that (taken from the
-    # SDK: Postgres' jsonb does not keep the recorded request's key order), the prompt is the chat template's.
+    # SDK: Postgres' jsonb does not keep the recorded request's key order), the prompt is the chat template's. The
+    # SDK marks its tools strict, which vLLM would decode under a grammar: the proxy served it without strict.
+    assert tool.strict_json_schema is True
+    assert all(r["sampling"]["enforced"] == ["tools.strict"] for r in rows)
     sdk_tool = {
         "type": "function",
-        "function": {
-            "name": tool.name,
-            "description": tool.description,
-            "parameters": tool.params_json_schema,
-            "strict": tool.strict_json_schema,
-        },
+        "function": {"name": tool.name, "description": tool.description, "parameters": tool.params_json_schema},
     }
     assert rows[0]["prompt_token_ids"] == tokenize_chat(vllm, HISTORY_AS_CHAT, [sdk_tool])
     assert len(rows[1]["prompt_token_ids"]) > len(rows[0]["prompt_token_ids"])

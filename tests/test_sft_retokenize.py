@@ -27,6 +27,7 @@ from demo.calc_model import build_calc_model
 from demo.vllm_server import start_vllm
 from tests.support.ports import free_port
 from tests.support.vllm_support import require_vllm_venv
+from trainwire.call_shapes.chat import without_strict
 from trainwire.rl.retokenize import ChatRenderer
 
 pytestmark = pytest.mark.vllm
@@ -83,7 +84,12 @@ def conversations() -> list[tuple[str, dict, dict]]:
         {"role": "tool", "tool_call_id": "call_2", "content": "1776"},
     ]
     plain = {"messages": [{"role": "user", "content": "Hello!"}]}
+    strict = {
+        "messages": sys_user,
+        "tools": [{**calc_task.TOOL, "function": {**calc_task.TOOL["function"], "strict": True}}],
+    }
     return [
+        ("strict tool, rendered as served", strict, {"role": "assistant", "content": None, "tool_calls": [compact]}),
         ("tool call", first, {"role": "assistant", "content": None, "tool_calls": [compact]}),
         ("answer after the result", after, {"role": "assistant", "content": "1805"}),
         ("text parts, empty content", parts, {"role": "assistant", "content": "1805"}),
@@ -113,10 +119,10 @@ def test_renderer_equals_vllm(vllm, model_dir, name):
     ((_, request, message),) = [c for c in conversations() if c[0] == name]
     response = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
     prompt, completion = renderer.call_tokens(request, response)
-    tools = request.get("tools")
+    tools = without_strict(request.get("tools"))  # what the proxy sends vLLM for a trainable call
     assert prompt == vllm_tokens(vllm, request["messages"], tools, True)
     full = vllm_tokens(vllm, request["messages"] + [message], tools, False)
     assert full[: len(prompt) + len(completion)] == prompt + completion
     assert completion[-1] == renderer.tokenizer.eos_token_id
     assert renderer.tokenizer.decode(full[len(prompt) + len(completion) :]) == "\n"  # the template's, not trained
-    assert renderer.prompt_ids(request["messages"], tools) == prompt
+    assert renderer.prompt_ids(request["messages"], request.get("tools")) == prompt

@@ -102,3 +102,22 @@ def test_export_shapes_translated_apis_as_chat():
     assert given.tools == [
         {"type": "function", "function": {"name": "calc", "description": "adds", "parameters": {"type": "object"}}}
     ]
+
+
+def test_strict_tools_and_the_tools_as_served():
+    from trainwire.call_shapes.chat import has_strict_tools, without_strict
+
+    tools = [
+        {"type": "function", "function": {"name": "a", "parameters": {}, "strict": True}},
+        {"type": "function", "function": {"name": "b", "strict": False}},
+        "not a tool",
+    ]
+    assert has_strict_tools(tools) and not has_strict_tools(tools[1:]) and not has_strict_tools(None)
+    served = without_strict(tools)
+    assert served == [
+        {"type": "function", "function": {"name": "a", "parameters": {}}},
+        {"type": "function", "function": {"name": "b"}},
+        "not a tool",
+    ]
+    assert tools[0]["function"]["strict"] is True  # new dicts: the recorded request is not changed
+    assert without_strict(None) is None

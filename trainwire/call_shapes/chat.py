@@ -21,6 +21,26 @@ def tool_call(tc: Any) -> dict[str, Any]:
     return {"id": as_dict(tc).get("id"), "name": fn.get("name"), "arguments": fn.get("arguments")}
 
 
+def has_strict_tools(tools: Any) -> bool:
+    """Whether a chat request's tools mark any function ``strict`` (its arguments decoded under a grammar)."""
+    return isinstance(tools, list) and any(as_dict(as_dict(t).get("function")).get("strict") for t in tools)
+
+
+def without_strict(tools: Any) -> Any:
+    """The tools as a trainable policy call is served them: ``strict`` left out (proxy/sampling.py says why), as new
+    dicts. The trainer renders a recorded request's tools the same way (rl/retokenize.py), so a prompt it builds for
+    SFT is the one vLLM is sent, whatever the template does with ``strict``."""
+    if not isinstance(tools, list):
+        return tools
+    out = []
+    for tool in tools:
+        fn = as_dict(tool).get("function")
+        if isinstance(fn, dict) and "strict" in fn:
+            tool = {**tool, "function": {k: v for k, v in fn.items() if k != "strict"}}
+        out.append(tool)
+    return out
+
+
 def answer_message(response: Any) -> dict[str, Any]:
     """The assistant message of choice 0 of a chat response ({} when there is none)."""
     if not isinstance(response, dict):
