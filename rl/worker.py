@@ -163,7 +163,7 @@ class Trainer:
             lora_rank=s.lora_rank,
             lora_alpha=s.lora_alpha,
             lora_target_modules=LORA_TARGET_MODULES,
-            freeze_embeddings=freezes_embeddings(s.freeze_embeddings, self.model),
+            freeze_embeddings=s.lora_rank == 0 and freezes_embeddings(s.freeze_embeddings, self.model),
             lr=s.lr,
             objective=s.objective,
             ppo_epochs=s.epochs,
@@ -229,7 +229,7 @@ class Trainer:
             from trainwire.rl.engine import PolicyEngine
 
             config = self._engine_config()
-            if config.freeze_embeddings and not config.is_lora:
+            if config.freeze_embeddings:
                 _say(
                     "input embeddings frozen (--freeze-embeddings "
                     f"{s.freeze_embeddings}{': tied to the output layer' if s.freeze_embeddings == 'auto' else ''})"
